@@ -1,0 +1,5 @@
+"""``python -m quantmap`` is the ``quantmap`` command."""
+
+from quantmap.cli import main
+
+main()

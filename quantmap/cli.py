@@ -1,0 +1,193 @@
+"""The ``quantmap`` command: a thin shell over the library; each verb is one function.
+
+Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (each printed as
+``file:line:col: severity CODE: message``); 2 the command line itself is wrong.
+``compile``, ``validate``, ``lookup``, ``schema`` and ``specs`` never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from quantmap.diagnostics import SpecError
+
+app = typer.Typer(
+    help="Move quantization calibration state between Megatron-Core and Hugging Face names.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (see 'quantmap specs').")
+ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+def parse_params(values: Optional[List[str]]) -> dict[str, int]:
+    """``["num_layers=61"]`` → ``{"num_layers": 61}``; a usage error otherwise."""
+    params = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise typer.BadParameter(f"{item!r} is not NAME=INT, e.g. num_layers=61", param_hint="--param")
+        params[name.strip()] = int(value)
+    return params
+
+
+def fail(error: SpecError) -> typer.Exit:
+    for diagnostic in error.diagnostics:
+        typer.echo(str(diagnostic), err=True)
+    return typer.Exit(1)
+
+
+def compile_or_exit(spec: str, params: dict[str, int]):
+    import quantmap
+
+    try:
+        return quantmap.compile(spec, **params)
+    except SpecError as error:
+        raise fail(error) from None
+
+
+@app.command("compile")
+def compile_command(
+    spec: str = SpecArg,
+    format: Format = typer.Option(Format.table, "--format", "-f", help="table (readable), json or yaml."),
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Compile a spec and print its rules. JSON output is deterministic, byte for byte."""
+    rules = compile_or_exit(spec, parse_params(param))
+    for warning in rules.warnings:
+        typer.echo(str(warning), err=True)
+    if format is Format.json:
+        typer.echo(json.dumps(rules.to_json(), indent=2))
+    elif format is Format.yaml:
+        import yaml
+
+        typer.echo(yaml.safe_dump(rules.to_json(), sort_keys=False, width=200), nl=False)
+    else:
+        typer.echo(_table(rules))
+
+
+def _table(rules) -> str:
+    lines = [f"{rules.spec.name}: {len(rules)} rules"]
+    width = max((len(r.megatron.text) for r in rules), default=0)
+    for rule in rules:
+        place = rule.origin.location
+        targets = [f"{part}: {p.text}" if part else p.text for part, p in zip(rule.parts, rule.hf)]
+        lines.append(f"{rule.kind:<10} {rule.megatron.text:<{width}}  ->  {targets[0]}   [line {place.line}]")
+        lines.extend(f"{'':<10} {'':<{width}}      {target}" for target in targets[1:])
+    return "\n".join(lines)
+
+
+@app.command()
+def validate(
+    specs: List[str] = typer.Argument(..., help="Spec files or shipped names."),
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Check specs: exit 0 when all are valid, 1 with 'file:line:col: message' lines otherwise.
+
+    Parameters the spec leaves to run time are set to a placeholder, unless given.
+    """
+    from quantmap.compiler import compile_spec
+    from quantmap.spec import load_spec
+
+    given = parse_params(param)
+    failed = False
+    for spec in specs:
+        try:
+            resolved = load_spec(spec)
+            placeholders = {name: 0 for name, value in resolved.params.items() if value is None}
+            compile_spec(resolved, {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}})
+        except SpecError as error:
+            failed = True
+            for diagnostic in error.diagnostics:
+                typer.echo(str(diagnostic), err=True)
+        else:
+            typer.echo(f"{spec}: ok")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def lookup(
+    spec: str = SpecArg,
+    names: Optional[List[str]] = typer.Argument(None, help="Concrete names to resolve."),
+    reverse: bool = typer.Option(False, "--reverse", "-r", help="Resolve Hugging Face names to Megatron."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    from_file: Optional[str] = typer.Option(None, "--from-file", help="Read names, one per line, from a file or '-'."),
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Resolve concrete names. Exit 0 when every name matched, 1 when some did not."""
+    rules = compile_or_exit(spec, parse_params(param))
+    resolve = rules.to_megatron if reverse else rules.to_hf
+    unmatched = 0
+    out = sys.stdout
+    for name in _names(names, from_file):
+        match = resolve(name)
+        unmatched += match is None
+        if as_json:
+            record = {"name": name, "match": None} if match is None else match.to_json(name)
+            out.write(json.dumps(record) + "\n")
+        elif match is None:
+            out.write(f"{name}\t(no match)\n")
+        else:
+            extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert))
+                            if value is not None)
+            targets = ", ".join((match.megatron,) if reverse else match.hf)
+            out.write(f"{name}\t{match.kind}\t{targets}{extra}\n")
+    if unmatched:
+        raise typer.Exit(1)
+
+
+def _names(names: Optional[List[str]], from_file: Optional[str]):
+    yield from names or []
+    if from_file is None:
+        return
+    try:
+        stream = sys.stdin if from_file == "-" else open(from_file, encoding="utf-8")
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {from_file}: {exc.strerror}", param_hint="--from-file") from None
+    with stream:
+        for line in stream:
+            name = line.strip()
+            if name and not name.startswith("#"):
+                yield name
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec format's JSON Schema (for editors: '# yaml-language-server: $schema=...')."""
+    from quantmap.spec.schema import SpecFile
+
+    typer.echo(json.dumps(SpecFile.model_json_schema(), indent=2))
+
+
+@app.command()
+def specs() -> None:
+    """List the shipped specs and the architectures they serve."""
+    from quantmap.spec import load_spec, shipped_specs
+
+    for name in shipped_specs():
+        resolved = load_spec(name)
+        typer.echo(f"{name:<14} {', '.join(resolved.architectures):<40} {resolved.description}")
+
+
+def main() -> None:
+    app(prog_name="quantmap")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Resolved spec → rules: each weight mapping becomes a weight rule plus derived buffer rules.
+
+Derivations, per mapping:
+
+* the weight itself (kind ``weight``);
+* per quantizer buffer, when both sides name a ``.weight``: ``amax`` (one HF name), ``fanout``
+  (a fused group) or, for a grouped-MoE ``weight*`` mapping, ``moe_fanout``;
+* for attention mappings, the KV-cache ``k_bmm``/``v_bmm`` amax rules of the module that holds
+  the weight.
+
+What cannot be derived is reported as a warning with the reason, never dropped silently; what
+is wrong is an error at the spec location that caused it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from quantmap.diagnostics import Diagnostic, Location, SpecError
+from quantmap.index import Index
+from quantmap.patterns import PatternError, Pattern, parse
+from quantmap.rules import AMAX, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
+from quantmap.ruleset import RuleSet
+from quantmap.spec.loader import ResolvedSpec, SourcedMapping
+
+_QKV_PARTS = ({"q", "k", "v"}, {"q", "k", "v", "g"})
+_KV_BUFFERS = (("k_bmm_quantizer._amax", "core_attention.k_bmm_quantizer._amax"),
+               ("v_bmm_quantizer._amax", "core_attention.v_bmm_quantizer._amax"))
+
+
+@dataclass
+class _Context:
+    spec: ResolvedSpec
+    params: dict[str, int | None]
+    errors: list[Diagnostic]
+    warnings: list[Diagnostic]
+
+
+def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None) -> RuleSet:
+    """Compile a resolved spec with run-time ``params``; raises :class:`SpecError` on any error."""
+    context = _Context(spec, _bind_params(spec, params or {}), [], [])
+    rules: list[Rule] = []
+    for mapping in spec.mappings:
+        rules.extend(_compile_mapping(mapping, context))
+    if context.errors:
+        raise SpecError(context.errors)
+    rules = _dedupe_kv(rules)
+    index = Index(rules)
+    _check_conflicts(index, context)
+    if context.errors:
+        raise SpecError(context.errors)
+    return RuleSet(spec, tuple(rules), index, tuple(context.warnings), context.params)
+
+
+def infer_kind(mapping: SourcedMapping) -> str:
+    """The mapping's kind: given explicitly, or from the part names of its fused group."""
+    if mapping.spec.kind:
+        return mapping.spec.kind
+    parts = {part for part, _ in mapping.hf}
+    if parts == {""}:
+        return "plain"
+    if parts in _QKV_PARTS:
+        return "qkv"
+    if parts == {"k", "v"}:
+        return "kv"
+    if parts == {"gate", "up"}:
+        return "gated_mlp"
+    return "fused"
+
+
+def _bind_params(spec: ResolvedSpec, given: dict[str, int]) -> dict[str, int | None]:
+    problems = []
+    for name, value in given.items():
+        if name not in spec.params:
+            close = difflib.get_close_matches(name, list(spec.params), n=1)
+            known = ", ".join(spec.params) or "none"
+            problems.append(Diagnostic("QM050", f"spec {spec.name!r} has no parameter {name!r}",
+                                       Location(spec.files[-1]),
+                                       f"did you mean {close[0]!r}?" if close else f"its parameters: {known}"))
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            problems.append(Diagnostic("QM050", f"parameter {name!r} must be a whole number >= 0, got {value!r}",
+                                       Location(spec.files[-1])))
+    if problems:
+        raise SpecError(problems)
+    return {**spec.params, **given}
+
+
+def _parse(text: str, mapping: SourcedMapping, field: str, context: _Context, prefix_length: int) -> Pattern | None:
+    try:
+        pattern = parse(text)
+    except PatternError as exc:
+        shift = max(exc.offset - prefix_length, 0)
+        context.errors.append(Diagnostic("QM020", f"malformed pattern {text!r}: {exc}",
+                                         mapping.where(field).shifted(shift),
+                                         "see docs/authoring.md#wildcards"))
+        return None
+    missing = [name for name in pattern.params if context.params.get(name) is None]
+    if missing:
+        context.errors.append(Diagnostic(
+            "QM050", f"pattern {text!r} needs the run-time parameter {missing[0]!r}", mapping.where(field),
+            f"pass --param {missing[0]}=N (or compile(spec, {missing[0]}=N)), or give it a default under 'params'",
+        ))
+        return None
+    return pattern.bind(context.params)
+
+
+def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
+    if not mapping.hf:
+        context.errors.append(Diagnostic("QM022", "empty fused group: 'hf' names no part", mapping.where("hf"),
+                                         "list the parts in Megatron's order, e.g. {q: ..., k: ..., v: ...}"))
+        return []
+    kind = infer_kind(mapping)
+    if kind == "plain" and len(mapping.hf) != 1:
+        context.errors.append(Diagnostic("QM011", "a plain mapping takes one HF name, not a group",
+                                         mapping.where("kind"), "drop 'kind' or set it to 'fused'"))
+        return []
+    megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
+    hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
+          for part, text in mapping.hf]
+    if megatron is None or None in hf:
+        return []
+    grouped = _is_grouped(megatron)
+    if not _check_arity(mapping, megatron, hf, grouped, context):
+        return []
+    origin = Origin(mapping.location, mapping.megatron, WEIGHT)
+    parts = tuple(part for part, _ in mapping.hf)
+    common = dict(parallel=mapping.spec.parallel, priority=mapping.spec.priority)
+    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, **common)]
+    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common)
+    if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
+        rules += _kv_rules(mapping, kind, megatron, hf, context)
+    return rules
+
+
+def _is_grouped(megatron: Pattern) -> bool:
+    """Megatron's grouped experts: the last segment is a word glued to the expert index (``weight*``)."""
+    return bool(megatron.captures) and megatron.literals[-1] == "" and not megatron.literals[-2].endswith(".") \
+        and megatron.literals[-2].rsplit(".", 1)[-1] in ("weight", "bias")
+
+
+def _check_arity(mapping: SourcedMapping, megatron: Pattern, hf: list[Pattern], grouped: bool, context: _Context) -> bool:
+    for (part, text), pattern in zip(mapping.hf, hf):
+        where = mapping.where(f"hf.{part}" if part else "hf")
+        if pattern.arity != megatron.arity:
+            if grouped and pattern.arity == megatron.arity - 1:
+                context.errors.append(Diagnostic(
+                    "QM023", f"grouped-MoE mapping {mapping.megatron!r}: HF name {text!r} has no expert wildcard",
+                    where, "name the expert on the HF side, e.g. 'model.layers.*.mlp.experts.*.gate_proj.weight'",
+                ))
+            else:
+                context.errors.append(Diagnostic(
+                    "QM021", f"{text!r} has {pattern.arity} wildcard(s) but {mapping.megatron!r} has {megatron.arity}",
+                    where, "both sides need the same captures, in the same order",
+                ))
+            return False
+        kinds = [c.kind for c in pattern.captures], [c.kind for c in megatron.captures]
+        labels = [c.label for c in pattern.captures], [c.label for c in megatron.captures]
+        if kinds[0] != kinds[1]:
+            context.errors.append(Diagnostic(
+                "QM021", f"{text!r} and {mapping.megatron!r} put '*' and '**' in different positions", where,
+                "a '*' captures digits and a '**' any text: use the same kind at the same position on both sides",
+            ))
+            return False
+        if any(a and b and a != b for a, b in zip(*labels)):
+            context.errors.append(Diagnostic("QM021", f"{text!r} and {mapping.megatron!r} label captures differently",
+                                             where, "captures are positional: use the same labels in the same order"))
+            return False
+    return True
+
+
+def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> list[Rule]:
+    buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
+    if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
+        return []
+    if not all(p.text.endswith(".weight") for p in hf):
+        context.warnings.append(Diagnostic(
+            "QM060", f"no quantizer rules for {mapping.megatron!r}: its HF side does not end in '.weight'",
+            mapping.location, "quantizers belong to a module's weight; map the HF module's '.weight'",
+            severity="warning",
+        ))
+        return []
+    experts = _expert_count(mapping, context) if grouped else None
+    module = megatron.text.rsplit(".", 1)[0]
+    hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
+    kind = MOE_FANOUT if grouped else (FANOUT if parts != ("",) else AMAX)
+    rules = []
+    for buffer in buffers:
+        rules.append(Rule(
+            kind,
+            _derived(f"{module}.{buffer}", context),
+            tuple(_derived(f"{m}.{buffer}", context) for m in hf_modules),
+            parts,
+            Origin(mapping.location, mapping.megatron, buffer),
+            buffer=buffer,
+            expert_capture=megatron.arity - 1 if grouped else None,
+            num_experts=experts,
+            **common,
+        ))
+    return rules
+
+
+def _derived(text: str, context: _Context) -> Pattern:
+    return parse(text).bind(context.params)
+
+
+def _expert_count(mapping: SourcedMapping, context: _Context) -> int | None:
+    declared = mapping.spec.experts
+    if isinstance(declared, int):
+        return declared
+    name = declared or "num_experts"
+    if name not in context.params and declared is not None:
+        context.errors.append(Diagnostic("QM050", f"'experts: {name}' names no parameter of the spec",
+                                         mapping.where("experts"), f"declare it under 'params: {{{name}: null}}'"))
+    return context.params.get(name)
+
+
+def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pattern], context: _Context) -> list[Rule]:
+    if not context.spec.kv_cache:
+        return []
+    skip = set(context.spec.kv_skip_segments)
+    segments = set(megatron.text.split(".")).union(*(p.text.split(".") for p in hf))
+    reason = None
+    if skip & segments:
+        reason = f"it lies under {sorted(skip & segments)[0]!r}, listed in kv_skip_segments"
+    elif _is_grouped(megatron):
+        reason = "a grouped-MoE weight is not an attention projection"
+    parents = {p.text.rsplit(".", 2)[0] for p in hf}
+    if reason is None and kind == "qkv":
+        leaves = [p.text.rsplit(".", 2)[-2] for p in hf]
+        names = [part for part, _ in mapping.hf]
+        if len(parents) != 1 or any(not leaf.endswith(f"{part}_proj") for leaf, part in zip(leaves, names)):
+            reason = "its q/k/v names do not share one parent module ending in q_proj/k_proj/v_proj"
+    elif reason is None and len(parents) != 1:
+        reason = "its HF names do not share one parent module"
+    if reason:
+        context.warnings.append(Diagnostic("QM061", f"no KV-cache rules for {mapping.megatron!r}: {reason}",
+                                           mapping.location, severity="warning"))
+        return []
+    attention = megatron.text.rsplit(".", 2)[0]
+    hf_attention = parents.pop()
+    origin = Origin(mapping.location, mapping.megatron, "kv_cache")
+    return [
+        Rule(AMAX, _derived(f"{attention}.{megatron_buffer}", context), (_derived(f"{hf_attention}.{hf_buffer}", context),),
+             ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority)
+        for hf_buffer, megatron_buffer in _KV_BUFFERS
+    ]
+
+
+def _dedupe_kv(rules: list[Rule]) -> list[Rule]:
+    """Two mappings of one attention module derive the same KV rules; keep the first."""
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    out = []
+    for rule in rules:
+        key = (rule.megatron.text, tuple(p.text for p in rule.hf))
+        if rule.origin.derived == "kv_cache" and key in seen:
+            continue
+        seen.add(key)
+        out.append(rule)
+    return out
+
+
+def _check_conflicts(index: Index, context: _Context) -> None:
+    for side, name in ((index.forward, "Megatron"), (index.reverse, "HF")):
+        for a, b in side.conflicts():
+            same = a.pattern.literals == b.pattern.literals and a.pattern.captures == b.pattern.captures
+            if same and name == "HF":
+                code, what = "QM032", f"two rules produce the same HF target {b.pattern.text!r}"
+            elif same:
+                code, what = "QM030", f"two rules claim the same Megatron name {b.pattern.text!r}"
+            else:
+                code, what = "QM031", f"{a.pattern.text!r} and {b.pattern.text!r} can match the same {name} name"
+            context.errors.append(Diagnostic(
+                code, f"{what} (from {a.rule.origin.mapping!r} at {a.rule.origin.location} "
+                      f"and {b.rule.origin.mapping!r})",
+                b.rule.origin.location,
+                "give the mapping that should win a higher 'priority', or remove one",
+            ))

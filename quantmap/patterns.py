@@ -1,0 +1,256 @@
+"""The wildcard engine: one parser and matcher for every name pattern in quantmap.
+
+A pattern is a dotted weight name in which some parts are captures:
+
+* ``*`` captures one run of ASCII digits (a layer or expert index). It is either a whole
+  segment (``layers.*``) or glued to the end of a word that ends in a letter or ``_``
+  (``weight*``, Megatron's grouped-expert ``weight0..N``).
+* ``**`` is a whole segment that captures any non-empty text, dots included.
+* ``{i}`` is a labelled digit capture and ``{num_layers + i}`` one shifted by a run-time
+  parameter (Hugging Face numbers DeepSeek's MTP layer after the decoder layers). The label is
+  documentation today; braces are reserved for the named captures on the roadmap.
+
+Captures are positional: the n-th capture of one side of a mapping fills the n-th capture of
+the other, whatever mix of ``*`` and ``**`` the pattern has. Matching is anchored at both
+ends, and ``*`` never matches empty text, a non-ASCII digit or a trailing newline.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+DIGITS = "digits"
+ANY = "any"
+
+_WORD = re.compile(r"[A-Za-z0-9_\-]+")
+_GLUED = re.compile(r"[A-Za-z0-9_\-]*[A-Za-z_]\*")
+_BRACED = re.compile(r"\{\s*(?:(?P<param>[A-Za-z_]\w*)\s*\+\s*)?(?P<label>[A-Za-z_]\w*|\*)\s*\}")
+
+
+class PatternError(ValueError):
+    """A malformed pattern; ``offset`` is the character where the problem starts."""
+
+    def __init__(self, message: str, offset: int = 0):
+        super().__init__(message)
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """One capture of a pattern: its kind, an optional label and an optional index offset.
+
+    ``offset`` is an ``int`` once parameters are bound, or the parameter's name before.
+    """
+
+    kind: str
+    label: str | None = None
+    offset: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A parsed, immutable name pattern. ``literals`` interleave with ``captures``."""
+
+    text: str
+    literals: tuple[str, ...]
+    captures: tuple[Capture, ...]
+    _regex: re.Pattern = field(repr=False, compare=False, hash=False)
+
+    @property
+    def arity(self) -> int:
+        return len(self.captures)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Names of the run-time parameters this pattern needs."""
+        return tuple(c.offset for c in self.captures if isinstance(c.offset, str))
+
+    def bind(self, params: Mapping[str, int]) -> Pattern:
+        """Replace parameter offsets by their values (``KeyError`` names a missing one)."""
+        if not self.params:
+            return self
+        captures = tuple(
+            Capture(c.kind, c.label, params[c.offset]) if isinstance(c.offset, str) else c
+            for c in self.captures
+        )
+        return Pattern(self.text, self.literals, captures, self._regex)
+
+    def match(self, name: str) -> tuple[str, ...] | None:
+        """The captures of ``name``, or ``None`` when the pattern does not match it."""
+        found = self._regex.fullmatch(name)
+        if found is None:
+            return None
+        return unshift(self.captures, found.groups())
+
+    def fill(self, values: Sequence[str]) -> str:
+        """The concrete name with ``values`` (one per capture, in order) filled in."""
+        if len(values) != len(self.captures):
+            raise ValueError(f"{self.text!r} takes {len(self.captures)} captures, got {len(values)}")
+        out = [self.literals[0]]
+        for capture, value, literal in zip(self.captures, values, self.literals[1:]):
+            out.append(shift(capture, value))
+            out.append(literal)
+        return "".join(out)
+
+    def fill_partial(self, values: Sequence[str | None]) -> str:
+        """Like :meth:`fill`, leaving a capture whose value is ``None`` as its wildcard."""
+        out = [self.literals[0]]
+        for capture, value, literal in zip(self.captures, values, self.literals[1:]):
+            out.append(_wildcard_text(capture) if value is None else shift(capture, value))
+            out.append(literal)
+        return "".join(out)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def shift(capture: Capture, value: str) -> str:
+    """A capture's value as it appears in a name (adds the capture's offset)."""
+    if capture.offset is None:
+        return value
+    return str(int(value) + _int_offset(capture))
+
+
+def unshift(captures: Sequence[Capture], raw: Sequence[str]) -> tuple[str, ...] | None:
+    """Values from the text a name holds at each capture; ``None`` if an offset goes negative."""
+    values = []
+    for capture, text in zip(captures, raw):
+        if capture.offset is not None:
+            index = int(text) - _int_offset(capture)
+            if index < 0:
+                return None
+            text = str(index)
+        values.append(text)
+    return tuple(values)
+
+
+def _int_offset(capture: Capture) -> int:
+    if isinstance(capture.offset, str):
+        raise ValueError(f"parameter {capture.offset!r} is not bound; compile with it set")
+    return capture.offset
+
+
+def _wildcard_text(capture: Capture) -> str:
+    return "**" if capture.kind == ANY else "*"
+
+
+def parse(text: str) -> Pattern:
+    """Parse a pattern, raising :class:`PatternError` that points at the bad character."""
+    if not isinstance(text, str) or not text:
+        raise PatternError("a pattern must be a non-empty string")
+    literals: list[str] = []
+    captures: list[Capture] = []
+    regex: list[str] = []
+    current: list[str] = []  # literal text since the last capture
+
+    def add_capture(capture: Capture) -> None:
+        literals.append("".join(current))
+        current.clear()
+        captures.append(capture)
+        regex.append("(.+)" if capture.kind == ANY else "([0-9]+)")
+
+    offset = 0
+    for index, segment in enumerate(text.split(".")):
+        if index:
+            current.append(".")
+            regex.append(r"\.")
+        if not segment:
+            raise PatternError("empty segment: two dots in a row, or a leading or trailing dot", offset)
+        braced = _BRACED.fullmatch(segment)
+        if segment == "**":
+            add_capture(Capture(ANY))
+        elif segment == "*":
+            add_capture(Capture(DIGITS))
+        elif braced:
+            label = braced["label"]
+            add_capture(Capture(DIGITS, None if label == "*" else label, braced["param"]))
+        elif "{" in segment or "}" in segment:
+            raise PatternError(
+                f"malformed capture {segment!r}: write '{{i}}' or '{{param + i}}' as a whole segment", offset
+            )
+        elif "**" in segment:
+            raise PatternError(f"malformed wildcard in {segment!r}: '**' must be a whole segment", offset)
+        elif _GLUED.fullmatch(segment):
+            word = segment[:-1]
+            current.append(word)
+            regex.append(re.escape(word))
+            add_capture(Capture(DIGITS))
+        elif "*" in segment:
+            raise PatternError(
+                f"malformed wildcard in {segment!r}: '*' is a whole segment or ends a word "
+                "that ends in a letter, like 'weight*'",
+                offset + segment.index("*"),
+            )
+        elif not _WORD.fullmatch(segment):
+            bad = next(i for i, ch in enumerate(segment) if not _WORD.fullmatch(ch))
+            raise PatternError(f"unexpected character {segment[bad]!r} in {segment!r}", offset + bad)
+        else:
+            current.append(segment)
+            regex.append(re.escape(segment))
+        offset += len(segment) + 1
+    literals.append("".join(current))
+    return Pattern(text, tuple(literals), tuple(captures), re.compile("".join(regex)))
+
+
+def intersects(a: Pattern, b: Pattern) -> bool:
+    """Whether some name matches both patterns (offsets ignored: they only bound an index below).
+
+    Patterns are tiny automata over characters (a literal, a run of digits, a run of anything),
+    so this walks their product breadth-first. Fixed prefixes and suffixes rule most pairs out
+    before that.
+    """
+    head_a, head_b = a.literals[0], b.literals[0]
+    tail_a, tail_b = a.literals[-1], b.literals[-1]
+    if not (head_a.startswith(head_b) or head_b.startswith(head_a)):
+        return False
+    if not (tail_a.endswith(tail_b) or tail_b.endswith(tail_a)):
+        return False
+    atoms_a, atoms_b = _atoms(a), _atoms(b)
+    alphabet = {ch for atom in atoms_a + atoms_b if len(atom) == 1 for ch in atom} | set("0123456789") | {"\x01"}
+    start = (_closure(atoms_a, (0, False)), _closure(atoms_b, (0, False)))
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        states_a, states_b = frontier.pop()
+        if (len(atoms_a), False) in states_a and (len(atoms_b), False) in states_b:
+            return True
+        for ch in alphabet:
+            next_a = _step(atoms_a, states_a, ch)
+            next_b = _step(atoms_b, states_b, ch) if next_a else frozenset()
+            if next_a and next_b and (next_a, next_b) not in seen:
+                seen.add((next_a, next_b))
+                frontier.append((next_a, next_b))
+    return False
+
+
+def _atoms(pattern: Pattern) -> list[str]:
+    """Characters of literals, and DIGITS / ANY for captures."""
+    atoms: list[str] = list(pattern.literals[0])
+    for capture, literal in zip(pattern.captures, pattern.literals[1:]):
+        atoms.append(capture.kind)
+        atoms.extend(literal)
+    return atoms
+
+
+def _closure(atoms: list[str], state: tuple[int, bool]) -> frozenset:
+    # (i, True) means "inside the run of atom i, at least one character consumed"
+    return frozenset({state, (state[0] + 1, False)} if state[1] else {state})
+
+
+def _step(atoms: list[str], states: frozenset, ch: str) -> frozenset:
+    out: set = set()
+    for index, inside in states:
+        if index == len(atoms):
+            continue
+        atom = atoms[index]
+        if atom == DIGITS:
+            if "0" <= ch <= "9":
+                out |= _closure(atoms, (index, True))
+        elif atom == ANY:
+            if ch != "\n":
+                out |= _closure(atoms, (index, True))
+        elif not inside and atom == ch:
+            out.add((index + 1, False))
+    return frozenset(out)

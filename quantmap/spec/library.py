@@ -1,0 +1,39 @@
+"""The specs shipped inside the package, found by name (``quantmap compile llama``)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from quantmap.diagnostics import Diagnostic, Location, SpecError
+
+SPEC_DIR = Path(__file__).resolve().parent.parent / "specs"
+
+
+def shipped_specs() -> dict[str, Path]:
+    """Shipped spec names and their files, sorted by name."""
+    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
+
+
+def display_path(path: Path) -> str:
+    """How diagnostics and rule sources name a spec file: stable across machines and clones."""
+    resolved = path.resolve()
+    if resolved.parent == SPEC_DIR:
+        return f"quantmap/specs/{resolved.name}"
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def find_spec(spec: str | Path) -> Path:
+    """A spec's file from a path, or from the name of a shipped spec."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    shipped = shipped_specs()
+    if isinstance(spec, str) and spec in shipped:
+        return shipped[spec]
+    close = difflib.get_close_matches(path.stem, list(shipped), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"shipped specs: {', '.join(shipped) or 'none'}"
+    raise SpecError([Diagnostic("QM006", f"no spec file or shipped spec named {str(spec)!r}", Location(str(spec)), hint)])

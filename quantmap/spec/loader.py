@@ -1,0 +1,297 @@
+"""YAML text → validated, merged spec, with every value's file, line and column kept.
+
+Loading never executes anything from the file: the C safe loader when present, no aliases,
+a size limit, strict UTF-8. Problems are collected and raised together as one
+:class:`~quantmap.diagnostics.SpecError` so that a user sees all of them at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from quantmap.diagnostics import Diagnostic, Location, SpecError
+from quantmap.spec.library import display_path, find_spec
+from quantmap.spec.schema import Exclusions, MappingSpec, Sides, SpecFile
+
+MAX_SPEC_BYTES = 1 << 20
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions}
+
+
+@dataclass(frozen=True, slots=True)
+class SourcedMapping:
+    """A mapping with prefixes applied, and where each of its fields was written."""
+
+    spec: MappingSpec
+    megatron: str
+    hf: tuple[tuple[str, str], ...]  # (part, pattern); part is "" for a single HF name
+    location: Location
+    field_locations: tuple[tuple[str, Location], ...]
+    prefix_lengths: tuple[int, int] = (0, 0)  # (megatron, hf): columns to take off pattern offsets
+
+    def where(self, name: str) -> Location:
+        return dict(self.field_locations).get(name, self.location)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSpec:
+    """A spec after ``extends`` and prefixes: the compiler's only input."""
+
+    name: str
+    description: str
+    architectures: tuple[str, ...]
+    metadata: dict[str, Any]
+    params: dict[str, int | None]
+    quantizers: tuple[str, ...]
+    kv_cache: bool
+    kv_skip_segments: tuple[str, ...]
+    mappings: tuple[SourcedMapping, ...]
+    exclude_megatron: tuple[str, ...]
+    exclude_hf: tuple[str, ...]
+    files: tuple[str, ...] = field(default=())
+
+
+def load_spec(spec: str | Path) -> ResolvedSpec:
+    """Load a spec by path or shipped name, following ``extends``."""
+    return _resolve(find_spec(spec), ())
+
+
+def read_spec_file(path: Path) -> tuple[SpecFile, dict[tuple, Location], dict[tuple, Location]]:
+    """Parse and validate one file. Returns the model and the locations of values and keys."""
+    file = display_path(path)
+    text = _read_text(path, file)
+    data, values, keys = _compose(text, file)
+    try:
+        return SpecFile.model_validate(data), values, keys
+    except pydantic.ValidationError as exc:
+        raise SpecError([_from_pydantic(err, file, values, keys) for err in exc.errors()]) from None
+
+
+def _read_text(path: Path, file: str) -> str:
+    where = Location(file)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError([Diagnostic("QM006", f"cannot read the spec: {exc.strerror}", where)]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([Diagnostic(
+            "QM004", f"the spec is {len(raw)} bytes, over the {MAX_SPEC_BYTES}-byte limit", where,
+            "split it with 'extends', or check that this is the right file",
+        )])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError([Diagnostic(
+            "QM002", f"byte 0x{raw[exc.start]:02x} is not valid UTF-8", Location(file, line, column),
+            "save the file as UTF-8",
+        )]) from None
+    if not text.strip() or not _has_content(text):
+        raise SpecError([Diagnostic(
+            "QM003", "the spec is empty", Location(file, 1, 1),
+            "a spec needs at least 'name' and 'mappings'; see docs/authoring.md",
+        )])
+    return text
+
+
+def _has_content(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())
+
+
+def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Location], dict[tuple, Location]]:
+    """YAML nodes → plain data, recording each value's and key's location by path."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecError([Diagnostic("QM001", f"YAML syntax error: {problem}", where,
+                                    "check indentation, colons and quotes on this line")]) from None
+    values: dict[tuple, Location] = {}
+    keys: dict[tuple, Location] = {}
+    problems: list[Diagnostic] = []
+    seen: set[int] = set()
+
+    def at(node: yaml.Node) -> Location:
+        return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def build(node: yaml.Node, path: tuple) -> Any:
+        if id(node) in seen or getattr(node, "anchor", None):
+            problems.append(Diagnostic("QM005", "YAML anchors and aliases are not allowed in specs", at(node),
+                                       "write the value out, or share mappings with 'extends'"))
+            return None
+        seen.add(id(node))
+        values[path] = at(node)
+        if isinstance(node, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    problems.append(Diagnostic("QM005", "YAML merge keys ('<<') are not allowed in specs",
+                                               at(key_node), "write the keys out"))
+                    continue
+                key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, str):
+                    problems.append(Diagnostic("QM011", "mapping keys must be plain strings", at(key_node)))
+                    continue
+                if key in out:
+                    problems.append(Diagnostic("QM030", f"key {key!r} appears twice in this mapping",
+                                               at(key_node), "keep one of them"))
+                keys[path + (key,)] = at(key_node)
+                out[key] = build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node)
+
+    try:
+        data = build(root, ()) if root is not None else None
+    finally:
+        loader.dispose()
+    if problems:
+        raise SpecError(problems)
+    if not isinstance(data, dict):
+        raise SpecError([Diagnostic("QM011", "a spec must be a YAML mapping of keys to values",
+                                    Location(file, 1, 1), "start with 'name: <spec name>'")])
+    return data, values, keys
+
+
+def _from_pydantic(err: dict, file: str, values: dict, keys: dict) -> Diagnostic:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(part) for part in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"allowed keys: {', '.join(allowed)}"
+        return Diagnostic("QM010", f"unknown key {loc[-1]!r} at {dotted}", _nearest(loc, keys, values, file), hint)
+    if kind == "missing":
+        return Diagnostic("QM012", f"missing required field {loc[-1]!r} at {dotted}",
+                          _nearest(loc[:-1], values, values, file), f"add '{loc[-1]}: ...'")
+    return Diagnostic("QM011", f"{dotted}: {err['msg']}", _nearest(loc, values, values, file),
+                      f"got {err.get('input')!r}")
+
+
+def _nearest(loc: tuple, first: dict, second: dict, file: str) -> Location:
+    """The location of the longest prefix of ``loc`` (Pydantic adds union member names)."""
+    for end in range(len(loc), -1, -1):
+        found = first.get(loc[:end]) or second.get(loc[:end])
+        if found:
+            return found
+    return Location(file, 1, 1)
+
+
+def _allowed_fields(parent: tuple) -> list[str]:
+    shape = tuple(int if isinstance(part, int) else part for part in parent)
+    model = _MODELS_AT.get(shape)
+    return sorted(model.model_fields) if model else []
+
+
+def _resolve(path: Path, chain: tuple[Path, ...]) -> ResolvedSpec:
+    model, values, keys = read_spec_file(path)
+    file = display_path(path)
+    parent: ResolvedSpec | None = None
+    if model.extends is not None:
+        parent = _resolve_parent(model.extends, path, chain, values.get(("extends",), Location(file)))
+    own = tuple(_sourced(m, i, file, values, model.prefix) for i, m in enumerate(model.mappings))
+    _reject_duplicates(own)
+    return _merge(model, own, parent, file)
+
+
+def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Location) -> ResolvedSpec:
+    local = (path.parent / ref) if ref.endswith((".yaml", ".yml")) else None
+    try:
+        target = find_spec(local if local is not None and local.exists() else ref)
+    except SpecError as exc:
+        raise SpecError([Diagnostic("QM040", f"'extends: {ref}' names no spec: {d.message}", where, d.hint)
+                         for d in exc.diagnostics]) from None
+    seen = chain + (path.resolve(),)
+    if target.resolve() in seen:
+        cycle = " -> ".join(p.name for p in seen + (target.resolve(),))
+        raise SpecError([Diagnostic("QM041", f"extends cycle: {cycle}", where, "remove one of the 'extends'")])
+    return _resolve(target, seen)
+
+
+def _sourced(m: MappingSpec, index: int, file: str, values: dict, prefix: Sides) -> SourcedMapping:
+    base = ("mappings", index)
+    parts = (("", m.hf),) if isinstance(m.hf, str) else tuple(m.hf.items())
+    fields = [(name, values[base + (name,)]) for name in MappingSpec.model_fields if base + (name,) in values]
+    fields += [(f"hf.{part}", values[base + ("hf", part)]) for part, _ in parts if base + ("hf", part) in values]
+    return SourcedMapping(
+        spec=m,
+        megatron=prefix.megatron + m.megatron,
+        hf=tuple((part, prefix.hf + pattern) for part, pattern in parts),
+        location=values.get(base, Location(file)),
+        field_locations=tuple(fields),
+        prefix_lengths=(len(prefix.megatron), len(prefix.hf)),
+    )
+
+
+def _reject_duplicates(mappings: tuple[SourcedMapping, ...]) -> None:
+    first: dict[str, SourcedMapping] = {}
+    problems = []
+    for m in mappings:
+        if m.megatron in first:
+            problems.append(Diagnostic(
+                "QM030", f"duplicate mapping for {m.megatron!r}; the first is at {first[m.megatron].location}",
+                m.where("megatron"), "remove one, or merge their HF names into one fused group",
+            ))
+        else:
+            first[m.megatron] = m
+    if problems:
+        raise SpecError(problems)
+
+
+def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpec | None, file: str) -> ResolvedSpec:
+    """Child overrides parent: same Megatron pattern replaces in place, new mappings append."""
+    explicit = model.model_fields_set
+    prefix = model.prefix
+    mappings = [_prefixed(m, prefix) for m in parent.mappings] if parent else []
+    position = {m.megatron: i for i, m in enumerate(mappings)}
+    for m in own:
+        if m.megatron in position:
+            mappings[position[m.megatron]] = m
+        else:
+            mappings.append(m)
+
+    def pick(name: str, own_value: Any, inherited: Any) -> Any:
+        return own_value if parent is None or name in explicit else inherited
+
+    return ResolvedSpec(
+        name=model.name,
+        description=model.description or (parent.description if parent else ""),
+        architectures=tuple(model.architectures or (parent.architectures if parent else ())),
+        metadata={**(parent.metadata if parent else {}), **model.metadata},
+        params={**(parent.params if parent else {}), **model.params},
+        quantizers=tuple(pick("quantizers", model.quantizers, parent and parent.quantizers)),
+        kv_cache=pick("kv_cache", model.kv_cache, parent and parent.kv_cache),
+        kv_skip_segments=tuple(pick("kv_skip_segments", model.kv_skip_segments, parent and parent.kv_skip_segments)),
+        mappings=tuple(mappings),
+        exclude_megatron=tuple(prefix.megatron + p for p in (parent.exclude_megatron if parent else ()))
+        + tuple(prefix.megatron + p for p in model.exclude.megatron),
+        exclude_hf=tuple(prefix.hf + p for p in (parent.exclude_hf if parent else ()))
+        + tuple(prefix.hf + p for p in model.exclude.hf),
+        files=(parent.files if parent else ()) + (file,),
+    )
+
+
+def _prefixed(m: SourcedMapping, prefix: Sides) -> SourcedMapping:
+    if not (prefix.megatron or prefix.hf):
+        return m
+    return SourcedMapping(
+        spec=m.spec,
+        megatron=prefix.megatron + m.megatron,
+        hf=tuple((part, prefix.hf + pattern) for part, pattern in m.hf),
+        location=m.location,
+        field_locations=m.field_locations,
+        prefix_lengths=(m.prefix_lengths[0] + len(prefix.megatron), m.prefix_lengths[1] + len(prefix.hf)),
+    )
