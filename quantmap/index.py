@@ -1,11 +1,15 @@
 """The resolver: concrete names → matches, in both directions, without scanning the rules.
 
-A name is split once, by one C-level regex, into the literal text between its index-like digit
-runs and the runs themselves. The literal parts form a key that equals the literal parts of
-every "regular" pattern that can match the name, so a dict lookup finds the candidates. The
-few patterns the key cannot describe (``**``, or a literal number where an index would be) are
-"irregular" and are tried with their own regex, in priority order, after a miss or before a
-hit they could shadow.
+A name is split once, by one C-level regex, into the text between its index-like digit runs
+and the runs themselves. The text parts form a key shared by every pattern that splits the
+same way, so one dict lookup finds the candidate rules. Two splitters run in stages: the first
+only cuts at whole-segment numbers (``layers.12.``), the cheap and common case; the second
+also cuts after the words that grouped-expert patterns glue an index to (``weight12``). The
+few patterns neither key can describe (``**``, or a literal number where an index would be)
+are tried with their own regex, in priority order, after a miss.
+
+A pattern found at one stage may be shadowed by a higher-priority pattern of a later stage
+that matches the same names; such pairs are found once, at build time, and checked first.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Sequence
 
-from quantmap.patterns import ANY, Pattern, intersects, unshift
+from quantmap.patterns import ANY, Pattern, intersects, shift, unshift
 from quantmap.rules import MOE_FANOUT, Match, Rule
 
 Resolver = Callable[[str, Sequence[str]], "Match | None"]
+_new_match = tuple.__new__  # a NamedTuple built without its keyword-handling __new__
 
 
 class _Entry:
@@ -30,133 +35,214 @@ class _Entry:
         self.resolve = resolve  # (name, raw captures) -> Match | None
         self.shadowed_by: tuple[_Entry, ...] = ()
 
+    def try_regex(self, name: str) -> Match | None:
+        found = self.pattern._regex.fullmatch(name)
+        return None if found is None else self.resolve(name, found.groups())
+
+
+class _Stage:
+    """One splitter and the dict of patterns whose captures it finds exactly."""
+
+    def __init__(self, regex: str):
+        compiled = re.compile(regex)
+        self.split = compiled.split
+        self._finditer = compiled.finditer
+        self.table: dict[tuple[str, ...], tuple[_Entry, ...]] = {}
+        self.resolvers: dict[tuple[str, ...], Resolver] = {}
+
+    def key(self, pattern: Pattern) -> tuple[str, ...] | None:
+        """The pattern's key, or ``None`` when this splitter does not cut it at its captures."""
+        if any(c.kind == ANY for c in pattern.captures):
+            return None
+        sample, spans = _sample(pattern)
+        if [found.span(1) for found in self._finditer(sample)] != spans:
+            return None
+        return tuple(self.split(sample)[0::2])
+
+
+def _sample(pattern: Pattern) -> tuple[str, list[tuple[int, int]]]:
+    """A name the pattern matches (every capture at its smallest value), and each capture's span."""
+    text, spans = pattern.literals[0], []
+    for capture, literal in zip(pattern.captures, pattern.literals[1:]):
+        value = shift(capture, "0")
+        spans.append((len(text), len(text) + len(value)))
+        text += value + literal
+    return text, spans
+
 
 class _Side:
     """Lookup structures for one direction."""
 
-    def __init__(self, entries: list[_Entry], overlaps: Callable[[Pattern, Pattern], bool]):
-        glued = sorted({lit.rsplit(".", 1)[-1] for e in entries for lit, cap in
-                        zip(e.pattern.literals, e.pattern.captures) if lit and not lit.endswith(".")})
-        lookbehinds = "".join(f"|(?<=\\.{re.escape(word)})" for word in glued if word)
-        self.split = re.compile(f"(?:(?<![^.]){lookbehinds})([0-9]+)(?![^.])").split
-        self._overlaps = overlaps
-        by_priority = sorted(entries, key=lambda e: -e.rule.priority)
-        self.fast: dict[tuple[str, ...], tuple[_Entry, ...]] = {}
+    def __init__(self, entries: list[_Entry]):
+        glued = sorted({lit.rsplit(".", 1)[-1] for e in entries for lit in e.pattern.literals[:-1]
+                        if lit and not lit.endswith(".")} - {""})
+        self.stages = [_Stage(r"\.([0-9]+)(?![^.])")]
+        if glued:
+            lookbehinds = "".join(f"|(?<=\\.{re.escape(word)})" for word in glued)
+            self.stages.append(_Stage(f"(?:(?<=\\.){lookbehinds})([0-9]+)(?![^.])"))
         self.slow: list[_Entry] = []
+        by_priority = sorted(entries, key=lambda e: -e.rule.priority)
+        placed: dict[int, int] = {}  # id(entry) -> stage index (len(stages) for slow)
         for entry in by_priority:
-            if self._is_regular(entry.pattern):
-                self.fast[entry.pattern.literals] = self.fast.get(entry.pattern.literals, ()) + (entry,)
+            for number, stage in enumerate(self.stages):
+                key = stage.key(entry.pattern)
+                if key is not None:
+                    stage.table[key] = stage.table.get(key, ()) + (entry,)
+                    placed[id(entry)] = number
+                    break
             else:
                 self.slow.append(entry)
+                placed[id(entry)] = len(self.stages)
+        self._later = {number: [e for e in by_priority if placed[id(e)] > number] for number in range(len(self.stages))}
         for entry in by_priority:
-            entry.shadowed_by = tuple(
-                other for other in self.slow
-                if other is not entry and other.rule.priority > entry.rule.priority
-                and overlaps(other.pattern, entry.pattern)
-            )
-
-    def _is_regular(self, pattern: Pattern) -> bool:
-        if any(c.kind == ANY for c in pattern.captures):
-            return False
-        parts = self.split(pattern.fill(["0"] * pattern.arity))
-        return tuple(parts[0::2]) == pattern.literals
+            later = self._later.get(placed[id(entry)], [])
+            entry.shadowed_by = tuple(other for other in later if other.rule.priority > entry.rule.priority
+                                      and intersects(other.pattern, entry.pattern))
+        for stage in self.stages:
+            stage.resolvers = {key: _combined(candidates) for key, candidates in stage.table.items()}
+        self._split = self.stages[0].split
+        self._resolvers = self.stages[0].resolvers
+        self.lookup = self._first_stage_lookup()
 
     def conflicts(self) -> list[tuple[_Entry, _Entry]]:
         """Pairs of entries that can match one name with neither preferred by priority."""
         pairs = []
-        for candidates in self.fast.values():
-            pairs += [(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]
-                      if a.rule.priority == b.rule.priority]
-        for i, a in enumerate(self.slow):
-            others = self.slow[i + 1:] + [e for group in self.fast.values() for e in group]
-            pairs += [(a, b) for b in others if a.rule.priority == b.rule.priority and self._overlaps(a.pattern, b.pattern)]
+        for number, stage in enumerate(self.stages):
+            for candidates in stage.table.values():
+                pairs += [(a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]
+                          if a.rule.priority == b.rule.priority]
+                for a in candidates:
+                    pairs += [(a, b) for b in self._later[number]
+                              if a.rule.priority == b.rule.priority and intersects(a.pattern, b.pattern)]
+        pairs += [(a, b) for i, a in enumerate(self.slow) for b in self.slow[i + 1:]
+                  if a.rule.priority == b.rule.priority and intersects(a.pattern, b.pattern)]
         return pairs
 
-    def lookup(self, name: str) -> Match | None:
-        parts = self.split(name)
-        candidates = self.fast.get(tuple(parts[0::2]))
-        if candidates:
-            raw = parts[1::2]
-            for entry in candidates:
-                for other in entry.shadowed_by:
-                    found = _try_regex(other, name)
-                    if found is not None:
-                        return found
-                found = entry.resolve(name, raw)
+    def _first_stage_lookup(self) -> Callable[[str], Match | None]:
+        """The lookup function: the first stage (which serves almost every name) inlined, with
+        everything it touches bound to locals, since this runs once per tensor name."""
+        split, resolvers, rest = self._split, self._resolvers.get, self._lookup_rest
+
+        def lookup(name: str) -> Match | None:
+            parts = split(name)
+            resolve = resolvers(tuple(parts[0::2]))
+            if resolve is not None:
+                found = resolve(name, parts[1::2])
+                if found is not None:
+                    return found
+            return rest(name)
+
+        return lookup
+
+    def _lookup_rest(self, name: str) -> Match | None:
+        for stage in self.stages[1:]:
+            parts = stage.split(name)
+            resolve = stage.resolvers.get(tuple(parts[0::2]))
+            if resolve is not None:
+                found = resolve(name, parts[1::2])
                 if found is not None:
                     return found
         for entry in self.slow:
-            found = _try_regex(entry, name)
+            found = entry.try_regex(name)
             if found is not None:
                 return found
         return None
 
 
-def _try_regex(entry: _Entry, name: str) -> Match | None:
-    found = entry.pattern._regex.fullmatch(name)
-    return None if found is None else entry.resolve(name, found.groups())
+def _combined(candidates: tuple[_Entry, ...]) -> Resolver:
+    """One resolver for the candidates of a key: shadowing patterns first, then by priority."""
+    if len(candidates) == 1 and not candidates[0].shadowed_by:
+        return candidates[0].resolve
+
+    def resolve(name: str, raw: Sequence[str]) -> Match | None:
+        for entry in candidates:
+            for other in entry.shadowed_by:
+                found = other.try_regex(name)
+                if found is not None:
+                    return found
+            found = entry.resolve(name, raw)
+            if found is not None:
+                return found
+        return None
+
+    return resolve
 
 
-def _formatter(pattern: Pattern, hole: int | None = None) -> Callable[[Sequence[str]], str]:
-    """A fast ``fill`` for ``pattern``; capture ``hole`` (if any) stays a ``*``."""
-    if any(c.offset is not None for c in pattern.captures):
-        if hole is None:
-            return pattern.fill
-        return lambda values: pattern.fill_partial(list(values[:hole]) + [None] + list(values[hole:]))
-    pieces = [pattern.literals[0]]
-    for index, literal in enumerate(pattern.literals[1:]):
-        pieces.append("*" if index == hole else "{}")
-        pieces.append(literal)
-    template = "".join(pieces).format  # patterns cannot hold braces outside captures
-    return lambda values: template(*values)
+def _concat(pattern: Pattern, sources: Sequence[int | None]) -> str:
+    """Python source that builds a name of ``pattern``: capture i is ``v[sources[i]]``, or ``*`` if None."""
+    pieces = [repr(pattern.literals[0])]
+    for source, literal in zip(sources, pattern.literals[1:]):
+        pieces += ["'*'" if source is None else f"v[{source}]", repr(literal)]
+    return " + ".join(piece for piece in pieces if piece != "''")
 
 
-def _values(pattern: Pattern) -> Callable[[Sequence[str]], Sequence[str] | None]:
-    """Raw captured text → capture values (undoing offsets; ``None`` if out of range)."""
-    if any(c.offset is not None for c in pattern.captures):
-        return lambda raw: unshift(pattern.captures, raw)
-    return lambda raw: raw
+def _generated(source: str, **names) -> Resolver:
+    """Compile a resolver from source: string concatenation beats ``str.format`` several times over
+    on the hot path, and each rule gets straight-line code with its literals inlined."""
+    namespace = {"_new": _new_match, "Match": Match, **names}
+    exec(compile(source, "<quantmap.index>", "exec"), namespace)  # source built only from validated patterns
+    return namespace["resolve"]
+
+
+def _has_offsets(*patterns: Pattern) -> bool:
+    return any(c.offset is not None for p in patterns for c in p.captures)
 
 
 def _forward(rule: Rule) -> _Entry:
-    values_of = _values(rule.megatron)
     hole = rule.expert_capture if rule.kind == MOE_FANOUT else None
-    fills = [_formatter(p, hole) for p in rule.hf]
-    kind = rule.kind
+    if _has_offsets(rule.megatron, *rule.hf):
+        return _Entry(rule.megatron, rule, _forward_with_offsets(rule, hole))
+    sources = list(range(rule.megatron.arity))
+    if hole is not None:
+        sources.insert(hole, None)
+    targets = "".join(f"{_concat(p, sources)}, " for p in rule.hf)
+    source = (
+        "def resolve(name, raw):\n"
+        "    v = tuple(raw)\n"
+        f"    return _new(Match, (kind, name, ({targets}), rule, None, None, v))\n"
+    )
+    return _Entry(rule.megatron, rule, _generated(source, kind=rule.kind, rule=rule))
 
+
+def _forward_with_offsets(rule: Rule, hole: int | None) -> Resolver:
     def resolve(name: str, raw: Sequence[str]) -> Match | None:
-        values = values_of(raw)
+        values = unshift(rule.megatron.captures, raw)
         if values is None:
             return None
-        return Match(kind, name, tuple([fill(values) for fill in fills]), rule, None, None, tuple(values))
+        slots = list(values) if hole is None else list(values[:hole]) + [None] + list(values[hole:])
+        return _new_match(Match, (rule.kind, name, tuple(p.fill_partial(slots) for p in rule.hf),
+                                  rule, None, None, values))
 
-    return _Entry(rule.megatron, rule, resolve)
+    return resolve
 
 
 def _reverse(rule: Rule, index: int) -> _Entry:
     pattern = rule.hf[index]
-    values_of = _values(pattern)
-    target = _formatter(rule.megatron)
     part = rule.parts[index] or None
-    kind = rule.kind
-    if rule.kind == MOE_FANOUT:
-        slot = rule.expert_capture
+    slot = rule.expert_capture if rule.kind == MOE_FANOUT else None
+    if _has_offsets(rule.megatron, pattern):
+        return _Entry(pattern, rule, _reverse_with_offsets(rule, pattern, part, slot))
+    kept = [i for i in range(pattern.arity) if i != slot]
+    captures = "(" + "".join(f"v[{i}], " for i in kept) + ")"
+    expert = "None" if slot is None else f"int(v[{slot}])"
+    source = (
+        "def resolve(name, raw):\n"
+        "    v = tuple(raw)\n"
+        f"    return _new(Match, (kind, {_concat(rule.megatron, kept)}, (name,), rule, part, {expert}, {captures}))\n"
+    )
+    return _Entry(pattern, rule, _generated(source, kind=rule.kind, rule=rule, part=part))
 
-        def resolve(name: str, raw: Sequence[str]) -> Match | None:
-            values = values_of(raw)
-            if values is None:
-                return None
-            rest = tuple(values[:slot]) + tuple(values[slot + 1:])
-            return Match(kind, target(rest), (name,), rule, part, int(values[slot]), rest)
-    else:
 
-        def resolve(name: str, raw: Sequence[str]) -> Match | None:
-            values = values_of(raw)
-            if values is None:
-                return None
-            return Match(kind, target(values), (name,), rule, part, None, tuple(values))
+def _reverse_with_offsets(rule: Rule, pattern: Pattern, part: str | None, slot: int | None) -> Resolver:
+    def resolve(name: str, raw: Sequence[str]) -> Match | None:
+        values = unshift(pattern.captures, raw)
+        if values is None:
+            return None
+        rest = values if slot is None else values[:slot] + values[slot + 1:]
+        return _new_match(Match, (rule.kind, rule.megatron.fill(rest), (name,), rule, part,
+                                  None if slot is None else int(values[slot]), rest))
 
-    return _Entry(pattern, rule, resolve)
+    return resolve
 
 
 class Index:
@@ -164,11 +250,5 @@ class Index:
 
     def __init__(self, rules: Iterable[Rule]):
         rules = list(rules)
-        self.forward = _Side([_forward(r) for r in rules], intersects)
-        self.reverse = _Side([_reverse(r, i) for r in rules for i in range(len(r.hf))], intersects)
-
-    def to_hf(self, megatron_name: str) -> Match | None:
-        return self.forward.lookup(megatron_name)
-
-    def to_megatron(self, hf_name: str) -> Match | None:
-        return self.reverse.lookup(hf_name)
+        self.forward = _Side([_forward(r) for r in rules])
+        self.reverse = _Side([_reverse(r, i) for r in rules for i in range(len(r.hf))])

@@ -107,6 +107,10 @@ class Match(NamedTuple):
             out.extend(p.fill(values) for p in self.rule.hf)
         return tuple(out)
 
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("part", self.part), ("expert", self.expert)) if v is not None)
+        return f"Match({self.kind}: {self.megatron!r} -> {list(self.hf)!r}{extra})"
+
     def to_json(self, name: str) -> dict:
         out = {"name": name, "kind": self.kind, "megatron": self.megatron, "hf": list(self.hf)}
         if self.part:

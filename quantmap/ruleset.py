@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from quantmap.diagnostics import Diagnostic
 from quantmap.rules import Match, Rule
@@ -15,11 +15,14 @@ if TYPE_CHECKING:
 class RuleSet:
     """Immutable rules of one spec with their two-way index.
 
-    ``to_hf`` and ``to_megatron`` resolve concrete names; iterating gives the rules in spec
-    order; ``warnings`` lists what the compiler could not derive, and why.
+    ``to_hf(megatron_name)`` and ``to_megatron(hf_name)`` resolve a concrete name (a weight or
+    a quantizer buffer) to a :class:`~quantmap.rules.Match`, or ``None``. They are the index's
+    lookup functions themselves, bound at construction: a lookup runs once per tensor name, and
+    a wrapper method would add a call to each. Iterating gives the rules in spec order;
+    ``warnings`` lists what the compiler could not derive, and why.
     """
 
-    __slots__ = ("spec", "rules", "warnings", "params", "_index")
+    __slots__ = ("spec", "rules", "warnings", "params", "to_hf", "to_megatron")
 
     def __init__(self, spec: ResolvedSpec, rules: tuple[Rule, ...], index: Index,
                  warnings: tuple[Diagnostic, ...], params: dict[str, int | None]):
@@ -27,15 +30,8 @@ class RuleSet:
         self.rules = rules
         self.warnings = warnings
         self.params = dict(params)
-        self._index = index
-
-    def to_hf(self, megatron_name: str) -> Match | None:
-        """The match for a concrete Megatron name (weight or quantizer buffer), or ``None``."""
-        return self._index.to_hf(megatron_name)
-
-    def to_megatron(self, hf_name: str) -> Match | None:
-        """The match for a concrete HF name, or ``None``."""
-        return self._index.to_megatron(hf_name)
+        self.to_hf: Callable[[str], Match | None] = index.forward.lookup
+        self.to_megatron: Callable[[str], Match | None] = index.reverse.lookup
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)

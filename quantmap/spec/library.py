@@ -18,8 +18,8 @@ def shipped_specs() -> dict[str, Path]:
 def display_path(path: Path) -> str:
     """How diagnostics and rule sources name a spec file: stable across machines and clones."""
     resolved = path.resolve()
-    if resolved.parent == SPEC_DIR:
-        return f"quantmap/specs/{resolved.name}"
+    if resolved.is_relative_to(SPEC_DIR):
+        return f"quantmap/specs/{resolved.relative_to(SPEC_DIR).as_posix()}"
     try:
         return str(resolved.relative_to(Path.cwd().resolve()))
     except ValueError:

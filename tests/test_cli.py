@@ -1,0 +1,125 @@
+"""The real ``quantmap`` command, run in a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+QUANTMAP = shutil.which("quantmap", path=str(Path(sys.executable).parent)) or "quantmap"
+
+
+def run(*args, stdin=None, cwd=REPO, module=False):
+    command = [sys.executable, "-m", "quantmap", *args] if module else [QUANTMAP, *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_compile_prints_a_readable_table_by_default():
+    result = run("compile", "specs/llama.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("llama: ") and lines[0].endswith(" rules")
+    assert any(line.startswith("fanout") and "linear_qkv.weight_quantizer._amax" in line for line in lines)
+
+
+def test_compile_json_is_deterministic_and_has_kind_megatron_hf_and_source():
+    first, second = run("compile", "llama", "--format", "json"), run("compile", "llama", "--format", "json")
+    assert first.returncode == 0 and first.stdout == second.stdout
+    rules = json.loads(first.stdout)
+    assert {rule["kind"] for rule in rules} == {"weight", "amax", "fanout"}
+    fanout = next(r for r in rules if r["megatron"].endswith("linear_fc1.input_quantizer._amax"))
+    assert fanout["hf"] == ["model.layers.*.mlp.gate_proj.input_quantizer._amax",
+                            "model.layers.*.mlp.up_proj.input_quantizer._amax"]
+    assert fanout["source"]["line"] > 0
+
+
+def test_compile_yaml_round_trips_to_the_json_content():
+    as_yaml = run("compile", "llama", "-f", "yaml")
+    as_json = run("compile", "llama", "-f", "json")
+    import yaml
+
+    assert yaml.safe_load(as_yaml.stdout) == json.loads(as_json.stdout)
+
+
+def test_python_dash_m_behaves_exactly_like_the_command():
+    for args in (("compile", "llama", "-f", "json"), ("validate", "nope.yaml"), ("--help",)):
+        a, b = run(*args), run(*args, module=True)
+        assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
+
+
+def test_validate_exit_codes_and_file_line_col_messages(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmappings:\n  - {megatron: a.*.weight, hf: b.weight}\n")
+    assert run("validate", "llama").returncode == 0
+    result = run("validate", "llama", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{bad}:3:")
+    assert "QM021" in result.stderr
+
+
+def test_lookup_forward_reverse_and_json_lines():
+    result = run("lookup", "llama", "decoder.layers.4.mlp.linear_fc1.weight_quantizer._amax", "--json")
+    assert result.returncode == 0
+    record = json.loads(result.stdout)
+    assert record["kind"] == "fanout" and record["hf"][0] == "model.layers.4.mlp.gate_proj.weight_quantizer._amax"
+    result = run("lookup", "llama", "--reverse", "model.layers.4.mlp.up_proj.weight_quantizer._amax", "--json")
+    record = json.loads(result.stdout)
+    assert record["megatron"] == "decoder.layers.4.mlp.linear_fc1.weight_quantizer._amax" and record["part"] == "up"
+
+
+def test_lookup_from_stdin_reports_unmatched_names_and_exits_1():
+    names = "decoder.layers.0.mlp.linear_fc2.weight\nnot.a.name\n"
+    result = run("lookup", "llama", "--from-file", "-", "--json", stdin=names)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[1] == {"name": "not.a.name", "match": None}
+    assert records[0]["hf"] == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_schema_is_the_pydantic_json_schema_and_matches_the_shipped_copy():
+    result = run("schema")
+    schema = json.loads(result.stdout)
+    assert "mappings" in schema["properties"] and schema["additionalProperties"] is False
+    assert json.loads((REPO / "quantmap/specs/schema.json").read_text()) == schema
+
+
+def test_shipped_specs_point_editors_at_the_schema():
+    for spec in (REPO / "quantmap/specs").glob("*.yaml"):
+        assert spec.read_text().startswith("# yaml-language-server: $schema=schema.json"), spec.name
+
+
+def test_bad_param_syntax_is_a_usage_error():
+    result = run("compile", "llama", "--param", "num_layers")
+    assert result.returncode == 2 and "NAME=INT" in result.stderr
+
+
+def test_unknown_spec_name_suggests_a_shipped_one():
+    result = run("compile", "lama")
+    assert result.returncode == 1 and "did you mean 'llama'" in result.stderr
+
+
+@pytest.mark.parametrize("args", [("compile", "llama"), ("validate", "llama"),
+                                  ("lookup", "llama", "decoder.layers.0.mlp.linear_fc2.weight")])
+def test_compile_validate_and_lookup_never_import_torch(args):
+    code = (
+        "import sys\n"
+        "from quantmap.cli import main\n"
+        f"sys.argv = ['quantmap', *{list(args)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('clean')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("clean")
+
+
+def test_help_is_available_for_every_command():
+    for command in ("compile", "validate", "lookup", "schema", "specs"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and "Usage:" in result.stdout

@@ -1,0 +1,130 @@
+"""The two-way index: laws over generated specs, and the cases its fast path must not get wrong."""
+
+import textwrap
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import quantmap
+from quantmap.rules import MOE_FANOUT
+
+SEGMENT = st.sampled_from(["a", "b", "blk", "x1", "*", "*", "**"])
+
+
+@st.composite
+def specs(draw):
+    """A random valid spec: distinct roots per mapping, random wildcards, fused groups, grouped MoE."""
+    mappings = []
+    for index in range(draw(st.integers(1, 5))):
+        middle = draw(st.lists(SEGMENT, min_size=0, max_size=4))
+        if "**" in middle and middle.count("**") > 1:
+            middle = [s for s in middle if s != "**"] + ["**"]
+        body = ".".join(middle)
+        body = f".{body}" if body else ""
+        grouped = draw(st.booleans()) and draw(st.booleans())
+        parts = draw(st.sampled_from([[""], ["q", "k", "v"], ["gate", "up"]]))
+        megatron = f"m{index}{body}.lin.weight" + ("*" if grouped else "")
+        expert = ".e.*" if grouped else ""
+
+        def hf(part):
+            return f"h{index}{body}{expert}.{part or 'p'}_proj.weight"
+
+        mappings.append({"megatron": megatron,
+                         "hf": hf("") if parts == [""] else {p: hf(p) for p in parts}})
+    return {"name": "generated", "params": {"num_experts": 4}, "kv_cache": False, "mappings": mappings}
+
+
+def fill_values(data, pattern):
+    return [data.draw(st.from_regex(r"[a-z]{1,3}(\.[a-z0-9]{1,3}){0,2}", fullmatch=True)) if c.kind == "any"
+            else str(data.draw(st.integers(0, 300))) for c in pattern.captures]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs(), st.data())
+def test_forward_then_reverse_is_the_identity_on_every_target(tmp_path_factory, spec, data):
+    path = tmp_path_factory.mktemp("spec") / "generated.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rules = quantmap.compile(str(path))
+    for rule in rules:
+        name = rule.megatron.fill(fill_values(data, rule.megatron))
+        match = rules.to_hf(name)
+        assert match is not None and match.rule is rule and match.megatron == name
+        if rule.kind == MOE_FANOUT:
+            targets = match.expert_names(range(rule.num_experts))
+            expected = [(part, expert) for expert in range(rule.num_experts) for part in rule.parts]
+        else:
+            targets = match.hf
+            expected = [(part, None) for part in rule.parts]
+        assert len(targets) == len(expected)
+        for target, (part, expert) in zip(targets, expected):
+            back = rules.to_megatron(target)
+            assert back.megatron == name, (target, back)
+            assert (back.part or "", back.expert) == (part, expert)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_resolve_then_match_gives_back_the_captures(tmp_path_factory, data):
+    rules = quantmap.compile("llama")
+    for rule in rules:
+        values = fill_values(data, rule.megatron)
+        match = rules.to_hf(rule.megatron.fill(values))
+        assert match.captures == tuple(values)
+        for pattern, name in zip(rule.hf, match.hf):
+            assert pattern.match(name) == tuple(values)
+
+
+def test_names_no_rule_claims_resolve_to_none():
+    rules = quantmap.compile("llama")
+    for name in ["decoder.layers.x.mlp.linear_fc2.weight", "decoder.layers.1.mlp.linear_fc2.weight\n",
+                 "decoder.layers.1.mlp.linear_fc2", "decoder.layers.١.mlp.linear_fc2.weight", ""]:
+        assert rules.to_hf(name) is None, name
+
+
+def test_weight_names_resolve_too_and_every_fanout_target_reverses():
+    rules = quantmap.compile("llama")
+    match = rules.to_hf("decoder.layers.7.self_attention.linear_qkv.weight")
+    assert match.kind == "weight" and len(match.hf) == 3
+    for part, name in zip("qkv", match.hf):
+        back = rules.to_megatron(name)
+        assert (back.megatron, back.part) == ("decoder.layers.7.self_attention.linear_qkv.weight", part)
+
+
+def test_canonical_name_wins_reverse_lookup_for_a_shared_hf_norm():
+    rules = quantmap.compile("llama")
+    assert rules.to_hf("decoder.layers.2.input_layernorm.weight").hf == ("model.layers.2.input_layernorm.weight",)
+    assert rules.to_megatron("model.layers.2.input_layernorm.weight").megatron == \
+        "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"
+
+
+def test_a_higher_priority_double_star_rule_shadows_a_fast_path_hit(tmp_path):
+    path = tmp_path / "shadow.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: shadow
+        mappings:
+          - {megatron: decoder.layers.*.mlp.fc.weight, hf: model.layers.*.mlp.fc.weight, quantizers: []}
+          - {megatron: decoder.layers.**.fc.weight, hf: special.**.fc.weight, quantizers: [], priority: 5}
+        """))
+    rules = quantmap.compile(str(path))
+    assert rules.to_hf("decoder.layers.3.mlp.fc.weight").hf == ("special.3.mlp.fc.weight",)
+
+
+def test_offset_captures_pick_the_mtp_rule_only_past_the_decoder_layers(tmp_path):
+    path = tmp_path / "mtp.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: mtp
+        params: {num_layers: null}
+        mappings:
+          - {megatron: decoder.layers.*.self_attention.linear_proj.weight, hf: model.layers.*.self_attn.o_proj.weight}
+          - megatron: mtp.layers.*.mtp_model_layer.self_attention.linear_proj.weight
+            hf: model.layers.{num_layers + i}.self_attn.o_proj.weight
+            priority: 1
+        """))
+    rules = quantmap.compile(str(path), num_layers=61)
+    assert rules.to_megatron("model.layers.61.self_attn.o_proj.weight_quantizer._amax").megatron == \
+        "mtp.layers.0.mtp_model_layer.self_attention.linear_proj.weight_quantizer._amax"
+    assert rules.to_megatron("model.layers.60.self_attn.o_proj.weight_quantizer._amax").megatron == \
+        "decoder.layers.60.self_attention.linear_proj.weight_quantizer._amax"
+    assert rules.to_hf("mtp.layers.1.mtp_model_layer.self_attention.linear_proj.weight").hf == (
+        "model.layers.62.self_attn.o_proj.weight",)

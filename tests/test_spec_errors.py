@@ -1,0 +1,214 @@
+"""Bad specs: each problem is a clear error naming file:line:col and saying what to change."""
+
+import textwrap
+
+import pytest
+
+import quantmap
+from quantmap.diagnostics import SpecError
+from quantmap.spec.loader import MAX_SPEC_BYTES
+
+GOOD_MAPPING = "  - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.*.mlp.down_proj.weight}\n"
+
+
+def write(tmp_path, text, name="spec.yaml", mode="w"):
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors(path, **params):
+    with pytest.raises(SpecError) as raised:
+        quantmap.compile(str(path), **params)
+    return raised.value.diagnostics
+
+
+def only(path, **params):
+    found = errors(path, **params)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_yaml_syntax_error_points_at_the_line(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - {megatron: a.weight, hf: b.weight\n")
+    error = only(path)
+    assert error.code == "QM001"
+    assert error.location.file.endswith("spec.yaml") and error.location.line == 4
+    assert "YAML syntax error" in error.message
+
+
+def test_empty_file_is_an_error_with_what_a_spec_needs(tmp_path):
+    error = only(write(tmp_path, "# only a comment\n"))
+    assert (error.code, error.location.line) == ("QM003", 1)
+    assert "'name' and 'mappings'" in error.hint
+
+
+def test_non_utf8_bytes_name_the_byte_and_its_place(tmp_path):
+    error = only(write(tmp_path, b"name: x\ndescription: caf\xe9\n"))
+    assert error.code == "QM002"
+    assert (error.location.line, error.location.column) == (2, 17)
+    assert "0xe9" in error.message
+
+
+def test_unknown_key_suggests_the_closest_field(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - megatron: a.weight\n    hf: b.weight\n    quantizer: []\n")
+    error = only(path)
+    assert error.code == "QM010"
+    assert (error.location.line, error.location.column) == (5, 5)
+    assert "did you mean 'quantizers'" in error.hint
+
+
+def test_wrong_type_names_the_field_and_the_value(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - {megatron: a.weight, hf: b.weight, priority: high}\n")
+    error = only(path)
+    assert error.code == "QM011"
+    assert "mappings.0.priority" in error.message and "'high'" in error.hint
+    assert error.location.line == 3
+
+
+def test_missing_required_field_points_at_the_mapping(tmp_path):
+    error = only(write(tmp_path, "name: x\nmappings:\n  - {megatron: a.weight}\n"))
+    assert error.code == "QM012"
+    assert "'hf'" in error.message and error.location.line == 3
+
+
+def test_all_schema_problems_are_reported_at_once(tmp_path):
+    path = write(tmp_path, "name: x\nbogus: 1\nmappings:\n  - {megatron: a.weight}\n")
+    assert {e.code for e in errors(path)} == {"QM010", "QM012"}
+
+
+def test_wildcard_count_mismatch(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - {megatron: decoder.layers.*.w.weight, hf: model.w.weight}\n")
+    error = only(path)
+    assert error.code == "QM021" and "has 0 wildcard(s)" in error.message
+    assert error.location.line == 3
+
+
+def test_wildcard_kind_mismatch(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - {megatron: a.*.weight, hf: b.**.weight}\n")
+    assert only(path).code == "QM021"
+
+
+def test_malformed_wildcard_points_at_the_character(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - megatron: decoder.layers.***.weight\n    hf: model.weight\n")
+    error = only(path)
+    assert error.code == "QM020"
+    # the scalar starts at column 15; the bad segment 15 characters into it
+    assert (error.location.line, error.location.column) == (3, 15 + 15)
+
+
+def test_empty_fused_group(tmp_path):
+    error = only(write(tmp_path, "name: x\nmappings:\n  - {megatron: a.weight, hf: {}}\n"))
+    assert error.code == "QM022" and "empty fused group" in error.message
+
+
+def test_duplicate_mapping_names_both_places(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n" + GOOD_MAPPING + GOOD_MAPPING)
+    error = only(path)
+    assert error.code == "QM030" and error.location.line == 4
+    assert "spec.yaml:3" in error.message
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    error = only(write(tmp_path, "name: x\nname: y\nmappings: []\n"))
+    assert error.code == "QM030" and error.location.line == 2
+
+
+def test_ambiguous_overlap_without_priority_is_an_error(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n" + GOOD_MAPPING
+                 + "  - {megatron: decoder.layers.**.weight, hf: model.layers.**.weight_alt, quantizers: []}\n")
+    found = errors(path)
+    assert {e.code for e in found} == {"QM031"}
+    assert all("priority" in e.hint for e in found)
+
+
+def test_overlap_with_a_priority_resolves_to_the_higher(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n" + GOOD_MAPPING
+                 + "  - {megatron: decoder.layers.**.weight, hf: model.layers.**.weight_alt, quantizers: [],"
+                   " priority: -1}\n")
+    rules = quantmap.compile(str(path))
+    assert rules.to_hf("decoder.layers.1.mlp.linear_fc2.weight").hf == ("model.layers.1.mlp.down_proj.weight",)
+    assert rules.to_hf("decoder.layers.1.x.weight").hf == ("model.layers.1.x.weight_alt",)
+
+
+def test_two_rules_with_one_hf_target(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        mappings:
+          - {megatron: decoder.layers.*.a.weight, hf: model.layers.*.norm.weight, quantizers: []}
+          - {megatron: decoder.layers.*.b.weight, hf: model.layers.*.norm.weight, quantizers: []}
+        """)
+    error = only(path)
+    assert error.code == "QM032" and "model.layers.*.norm.weight" in error.message
+
+
+def test_grouped_moe_mapping_without_expert_wildcard(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        params: {num_experts: 4}
+        mappings:
+          - {megatron: decoder.layers.*.mlp.experts.linear_fc1.weight*, hf: model.layers.*.mlp.experts.gate_up_proj.weight}
+        """)
+    error = only(path)
+    assert error.code == "QM023" and "no expert wildcard" in error.message
+
+
+def test_extends_of_a_missing_file(tmp_path):
+    path = write(tmp_path, "name: x\nextends: ./nowhere.yaml\nmappings: []\n")
+    error = only(path)
+    assert error.code == "QM040" and error.location.line == 2
+
+
+def test_extends_of_an_unknown_shipped_name_suggests_one(tmp_path):
+    error = only(write(tmp_path, "name: x\nextends: lama\nmappings: []\n"))
+    assert error.code == "QM040" and "did you mean 'llama'" in error.hint
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path, "name: a\nextends: b.yaml\nmappings: []\n", "a.yaml")
+    write(tmp_path, "name: b\nextends: a.yaml\nmappings: []\n", "b.yaml")
+    error = only(tmp_path / "a.yaml")
+    assert error.code == "QM041" and "a.yaml -> b.yaml -> a.yaml" in error.message
+
+
+def test_yaml_aliases_are_rejected_before_they_can_expand(tmp_path):
+    lines = ["name: x", "a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(8)]
+    found = errors(write(tmp_path, "\n".join(lines) + "\n"))
+    assert {e.code for e in found} == {"QM005"}
+    assert found[0].location.line == 2
+
+
+def test_spec_over_the_size_limit(tmp_path):
+    path = write(tmp_path, "name: x\n" + "# padding\n" * (MAX_SPEC_BYTES // 10 + 1))
+    error = only(path)
+    assert error.code == "QM004" and str(MAX_SPEC_BYTES) in error.message
+
+
+def test_missing_run_time_parameter_says_how_to_give_it(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        params: {num_layers: null}
+        mappings:
+          - {megatron: mtp.layers.*.eh_proj.weight, hf: 'model.layers.{num_layers + i}.eh_proj.weight'}
+        """)
+    error = only(path)
+    assert error.code == "QM050" and "--param num_layers=N" in error.hint
+    assert quantmap.compile(str(path), num_layers=4).to_hf("mtp.layers.0.eh_proj.weight").hf == (
+        "model.layers.4.eh_proj.weight",)
+
+
+def test_unknown_run_time_parameter_suggests_the_declared_one(tmp_path):
+    path = write(tmp_path, "name: x\nparams: {num_layers: null}\nmappings: []\n")
+    error = only(path, num_layer=3)
+    assert error.code == "QM050" and "did you mean 'num_layers'" in error.hint
+
+
+def test_errors_render_as_file_line_col_lines(tmp_path):
+    line = "  - {megatron: a.weight, hf: b.weight, quantizer: []}"
+    path = write(tmp_path, f"name: x\nmappings:\n{line}\n")
+    column = line.index("quantizer") + 1
+    assert str(only(path)).startswith(f"{path}:3:{column}: error QM010: unknown key 'quantizer'")
