@@ -123,3 +123,11 @@ def test_help_is_available_for_every_command():
     for command in ("compile", "validate", "lookup", "schema", "specs"):
         result = run(command, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_diagnostics_doc_lists_every_code_with_its_title():
+    from quantmap.diagnostics import CODES
+
+    text = (REPO / "docs/diagnostics.md").read_text()
+    for code, title in CODES.items():
+        assert f"| {code} | {title} |" in text, code
