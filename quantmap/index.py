@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Sequence
 
-from quantmap.patterns import ANY, Pattern, intersects, shift, unshift
+from quantmap.patterns import ANY, Pattern, intersects, shift
 from quantmap.rules import MOE_FANOUT, Match, Rule
 
 Resolver = Callable[[str, Sequence[str]], "Match | None"]
@@ -169,80 +169,58 @@ def _combined(candidates: tuple[_Entry, ...]) -> Resolver:
 
 
 def _concat(pattern: Pattern, sources: Sequence[int | None]) -> str:
-    """Python source that builds a name of ``pattern``: capture i is ``v[sources[i]]``, or ``*`` if None."""
+    """Source of an expression building a name of ``pattern`` from the values ``w``: capture i
+    is ``w[sources[i]]`` (plus its offset), or a literal ``*`` where ``sources[i]`` is None."""
     pieces = [repr(pattern.literals[0])]
-    for source, literal in zip(sources, pattern.literals[1:]):
-        pieces += ["'*'" if source is None else f"v[{source}]", repr(literal)]
+    for capture, source, literal in zip(pattern.captures, sources, pattern.literals[1:]):
+        if source is None:
+            pieces.append("'*'")
+        elif capture.offset:
+            pieces.append(f"str(int(w[{source}]) + {capture.offset})")
+        else:
+            pieces.append(f"w[{source}]")
+        pieces.append(repr(literal))
     return " + ".join(piece for piece in pieces if piece != "''")
 
 
-def _generated(source: str, **names) -> Resolver:
-    """Compile a resolver from source: string concatenation beats ``str.format`` several times over
-    on the hot path, and each rule gets straight-line code with its literals inlined."""
+def _values(pattern: Pattern) -> str:
+    """Source turning the raw captured text ``v`` into values ``w`` (undoing offsets, and
+    rejecting a name whose shifted index would be negative)."""
+    if not any(c.offset for c in pattern.captures):
+        return "    w = v\n"
+    guards = " and ".join(f"int(v[{i}]) >= {c.offset}" for i, c in enumerate(pattern.captures) if c.offset)
+    values = "".join(f"str(int(v[{i}]) - {c.offset}), " if c.offset else f"v[{i}], "
+                     for i, c in enumerate(pattern.captures))
+    return f"    if not ({guards}):\n        return None\n    w = ({values})\n"
+
+
+def _generated(body: str, **names) -> Resolver:
+    """Compile a resolver: straight-line code with the rule's literals inlined, because string
+    concatenation beats ``str.format`` and generic loops several times over on the hot path."""
     namespace = {"_new": _new_match, "Match": Match, **names}
-    exec(compile(source, "<quantmap.index>", "exec"), namespace)  # source built only from validated patterns
+    source = "def resolve(name, raw):\n    v = tuple(raw)\n" + body
+    exec(compile(source, "<quantmap.index>", "exec"), namespace)  # built only from validated patterns
     return namespace["resolve"]
 
 
-def _has_offsets(*patterns: Pattern) -> bool:
-    return any(c.offset is not None for p in patterns for c in p.captures)
-
-
 def _forward(rule: Rule) -> _Entry:
-    hole = rule.expert_capture if rule.kind == MOE_FANOUT else None
-    if _has_offsets(rule.megatron, *rule.hf):
-        return _Entry(rule.megatron, rule, _forward_with_offsets(rule, hole))
-    sources = list(range(rule.megatron.arity))
-    if hole is not None:
-        sources.insert(hole, None)
+    sources: list[int | None] = list(range(rule.megatron.arity))
+    if rule.kind == MOE_FANOUT:
+        sources.insert(rule.expert_capture, None)  # the expert stays a wildcard
     targets = "".join(f"{_concat(p, sources)}, " for p in rule.hf)
-    source = (
-        "def resolve(name, raw):\n"
-        "    v = tuple(raw)\n"
-        f"    return _new(Match, (kind, name, ({targets}), rule, None, None, v))\n"
-    )
-    return _Entry(rule.megatron, rule, _generated(source, kind=rule.kind, rule=rule))
-
-
-def _forward_with_offsets(rule: Rule, hole: int | None) -> Resolver:
-    def resolve(name: str, raw: Sequence[str]) -> Match | None:
-        values = unshift(rule.megatron.captures, raw)
-        if values is None:
-            return None
-        slots = list(values) if hole is None else list(values[:hole]) + [None] + list(values[hole:])
-        return _new_match(Match, (rule.kind, name, tuple(p.fill_partial(slots) for p in rule.hf),
-                                  rule, None, None, values))
-
-    return resolve
+    body = _values(rule.megatron) + f"    return _new(Match, (kind, name, ({targets}), rule, None, None, w))\n"
+    return _Entry(rule.megatron, rule, _generated(body, kind=rule.kind, rule=rule))
 
 
 def _reverse(rule: Rule, index: int) -> _Entry:
     pattern = rule.hf[index]
-    part = rule.parts[index] or None
     slot = rule.expert_capture if rule.kind == MOE_FANOUT else None
-    if _has_offsets(rule.megatron, pattern):
-        return _Entry(pattern, rule, _reverse_with_offsets(rule, pattern, part, slot))
     kept = [i for i in range(pattern.arity) if i != slot]
-    captures = "(" + "".join(f"v[{i}], " for i in kept) + ")"
-    expert = "None" if slot is None else f"int(v[{slot}])"
-    source = (
-        "def resolve(name, raw):\n"
-        "    v = tuple(raw)\n"
-        f"    return _new(Match, (kind, {_concat(rule.megatron, kept)}, (name,), rule, part, {expert}, {captures}))\n"
-    )
-    return _Entry(pattern, rule, _generated(source, kind=rule.kind, rule=rule, part=part))
-
-
-def _reverse_with_offsets(rule: Rule, pattern: Pattern, part: str | None, slot: int | None) -> Resolver:
-    def resolve(name: str, raw: Sequence[str]) -> Match | None:
-        values = unshift(pattern.captures, raw)
-        if values is None:
-            return None
-        rest = values if slot is None else values[:slot] + values[slot + 1:]
-        return _new_match(Match, (rule.kind, rule.megatron.fill(rest), (name,), rule, part,
-                                  None if slot is None else int(values[slot]), rest))
-
-    return resolve
+    megatron = _concat(rule.megatron, kept)
+    captures = "(" + "".join(f"w[{i}], " for i in kept) + ")"
+    expert = "None" if slot is None else f"int(w[{slot}])"
+    body = _values(pattern) + f"    return _new(Match, (kind, {megatron}, (name,), rule, part, {expert}, {captures}))\n"
+    return _Entry(pattern, rule, _generated(body, kind=rule.kind, rule=rule, part=rule.parts[index] or None))
 
 
 class Index:
