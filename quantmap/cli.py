@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (each printed as
 ``file:line:col: severity CODE: message``); 2 the command line itself is wrong.
-``compile``, ``validate``, ``lookup``, ``schema`` and ``specs`` never import torch.
+``compile``, ``validate``, ``lookup``, ``check``, ``schema`` and ``specs`` never import torch.
 """
 
 from __future__ import annotations
@@ -165,6 +165,40 @@ def _names(names: Optional[List[str]], from_file: Optional[str]):
             name = line.strip()
             if name and not name.startswith("#"):
                 yield name
+
+
+class CheckFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command()
+def check(
+    spec: str = SpecArg,
+    megatron: Optional[str] = typer.Option(None, "--megatron", "-m", help="Megatron names: a text file (one per "
+                                           "line), a safetensors file or index, or a checkpoint directory."),
+    hf: Optional[str] = typer.Option(None, "--hf", help="Hugging Face names, from the same kinds of source."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
+    format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
+    names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
+    from quantmap.check import check as check_names
+    from quantmap.io.names import NamesError, read_names
+
+    if megatron is None and hf is None:
+        raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
+    rules = compile_or_exit(spec, parse_params(param))
+    try:
+        report = check_names(rules, None if megatron is None else read_names(megatron),
+                             None if hf is None else read_names(hf))
+    except NamesError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
+    if strict and not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -15,7 +15,7 @@ is wrong is an error at the spec location that caused it.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
@@ -35,6 +35,7 @@ class _Context:
     params: dict[str, int | None]
     errors: list[Diagnostic]
     warnings: list[Diagnostic]
+    unbound: set[str] = field(default_factory=set)  # missing parameters already reported
 
 
 def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None) -> RuleSet:
@@ -43,6 +44,7 @@ def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None) -> Ru
     rules: list[Rule] = []
     for mapping in spec.mappings:
         rules.extend(_compile_mapping(mapping, context))
+    _check_exclusions(spec, context)
     if context.errors:
         raise SpecError(context.errors)
     rules = _dedupe_kv(rules)
@@ -97,10 +99,14 @@ def _parse(text: str, mapping: SourcedMapping, field: str, context: _Context, pr
         return None
     missing = [name for name in pattern.params if context.params.get(name) is None]
     if missing:
-        context.errors.append(Diagnostic(
-            "QM050", f"pattern {text!r} needs the run-time parameter {missing[0]!r}", mapping.where(field),
-            f"pass --param {missing[0]}=N (or compile(spec, {missing[0]}=N)), or give it a default under 'params'",
-        ))
+        # One error per parameter, at its first use: a spec may use it in dozens of patterns.
+        if missing[0] not in context.unbound:
+            context.unbound.add(missing[0])
+            context.errors.append(Diagnostic(
+                "QM050", f"spec {context.spec.name!r} needs the run-time parameter {missing[0]!r} "
+                f"(first used by pattern {text!r})", mapping.where(field),
+                f"pass --param {missing[0]}=N (or compile(spec, {missing[0]}=N)), or give it a default under 'params'",
+            ))
         return None
     return pattern.bind(context.params)
 
@@ -245,6 +251,17 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
              ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority)
         for hf_buffer, megatron_buffer in _KV_BUFFERS
     ]
+
+
+def _check_exclusions(spec: ResolvedSpec, context: _Context) -> None:
+    """``exclude`` patterns are only used by ``quantmap check``; a typo must not wait until then."""
+    for side, patterns in (("megatron", spec.exclude_megatron), ("hf", spec.exclude_hf)):
+        for text in patterns:
+            try:
+                parse(text)
+            except PatternError as exc:
+                context.errors.append(Diagnostic("QM020", f"malformed exclude.{side} pattern {text!r}: {exc}",
+                                                 Location(spec.files[-1]), "see docs/authoring.md#wildcards"))
 
 
 def _dedupe_kv(rules: list[Rule]) -> list[Rule]:

@@ -1,0 +1,217 @@
+"""A spec against a real checkpoint's names: what a user runs before trusting a spec.
+
+Given the Megatron names, the Hugging Face names, or both, :func:`check` reports
+
+* ``QM101`` names on either side that no rule claims (less the spec's ``exclude`` patterns);
+* ``QM102`` names a rule resolves to that do not exist on the other side;
+* ``QM103`` HF names that two Megatron names resolve to (say a TE ``layer_norm_weight`` and a
+  local ``input_layernorm.weight`` in one checkpoint);
+* ``QM104`` fused groups with some parts present and others missing (``k_proj`` without ``v_proj``).
+
+With only HF names, a claimed HF name's whole group (its fused parts) must be present; with only
+Megatron names, only what needs no other side is checked. Findings are grouped by code, side
+and name shape (index segments as ``*``), so a problem in every layer reads as one line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from quantmap.diagnostics import CODES, Location
+from quantmap.patterns import Pattern, parse
+from quantmap.rules import MOE_FANOUT, Match
+from quantmap.ruleset import RuleSet
+
+MEGATRON = "megatron"
+HF = "hf"
+_INDEX = re.compile(r"(?<![^.])[0-9]+(?![^.])")  # a layer or expert index: a whole dotted segment
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem with one name: its code, the side the name is on, and what is wrong."""
+
+    code: str
+    side: str
+    name: str
+    message: str
+    location: Location | None = None  # the spec mapping whose rule is involved, if any
+
+    @property
+    def shape(self) -> str:
+        """The name with every index segment as ``*``: findings in every layer share it."""
+        return _INDEX.sub("*", self.name)
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "side": self.side, "name": self.name, "message": self.message,
+                "location": str(self.location) if self.location else None}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The findings of one check, and how many names each side had."""
+
+    spec: str
+    params: dict[str, int | None]
+    names: dict[str, int | None]  # how many names each side had; None for a side not given
+    findings: tuple[Finding, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def groups(self) -> dict[tuple[str, str, str], list[Finding]]:
+        """Findings keyed by (code, side, shape), in code order."""
+        out: dict[tuple[str, str, str], list[Finding]] = defaultdict(list)
+        for finding in sorted(self.findings, key=lambda f: (f.code, f.side != MEGATRON)):
+            out[(finding.code, finding.side, finding.shape)].append(finding)
+        return dict(out)
+
+    def to_json(self) -> dict:
+        by_code: dict[str, int] = defaultdict(int)
+        for finding in self.findings:
+            by_code[finding.code] += 1
+        return {
+            "spec": self.spec,
+            "params": self.params,
+            "names": self.names,
+            "ok": self.ok,
+            "counts": dict(sorted(by_code.items())),
+            "groups": [
+                {"code": code, "side": side, "shape": shape, "count": len(items),
+                 "message": items[0].message, "names": [f.name for f in items]}
+                for (code, side, shape), items in self.groups().items()
+            ],
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+    def to_text(self) -> str:
+        sides = ", ".join(f"{n} {label} names" for label, n in
+                          (("Megatron", self.names[MEGATRON]), ("HF", self.names[HF])) if n is not None)
+        lines = [f"check {self.spec}: {sides}; {len(self.findings) or 'no'} finding(s)"]
+        current = None
+        for (code, side, shape), items in self.groups().items():
+            if code != current:
+                current = code
+                total = sum(1 for f in self.findings if f.code == code)
+                lines.append(f"{code} {CODES[code]}: {total}")
+            example = f" ({len(items)} names), e.g. {items[0].name}" if len(items) > 1 else ""
+            lines.append(f"  {side:<8} {shape}{example}: {items[0].message}")
+        return "\n".join(lines)
+
+
+def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[str] | None = None) -> CheckReport:
+    """Check ``rules`` against the names of a real model, on one side or both."""
+    if megatron is None and hf is None:
+        raise ValueError("check needs Megatron names, HF names, or both")
+    megatron_names = list(dict.fromkeys(megatron)) if megatron is not None else None
+    hf_names = list(dict.fromkeys(hf)) if hf is not None else None
+    hf_present = _Present(hf_names) if hf_names is not None else None
+    findings: list[Finding] = []
+    claimed: dict[str, list[str]] = defaultdict(list)  # HF name -> the Megatron names resolving to it
+    if megatron_names is not None:
+        excluded = _Excluded(rules.spec.exclude_megatron, rules.params)
+        for name in megatron_names:
+            match = rules.to_hf(name)
+            if match is None:
+                if not excluded(name):
+                    findings.append(Finding("QM101", MEGATRON, name, "no rule claims this Megatron name"))
+                continue
+            targets = _targets(match, hf_present)
+            for target in targets:
+                claimed[target].append(name)
+            if hf_present is not None:
+                findings += _missing_targets(name, match, targets, hf_present)
+        findings += [
+            Finding("QM103", HF, target, f"claimed by {len(sources)} Megatron names: {', '.join(sources)}")
+            for target, sources in claimed.items() if len(sources) > 1
+        ]
+    if hf_names is not None:
+        findings += _check_hf(rules, hf_names, hf_present, claimed, megatron_names)
+    sizes = {MEGATRON: None if megatron_names is None else len(megatron_names),
+             HF: None if hf_names is None else len(hf_names)}
+    return CheckReport(rules.spec.name, dict(rules.params), sizes, tuple(findings))
+
+
+def _missing_targets(name: str, match: Match, targets: list[str], present: _Present) -> list[Finding]:
+    where = match.rule.origin.location
+    missing = [t for t in targets if t not in present]
+    if not targets or len(missing) == len(targets):
+        shown = ", ".join(missing or match.hf)
+        return [Finding("QM102", MEGATRON, name, f"resolves to {shown}, not among the HF names", where)]
+    return [Finding("QM104", HF, target, f"part of the group of Megatron {name}, whose other parts exist", where)
+            for target in missing]
+
+
+def _check_hf(rules: RuleSet, names: list[str], present: _Present, claimed: dict[str, list[str]],
+              megatron_names: list[str] | None) -> list[Finding]:
+    excluded = _Excluded(rules.spec.exclude_hf, rules.params)
+    findings: list[Finding] = []
+    groups_seen: set[str] = set()
+    for name in names:
+        if name in claimed:
+            continue
+        match = rules.to_megatron(name)
+        if match is None:
+            if not excluded(name):
+                findings.append(Finding("QM101", HF, name, "no rule claims this HF name"))
+            continue
+        where = match.rule.origin.location
+        if megatron_names is not None:
+            findings.append(Finding("QM102", HF, name, f"resolves to {match.megatron}, not among the Megatron names",
+                                    where))
+            continue
+        if match.megatron in groups_seen:
+            continue
+        groups_seen.add(match.megatron)
+        group = rules.to_hf(match.megatron)  # a reverse match's Megatron name always resolves forward
+        findings += [Finding("QM104", HF, target, f"part of the group of Megatron {match.megatron}, "
+                                                  f"of which {name} exists", where)
+                     for target in _targets(group, present) if target not in present]
+    return findings
+
+
+def _targets(match: Match, present: _Present | None) -> list[str]:
+    """The concrete HF names a forward match stands for.
+
+    A grouped-MoE buffer stands for every expert: all ``num_experts`` of them when the spec was
+    compiled with the count, otherwise the experts that the HF names hold.
+    """
+    if match.kind != MOE_FANOUT:
+        return list(match.hf)
+    expanded = match.expanded
+    if expanded is not None:
+        return list(expanded)
+    if present is None:
+        return list(match.hf)
+    return [name for template in match.hf for name in present.matching(parse(template))]
+
+
+class _Present:
+    """A set of names that also finds, without a scan, the names matching an expert template."""
+
+    def __init__(self, names: list[str]):
+        self._names = set(names)
+        self._by_shape: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            self._by_shape[_INDEX.sub("*", name)].append(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def matching(self, pattern: Pattern) -> list[str]:
+        return [n for n in self._by_shape.get(_INDEX.sub("*", pattern.text), ()) if pattern.match(n) is not None]
+
+
+class _Excluded:
+    """Whether a name matches one of the spec's ``exclude`` patterns."""
+
+    def __init__(self, patterns: Iterable[str], params: dict[str, int | None]):
+        bound = {k: v for k, v in params.items() if v is not None}
+        self._patterns = [parse(p).bind(bound) for p in patterns]
+
+    def __call__(self, name: str) -> bool:
+        return any(p.match(name) is not None for p in self._patterns)

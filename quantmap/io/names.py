@@ -1,0 +1,96 @@
+"""Tensor names from wherever a user has them, without loading a single tensor.
+
+``quantmap check`` compares a spec with the names of a real checkpoint, and checkpoints are big:
+a safetensors file starts with an 8-byte length and a JSON header that lists every tensor, so
+reading that header is enough; a sharded checkpoint's ``model.safetensors.index.json`` lists
+them all in one file. A plain text file (one name per line) covers everything else, such as
+the keys of a Megatron ``state_dict`` dumped by a script.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+INDEX_SUFFIX = ".safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors itself refuses headers over 100 MB
+
+
+class NamesError(ValueError):
+    """Names that cannot be read; the message says which file and what to do."""
+
+
+def read_names(source: str | Path) -> list[str]:
+    """The tensor names in ``source``, in file order, each once.
+
+    ``source`` is a text file (one name per line; blank lines and ``#`` comments skipped), a
+    ``*.safetensors.index.json``, a ``*.safetensors`` file, or a directory holding an index or
+    safetensors files (an index wins: it is one small file instead of every shard's header).
+    """
+    path = Path(source)
+    if path.is_dir():
+        names = _read_directory(path)
+    elif not path.is_file():
+        raise NamesError(f"{path}: no such file or directory")
+    elif path.name.endswith(INDEX_SUFFIX):
+        names = _read_index(path)
+    elif path.suffix == ".safetensors":
+        names = _read_header(path)
+    else:
+        names = _read_text(path)
+    return list(dict.fromkeys(names))
+
+
+def _read_directory(path: Path) -> list[str]:
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    if indexes:
+        return [name for index in indexes for name in _read_index(index)]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise NamesError(f"{path}: the directory holds no *.safetensors file and no *{INDEX_SUFFIX}; "
+                         "point at a checkpoint directory, a safetensors file or a text file of names")
+    return [name for shard in shards for name in _read_header(shard)]
+
+
+def _read_index(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise NamesError(f"{path}: cannot read the index: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise NamesError(f"{path}: not a safetensors index: it has no 'weight_map' object")
+    return list(weight_map)
+
+
+def _read_header(path: Path) -> list[str]:
+    """The tensor names of one safetensors file, from its header alone."""
+    try:
+        with path.open("rb") as stream:
+            prefix = stream.read(8)
+            if len(prefix) < 8:
+                raise NamesError(f"{path}: too short to be a safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+                raise NamesError(f"{path}: not a safetensors file (header length {length} is impossible)")
+            header = json.loads(stream.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise NamesError(f"{path}: cannot read it: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise NamesError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise NamesError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    return [name for name in header if name != "__metadata__"]
+
+
+def _read_text(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise NamesError(f"{path}: not UTF-8 text; give a text file of names, a safetensors file, "
+                         f"a *{INDEX_SUFFIX} or a checkpoint directory") from None
+    except OSError as exc:
+        raise NamesError(f"{path}: cannot read it: {exc.strerror}") from None
+    stripped = (line.strip() for line in lines)
+    return [name for name in stripped if name and not name.startswith("#")]
