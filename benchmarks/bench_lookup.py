@@ -1,8 +1,9 @@
 """Lookups per second, both directions, over a DeepSeek-V3-sized name set (one core).
 
-Every rule's Megatron pattern is filled for 61 layers and 256 experts (SequentialMLP naming,
-weights and both amax buffers); the HF names are what those resolve to. Prints a table and a
-JSON line. Run: ``python benchmarks/bench_lookup.py [--spec deepseek_v3] [--repeat 5]``.
+The spec's weight and ``_amax`` rules are filled for 61 layers and 256 experts; the HF names are
+what those resolve to. The target set uses SequentialMLP expert naming (``local_experts.{i}``);
+a second row uses TEGroupedMLP naming (``weight{i}``, one quantizer per block). Prints a table
+and a JSON line. Run: ``python benchmarks/bench_lookup.py [--spec deepseek_v3] [--repeat 5]``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ from quantmap.rules import MOE_FANOUT
 LAYERS, EXPERTS = 61, 256
 
 
-def name_set(rules) -> tuple[list[str], list[str]]:
-    """All concrete Megatron names the rules describe at DeepSeek-V3 size, and their HF names."""
+def name_set(rules, expert_naming: str) -> tuple[list[str], list[str]]:
+    """The concrete Megatron names of one expert naming at DeepSeek-V3 size, and their HF names."""
     megatron = []
     for rule in rules:
+        grouped = rule.kind == MOE_FANOUT or rule.megatron.text.endswith("weight*")
+        sequential = "local_experts" in rule.megatron.text
+        wanted = grouped if expert_naming == "grouped" else not grouped
+        if not wanted or (expert_naming == "grouped" and sequential):
+            continue
+        if rule.buffer is not None and not rule.buffer.endswith("._amax"):
+            continue
         ranges = ([range(LAYERS)] + [range(EXPERTS)] * rule.megatron.arity)[:rule.megatron.arity]
         megatron.extend(rule.megatron.fill([str(i) for i in values]) for values in itertools.product(*ranges))
     megatron = sorted(set(megatron))
@@ -32,14 +40,15 @@ def name_set(rules) -> tuple[list[str], list[str]]:
     return megatron, sorted(hf)
 
 
-def rate(resolve, names: list[str], repeat: int) -> tuple[float, int]:
-    """Best-of-``repeat`` lookups per second, and how many names resolved."""
+def rate(resolve, names: list[str], repeat: int) -> float:
+    """Best-of-``repeat`` lookups per second."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        found = sum(resolve(name) is not None for name in names)
+        for name in names:
+            resolve(name)
         best = min(best, time.perf_counter() - start)
-    return len(names) / best, found
+    return len(names) / best
 
 
 def main() -> None:
@@ -50,17 +59,18 @@ def main() -> None:
     start = time.perf_counter()
     rules = quantmap.compile(args.spec, num_layers=LAYERS, num_experts=EXPERTS)
     compile_seconds = time.perf_counter() - start
-    megatron, hf = name_set(rules)
-    forward, forward_found = rate(rules.to_hf, megatron, args.repeat)
-    reverse, reverse_found = rate(rules.to_megatron, hf, args.repeat)
-    assert forward_found == len(megatron) and reverse_found == len(hf), "every generated name must resolve"
     print(f"spec {args.spec}: {len(rules)} rules, compiled in {compile_seconds * 1e3:.1f} ms")
-    print(f"{'direction':<22}{'names':>10}{'lookups/s':>14}{'µs/lookup':>12}")
-    for label, count, speed in (("Megatron -> HF", len(megatron), forward), ("HF -> Megatron", len(hf), reverse)):
-        print(f"{label:<22}{count:>10}{speed:>14,.0f}{1e6 / speed:>12.3f}")
-    print(json.dumps({"bench": "lookup", "spec": args.spec, "rules": len(rules), "compile_ms": compile_seconds * 1e3,
-                      "forward_names": len(megatron), "forward_per_s": forward,
-                      "reverse_names": len(hf), "reverse_per_s": reverse}))
+    print(f"{'expert naming':<15}{'direction':<18}{'names':>10}{'lookups/s':>14}{'µs/lookup':>12}")
+    results = {}
+    for naming in ("sequential", "grouped"):
+        megatron, hf = name_set(rules, naming)
+        assert all(rules.to_hf(n) for n in megatron) and all(rules.to_megatron(n) for n in hf), "all must resolve"
+        for label, names, resolve in (("Megatron -> HF", megatron, rules.to_hf), ("HF -> Megatron", hf, rules.to_megatron)):
+            speed = rate(resolve, names, args.repeat)
+            results[f"{naming} {label}"] = {"names": len(names), "per_s": round(speed)}
+            print(f"{naming:<15}{label:<18}{len(names):>10}{speed:>14,.0f}{1e6 / speed:>12.3f}")
+    print(json.dumps({"bench": "lookup", "spec": args.spec, "rules": len(rules),
+                      "compile_ms": round(compile_seconds * 1e3, 1), "results": results}))
 
 
 if __name__ == "__main__":
