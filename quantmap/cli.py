@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -87,7 +88,7 @@ def _table(rules) -> str:
     for rule in rules:
         place = rule.origin.location
         targets = [f"{part}: {p.text}" if part else p.text for part, p in zip(rule.parts, rule.hf)]
-        lines.append(f"{rule.kind:<10} {rule.megatron.text:<{width}}  ->  {targets[0]}   [line {place.line}]")
+        lines.append(f"{rule.kind:<10} {rule.megatron.text:<{width}}  ->  {targets[0]}   [{place}]")
         lines.extend(f"{'':<10} {'':<{width}}      {target}" for target in targets[1:])
     return "\n".join(lines)
 
@@ -199,6 +200,70 @@ def check(
     typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
     if strict and not report.ok:
         raise typer.Exit(1)
+
+
+NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker processes (one per rank). Under torchrun "
+                        "the launcher's ranks are used; otherwise one process plays every rank.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no report.")
+TimeoutOpt = typer.Option(600, "--timeout", min=1, help="Seconds a collective may wait before every rank fails.")
+
+
+@app.command("export")
+def export_command(
+    spec: str = SpecArg,
+    megatron: str = typer.Option(..., "--megatron", "-m", help="Megatron shard directory: layout.json + "
+                                 "rank_NNNNN.safetensors (local names)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory for the Hugging Face checkpoint (must not exist)."),
+    shard_size: int = typer.Option(5 * 2**30, "--shard-size", min=1, help="Largest shard, in bytes."),
+    nproc: Optional[int] = NprocOpt,
+    quiet: bool = QuietOpt,
+    timeout: int = TimeoutOpt,
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
+    from quantmap.executor.launch import export_shards
+
+    _run_executor(spec, param, quiet, lambda params: export_shards(
+        spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
+        timeout=timedelta(seconds=timeout)))
+
+
+@app.command("import")
+def import_command(
+    spec: str = SpecArg,
+    hf: str = typer.Option(..., "--hf", help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
+    layout: str = typer.Option(..., "--layout", "-l", help="The target layout.json (or a directory holding one)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output Megatron shard directory (must not exist)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any unclaimed or missing name."),
+    nproc: Optional[int] = NprocOpt,
+    quiet: bool = QuietOpt,
+    timeout: int = TimeoutOpt,
+    param: Optional[List[str]] = ParamOpt,
+) -> None:
+    """Import Hugging Face quantizer state into a Megatron shard directory for a layout."""
+    from quantmap.executor.launch import import_checkpoint
+
+    _run_executor(spec, param, quiet, lambda params: import_checkpoint(
+        spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
+        timeout=timedelta(seconds=timeout)))
+
+
+def _run_executor(spec: str, param: Optional[List[str]], quiet: bool, run) -> None:
+    """Run an export/import after checking the spec; its report on stderr, its failure as one
+    message and exit code 1. ``run`` gets the spec's run-time parameters."""
+    from quantmap.executor import ExecutorError, LayoutError
+    from quantmap.executor.naming import NamingError
+
+    params = parse_params(param)
+    compile_or_exit(spec, params)
+    try:
+        report = run(params)
+    except (ExecutorError, LayoutError, NamingError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    if not quiet:
+        for line in report.lines():
+            typer.echo(line, err=True)
 
 
 @app.command()

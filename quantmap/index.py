@@ -150,7 +150,16 @@ class _Side:
 
 
 def _combined(candidates: tuple[_Entry, ...]) -> Resolver:
-    """One resolver for the candidates of a key: shadowing patterns first, then by priority."""
+    """One resolver for the candidates of a key: shadowing patterns first, then by priority.
+
+    A candidate whose pattern equals a higher-priority one's can never win (a canonical name
+    was chosen for it), so it is left out of the lookup.
+    """
+    kept: list[_Entry] = []
+    for entry in candidates:  # in priority order
+        if not any(_same(entry.pattern, winner.pattern) for winner in kept):
+            kept.append(entry)
+    candidates = tuple(kept)
     if len(candidates) == 1 and not candidates[0].shadowed_by:
         return candidates[0].resolve
 
@@ -192,6 +201,10 @@ def _values(pattern: Pattern) -> str:
     values = "".join(f"str(int(v[{i}]) - {c.offset}), " if c.offset else f"v[{i}], "
                      for i, c in enumerate(pattern.captures))
     return f"    if not ({guards}):\n        return None\n    w = ({values})\n"
+
+
+def _same(a: Pattern, b: Pattern) -> bool:
+    return a.literals == b.literals and a.captures == b.captures
 
 
 def _generated(body: str, **names) -> Resolver:

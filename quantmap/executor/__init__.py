@@ -1,0 +1,15 @@
+"""The executor: apply compiled rules to real tensors across TP/PP/EP ranks.
+
+``export``/``export_offline`` go Megatron → Hugging Face, ``import_``/``import_offline`` come
+back. Runs on ``torch.distributed`` (gloo or NCCL) when a process group exists, or in one process
+that plays every rank. Importing this package imports torch.
+"""
+
+from quantmap.executor.export import Export, export, export_offline
+from quantmap.executor.groups import Placement
+from quantmap.executor.importer import import_, import_offline, import_state
+from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.executor.report import ExecutorError, Report
+
+__all__ = ["Coords", "ExecutorError", "Export", "Layout", "LayoutError", "Placement", "Report", "export",
+           "export_offline", "import_", "import_offline", "import_state"]

@@ -1,0 +1,195 @@
+"""Import (Hugging Face → Megatron): each rank builds its local state dict from the HF names it needs.
+
+A rank resolves every HF name to its global Megatron name once (metadata only), keeps the names
+its layout position holds (its pipeline stage's layers, its expert block), localises them, and
+reads just those tensors, lazily. Fan-in is the reverse of export's fan-out: a fused quantizer
+takes the max of its HF parts (q/k/v, gate/up) and a grouped-MoE block the max over its
+experts; parts that disagree are reported. Scalars are replicated on every tensor-parallel rank;
+a column-parallel 1:1 tensor is split on dim 0. Nothing talks to other ranks except to agree on
+the output directory and on success.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from quantmap.executor.groups import Placement
+from quantmap.executor.layout import Layout
+from quantmap.executor.naming import expert_block, expert_hf_names, is_expert, to_local
+from quantmap.executor.progress import bar as progress_bar
+from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.io.hf import Checkpoint
+from quantmap.io.shards import write_rank
+from quantmap.io.staging import Staged
+from quantmap.rules import FANOUT, MOE_FANOUT, WEIGHT
+
+
+class Catalog:
+    """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import."""
+
+    def __init__(self, rules, names: list[str]):
+        self.rules = rules
+        self.available = set(names)
+        self.report = Report()
+        claimed: set[str] = set()
+        for name in names:
+            match = rules.to_megatron(name)
+            if match is None:
+                self.report.unclaimed.append(name)
+            elif match.kind == WEIGHT:
+                self.report.weights += 1
+            else:
+                claimed.add(match.megatron)
+        self.megatron = sorted(claimed)
+
+
+def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) -> tuple[dict, Report]:
+    """This rank's local state dict (local names → tensors) and what it found missing or disagreeing."""
+    layout, coords = placement.layout, placement.coords
+    report = Report()
+    state = {}
+    for megatron in catalog.megatron:
+        local = to_local(megatron, layout, coords)
+        if local is None:
+            continue
+        match = catalog.rules.to_hf(megatron)
+        if match.kind == MOE_FANOUT:
+            expected = expert_hf_names(match, expert_block(megatron, match, layout, coords.ep))
+        else:
+            expected = match.hf
+        present = [name for name in expected if name in catalog.available]
+        report.missing += [name for name in expected if name not in catalog.available]
+        if not present:
+            continue
+        parts = [checkpoint.get(name) for name in present]
+        state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
+    report.written = len(state)
+    return state, report
+
+
+def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Report) -> torch.Tensor:
+    shapes = {tuple(p.shape) for p in parts}
+    if len(shapes) > 1:
+        raise ExecutorError(f"the HF parts of {megatron} have different shapes ({', '.join(f'{n}: {list(p.shape)}' for n, p in zip(names, parts))}); "
+                            f"they cannot be combined into one quantizer")
+    numel = parts[0].numel()
+    if numel != 1 and match.kind in (FANOUT, MOE_FANOUT):
+        raise ExecutorError(f"{names[0]} has shape {list(parts[0].shape)}: combining per-channel or block quantizer state of "
+                            f"a fused group into {megatron} needs shape-aware fan-in, which quantmap does not support yet")
+    if len(parts) == 1:
+        value = parts[0]
+    else:
+        stacked = torch.stack(parts)
+        value = stacked.amax(0)
+        if not bool((stacked == value).all()):
+            spread = ", ".join(f"{n}: {p.flatten()[0].item():g}" for n, p in zip(names[:4], parts[:4]))
+            report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}{', ...' if len(parts) > 4 else ''}); "
+                                        f"imported the max")
+    size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
+    if numel == 1 or size == 1:
+        return value
+    if match.rule.parallel == "column" and value.shape[0] % size == 0:
+        return value.chunk(size, 0)[rank].clone()
+    raise ExecutorError(f"{megatron} has shape {list(value.shape)}: splitting it over {size} tensor-parallel ranks of a "
+                        f"{match.rule.parallel or 'undeclared'}-parallel layer needs shape-aware fan-out, which quantmap "
+                        f"does not support yet")
+
+
+def merge(reports: list[Report]) -> Report:
+    """One report for the run: names deduplicated over ranks (replicas find the same things)."""
+    out = Report()
+    out.written = sum(r.written for r in reports)
+    out.missing = sorted({name for r in reports for name in r.missing}, key=natural)
+    out.disagreements = sorted({note for r in reports for note in r.disagreements}, key=natural)
+    return out
+
+
+def _finish(catalog: Catalog, report: Report, strict: bool) -> Report:
+    report.unclaimed = catalog.report.unclaimed
+    report.weights = catalog.report.weights
+    if strict and report.problems:
+        raise ExecutorError("import refused (--strict): " + "; ".join(report.lines()[1:4]) + ". Nothing was written.")
+    return report
+
+
+def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict, Report]:
+    """This rank's local state dict from a HF checkpoint, ready for ``model.load_state_dict(strict=False)``.
+
+    Rank-local (no collectives): for refitting a live model in place."""
+    checkpoint = Checkpoint(hf_dir)
+    catalog = Catalog(rules, checkpoint.names())
+    state, report = import_rank(catalog, checkpoint, placement)
+    return state, _finish(catalog, report, strict=False)
+
+
+def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *, strict: bool = False,
+                   progress: bool = False) -> Report:
+    """One process builds and writes every rank's shard."""
+    checkpoint = Checkpoint(hf_dir)
+    catalog = Catalog(rules, checkpoint.names())
+    staged = Staged(out)
+    try:
+        reports = []
+        bar = progress_bar(layout.world_size, "import", progress)
+        for rank in range(layout.world_size):
+            state, report = import_rank(catalog, checkpoint, Placement.offline(layout, rank))
+            write_rank(staged.path, rank, state)
+            reports.append(report)
+            bar.update()
+        bar.close()
+        report = _finish(catalog, merge(reports), strict)
+        layout.write(staged.path)
+        staged.publish()
+        return report
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *, strict: bool = False,
+            timeout: timedelta = timedelta(minutes=10)) -> Report:
+    """Distributed import: every rank writes its own shard; call on every rank of ``placement``'s group."""
+    from quantmap.executor.comm import Comm
+
+    comm = Comm(placement.group, timeout)
+    staged, opened = None, None
+    if comm.is_writer:
+        try:
+            staged = Staged(out)
+            opened = {"path": str(staged.path)}
+        except OSError as error:
+            opened = {"error": str(error)}
+    opened = comm.broadcast_object(opened)
+    if "error" in opened:
+        raise ExecutorError(opened["error"])
+    staged = staged or Staged(out, opened["path"])
+    outcome: dict = {}
+    try:
+        checkpoint = Checkpoint(hf_dir)
+        catalog = Catalog(rules, checkpoint.names())
+        state, report = import_rank(catalog, checkpoint, placement)
+        write_rank(staged.path, placement.coords.rank, state)
+        outcome["report"] = report
+    except Exception as error:
+        outcome["error"] = f"rank {placement.coords.rank}: {error}"
+    outcomes = comm.gather_objects(outcome)
+    status = None
+    if comm.is_writer:
+        errors = [o["error"] for o in outcomes if "error" in o]
+        try:
+            if errors:
+                raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
+            final = _finish(catalog, merge([o["report"] for o in outcomes]), strict)
+            placement.layout.write(staged.path)
+            staged.publish()
+            status = {"report": final}
+        except Exception as error:
+            staged.discard()
+            status = {"error": str(error)}
+    status = comm.broadcast_object(status)
+    if "error" in status:
+        raise ExecutorError(status["error"])
+    return status["report"]

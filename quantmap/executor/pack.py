@@ -1,0 +1,84 @@
+"""The rank-local half of an export: claim, rename and pack this rank's tensors into one buffer.
+
+Only names the rule set claims are packed, under their global names; the rest are listed for the
+report. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
+tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``. The buffer is one flat byte tensor
+(each tensor aligned to its element size), so any mix of dtypes travels in a single transfer.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from quantmap.executor.groups import Placement
+from quantmap.executor.naming import is_expert, to_global
+from quantmap.executor.report import ExecutorError
+from quantmap.rules import WEIGHT
+
+
+@dataclass
+class Packed:
+    """What one rank sends: ``meta`` (small, to the writer first) and the bytes it describes."""
+
+    meta: dict
+    buffer: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+
+def empty_meta(placement: Placement, error: str | None = None) -> dict:
+    return {"coords": placement.coords, "error": error, "names": [], "dtypes": [], "shapes": [], "offsets": array("q"),
+            "size": 0, "unclaimed": [], "weights": 0, "experts": 0}
+
+
+def pack(rules, state: Mapping, placement: Placement) -> Packed:
+    """Claim and pack ``state`` (local names → tensors); exceptions propagate to the caller."""
+    layout, coords = placement.layout, placement.coords
+    owns_dense, owns_expert = coords.dp == 0 and coords.cp == 0, coords.edp == 0
+    meta = empty_meta(placement)
+    tensors, offset = [], 0
+    for local in state.keys():
+        name = to_global(local, layout, coords)
+        match = rules.to_hf(name)
+        if match is None:
+            meta["unclaimed"].append(name)
+            continue
+        if not (owns_expert if is_expert(name) else owns_dense):
+            continue
+        if match.kind == WEIGHT:
+            meta["weights"] += 1
+            continue
+        try:
+            value = state[local]
+        except Exception as error:
+            raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
+                            f"or a safetensors shard")
+        value = value.detach()
+        width = value.element_size()
+        offset = -(-offset // width) * width
+        tensors.append((offset, value))
+        meta["names"].append(name)
+        meta["experts"] += is_expert(name)
+        meta["dtypes"].append(value.dtype)
+        meta["shapes"].append(tuple(value.shape))
+        meta["offsets"].append(offset)
+        offset += value.numel() * width
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for start, value in tensors:
+        flat = value.reshape(-1).contiguous().cpu().view(torch.uint8)
+        buffer[start:start + flat.numel()] = flat
+    meta["size"] = offset
+    return Packed(meta, buffer)
+
+
+def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
+    """Entry ``index`` of a rank's buffer, as a view with its dtype and shape."""
+    dtype, shape, start = meta["dtypes"][index], meta["shapes"][index], meta["offsets"][index]
+    count = 1
+    for dim in shape:
+        count *= dim
+    return buffer[start:start + count * dtype.itemsize].view(dtype).reshape(shape)

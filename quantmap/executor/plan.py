@@ -1,0 +1,252 @@
+"""The writer's half of an export: check every rank's metadata, then decide how each tensor combines.
+
+Everything here runs on metadata alone, before any tensor moves, so a mistake (a rank missing a
+tensor, shapes that differ across tensor-parallel ranks, a tensor that cannot be combined
+correctly yet) stops the export with nothing transferred and nothing written.
+
+Combining, per global Megatron name:
+
+* pipeline: the owning stage's copy (a layer lives on one stage; any other name on the lowest
+  stage that has it, the rest reported);
+* tensor parallel (the expert-tensor group for experts): a scalar amax is replicated, so the
+  copies are combined with ``max`` and disagreement is reported; a non-scalar tensor of a
+  column-parallel 1:1 rule is concatenated on dim 0 in rank order; anything else non-scalar
+  (fused fan-out of per-channel or block amax, row-parallel) needs shape-aware fan-out and is an
+  error rather than a wrong file;
+* expert parallel: a grouped block's amax from EP rank ``r`` goes to experts
+  ``[r*E/ep, (r+1)*E/ep)``; SequentialMLP experts were already renamed to global indices.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate, groupby
+
+import torch
+
+from quantmap.executor.layout import Layout
+from quantmap.executor.naming import NamingError, expert_block, expert_hf_names, is_expert, to_local
+from quantmap.executor.pack import unpack
+from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.rules import FANOUT, MOE_FANOUT
+
+ONE, MAX, CAT = "one", "max", "cat"
+_MAX_LISTED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One combined tensor and the HF names it goes to."""
+
+    megatron: str
+    combine: str
+    sources: tuple[tuple[int, int], ...]  # (rank, entry index) in tensor-parallel rank order
+    count: int  # how many HF names
+    experts: range | None = None  # moe_fanout: the experts of this block
+
+
+class _Items(Sequence):
+    """Items stored column-wise (a large MoE export has 10^5 of them); an :class:`Item` is built when read."""
+
+    _CODES = (ONE, MAX, CAT)
+
+    def __init__(self):
+        self._names: list[str] = []
+        self._combine = bytearray()
+        self._start = array("q", [0])
+        self._sources = array("q")  # rank << 32 | entry index
+        self._count = array("q")
+        self._experts: dict[int, range] = {}
+
+    def append(self, item: Item) -> None:
+        if item.experts is not None:
+            self._experts[len(self._names)] = item.experts
+        self._names.append(item.megatron)
+        self._combine.append(self._CODES.index(item.combine))
+        self._sources.extend(rank << 32 | index for rank, index in item.sources)
+        self._start.append(len(self._sources))
+        self._count.append(item.count)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i: int) -> Item:
+        codes = self._sources[self._start[i]:self._start[i + 1]]
+        return Item(self._names[i], self._CODES[self._combine[i]], tuple((c >> 32, c & 0xFFFFFFFF) for c in codes),
+                    self._count[i], self._experts.get(i))
+
+
+class Plan:
+    """The checked plan of one export, plus what is needed to build its tensors on the writer."""
+
+    def __init__(self, rules, layout: Layout, metas: list[dict]):
+        self.rules = rules
+        self.layout = layout
+        self.metas = metas
+        self.report = Report()
+        self.items = _Items()
+        self._build()
+
+    @property
+    def sizes(self) -> list[int]:
+        return [meta["size"] for meta in self.metas]
+
+    def hf_names(self, item: Item) -> list[str] | tuple[str, ...]:
+        match = self.rules.to_hf(item.megatron)
+        return match.hf if item.experts is None else expert_hf_names(match, item.experts)
+
+    def spec(self, item: Item) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of the combined tensor, from metadata."""
+        rank, index = item.sources[0]
+        dtype, shape = self.metas[rank]["dtypes"][index], self.metas[rank]["shapes"][index]
+        if item.combine == CAT:
+            shape = (shape[0] * len(item.sources),) + shape[1:]
+        return dtype, shape
+
+    def tensor(self, item: Item, buffers: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The combined tensor; disagreements of ``max`` go to the report."""
+        parts = [unpack(buffers[rank], self.metas[rank], index) for rank, index in item.sources]
+        if item.combine == ONE:
+            return parts[0]
+        if item.combine == CAT:
+            return torch.cat(parts, 0)
+        stacked = torch.stack(parts)
+        out = stacked.amax(0)
+        if not bool((stacked == out).all()):
+            values = ", ".join(f"rank {rank}: {part.flatten()[0].item():g}" for (rank, _), part in zip(item.sources, parts))
+            self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({values}); exported the max")
+        return out
+
+    # -- checking -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        failed = [f"rank {rank}: {meta['error']}" for rank, meta in enumerate(self.metas) if meta["error"]]
+        if failed:
+            raise ExecutorError(_listing("export failed on ", failed, "rank"))
+        self._dense = {(m["coords"].tp, m["coords"].cp, m["coords"].dp, m["coords"].pp): r for r, m in enumerate(self.metas)}
+        self._expert = {(m["coords"].etp, m["coords"].ep, m["coords"].edp, m["coords"].pp): r
+                        for r, m in enumerate(self.metas)}
+        unclaimed: set[str] = set()
+        for meta in self.metas:
+            unclaimed.update(meta["unclaimed"])
+            self.report.weights += meta["weights"]
+        self.report.unclaimed = sorted(unclaimed, key=natural)
+        # Every rank's entries sorted by name: a name's copies are adjacent, and the order does not
+        # depend on the layout. Sorting flat positions keeps this cheap in memory at 10^5 names.
+        names = [name for meta in self.metas for name in meta["names"]]
+        starts = list(accumulate((len(meta["names"]) for meta in self.metas), initial=0))
+        errors = self._expert_blocks()
+        for name, group in groupby(sorted(range(len(names)), key=names.__getitem__), key=names.__getitem__):
+            sources = []
+            for position in group:
+                rank = bisect_right(starts, position) - 1
+                sources.append((rank, position - starts[rank]))
+            try:
+                self._add(name, self._owned(name, sources))
+            except (_Problem, NamingError) as problem:
+                errors.append(str(problem))
+        if errors:
+            raise ExecutorError(_listing("export stopped before any tensor moved: ", errors, "problem") +
+                                "\nNothing was written.")
+
+    def _expert_blocks(self) -> list[str]:
+        """Every expert-parallel rank of a stage holds its block under the same local names; a rank short
+        of one expert would otherwise just export fewer experts. Counted first, named on a mismatch."""
+        counts: dict[int, dict[int, int]] = {}
+        for rank, meta in enumerate(self.metas):
+            if meta["coords"].edp == 0:
+                counts.setdefault(meta["coords"].pp, {})[rank] = meta["experts"]
+        problems = []
+        for stage in sorted(counts):
+            if len(set(counts[stage].values())) <= 1:
+                continue
+            local = {rank: {to_local(name, self.layout, self._coords(rank)) for name in self.metas[rank]["names"]
+                            if is_expert(name)} for rank in counts[stage]}
+            held = set().union(*local.values())
+            for rank, names in sorted(local.items()):
+                for name in sorted(held - names)[:_MAX_LISTED]:
+                    holder = next(r for r, other in sorted(local.items()) if name in other)
+                    problems.append(f"rank {rank} has no local {name!r} but rank {holder} of the same pipeline stage "
+                                    f"holds it; every expert-parallel rank must hold a full block of experts")
+        return problems
+
+    def _coords(self, rank: int):
+        return self.metas[rank]["coords"]
+
+    def _owned(self, name: str, sources: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        stages = sorted({self._coords(rank).pp for rank, _ in sources})
+        if len(stages) > 1:
+            self.report.duplicates.append(f"{name}: held by pipeline stages {stages}; used stage {stages[0]}")
+        return [s for s in sources if self._coords(s[0]).pp == stages[0]]
+
+    def _add(self, name: str, sources: list[tuple[int, int]]) -> None:
+        match = self.rules.to_hf(name)
+        expert = is_expert(name)
+        stage = self._coords(sources[0][0]).pp
+        if match.kind != MOE_FANOUT:
+            ep = self._coords(sources[0][0]).ep
+            peers = self._peers(name, sources, expert, stage, ep)
+            self.items.append(Item(name, self._combine(name, match, peers), tuple(peers), len(match.hf)))
+            return
+        for ep in range(self.layout.ep):
+            block = [s for s in sources if self._coords(s[0]).ep == ep]
+            peers = self._peers(name, block, True, stage, ep)
+            experts = expert_block(name, match, self.layout, ep)
+            self.items.append(Item(name, self._combine(name, match, peers), tuple(peers),
+                                   len(experts) * len(match.rule.hf), experts))
+
+    def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
+        """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""
+        size = self.layout.etp if expert else self.layout.tp
+        by_tp = {(self._coords(r).etp if expert else self._coords(r).tp): (r, i) for r, i in sources}
+        if len(by_tp) == size:
+            return [by_tp[t] for t in range(size)]
+        lacking = [self._expert.get((t, ep, 0, stage)) if expert else self._dense.get((t, 0, 0, stage))
+                   for t in range(size) if t not in by_tp]
+        holder = f"rank {sources[0][0]} holds it" if sources else "the other expert-parallel ranks hold it"
+        raise _Problem(f"rank {', '.join(map(str, lacking))} has no {name!r} but {holder}; every tensor-parallel "
+                       f"(and, for a grouped-MoE block, expert-parallel) rank of a stage must hold the same quantizer "
+                       f"tensors: check that each rank's state or shard file is complete")
+
+    def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> str:
+        shapes = [self.metas[r]["shapes"][i] for r, i in peers]
+        dtypes = [self.metas[r]["dtypes"][i] for r, i in peers]
+        if len(set(shapes)) > 1 or len(set(dtypes)) > 1:
+            listed = ", ".join(f"rank {r}: {list(s)} {d}".replace("torch.", "")
+                               for (r, _), s, d in zip(peers, shapes, dtypes))
+            raise _Problem(f"{name} has different shapes or dtypes across tensor-parallel ranks ({listed}); "
+                           f"the shards do not come from one model")
+        shape = shapes[0]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel == 1:
+            return ONE if len(peers) == 1 else MAX
+        parallel = match.rule.parallel
+        # Only a weight quantizer's per-channel or block amax follows the weight's output rows, which a
+        # column-parallel layer splits on dim 0; an input-side tensor (_pre_quant_scale) is whole on every
+        # column-parallel rank, searched per rank, so no rank order makes it one tensor.
+        follows_rows = parallel == "replicated" or (parallel == "column" and match.rule.buffer.startswith("weight_"))
+        if match.kind in (FANOUT, MOE_FANOUT) or (len(peers) > 1 and not follows_rows):
+            how = "a fused group's parts" if match.kind in (FANOUT, MOE_FANOUT) else \
+                f"a {parallel or 'undeclared'}-parallel layer's ranks ({match.rule.buffer})"
+            raise _Problem(f"{name} has shape {list(shape)}: splitting per-channel or block quantizer state across "
+                           f"{how} needs shape-aware fan-out, which quantmap does not support yet "
+                           f"(per-tensor FP8 amax works)")
+        if len(peers) == 1:
+            return ONE
+        return CAT if parallel == "column" else MAX
+
+
+class _Problem(Exception):
+    pass
+
+
+def _listing(head: str, problems: list[str], noun: str) -> str:
+    shown = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more {noun}(s)" if len(problems) > _MAX_LISTED else ""
+    if len(problems) == 1:
+        return head + problems[0]
+    return head + f"{len(problems)} {noun}s:\n  " + "\n  ".join(shown) + more

@@ -1,0 +1,58 @@
+"""What a run did not map cleanly: reported, grouped and counted, never silently dropped."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+_NUMBER = re.compile(r"(\d+)")
+_DIGITS = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=weight)\d+|(?<=bias)\d+")
+
+
+class ExecutorError(RuntimeError):
+    """An export or import that cannot complete; every rank raises it with the same message."""
+
+
+@dataclass
+class Report:
+    """Findings of one export or import. ``problems`` are what ``--strict`` refuses."""
+
+    written: int = 0
+    unclaimed: list[str] = field(default_factory=list)  # names no rule claims
+    weights: int = 0  # weights the rules know but quantmap does not move
+    missing: list[str] = field(default_factory=list)  # import: HF names a rank needs but the checkpoint lacks
+    disagreements: list[str] = field(default_factory=list)  # values combined by max that were not equal
+    duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
+
+    @property
+    def problems(self) -> int:
+        return len(self.unclaimed) + len(self.missing)
+
+    def lines(self, limit: int = 5) -> list[str]:
+        """Human-readable summary: each category grouped by name shape, with counts."""
+        out = [f"{self.written} tensor(s) written"] if self.written else []
+        if self.weights:
+            out.append(f"{self.weights} weight tensor(s) skipped (counted per tensor-parallel rank): "
+                       f"quantmap moves quantizer state only")
+        for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing)):
+            if names:
+                out.append(f"{len(names)} name(s) {title}:")
+                out += [f"  {count} x {shape}" for shape, count in group_names(names)[:limit]]
+        for title, notes in (("values combined by max disagreed", self.disagreements),
+                             ("copies on non-owning pipeline stages ignored", self.duplicates)):
+            if notes:
+                out.append(f"{len(notes)} {title}:")
+                out += [f"  {note}" for note in notes[:limit]]
+                out += [f"  ... and {len(notes) - limit} more"] if len(notes) > limit else []
+        return out
+
+
+def group_names(names: list[str]) -> list[tuple[str, int]]:
+    """``decoder.layers.3.x`` and ``decoder.layers.7.x`` → ``("decoder.layers.*.x", 2)``, most common first."""
+    return Counter(_DIGITS.sub("*", name) for name in names).most_common()
+
+
+def natural(name: str) -> tuple:
+    """Sort key that puts layer 10 after layer 9 (for lists people read)."""
+    return tuple(int(part) if part.isdigit() else part for part in _NUMBER.split(name))
