@@ -9,7 +9,7 @@ object gather over the pipeline group to find the owner, a broadcast from it, an
 tensors, an all-gather over the expert group; the writer then saves one safetensors file.
 
 Reported per case: wall time, collective calls per rank, bytes moved (all ranks), the writer's
-peak resident-memory growth and the size of what it wrote.
+peak resident-memory growth and the size of what it wrote. The rules are the shipped deepseek_v3 spec.
 
     .venv/bin/python benchmarks/bench_executor.py [--layers 61] [--experts 256] [--json out.json]
 """
@@ -32,7 +32,6 @@ from quantmap.executor import Layout, Placement, export
 from quantmap.executor.launch import spawn
 from quantmap.executor.naming import is_expert, to_global
 
-SPEC = Path(__file__).parent / "specs" / "deepseek_like.yaml"
 DENSE_LAYERS = 3
 ATTENTION = ("linear_q_down_proj", "linear_kv_down_proj", "linear_q_up_proj", "linear_kv_up_proj", "linear_proj")
 BUFFERS = ("weight_quantizer._amax", "input_quantizer._amax")
@@ -178,7 +177,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
     sizes = dict(cases(layers))[label]
     layout = Layout(num_layers=layers, num_experts=experts, **sizes)
     placement = Placement.from_world(layout)
-    rules = quantmap.compile(SPEC, num_experts=experts)
+    rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     state = local_state(layout, rank, form)
     if method == "quantmap":
         run = quantmap_export

@@ -21,6 +21,7 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_block, expert_hf_names, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, not_supported, tensor_parallel_layout
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
@@ -76,9 +77,9 @@ def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Repor
         raise ExecutorError(f"the HF parts of {megatron} have different shapes ({', '.join(f'{n}: {list(p.shape)}' for n, p in zip(names, parts))}); "
                             f"they cannot be combined into one quantizer")
     numel = parts[0].numel()
+    placement = tensor_parallel_layout(match.rule)
     if numel != 1 and match.kind in (FANOUT, MOE_FANOUT):
-        raise ExecutorError(f"{names[0]} has shape {list(parts[0].shape)}: combining per-channel or block quantizer state of "
-                            f"a fused group into {megatron} needs shape-aware fan-in, which quantmap does not support yet")
+        raise ExecutorError(not_supported(names[0], parts[0].shape, match.rule))
     if len(parts) == 1:
         value = parts[0]
     else:
@@ -89,13 +90,11 @@ def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Repor
             report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}{', ...' if len(parts) > 4 else ''}); "
                                         f"imported the max")
     size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
-    if numel == 1 or size == 1:
+    if numel == 1 or size == 1 or placement == WHOLE:
         return value
-    if match.rule.parallel == "column" and value.shape[0] % size == 0:
+    if placement == SPLIT_DIM0 and value.shape[0] % size == 0:
         return value.chunk(size, 0)[rank].clone()
-    raise ExecutorError(f"{megatron} has shape {list(value.shape)}: splitting it over {size} tensor-parallel ranks of a "
-                        f"{match.rule.parallel or 'undeclared'}-parallel layer needs shape-aware fan-out, which quantmap "
-                        f"does not support yet")
+    raise ExecutorError(not_supported(megatron, value.shape, match.rule))
 
 
 def merge(reports: list[Report]) -> Report:

@@ -31,6 +31,7 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import NamingError, expert_block, expert_hf_names, is_expert, to_local
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.executor.sharding import SPLIT_DIM0, not_supported, tensor_parallel_layout
 from quantmap.rules import FANOUT, MOE_FANOUT
 
 ONE, MAX, CAT = "one", "max", "cat"
@@ -224,20 +225,12 @@ class Plan:
             numel *= dim
         if numel == 1:
             return ONE if len(peers) == 1 else MAX
-        parallel = match.rule.parallel
-        # Only a weight quantizer's per-channel or block amax follows the weight's output rows, which a
-        # column-parallel layer splits on dim 0; an input-side tensor (_pre_quant_scale) is whole on every
-        # column-parallel rank, searched per rank, so no rank order makes it one tensor.
-        follows_rows = parallel == "replicated" or (parallel == "column" and match.rule.buffer.startswith("weight_"))
-        if match.kind in (FANOUT, MOE_FANOUT) or (len(peers) > 1 and not follows_rows):
-            how = "a fused group's parts" if match.kind in (FANOUT, MOE_FANOUT) else \
-                f"a {parallel or 'undeclared'}-parallel layer's ranks ({match.rule.buffer})"
-            raise _Problem(f"{name} has shape {list(shape)}: splitting per-channel or block quantizer state across "
-                           f"{how} needs shape-aware fan-out, which quantmap does not support yet "
-                           f"(per-tensor FP8 amax works)")
+        placed = tensor_parallel_layout(match.rule)
+        if placed is None and (len(peers) > 1 or match.kind in (FANOUT, MOE_FANOUT)):
+            raise _Problem(not_supported(name, shape, match.rule))
         if len(peers) == 1:
             return ONE
-        return CAT if parallel == "column" else MAX
+        return CAT if placed == SPLIT_DIM0 else MAX
 
 
 class _Problem(Exception):
