@@ -178,18 +178,19 @@ def _combined(candidates: tuple[_Entry, ...]) -> Resolver:
 
 
 def _concat(pattern: Pattern, sources: Sequence[int | None]) -> str:
-    """Source of an expression building a name of ``pattern`` from the values ``w``: capture i
-    is ``w[sources[i]]`` (plus its offset), or a literal ``*`` where ``sources[i]`` is None."""
-    pieces = [repr(pattern.literals[0])]
+    """Source of an f-string building a name of ``pattern`` from the values ``w``: capture i is
+    ``w[sources[i]]`` (plus its offset), or a literal ``*`` where ``sources[i]`` is None. Pattern
+    literals are word characters, dots and dashes, so they need no escaping inside the f-string."""
+    pieces = [pattern.literals[0]]
     for capture, source, literal in zip(pattern.captures, sources, pattern.literals[1:]):
         if source is None:
-            pieces.append("'*'")
+            pieces.append("*")
         elif capture.offset:
-            pieces.append(f"str(int(w[{source}]) + {capture.offset})")
+            pieces.append(f"{{int(w[{source}]) + {capture.offset}}}")
         else:
-            pieces.append(f"w[{source}]")
-        pieces.append(repr(literal))
-    return " + ".join(piece for piece in pieces if piece != "''")
+            pieces.append(f"{{w[{source}]}}")
+        pieces.append(literal)
+    return 'f"' + "".join(pieces) + '"'
 
 
 def _values(pattern: Pattern) -> str:

@@ -117,4 +117,6 @@ class Match(NamedTuple):
             out["part"] = self.part
         if self.expert is not None:
             out["expert"] = self.expert
+        if self.expanded is not None:
+            out["expanded"] = list(self.expanded)
         return out

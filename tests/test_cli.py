@@ -131,3 +131,14 @@ def test_diagnostics_doc_lists_every_code_with_its_title():
     text = (REPO / "docs/diagnostics.md").read_text()
     for code, title in CODES.items():
         assert f"| {code} | {title} |" in text, code
+
+
+def test_lookup_json_of_a_grouped_moe_quantizer_lists_every_expert_when_the_count_is_known():
+    name = "decoder.layers.2.mlp.experts.linear_fc2.input_quantizer._amax"
+    result = run("lookup", "qwen3_moe", name, "--json", "--param", "num_experts=4")
+    record = json.loads(result.stdout)
+    assert record["kind"] == "moe_fanout"
+    assert record["hf"] == ["model.layers.2.mlp.experts.*.down_proj.input_quantizer._amax"]
+    assert record["expanded"] == [f"model.layers.2.mlp.experts.{e}.down_proj.input_quantizer._amax" for e in range(4)]
+    without_count = json.loads(run("lookup", "qwen3_moe", name, "--json").stdout)
+    assert "expanded" not in without_count
