@@ -10,6 +10,11 @@ are tried with their own regex, in priority order, after a miss.
 
 A pattern found at one stage may be shadowed by a higher-priority pattern of a later stage
 that matches the same names; such pairs are found once, at build time, and checked first.
+
+Where the time goes (``benchmarks/bench_lookup.py``, DeepSeek-V3 name set, one core): about
+0.45 µs for the split, 0.25 µs to build the key and probe the dict, and 0.5 µs in the generated
+resolver, half of it building the ``Match``. That is near the floor for CPython; reaching
+1 M lookups/s over a cold name set would take the split and key into native code.
 """
 
 from __future__ import annotations
