@@ -94,14 +94,6 @@ class Pattern:
             out.append(literal)
         return "".join(out)
 
-    def fill_partial(self, values: Sequence[str | None]) -> str:
-        """Like :meth:`fill`, leaving a capture whose value is ``None`` as its wildcard."""
-        out = [self.literals[0]]
-        for capture, value, literal in zip(self.captures, values, self.literals[1:]):
-            out.append(_wildcard_text(capture) if value is None else shift(capture, value))
-            out.append(literal)
-        return "".join(out)
-
     def __str__(self) -> str:
         return self.text
 
@@ -130,10 +122,6 @@ def _int_offset(capture: Capture) -> int:
     if isinstance(capture.offset, str):
         raise ValueError(f"parameter {capture.offset!r} is not bound; compile with it set")
     return capture.offset
-
-
-def _wildcard_text(capture: Capture) -> str:
-    return "**" if capture.kind == ANY else "*"
 
 
 def parse(text: str) -> Pattern:

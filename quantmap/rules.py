@@ -26,7 +26,6 @@ WEIGHT = "weight"
 AMAX = "amax"
 FANOUT = "fanout"
 MOE_FANOUT = "moe_fanout"
-KINDS = (WEIGHT, AMAX, FANOUT, MOE_FANOUT)
 
 
 @dataclass(frozen=True, slots=True)
