@@ -2,11 +2,11 @@
 
 A name is split once, by one C-level regex, into the text between its index-like digit runs
 and the runs themselves. The text parts form a key shared by every pattern that splits the
-same way, so one dict lookup finds the candidate rules. Two splitters run in stages: the first
-only cuts at whole-segment numbers (``layers.12.``), the cheap and common case; the second
-also cuts after the words that grouped-expert patterns glue an index to (``weight12``). The
-few patterns neither key can describe (``**``, or a literal number where an index would be)
-are tried with their own regex, in priority order, after a miss.
+same way, so one dict lookup finds the candidate rules. Two stages cut names: the first only at
+whole-segment numbers (``layers.12.``), the cheap and common case; the second also takes off an
+index glued to the end of the name (Megatron's grouped experts, ``weight12``). The few patterns
+neither can describe (``**``, a literal number where an index would be, an index glued inside a
+name) are tried with their own regex, in priority order, after a miss.
 
 A pattern found at one stage may be shadowed by a higher-priority pattern of a later stage
 that matches the same names; such pairs are found once, at build time, and checked first.
@@ -45,24 +45,59 @@ class _Entry:
         return None if found is None else self.resolve(name, found.groups())
 
 
-class _Stage:
-    """One splitter and the dict of patterns whose captures it finds exactly."""
+_WHOLE_SEGMENT_INDEX = r"\.([0-9]+)(?![^.])"
+_DIGITS = "0123456789"
 
-    def __init__(self, regex: str):
-        compiled = re.compile(regex)
+
+class _Stage:
+    """A way of cutting names into a key and captures, and the dict of patterns it cuts exactly.
+
+    The base stage cuts at whole-segment numbers (``layers.12.``); the dot before each is
+    consumed, which keeps the key unambiguous.
+    """
+
+    def __init__(self):
+        compiled = re.compile(_WHOLE_SEGMENT_INDEX)
         self.split = compiled.split
         self._finditer = compiled.finditer
         self.table: dict[tuple[str, ...], tuple[_Entry, ...]] = {}
         self.resolvers: dict[tuple[str, ...], Resolver] = {}
 
+    def parts(self, name: str) -> tuple[tuple[str, ...], list[str]] | None:
+        pieces = self.split(name)
+        return tuple(pieces[0::2]), pieces[1::2]
+
     def key(self, pattern: Pattern) -> tuple[str, ...] | None:
-        """The pattern's key, or ``None`` when this splitter does not cut it at its captures."""
+        """The pattern's key, or ``None`` when this stage does not cut it at its captures."""
         if any(c.kind == ANY for c in pattern.captures):
             return None
         sample, spans = _sample(pattern)
+        return self._key_of(sample, spans)
+
+    def _key_of(self, sample: str, spans: list[tuple[int, int]]) -> tuple[str, ...] | None:
         if [found.span(1) for found in self._finditer(sample)] != spans:
             return None
         return tuple(self.split(sample)[0::2])
+
+
+class _GluedTail(_Stage):
+    """Names ending in an index glued to a word (Megatron's grouped experts: ``linear_fc1.weight17``).
+    ``rstrip`` cuts the trailing digits off, and the rest is cut like the base stage."""
+
+    def parts(self, name: str) -> tuple[tuple[str, ...], list[str]] | None:
+        head = name.rstrip(_DIGITS)
+        if len(head) == len(name) or head.endswith("."):
+            return None
+        pieces = self.split(head)
+        return tuple(pieces[0::2]), pieces[1::2] + [name[len(head):]]
+
+    def key(self, pattern: Pattern) -> tuple[str, ...] | None:
+        glued_at_end = (pattern.captures and pattern.literals[-1] == "" and not pattern.literals[-2].endswith(".")
+                        and pattern.captures[-1].offset is None)
+        if not glued_at_end or any(c.kind == ANY for c in pattern.captures):
+            return None
+        sample, spans = _sample(pattern)
+        return self._key_of(sample[:spans[-1][0]], spans[:-1])
 
 
 def _sample(pattern: Pattern) -> tuple[str, list[tuple[int, int]]]:
@@ -79,12 +114,7 @@ class _Side:
     """Lookup structures for one direction."""
 
     def __init__(self, entries: list[_Entry]):
-        glued = sorted({lit.rsplit(".", 1)[-1] for e in entries for lit in e.pattern.literals[:-1]
-                        if lit and not lit.endswith(".")} - {""})
-        self.stages = [_Stage(r"\.([0-9]+)(?![^.])")]
-        if glued:
-            lookbehinds = "".join(f"|(?<=\\.{re.escape(word)})" for word in glued)
-            self.stages.append(_Stage(f"(?:(?<=\\.){lookbehinds})([0-9]+)(?![^.])"))
+        self.stages = [_Stage(), _GluedTail()]
         self.slow: list[_Entry] = []
         by_priority = sorted(entries, key=lambda e: -e.rule.priority)
         placed: dict[int, int] = {}  # id(entry) -> stage index (len(stages) for slow)
@@ -141,10 +171,10 @@ class _Side:
 
     def _lookup_rest(self, name: str) -> Match | None:
         for stage in self.stages[1:]:
-            parts = stage.split(name)
-            resolve = stage.resolvers.get(tuple(parts[0::2]))
-            if resolve is not None:
-                found = resolve(name, parts[1::2])
+            cut = stage.parts(name)
+            resolve = cut and stage.resolvers.get(cut[0])
+            if resolve:
+                found = resolve(name, cut[1])
                 if found is not None:
                     return found
         for entry in self.slow:
