@@ -208,9 +208,9 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> ResolvedSpec:
 
 
 def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Location) -> ResolvedSpec:
-    local = (path.parent / ref) if ref.endswith((".yaml", ".yml")) else None
+    # A file name is relative to the extending spec, never to the working directory.
     try:
-        target = find_spec(local if local is not None and local.exists() else ref)
+        target = find_spec(path.parent / ref if ref.endswith((".yaml", ".yml")) else ref)
     except SpecError as exc:
         raise SpecError([Diagnostic("QM040", f"'extends: {ref}' names no spec: {d.message}", where, d.hint)
                          for d in exc.diagnostics]) from None
