@@ -111,12 +111,14 @@ def validate(
         try:
             resolved = load_spec(spec)
             placeholders = {name: 0 for name, value in resolved.params.items() if value is None}
-            compile_spec(resolved, {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}})
+            rules = compile_spec(resolved, {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}})
         except SpecError as error:
             failed = True
             for diagnostic in error.diagnostics:
                 typer.echo(str(diagnostic), err=True)
         else:
+            for warning in rules.warnings:
+                typer.echo(str(warning), err=True)
             typer.echo(f"{spec}: ok")
     if failed:
         raise typer.Exit(1)
