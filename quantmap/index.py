@@ -63,10 +63,6 @@ class _Stage:
         self.table: dict[tuple[str, ...], tuple[_Entry, ...]] = {}
         self.resolvers: dict[tuple[str, ...], Resolver] = {}
 
-    def parts(self, name: str) -> tuple[tuple[str, ...], list[str]] | None:
-        pieces = self.split(name)
-        return tuple(pieces[0::2]), pieces[1::2]
-
     def key(self, pattern: Pattern) -> tuple[str, ...] | None:
         """The pattern's key, or ``None`` when this stage does not cut it at its captures."""
         if any(c.kind == ANY for c in pattern.captures):
@@ -85,6 +81,7 @@ class _GluedTail(_Stage):
     ``rstrip`` cuts the trailing digits off, and the rest is cut like the base stage."""
 
     def parts(self, name: str) -> tuple[tuple[str, ...], list[str]] | None:
+        """The key and captures of ``name``, or ``None`` when it does not end in a glued index."""
         head = name.rstrip(_DIGITS)
         if len(head) == len(name) or head.endswith("."):
             return None
@@ -137,6 +134,7 @@ class _Side:
             stage.resolvers = {key: _combined(candidates) for key, candidates in stage.table.items()}
         self._split = self.stages[0].split
         self._resolvers = self.stages[0].resolvers
+        self._tail = self.stages[1]
         self.lookup = self._first_stage_lookup()
 
     def conflicts(self) -> list[tuple[_Entry, _Entry]]:
@@ -170,13 +168,12 @@ class _Side:
         return lookup
 
     def _lookup_rest(self, name: str) -> Match | None:
-        for stage in self.stages[1:]:
-            cut = stage.parts(name)
-            resolve = cut and stage.resolvers.get(cut[0])
-            if resolve:
-                found = resolve(name, cut[1])
-                if found is not None:
-                    return found
+        cut = self._tail.parts(name)
+        resolve = cut and self._tail.resolvers.get(cut[0])
+        if resolve:
+            found = resolve(name, cut[1])
+            if found is not None:
+                return found
         for entry in self.slow:
             found = entry.try_regex(name)
             if found is not None:
