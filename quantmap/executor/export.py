@@ -121,15 +121,20 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         if staged:
             staged.discard()
         raise ExecutorError(verdict["error"])
-    buffers = comm.gather_buffers(packed.buffer, verdict["sizes"])
-    result = Export(plan if comm.is_writer else None, buffers)
-    if out is not None:
-        status = None
-        if comm.is_writer:
-            status = _write(result, staged, shard_size, progress)
-        status = comm.broadcast_object(status)
-        if status:
-            raise ExecutorError(status)
+    try:
+        buffers = comm.gather_buffers(packed.buffer, verdict["sizes"])
+        result = Export(plan if comm.is_writer else None, buffers)
+        if out is not None:
+            status = None
+            if comm.is_writer:
+                status = _write(result, staged, shard_size, progress)
+            status = comm.broadcast_object(status)
+            if status:
+                raise ExecutorError(status)
+    except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
+        if staged:
+            staged.discard()
+        raise
     result.calls, result.bytes = comm.calls, comm.bytes
     return result
 

@@ -102,3 +102,12 @@ def expert_hf_names(match, experts: range) -> list[str] | tuple[str, ...]:
     # The match leaves the expert as its only '*': fill it by text (hundreds of experts per block).
     parts = [name.split("*", 1) for name in match.hf]
     return [f"{head}{expert}{tail}" for expert in experts for head, tail in parts]
+
+
+def local_indices(name: str) -> tuple[int | None, int | None]:
+    """The local layer and local expert index a rank's name carries (``None`` where it has none), so
+    that a rank's highest indices can be checked against what the layout says it holds."""
+    layer = _LAYER.search(name)
+    expert = _EXPERT.search(name)
+    return (int(layer.group(2)) if layer else None,
+            int(expert.group(2) or expert.group(4)) if expert else None)

@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 
 from quantmap.executor.groups import Placement
-from quantmap.executor.naming import is_expert, to_global
+from quantmap.executor.naming import is_expert, local_indices, to_global
 from quantmap.executor.report import ExecutorError
 from quantmap.rules import WEIGHT
 
@@ -30,7 +30,7 @@ class Packed:
 
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
     return {"coords": placement.coords, "error": error, "names": [], "dtypes": [], "shapes": [], "offsets": array("q"),
-            "size": 0, "unclaimed": [], "weights": 0, "experts": 0}
+            "size": 0, "unclaimed": [], "weights": 0, "experts": 0, "top_layer": None, "top_expert": None}
 
 
 def pack(rules, state: Mapping, placement: Placement) -> Packed:
@@ -41,6 +41,7 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
     tensors, offset = [], 0
     for local in state.keys():
         name = to_global(local, layout, coords)
+        _note_indices(meta, local)
         match = rules.to_hf(name)
         if match is None:
             meta["unclaimed"].append(name)
@@ -73,6 +74,16 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
         buffer[start:start + flat.numel()] = flat
     meta["size"] = offset
     return Packed(meta, buffer)
+
+
+def _note_indices(meta: dict, local: str) -> None:
+    """Keep the highest local layer and expert index seen: the writer checks them against the layout,
+    which would otherwise renumber a model with fewer layers or experts than it says, silently."""
+    layer, expert = local_indices(local)
+    if layer is not None and (meta["top_layer"] is None or layer > meta["top_layer"]):
+        meta["top_layer"] = layer
+    if expert is not None and (meta["top_expert"] is None or expert > meta["top_expert"]):
+        meta["top_expert"] = expert
 
 
 def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:

@@ -126,6 +126,10 @@ class Plan:
         failed = [f"rank {rank}: {meta['error']}" for rank, meta in enumerate(self.metas) if meta["error"]]
         if failed:
             raise ExecutorError(_listing("export failed on ", failed, "rank"))
+        short = self._short_of_layout()
+        if short:
+            raise ExecutorError(_listing("the shards do not match the layout: ", short, "rank") +
+                                "\nNothing was written.")
         self._dense = {(m["coords"].tp, m["coords"].cp, m["coords"].dp, m["coords"].pp): r for r, m in enumerate(self.metas)}
         self._expert = {(m["coords"].etp, m["coords"].ep, m["coords"].edp, m["coords"].pp): r
                         for r, m in enumerate(self.metas)}
@@ -151,6 +155,21 @@ class Plan:
         if errors:
             raise ExecutorError(_listing("export stopped before any tensor moved: ", errors, "problem") +
                                 "\nNothing was written.")
+
+    def _short_of_layout(self) -> list[str]:
+        """Ranks whose highest local layer or expert falls short of what the layout gives them: a layout
+        that claims more layers or experts than the model has would shift every later index."""
+        layout, problems = self.layout, []
+        for rank, meta in enumerate(self.metas):
+            stage = meta["coords"].pp
+            if meta["top_layer"] is not None and meta["top_layer"] + 1 != layout.stage_layers[stage]:
+                problems.append(f"rank {rank} holds local layers 0..{meta['top_layer']} but the layout puts "
+                                f"{layout.stage_layers[stage]} layer(s) on pipeline stage {stage}; check num_layers "
+                                f"and layers_per_stage in layout.json")
+            if meta["top_expert"] is not None and meta["top_expert"] + 1 != layout.experts_per_rank:
+                problems.append(f"rank {rank} holds local experts 0..{meta['top_expert']} but the layout gives each "
+                                f"of its ep={layout.ep} ranks {layout.experts_per_rank}; check num_experts in layout.json")
+        return problems
 
     def _expert_blocks(self) -> list[str]:
         """Every expert-parallel rank of a stage holds its block under the same local names; a rank short
@@ -202,6 +221,10 @@ class Plan:
         """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""
         size = self.layout.etp if expert else self.layout.tp
         by_tp = {(self._coords(r).etp if expert else self._coords(r).tp): (r, i) for r, i in sources}
+        if len(by_tp) < len(sources):  # e.g. an expert-side tensor without an expert index, on every EP rank
+            raise _Problem(f"{name} is held by several ranks of one tensor-parallel position "
+                           f"({', '.join(f'rank {r}' for r, _ in sources)}), so no one copy is the model's; map it "
+                           f"with a rule that names the expert, or as a grouped-MoE quantizer")
         if len(by_tp) == size:
             return [by_tp[t] for t in range(size)]
         lacking = [self._expert.get((t, ep, 0, stage)) if expert else self._dense.get((t, 0, 0, stage))

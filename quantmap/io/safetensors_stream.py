@@ -55,10 +55,12 @@ def write(path, records: Records, indices: range, on_names=None) -> int:
         length = out.write(b'{"__metadata__":{"format":"pt"}')
         offset = 0
         for i in indices:
-            _, dtype, shape = records.spec(i)
+            count, dtype, shape = records.spec(i)
             size = nbytes(dtype, shape)
             tail = f':{{"dtype":"{DTYPES[dtype]}","shape":[{",".join(map(str, shape))}],"data_offsets":['
             quoted = [quote(name) for name in records.names(i)]
+            if len(quoted) != count:  # the data below is written ``count`` times: the header must agree
+                raise ValueError(f"record {i}: {len(quoted)} names but {count} planned copies")
             length += out.write("".join(f",{q}{tail}{offset + k * size},{offset + (k + 1) * size}]}}"
                                         for k, q in enumerate(quoted)).encode())
             offset += size * len(quoted)

@@ -1,0 +1,75 @@
+"""Export refuses inputs that would otherwise give a silently wrong checkpoint, and leaves nothing
+behind when a rank fails after the go-ahead."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantmap
+from executor_support import global_state, rules_for, run_ranks, shard
+from quantmap.executor import ExecutorError, Layout, export_offline
+
+
+def test_a_layout_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path):
+    real = Layout(pp=2, num_layers=4)
+    ranks = shard(global_state("dense", 4), real)
+    claimed = Layout(pp=2, num_layers=8)  # would renumber stage 1's layers 0-1 as 4-5
+    with pytest.raises(ExecutorError, match=r"rank 1 holds local layers 0\.\.1 but the layout puts 4 layer\(s\) "
+                                            r"on pipeline stage 1; check num_layers"):
+        export_offline(rules_for("dense"), ranks, claimed, out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("form", ["seq", "grouped"])
+def test_a_layout_claiming_more_experts_than_the_shards_hold_is_refused(tmp_path, form):
+    real = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    ranks = shard(global_state(form, 2, 4), real)
+    claimed = Layout(dp=2, ep=2, num_layers=2, num_experts=8)  # would give experts 2-3 to rank 1's block
+    with pytest.raises(ExecutorError, match=r"holds local experts 0\.\.1 but the layout gives each of its ep=2 "
+                                            r"ranks 4; check num_experts"):
+        export_offline(rules_for(form, 8), ranks, claimed, out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_expert_tensor_without_an_expert_index_on_every_ep_rank_is_refused(tmp_path):
+    spec = tmp_path / "shared.yaml"
+    spec.write_text(textwrap.dedent("""\
+        name: shared
+        mappings:
+          - {megatron: decoder.layers.*.mlp.experts.scale.weight, hf: model.layers.*.mlp.experts.scale.weight}
+        """))
+    layout = Layout(dp=2, ep=2, num_layers=1, num_experts=2)
+    name = "decoder.layers.0.mlp.experts.scale.input_quantizer._amax"
+    ranks = [{name: torch.tensor(1.0)}, {name: torch.tensor(2.0)}]  # one copy per EP rank: which is right?
+    with pytest.raises(ExecutorError, match=r"held by several ranks of one tensor-parallel position"):
+        export_offline(quantmap.compile(spec), ranks, layout, out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def _export_with_a_transfer_failure(out: str):
+    """Rank 1 fails inside the data transfer, after every rank has been told to go ahead."""
+    import torch.distributed as dist
+
+    from quantmap.executor import Placement, export
+    from quantmap.executor.comm import Comm
+
+    layout = Layout(tp=2, num_layers=2)
+    placement = Placement.from_world(layout)
+    state = shard(global_state("dense", 2), layout)[placement.coords.rank]
+    if dist.get_rank() == 1:
+        def failing(self, buffer, sizes):
+            raise RuntimeError("injected failure during the transfer")
+        Comm.gather_buffers = failing
+    export(rules_for("dense"), state, placement, out=out, timeout=timedelta(seconds=20))
+
+
+def test_a_rank_failing_after_the_go_ahead_leaves_no_staging_directory(tmp_path):
+    outcomes = run_ranks(2, _export_with_a_transfer_failure, str(tmp_path / "hf"))
+    assert [outcome[0] for outcome in outcomes] == ["error", "error"]
+    assert "injected failure during the transfer" in outcomes[1][1]
+    assert list(Path(tmp_path).iterdir()) == []
