@@ -73,3 +73,14 @@ def test_a_rank_failing_after_the_go_ahead_leaves_no_staging_directory(tmp_path)
     assert [outcome[0] for outcome in outcomes] == ["error", "error"]
     assert "injected failure during the transfer" in outcomes[1][1]
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_disagreement_is_reported_once_however_often_the_tensors_are_built(tmp_path):
+    layout = Layout(tp=2, num_layers=1)
+    ranks = shard(global_state("dense", 1), layout)
+    ranks[1]["decoder.layers.0.self_attention.linear_proj.input_quantizer._amax"] = torch.tensor(99.0)
+    result = export_offline(rules_for("dense"), ranks, layout, out=tmp_path / "hf")
+    result.state_dict()
+    result.state_dict()
+    assert len(result.report.disagreements) == 1
+    assert result.report.written == len(result.state_dict())

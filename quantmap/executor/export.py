@@ -66,7 +66,6 @@ class Export:
             self.files = write_checkpoint(out, records, shard_size, on_record=bar.update)
         finally:
             bar.close()
-        self.report.written = sum(item.count for item in self._plan.items)
         return self.files
 
 

@@ -8,6 +8,7 @@ tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``. The buffer is one 
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -89,7 +90,4 @@ def _note_indices(meta: dict, local: str) -> None:
 def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
     """Entry ``index`` of a rank's buffer, as a view with its dtype and shape."""
     dtype, shape, start = meta["dtypes"][index], meta["shapes"][index], meta["offsets"][index]
-    count = 1
-    for dim in shape:
-        count *= dim
-    return buffer[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+    return buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)

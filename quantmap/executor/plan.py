@@ -19,6 +19,7 @@ Combining, per global Megatron name:
 
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -74,6 +75,10 @@ class _Items(Sequence):
     def __len__(self) -> int:
         return len(self._names)
 
+    def names_total(self) -> int:
+        """How many HF names the items go to."""
+        return sum(self._count)
+
     def __getitem__(self, i: int) -> Item:
         codes = self._sources[self._start[i]:self._start[i + 1]]
         return Item(self._names[i], self._CODES[self._combine[i]], tuple((c >> 32, c & 0xFFFFFFFF) for c in codes),
@@ -89,7 +94,9 @@ class Plan:
         self.metas = metas
         self.report = Report()
         self.items = _Items()
+        self._disagreeing: set[str] = set()
         self._build()
+        self.report.written = self.items.names_total()
 
     @property
     def sizes(self) -> list[int]:
@@ -116,7 +123,8 @@ class Plan:
             return torch.cat(parts, 0)
         stacked = torch.stack(parts)
         out = stacked.amax(0)
-        if not bool((stacked == out).all()):
+        if not bool((stacked == out).all()) and item.megatron not in self._disagreeing:
+            self._disagreeing.add(item.megatron)  # tensors may be built more than once (files, then a state dict)
             values = ", ".join(f"rank {rank}: {part.flatten()[0].item():g}" for (rank, _), part in zip(item.sources, parts))
             self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({values}); exported the max")
         return out
@@ -243,10 +251,7 @@ class Plan:
             raise _Problem(f"{name} has different shapes or dtypes across tensor-parallel ranks ({listed}); "
                            f"the shards do not come from one model")
         shape = shapes[0]
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if numel == 1:
+        if math.prod(shape) == 1:
             return ONE if len(peers) == 1 else MAX
         placed = tensor_parallel_layout(match.rule)
         if placed is None and (len(peers) > 1 or match.kind in (FANOUT, MOE_FANOUT)):

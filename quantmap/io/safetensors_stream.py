@@ -8,6 +8,7 @@ are, so a writer holds one record at a time plus the header.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, Sequence
 
 import torch
@@ -29,10 +30,7 @@ class Records(Protocol):
 
 
 def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def quote(name: str) -> str:
