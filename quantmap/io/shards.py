@@ -60,7 +60,10 @@ def save_shard(state_dict: Mapping, layout: Layout, directory: str | Path, rank:
     """Write this rank's quantizer state from a live model's ``state_dict()``; call it on every rank.
 
     Keeps the tensors whose name contains ``quantizer`` (``_amax``, ``_pre_quant_scale``, ...); rank 0
-    also writes ``layout.json``. ``rank`` defaults to the global rank of the default process group.
+    also writes ``layout.json``. ``rank`` is this rank's position in Megatron-Core's default order
+    (``tp-cp-ep-dp-pp``, the order ``layout.json`` declares); it defaults to the global rank of the
+    default process group, which is that position when Megatron built its groups in the default
+    order. A run with another order must pass the position, or export renumbers the wrong ranks.
     """
     if rank is None:
         import torch.distributed as dist
