@@ -18,7 +18,7 @@ import torch
 
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
-from quantmap.executor.naming import expert_block, expert_hf_names, is_expert, to_local
+from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, not_supported, tensor_parallel_layout
@@ -29,9 +29,11 @@ from quantmap.rules import FANOUT, MOE_FANOUT, WEIGHT
 
 
 class Catalog:
-    """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import."""
+    """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import.
 
-    def __init__(self, rules, names: list[str]):
+    A name no rank of the layout holds goes to ``outside``: each rank alone would just skip it."""
+
+    def __init__(self, rules, names: list[str], layout: Layout):
         self.rules = rules
         self.available = set(names)
         self.report = Report()
@@ -42,9 +44,21 @@ class Catalog:
                 self.report.unclaimed.append(name)
             elif match.kind == WEIGHT:
                 self.report.weights += 1
+            elif not _held(match, layout):
+                self.report.outside.append(name)
             else:
                 claimed.add(match.megatron)
         self.megatron = sorted(claimed)
+
+
+def _held(match, layout: Layout) -> bool:
+    """Whether some rank of the layout holds a reverse match: its layer and expert lie within the layout
+    (a grouped block's expert is in the HF name only, so it is checked against the block's size)."""
+    if match.kind == MOE_FANOUT:
+        total = match.rule.num_experts or layout.num_experts
+        if total is not None and match.expert >= total:
+            return False
+    return holder(match.megatron, layout) is not None
 
 
 def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) -> tuple[dict, Report]:
@@ -108,9 +122,10 @@ def merge(reports: list[Report]) -> Report:
 
 def _finish(catalog: Catalog, report: Report, strict: bool) -> Report:
     report.unclaimed = catalog.report.unclaimed
+    report.outside = catalog.report.outside
     report.weights = catalog.report.weights
     if strict and report.problems:
-        raise ExecutorError("import refused (--strict): " + "; ".join(report.lines()[1:4]) + ". Nothing was written.")
+        raise ExecutorError(f"import refused (--strict): {report.refusal()}. Nothing was written.")
     return report
 
 
@@ -119,7 +134,7 @@ def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict,
 
     Rank-local (no collectives): for refitting a live model in place."""
     checkpoint = Checkpoint(hf_dir)
-    catalog = Catalog(rules, checkpoint.names())
+    catalog = Catalog(rules, checkpoint.names(), placement.layout)
     state, report = import_rank(catalog, checkpoint, placement)
     return state, _finish(catalog, report, strict=False)
 
@@ -128,7 +143,7 @@ def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *
                    progress: bool = False) -> Report:
     """One process builds and writes every rank's shard."""
     checkpoint = Checkpoint(hf_dir)
-    catalog = Catalog(rules, checkpoint.names())
+    catalog = Catalog(rules, checkpoint.names(), layout)
     staged = Staged(out)
     try:
         reports = []
@@ -161,14 +176,26 @@ def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
             opened = {"path": str(staged.path)}
         except OSError as error:
             opened = {"error": str(error)}
-    opened = comm.broadcast_object(opened)
-    if "error" in opened:
-        raise ExecutorError(opened["error"])
-    staged = staged or Staged(out, opened["path"])
+    try:
+        opened = comm.broadcast_object(opened)
+        if "error" in opened:
+            raise ExecutorError(opened["error"])
+        staged = staged or Staged(out, opened["path"])
+        return _import_staged(comm, rules, hf_dir, placement, staged, strict)
+    except BaseException:
+        # Any rank may be the only one to see the failure (an interrupt, a lost peer): each removes
+        # the staging directory, a no-op once it is published or gone.
+        if staged is not None:
+            staged.discard()
+        raise
+
+
+def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, strict: bool) -> Report:
+    """Every rank writes its shard into ``staged``; the writer checks every outcome and publishes."""
     outcome: dict = {}
     try:
         checkpoint = Checkpoint(hf_dir)
-        catalog = Catalog(rules, checkpoint.names())
+        catalog = Catalog(rules, checkpoint.names(), placement.layout)
         state, report = import_rank(catalog, checkpoint, placement)
         write_rank(staged.path, placement.coords.rank, state)
         outcome["report"] = report

@@ -11,10 +11,12 @@ numbers its experts from 0 (``SequentialMLP`` ``local_experts.{i}``, ``TEGrouped
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from quantmap.executor.layout import Coords, Layout
 
 _LAYER = re.compile(r"(?:^|(?<=\.))(decoder\.layers\.)(\d+)(?=\.)")
+_EDGE = re.compile(r"(?:^|(?<=\.))(?:(embedding)|output_layer|decoder\.final_layernorm|mtp)\.")
 _EXPERT = re.compile(r"(\.local_experts\.)(\d+)(?=\.)|(?<=\.experts\.)(linear_fc\d+\.(?:weight|bias))(\d+)(?=$|\.)")
 
 
@@ -46,8 +48,7 @@ def to_global(name: str, layout: Layout, coords: Coords) -> str:
     base = coords.ep * per_rank
 
     def expert(found: re.Match) -> str:
-        prefix, digits = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
-        local = int(digits)
+        prefix, local = _expert_index(found)
         if local >= per_rank:
             raise NamingError(f"{name!r} on rank {coords.rank} names local expert {local}, but each of the ep={layout.ep} "
                               f"ranks holds {per_rank} of num_experts={layout.num_experts}")
@@ -56,29 +57,70 @@ def to_global(name: str, layout: Layout, coords: Coords) -> str:
     return _EXPERT.sub(expert, name_out)
 
 
-def to_local(name: str, layout: Layout, coords: Coords) -> str | None:
-    """The rank's local name for a global name, or ``None`` when the rank does not hold it."""
+class Holder(NamedTuple):
+    """Where a global name lives: its pipeline stage and expert-parallel rank (``None``: every one)."""
+
+    stage: int | None
+    ep: int | None
+
+
+def holder(name: str, layout: Layout) -> Holder | None:
+    """Which stage and EP rank hold a global name, or ``None`` when no rank of the layout does (a layer
+    beyond ``num_layers``, an expert beyond ``num_experts``): such a name must be reported, not dropped."""
     found = _LAYER.search(name)
     if found:
         layer = int(found.group(2))
-        if layer >= layout.num_layers or layout.stage_of_layer(layer) != coords.pp:
+        if layer >= layout.num_layers:
             return None
-        local = layer - layout.layer_offset(coords.pp)
-        name = f"{name[:found.start(2)]}{local}{name[found.end(2):]}"
+        stage = layout.stage_of_layer(layer)
+    else:
+        stage = stage_outside_layers(name, layout)
     if layout.num_experts is None or not is_expert(name):
+        return Holder(stage, None)
+    experts = [_expert_index(found)[1] for found in _EXPERT.finditer(name)]
+    if any(expert >= layout.num_experts for expert in experts):
+        return None
+    ranks = {expert // layout.experts_per_rank for expert in experts}
+    if len(ranks) > 1:
+        return None
+    return Holder(stage, ranks.pop() if ranks else None)
+
+
+def stage_outside_layers(name: str, layout: Layout) -> int | None:
+    """The pipeline stage that holds a name outside ``decoder.layers``, or ``None`` for every stage.
+
+    Megatron-Core's ``GPTModel`` builds ``embedding`` only with ``pre_process`` (the first stage) and
+    ``output_layer``, ``TransformerBlock``'s ``final_layernorm`` and, without a custom pipeline layout,
+    the MTP block (``mtp_on_this_rank``) only with ``post_process`` (the last stage). An MTP stage also
+    builds an embedding to share its weights; its quantizers are placed on the first stage only. Any other
+    name stays on every stage. A prefix (``language_model.``) is allowed, as for ``decoder.layers``."""
+    found = _EDGE.search(name)
+    if found is None:
+        return None
+    return 0 if found.group(1) else layout.pp - 1
+
+
+def to_local(name: str, layout: Layout, coords: Coords) -> str | None:
+    """The rank's local name for a global name, or ``None`` when the rank does not hold it."""
+    held = holder(name, layout)
+    if held is None or held.stage not in (None, coords.pp) or held.ep not in (None, coords.ep):
+        return None
+    offset = layout.layer_offset(coords.pp)
+    name = _LAYER.sub(lambda found: f"{found.group(1)}{int(found.group(2)) - offset}", name, count=1)
+    if held.ep is None:
         return name
-    per_rank = layout.experts_per_rank
-    held = True
 
     def expert(found: re.Match) -> str:
-        nonlocal held
-        prefix, digits = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
-        ep, local = divmod(int(digits), per_rank)
-        held = held and ep == coords.ep
-        return f"{prefix}{local}"
+        prefix, index = _expert_index(found)
+        return f"{prefix}{index % layout.experts_per_rank}"
 
-    name = _EXPERT.sub(expert, name)
-    return name if held else None
+    return _EXPERT.sub(expert, name)
+
+
+def _expert_index(found: re.Match) -> tuple[str, int]:
+    """An ``_EXPERT`` match's text before the index and the index (``local_experts.N`` or ``weightN``)."""
+    prefix, digits = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
+    return prefix, int(digits)
 
 
 def expert_block(name: str, match, layout: Layout, ep_rank: int) -> range:
@@ -109,5 +151,4 @@ def local_indices(name: str) -> tuple[int | None, int | None]:
     that a rank's highest indices can be checked against what the layout says it holds."""
     layer = _LAYER.search(name)
     expert = _EXPERT.search(name)
-    return (int(layer.group(2)) if layer else None,
-            int(expert.group(2) or expert.group(4)) if expert else None)
+    return int(layer.group(2)) if layer else None, _expert_index(expert)[1] if expert else None

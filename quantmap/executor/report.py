@@ -22,12 +22,27 @@ class Report:
     unclaimed: list[str] = field(default_factory=list)  # names no rule claims
     weights: int = 0  # weights the rules know but quantmap does not move
     missing: list[str] = field(default_factory=list)  # import: HF names a rank needs but the checkpoint lacks
+    outside: list[str] = field(default_factory=list)  # import: HF names beyond the layout's layers or experts
     disagreements: list[str] = field(default_factory=list)  # values combined by max that were not equal
     duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
 
     @property
     def problems(self) -> int:
-        return len(self.unclaimed) + len(self.missing)
+        return len(self.unclaimed) + len(self.missing) + len(self.outside)
+
+    def refusal(self, examples: int = 3) -> str:
+        """The problems ``--strict`` refuses, one clause per kind: how many, a few names, what to check."""
+        clauses = []
+        for names, what, check in (
+                (self.unclaimed, "no rule of the spec claims", ""),
+                (self.missing, "the layout's ranks need but the checkpoint lacks", ""),
+                (self.outside, "no rank of the layout holds (a layer or expert beyond it)",
+                 " (check num_layers/num_experts in layout.json)")):
+            if names:
+                shown = sorted(names, key=natural)[:examples]
+                more = f", and {len(names) - examples} more" if len(names) > examples else ""
+                clauses.append(f"{len(names)} HF name(s) {what}: {', '.join(shown)}{more}{check}")
+        return "; ".join(clauses)
 
     def lines(self, limit: int = 5) -> list[str]:
         """Human-readable summary: each category grouped by name shape, with counts."""
@@ -35,7 +50,8 @@ class Report:
         if self.weights:
             out.append(f"{self.weights} weight tensor(s) skipped (counted per tensor-parallel rank): "
                        f"quantmap moves quantizer state only")
-        for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing)):
+        for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing),
+                             ("no rank of the layout holds (layer or expert beyond the layout)", self.outside)):
             if names:
                 out.append(f"{len(names)} name(s) {title}:")
                 out += [f"  {count} x {shape}" for shape, count in group_names(names)[:limit]]
