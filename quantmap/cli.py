@@ -255,12 +255,13 @@ def _run_executor(spec: str, param: Optional[List[str]], quiet: bool, run) -> No
     message and exit code 1. ``run`` gets the spec's run-time parameters."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
+    from quantmap.io.names import NamesError
 
     params = parse_params(param)
     compile_or_exit(spec, params)
     try:
         report = run(params)
-    except (ExecutorError, LayoutError, NamingError, OSError) as error:
+    except (ExecutorError, LayoutError, NamingError, NamesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     if not quiet:

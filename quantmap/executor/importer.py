@@ -21,7 +21,7 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
-from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, not_supported, tensor_parallel_layout
+from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, max_of_copies, not_supported, tensor_parallel_layout
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
@@ -97,12 +97,9 @@ def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Repor
     if len(parts) == 1:
         value = parts[0]
     else:
-        stacked = torch.stack(parts)
-        value = stacked.amax(0)
-        if not bool((stacked == value).all()):
-            spread = ", ".join(f"{n}: {p.flatten()[0].item():g}" for n, p in zip(names[:4], parts[:4]))
-            report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}{', ...' if len(parts) > 4 else ''}); "
-                                        f"imported the max")
+        value, spread = max_of_copies(parts, list(names))
+        if spread:
+            report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}); imported the max")
     size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
     if numel == 1 or size == 1 or placement == WHOLE:
         return value

@@ -32,7 +32,7 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import NamingError, expert_block, expert_hf_names, is_expert, to_local
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, natural
-from quantmap.executor.sharding import SPLIT_DIM0, not_supported, tensor_parallel_layout
+from quantmap.executor.sharding import SPLIT_DIM0, max_of_copies, not_supported, tensor_parallel_layout
 from quantmap.rules import FANOUT, MOE_FANOUT
 
 ONE, MAX, CAT = "one", "max", "cat"
@@ -121,12 +121,10 @@ class Plan:
             return parts[0]
         if item.combine == CAT:
             return torch.cat(parts, 0)
-        stacked = torch.stack(parts)
-        out = stacked.amax(0)
-        if not bool((stacked == out).all()) and item.megatron not in self._disagreeing:
+        out, spread = max_of_copies(parts, [f"rank {rank}" for rank, _ in item.sources])
+        if spread and item.megatron not in self._disagreeing:
             self._disagreeing.add(item.megatron)  # tensors may be built more than once (files, then a state dict)
-            values = ", ".join(f"rank {rank}: {part.flatten()[0].item():g}" for (rank, _), part in zip(item.sources, parts))
-            self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({values}); exported the max")
+            self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max")
         return out
 
     # -- checking -------------------------------------------------------------------------------

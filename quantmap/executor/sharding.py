@@ -16,6 +16,8 @@ rank) needs the shape-aware fan-out on the roadmap, and is refused rather than w
 
 from __future__ import annotations
 
+import torch
+
 from quantmap.rules import FANOUT, MOE_FANOUT, Rule
 
 SPLIT_DIM0 = "split_dim0"
@@ -39,3 +41,14 @@ def not_supported(name: str, shape, rule: Rule) -> str:
              else f"the tensor-parallel ranks of a {rule.parallel or 'undeclared'}-parallel layer ({rule.buffer})")
     return (f"{name} has shape {list(shape)}: placing per-channel or block quantizer state across {where} "
             f"needs shape-aware fan-out, which quantmap does not support yet (per-tensor amax works)")
+
+
+def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.Tensor, str | None]:
+    """Copies that should agree (tensor-parallel replicas on export, fused parts or experts on import)
+    combine by elementwise max; the second value describes them when they do not agree."""
+    stacked = torch.stack(parts)
+    out = stacked.amax(0)
+    if bool((stacked == out).all()):
+        return out, None
+    spread = ", ".join(f"{label}: {part.flatten()[0].item():g}" for label, part in zip(labels[:4], parts[:4]))
+    return out, spread + (", ..." if len(parts) > 4 else "")

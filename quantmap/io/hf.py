@@ -5,10 +5,10 @@ it asks for."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantmap.io import safetensors_stream
+from quantmap.io.names import read_weight_map
 from quantmap.io.safetensors_stream import Records, nbytes, quote
 
 INDEX = "model.safetensors.index.json"
@@ -64,7 +64,7 @@ class Checkpoint:
         self.directory = Path(directory)
         index = self.directory / INDEX
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            self.weight_map: dict[str, str] = read_weight_map(index)
         elif (self.directory / SINGLE).is_file():
             from safetensors import safe_open
 

@@ -54,6 +54,11 @@ def _read_directory(path: Path) -> list[str]:
 
 
 def _read_index(path: Path) -> list[str]:
+    return list(read_weight_map(path))
+
+
+def read_weight_map(path: Path) -> dict[str, str]:
+    """A ``*.safetensors.index.json``'s ``weight_map`` (tensor name → shard file)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -61,7 +66,7 @@ def _read_index(path: Path) -> list[str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise NamesError(f"{path}: not a safetensors index: it has no 'weight_map' object")
-    return list(weight_map)
+    return weight_map
 
 
 def _read_header(path: Path) -> list[str]:
