@@ -18,8 +18,10 @@ from quantmap.spec import load_spec
 __all__ = ["Diagnostic", "Match", "Rule", "RuleSet", "SpecError", "compile", "load_spec"]
 
 
-def compile(spec: str | Path, **params: int) -> RuleSet:  # noqa: A001 - the verb users expect
-    """Compile a spec (a path, or a shipped spec's name) with run-time parameters."""
+def compile(spec: str | Path, hf_naming: str = "on-disk", **params: int) -> RuleSet:  # noqa: A001 - the verb users expect
+    """Compile a spec (a path, or a shipped spec's name) with run-time parameters, for the HF names
+    ``save_pretrained`` writes (``hf_naming="on-disk"``) or a live transformers v5 model's
+    (``"in-memory"``: fused MoE experts, as ModelOpt names their quantizers)."""
     from quantmap.compiler import compile_spec
 
-    return compile_spec(load_spec(spec), params)
+    return compile_spec(load_spec(spec), params, hf_naming)

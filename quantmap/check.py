@@ -22,7 +22,7 @@ from typing import Iterable
 
 from quantmap.diagnostics import CODES, Location
 from quantmap.patterns import Pattern, parse
-from quantmap.rules import MOE_FANOUT, Match
+from quantmap.rules import FAN_IN, MOE_FANOUT, Match
 from quantmap.ruleset import RuleSet
 
 MEGATRON = "megatron"
@@ -112,6 +112,7 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
     hf_present = _Present(hf_names) if hf_names is not None else None
     findings: list[Finding] = []
     claimed: dict[str, list[str]] = defaultdict(list)  # HF name -> the Megatron names resolving to it
+    fanned_in: set[str] = set()  # HF names many Megatron names resolve to by design (fan-in rules)
     if megatron_names is not None:
         excluded = _Excluded(rules.spec.exclude_megatron, rules.params)
         for name in megatron_names:
@@ -123,11 +124,13 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
             targets = _targets(match, hf_present)
             for target in targets:
                 claimed[target].append(name)
+            if match.rule.fans_in or match.kind == FAN_IN:
+                fanned_in.update(targets)
             if hf_present is not None:
                 findings += _missing_targets(name, match, targets, hf_present)
         findings += [
             Finding("QM103", HF, target, f"claimed by {len(sources)} Megatron names: {', '.join(sources)}")
-            for target, sources in claimed.items() if len(sources) > 1
+            for target, sources in claimed.items() if len(sources) > 1 and target not in fanned_in
         ]
     if hf_names is not None:
         findings += _check_hf(rules, hf_names, hf_present, claimed, megatron_names)
@@ -164,7 +167,7 @@ def _check_hf(rules: RuleSet, names: list[str], present: _Present, claimed: dict
             findings.append(Finding("QM102", HF, name, f"resolves to {match.megatron}, not among the Megatron names",
                                     where))
             continue
-        if match.megatron in groups_seen:
+        if match.megatron in groups_seen or match.rule.fans_in:  # a fan-in target is one tensor: no group
             continue
         groups_seen.add(match.megatron)
         group = rules.to_hf(match.megatron)  # a reverse match's Megatron name always resolves forward

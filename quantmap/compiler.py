@@ -5,8 +5,15 @@ Derivations, per mapping:
 * the weight itself (kind ``weight``);
 * per quantizer buffer, when both sides name a ``.weight``: ``amax`` (one HF name), ``fanout``
   (a fused group) or, for a grouped-MoE ``weight*`` mapping, ``moe_fanout``;
+* for a grouped-MoE ``weight*`` mapping, also ModelOpt 0.47's per-expert weight quantizers
+  (``linear_fc1.weight_quantizer.{E}._amax``) next to the older shared one, and for a mapping onto a
+  transformers v5 fused-experts tensor (``fused_experts``) its quantizers as ModelOpt names them
+  (:mod:`quantmap.moe_rules`);
 * for attention mappings, the KV-cache ``k_bmm``/``v_bmm`` amax rules of the module that holds
   the weight.
+
+A mapping with ``hf_naming`` is compiled only under that HF naming (``on-disk``, the default, or
+``in-memory``); one without it under both.
 
 What cannot be derived is reported as a warning with the reason, never dropped silently; what
 is wrong is an error at the spec location that caused it.
@@ -20,7 +27,8 @@ from dataclasses import dataclass, field
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
 from quantmap.patterns import PatternError, Pattern, parse
-from quantmap.rules import AMAX, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
+from quantmap.moe_rules import fused_expert_buffers, grouped_weight_buffers
+from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
 from quantmap.ruleset import RuleSet
 from quantmap.spec.loader import ResolvedSpec, SourcedMapping
 
@@ -38,12 +46,20 @@ class _Context:
     unbound: set[str] = field(default_factory=set)  # missing parameters already reported
 
 
-def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None) -> RuleSet:
-    """Compile a resolved spec with run-time ``params``; raises :class:`SpecError` on any error."""
+HF_NAMINGS = ("on-disk", "in-memory")
+
+
+def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None, hf_naming: str = "on-disk") -> RuleSet:
+    """Compile a resolved spec with run-time ``params`` for one HF naming (``on-disk``: the names
+    ``save_pretrained`` writes; ``in-memory``: transformers v5's fused experts, as ModelOpt names a
+    live model's quantizers); raises :class:`SpecError` on any error."""
+    if hf_naming not in HF_NAMINGS:
+        raise ValueError(f"hf_naming must be 'on-disk' or 'in-memory', not {hf_naming!r}")
     context = _Context(spec, _bind_params(spec, params or {}), [], [])
     rules: list[Rule] = []
     for mapping in spec.mappings:
-        rules.extend(_compile_mapping(mapping, context))
+        if mapping.spec.hf_naming in (None, hf_naming):
+            rules.extend(_compile_mapping(mapping, context))
     _check_exclusions(spec, context)
     if context.errors:
         raise SpecError(context.errors)
@@ -127,12 +143,16 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     if megatron is None or None in hf:
         return []
     grouped = _is_grouped(megatron)
-    if not _check_arity(mapping, megatron, hf, grouped, context):
+    fused = mapping.spec.fused_experts is not None
+    if not (_check_fused_experts(mapping, megatron, hf, context) if fused
+            else _check_arity(mapping, megatron, hf, grouped, context)):
         return []
     origin = Origin(mapping.location, mapping.megatron, WEIGHT)
     parts = tuple(part for part, _ in mapping.hf)
     common = dict(parallel=mapping.spec.parallel, priority=mapping.spec.priority)
-    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, **common)]
+    # A fused-experts tensor stands for every expert: the Megatron expert capture has no HF counterpart.
+    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, expert_capture=megatron.arity - 1 if fused else None,
+                  **common)]
     rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common)
     if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
         rules += _kv_rules(mapping, kind, megatron, hf, context)
@@ -175,10 +195,30 @@ def _check_arity(mapping: SourcedMapping, megatron: Pattern, hf: list[Pattern], 
     return True
 
 
+def _check_fused_experts(mapping: SourcedMapping, megatron: Pattern, hf: list[Pattern], context: _Context) -> bool:
+    """A fused-experts mapping: one HF name with the Megatron side's captures but the last, the expert."""
+    problem = None
+    if len(hf) != 1:
+        problem = "its HF side is a group; a fused-experts tensor is one name"
+    elif not megatron.captures or megatron.captures[-1].kind != "digits" or megatron.captures[-1].offset is not None:
+        problem = f"{mapping.megatron!r} does not end in the expert index (local_experts.* or weight*)"
+    elif [c.kind for c in hf[0].captures] != [c.kind for c in megatron.captures[:-1]]:
+        problem = (f"{hf[0].text!r} must have the captures of {mapping.megatron!r} but the last (the expert, which "
+                   f"is the tensor's first dimension)")
+    if problem:
+        context.errors.append(Diagnostic("QM024", f"fused-experts mapping: {problem}", mapping.where("fused_experts"),
+                                         "e.g. megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight, "
+                                         "hf: model.layers.*.mlp.experts.gate_up_proj"))
+    return problem is None
+
+
 def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> list[Rule]:
     buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
     if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
         return []
+    if mapping.spec.fused_experts is not None:
+        return _derive(mapping, context, common, fused_expert_buffers(
+            megatron, hf[0], buffers, grouped, mapping.spec.fused_experts))
     if not all(p.text.endswith(".weight") for p in hf):
         context.warnings.append(Diagnostic(
             "QM060", f"no quantizer rules for {mapping.megatron!r}: its HF side does not end in '.weight'",
@@ -186,24 +226,25 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> 
             severity="warning",
         ))
         return []
-    experts = _expert_count(mapping, context) if grouped else None
+    if grouped:
+        return _derive(mapping, context, common, grouped_weight_buffers(megatron, hf, buffers, parts))
     module = megatron.text.rsplit(".", 1)[0]
     hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
-    kind = MOE_FANOUT if grouped else (FANOUT if parts != ("",) else AMAX)
-    rules = []
-    for buffer in buffers:
-        rules.append(Rule(
-            kind,
-            _derived(f"{module}.{buffer}", context),
-            tuple(_derived(f"{m}.{buffer}", context) for m in hf_modules),
-            parts,
-            Origin(mapping.location, mapping.megatron, buffer),
-            buffer=buffer,
-            expert_capture=megatron.arity - 1 if grouped else None,
-            num_experts=experts,
-            **common,
-        ))
-    return rules
+    kind = FANOUT if parts != ("",) else AMAX
+    return [Rule(kind, _derived(f"{module}.{buffer}", context),
+                 tuple(_derived(f"{m}.{buffer}", context) for m in hf_modules), parts,
+                 Origin(mapping.location, mapping.megatron, buffer), buffer=buffer, **common)
+            for buffer in buffers]
+
+
+def _derive(mapping: SourcedMapping, context: _Context, common: dict, derived) -> list[Rule]:
+    """Rules from :mod:`quantmap.moe_rules` derivations, with the mapping's origin, TP split and priority."""
+    experts = _expert_count(mapping, context)
+    return [Rule(d.kind, _derived(d.megatron, context), tuple(_derived(t, context) for t in d.hf), d.parts,
+                 Origin(mapping.location, mapping.megatron, d.buffer), buffer=d.buffer, parallel=common["parallel"],
+                 priority=common["priority"], expert_capture=d.expert_capture,
+                 num_experts=experts if d.kind in (MOE_FANOUT, FAN_IN) else None, reversible=d.reversible)
+            for d in derived]
 
 
 def _derived(text: str, context: _Context) -> Pattern:

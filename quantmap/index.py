@@ -251,19 +251,25 @@ def _generated(body: str, **names) -> Resolver:
 
 def _forward(rule: Rule) -> _Entry:
     sources: list[int | None] = list(range(rule.megatron.arity))
+    expert = "None"
     if rule.kind == MOE_FANOUT:
         sources.insert(rule.expert_capture, None)  # the expert stays a wildcard
+    elif rule.fans_in:
+        del sources[rule.expert_capture]  # one HF name for every expert: the match says which source this is
+        expert = f"int(w[{rule.expert_capture}])"
     targets = "".join(f"{_concat(p, sources)}, " for p in rule.hf)
-    body = _values(rule.megatron) + f"    return _new(Match, (kind, name, ({targets}), rule, None, None, w))\n"
+    body = _values(rule.megatron) + f"    return _new(Match, (kind, name, ({targets}), rule, None, {expert}, w))\n"
     return _Entry(rule.megatron, rule, _generated(body, kind=rule.kind, rule=rule))
 
 
 def _reverse(rule: Rule, index: int) -> _Entry:
     pattern = rule.hf[index]
     slot = rule.expert_capture if rule.kind == MOE_FANOUT else None
-    kept = [i for i in range(pattern.arity) if i != slot]
+    kept: list[int | None] = [i for i in range(pattern.arity) if i != slot]
+    if rule.fans_in:
+        kept.insert(rule.expert_capture, None)  # every expert is a source: it stays a wildcard
     megatron = _concat(rule.megatron, kept)
-    captures = "(" + "".join(f"w[{i}], " for i in kept) + ")"
+    captures = "(" + "".join(f"w[{i}], " for i in kept if i is not None) + ")"
     expert = "None" if slot is None else f"int(w[{slot}])"
     body = _values(pattern) + f"    return _new(Match, (kind, {megatron}, (name,), rule, part, {expert}, {captures}))\n"
     return _Entry(pattern, rule, _generated(body, kind=rule.kind, rule=rule, part=rule.parts[index] or None))
@@ -275,4 +281,4 @@ class Index:
     def __init__(self, rules: Iterable[Rule]):
         rules = list(rules)
         self.forward = _Side([_forward(r) for r in rules])
-        self.reverse = _Side([_reverse(r, i) for r in rules for i in range(len(r.hf))])
+        self.reverse = _Side([_reverse(r, i) for r in rules if r.reversible for i in range(len(r.hf))])

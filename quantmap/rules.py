@@ -9,9 +9,15 @@ A rule pairs one Megatron pattern with the Hugging Face pattern(s) it becomes. T
                 group's order; on import the parts fan back in.
 ``moe_fanout``  the single quantizer of a grouped-MoE block ↔ that buffer on every HF expert the
                 block holds; the HF side has one more capture, the expert.
+``fan_in``      many Megatron buffers ↔ one HF buffer (transformers v5 fused experts: one
+                ``gate_up_proj_input_quantizer`` per layer). The mirror of ``moe_fanout``: the
+                Megatron side has one more capture, the expert (SequentialMLP
+                ``local_experts.{E}``), or none when the sources are one grouped block's name held
+                by every expert-parallel rank. Export takes the max of the sources, import copies
+                the HF tensor to every source.
 
-New kinds (fan-in reductions, shape-aware splits) are new values of ``kind`` plus the fields they
-need; nothing dispatches on a class hierarchy.
+New kinds (shape-aware splits) are new values of ``kind`` plus the fields they need; nothing
+dispatches on a class hierarchy.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ WEIGHT = "weight"
 AMAX = "amax"
 FANOUT = "fanout"
 MOE_FANOUT = "moe_fanout"
+FAN_IN = "fan_in"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +56,19 @@ class Rule:
     buffer: str | None = None  # quantizer buffer relative to its module; None for weight rules
     parallel: str | None = None  # how Megatron splits the weight over TP ranks
     priority: int = 0
-    expert_capture: int | None = None  # moe_fanout: index of the HF capture that is the expert
-    num_experts: int | None = None  # moe_fanout: the model's expert count, when known
+    # The capture only one side has, the expert: moe_fanout an HF capture, fan_in a Megatron capture
+    # (None for a fan_in whose sources are one name held by every expert-parallel rank).
+    expert_capture: int | None = None
+    num_experts: int | None = None  # moe_fanout, fan_in: the model's expert count, when known
+    # False for a rule whose HF names another rule of the same mapping resolves back exactly (ModelOpt
+    # <= 0.46's shared grouped weight quantizer, under 0.47's per-expert one): forward lookups only.
+    reversible: bool = True
+
+    @property
+    def fans_in(self) -> bool:
+        """Whether many Megatron names meet one HF name: a ``fan_in`` rule over experts, or the weight
+        rule of a fused-experts tensor. The expert is then a Megatron capture only."""
+        return self.kind != MOE_FANOUT and self.expert_capture is not None
 
     def to_json(self) -> dict:
         place = self.origin.location
@@ -64,6 +82,7 @@ class Rule:
             "priority": self.priority,
             "expert_capture": self.expert_capture,
             "num_experts": self.num_experts,
+            "reversible": self.reversible,
             "source": {
                 "file": place.file,
                 "line": place.line,
@@ -78,8 +97,10 @@ class Match(NamedTuple):
     """A concrete name resolved by a rule.
 
     Forward (Megatron → HF): ``hf`` holds every target; for ``moe_fanout`` the expert stays a
-    ``*`` and :attr:`expanded` lists the names per expert. Reverse (HF → Megatron): ``part``
-    says which part of a fused group the HF name is, ``expert`` which expert of a grouped block.
+    ``*`` and :attr:`expanded` lists the names per expert; for ``fan_in`` ``expert`` says which
+    source the name is. Reverse (HF → Megatron): ``part`` says which part of a fused group the HF
+    name is, ``expert`` which expert of a grouped block; for ``fan_in`` the expert of ``megatron``
+    stays a ``*`` and :attr:`expanded` lists every source.
     """
 
     kind: str
@@ -92,10 +113,16 @@ class Match(NamedTuple):
 
     @property
     def expanded(self) -> tuple[str, ...] | None:
-        """For a forward ``moe_fanout`` match: every expert's HF names, expert by expert."""
-        if self.kind != MOE_FANOUT or self.rule.num_experts is None:
+        """The names a ``*`` stands for, when the expert count is known: a forward ``moe_fanout``
+        match's HF names expert by expert (a reverse one's: its block's), a reverse ``fan_in`` match's
+        Megatron sources."""
+        if self.rule.num_experts is None or self.rule.expert_capture is None:
             return None
-        return self.expert_names(range(self.rule.num_experts))
+        if self.kind == MOE_FANOUT:
+            return self.expert_names(range(self.rule.num_experts))
+        if self.rule.fans_in and "*" in self.megatron:
+            return self.source_names(range(self.rule.num_experts))
+        return None
 
     def expert_names(self, experts) -> tuple[str, ...]:
         """The HF names for the given experts (each expert's parts in group order)."""
@@ -105,6 +132,12 @@ class Match(NamedTuple):
             values = self.captures[:slot] + (str(expert),) + self.captures[slot:]
             out.extend(p.fill(values) for p in self.rule.hf)
         return tuple(out)
+
+    def source_names(self, experts) -> tuple[str, ...]:
+        """For a reverse match of a rule that :attr:`~Rule.fans_in`: the Megatron names of the given experts."""
+        slot = self.rule.expert_capture
+        return tuple(self.rule.megatron.fill(self.captures[:slot] + (str(expert),) + self.captures[slot:])
+                     for expert in experts)
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in (("part", self.part), ("expert", self.expert)) if v is not None)

@@ -14,7 +14,8 @@ SEGMENT = st.sampled_from(["a", "b", "blk", "x1", "*", "*", "**"])
 
 @st.composite
 def specs(draw):
-    """A random valid spec: distinct roots per mapping, random wildcards, fused groups, grouped MoE."""
+    """A random valid spec: distinct roots per mapping, random wildcards, fused groups, grouped MoE,
+    fused-experts HF tensors (fan-in rules), some mappings for one HF naming only."""
     mappings = []
     for index in range(draw(st.integers(1, 5))):
         middle = draw(st.lists(SEGMENT, min_size=0, max_size=4))
@@ -23,15 +24,24 @@ def specs(draw):
         body = ".".join(middle)
         body = f".{body}" if body else ""
         grouped = draw(st.booleans()) and draw(st.booleans())
-        parts = draw(st.sampled_from([[""], ["q", "k", "v"], ["gate", "up"]]))
-        megatron = f"m{index}{body}.lin.weight" + ("*" if grouped else "")
-        expert = ".e.*" if grouped else ""
+        fused = draw(st.sampled_from([None, None, "per-expert", "shared"]))
+        parts = [""] if fused else draw(st.sampled_from([[""], ["q", "k", "v"], ["gate", "up"]]))
+        if fused and not grouped:
+            megatron = f"m{index}{body}.le.*.lin.weight"  # SequentialMLP: the expert is the last capture
+        else:
+            megatron = f"m{index}{body}.lin.weight" + ("*" if grouped else "")
+        expert = ".e.*" if grouped and not fused else ""
 
         def hf(part):
-            return f"h{index}{body}{expert}.{part or 'p'}_proj.weight"
+            return f"h{index}{body}.experts.p_proj" if fused else f"h{index}{body}{expert}.{part or 'p'}_proj.weight"
 
-        mappings.append({"megatron": megatron,
-                         "hf": hf("") if parts == [""] else {p: hf(p) for p in parts}})
+        mapping = {"megatron": megatron, "hf": hf("") if parts == [""] else {p: hf(p) for p in parts}}
+        if fused:
+            mapping["fused_experts"] = fused
+        naming = draw(st.sampled_from([None, None, "on-disk", "in-memory"]))
+        if naming:
+            mapping["hf_naming"] = naming
+        mappings.append(mapping)
     return {"name": "generated", "params": {"num_experts": 4}, "kv_cache": False, "mappings": mappings}
 
 
@@ -40,27 +50,46 @@ def fill_values(data, pattern):
             else str(data.draw(st.integers(0, 300))) for c in pattern.captures]
 
 
+def forward_targets(rules, megatron: str) -> list[str]:
+    match = rules.to_hf(megatron)
+    return list(match.expert_names(range(match.rule.num_experts)) if match.kind == MOE_FANOUT else match.hf)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs(), st.data())
 def test_forward_then_reverse_is_the_identity_on_every_target(tmp_path_factory, spec, data):
+    """Every target of a name reverses to that name, unless another rule claims the target (the forward-only
+    shared grouped weight quantizer under its per-expert form, an expert layout under SequentialMLP); then the
+    winner's name maps forward onto the same target. A fan-in target reverses to every source, ``*``."""
     path = tmp_path_factory.mktemp("spec") / "generated.yaml"
     path.write_text(yaml.safe_dump(spec))
-    rules = quantmap.compile(str(path))
-    for rule in rules:
-        name = rule.megatron.fill(fill_values(data, rule.megatron))
-        match = rules.to_hf(name)
-        assert match is not None and match.rule is rule and match.megatron == name
-        if rule.kind == MOE_FANOUT:
-            targets = match.expert_names(range(rule.num_experts))
-            expected = [(part, expert) for expert in range(rule.num_experts) for part in rule.parts]
-        else:
-            targets = match.hf
-            expected = [(part, None) for part in rule.parts]
-        assert len(targets) == len(expected)
-        for target, (part, expert) in zip(targets, expected):
-            back = rules.to_megatron(target)
-            assert back.megatron == name, (target, back)
-            assert (back.part or "", back.expert) == (part, expert)
+    for naming in ("on-disk", "in-memory"):
+        rules = quantmap.compile(str(path), hf_naming=naming)
+        assert all(m.get("hf_naming") in (None, naming) for m in spec["mappings"]
+                   if any(r.origin.mapping == m["megatron"] for r in rules))
+        for rule in rules:
+            name = rule.megatron.fill(fill_values(data, rule.megatron))
+            match = rules.to_hf(name)
+            assert match is not None and match.rule is rule and match.megatron == name
+            if rule.kind == MOE_FANOUT:
+                expected = [(part, expert) for expert in range(rule.num_experts) for part in rule.parts]
+            else:
+                expected = [(part, None) for part in rule.parts]
+            targets = forward_targets(rules, name)
+            assert len(targets) == len(expected)
+            for target, (part, expert) in zip(targets, expected):
+                back = rules.to_megatron(target)
+                if back.rule.fans_in:  # the expert stays '*': take the one this name is
+                    assert "*" in back.megatron and back.expert is None
+                    concrete = back.source_names([match.expert if rule.fans_in else 0])[0]
+                else:
+                    concrete = back.megatron
+                if back.rule is rule:
+                    assert concrete == name, (target, back)
+                    assert (back.part or "", back.expert) == (part, expert)
+                else:  # a forward-only rule, or one that a higher-priority mapping wins
+                    assert not rule.reversible or back.rule.priority > rule.priority, (rule, back.rule)
+                assert target in forward_targets(rules, concrete)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

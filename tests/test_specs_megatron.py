@@ -16,7 +16,7 @@ import pytest
 import quantmap
 from quantmap.check import check
 from quantmap.diagnostics import SpecError
-from quantmap.rules import WEIGHT
+from quantmap.rules import FAN_IN, WEIGHT
 
 DATA = Path(__file__).parent / "data"
 MEGATRON = sorted((DATA / "megatron").glob("state_*.json"))
@@ -201,10 +201,20 @@ def test_qwen2_qkv_bias_fans_out_to_q_k_v_biases():
     assert match.hf == tuple(f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv")
 
 
-def test_gpt_oss_experts_are_excluded_on_both_sides_not_silently_dropped():
+def test_gpt_oss_expert_quantizers_fan_in_to_its_shared_ones_and_the_biases_stay_excluded():
+    # ModelOpt 0.47 _QuantGptOssExperts: one gate_up_proj_weight_quantizer for all experts.
     rules = quantmap.compile("gpt_oss")
-    assert rules.to_megatron("model.layers.0.mlp.experts.gate_up_proj") is None
+    back = rules.to_megatron("model.layers.0.mlp.experts.gate_up_proj_weight_quantizer._amax")
+    assert back.kind == FAN_IN
+    assert back.megatron == "decoder.layers.0.mlp.experts.local_experts.*.linear_fc1.weight_quantizer._amax"
+    for name in ("decoder.layers.0.mlp.experts.linear_fc2.weight_quantizer.3._amax",
+                 "decoder.layers.0.mlp.experts.linear_fc2.weight_quantizer._amax",
+                 "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight_quantizer._amax"):
+        assert rules.to_hf(name).hf == ("model.layers.0.mlp.experts.down_proj_weight_quantizer._amax",), name
     report = check(rules, megatron=["decoder.layers.0.mlp.experts.linear_fc1.weight0",
+                                    "decoder.layers.0.mlp.experts.linear_fc1.weight1",
+                                    "decoder.layers.0.mlp.experts.linear_fc1.bias0",
                                     "decoder.layers.0.self_attention.core_attention.softmax_offset"],
-                   hf=["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.self_attn.sinks"])
+                   hf=["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj_bias",
+                       "model.layers.0.self_attn.sinks"])
     assert report.findings == ()

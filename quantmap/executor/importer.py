@@ -4,7 +4,8 @@ A rank resolves every HF name to its global Megatron name once (metadata only), 
 its layout position holds (its pipeline stage's layers, its expert block), localises them, and
 reads just those tensors, lazily. Fan-in is the reverse of export's fan-out: a fused quantizer
 takes the max of its HF parts (q/k/v, gate/up) and a grouped-MoE block the max over its
-experts; parts that disagree are reported. Scalars are replicated on every tensor-parallel rank;
+experts; parts that disagree are reported. A fan-in HF tensor (one for many Megatron quantizers) is
+copied to every source (:mod:`quantmap.executor.fan_in`). Scalars are replicated on every tensor-parallel rank;
 a column-parallel 1:1 tensor is split on dim 0. Nothing talks to other ranks except to agree on
 the output directory and on success.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from quantmap.executor.fan_in import copy_to_source, sources
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
@@ -25,7 +27,7 @@ from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, max_of_copies, not_sup
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
-from quantmap.rules import FANOUT, MOE_FANOUT, WEIGHT
+from quantmap.rules import FAN_IN, FANOUT, MOE_FANOUT, WEIGHT
 
 
 class Catalog:
@@ -47,7 +49,7 @@ class Catalog:
             elif not _held(match, layout):
                 self.report.outside.append(name)
             else:
-                claimed.add(match.megatron)
+                claimed.update(sources(match, layout))
         self.megatron = sorted(claimed)
 
 
@@ -80,6 +82,9 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
         if not present:
             continue
         parts = [checkpoint.get(name) for name in present]
+        if match.kind == FAN_IN:
+            state[local] = copy_to_source(megatron, present[0], parts[0])
+            continue
         state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
     report.written = len(state)
     return state, report

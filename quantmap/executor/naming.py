@@ -3,9 +3,11 @@
 Each pipeline stage numbers its layers from 0 (``TransformerBlock`` builds ``decoder.layers.{i}``
 locally; the global index is ``get_transformer_layer_offset + i``), and each expert-parallel rank
 numbers its experts from 0 (``SequentialMLP`` ``local_experts.{i}``, ``TEGroupedLinear``
-``weight{i}``/``bias{i}``; the global index is ``ep_rank * experts_per_rank + i``, as in
-``BaseMoELayer``). Rules are written against global names. A grouped block's quantizer
-(``...experts.linear_fc1.weight_quantizer._amax``) has no expert index and is never renumbered.
+``weight{i}``/``bias{i}``, and ModelOpt 0.47's per-expert quantizers of a grouped linear,
+``...experts.linear_fc1.weight_quantizer.{i}._amax``; the global index is
+``ep_rank * experts_per_rank + i``, as in ``BaseMoELayer``). Rules are written against global names.
+A grouped block's shared quantizer (``...experts.linear_fc1.input_quantizer._amax``, and ModelOpt
+<= 0.46's ``...experts.linear_fc1.weight_quantizer._amax``) has no expert index and is never renumbered.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from quantmap.executor.layout import Coords, Layout
 
 _LAYER = re.compile(r"(?:^|(?<=\.))(decoder\.layers\.)(\d+)(?=\.)")
 _EDGE = re.compile(r"(?:^|(?<=\.))(?:(embedding)|output_layer|decoder\.final_layernorm|mtp)\.")
-_EXPERT = re.compile(r"(\.local_experts\.)(\d+)(?=\.)|(?<=\.experts\.)(linear_fc\d+\.(?:weight|bias))(\d+)(?=$|\.)")
+_EXPERT = re.compile(r"(\.local_experts\.)(\d+)(?=\.)|(?<=\.experts\.)(linear_fc\d+\.(?:weight|bias))(\d+)(?=$|\.)"
+                     r"|(?<=\.experts\.)(linear_fc\d+\.weight_quantizer\.)(\d+)(?=\.)")
 
 
 class NamingError(ValueError):
@@ -118,21 +121,28 @@ def to_local(name: str, layout: Layout, coords: Coords) -> str | None:
 
 
 def _expert_index(found: re.Match) -> tuple[str, int]:
-    """An ``_EXPERT`` match's text before the index and the index (``local_experts.N`` or ``weightN``)."""
-    prefix, digits = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
-    return prefix, int(digits)
+    """An ``_EXPERT`` match's text before the index and the index (``local_experts.N``, ``weightN`` or
+    ``weight_quantizer.N``)."""
+    first = found.lastindex - 1  # the alternative that matched: its prefix group, then its digits
+    return found.group(first), int(found.group(first + 1))
 
 
-def expert_block(name: str, match, layout: Layout, ep_rank: int) -> range:
-    """The global experts a grouped-MoE quantizer covers on EP rank ``ep_rank``: ``[r*E/ep, (r+1)*E/ep)``."""
-    total = match.rule.num_experts or layout.num_experts
+def expert_count(name: str, rule, layout: Layout) -> int:
+    """How many experts a rule over every expert (a grouped block's quantizer, a fan-in) spans: the
+    spec's count or the layout's, which must agree when both are given."""
+    total = rule.num_experts or layout.num_experts
     if total is None:
-        raise NamingError(f"{name} is a grouped-MoE quantizer but neither the spec (--param num_experts=N) nor the "
+        raise NamingError(f"{name} stands for every expert but neither the spec (--param num_experts=N) nor the "
                           f"layout (num_experts) gives the number of experts")
     if layout.num_experts is not None and total != layout.num_experts:
         raise NamingError(f"{name}: the spec says {total} experts but the layout says {layout.num_experts}; "
                           f"make them agree")
-    per_rank = total // layout.ep
+    return total
+
+
+def expert_block(name: str, match, layout: Layout, ep_rank: int) -> range:
+    """The global experts a grouped-MoE quantizer covers on EP rank ``ep_rank``: ``[r*E/ep, (r+1)*E/ep)``."""
+    per_rank = expert_count(name, match.rule, layout) // layout.ep
     return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
 
 

@@ -14,7 +14,9 @@ Combining, per global Megatron name:
   (fused fan-out of per-channel or block amax, row-parallel) needs shape-aware fan-out and is an
   error rather than a wrong file;
 * expert parallel: a grouped block's amax from EP rank ``r`` goes to experts
-  ``[r*E/ep, (r+1)*E/ep)``; SequentialMLP experts were already renamed to global indices.
+  ``[r*E/ep, (r+1)*E/ep)``; SequentialMLP experts were already renamed to global indices;
+* fan-in (:mod:`quantmap.executor.fan_in`): every source of one HF tensor, over experts and EP
+  ranks, becomes one item combined by ``max``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from itertools import accumulate, groupby
 
 import torch
 
+from quantmap.executor.fan_in import Gathered, check_scalar
 from quantmap.executor.layout import Layout
-from quantmap.executor.naming import NamingError, expert_block, expert_hf_names, is_expert, to_local
+from quantmap.executor.naming import NamingError, expert_block, expert_count, expert_hf_names, is_expert, to_local
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import SPLIT_DIM0, max_of_copies, not_supported, tensor_parallel_layout
-from quantmap.rules import FANOUT, MOE_FANOUT
+from quantmap.rules import FAN_IN, FANOUT, MOE_FANOUT
 
 ONE, MAX, CAT = "one", "max", "cat"
 _MAX_LISTED = 8
@@ -95,6 +98,8 @@ class Plan:
         self.report = Report()
         self.items = _Items()
         self._disagreeing: set[str] = set()
+        self._fan_in = Gathered()
+        self._fan_in_targets: dict[str, tuple[str, int]] = {}  # item name -> (HF target, source count)
         self._build()
         self.report.written = self.items.names_total()
 
@@ -124,8 +129,14 @@ class Plan:
         out, spread = max_of_copies(parts, [f"rank {rank}" for rank, _ in item.sources])
         if spread and item.megatron not in self._disagreeing:
             self._disagreeing.add(item.megatron)  # tensors may be built more than once (files, then a state dict)
-            self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max")
+            self.report.disagreements.append(self._disagreement(item, spread))
         return out
+
+    def _disagreement(self, item: Item, spread: str) -> str:
+        if item.megatron in self._fan_in_targets:
+            target, count = self._fan_in_targets[item.megatron]
+            return f"{target}: its {count} Megatron source(s) differ ({spread}); exported the max"
+        return f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max"
 
     # -- checking -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -158,6 +169,7 @@ class Plan:
                 self._add(name, self._owned(name, sources))
             except (_Problem, NamingError) as problem:
                 errors.append(str(problem))
+        self._add_fan_ins(errors)
         if errors:
             raise ExecutorError(_listing("export stopped before any tensor moved: ", errors, "problem") +
                                 "\nNothing was written.")
@@ -211,6 +223,9 @@ class Plan:
         match = self.rules.to_hf(name)
         expert = is_expert(name)
         stage = self._coords(sources[0][0]).pp
+        if match.kind == FAN_IN:
+            self._gather_fan_in(name, match, sources, expert, stage)
+            return
         if match.kind != MOE_FANOUT:
             ep = self._coords(sources[0][0]).ep
             peers = self._peers(name, sources, expert, stage, ep)
@@ -222,6 +237,39 @@ class Plan:
             experts = expert_block(name, match, self.layout, ep)
             self.items.append(Item(name, self._combine(name, match, peers), tuple(peers),
                                    len(experts) * len(match.rule.hf), experts))
+
+    def _gather_fan_in(self, name: str, match, sources, expert: bool, stage: int) -> None:
+        """One source of a fan-in: its copies in tensor-parallel order on each EP rank that holds it (a grouped
+        block's shared quantizer is on every one), gathered by HF target."""
+        shared = expert and match.rule.expert_capture is None
+        blocks = sorted({self._coords(r).ep for r, _ in sources}) if expert else [self._coords(sources[0][0]).ep]
+        if shared and len(blocks) != self.layout.ep:
+            raise _Problem(f"{name} is a grouped block's quantizer, held by every expert-parallel rank, but only "
+                           f"EP rank(s) {blocks} of {self.layout.ep} hold it")
+        peers = []
+        for ep in blocks:
+            block = [s for s in sources if self._coords(s[0]).ep == ep] if expert else sources
+            peers += self._peers(name, block, expert, stage, ep)
+        for rank, index in peers:
+            problem = check_scalar(name, self.metas[rank]["shapes"][index], match.hf[0])
+            if problem:
+                raise _Problem(problem)
+        experts = None if match.rule.expert_capture is None else expert_count(name, match.rule, self.layout)
+        self._fan_in.add(name, match, peers, experts)
+
+    def _add_fan_ins(self, errors: list[str]) -> None:
+        """One item per fan-in HF tensor, once every name's sources are gathered."""
+        for target, names, copies in self._fan_in.targets():
+            problem = self._fan_in.short(target, names)
+            if problem:
+                errors.append(problem)
+                continue
+            dtypes = {self.metas[rank]["dtypes"][index] for rank, index in copies}
+            if len(dtypes) > 1:
+                errors.append(f"{target}: its Megatron sources have different dtypes ({sorted(map(str, dtypes))})")
+                continue
+            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), 1))
+            self._fan_in_targets[names[0]] = (target, len(names))
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
         """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""

@@ -39,6 +39,12 @@ class SourcedMapping:
     def where(self, name: str) -> Location:
         return dict(self.field_locations).get(name, self.location)
 
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """What makes a mapping one of its spec: its Megatron pattern and the HF naming it serves (one
+        Megatron weight may map to per-expert names on disk and to a fused-experts tensor in memory)."""
+        return self.megatron, self.spec.hf_naming
+
 
 @dataclass(frozen=True, slots=True)
 class ResolvedSpec:
@@ -237,29 +243,33 @@ def _sourced(m: MappingSpec, index: int, file: str, values: dict, prefix: Sides)
 
 
 def _reject_duplicates(mappings: tuple[SourcedMapping, ...]) -> None:
-    first: dict[str, SourcedMapping] = {}
+    seen: dict[str, list[SourcedMapping]] = {}
     problems = []
     for m in mappings:
-        if m.megatron in first:
+        # A mapping without hf_naming serves both namings, so it clashes with a mapping of either.
+        clash = next((other for other in seen.get(m.megatron, ())
+                      if None in (other.spec.hf_naming, m.spec.hf_naming) or other.key == m.key), None)
+        if clash is not None:
             problems.append(Diagnostic(
-                "QM030", f"duplicate mapping for {m.megatron!r}; the first is at {first[m.megatron].location}",
-                m.where("megatron"), "remove one, or merge their HF names into one fused group",
+                "QM030", f"duplicate mapping for {m.megatron!r}; the first is at {clash.location}",
+                m.where("megatron"), "remove one, or merge their HF names into one fused group (or give each "
+                "its own hf_naming)",
             ))
         else:
-            first[m.megatron] = m
+            seen.setdefault(m.megatron, []).append(m)
     if problems:
         raise SpecError(problems)
 
 
 def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpec | None, file: str) -> ResolvedSpec:
-    """Child overrides parent: same Megatron pattern replaces in place, new mappings append."""
+    """Child overrides parent: same Megatron pattern and HF naming replaces in place, new mappings append."""
     explicit = model.model_fields_set
     prefix = model.prefix
     mappings = [_prefixed(m, prefix) for m in parent.mappings] if parent else []
-    position = {m.megatron: i for i, m in enumerate(mappings)}
+    position = {m.key: i for i, m in enumerate(mappings)}
     for m in own:
-        if m.megatron in position:
-            mappings[position[m.megatron]] = m
+        if m.key in position:
+            mappings[position[m.key]] = m
         else:
             mappings.append(m)
 

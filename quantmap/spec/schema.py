@@ -75,6 +75,19 @@ class MappingSpec(_Strict):
         description="Derive KV-cache (k_bmm/v_bmm) rules for the attention module that holds this weight. "
         "Defaults to true for qkv mappings.",
     )
+    hf_naming: Literal["on-disk", "in-memory"] | None = Field(
+        None,
+        description="The Hugging Face naming this mapping belongs to: 'on-disk' (what save_pretrained writes: "
+        "per-expert MoE names) or 'in-memory' (transformers v5 fused experts, what ModelOpt names on a live "
+        "model). Compiled only under that --hf-naming; omitted, under both.",
+    )
+    fused_experts: Literal["per-expert", "shared"] | None = Field(
+        None,
+        description="The HF side is one tensor holding every expert (transformers v5 'mlp.experts.gate_up_proj'), "
+        "named without an expert wildcard. ModelOpt names its quantizers '<tensor>_weight_quantizers.{E}' and "
+        "'<tensor>_input_quantizer' (per-expert), or '<tensor>_weight_quantizer' and '<tensor>_input_quantizer' "
+        "(shared: gpt-oss).",
+    )
     note: str | None = Field(None, description="Free text for readers of the spec.")
 
 

@@ -1,0 +1,87 @@
+"""Quantizer rules of MoE expert mappings where one module's buffer is not one buffer per side.
+
+Two namings need more than the compiler's one-buffer-per-module derivation:
+
+* ModelOpt 0.47 gives a Transformer Engine grouped linear (TEGroupedMLP) one weight quantizer per
+  local expert, ``...experts.linear_fc1.weight_quantizer.{E}._amax`` (a ``GroupedQuantizer``
+  ``ModuleList``, ``plugins/transformer_engine.py`` ``_QuantTEGroupedLinear._setup``), and keeps one
+  shared ``input_quantizer`` per grouped linear. ModelOpt <= 0.46 shared one weight quantizer too
+  (``...experts.linear_fc1.weight_quantizer._amax``); both forms are derived, and a reverse lookup
+  gives the per-expert one (the shared form is forward-only: ``Rule.reversible`` is false).
+* transformers v5 fuses a layer's experts into one tensor in memory (``mlp.experts.gate_up_proj``),
+  and ModelOpt names that module's quantizers after the tensor
+  (``plugins/huggingface.py`` ``_QuantFusedExperts``): ``gate_up_proj_weight_quantizers.{E}`` (one
+  per expert) and ``gate_up_proj_input_quantizer`` (one per layer); gpt-oss's
+  ``_QuantGptOssExperts`` has one ``gate_up_proj_weight_quantizer`` for all experts ("shared").
+  Many Megatron quantizers meeting one HF quantizer are ``fan_in`` rules.
+
+Each derivation is plain data (:class:`Derived`); the compiler turns it into a rule.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from quantmap.patterns import Pattern
+from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT
+
+WEIGHT_QUANTIZER = "weight_quantizer"
+
+
+class Derived(NamedTuple):
+    """One derived quantizer rule, before the compiler adds the mapping's origin and priority."""
+
+    kind: str
+    megatron: str
+    hf: tuple[str, ...]
+    parts: tuple[str, ...]
+    buffer: str
+    expert_capture: int | None = None
+    reversible: bool = True  # False for the older shared form, whose HF names the per-expert form reverses
+
+
+def grouped_weight_buffers(megatron: Pattern, hf: list[Pattern], buffers, parts) -> list[Derived]:
+    """A grouped ``weight*`` mapping onto per-expert HF modules: each block buffer fans out to the
+    experts (``moe_fanout``); a weight quantizer also per expert, one to one (or onto a fused group)."""
+    module = megatron.text.rsplit(".", 1)[0]  # ...experts.linear_fc1
+    expert = megatron.arity - 1
+    hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
+    out = []
+    for buffer in buffers:
+        targets = tuple(f"{m}.{buffer}" for m in hf_modules)
+        quantizer, _, attr = buffer.partition(".")
+        if quantizer != WEIGHT_QUANTIZER:
+            out.append(Derived(MOE_FANOUT, f"{module}.{buffer}", targets, parts, buffer, expert))
+            continue
+        out.append(Derived(MOE_FANOUT, f"{module}.{buffer}", targets, parts, buffer, expert, False))
+        out.append(Derived(FANOUT if parts != ("",) else AMAX, f"{module}.{quantizer}.*.{attr}", targets, parts, buffer))
+    return out
+
+
+def fused_expert_buffers(megatron: Pattern, hf: Pattern, buffers, grouped: bool, style: str) -> list[Derived]:
+    """A mapping onto a fused-experts HF tensor (``fused_experts: per-expert | shared``), from SequentialMLP
+    (``local_experts.*...weight``) or a grouped linear (``weight*``). The Megatron expert is its last capture."""
+    hf_module, tensor = hf.text.rsplit(".", 1)
+    expert = megatron.arity - 1
+    module = megatron.text.rsplit(".", 1)[0]  # local_experts.*.linear_fc1, or the grouped ...experts.linear_fc1
+    out = []
+    for buffer in buffers:
+        quantizer, _, attr = buffer.partition(".")
+        per_expert = style == "per-expert" and quantizer == WEIGHT_QUANTIZER
+        target = (f"{hf_module}.{tensor}_{quantizer}s.*.{attr}" if per_expert else f"{hf_module}.{tensor}_{buffer}",)
+        if not grouped:  # one Megatron quantizer per expert
+            out.append(Derived(AMAX, f"{module}.{buffer}", target, ("",), buffer) if per_expert
+                       else Derived(FAN_IN, f"{module}.{buffer}", target, ("",), buffer, expert))
+            continue
+        block = f"{module}.{buffer}"  # shared by the block: the same name on every expert-parallel rank
+        if quantizer != WEIGHT_QUANTIZER:
+            out.append(Derived(FAN_IN, block, target, ("",), buffer))
+            continue
+        each = f"{module}.{quantizer}.*.{attr}"
+        if per_expert:
+            out += [Derived(MOE_FANOUT, block, target, ("",), buffer, expert, False),
+                    Derived(AMAX, each, target, ("",), buffer)]
+        else:
+            out += [Derived(FAN_IN, block, target, ("",), buffer, None, False),
+                    Derived(FAN_IN, each, target, ("",), buffer, expert)]
+    return out
