@@ -30,6 +30,16 @@ SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (
 ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
 
 
+class HfNaming(str, Enum):
+    on_disk = "on-disk"
+    in_memory = "in-memory"
+
+
+HfNamingOpt = typer.Option(HfNaming.on_disk, "--hf-naming", help="The HF names to map: on-disk (what save_pretrained "
+                           "writes) or in-memory (a live transformers v5 model: fused MoE experts, as ModelOpt names "
+                           "their quantizers).")
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -53,11 +63,11 @@ def fail(error: SpecError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def compile_or_exit(spec: str, params: dict[str, int]):
+def compile_or_exit(spec: str, params: dict[str, int], hf_naming: HfNaming = HfNaming.on_disk):
     import quantmap
 
     try:
-        return quantmap.compile(spec, **params)
+        return quantmap.compile(spec, hf_naming.value, **params)
     except SpecError as error:
         raise fail(error) from None
 
@@ -67,9 +77,10 @@ def compile_command(
     spec: str = SpecArg,
     format: Format = typer.Option(Format.table, "--format", "-f", help="table (readable), json or yaml."),
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Compile a spec and print its rules. JSON output is deterministic, byte for byte."""
-    rules = compile_or_exit(spec, parse_params(param))
+    rules = compile_or_exit(spec, parse_params(param), hf_naming)
     for warning in rules.warnings:
         typer.echo(str(warning), err=True)
     if format is Format.json:
@@ -97,28 +108,34 @@ def _table(rules) -> str:
 def validate(
     specs: List[str] = typer.Argument(..., help="Spec files or shipped names."),
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: Optional[HfNaming] = typer.Option(None, "--hf-naming", help="Validate for one HF naming only "
+                                                 "(on-disk or in-memory); both by default."),
 ) -> None:
     """Check specs: exit 0 when all are valid, 1 with 'file:line:col: message' lines otherwise.
 
-    Parameters the spec leaves to run time are set to a placeholder, unless given.
+    Parameters the spec leaves to run time are set to a placeholder, unless given. Each spec is compiled
+    for both HF namings unless --hf-naming picks one.
     """
-    from quantmap.compiler import compile_spec
+    from quantmap.compiler import HF_NAMINGS, compile_spec
     from quantmap.spec import load_spec
 
     given = parse_params(param)
+    namings = (hf_naming.value,) if hf_naming else HF_NAMINGS
     failed = False
     for spec in specs:
         try:
             resolved = load_spec(spec)
             placeholders = {name: 0 for name, value in resolved.params.items() if value is None}
-            rules = compile_spec(resolved, {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}})
+            bound = {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}}
+            # Warnings are the same under both namings for mappings that serve both: print each once.
+            warnings = {str(w): None for naming in namings for w in compile_spec(resolved, bound, naming).warnings}
         except SpecError as error:
             failed = True
             for diagnostic in error.diagnostics:
                 typer.echo(str(diagnostic), err=True)
         else:
-            for warning in rules.warnings:
-                typer.echo(str(warning), err=True)
+            for warning in warnings:
+                typer.echo(warning, err=True)
             typer.echo(f"{spec}: ok")
     if failed:
         raise typer.Exit(1)
@@ -132,9 +149,14 @@ def lookup(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     from_file: Optional[str] = typer.Option(None, "--from-file", help="Read names, one per line, from a file or '-'."),
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
-    """Resolve concrete names. Exit 0 when every name matched, 1 when some did not."""
-    rules = compile_or_exit(spec, parse_params(param))
+    """Resolve concrete names. Exit 0 when every name matched, 1 when some did not. A fan-in HF name
+    (one tensor for many Megatron quantizers) resolves to every source: the expert as '*', and with
+    --json an 'expanded' list when the expert count is known."""
+    from quantmap.rules import FAN_IN
+
+    rules = compile_or_exit(spec, parse_params(param), hf_naming)
     resolve = rules.to_megatron if reverse else rules.to_hf
     unmatched = 0
     out = sys.stdout
@@ -147,8 +169,9 @@ def lookup(
         elif match is None:
             out.write(f"{name}\t(no match)\n")
         else:
-            extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert))
-                            if value is not None)
+            sources = len(match.expanded) if reverse and match.kind == FAN_IN and match.expanded else None
+            extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert),
+                                                                 ("sources", sources)) if value is not None)
             targets = ", ".join((match.megatron,) if reverse else match.hf)
             out.write(f"{name}\t{match.kind}\t{targets}{extra}\n")
     if unmatched:
@@ -184,6 +207,7 @@ def check(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
     format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
     names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
@@ -192,7 +216,7 @@ def check(
 
     if megatron is None and hf is None:
         raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
-    rules = compile_or_exit(spec, parse_params(param))
+    rules = compile_or_exit(spec, parse_params(param), hf_naming)
     try:
         report = check_names(rules, None if megatron is None else read_names(megatron),
                              None if hf is None else read_names(hf))
@@ -221,11 +245,12 @@ def export_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
     from quantmap.executor.launch import export_shards
 
-    _run_executor(spec, param, quiet, lambda params: export_shards(
+    _run_executor(spec, param, hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
@@ -241,26 +266,28 @@ def import_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Import Hugging Face quantizer state into a Megatron shard directory for a layout."""
     from quantmap.executor.launch import import_checkpoint
 
-    _run_executor(spec, param, quiet, lambda params: import_checkpoint(
+    _run_executor(spec, param, hf_naming, quiet, lambda params: import_checkpoint(
         spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
 
-def _run_executor(spec: str, param: Optional[List[str]], quiet: bool, run) -> None:
+def _run_executor(spec: str, param: Optional[List[str]], hf_naming: HfNaming, quiet: bool, run) -> None:
     """Run an export/import after checking the spec; its report on stderr, its failure as one
-    message and exit code 1. ``run`` gets the spec's run-time parameters."""
+    message and exit code 1. ``run`` gets the keyword arguments of ``quantmap.compile``: the spec's
+    run-time parameters and ``hf_naming``."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.names import NamesError
 
     params = parse_params(param)
-    compile_or_exit(spec, params)
+    compile_or_exit(spec, params, hf_naming)
     try:
-        report = run(params)
+        report = run({**params, "hf_naming": hf_naming.value})
     except (ExecutorError, LayoutError, NamingError, NamesError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

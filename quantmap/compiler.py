@@ -216,9 +216,10 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> 
     buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
     if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
         return []
+    imported = mapping.spec.grouped_weight_quantizer or "per-expert"
     if mapping.spec.fused_experts is not None:
         return _derive(mapping, context, common, fused_expert_buffers(
-            megatron, hf[0], buffers, grouped, mapping.spec.fused_experts))
+            megatron, hf[0], buffers, grouped, mapping.spec.fused_experts, imported))
     if not all(p.text.endswith(".weight") for p in hf):
         context.warnings.append(Diagnostic(
             "QM060", f"no quantizer rules for {mapping.megatron!r}: its HF side does not end in '.weight'",
@@ -227,7 +228,7 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> 
         ))
         return []
     if grouped:
-        return _derive(mapping, context, common, grouped_weight_buffers(megatron, hf, buffers, parts))
+        return _derive(mapping, context, common, grouped_weight_buffers(megatron, hf, buffers, parts, imported))
     module = megatron.text.rsplit(".", 1)[0]
     hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
     kind = FANOUT if parts != ("",) else AMAX

@@ -6,8 +6,9 @@ Two namings need more than the compiler's one-buffer-per-module derivation:
   local expert, ``...experts.linear_fc1.weight_quantizer.{E}._amax`` (a ``GroupedQuantizer``
   ``ModuleList``, ``plugins/transformer_engine.py`` ``_QuantTEGroupedLinear._setup``), and keeps one
   shared ``input_quantizer`` per grouped linear. ModelOpt <= 0.46 shared one weight quantizer too
-  (``...experts.linear_fc1.weight_quantizer._amax``); both forms are derived, and a reverse lookup
-  gives the per-expert one (the shared form is forward-only: ``Rule.reversible`` is false).
+  (``...experts.linear_fc1.weight_quantizer._amax``). Both forms are derived for export; a reverse
+  lookup (import) gives the one the mapping's ``grouped_weight_quantizer`` names (per-expert by
+  default), the other is forward-only (``Rule.reversible`` is false).
 * transformers v5 fuses a layer's experts into one tensor in memory (``mlp.experts.gate_up_proj``),
   and ModelOpt names that module's quantizers after the tensor
   (``plugins/huggingface.py`` ``_QuantFusedExperts``): ``gate_up_proj_weight_quantizers.{E}`` (one
@@ -37,10 +38,15 @@ class Derived(NamedTuple):
     parts: tuple[str, ...]
     buffer: str
     expert_capture: int | None = None
-    reversible: bool = True  # False for the older shared form, whose HF names the per-expert form reverses
+    reversible: bool = True  # False for the weight quantizer form an import does not write
 
 
-def grouped_weight_buffers(megatron: Pattern, hf: list[Pattern], buffers, parts) -> list[Derived]:
+def _both_forms(shared: Derived, each: Derived, imported: str) -> list[Derived]:
+    """A grouped linear's weight quantizer in both ModelOpt forms; only the ``imported`` one reverses."""
+    return [shared._replace(reversible=imported == "shared"), each._replace(reversible=imported == "per-expert")]
+
+
+def grouped_weight_buffers(megatron: Pattern, hf: list[Pattern], buffers, parts, imported: str) -> list[Derived]:
     """A grouped ``weight*`` mapping onto per-expert HF modules: each block buffer fans out to the
     experts (``moe_fanout``); a weight quantizer also per expert, one to one (or onto a fused group)."""
     module = megatron.text.rsplit(".", 1)[0]  # ...experts.linear_fc1
@@ -53,12 +59,14 @@ def grouped_weight_buffers(megatron: Pattern, hf: list[Pattern], buffers, parts)
         if quantizer != WEIGHT_QUANTIZER:
             out.append(Derived(MOE_FANOUT, f"{module}.{buffer}", targets, parts, buffer, expert))
             continue
-        out.append(Derived(MOE_FANOUT, f"{module}.{buffer}", targets, parts, buffer, expert, False))
-        out.append(Derived(FANOUT if parts != ("",) else AMAX, f"{module}.{quantizer}.*.{attr}", targets, parts, buffer))
+        out += _both_forms(Derived(MOE_FANOUT, f"{module}.{buffer}", targets, parts, buffer, expert),
+                           Derived(FANOUT if parts != ("",) else AMAX, f"{module}.{quantizer}.*.{attr}", targets,
+                                   parts, buffer), imported)
     return out
 
 
-def fused_expert_buffers(megatron: Pattern, hf: Pattern, buffers, grouped: bool, style: str) -> list[Derived]:
+def fused_expert_buffers(megatron: Pattern, hf: Pattern, buffers, grouped: bool, style: str,
+                         imported: str) -> list[Derived]:
     """A mapping onto a fused-experts HF tensor (``fused_experts: per-expert | shared``), from SequentialMLP
     (``local_experts.*...weight``) or a grouped linear (``weight*``). The Megatron expert is its last capture."""
     hf_module, tensor = hf.text.rsplit(".", 1)
@@ -79,9 +87,9 @@ def fused_expert_buffers(megatron: Pattern, hf: Pattern, buffers, grouped: bool,
             continue
         each = f"{module}.{quantizer}.*.{attr}"
         if per_expert:
-            out += [Derived(MOE_FANOUT, block, target, ("",), buffer, expert, False),
-                    Derived(AMAX, each, target, ("",), buffer)]
+            out += _both_forms(Derived(MOE_FANOUT, block, target, ("",), buffer, expert),
+                               Derived(AMAX, each, target, ("",), buffer), imported)
         else:
-            out += [Derived(FAN_IN, block, target, ("",), buffer, None, False),
-                    Derived(FAN_IN, each, target, ("",), buffer, expert)]
+            out += _both_forms(Derived(FAN_IN, block, target, ("",), buffer),
+                               Derived(FAN_IN, each, target, ("",), buffer, expert), imported)
     return out

@@ -16,11 +16,15 @@ from quantmap.executor.naming import is_expert, to_local
 SPECS = Path(__file__).parent / "data" / "specs"
 
 
-def rules_for(form: str, num_experts: int | None = None):
+def rules_for(form: str, num_experts: int | None = None, hf_naming: str = "on-disk"):
     if form == "dense":
         return quantmap.compile(SPECS / "dense_mla.yaml")
     if form == "grouped":
-        return quantmap.compile(SPECS / "moe_grouped.yaml", num_experts=num_experts)
+        return quantmap.compile(SPECS / "moe_grouped.yaml", hf_naming, num_experts=num_experts)
+    if form == "grouped_per_expert":
+        return quantmap.compile(SPECS / "moe_grouped_per_expert.yaml", hf_naming, num_experts=num_experts)
+    if hf_naming == "in-memory":  # SequentialMLP in memory: the shipped spec
+        return quantmap.compile("qwen3_moe", hf_naming, num_experts=num_experts)
     return quantmap.compile(SPECS / "moe_seq.yaml")
 
 
@@ -32,7 +36,9 @@ def global_state(form: str, num_layers: int, num_experts: int | None = None, see
                  channels: int = 8) -> dict[str, torch.Tensor]:
     """The unsharded (TP=PP=EP=1) state under global names: per-tensor amax everywhere, KV-cache amax,
     a per-channel amax on a column-parallel projection (dense form), some weights and a router
-    (which the rules do not claim)."""
+    (which the rules do not claim). Forms: ``dense``, ``seq`` (SequentialMLP experts), ``grouped``
+    (TEGroupedMLP, ModelOpt <= 0.46: one weight quantizer per grouped linear) and ``grouped_per_expert``
+    (ModelOpt 0.47: ``linear_fc1.weight_quantizer.{E}``, one shared input quantizer)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for layer in range(num_layers):
@@ -42,14 +48,18 @@ def global_state(form: str, num_layers: int, num_experts: int | None = None, see
             modules += ["mlp.linear_fc1", "mlp.linear_fc2"]
             state[p + "self_attention.linear_q_up_proj.weight_quantizer._amax"] = torch.rand((channels * 2, 1), generator=g)
             state[p + "self_attention.linear_q_up_proj.input_quantizer._amax"] = _amax(g)
-        elif form == "grouped":
+        elif form in ("grouped", "grouped_per_expert"):
             modules += ["mlp.experts.linear_fc1", "mlp.experts.linear_fc2"]
             for expert in range(num_experts):
                 state[p + f"mlp.experts.linear_fc1.weight{expert}"] = torch.randn(4, 2, generator=g)
         else:
             modules += [f"mlp.experts.local_experts.{e}.linear_fc{i}" for e in range(num_experts) for i in (1, 2)]
         for module in modules:
-            state[p + module + ".weight_quantizer._amax"] = _amax(g)
+            if form == "grouped_per_expert" and ".experts." in module:
+                for expert in range(num_experts):
+                    state[p + module + f".weight_quantizer.{expert}._amax"] = _amax(g)
+            else:
+                state[p + module + ".weight_quantizer._amax"] = _amax(g)
             state[p + module + ".input_quantizer._amax"] = _amax(g)
         state[p + "self_attention.core_attention.k_bmm_quantizer._amax"] = _amax(g)
         state[p + "self_attention.core_attention.v_bmm_quantizer._amax"] = _amax(g)

@@ -1,5 +1,8 @@
 """Running an export or import from files: under ``torchrun``, on N gloo workers spawned here, or in
-one process that plays every rank (machines without many cores). The CLI calls these."""
+one process that plays every rank (machines without many cores). The CLI calls these.
+
+``params`` are the keyword arguments of ``quantmap.compile``: the spec's run-time parameters, and
+``hf_naming`` when it is not the default."""
 
 from __future__ import annotations
 

@@ -88,6 +88,12 @@ class MappingSpec(_Strict):
         "'<tensor>_input_quantizer' (per-expert), or '<tensor>_weight_quantizer' and '<tensor>_input_quantizer' "
         "(shared: gpt-oss).",
     )
+    grouped_weight_quantizer: Literal["per-expert", "shared"] | None = Field(
+        None,
+        description="Grouped-MoE ('weight*') mappings: the form of ModelOpt's weight quantizer that an import "
+        "writes: 'per-expert' ('weight_quantizer.{E}', ModelOpt >= 0.47; the default) or 'shared' (one "
+        "'weight_quantizer' per grouped linear, ModelOpt <= 0.46). Export maps both forms.",
+    )
     note: str | None = Field(None, description="Free text for readers of the spec.")
 
 

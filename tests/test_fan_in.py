@@ -1,0 +1,187 @@
+"""Fan-in rules through the executor: many Megatron quantizers, one HF quantizer (transformers v5 in-memory
+naming), on real gloo groups at EP=2 and EP=4 and in the offline mode.
+
+Sources are SequentialMLP's per-expert input quantizers (``local_experts.{E}...input_quantizer``) and a
+grouped linear's shared input quantizer, which each expert-parallel rank calibrates on its own tokens (so
+the EP ranks' copies differ here, as they do in a real run). Export writes their max and reports that
+they differ; import copies the HF tensor to every source; ModelOpt 0.47's per-expert grouped weight
+quantizers move one to one, renumbered from each EP rank's local index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from executor_support import global_state, quantizers, rules_for, run_ranks, shard
+from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor.naming import is_expert, to_global
+from quantmap.io.hf import Checkpoint
+from quantmap.io.shards import LazyShard, rank_file
+from quantmap.rules import FAN_IN
+
+NUM_LAYERS, NUM_EXPERTS = 2, 8
+SCENARIOS = {
+    2: [("EP2", "seq", "in-memory", dict(dp=2, ep=2)),
+        ("EP2", "grouped_per_expert", "in-memory", dict(dp=2, ep=2)),
+        ("EP2", "grouped", "in-memory", dict(dp=2, ep=2))],
+    4: [("EP4", "seq", "in-memory", dict(dp=4, ep=4)),
+        ("EP4", "grouped_per_expert", "in-memory", dict(dp=4, ep=4)),
+        ("TP2xEP2", "grouped_per_expert", "in-memory", dict(tp=2, dp=2, ep=2, etp=1)),
+        ("EP4", "grouped_per_expert", "on-disk", dict(dp=4, ep=4))],
+}
+
+
+
+
+def layout_of(sizes: dict) -> Layout:
+    return Layout(num_layers=NUM_LAYERS, num_experts=NUM_EXPERTS, **sizes)
+
+
+def rank_states(form: str, layout: Layout) -> list[dict]:
+    """Every rank's local state; a grouped block's shared input quantizer is calibrated per EP rank."""
+    states = shard(global_state(form, NUM_LAYERS, NUM_EXPERTS), layout)
+    for rank, state in enumerate(states):
+        ep = layout.coords(rank).ep
+        for name in state:
+            if is_expert(name) and "local_experts" not in name and name.endswith("input_quantizer._amax"):
+                state[name] = state[name] * (1 + ep / 10)
+    return states
+
+
+def expected_fan_ins(form: str, layout: Layout) -> dict[str, torch.Tensor]:
+    """The HF in-memory input quantizers: the max over their Megatron sources, computed here by hand."""
+    state = global_state(form, NUM_LAYERS, NUM_EXPERTS)
+    out = {}
+    for layer in range(NUM_LAYERS):
+        for fc, hf in (("linear_fc1", "gate_up_proj"), ("linear_fc2", "down_proj")):
+            if form == "seq":
+                value = max(state[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{fc}.input_quantizer._amax"]
+                            for e in range(NUM_EXPERTS))
+            else:  # the EP ranks' copies are base * (1 + ep/10): the last EP rank's is the max
+                value = state[f"decoder.layers.{layer}.mlp.experts.{fc}.input_quantizer._amax"] * (1 + (layout.ep - 1) / 10)
+            out[f"model.layers.{layer}.mlp.experts.{hf}_input_quantizer._amax"] = value
+    return out
+
+
+def _run_world(scenarios, tmp: str) -> dict:
+    """On every rank: export to files, import them back, export the import again."""
+    import torch.distributed as dist
+
+    from quantmap.executor import Placement, export, import_
+
+    rank = dist.get_rank()
+    out = {}
+    for label, form, naming, sizes in scenarios:
+        layout = layout_of(sizes)
+        ruleset = rules_for(form, NUM_EXPERTS, naming)
+        placement = Placement.from_world(layout)
+        base = Path(tmp) / f"{label}-{form}-{naming}"
+        result = export(ruleset, rank_states(form, layout)[rank], placement, out=base / "hf")
+        import_(ruleset, base / "hf", placement, base / "mg")
+        shard_file = LazyShard(rank_file(base / "mg", rank))
+        imported = {name: shard_file[name] for name in shard_file}
+        again = export(ruleset, imported, placement)
+        out[(label, form, naming)] = {
+            "report": result.report.disagreements if result.is_writer else None,
+            "imported": imported,
+            "again": again.state_dict() if again.is_writer else None,
+        }
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(SCENARIOS))
+def world(request, tmp_path_factory):
+    size = request.param
+    tmp = tmp_path_factory.mktemp(f"fan_in_world{size}")
+    outcomes = run_ranks(size, _run_world, SCENARIOS[size], str(tmp))
+    for rank, outcome in enumerate(outcomes):
+        assert outcome[0] == "ok", f"rank {rank}: {outcome[1]}\n{outcome[2]}"
+    return size, tmp, [outcome[1] for outcome in outcomes]
+
+
+def test_distributed_export_writes_the_max_of_every_fan_in_source_and_maps_the_rest_one_to_one(world):
+    size, tmp, results = world
+    for label, form, naming, sizes in SCENARIOS[size]:
+        layout = layout_of(sizes)
+        files = Checkpoint(tmp / f"{label}-{form}-{naming}" / "hf")
+        written = {name: files.get(name) for name in files.names()}
+        # The same as one process exporting every rank's shard: the plan groups sources the same way.
+        offline = export_offline(rules_for(form, NUM_EXPERTS, naming), rank_states(form, layout), layout).state_dict()
+        assert sorted(written) == sorted(offline)
+        assert all(torch.equal(written[n], offline[n]) for n in written), (label, form, naming)
+        if naming == "in-memory":
+            for name, value in expected_fan_ins(form, layout).items():
+                assert torch.equal(written[name], value), (label, form, name)
+            per_expert = [n for n in written if "_weight_quantizers." in n]
+            assert len(per_expert) == NUM_LAYERS * 2 * NUM_EXPERTS
+            disagreements = results[0][(label, form, naming)]["report"]
+            # One line per HF tensor whose sources differ, naming the HF tensor.
+            assert sorted(line.split(":")[0] for line in disagreements) == sorted(expected_fan_ins(form, layout))
+        if form == "grouped_per_expert":  # weight_quantizer.{i} on EP rank r is global expert r * E/ep + i
+            state = global_state(form, NUM_LAYERS, NUM_EXPERTS)
+            target = ("model.layers.1.mlp.experts.gate_up_proj_weight_quantizers.7._amax" if naming == "in-memory"
+                      else "model.layers.1.mlp.experts.7.up_proj.weight_quantizer._amax")
+            assert torch.equal(written[target], state["decoder.layers.1.mlp.experts.linear_fc1.weight_quantizer.7._amax"])
+
+
+def test_import_copies_each_fan_in_tensor_to_every_source_and_export_again_gives_the_same_file(world):
+    size, tmp, results = world
+    for label, form, naming, sizes in SCENARIOS[size]:
+        layout = layout_of(sizes)
+        ruleset = rules_for(form, NUM_EXPERTS, naming)
+        files = Checkpoint(tmp / f"{label}-{form}-{naming}" / "hf")
+        originals = rank_states(form, layout)
+        for rank in range(size):
+            imported = results[rank][(label, form, naming)]["imported"]
+            original = quantizers(originals[rank])
+            assert sorted(imported) == sorted(original), (label, form, naming, rank)
+            for local, value in imported.items():
+                match = ruleset.to_hf(to_global(local, layout, layout.coords(rank)))
+                if match.kind == FAN_IN:
+                    assert torch.equal(value, files.get(match.hf[0])), (label, form, local)
+                else:
+                    assert torch.equal(value, original[local]), (label, form, local)
+        again = results[0][(label, form, naming)]["again"]
+        assert sorted(again) == sorted(files.names())
+        assert all(torch.equal(again[n], files.get(n)) for n in again), (label, form, naming)
+
+
+def test_offline_import_of_an_in_memory_checkpoint_fills_every_ranks_sources(tmp_path):
+    layout = layout_of(dict(dp=4, ep=4))
+    ruleset = rules_for("seq", NUM_EXPERTS, "in-memory")
+    exported = export_offline(ruleset, rank_states("seq", layout), layout, out=tmp_path / "hf")
+    assert len(exported.report.disagreements) == NUM_LAYERS * 2
+    report = import_offline(ruleset, tmp_path / "hf", layout, tmp_path / "mg")
+    assert not report.missing and not report.unclaimed
+
+    hf = Checkpoint(tmp_path / "hf")
+    target = hf.get("model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax")
+    for rank in range(layout.world_size):
+        shard_file = LazyShard(rank_file(tmp_path / "mg", rank))
+        sources = [name for name in shard_file if name.endswith("linear_fc1.input_quantizer._amax")
+                   and name.startswith("decoder.layers.0.mlp.experts.")]
+        assert len(sources) == NUM_EXPERTS // layout.ep  # each EP rank's block of experts
+        assert all(torch.equal(shard_file[name], target) for name in sources)
+
+
+def test_a_fan_in_source_with_per_channel_state_is_refused_naming_the_tensor(tmp_path):
+    layout = layout_of(dict(dp=2, ep=2))
+    states = rank_states("seq", layout)
+    name = "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.input_quantizer._amax"
+    states[0][name] = torch.rand(4, 1)
+    with pytest.raises(ExecutorError, match=r"local_experts\.1\.linear_fc1\.input_quantizer\._amax has shape \[4, 1\]"
+                                            r".*gate_up_proj_input_quantizer"):
+        export_offline(rules_for("seq", NUM_EXPERTS, "in-memory"), states, layout, out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_fan_in_short_of_an_expert_is_an_error_not_a_max_of_fewer_sources(tmp_path):
+    layout = layout_of(dict(dp=2, ep=2))
+    states = rank_states("seq", layout)
+    for state in states:  # every EP rank lacks its first expert's fc2 input quantizer
+        del state["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.input_quantizer._amax"]
+    with pytest.raises(ExecutorError, match=r"down_proj_input_quantizer\._amax is the max over 8 experts' quantizers "
+                                            r"but the shards hold 6"):
+        export_offline(rules_for("seq", NUM_EXPERTS, "in-memory"), states, layout, out=tmp_path / "hf")
