@@ -23,6 +23,7 @@ CODES: dict[str, str] = {
     "QM021": "wildcard count or kind mismatch between the two sides",
     "QM022": "empty fused group",
     "QM023": "grouped-MoE mapping without an expert wildcard",
+    "QM024": "fused-experts mapping whose sides do not differ by the expert",
     "QM030": "duplicate mapping",
     "QM031": "two rules can match the same name and none is preferred",
     "QM032": "two rules produce the same target",
