@@ -200,7 +200,8 @@ def _check_fused_experts(mapping: SourcedMapping, megatron: Pattern, hf: list[Pa
     problem = None
     if len(hf) != 1:
         problem = "its HF side is a group; a fused-experts tensor is one name"
-    elif not megatron.captures or megatron.captures[-1].kind != "digits" or megatron.captures[-1].offset is not None:
+    elif not (_is_grouped(megatron) or (megatron.captures and megatron.literals[-2].endswith("local_experts.")
+                                        and megatron.captures[-1].kind == "digits")):
         problem = f"{mapping.megatron!r} does not end in the expert index (local_experts.* or weight*)"
     elif [c.kind for c in hf[0].captures] != [c.kind for c in megatron.captures[:-1]]:
         problem = (f"{hf[0].text!r} must have the captures of {mapping.megatron!r} but the last (the expert, which "

@@ -27,7 +27,7 @@ def specs(draw):
         fused = draw(st.sampled_from([None, None, "per-expert", "shared"]))
         parts = [""] if fused else draw(st.sampled_from([[""], ["q", "k", "v"], ["gate", "up"]]))
         if fused and not grouped:
-            megatron = f"m{index}{body}.le.*.lin.weight"  # SequentialMLP: the expert is the last capture
+            megatron = f"m{index}{body}.local_experts.*.lin.weight"  # SequentialMLP: the expert is the last capture
         else:
             megatron = f"m{index}{body}.lin.weight" + ("*" if grouped else "")
         expert = ".e.*" if grouped and not fused else ""

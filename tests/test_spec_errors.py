@@ -212,3 +212,53 @@ def test_errors_render_as_file_line_col_lines(tmp_path):
     path = write(tmp_path, f"name: x\nmappings:\n{line}\n")
     column = line.index("quantizer") + 1
     assert str(only(path)).startswith(f"{path}:3:{column}: error QM010: unknown key 'quantizer'")
+
+
+def test_fused_experts_mapping_whose_hf_side_keeps_the_expert_wildcard(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        mappings:
+          - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,
+             hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert}
+        """)
+    error = only(path)
+    assert error.code == "QM024" and "model.layers.*.mlp.experts.*.gate_up_proj" in error.message
+    assert "but the last (the expert" in error.message and "hf: model.layers.*.mlp.experts.gate_up_proj" in error.hint
+    assert (error.location.line, error.location.column) == (4, 68)  # at fused_experts' value
+
+
+def test_fused_experts_mapping_onto_a_group_or_without_an_expert_is_an_error(tmp_path):
+    path = write(tmp_path, """\
+        name: x
+        mappings:
+          - megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight
+            hf: {gate: model.layers.*.mlp.experts.gate_proj, up: model.layers.*.mlp.experts.up_proj}
+            fused_experts: shared
+          - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.mlp.down_proj, fused_experts: shared}
+        """)
+    found = errors(path)
+    assert [e.code for e in found] == ["QM024", "QM024"]
+    assert "its HF side is a group" in found[0].message
+    assert "does not end in the expert index" in found[1].message
+
+
+def test_hf_naming_is_validated_by_the_schema_and_by_compile(tmp_path):
+    path = write(tmp_path, "name: x\nmappings:\n  - {megatron: a.weight, hf: b.weight, hf_naming: on_disk}\n")
+    error = only(path)
+    assert error.code == "QM011" and "hf_naming" in error.message
+    with pytest.raises(ValueError, match="hf_naming must be 'on-disk' or 'in-memory', not 'disk'"):
+        quantmap.compile("llama", hf_naming="disk")
+
+
+def test_one_weight_may_map_once_per_hf_naming_but_not_twice_in_one(tmp_path):
+    moe = "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight, "
+    on_disk = moe + "hf: model.layers.*.mlp.experts.*.down_proj.weight, hf_naming: on-disk}\n"
+    in_memory = moe + "hf: model.layers.*.mlp.experts.down_proj, fused_experts: per-expert, hf_naming: in-memory}\n"
+    both = moe + "hf: model.layers.*.mlp.experts.*.down_proj.weight}\n"
+    rules = quantmap.compile(str(write(tmp_path, "name: x\nmappings:\n" + on_disk + in_memory)), "in-memory")
+    assert rules.to_hf("decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight_quantizer._amax").hf == \
+        ("model.layers.0.mlp.experts.down_proj_weight_quantizers.3._amax",)
+    # The same naming twice clashes with its first; a mapping for both namings with the first of either.
+    for second, first_line in ((on_disk, 4), (both, 3)):
+        error = only(write(tmp_path, "name: x\nmappings:\n" + in_memory + on_disk + second, name="twice.yaml"))
+        assert error.code == "QM030" and error.location.line == 5 and f"twice.yaml:{first_line}:" in error.message

@@ -102,7 +102,8 @@ def test_fixture_names_agree_with_the_tiny_model_build(arch, on_disk):
 
 
 # ModelOpt 0.47 names the quantizers of transformers v5 fused experts per fused tensor
-# (mlp.experts.gate_up_proj_weight_quantizers.{E}); that layout is a later issue's.
+# (mlp.experts.gate_up_proj_weight_quantizers.{E}): in-memory names, which tests/test_hf_naming.py
+# checks under --hf-naming in-memory. Under the default on-disk naming every other buffer resolves.
 FUSED_EXPERT_QUANTIZER = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)_(weight_quantizers\.\d+|input_quantizer)\.")
 
 
