@@ -103,7 +103,9 @@ def test_unknown_spec_name_suggests_a_shipped_one():
 
 
 @pytest.mark.parametrize("args", [("compile", "llama"), ("validate", "llama"),
-                                  ("lookup", "llama", "decoder.layers.0.mlp.linear_fc2.weight")])
+                                  ("lookup", "llama", "decoder.layers.0.mlp.linear_fc2.weight"),
+                                  ("lookup", "qwen3_moe", "--hf-naming", "in-memory", "-r",
+                                   "model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax")])
 def test_compile_validate_and_lookup_never_import_torch(args):
     code = (
         "import sys\n"
@@ -142,3 +144,55 @@ def test_lookup_json_of_a_grouped_moe_quantizer_lists_every_expert_when_the_coun
     assert record["expanded"] == [f"model.layers.2.mlp.experts.{e}.down_proj.input_quantizer._amax" for e in range(4)]
     without_count = json.loads(run("lookup", "qwen3_moe", name, "--json").stdout)
     assert "expanded" not in without_count
+
+
+def test_lookup_reverse_of_a_fan_in_name_shows_every_source_and_json_lists_them_when_the_count_is_known():
+    name = "model.layers.2.mlp.experts.down_proj_input_quantizer._amax"
+    result = run("lookup", "qwen3_moe", "--hf-naming", "in-memory", "--reverse", name, "--param", "num_experts=4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (f"{name}\tfan_in\tdecoder.layers.2.mlp.experts.local_experts.*.linear_fc2."
+                             f"input_quantizer._amax sources=4\n")
+    record = json.loads(run("lookup", "qwen3_moe", "--hf-naming", "in-memory", "-r", name, "--json",
+                            "-p", "num_experts=4").stdout)
+    assert record["kind"] == "fan_in"
+    assert record["expanded"] == [f"decoder.layers.2.mlp.experts.local_experts.{e}.linear_fc2.input_quantizer._amax"
+                                  for e in range(4)]
+    assert "expanded" not in json.loads(run("lookup", "qwen3_moe", "--hf-naming", "in-memory", "-r", name,
+                                            "--json").stdout)
+    # The default on-disk naming does not know the fused name.
+    assert run("lookup", "qwen3_moe", "-r", name).returncode == 1
+
+
+def test_every_spec_command_takes_hf_naming_and_validate_checks_both(tmp_path):
+    for command in ("compile", "validate", "lookup", "check", "export", "import"):
+        result = run(command, "--help")
+        assert "--hf-naming" in result.stdout, command
+    compiled = json.loads(run("compile", "mixtral", "--hf-naming", "in-memory", "--format", "json").stdout)
+    assert {"fan_in", "moe_fanout"} <= {rule["kind"] for rule in compiled}
+    assert not any("block_sparse_moe" in target for rule in compiled for target in rule["hf"])
+    bad = run("lookup", "llama", "--hf-naming", "disk", "decoder.layers.0.mlp.linear_fc2.weight")
+    assert bad.returncode == 2 and "--hf-naming" in bad.stderr
+    # validate compiles each naming: a broken in-memory mapping fails even though on-disk compiles.
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: broken\nextends: llama\nmappings:\n"
+                    "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,\n"
+                    "     hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert, hf_naming: in-memory}\n")
+    both = run("validate", str(spec))
+    assert both.returncode == 1 and "QM024" in both.stderr
+    assert run("validate", str(spec), "--hf-naming", "on-disk").returncode == 0
+
+
+def test_check_of_in_memory_names_against_the_in_memory_naming(tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.1._amax\n"
+                     "model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax\nmodel.layers.0.mlp.experts.gate_up_proj\n")
+    megatron = tmp_path / "megatron.txt"
+    megatron.write_text("".join(f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.input_quantizer._amax\n"
+                                for e in range(2)))
+    in_memory = run("check", "qwen3_moe", "--hf", str(names), "--hf-naming", "in-memory", "--strict")
+    assert in_memory.returncode == 0, in_memory.stdout
+    # Two experts' input quantizers meeting in one HF tensor is by design: no QM103.
+    fan_in = run("check", "qwen3_moe", "--megatron", str(megatron), "--hf-naming", "in-memory", "--strict")
+    assert fan_in.returncode == 0, fan_in.stdout
+    on_disk = run("check", "qwen3_moe", "--hf", str(names), "--strict")
+    assert on_disk.returncode == 1 and "QM101" in on_disk.stdout

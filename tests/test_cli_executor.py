@@ -89,3 +89,33 @@ def test_under_torchrun_each_process_is_one_rank_and_the_export_matches_offline(
     assert _invoke("export", SPEC, "--megatron", directory, "--out", tmp_path / "offline", "--quiet").exit_code == 0
     for name in ("model.safetensors.index.json", "model-00001-of-00001.safetensors"):
         assert (tmp_path / "torchrun" / name).read_bytes() == (tmp_path / "offline" / name).read_bytes()
+
+
+def test_hf_naming_in_memory_exports_fused_expert_names_and_imports_them_into_every_source(tmp_path):
+    directory, ranks = _shard_dir(tmp_path)
+    naming = ("--hf-naming", "in-memory", "--param", "num_experts=4")
+    exported = _invoke("export", "qwen3_moe", "--megatron", directory, "--out", tmp_path / "hf", *naming)
+    assert exported.exit_code == 0, exported.output
+    assert "80 tensor(s) written" in exported.output  # 4 layers x (10 attention + 2 x (4 experts + 1 input))
+    hf = Checkpoint(tmp_path / "hf")
+    state = global_state("seq", 4, 4)
+    for layer in range(4):
+        inputs = [state[f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.linear_fc1.input_quantizer._amax"]
+                  for e in range(4)]
+        assert torch.equal(hf.get(f"model.layers.{layer}.mlp.experts.gate_up_proj_input_quantizer._amax"),
+                           torch.stack(inputs).amax())
+    assert not any(".experts.0." in name for name in hf.names())  # no on-disk per-expert names
+    back = _invoke("import", "qwen3_moe", "--hf", tmp_path / "hf", "--layout", directory, "--out", tmp_path / "back",
+                   "--nproc", 4, "--quiet", *naming)
+    assert back.exit_code == 0, back.output
+    for rank, original in enumerate(ranks):
+        again = LazyShard(tmp_path / "back" / f"rank_{rank:05d}.safetensors")
+        assert sorted(again) == sorted(quantizers(original))
+        for name, tensor in quantizers(original).items():
+            if name.endswith("input_quantizer._amax") and ".local_experts." in name:  # a fan-in source: the max
+                layer, fc = name.split(".")[2], name.split(".")[-3]
+                hf_name = f"{'gate_up_proj' if fc == 'linear_fc1' else 'down_proj'}_input_quantizer._amax"
+                layer_global = int(layer) + 2 * LAYOUT.coords(rank).pp
+                assert torch.equal(again[name], hf.get(f"model.layers.{layer_global}.mlp.experts.{hf_name}"))
+            else:
+                assert torch.equal(again[name], tensor), name

@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+import re
 import textwrap
 
 import pytest
 
 import quantmap
 from quantmap.rules import AMAX, FANOUT, MOE_FANOUT, WEIGHT
+from quantmap.spec import shipped_specs
 
 MOE_SPEC = """\
     name: tiny_moe
@@ -100,6 +102,85 @@ def test_sequential_mlp_experts_are_plain_per_expert_rules(moe):
     match = moe.to_hf("decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight_quantizer._amax")
     assert match.kind == FANOUT
     assert match.hf[1] == "model.layers.1.mlp.experts.3.up_proj.weight_quantizer._amax"
+
+
+def test_grouped_moe_also_yields_modelopt_047_per_expert_weight_quantizers_which_win_reverse_lookup(moe):
+    match = moe.to_hf("decoder.layers.5.mlp.experts.linear_fc1.weight_quantizer.6._amax")
+    assert match.kind == FANOUT and match.hf == ("model.layers.5.mlp.experts.6.gate_proj.weight_quantizer._amax",
+                                                 "model.layers.5.mlp.experts.6.up_proj.weight_quantizer._amax")
+    assert moe.to_hf("decoder.layers.5.mlp.experts.linear_fc2.weight_quantizer.6._amax").hf == \
+        ("model.layers.5.mlp.experts.6.down_proj.weight_quantizer._amax",)
+    back = moe.to_megatron("model.layers.5.mlp.experts.6.up_proj.weight_quantizer._amax")
+    assert back.megatron == "decoder.layers.5.mlp.experts.linear_fc1.weight_quantizer.6._amax" and back.part == "up"
+    shared = by_megatron(moe)["decoder.layers.*.mlp.experts.linear_fc1.weight_quantizer._amax"]
+    assert not shared.reversible and shared.to_json()["reversible"] is False
+    # Input quantizers stay one per grouped linear: no per-expert form.
+    assert moe.to_hf("decoder.layers.5.mlp.experts.linear_fc1.input_quantizer.6._amax") is None
+
+
+def test_grouped_weight_quantizer_shared_makes_the_older_form_the_one_an_import_writes(tmp_path):
+    path = tmp_path / "old_moe.yaml"
+    old_form = MOE_SPEC.replace("      - megatron: decoder.layers.*.mlp.experts.linear_fc2.weight*\n",
+                                "      - grouped_weight_quantizer: shared\n"
+                                "        megatron: decoder.layers.*.mlp.experts.linear_fc2.weight*\n")
+    assert old_form != MOE_SPEC
+    path.write_text(textwrap.dedent(old_form))
+    rules = quantmap.compile(str(path))
+    back = rules.to_megatron("model.layers.5.mlp.experts.6.down_proj.weight_quantizer._amax")
+    assert back.kind == MOE_FANOUT and back.megatron == "decoder.layers.5.mlp.experts.linear_fc2.weight_quantizer._amax"
+    assert rules.to_hf("decoder.layers.5.mlp.experts.linear_fc2.weight_quantizer.6._amax").hf == \
+        ("model.layers.5.mlp.experts.6.down_proj.weight_quantizer._amax",)  # export still maps both
+
+
+def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path):
+    path = tmp_path / "fused.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: fused
+        params: {num_experts: 4}
+        mappings:
+          - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,
+             hf: model.layers.*.mlp.experts.gate_up_proj, fused_experts: per-expert, priority: 1}
+          - {megatron: decoder.layers.*.mlp.experts.linear_fc1.weight*, hf: model.layers.*.mlp.experts.gate_up_proj,
+             fused_experts: per-expert}
+          - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,
+             hf: model.layers.*.mlp.experts.down_proj, fused_experts: shared, priority: 1}
+          - {megatron: decoder.layers.*.mlp.experts.linear_fc2.weight*, hf: model.layers.*.mlp.experts.down_proj,
+             fused_experts: shared}
+        """))
+    rules = by_megatron(quantmap.compile(str(path)))
+    head = "decoder.layers.*.mlp.experts."
+    kinds = {text[len(head):]: (rule.kind, rule.expert_capture, [p.text.split("experts.")[1] for p in rule.hf])
+             for text, rule in rules.items() if text.startswith(head) and "_pre_quant_scale" not in text}
+    assert kinds == {
+        "local_experts.*.linear_fc1.weight": ("weight", 1, ["gate_up_proj"]),
+        "local_experts.*.linear_fc1.weight_quantizer._amax": ("amax", None, ["gate_up_proj_weight_quantizers.*._amax"]),
+        "local_experts.*.linear_fc1.input_quantizer._amax": ("fan_in", 1, ["gate_up_proj_input_quantizer._amax"]),
+        "linear_fc1.weight*": ("weight", 1, ["gate_up_proj"]),
+        "linear_fc1.weight_quantizer._amax": ("moe_fanout", 1, ["gate_up_proj_weight_quantizers.*._amax"]),
+        "linear_fc1.weight_quantizer.*._amax": ("amax", None, ["gate_up_proj_weight_quantizers.*._amax"]),
+        "linear_fc1.input_quantizer._amax": ("fan_in", None, ["gate_up_proj_input_quantizer._amax"]),
+        # shared (gpt-oss): one weight quantizer for every expert, so every form fans in
+        "local_experts.*.linear_fc2.weight": ("weight", 1, ["down_proj"]),
+        "local_experts.*.linear_fc2.weight_quantizer._amax": ("fan_in", 1, ["down_proj_weight_quantizer._amax"]),
+        "local_experts.*.linear_fc2.input_quantizer._amax": ("fan_in", 1, ["down_proj_input_quantizer._amax"]),
+        "linear_fc2.weight*": ("weight", 1, ["down_proj"]),
+        "linear_fc2.weight_quantizer._amax": ("fan_in", None, ["down_proj_weight_quantizer._amax"]),
+        "linear_fc2.weight_quantizer.*._amax": ("fan_in", 1, ["down_proj_weight_quantizer._amax"]),
+        "linear_fc2.input_quantizer._amax": ("fan_in", None, ["down_proj_input_quantizer._amax"]),
+    }
+    assert all(rule.num_experts == 4 for rule in rules.values() if rule.kind in ("fan_in", "moe_fanout"))
+
+
+def test_output_layer_quantizers_map_to_lm_head_and_norms_embeddings_routers_have_none():
+    for spec in shipped_specs():
+        rules = quantmap.compile(spec, **{"num_layers": 3} if spec == "deepseek_v3" else {})
+        for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
+            match = rules.to_hf(f"output_layer.{buffer}")
+            assert match is not None and match.hf == (f"lm_head.{buffer}",), spec
+            assert rules.to_megatron(f"lm_head.{buffer}").megatron == f"output_layer.{buffer}", spec
+        for rule in rules:
+            if rule.buffer is not None and rule.origin.derived != "kv_cache":
+                assert not re.search(r"(norm|embedding|router)", rule.origin.mapping), (spec, rule.megatron.text)
 
 
 def test_kv_rules_are_skipped_under_mtp_with_the_reason(tmp_path):

@@ -45,11 +45,12 @@ def test_a_rank_holds_only_its_stage_and_expert_block():
 
 
 @settings(max_examples=60, deadline=None)
-@given(layer=st.integers(0, 5), expert=st.integers(0, 7), kind=st.sampled_from(["seq", "grouped"]),
+@given(layer=st.integers(0, 5), expert=st.integers(0, 7), kind=st.sampled_from(["seq", "grouped", "per_expert"]),
        stages=st.sampled_from([(3, 3), (4, 2), (1, 5)]), ep=st.sampled_from([1, 2, 4]))
 def test_local_then_global_gives_back_the_name(layer, expert, kind, stages, ep):
     layout = Layout(pp=2, dp=4, ep=ep, num_layers=6, num_experts=8, layers_per_stage=stages)
-    tail = f"local_experts.{expert}.linear_fc1.weight_quantizer._amax" if kind == "seq" else f"linear_fc1.weight{expert}"
+    tail = {"seq": f"local_experts.{expert}.linear_fc1.weight_quantizer._amax", "grouped": f"linear_fc1.weight{expert}",
+            "per_expert": f"linear_fc2.weight_quantizer.{expert}._amax"}[kind]
     name = f"decoder.layers.{layer}.mlp.experts.{tail}"
     holders = [c for c in map(layout.coords, range(8)) if to_local(name, layout, c) is not None]
     assert len({(c.pp, c.ep) for c in holders}) == 1
@@ -68,3 +69,30 @@ def test_expert_names_filled_by_text_equal_the_rule_sets_own_expansion():
     assert list(expert_hf_names(match, experts)) == list(match.expert_names(experts))
     assert expert_hf_names(match, experts)[:2] == ["model.layers.3.mlp.experts.4.gate_proj.weight_quantizer._amax",
                                                    "model.layers.3.mlp.experts.4.up_proj.weight_quantizer._amax"]
+
+
+def test_modelopt_047_per_expert_grouped_weight_quantizers_are_renumbered_like_the_weights():
+    # _QuantTEGroupedLinear: weight_quantizer is a GroupedQuantizer (ModuleList), one per local expert.
+    rank = LAYOUT.coords(6)  # pp stage 1, ep rank 2: local experts 0, 1 are global 4, 5
+    local = "decoder.layers.1.mlp.experts.linear_fc1.weight_quantizer.1._amax"
+    assert to_global(local, LAYOUT, rank) == "decoder.layers.3.mlp.experts.linear_fc1.weight_quantizer.5._amax"
+    holders = [r for r in range(8) if to_local("decoder.layers.3.mlp.experts.linear_fc1.weight_quantizer.5._amax",
+                                               LAYOUT, LAYOUT.coords(r)) == local]
+    assert holders == [6]
+    # A SequentialQuantizer inside (W4A8: weight_quantizer.{E}.{j}) keeps its own index; only the expert moves.
+    assert to_global("decoder.layers.0.mlp.experts.linear_fc2.weight_quantizer.0.1._amax", LAYOUT, rank) == \
+        "decoder.layers.2.mlp.experts.linear_fc2.weight_quantizer.4.1._amax"
+    with pytest.raises(NamingError, match="holds 2 of num_experts=8"):
+        to_global("decoder.layers.0.mlp.experts.linear_fc1.weight_quantizer.2._amax", LAYOUT, rank)
+
+
+def test_the_shared_input_quantizer_of_a_grouped_linear_is_on_every_expert_parallel_rank():
+    name = "decoder.layers.2.mlp.experts.linear_fc1.input_quantizer._amax"
+    holders = [r for r in range(8) if to_local(name, LAYOUT, LAYOUT.coords(r)) is not None]
+    assert holders == [4, 5, 6, 7]  # every EP rank of stage 1
+    # Outside a grouped linear an index after weight_quantizer is a SequentialQuantizer's, not an expert's.
+    dense = "decoder.layers.0.mlp.linear_fc1.weight_quantizer.1._amax"
+    assert to_global(dense, LAYOUT, LAYOUT.coords(6)) == dense.replace("layers.0", "layers.2")
+    sequential = "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight_quantizer.1._amax"
+    assert to_global(sequential, LAYOUT, LAYOUT.coords(6)) == \
+        "decoder.layers.2.mlp.experts.local_experts.5.linear_fc1.weight_quantizer.1._amax"

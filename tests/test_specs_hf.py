@@ -124,3 +124,15 @@ def test_kv_cache_quantizers_of_mla_attention_map_to_megatron_core_attention():
             f"decoder.layers.{layer}.self_attention.core_attention.k_bmm_quantizer._amax")
         assert rules.to_megatron(f"{module}.v_bmm_quantizer._amax").megatron == (
             f"decoder.layers.{layer}.self_attention.core_attention.v_bmm_quantizer._amax")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_spec_claims_lm_head_only_for_an_architecture_with_an_untied_head(arch, on_disk):
+    """output_layer.{weight,input}_quantizer <-> lm_head.*: a tied model has no lm_head on disk (and Megatron no
+    output_layer weight), so a spec that claims lm_head must serve an untied architecture."""
+    rules = quantmap.compile(arch, **PARAMS.get(arch, {}))
+    claims_head = rules.to_megatron("lm_head.weight_quantizer._amax") is not None
+    config = _configs()[arch]
+    assert claims_head and not config.tie_word_embeddings and "lm_head.weight" in on_disk[arch]
+    record = json.loads((DATA / f"names_{'llama' if arch == 'mistral' else arch}.json").read_text())
+    assert record["config"]["tie_word_embeddings"] is False and "lm_head.weight" in record["on_disk_save_pretrained"]
