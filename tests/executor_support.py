@@ -95,3 +95,11 @@ def quantizers(state: dict) -> dict:
 def run_ranks(world: int, fn, *args) -> list[tuple]:
     """Run ``fn(*args)`` on ``world`` real gloo processes; each rank's ("ok", value) or ("error", message, tb)."""
     return spawn(world, fn, args, timeout=timedelta(seconds=60))
+
+
+def values_of_every_rank(world: int, fn, *args) -> list:
+    """Each rank's value of ``fn(*args)`` on ``world`` gloo processes; a failing rank fails the test with its traceback."""
+    outcomes = run_ranks(world, fn, *args)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome[0] == "ok", f"rank {rank}: {outcome[1]}\n{outcome[2]}"
+    return [outcome[1] for outcome in outcomes]

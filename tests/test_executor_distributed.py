@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor_support import global_state, quantizers, rules_for, run_ranks, shard
+from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
 from quantmap.executor import Layout, export_offline
 from quantmap.io.hf import Checkpoint
 
@@ -65,10 +65,7 @@ def _run_world(scenarios, tmp: str) -> dict:
 def world(request, tmp_path_factory):
     size = request.param
     tmp = tmp_path_factory.mktemp(f"world{size}")
-    outcomes = run_ranks(size, _run_world, SCENARIOS[size], str(tmp))
-    for rank, outcome in enumerate(outcomes):
-        assert outcome[0] == "ok", f"rank {rank}: {outcome[1]}\n{outcome[2]}"
-    return size, tmp, [outcome[1] for outcome in outcomes]
+    return size, tmp, values_of_every_rank(size, _run_world, SCENARIOS[size], str(tmp))
 
 
 def _assert_same(got: dict, expected: dict, what: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor_support import global_state, quantizers, rules_for, run_ranks, shard
+from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
 from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
 from quantmap.executor.naming import is_expert, to_global
 from quantmap.io.hf import Checkpoint
@@ -95,10 +95,7 @@ def _run_world(scenarios, tmp: str) -> dict:
 def world(request, tmp_path_factory):
     size = request.param
     tmp = tmp_path_factory.mktemp(f"fan_in_world{size}")
-    outcomes = run_ranks(size, _run_world, SCENARIOS[size], str(tmp))
-    for rank, outcome in enumerate(outcomes):
-        assert outcome[0] == "ok", f"rank {rank}: {outcome[1]}\n{outcome[2]}"
-    return size, tmp, [outcome[1] for outcome in outcomes]
+    return size, tmp, values_of_every_rank(size, _run_world, SCENARIOS[size], str(tmp))
 
 
 def test_distributed_export_writes_the_max_of_every_fan_in_source_and_maps_the_rest_one_to_one(world):
