@@ -18,10 +18,17 @@ from quantmap.spec import load_spec
 __all__ = ["Diagnostic", "Match", "Rule", "RuleSet", "SpecError", "compile", "load_spec"]
 
 
-def compile(spec: str | Path, hf_naming: str = "on-disk", **params: int) -> RuleSet:  # noqa: A001 - the verb users expect
-    """Compile a spec (a path, or a shipped spec's name) with run-time parameters, for the HF names
-    ``save_pretrained`` writes (``hf_naming="on-disk"``) or a live transformers v5 model's
-    (``"in-memory"``: fused MoE experts, as ModelOpt names their quantizers)."""
+def compile(spec: str | Path, hf_naming: str = "on-disk", *, config: str | Path | None = None,  # noqa: A001
+            **params: int) -> RuleSet:
+    """Compile a spec (a path, or a shipped spec's name) with run-time parameters; ``config`` (a
+    Hugging Face config.json) supplies the ones it knows (head counts, widths), ``params`` win.
+    ``hf_naming`` picks the HF names: ``"on-disk"`` (what ``save_pretrained`` writes) or ``"in-memory"``
+    (a live transformers v5 model: fused MoE experts, as ModelOpt names their quantizers)."""
     from quantmap.compiler import compile_spec
 
-    return compile_spec(load_spec(spec), params, hf_naming)
+    resolved = load_spec(spec)
+    if config is not None:
+        from quantmap.spec.hf_config import params_from_config
+
+        params = {**params_from_config(config, resolved.params), **params}
+    return compile_spec(resolved, params, hf_naming)

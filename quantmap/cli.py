@@ -28,6 +28,8 @@ app = typer.Typer(
 
 SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (see 'quantmap specs').")
 ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
+ConfigOpt = typer.Option(None, "--config", help="A Hugging Face config.json (or its directory) giving the spec's "
+                         "parameters it knows: layers, head counts, hidden size, experts. --param wins.")
 
 
 class HfNaming(str, Enum):
@@ -57,6 +59,32 @@ def parse_params(values: Optional[List[str]]) -> dict[str, int]:
     return params
 
 
+def spec_params(spec: str, values: Optional[List[str]], config: Optional[str]) -> dict[str, int]:
+    """The run-time parameters from ``--param`` and, for those it does not give, ``--config``."""
+    params = parse_params(values)
+    if config is None:
+        return params
+    from quantmap.spec import load_spec
+
+    try:
+        declared = load_spec(spec).params
+    except SpecError as error:
+        raise fail(error) from None
+    return {**config_params(config, declared), **params}
+
+
+def config_params(config: Optional[str], declared) -> dict[str, int]:
+    """The ``declared`` parameters that ``--config`` gives (none without it)."""
+    if config is None:
+        return {}
+    from quantmap.spec.hf_config import ConfigError, params_from_config
+
+    try:
+        return params_from_config(config, declared)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
+
+
 def fail(error: SpecError) -> typer.Exit:
     for diagnostic in error.diagnostics:
         typer.echo(str(diagnostic), err=True)
@@ -77,10 +105,11 @@ def compile_command(
     spec: str = SpecArg,
     format: Format = typer.Option(Format.table, "--format", "-f", help="table (readable), json or yaml."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Compile a spec and print its rules. JSON output is deterministic, byte for byte."""
-    rules = compile_or_exit(spec, parse_params(param), hf_naming)
+    rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     for warning in rules.warnings:
         typer.echo(str(warning), err=True)
     if format is Format.json:
@@ -108,6 +137,7 @@ def _table(rules) -> str:
 def validate(
     specs: List[str] = typer.Argument(..., help="Spec files or shipped names."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: Optional[HfNaming] = typer.Option(None, "--hf-naming", help="Validate for one HF naming only "
                                                  "(on-disk or in-memory); both by default."),
 ) -> None:
@@ -119,12 +149,13 @@ def validate(
     from quantmap.compiler import HF_NAMINGS, compile_spec
     from quantmap.spec import load_spec
 
-    given = parse_params(param)
+    cli_params = parse_params(param)
     namings = (hf_naming.value,) if hf_naming else HF_NAMINGS
     failed = False
     for spec in specs:
         try:
             resolved = load_spec(spec)
+            given = {**config_params(config, resolved.params), **cli_params}
             placeholders = {name: 0 for name, value in resolved.params.items() if value is None}
             bound = {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}}
             # Warnings are the same under both namings for mappings that serve both: print each once.
@@ -149,6 +180,7 @@ def lookup(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     from_file: Optional[str] = typer.Option(None, "--from-file", help="Read names, one per line, from a file or '-'."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Resolve concrete names. Exit 0 when every name matched, 1 when some did not. A fan-in HF name
@@ -156,7 +188,7 @@ def lookup(
     --json an 'expanded' list when the expert count is known."""
     from quantmap.rules import FAN_IN
 
-    rules = compile_or_exit(spec, parse_params(param), hf_naming)
+    rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     resolve = rules.to_megatron if reverse else rules.to_hf
     unmatched = 0
     out = sys.stdout
@@ -207,6 +239,7 @@ def check(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
     format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
@@ -216,7 +249,7 @@ def check(
 
     if megatron is None and hf is None:
         raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
-    rules = compile_or_exit(spec, parse_params(param), hf_naming)
+    rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     try:
         report = check_names(rules, None if megatron is None else read_names(megatron),
                              None if hf is None else read_names(hf))
@@ -245,12 +278,13 @@ def export_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
     from quantmap.executor.launch import export_shards
 
-    _run_executor(spec, param, hf_naming, quiet, lambda params: export_shards(
+    _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
@@ -266,17 +300,18 @@ def import_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Import Hugging Face quantizer state into a Megatron shard directory for a layout."""
     from quantmap.executor.launch import import_checkpoint
 
-    _run_executor(spec, param, hf_naming, quiet, lambda params: import_checkpoint(
+    _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint(
         spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
 
-def _run_executor(spec: str, param: Optional[List[str]], hf_naming: HfNaming, quiet: bool, run) -> None:
+def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run) -> None:
     """Run an export/import after checking the spec; its report on stderr, its failure as one
     message and exit code 1. ``run`` gets the keyword arguments of ``quantmap.compile``: the spec's
     run-time parameters and ``hf_naming``."""
@@ -284,7 +319,6 @@ def _run_executor(spec: str, param: Optional[List[str]], hf_naming: HfNaming, qu
     from quantmap.executor.naming import NamingError
     from quantmap.io.names import NamesError
 
-    params = parse_params(param)
     compile_or_exit(spec, params, hf_naming)
     try:
         report = run({**params, "hf_naming": hf_naming.value})

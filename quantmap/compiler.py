@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
+from quantmap.layouts import GROUP_PARTS, Layout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import fused_expert_buffers, grouped_weight_buffers
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
@@ -137,6 +138,10 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         context.errors.append(Diagnostic("QM011", "a plain mapping takes one HF name, not a group",
                                          mapping.where("kind"), "drop 'kind' or set it to 'fused'"))
         return []
+    if mapping.spec.hf_parts is not None and not _check_hf_parts(mapping, kind, context):
+        return []
+    if not _check_fused_module(mapping, kind, context):
+        return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
     hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
           for part, text in mapping.hf]
@@ -150,13 +155,55 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     origin = Origin(mapping.location, mapping.megatron, WEIGHT)
     parts = tuple(part for part, _ in mapping.hf)
     common = dict(parallel=mapping.spec.parallel, priority=mapping.spec.priority)
+    hf_parts = None if mapping.spec.hf_parts is None else tuple(mapping.spec.hf_parts)
+
+    def layout(buffer: str | None):
+        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params)
+
     # A fused-experts tensor stands for every expert: the Megatron expert capture has no HF counterpart.
-    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, expert_capture=megatron.arity - 1 if fused else None,
-                  **common)]
-    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common)
+    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None),
+                  expert_capture=megatron.arity - 1 if fused else None, **common)]
+    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout)
     if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
         rules += _kv_rules(mapping, kind, megatron, hf, context)
     return rules
+
+
+def _check_hf_parts(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
+    """``hf_parts`` names the parts of a Megatron group that one fused HF tensor holds, so the group
+    must be a known one (``kind: qkv`` or ``gated_mlp``, given explicitly) and the HF side one name."""
+    expected = GROUP_PARTS.get(kind)
+    problem = None
+    if len(mapping.hf) != 1 or mapping.hf[0][0]:
+        problem = "hf_parts describes one fused HF tensor, but 'hf' is a group of names"
+    elif expected is None:
+        problem = f"hf_parts needs 'kind: qkv' or 'kind: gated_mlp' (got {kind!r})"
+    elif sorted(mapping.spec.hf_parts) != sorted(expected):
+        problem = f"hf_parts {mapping.spec.hf_parts} must list each of {list(expected)} once"
+    if problem:
+        context.errors.append(Diagnostic("QM024", problem, mapping.where("hf_parts"),
+                                         "e.g. {hf: model.layers.*.self_attn.qkv_proj.weight, kind: qkv, "
+                                         "hf_parts: [q, k, v]}"))
+    return problem is None
+
+
+# Megatron modules whose weight is a fused group by construction (SwiGLU's linear_fc1 is; a plain
+# MLP's is not, so there the kind must be said).
+_FUSED_MODULES = ("linear_qkv", "linear_fc1")
+
+
+def _check_fused_module(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
+    """A 1:1 mapping of ``linear_qkv`` or ``linear_fc1`` whose kind was inferred would put Megatron's
+    interleaved rows into the HF tensor unchanged; that must be said, never assumed."""
+    segments = mapping.megatron.split(".")
+    if kind != "plain" or mapping.spec.kind is not None or len(segments) < 2 or segments[-2] not in _FUSED_MODULES \
+            or segments[-1] not in ("weight", "bias"):
+        return True
+    context.errors.append(Diagnostic(
+        "QM025", f"{mapping.megatron!r} is one of Megatron's fused tensors mapped to one HF name without a 'kind'",
+        mapping.location, "for a fused HF tensor give 'kind: qkv' or 'kind: gated_mlp' and 'hf_parts'; for a "
+        "Megatron tensor the HF side holds as is (a non-gated MLP's linear_fc1) give 'kind: plain'"))
+    return False
 
 
 def _is_grouped(megatron: Pattern) -> bool:
@@ -207,19 +254,19 @@ def _check_fused_experts(mapping: SourcedMapping, megatron: Pattern, hf: list[Pa
         problem = (f"{hf[0].text!r} must have the captures of {mapping.megatron!r} but the last (the expert, which "
                    f"is the tensor's first dimension)")
     if problem:
-        context.errors.append(Diagnostic("QM024", f"fused-experts mapping: {problem}", mapping.where("fused_experts"),
+        context.errors.append(Diagnostic("QM026", f"fused-experts mapping: {problem}", mapping.where("fused_experts"),
                                          "e.g. megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight, "
                                          "hf: model.layers.*.mlp.experts.gate_up_proj"))
     return problem is None
 
 
-def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> list[Rule]:
+def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout) -> list[Rule]:
     buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
     if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
         return []
     imported = mapping.spec.grouped_weight_quantizer or "per-expert"
     if mapping.spec.fused_experts is not None:
-        return _derive(mapping, context, common, fused_expert_buffers(
+        return _derive(mapping, context, common, layout, fused_expert_buffers(
             megatron, hf[0], buffers, grouped, mapping.spec.fused_experts, imported))
     if not all(p.text.endswith(".weight") for p in hf):
         context.warnings.append(Diagnostic(
@@ -229,24 +276,35 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> 
         ))
         return []
     if grouped:
-        return _derive(mapping, context, common, grouped_weight_buffers(megatron, hf, buffers, parts, imported))
+        return _derive(mapping, context, common, layout, grouped_weight_buffers(megatron, hf, buffers, parts, imported))
     module = megatron.text.rsplit(".", 1)[0]
     hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
     kind = FANOUT if parts != ("",) else AMAX
     return [Rule(kind, _derived(f"{module}.{buffer}", context),
                  tuple(_derived(f"{m}.{buffer}", context) for m in hf_modules), parts,
-                 Origin(mapping.location, mapping.megatron, buffer), buffer=buffer, **common)
+                 Origin(mapping.location, mapping.megatron, buffer), buffer=buffer, layout=layout(buffer), **common)
             for buffer in buffers]
 
 
-def _derive(mapping: SourcedMapping, context: _Context, common: dict, derived) -> list[Rule]:
-    """Rules from :mod:`quantmap.moe_rules` derivations, with the mapping's origin, TP split and priority."""
+def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, derived) -> list[Rule]:
+    """Rules from :mod:`quantmap.moe_rules` derivations, with the mapping's origin, TP split, priority and
+    layout: a one-to-one rule's is the mapping's; a block or fan-in of experts has no per-element one."""
     experts = _expert_count(mapping, context)
+    placed = {MOE_FANOUT: _GROUPED_LAYOUT, FAN_IN: _FAN_IN_LAYOUT}
     return [Rule(d.kind, _derived(d.megatron, context), tuple(_derived(t, context) for t in d.hf), d.parts,
                  Origin(mapping.location, mapping.megatron, d.buffer), buffer=d.buffer, parallel=common["parallel"],
                  priority=common["priority"], expert_capture=d.expert_capture,
-                 num_experts=experts if d.kind in (MOE_FANOUT, FAN_IN) else None, reversible=d.reversible)
+                 num_experts=experts if d.kind in (MOE_FANOUT, FAN_IN) else None,
+                 layout=placed.get(d.kind) or layout(d.buffer), reversible=d.reversible)
             for d in derived]
+
+
+# A grouped-MoE block shares one quantizer among its experts: its per-tensor amax goes to every
+# expert, but a non-scalar one says nothing about which expert owns which element.
+_GROUPED_LAYOUT = Layout(None, None, "one quantizer covers a whole block of experts; its non-scalar state has no "
+                                     "per-expert layout")
+# Many experts' quantizers meet in one HF tensor: a max of their per-channel state is no one's.
+_FAN_IN_LAYOUT = Layout(None, None, "several Megatron quantizers meet in one HF tensor; only per-tensor amax combines")
 
 
 def _derived(text: str, context: _Context) -> Pattern:
@@ -291,7 +349,8 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
     origin = Origin(mapping.location, mapping.megatron, "kv_cache")
     return [
         Rule(AMAX, _derived(f"{attention}.{megatron_buffer}", context), (_derived(f"{hf_attention}.{hf_buffer}", context),),
-             ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority)
+             ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority,
+             layout=derive(hf_buffer, None, "plain", ("",), None, context.params))
         for hf_buffer, megatron_buffer in _KV_BUFFERS
     ]
 

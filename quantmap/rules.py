@@ -16,8 +16,10 @@ A rule pairs one Megatron pattern with the Hugging Face pattern(s) it becomes. T
                 by every expert-parallel rank. Export takes the max of the sources, import copies
                 the HF tensor to every source.
 
-New kinds (shape-aware splits) are new values of ``kind`` plus the fields they need; nothing
-dispatches on a class hierarchy.
+Every kind carries a ``layout`` (:mod:`quantmap.layouts`): how a non-scalar tensor lies over
+tensor-parallel ranks and the invertible tensor ops that cut it into the HF names, so that
+per-channel and per-block state (and, later, weights) go exactly where their rows go. New kinds
+are new values of ``kind`` plus the fields they need; nothing dispatches on a class hierarchy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from quantmap.diagnostics import Location
+from quantmap.layouts import Layout
 from quantmap.patterns import Pattern
 
 WEIGHT = "weight"
@@ -60,6 +63,7 @@ class Rule:
     # (None for a fan_in whose sources are one name held by every expert-parallel rank).
     expert_capture: int | None = None
     num_experts: int | None = None  # moe_fanout, fan_in: the model's expert count, when known
+    layout: Layout | None = None  # where a non-scalar tensor's elements go (quantmap.layouts)
     # False for a rule whose HF names another rule of the same mapping resolves back exactly (ModelOpt
     # <= 0.46's shared grouped weight quantizer, under 0.47's per-expert one): forward lookups only.
     reversible: bool = True
@@ -82,6 +86,7 @@ class Rule:
             "priority": self.priority,
             "expert_capture": self.expert_capture,
             "num_experts": self.num_experts,
+            "layout": None if self.layout is None else self.layout.to_json(),
             "reversible": self.reversible,
             "source": {
                 "file": place.file,

@@ -178,7 +178,7 @@ def test_every_spec_command_takes_hf_naming_and_validate_checks_both(tmp_path):
                     "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,\n"
                     "     hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert, hf_naming: in-memory}\n")
     both = run("validate", str(spec))
-    assert both.returncode == 1 and "QM024" in both.stderr
+    assert both.returncode == 1 and "QM026" in both.stderr
     assert run("validate", str(spec), "--hf-naming", "on-disk").returncode == 0
 
 

@@ -222,7 +222,7 @@ def test_fused_experts_mapping_whose_hf_side_keeps_the_expert_wildcard(tmp_path)
              hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert}
         """)
     error = only(path)
-    assert error.code == "QM024" and "model.layers.*.mlp.experts.*.gate_up_proj" in error.message
+    assert error.code == "QM026" and "model.layers.*.mlp.experts.*.gate_up_proj" in error.message
     assert "but the last (the expert" in error.message and "hf: model.layers.*.mlp.experts.gate_up_proj" in error.hint
     assert (error.location.line, error.location.column) == (4, 68)  # at fused_experts' value
 
@@ -237,7 +237,7 @@ def test_fused_experts_mapping_onto_a_group_or_without_an_expert_is_an_error(tmp
           - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.mlp.down_proj, fused_experts: shared}
         """)
     found = errors(path)
-    assert [e.code for e in found] == ["QM024", "QM024"]
+    assert [e.code for e in found] == ["QM026", "QM026"]
     assert "its HF side is a group" in found[0].message
     assert "does not end in the expert index" in found[1].message
 

@@ -10,6 +10,7 @@ Offline, one process plays every rank with the same code and no collectives.
 
 from __future__ import annotations
 
+from array import array
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -70,24 +71,37 @@ class Export:
 
 
 class _Records:
-    """A plan's items as :class:`quantmap.io.safetensors_stream.Records`: names and tensors built on demand."""
+    """A plan's items as :class:`quantmap.io.safetensors_stream.Records`, built on demand: one record
+    per item whose names share one tensor, one per HF name of a shaped item (its parts differ)."""
 
     def __init__(self, plan: Plan | None, buffers):
         self._items = plan.items if plan else []
         self._plan, self._buffers = plan, buffers
+        self._item, self._part = array("q"), array("q")
+        for i in range(len(self._items)):
+            parts = self._items[i].records
+            self._item.extend([i] * parts)
+            self._part.extend(range(parts))
+        self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._item)
 
     def spec(self, i: int):
-        item = self._items[i]
-        return (item.count, *self._plan.spec(item))
+        item = self._items[self._item[i]]
+        count = 1 if item.records > 1 else item.count
+        return (count, *self._plan.spec(item, self._part[i]))
 
     def names(self, i: int):
-        return self._plan.hf_names(self._items[i])
+        item = self._items[self._item[i]]
+        names = self._plan.hf_names(item)
+        return names if item.records == 1 else names[self._part[i]:self._part[i] + 1]
 
     def tensor(self, i: int) -> torch.Tensor:
-        return self._plan.tensor(self._items[i], self._buffers)
+        index = self._item[i]
+        if self._built is None or self._built[0] != index:
+            self._built = index, self._plan.tensors(self._items[index], self._buffers)
+        return self._built[1][self._part[i]]
 
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,

@@ -11,13 +11,12 @@ not the model's tensor, so such a tensor is refused.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_count
 from quantmap.executor.report import ExecutorError, natural
+from quantmap.executor.sharding import is_scalar
 
 
 def sources(match, layout: Layout) -> list[str]:
@@ -66,11 +65,11 @@ class Gathered:
 
 
 def check_scalar(name: str, shape, target: str) -> str | None:
-    return None if math.prod(shape) == 1 else not_scalar(name, shape, target)
+    return None if is_scalar(shape) else not_scalar(name, shape, target)
 
 
 def copy_to_source(megatron: str, target: str, value: torch.Tensor) -> torch.Tensor:
     """Import: the HF tensor as one of its Megatron sources (a scalar only)."""
-    if value.numel() != 1:
+    if not is_scalar(value.shape):
         raise ExecutorError(not_scalar(megatron, value.shape, target))
     return value.clone()
