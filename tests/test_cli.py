@@ -175,8 +175,8 @@ def test_every_spec_command_takes_hf_naming_and_validate_checks_both(tmp_path):
     # validate compiles each naming: a broken in-memory mapping fails even though on-disk compiles.
     spec = tmp_path / "broken.yaml"
     spec.write_text("name: broken\nextends: llama\nmappings:\n"
-                    "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,\n"
-                    "     hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert, hf_naming: in-memory}\n")
+                    "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,\n"
+                    "     hf: model.layers.*.mlp.experts.*.down_proj, fused_experts: per-expert, hf_naming: in-memory}\n")
     both = run("validate", str(spec))
     assert both.returncode == 1 and "QM026" in both.stderr
     assert run("validate", str(spec), "--hf-naming", "on-disk").returncode == 0

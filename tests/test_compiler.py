@@ -139,9 +139,10 @@ def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path
         params: {num_experts: 4}
         mappings:
           - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,
-             hf: model.layers.*.mlp.experts.gate_up_proj, fused_experts: per-expert, priority: 1}
+             hf: model.layers.*.mlp.experts.gate_up_proj, fused_experts: per-expert, priority: 1,
+             kind: gated_mlp, hf_parts: [gate, up], parallel: column}
           - {megatron: decoder.layers.*.mlp.experts.linear_fc1.weight*, hf: model.layers.*.mlp.experts.gate_up_proj,
-             fused_experts: per-expert}
+             fused_experts: per-expert, kind: gated_mlp, hf_parts: [gate, up], parallel: column}
           - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,
              hf: model.layers.*.mlp.experts.down_proj, fused_experts: shared, priority: 1}
           - {megatron: decoder.layers.*.mlp.experts.linear_fc2.weight*, hf: model.layers.*.mlp.experts.down_proj,
@@ -169,6 +170,13 @@ def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path
         "linear_fc2.input_quantizer._amax": ("fan_in", None, ["down_proj_input_quantizer._amax"]),
     }
     assert all(rule.num_experts == 4 for rule in rules.values() if rule.kind in ("fan_in", "moe_fanout"))
+    # A per-expert weight quantizer lies like its weight's rows ([gate; up] per TP shard); many experts'
+    # quantizers meeting in one tensor have no per-element layout.
+    per_expert = rules[head + "local_experts.*.linear_fc1.weight_quantizer._amax"].layout
+    assert per_expert.tp.groups == 2 and per_expert.ops is not None and per_expert.reason is None
+    assert rules[head + "linear_fc1.weight_quantizer.*._amax"].layout == per_expert
+    fan_in = rules[head + "local_experts.*.linear_fc1.input_quantizer._amax"].layout
+    assert fan_in.ops is None and "only per-tensor amax combines" in fan_in.reason
 
 
 def test_output_layer_quantizers_map_to_lm_head_and_norms_embeddings_routers_have_none():

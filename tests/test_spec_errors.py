@@ -218,20 +218,20 @@ def test_fused_experts_mapping_whose_hf_side_keeps_the_expert_wildcard(tmp_path)
     path = write(tmp_path, """\
         name: x
         mappings:
-          - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,
-             hf: model.layers.*.mlp.experts.*.gate_up_proj, fused_experts: per-expert}
+          - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,
+             hf: model.layers.*.mlp.experts.*.down_proj, fused_experts: per-expert}
         """)
     error = only(path)
-    assert error.code == "QM026" and "model.layers.*.mlp.experts.*.gate_up_proj" in error.message
+    assert error.code == "QM026" and "model.layers.*.mlp.experts.*.down_proj" in error.message
     assert "but the last (the expert" in error.message and "hf: model.layers.*.mlp.experts.gate_up_proj" in error.hint
-    assert (error.location.line, error.location.column) == (4, 68)  # at fused_experts' value
+    assert (error.location.line, error.location.column) == (4, 65)  # at fused_experts' value
 
 
 def test_fused_experts_mapping_onto_a_group_or_without_an_expert_is_an_error(tmp_path):
     path = write(tmp_path, """\
         name: x
         mappings:
-          - megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight
+          - megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight
             hf: {gate: model.layers.*.mlp.experts.gate_proj, up: model.layers.*.mlp.experts.up_proj}
             fused_experts: shared
           - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.mlp.down_proj, fused_experts: shared}

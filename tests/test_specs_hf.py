@@ -136,5 +136,7 @@ def test_a_spec_claims_lm_head_only_for_an_architecture_with_an_untied_head(arch
     claims_head = rules.to_megatron("lm_head.weight_quantizer._amax") is not None
     config = _configs()[arch]
     assert claims_head and not config.tie_word_embeddings and "lm_head.weight" in on_disk[arch]
-    record = json.loads((DATA / f"names_{'llama' if arch == 'mistral' else arch}.json").read_text())
-    assert record["config"]["tie_word_embeddings"] is False and "lm_head.weight" in record["on_disk_save_pretrained"]
+    fixture = DATA / f"names_{'llama' if arch == 'mistral' else arch}.json"
+    if fixture.exists():  # the recorded fixtures (phi3 has none) agree
+        record = json.loads(fixture.read_text())
+        assert record["config"]["tie_word_embeddings"] is False and "lm_head.weight" in record["on_disk_save_pretrained"]
