@@ -182,3 +182,30 @@ def test_a_fan_in_short_of_an_expert_is_an_error_not_a_max_of_fewer_sources(tmp_
     with pytest.raises(ExecutorError, match=r"down_proj_input_quantizer\._amax is the max over 8 experts' quantizers "
                                             r"but the shards hold 6"):
         export_offline(rules_for("seq", NUM_EXPERTS, "in-memory"), states, layout, out=tmp_path / "hf")
+
+
+def test_a_per_channel_expert_weight_quantizer_lands_as_gate_then_up_in_the_fused_in_memory_tensor(tmp_path):
+    """transformers v5 concatenates an expert's gate and up into gate_up_proj, so its per-channel weight
+    amax is [gate; up]; Megatron's TP rank r holds [gate_r; up_r] (kind: gated_mlp, hf_parts: [gate, up])."""
+    layout = Layout(tp=2, num_layers=1, num_experts=2, ep=1, etp=2)
+    g = torch.Generator().manual_seed(3)
+    full = {e: (torch.rand(6, 1, generator=g), torch.rand(6, 1, generator=g)) for e in range(2)}  # (gate, up)
+    states = [{} for _ in range(layout.world_size)]
+    for rank, state in enumerate(states):
+        etp = layout.coords(rank).etp
+        for e, (gate, up) in full.items():
+            prefix = f"decoder.layers.0.mlp.experts.local_experts.{e}."
+            state[prefix + "linear_fc1.weight_quantizer._amax"] = torch.cat([gate.chunk(2)[etp], up.chunk(2)[etp]])
+            state[prefix + "linear_fc1.input_quantizer._amax"] = torch.tensor(1.0 + e)
+    ruleset = rules_for("seq", 2, "in-memory")
+    written = export_offline(ruleset, states, layout, out=tmp_path / "hf").state_dict()
+    for e, (gate, up) in full.items():
+        assert torch.equal(written[f"model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.{e}._amax"],
+                           torch.cat([gate, up]))
+    assert torch.equal(written["model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax"], torch.tensor(2.0))
+    import_offline(ruleset, tmp_path / "hf", layout, tmp_path / "mg")
+    for rank, state in enumerate(states):
+        back = LazyShard(rank_file(tmp_path / "mg", rank))
+        for name, tensor in state.items():
+            expected = torch.tensor(2.0) if "input_quantizer" in name else tensor
+            assert torch.equal(back[name], expected), (rank, name)
