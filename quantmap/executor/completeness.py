@@ -9,11 +9,14 @@ expert index exists for every expert. So, on global Megatron names:
   to the quantizer (``decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1``);
 * a module present in a layer must have every kind seen for that module, for every expert of the
   layout (``num_experts``; the experts seen when the layout gives none);
-* a layer must hold every module that all layers with strictly more modules agree on: an empty layer
+* a layer's modules are *complete* when no other layer has a strict superset of them; a layer must
+  hold every module that all complete module sets larger than its own agree on. An empty layer
   (dropped, or a checkpoint with fewer layers than the layout) gets the modules common to every
-  layer, a layer that lost one module gets it back from the complete layers, and models whose layers
-  legitimately differ (DeepSeek's first dense layers next to MoE layers, interleaved MoE) are not
-  flagged, because neither kind of layer is a subset of the other.
+  complete layer, a layer that lost some modules gets them back from the complete layers, and models
+  whose layers legitimately differ (DeepSeek's first dense layers next to MoE layers, interleaved
+  MoE) are not flagged, because neither kind of layer is a subset of the other. (The price: in such
+  a model, a layer that lost its whole MLP block matches both kinds and is only checked for the
+  modules they share.)
 
 A model that quantizes only some layers therefore shows the others as missing: that is a finding,
 not a refusal, unless ``--strict`` (import) or the default export policy asks for completeness.
@@ -54,12 +57,13 @@ def required_names(names: Iterable[str], layout: Layout) -> set[str]:
         else:
             layer_modules.setdefault(layer, set()).add(module)
     signatures = {frozenset(modules) for modules in layer_modules.values()}
+    complete = [signature for signature in signatures if not any(signature < other for other in signatures)]
     out: set[str] = set()
     for kind in loose:
         out.update(_expand(kind, None, experts_seen, layout))
     for layer in range(layout.num_layers):
         own = frozenset(layer_modules.get(layer, ()))
-        larger = [signature for signature in signatures if signature > own]
+        larger = [signature for signature in complete if signature > own]
         modules = own.union(frozenset.intersection(*larger)) if larger else own
         for module in modules:
             for kind in kinds[module]:

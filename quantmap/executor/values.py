@@ -34,7 +34,7 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     """The names whose amax has a zero (uncalibrated); raises :class:`BadValues` listing every bad tensor.
 
     One vectorised pass per dtype (10^5 scalars cost one ``cat``, not 10^5 checks)."""
-    problems = [f"{name}: dtype {str(value.dtype).replace('torch.', '')} is not a floating-point type; quantizer "
+    problems = [f"{name}: dtype {_dtype(value)} is not a floating-point type; quantizer "
                 f"state is float (was it written by another tool, or cast?)"
                 for name, value in tensors if not value.dtype.is_floating_point]
     if problems:
@@ -76,9 +76,9 @@ def copy_digest(value: torch.Tensor):
     """What a replica's copy is compared by: dtype, shape and the value (a scalar) or an 8-byte hash."""
     value = value.detach().cpu().contiguous()
     if value.numel() == 1:
-        return str(value.dtype), tuple(value.shape), value.item()
+        return _dtype(value), tuple(value.shape), value.item()
     raw = ctypes.string_at(value.data_ptr(), value.numel() * value.element_size())
-    return str(value.dtype), tuple(value.shape), hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return _dtype(value), tuple(value.shape), hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def replica_disagreements(metas: Sequence[dict]) -> list[str]:
@@ -123,6 +123,10 @@ def _replica(coords, view: str) -> int:
 
 def _position(coords, view: str) -> tuple:
     return (coords.pp, coords.ep, coords.etp) if view == "expert" else (coords.pp, coords.tp)
+
+
+def _dtype(value: torch.Tensor) -> str:
+    return str(value.dtype).removeprefix("torch.")
 
 
 def _shown(rank: int, digest) -> str:
