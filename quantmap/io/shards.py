@@ -49,13 +49,14 @@ def check_rank_files(directory: str | Path, layout: Layout) -> None:
         absent = (rank for rank in range(world) if rank not in held)
         first = [next(absent) for _ in range(min(_LISTED, world - len(present)))]
         raise LayoutError(f"{directory} holds {len(present)} rank file(s) but its layout.json needs {world} ({sizes}); "
-                          f"missing {_names(first)}{', ...' if world - len(present) > _LISTED else ''}. "
-                          f"Fix the sizes in layout.json or supply every rank's file")
+                          f"missing {_names(first, world - len(present))}. Fix the sizes in layout.json or supply "
+                          f"every rank's file")
 
 
-def _names(ranks: list[int]) -> str:
+def _names(ranks: list[int], total: int | None = None) -> str:
+    total = len(ranks) if total is None else total
     shown = ", ".join(rank_file("", rank).name for rank in ranks[:_LISTED])
-    return shown + (f" and {len(ranks) - _LISTED} more" if len(ranks) > _LISTED else "")
+    return shown + (f" and {total - _LISTED} more" if total > _LISTED else "")
 
 
 def coordinates(layout: Layout, coords: Coords) -> dict:
