@@ -62,7 +62,7 @@ class Report:
             if names:
                 out.append(f"{len(names)} name(s) {title}:")
                 out += [f"  {count} x {shape}" for shape, count in group_names(names)[:limit]]
-        for title, notes in (("copies that should be equal disagreed", self.disagreements),
+        for title, notes in (("copies or parts that differ", self.disagreements),
                              ("copies on non-owning pipeline stages ignored", self.duplicates)):
             if notes:
                 out.append(f"{len(notes)} {title}:")
