@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from quantmap.executor.groups import Placement
 from quantmap.executor.completeness import required_names
+from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
