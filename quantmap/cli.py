@@ -11,7 +11,6 @@ import json
 import sys
 from datetime import timedelta
 from enum import Enum
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -274,6 +273,11 @@ def export_command(
                                  "rank_NNNNN.safetensors (local names)."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory for the Hugging Face checkpoint (must not exist)."),
     shard_size: int = typer.Option(5 * 2**30, "--shard-size", min=1, help="Largest shard, in bytes."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any finding: unclaimed, missing or uncalibrated "
+                                "(zero amax) names."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Export shards short of what the layout "
+                                       "requires (a layer, expert or stage missing) and report the rest; refused "
+                                       "by default."),
     nproc: Optional[int] = NprocOpt,
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
@@ -286,7 +290,7 @@ def export_command(
 
     _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout)))
+        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial))
 
 
 @app.command("import")
@@ -295,7 +299,8 @@ def import_command(
     hf: str = typer.Option(..., "--hf", help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
     layout: str = typer.Option(..., "--layout", "-l", help="The target layout.json (or a directory holding one)."),
     out: str = typer.Option(..., "--out", "-o", help="Output Megatron shard directory (must not exist)."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on any unclaimed or missing name."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any unclaimed, missing, out-of-layout or "
+                                "uncalibrated (zero amax) name."),
     nproc: Optional[int] = NprocOpt,
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,

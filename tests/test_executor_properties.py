@@ -4,16 +4,14 @@ on the layout, and export then import gives back every rank's quantizer tensors.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from executor_support import global_state, quantizers, rules_for, shard
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import Layout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 

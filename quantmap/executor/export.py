@@ -106,10 +106,12 @@ class _Records:
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,
            shard_size: int = DEFAULT_SHARD_SIZE, timeout: timedelta = timedelta(minutes=10),
-           progress: bool = False) -> Export:
+           progress: bool = False, strict: bool = False, allow_partial: bool = False) -> Export:
     """Export this rank's ``state`` (local names → tensors); call on every rank of ``placement``'s group.
 
-    With ``out`` the writer writes the HF checkpoint there (staged, then renamed into place).
+    With ``out`` the writer writes the HF checkpoint there (staged, then renamed into place). Shards
+    short of what the layout requires are refused unless ``allow_partial`` (then reported);
+    ``strict`` refuses any finding (see :class:`Plan`).
     """
     from quantmap.executor.comm import Comm
 
@@ -125,7 +127,7 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     verdict = None
     if comm.is_writer:
         try:
-            plan = Plan(rules, placement.layout, metas)
+            plan = Plan(rules, placement.layout, metas, strict=strict, allow_partial=allow_partial)
             verdict = {"sizes": plan.sizes}
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
             verdict = {"error": _describe(error)}
@@ -153,7 +155,8 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
 
 
 def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str | Path | None = None,
-                   shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = False) -> Export:
+                   shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = False, strict: bool = False,
+                   allow_partial: bool = False) -> Export:
     """One process plays every rank: ``states[r]`` is global rank ``r``'s local state."""
     layout.check_world(len(states))
     staged = Staged(out) if out is not None else None
@@ -167,7 +170,7 @@ def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str
         metas.append(packed.meta)
         buffers[rank] = packed.buffer
     try:
-        result = Export(Plan(rules, layout, metas), buffers)
+        result = Export(Plan(rules, layout, metas, strict=strict, allow_partial=allow_partial), buffers)
     except ExecutorError:
         if staged:
             staged.discard()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from quantmap.executor.completeness import required_names
 from quantmap.executor.fan_in import copy_to_source, sources
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
@@ -26,6 +27,7 @@ from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_e
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
+from quantmap.executor.values import check_values
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
@@ -35,7 +37,9 @@ from quantmap.rules import FAN_IN, MOE_FANOUT, WEIGHT
 class Catalog:
     """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import.
 
-    A name no rank of the layout holds goes to ``outside``: each rank alone would just skip it."""
+    A name no rank of the layout holds goes to ``outside``: each rank alone would just skip it.
+    ``megatron`` is every name the layout requires (:mod:`quantmap.executor.completeness`), so the
+    rank that should hold a layer or expert the checkpoint lacks reports its HF names as missing."""
 
     def __init__(self, rules, names: list[str], layout: Layout):
         self.rules = rules
@@ -52,7 +56,12 @@ class Catalog:
                 self.report.outside.append(name)
             else:
                 claimed.update(sources(match, layout))
-        self.megatron = sorted(claimed)
+        if not claimed:
+            raise ExecutorError(f"the checkpoint holds no quantizer tensor that the spec claims for this layout "
+                                f"({len(names)} name(s): {self.report.weights} weight(s), "
+                                f"{len(self.report.unclaimed)} unclaimed, {len(self.report.outside)} beyond the "
+                                f"layout); nothing to import. Check --hf, the spec and layout.json")
+        self.megatron = sorted(required_names(claimed, layout))
 
 
 def _held(match, layout: Layout) -> bool:
@@ -69,7 +78,7 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
     """This rank's local state dict (local names → tensors) and what it found missing or disagreeing."""
     layout, coords = placement.layout, placement.coords
     report = Report()
-    state = {}
+    state, read = {}, []
     for megatron in catalog.megatron:
         local = to_local(megatron, layout, coords)
         if local is None:
@@ -84,6 +93,7 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
         if not present:
             continue
         parts = [checkpoint.get(name) for name in present]
+        read += zip(present, parts)
         if match.kind == FAN_IN:
             state[local] = copy_to_source(megatron, present[0], parts[0])
             continue
@@ -91,6 +101,7 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
             state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
         except _Incomplete:
             continue
+    report.uncalibrated = check_values(read)
     report.written = len(state)
     return state, report
 
@@ -127,6 +138,7 @@ def merge(reports: list[Report]) -> Report:
     out = Report()
     out.written = sum(r.written for r in reports)
     out.missing = sorted({name for r in reports for name in r.missing}, key=natural)
+    out.uncalibrated = sorted({name for r in reports for name in r.uncalibrated}, key=natural)
     out.disagreements = sorted({note for r in reports for note in r.disagreements}, key=natural)
     return out
 
@@ -161,7 +173,7 @@ def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *
         bar = progress_bar(layout.world_size, "import", progress)
         for rank in range(layout.world_size):
             state, report = import_rank(catalog, checkpoint, Placement.offline(layout, rank))
-            write_rank(staged.path, rank, state)
+            write_rank(staged.path, layout, layout.coords(rank), state)
             reports.append(report)
             bar.update()
         bar.close()
@@ -208,7 +220,7 @@ def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, st
         checkpoint = Checkpoint(hf_dir)
         catalog = Catalog(rules, checkpoint.names(), placement.layout)
         state, report = import_rank(catalog, checkpoint, placement)
-        write_rank(staged.path, placement.coords.rank, state)
+        write_rank(staged.path, placement.layout, placement.coords, state)
         outcome["report"] = report
     except Exception as error:
         outcome["error"] = f"rank {placement.coords.rank}: {error}"

@@ -25,12 +25,15 @@ def mode(nproc: int | None) -> str:
 
 
 def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path, *, shard_size: int,
-                  nproc: int | None = None, progress: bool = False, timeout: timedelta = timedelta(minutes=10)) -> Report:
+                  nproc: int | None = None, progress: bool = False, timeout: timedelta = timedelta(minutes=10),
+                  strict: bool = False, allow_partial: bool = False) -> Report:
     """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) to ``out``."""
     from quantmap.executor.layout import Layout
+    from quantmap.io.shards import check_rank_files
 
     layout = Layout.read(megatron)
-    args = (spec, params, str(megatron), str(out), shard_size, progress, timeout)
+    check_rank_files(megatron, layout)
+    args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
     how = mode(nproc)
     if how == "offline":
         import quantmap
@@ -39,7 +42,7 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
         return export_offline(quantmap.compile(spec, **params), states, layout, out=out, shard_size=shard_size,
-                              progress=progress).report
+                              progress=progress, strict=strict, allow_partial=allow_partial).report
     if how == "spawn":
         layout.check_world(nproc)
     return _run(how, nproc, _export_rank, args, timeout)
@@ -63,7 +66,7 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
     return _run(how, nproc, _import_rank, (spec, params, str(hf), str(layout_path), str(out), strict, timeout), timeout)
 
 
-def _export_rank(spec, params, megatron, out, shard_size, progress, timeout):
+def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
     import quantmap
     from quantmap.executor.export import export
     from quantmap.executor.groups import Placement
@@ -73,7 +76,7 @@ def _export_rank(spec, params, megatron, out, shard_size, progress, timeout):
     placement = Placement.from_world(Layout.read(megatron))
     state = LazyShard(rank_file(megatron, placement.coords.rank))
     result = export(quantmap.compile(spec, **params), state, placement, out=out, shard_size=shard_size,
-                    timeout=timeout, progress=progress)
+                    timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
     return result.report if result.is_writer else None
 
 

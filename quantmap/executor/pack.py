@@ -2,7 +2,9 @@
 
 Only names the rule set claims are packed, under their global names; the rest are listed for the
 report. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
-tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``. The buffer is one flat byte tensor
+tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``; where a view has replicas, every copy's
+digest goes into the metadata for the writer to compare. Every tensor read is checked for values
+that cannot be right (:mod:`quantmap.executor.values`). The buffer is one flat byte tensor
 (each tensor aligned to its element size), so any mix of dtypes travels in a single transfer.
 """
 
@@ -18,6 +20,8 @@ import torch
 from quantmap.executor.groups import Placement
 from quantmap.executor.naming import is_expert, local_indices, to_global
 from quantmap.executor.report import ExecutorError
+from quantmap.executor.values import check_values, copy_digest, owns, replicated
+from quantmap.io.shards import LazyShard
 from quantmap.rules import WEIGHT
 
 
@@ -31,15 +35,19 @@ class Packed:
 
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
     return {"coords": placement.coords, "error": error, "names": [], "dtypes": [], "shapes": [], "offsets": array("q"),
-            "size": 0, "unclaimed": [], "weights": 0, "experts": 0, "top_layer": None, "top_expert": None}
+            "size": 0, "unclaimed": [], "weights": 0, "experts": 0, "top_layer": None, "top_expert": None,
+            "copies": {}, "uncalibrated": []}
 
 
 def pack(rules, state: Mapping, placement: Placement) -> Packed:
     """Claim and pack ``state`` (local names → tensors); exceptions propagate to the caller."""
     layout, coords = placement.layout, placement.coords
-    owns_dense, owns_expert = coords.dp == 0 and coords.cp == 0, coords.edp == 0
+    if isinstance(state, LazyShard):
+        state.check_coordinates(layout, coords)
+    owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
+    compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
     meta = empty_meta(placement)
-    tensors, offset = [], 0
+    tensors, read, offset = [], [], 0
     for local in state.keys():
         name = to_global(local, layout, coords)
         _note_indices(meta, local)
@@ -47,10 +55,11 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
         if match is None:
             meta["unclaimed"].append(name)
             continue
-        if not (owns_expert if is_expert(name) else owns_dense):
-            continue
+        expert = is_expert(name)
         if match.kind == WEIGHT:
-            meta["weights"] += 1
+            meta["weights"] += owner[expert]
+            continue
+        if not (owner[expert] or compared[expert]):
             continue
         try:
             value = state[local]
@@ -60,6 +69,11 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
             raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
                             f"or a safetensors shard")
         value = value.detach()
+        read.append((name, value))
+        if compared[expert]:
+            meta["copies"][name] = copy_digest(value)
+        if not owner[expert]:
+            continue
         width = value.element_size()
         offset = -(-offset // width) * width
         tensors.append((offset, value))
@@ -69,6 +83,7 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
         meta["shapes"].append(tuple(value.shape))
         meta["offsets"].append(offset)
         offset += value.numel() * width
+    meta["uncalibrated"] = check_values(read)
     buffer = torch.empty(offset, dtype=torch.uint8)
     for start, value in tensors:
         flat = value.reshape(-1).contiguous().cpu().view(torch.uint8)

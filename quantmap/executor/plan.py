@@ -29,12 +29,14 @@ from itertools import accumulate, groupby
 
 import torch
 
+from quantmap.executor.completeness import missing_names
 from quantmap.executor.fan_in import Gathered, check_scalar
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import NamingError, expert_block, expert_count, expert_hf_names, is_expert, to_local
 from quantmap.executor.pack import unpack
-from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.executor.report import ExecutorError, Report, group_names, natural
 from quantmap.executor.sharding import LayoutProblem, export_pipeline, is_scalar, max_of_copies, run
+from quantmap.executor.values import replica_disagreements
 from quantmap.rules import FAN_IN, MOE_FANOUT
 
 ONE, MAX, SHAPED = "one", "max", "shaped"
@@ -99,10 +101,11 @@ class _Items(Sequence):
 class Plan:
     """The checked plan of one export, plus what is needed to build its tensors on the writer."""
 
-    def __init__(self, rules, layout: Layout, metas: list[dict]):
+    def __init__(self, rules, layout: Layout, metas: list[dict], *, strict: bool = False, allow_partial: bool = False):
         self.rules = rules
         self.layout = layout
         self.metas = metas
+        self.strict, self.allow_partial = strict, allow_partial
         self.report = Report()
         self.items = _Items()
         self._disagreeing: set[str] = set()
@@ -167,11 +170,13 @@ class Plan:
             unclaimed.update(meta["unclaimed"])
             self.report.weights += meta["weights"]
         self.report.unclaimed = sorted(unclaimed, key=natural)
+        self.report.uncalibrated = sorted({name for meta in self.metas for name in meta["uncalibrated"]}, key=natural)
+        self.report.disagreements += replica_disagreements(self.metas)
         # Every rank's entries sorted by name: a name's copies are adjacent, and the order does not
         # depend on the layout. Sorting flat positions keeps this cheap in memory at 10^5 names.
         names = [name for meta in self.metas for name in meta["names"]]
         starts = list(accumulate((len(meta["names"]) for meta in self.metas), initial=0))
-        errors = self._expert_blocks()
+        errors = self._expert_blocks() + self._incomplete(names)
         for name, group in groupby(sorted(range(len(names)), key=names.__getitem__), key=names.__getitem__):
             sources = []
             for position in group:
@@ -185,6 +190,22 @@ class Plan:
         if errors:
             raise ExecutorError(_listing("export stopped before any tensor moved: ", errors, "problem") +
                                 "\nNothing was written.")
+        if self.strict and self.report.problems:
+            raise ExecutorError(f"export refused (--strict): {self.report.refusal('Megatron')}. Nothing was written.")
+
+    def _incomplete(self, names: list[str]) -> list[str]:
+        """The shards against the layout: every layer and expert of every quantizer kind they hold
+        (:mod:`quantmap.executor.completeness`). Refused unless ``allow_partial``, then reported."""
+        if not names:
+            return ["the shards hold no quantizer tensor that the spec claims; check --megatron and the spec"]
+        missing = missing_names(names, self.layout)
+        if not missing or self.allow_partial or self.strict:  # --strict refuses it with the other findings
+            self.report.missing = missing
+            return []
+        shapes = ", ".join(f"{count} x {shape}" for shape, count in group_names(missing)[:_MAX_LISTED])
+        return [f"the shards lack {len(missing)} quantizer tensor(s) that the layout requires ({shapes}), e.g. "
+                f"{', '.join(missing[:3])}: a rank file or pipeline stage is incomplete. Pass --allow-partial "
+                f"(allow_partial=True) to export what is there and report the rest"]
 
     def _short_of_layout(self) -> list[str]:
         """Ranks whose highest local layer or expert falls short of what the layout gives them: a layout

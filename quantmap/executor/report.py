@@ -21,27 +21,33 @@ class Report:
     written: int = 0
     unclaimed: list[str] = field(default_factory=list)  # names no rule claims
     weights: int = 0  # weights the rules know but quantmap does not move
-    missing: list[str] = field(default_factory=list)  # import: HF names a rank needs but the checkpoint lacks
+    # names the layout requires (every layer and expert of every kind seen) that the input lacks:
+    # HF names on import, Megatron names on export (with --allow-partial; refused otherwise)
+    missing: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)  # import: HF names beyond the layout's layers or experts
-    disagreements: list[str] = field(default_factory=list)  # values combined by max that were not equal
+    uncalibrated: list[str] = field(default_factory=list)  # amax with a zero: ModelOpt's "never calibrated"
+    disagreements: list[str] = field(default_factory=list)  # copies that should be equal but were not
     duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
 
     @property
     def problems(self) -> int:
-        return len(self.unclaimed) + len(self.missing) + len(self.outside)
+        return len(self.unclaimed) + len(self.missing) + len(self.outside) + len(self.uncalibrated)
 
-    def refusal(self, examples: int = 3) -> str:
-        """The problems ``--strict`` refuses, one clause per kind: how many, a few names, what to check."""
+    def refusal(self, source: str = "HF", examples: int = 3) -> str:
+        """The problems ``--strict`` refuses, one clause per kind: how many, a few names, what to check.
+        ``source`` names the input's side: ``"HF"`` on import, ``"Megatron"`` on export."""
+        lacks = "the checkpoint lacks" if source == "HF" else "the shards lack"
         clauses = []
         for names, what, check in (
                 (self.unclaimed, "no rule of the spec claims", ""),
-                (self.missing, "the layout's ranks need but the checkpoint lacks", ""),
+                (self.missing, f"the layout's ranks need but {lacks}", ""),
                 (self.outside, "no rank of the layout holds (a layer or expert beyond it)",
-                 " (check num_layers/num_experts in layout.json)")):
+                 " (check num_layers/num_experts in layout.json)"),
+                (self.uncalibrated, "with a zero amax (uncalibrated)", " (calibrate them, or drop --strict)")):
             if names:
                 shown = sorted(names, key=natural)[:examples]
                 more = f", and {len(names) - examples} more" if len(names) > examples else ""
-                clauses.append(f"{len(names)} HF name(s) {what}: {', '.join(shown)}{more}{check}")
+                clauses.append(f"{len(names)} {source} name(s) {what}: {', '.join(shown)}{more}{check}")
         return "; ".join(clauses)
 
     def lines(self, limit: int = 5) -> list[str]:
@@ -51,11 +57,12 @@ class Report:
             out.append(f"{self.weights} weight tensor(s) skipped (counted per tensor-parallel rank): "
                        f"quantmap moves quantizer state only")
         for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing),
-                             ("no rank of the layout holds (layer or expert beyond the layout)", self.outside)):
+                             ("no rank of the layout holds (layer or expert beyond the layout)", self.outside),
+                             ("with a zero amax (uncalibrated)", self.uncalibrated)):
             if names:
                 out.append(f"{len(names)} name(s) {title}:")
                 out += [f"  {count} x {shape}" for shape, count in group_names(names)[:limit]]
-        for title, notes in (("values combined by max disagreed", self.disagreements),
+        for title, notes in (("copies or parts that differ", self.disagreements),
                              ("copies on non-owning pipeline stages ignored", self.duplicates)):
             if notes:
                 out.append(f"{len(notes)} {title}:")

@@ -1,9 +1,15 @@
 """The Megatron shard directory: ``layout.json`` plus ``rank_{global_rank:05d}.safetensors`` per rank,
-each holding that rank's quantizer tensors under its LOCAL names (what its ``state_dict()`` says)."""
+each holding that rank's quantizer tensors under its LOCAL names (what its ``state_dict()`` says).
+
+Local names carry no position (every stage has a ``decoder.layers.0``), so a renamed or swapped file
+would export a wrong model silently. quantmap therefore writes each rank's coordinates into the file's
+safetensors ``__metadata__`` (key ``quantmap.coordinates``) and checks them on read when present."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,11 +17,63 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantmap.executor.layout import Layout
+from quantmap.executor.layout import Coords, Layout, LayoutError
+
+COORDINATES_KEY = "quantmap.coordinates"
+_RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
+_LISTED = 5
 
 
 def rank_file(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"rank_{rank:05d}.safetensors"
+
+
+def check_rank_files(directory: str | Path, layout: Layout) -> None:
+    """Every rank of the layout has its file and no file lies beyond the layout's world, checked from the
+    directory listing before any work: extra files would never be read (a silently partial export), and a
+    layout far bigger than the files (``dp: 1000000000``) would otherwise run for minutes first."""
+    directory = Path(directory)
+    try:
+        present = sorted(int(found.group(1)) for entry in os.scandir(directory)
+                         if (found := _RANK_FILE.fullmatch(entry.name)))
+    except OSError as error:
+        raise LayoutError(f"cannot list the shard directory {directory}: {error.strerror}") from None
+    world = layout.world_size
+    sizes = f"tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*{layout.pp} = {world}"
+    beyond = [rank for rank in present if rank >= world]
+    if beyond:
+        raise LayoutError(f"{directory} holds {len(beyond)} rank file(s) beyond the layout's {world} rank(s) "
+                          f"({sizes}): {_names(beyond)}; they would not be exported. Fix layout.json or remove them")
+    if len(present) < world:  # the ranks below ``world`` are distinct, so a count says whether any is absent
+        held = set(present)
+        absent = (rank for rank in range(world) if rank not in held)
+        first = [next(absent) for _ in range(min(_LISTED, world - len(present)))]
+        raise LayoutError(f"{directory} holds {len(present)} rank file(s) but its layout.json needs {world} ({sizes}); "
+                          f"missing {_names(first, world - len(present))}. Fix the sizes in layout.json or supply "
+                          f"every rank's file")
+
+
+def _names(ranks: list[int], total: int | None = None) -> str:
+    total = len(ranks) if total is None else total
+    shown = ", ".join(rank_file("", rank).name for rank in ranks[:_LISTED])
+    return shown + (f" and {total - _LISTED} more" if total > _LISTED else "")
+
+
+def coordinates(layout: Layout, coords: Coords) -> dict:
+    """What a rank's file records about where it sits: its position in both views and the global layer
+    and expert ranges its local indices stand for (``[start, stop)``; experts ``None`` for a dense model)."""
+    start = layout.layer_offset(coords.pp)
+    per_rank = layout.experts_per_rank
+    return {**coords._asdict(), "layers": [start, start + layout.stage_layers[coords.pp]],
+            "experts": None if per_rank is None else [coords.ep * per_rank, (coords.ep + 1) * per_rank]}
+
+
+def _described(recorded: dict) -> str:
+    layers, experts = recorded.get("layers"), recorded.get("experts")
+    where = " ".join(f"{key}={recorded.get(key)}" for key in ("tp", "cp", "dp", "pp", "etp", "ep", "edp"))
+    held = f", layers {layers[0]}..{layers[1] - 1}" if layers else ""
+    held += f", experts {experts[0]}..{experts[1] - 1}" if experts else ""
+    return f"rank {recorded.get('rank')} ({where}{held})"
 
 
 class LazyShard(Mapping):
@@ -25,6 +83,22 @@ class LazyShard(Mapping):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._handle = None
+
+    def check_coordinates(self, layout: Layout, coords: Coords) -> None:
+        """Refuse a file whose recorded coordinates are not the position it is read for (a swapped or
+        renamed file, or one written for another layout); files without coordinates pass."""
+        recorded = self._open().metadata() or {}
+        if COORDINATES_KEY not in recorded:
+            return
+        try:
+            found = json.loads(recorded[COORDINATES_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not JSON; rewrite the file") from None
+        expected = coordinates(layout, coords)
+        if found != expected:
+            raise ValueError(f"{self.path.name} was written for {_described(found)} but is read as "
+                             f"{_described(expected)}; the rank files were swapped or renamed, or come from "
+                             f"another layout.json: put each file back under its own rank number")
 
     def _open(self):
         if self._handle is None:
@@ -47,11 +121,12 @@ class LazyShard(Mapping):
         return self._open().keys()
 
 
-def write_rank(directory: str | Path, rank: int, state: Mapping[str, torch.Tensor]) -> Path:
-    """Write one rank's tensors (temporary name, then rename)."""
-    path = rank_file(directory, rank)
+def write_rank(directory: str | Path, layout: Layout, coords: Coords, state: Mapping[str, torch.Tensor]) -> Path:
+    """Write one rank's tensors with its coordinates (temporary name, then rename)."""
+    path = rank_file(directory, coords.rank)
     partial = path.with_suffix(".partial")
-    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}, str(partial))
+    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}, str(partial),
+              metadata={COORDINATES_KEY: json.dumps(coordinates(layout, coords))})
     os.replace(partial, path)
     return path
 
@@ -75,4 +150,4 @@ def save_shard(state_dict: Mapping, layout: Layout, directory: str | Path, rank:
         layout.write(directory)
     quantizers = {name: value for name, value in state_dict.items()
                   if "quantizer" in name and isinstance(value, torch.Tensor)}
-    return write_rank(directory, rank, quantizers)
+    return write_rank(directory, layout, layout.coords(rank), quantizers)

@@ -1,0 +1,134 @@
+"""Quantizer values that cannot be right, and data-parallel replicas that should be equal.
+
+A NaN, an infinity or a negative amax would quantize every value of its tensor to garbage (and a
+NaN on one tensor-parallel rank would win the ``max`` that combines the copies), and quantizer state
+is floating point by construction, so these are refused in both directions, naming the tensor. A
+zero amax is what ModelOpt leaves on a quantizer that never saw data ("uncalibrated"): legal, but
+worth saying, so it is reported.
+
+Data-parallel (and context-parallel) replicas hold copies of the same state, and only the first
+replica's bytes travel. The others send a small *copy digest* per tensor in the metadata (the value
+itself for a scalar, a hash otherwise), so the writer can compare them with the first replica's,
+as tensor-parallel copies are compared, without another collective or any extra bytes moved.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from quantmap.executor.naming import is_expert
+from quantmap.executor.report import ExecutorError
+
+_LISTED = 8
+
+
+class BadValues(ExecutorError):
+    """Quantizer state that must not be moved (NaN, inf, negative amax, a non-float dtype)."""
+
+
+def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names whose amax has a zero (uncalibrated); raises :class:`BadValues` listing every bad tensor.
+
+    One vectorised pass per dtype (10^5 scalars cost one ``cat``, not 10^5 checks)."""
+    problems = [f"{name}: dtype {_dtype(value)} is not a floating-point type; quantizer "
+                f"state is float (was it written by another tool, or cast?)"
+                for name, value in tensors if not value.dtype.is_floating_point]
+    if problems:
+        raise BadValues(_listing(problems))
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, value in tensors:
+        by_dtype.setdefault(value.dtype, []).append((name, value))
+    zero = []
+    for group in by_dtype.values():
+        flat = torch.cat([value.detach().reshape(-1) for _, value in group]).float()
+        # Sign and zero matter for amax only (a pre-quant scale is checked for finiteness alone).
+        amax = torch.repeat_interleave(torch.tensor([name.endswith("amax") for name, _ in group]),
+                                       torch.tensor([value.numel() for _, value in group]))
+        if not bool(torch.isfinite(flat).all()) or bool(((flat < 0) & amax).any()):
+            problems += [problem for name, value in group if (problem := _bad(name, value))]
+        if bool(((flat == 0) & amax).any()):
+            zero += [name for name, value in group if name.endswith("amax") and bool((value == 0).any())]
+    if problems:
+        raise BadValues(_listing(problems))
+    return zero
+
+
+def _bad(name: str, value: torch.Tensor) -> str | None:
+    value = value.detach().float()
+    for what, mask in (("NaN", torch.isnan(value)), ("infinite", torch.isinf(value)),
+                       ("negative", (value < 0) if name.endswith("amax") else None)):
+        if mask is not None and bool(mask.any()):
+            return (f"{name} holds {int(mask.sum())} {what} value(s) of {value.numel()}; an amax must be a finite "
+                    f"number >= 0: recalibrate, or fix the tool that wrote it")
+    return None
+
+
+def _listing(problems: list[str]) -> str:
+    more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+    return "bad quantizer values: " + "; ".join(problems[:_LISTED]) + more
+
+
+def copy_digest(value: torch.Tensor):
+    """What a replica's copy is compared by: dtype, shape and the value (a scalar) or an 8-byte hash."""
+    value = value.detach().cpu().contiguous()
+    if value.numel() == 1:
+        return _dtype(value), tuple(value.shape), value.item()
+    raw = ctypes.string_at(value.data_ptr(), value.numel() * value.element_size())
+    return _dtype(value), tuple(value.shape), hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def replica_disagreements(metas: Sequence[dict]) -> list[str]:
+    """Tensors a data-parallel replica holds differently from the first replica (the copy exported),
+    from every rank's ``copies`` (name -> :func:`copy_digest`), one note per tensor."""
+    first: dict[tuple, int] = {}
+    for rank, meta in enumerate(metas):
+        for view in ("dense", "expert"):
+            if _replica(meta["coords"], view) == 0:
+                first[_position(meta["coords"], view)] = rank
+    notes: dict[str, str] = {}
+    for rank, meta in enumerate(metas):
+        for name, digest in meta["copies"].items():
+            view = "expert" if is_expert(name) else "dense"
+            if _replica(meta["coords"], view) == 0:
+                continue
+            owner = first[_position(meta["coords"], view)]
+            theirs = metas[owner]["copies"].get(name)
+            if theirs == digest or name in notes:
+                continue
+            if theirs is None:
+                notes[name] = f"{name}: rank {rank} (a data-parallel replica) holds it but rank {owner} does not"
+            else:
+                notes[name] = (f"{name}: data-parallel replicas differ ({_shown(owner, theirs)}, {_shown(rank, digest)}); "
+                               f"exported rank {owner}'s copy")
+    return [notes[name] for name in sorted(notes)]
+
+
+def replicated(layout, expert: bool) -> bool:
+    """Whether this rank's view (dense or expert) has replicas to compare, so digests are worth making."""
+    return layout.edp > 1 if expert else layout.dp * layout.cp > 1
+
+
+def owns(coords, expert: bool) -> bool:
+    """The first replica of its view: the rank whose copy is exported."""
+    return _replica(coords, "expert" if expert else "dense") == 0
+
+
+def _replica(coords, view: str) -> int:
+    return coords.edp if view == "expert" else coords.dp + coords.cp
+
+
+def _position(coords, view: str) -> tuple:
+    return (coords.pp, coords.ep, coords.etp) if view == "expert" else (coords.pp, coords.tp)
+
+
+def _dtype(value: torch.Tensor) -> str:
+    return str(value.dtype).removeprefix("torch.")
+
+
+def _shown(rank: int, digest) -> str:
+    dtype, shape, value = digest
+    return f"rank {rank}: {value:g}" if isinstance(value, float) else f"rank {rank}: {dtype} {list(shape)} #{value}"
