@@ -8,6 +8,7 @@ by a rule or excluded on purpose, and every HF name a rule stands for exists.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -26,6 +27,10 @@ DATA = Path(__file__).parent / "data" / "hf"
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
 MOE = dict(num_experts_per_tok=2)
+# DeepSeek-shaped MLA + MoE: 3 layers, the first dense.
+DEEPSEEK = dict(**{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}, **MOE, n_routed_experts=4,
+                n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=16, kv_lora_rank=8,
+                qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
 
 
 def _configs() -> dict:
@@ -40,36 +45,69 @@ def _configs() -> dict:
                                       moe_intermediate_size=16, mlp_only_layers=[0]),
         "mixtral": t.MixtralConfig(**TINY, **MOE, num_local_experts=4),
         "olmoe": t.OlmoeConfig(**TINY, **MOE, num_experts=4),
-        "deepseek_v3": t.DeepseekV3Config(**{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}, **MOE,
-                                          n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-                                          moe_intermediate_size=16, q_lora_rank=16, kv_lora_rank=8,
-                                          qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-                                          n_group=1, topk_group=1),
+        # Both MLA query paths: q_lora_rank set (q_a_proj / q_b_proj) and null (q_proj, DeepSeek-V2-Lite style).
+        "deepseek_v3": [t.DeepseekV3Config(**DEEPSEEK, q_lora_rank=rank) for rank in (16, None)],
         "gpt_oss": t.GptOssConfig(**TINY, **MOE, head_dim=8, num_local_experts=4),
         "phi3": t.Phi3Config(**TINY, pad_token_id=0),
+        # Tied embeddings as released (no lm_head.weight on disk).
+        "gemma2": t.Gemma2Config(**TINY, head_dim=8),
+        "gemma3": t.Gemma3TextConfig(**TINY, head_dim=8),
+        "qwen2_moe": t.Qwen2MoeConfig(**{**TINY, "num_hidden_layers": 3}, **MOE, num_experts=4, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=32, mlp_only_layers=[0]),
+        "deepseek_v2": [t.DeepseekV2Config(**DEEPSEEK, q_lora_rank=rank) for rank in (16, None)],
+        # Kimi K2's checkpoint is DeepseekV3ForCausalLM (model_type kimi_k2); transformers has no class of its own.
+        "kimi_k2": [t.DeepseekV3Config(**DEEPSEEK, q_lora_rank=rank) for rank in (16, None)],
+        "glm4_moe": t.Glm4MoeConfig(**{**TINY, "num_hidden_layers": 3}, **MOE, head_dim=8, n_routed_experts=4,
+                                    n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1,
+                                    topk_group=1, attention_bias=True, use_qk_norm=True),
+        "nemotron": t.NemotronConfig(**TINY),
+        # EXAONE 4.0 32B (untied) and 1.2B (tied) heads.
+        "exaone4": [t.Exaone4Config(**TINY, tie_word_embeddings=tied) for tied in (False, True)],
+        "ernie4_5_moe": t.Ernie4_5_MoeConfig(**{**TINY, "num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
+                                             moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1),
+        "minimax_m2": t.MiniMaxM2Config(**TINY, **MOE, head_dim=8, num_local_experts=4),
     }
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "phi3"]
-RECORDED = [arch for arch in ARCHS if arch != "phi3"]  # architectures with a names_<arch>.json fixture
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "phi3",
+         "gemma2", "gemma3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe", "nemotron", "exaone4", "ernie4_5_moe",
+         "minimax_m2"]
+# architectures with a names_<arch>.json fixture
+RECORDED = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 PARAMS = {"deepseek_v3": {"num_layers": 3, "num_experts": 4}, "qwen3_moe": {"num_experts": 4},
-          "mixtral": {"num_experts": 4}, "olmoe": {"num_experts": 4}}
+          "mixtral": {"num_experts": 4}, "olmoe": {"num_experts": 4}, "deepseek_v2": {"num_experts": 4},
+          "kimi_k2": {"num_layers": 3, "num_experts": 4}, "glm4_moe": {"num_layers": 3, "num_experts": 4},
+          "qwen2_moe": {"num_experts": 4}, "ernie4_5_moe": {"num_experts": 4}, "minimax_m2": {"num_experts": 4}}
+# Tied embeddings: neither side has the output head that base/common.yaml maps.
+TIED = {"gemma2", "gemma3", "ernie4_5_moe"}
 
 
 @pytest.fixture(scope="module")
-def on_disk(tmp_path_factory) -> dict[str, list[str]]:
-    """Every architecture's save_pretrained names, built once for the module."""
+def built(tmp_path_factory) -> dict[str, tuple[list[str], set[str]]]:
+    """Every architecture's save_pretrained names and its nn.Linear modules, built once for the module.
+
+    An architecture with several variants (e.g. both MLA query paths) gets the union of their names.
+    """
     import torch
 
     torch.manual_seed(0)
-    names = {}
-    for arch, config in _configs().items():
-        folder = tmp_path_factory.mktemp(arch)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-        assert type(model).__name__ in quantmap.load_spec(arch).architectures
-        model.save_pretrained(folder)
-        names[arch] = read_names(folder)
-    return names
+    out = {}
+    for arch, configs in _configs().items():
+        names, linears = [], set()
+        for index, config in enumerate(configs if isinstance(configs, list) else [configs]):
+            folder = tmp_path_factory.mktemp(f"{arch}{index}")
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            assert type(model).__name__ in quantmap.load_spec(arch).architectures
+            model.save_pretrained(folder)
+            names += [name for name in read_names(folder) if name not in names]
+            linears |= {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        out[arch] = (names, linears)
+    return out
+
+
+@pytest.fixture(scope="module")
+def on_disk(built) -> dict[str, list[str]]:
+    return {arch: names for arch, (names, _) in built.items()}
 
 
 def test_every_architecture_is_built_and_has_a_shipped_spec():
@@ -90,8 +128,9 @@ def test_every_weight_rule_targets_names_the_model_has(arch, on_disk):
     names = on_disk[arch]
     dead = [pattern.text for rule in rules if rule.kind == WEIGHT for pattern in rule.hf
             if not any(pattern.match(name) is not None for name in names)]
-    # transformers does not build DeepSeek's MTP layer (model.layers.{num_layers}); the Megatron tests cover it.
-    assert [p for p in dead if "{num_layers + i}" not in p] == []
+    # transformers does not build MTP layers (model.layers.{num_layers}); the Megatron tests cover them.
+    dead = [p for p in dead if "{num_layers + i}" not in p]
+    assert dead == (["lm_head.weight"] if arch in TIED else [])
 
 
 @pytest.mark.parametrize("arch", RECORDED)
@@ -125,3 +164,40 @@ def test_kv_cache_quantizers_of_mla_attention_map_to_megatron_core_attention():
             f"decoder.layers.{layer}.self_attention.core_attention.k_bmm_quantizer._amax")
         assert rules.to_megatron(f"{module}.v_bmm_quantizer._amax").megatron == (
             f"decoder.layers.{layer}.self_attention.core_attention.v_bmm_quantizer._amax")
+
+
+# ModelOpt 0.47's default disabled quantizers (modelopt_recipes/configs/ptq/units/
+# default_disabled_quantizers.yaml), the ones that name modules of text decoders.
+MODELOPT_DISABLED = ["*block_sparse_moe.gate*", "*linear_attn.conv1d*", "*linear_attn.in_proj_a*",
+                     "*linear_attn.in_proj_b*", "*lm_head*", "*mixer.conv1d*", "*mlp.gate.*",
+                     "*mlp.shared_expert_gate.*", "*router*", "mtp.*"]
+
+
+def _quantized_modules(names: list[str], linears: set[str]) -> tuple[list[str], list[str]]:
+    """The modules ModelOpt puts weight and input quantizers on, and the linears it leaves alone.
+
+    Quantized: every nn.Linear whose weight is on disk, and every per-expert projection on disk
+    (transformers v5 fuses experts in memory; the specs name their quantizers per expert).
+    """
+    expert = re.compile(r"\.experts\.\d+\.\w+\.weight$")
+    modules = sorted({name[: -len(".weight")] for name in names if name.endswith(".weight")
+                      and (name[: -len(".weight")] in linears or expert.search(name))})
+    disabled = [m for m in modules if any(fnmatch.fnmatchcase(f"{m}.weight_quantizer", p) for p in MODELOPT_DISABLED)]
+    return [m for m in modules if m not in disabled], disabled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
+    """<linear>.weight_quantizer._amax / input_quantizer._amax go to Megatron and come back unchanged;
+    the linears ModelOpt leaves unquantized (heads, routers, gates) get no quantizer rule."""
+    rules = quantmap.compile(arch, **PARAMS.get(arch, {}))
+    quantized, disabled = _quantized_modules(*built[arch])
+    assert quantized
+    for module in quantized:
+        for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
+            name = f"{module}.{buffer}"
+            match = rules.to_megatron(name)
+            assert match is not None and match.kind != WEIGHT, name
+            back = rules.to_hf(match.megatron)
+            assert name in (back.expanded or back.hf), (name, match.megatron)
+    assert [m for m in disabled if rules.to_megatron(f"{m}.weight_quantizer._amax") is not None] == []
