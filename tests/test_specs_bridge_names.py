@@ -19,7 +19,7 @@ import quantmap
 from quantmap.check import check
 from quantmap.io.names import read_names
 from quantmap.rules import WEIGHT
-from test_specs_hf import PARAMS, _configs
+from test_specs_hf import PARAMS, build, variants
 from test_specs_megatron import _deepseek
 
 transformers = pytest.importorskip("transformers")
@@ -137,7 +137,21 @@ def kimi_k2(te: bool) -> list[str]:
                    for name in _deepseek(layers=3, dense=1, experts=EXPERTS, te=te, q_lora=q_lora)})
 
 
-BRIDGES = [gemma2, gemma3, exaone4, nemotron, qwen2_moe, glm4_moe, ernie4_5_moe, minimax_m2, deepseek_v2, kimi_k2]
+def qwen2_5_vl(te: bool) -> list[str]:
+    """qwen25_vl_bridge.py: Qwen2 under language_model., and visual.** as HF's own vision module
+    (modeling_qwen25_vl.py Qwen25VLModel.visual), so its names are HF's Qwen2_5_VisionTransformer's."""
+    language = ["language_model." + name for name in _model(HEAD, [_attention(te, "linear_qkv.bias") + _dense_mlp(te)] * 2)]
+    block = ["norm1.weight", "norm2.weight", *(f"{m}.{p}" for m in ("attn.qkv", "attn.proj", "mlp.gate_proj",
+                                                                   "mlp.up_proj", "mlp.down_proj")
+                                             for p in ("weight", "bias"))]
+    visual = ["visual.patch_embed.proj.weight", "visual.merger.ln_q.weight",
+              *(f"visual.merger.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")),
+              *(f"visual.blocks.{i}.{name}" for i in range(2) for name in block)]
+    return language + visual
+
+
+BRIDGES = [gemma2, gemma3, exaone4, nemotron, qwen2_moe, glm4_moe, ernie4_5_moe, minimax_m2, deepseek_v2, kimi_k2,
+           qwen2_5_vl]
 TE_ONLY = {gemma2, gemma3, exaone4}  # the bridge builds them with its own TE layer spec
 CASES = [pytest.param(builder, te, id=f"{builder.__name__}-{'te_grouped' if te else 'local_sequential'}")
          for builder in BRIDGES for te in (True, False) if te or builder not in TE_ONLY]
@@ -151,11 +165,10 @@ def hf_names(tmp_path_factory) -> dict[str, list[str]]:
     torch.manual_seed(0)
     out = {}
     for arch in [builder.__name__ for builder in BRIDGES]:
-        configs = _configs()[arch]
         names: list[str] = []
-        for index, config in enumerate(configs if isinstance(configs, list) else [configs]):
+        for index, config in enumerate(variants(arch)):
             folder = tmp_path_factory.mktemp(f"{arch}{index}")
-            transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            build(arch, config).save_pretrained(folder)
             names += [name for name in read_names(folder) if name not in names]
         out[arch] = names
     return out

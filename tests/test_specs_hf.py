@@ -66,12 +66,57 @@ def _configs() -> dict:
         "ernie4_5_moe": t.Ernie4_5_MoeConfig(**{**TINY, "num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
                                              moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1),
         "minimax_m2": t.MiniMaxM2Config(**TINY, **MOE, head_dim=8, num_local_experts=4),
+        "qwen2_5_vl": t.Qwen2_5_VLConfig(
+            text_config=dict(**TINY, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                               fullatt_block_indexes=[1])),
     }
+
+
+# Architectures that are no causal LM for AutoModelForCausalLM: built with their own class.
+MODEL_CLASS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def build(arch: str, config):
+    if arch in MODEL_CLASS:
+        return getattr(transformers, MODEL_CLASS[arch])(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def variants(arch: str) -> list:
+    """The configs built for an architecture (several where one spec serves several layouts)."""
+    configs = _configs()[arch]
+    return configs if isinstance(configs, list) else [configs]
+
+
+def linear_modules(model, folder: Path) -> set[str]:
+    """The on-disk module names of the model's nn.Linear layers.
+
+    transformers v5 may rename modules in memory (a VLM's model.language_model.layers.* is
+    model.layers.* on disk); a linear whose in-memory name is not on disk is found by its weight:
+    the on-disk tensor with the same module tail and the same values.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    disk = {name: tensor for path in folder.glob("*.safetensors") for name, tensor in load_file(path).items()}
+    out = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if f"{name}.weight" in disk:
+            out.add(name)
+            continue
+        tail = "." + ".".join(name.split(".")[-2:]) + ".weight"
+        same = [key for key, tensor in disk.items() if key.endswith(tail) and tensor.shape == module.weight.shape
+                and torch.equal(tensor, module.weight.detach())]
+        out.update(key[: -len(".weight")] for key in same[:1] if len(same) == 1)
+    return out
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "phi3",
          "gemma2", "gemma3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe", "nemotron", "exaone4", "ernie4_5_moe",
-         "minimax_m2"]
+         "minimax_m2", "qwen2_5_vl"]
 # architectures with a names_<arch>.json fixture
 RECORDED = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 PARAMS = {"deepseek_v3": {"num_layers": 3, "num_experts": 4}, "qwen3_moe": {"num_experts": 4},
@@ -92,15 +137,15 @@ def built(tmp_path_factory) -> dict[str, tuple[list[str], set[str]]]:
 
     torch.manual_seed(0)
     out = {}
-    for arch, configs in _configs().items():
+    for arch in _configs():
         names, linears = [], set()
-        for index, config in enumerate(configs if isinstance(configs, list) else [configs]):
+        for index, config in enumerate(variants(arch)):
             folder = tmp_path_factory.mktemp(f"{arch}{index}")
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = build(arch, config)
             assert type(model).__name__ in quantmap.load_spec(arch).architectures
             model.save_pretrained(folder)
             names += [name for name in read_names(folder) if name not in names]
-            linears |= {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+            linears |= linear_modules(model, folder)
         out[arch] = (names, linears)
     return out
 
@@ -167,10 +212,10 @@ def test_kv_cache_quantizers_of_mla_attention_map_to_megatron_core_attention():
 
 
 # ModelOpt 0.47's default disabled quantizers (modelopt_recipes/configs/ptq/units/
-# default_disabled_quantizers.yaml), the ones that name modules of text decoders.
+# default_disabled_quantizers.yaml), the ones that name modules of these models.
 MODELOPT_DISABLED = ["*block_sparse_moe.gate*", "*linear_attn.conv1d*", "*linear_attn.in_proj_a*",
                      "*linear_attn.in_proj_b*", "*lm_head*", "*mixer.conv1d*", "*mlp.gate.*",
-                     "*mlp.shared_expert_gate.*", "*router*", "mtp.*"]
+                     "*mlp.shared_expert_gate.*", "*router*", "mtp.*", "*visual*"]
 
 
 def _quantized_modules(names: list[str], linears: set[str]) -> tuple[list[str], list[str]]:
