@@ -150,9 +150,46 @@ def qwen2_5_vl(te: bool) -> list[str]:
     return language + visual
 
 
+# Hybrid layers (experimental_attention_variant_module_specs.py, TE): GatedDeltaNet as the layer's
+# self_attention (ssm/gated_delta_net.py: in_proj with the fused input norm, conv1d, A_log, dt_bias,
+# out_norm, out_proj) for layers 0-2, gated full attention with q/k norms for layer 3.
+GDN = ["self_attention.in_proj.layer_norm_weight", "self_attention.in_proj.weight", "self_attention.conv1d.weight",
+       "self_attention.A_log", "self_attention.dt_bias", "self_attention.out_norm.weight",
+       "self_attention.out_proj.weight"]
+FULL = _attention(True, "q_layernorm.weight", "k_layernorm.weight")
+SHARED = ("shared_experts.linear_fc1.weight", "shared_experts.linear_fc2.weight", "shared_experts.gate_weight")
+
+
+def _hybrid(mlp: list[str]) -> list[str]:
+    return _model(HEAD, [GDN + mlp, GDN + mlp, GDN + mlp, FULL + mlp])
+
+
+def _mtp(mlp: list[str]) -> list[str]:
+    """qwen35_bridge.py _get_*_mtp_mappings: one MTP layer with a full-attention inner layer."""
+    own = ["mtp.layers.0." + s for s in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight")]
+    return own + ["mtp.layers.0.mtp_model_layer." + s for s in FULL + mlp]
+
+
+def qwen3_5(te: bool = True) -> list[str]:
+    """qwen35_bridge.py Qwen35Bridge: hybrid layers, dense SwiGLU MLP."""
+    return _hybrid(_dense_mlp(True))
+
+
+def qwen3_5_moe(te: bool) -> list[str]:
+    """qwen35_bridge.py Qwen35MoEBridge: hybrid layers, MoE with a gated shared expert."""
+    return _hybrid(_moe_mlp(te, *SHARED))
+
+
+def qwen3_next(te: bool) -> list[str]:
+    """qwen3_next_bridge.py: the same Megatron model as Qwen3.5-MoE (HF differs in in_proj only)."""
+    return qwen3_5_moe(te)
+
+
 BRIDGES = [gemma2, gemma3, exaone4, nemotron, qwen2_moe, glm4_moe, ernie4_5_moe, minimax_m2, deepseek_v2, kimi_k2,
-           qwen2_5_vl]
-TE_ONLY = {gemma2, gemma3, exaone4}  # the bridge builds them with its own TE layer spec
+           qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_next]
+# The bridge builds these with TE layer specs only (its own, or the experimental-attention one;
+# the MoE ones still get both expert layouts).
+TE_ONLY = {gemma2, gemma3, exaone4, qwen3_5}
 CASES = [pytest.param(builder, te, id=f"{builder.__name__}-{'te_grouped' if te else 'local_sequential'}")
          for builder in BRIDGES for te in (True, False) if te or builder not in TE_ONLY]
 
@@ -185,7 +222,7 @@ def test_bridge_names_pair_with_the_real_hf_names_one_to_one(builder, te, hf_nam
     assert report.findings == (), [(f.code, f.name) for f in report.findings][:10]
 
 
-LINEAR = re.compile(r"\.(linear_\w+|eh_proj)\.weight\d*$")
+LINEAR = re.compile(r"\.(linear_\w+|eh_proj|self_attention\.out_proj)\.weight\d*$")
 
 
 @pytest.mark.parametrize(("builder", "te"), CASES)
@@ -254,3 +291,30 @@ def test_gemma_pre_mlp_norm_is_pre_feedforward_not_post_attention():
             "decoder.layers.0.self_attention.linear_proj.post_layernorm.weight")
         assert rules.to_megatron("model.layers.0.pre_feedforward_layernorm.weight").megatron == (
             "decoder.layers.0.mlp.linear_fc1.layer_norm_weight")
+
+
+@pytest.mark.parametrize(("arch", "mlp"), [("qwen3_5", _dense_mlp(True)), ("qwen3_5_moe", _moe_mlp(True, *SHARED)),
+                                           ("qwen3_next", _moe_mlp(True, *SHARED))])
+def test_hybrid_mtp_layer_is_hf_mtp_without_quantizers(arch, mlp):
+    """HF keeps the MTP layer under mtp.* (transformers builds none); ModelOpt disables mtp.*."""
+    rules = _rules(arch)
+    names = _mtp(mlp)
+    hf = sorted({t for name in names for t in (rules.to_hf(name).expanded or rules.to_hf(name).hf)})
+    assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.self_attn.q_proj.weight"} <= set(hf)
+    assert all(name.startswith("mtp.") for name in hf)
+    assert check(rules, megatron=names, hf=hf).findings == ()
+    for name in names:
+        module = re.sub(r"\.weight\d*$", "", name)
+        assert rules.to_hf(f"{module}.weight_quantizer._amax") is None, name
+    assert rules.to_hf("mtp.layers.0.mtp_model_layer.self_attention.core_attention.k_bmm_quantizer._amax") is None
+
+
+def test_gated_delta_net_in_proj_maps_its_weight_parts_and_out_proj_its_quantizers():
+    for arch, parts in (("qwen3_5", ("qkv", "z", "b", "a")), ("qwen3_next", ("qkvz", "ba"))):
+        rules = _rules(arch)
+        assert rules.to_hf("decoder.layers.0.self_attention.in_proj.weight").hf == tuple(
+            f"model.layers.0.linear_attn.in_proj_{p}.weight" for p in parts)
+        assert rules.to_hf("decoder.layers.0.self_attention.in_proj.weight_quantizer._amax") is None
+        assert rules.to_megatron("model.layers.2.linear_attn.out_proj.input_quantizer._amax").megatron == (
+            "decoder.layers.2.self_attention.out_proj.input_quantizer._amax")
+        assert rules.to_hf("decoder.layers.0.self_attention.conv1d.weight_quantizer._amax") is None

@@ -32,6 +32,9 @@ DEEPSEEK = dict(**{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}, **
                 n_shared_experts=1, first_k_dense_replace=1, moe_intermediate_size=16, kv_lora_rank=8,
                 qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)
 
+HYBRID = dict(**{**TINY, "num_hidden_layers": 4}, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2,
+              linear_key_head_dim=8, linear_value_head_dim=8)
+
 
 def _configs() -> dict:
     t = transformers
@@ -66,6 +69,12 @@ def _configs() -> dict:
         "ernie4_5_moe": t.Ernie4_5_MoeConfig(**{**TINY, "num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
                                              moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1),
         "minimax_m2": t.MiniMaxM2Config(**TINY, **MOE, head_dim=8, num_local_experts=4),
+        # Hybrid: layers 0-2 Gated DeltaNet, layer 3 full attention (full_attention_interval 4).
+        "qwen3_5": t.Qwen3_5TextConfig(**HYBRID),
+        "qwen3_5_moe": t.Qwen3_5MoeTextConfig(**HYBRID, **MOE, num_experts=4, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=32),
+        "qwen3_next": t.Qwen3NextConfig(**HYBRID, **MOE, num_experts=4, moe_intermediate_size=16,
+                                        shared_expert_intermediate_size=32),
         "qwen2_5_vl": t.Qwen2_5_VLConfig(
             text_config=dict(**TINY, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
             vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
@@ -116,13 +125,14 @@ def linear_modules(model, folder: Path) -> set[str]:
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "phi3",
          "gemma2", "gemma3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe", "nemotron", "exaone4", "ernie4_5_moe",
-         "minimax_m2", "qwen2_5_vl"]
+         "minimax_m2", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
 # architectures with a names_<arch>.json fixture
 RECORDED = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 PARAMS = {"deepseek_v3": {"num_layers": 3, "num_experts": 4}, "qwen3_moe": {"num_experts": 4},
           "mixtral": {"num_experts": 4}, "olmoe": {"num_experts": 4}, "deepseek_v2": {"num_experts": 4},
           "kimi_k2": {"num_layers": 3, "num_experts": 4}, "glm4_moe": {"num_layers": 3, "num_experts": 4},
-          "qwen2_moe": {"num_experts": 4}, "ernie4_5_moe": {"num_experts": 4}, "minimax_m2": {"num_experts": 4}}
+          "qwen2_moe": {"num_experts": 4}, "ernie4_5_moe": {"num_experts": 4}, "minimax_m2": {"num_experts": 4},
+          "qwen3_5_moe": {"num_experts": 4}, "qwen3_next": {"num_experts": 4}}
 # Tied embeddings: neither side has the output head that base/common.yaml maps.
 TIED = {"gemma2", "gemma3", "ernie4_5_moe"}
 
@@ -173,8 +183,8 @@ def test_every_weight_rule_targets_names_the_model_has(arch, on_disk):
     names = on_disk[arch]
     dead = [pattern.text for rule in rules if rule.kind == WEIGHT for pattern in rule.hf
             if not any(pattern.match(name) is not None for name in names)]
-    # transformers does not build MTP layers (model.layers.{num_layers}); the Megatron tests cover them.
-    dead = [p for p in dead if "{num_layers + i}" not in p]
+    # transformers does not build MTP layers (model.layers.{num_layers}, or mtp.*); the Megatron tests cover them.
+    dead = [p for p in dead if "{num_layers + i}" not in p and not p.startswith("mtp.")]
     assert dead == (["lm_head.weight"] if arch in TIED else [])
 
 
@@ -231,14 +241,23 @@ def _quantized_modules(names: list[str], linears: set[str]) -> tuple[list[str], 
     return [m for m in modules if m not in disabled], disabled
 
 
+# Quantized by ModelOpt on HF, but not expressible yet, so deliberately without quantizer rules:
+# the Gated DeltaNet in_proj is one quantized Megatron linear against HF parts of which ModelOpt
+# quantizes some and disables others (base/gated_delta_net.yaml, docs/specs.md).
+NOT_COVERED = {"qwen3_5": ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"),
+               "qwen3_5_moe": ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"),
+               "qwen3_next": ("linear_attn.in_proj_qkvz",)}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
     """<linear>.weight_quantizer._amax / input_quantizer._amax go to Megatron and come back unchanged;
     the linears ModelOpt leaves unquantized (heads, routers, gates) get no quantizer rule."""
     rules = quantmap.compile(arch, **PARAMS.get(arch, {}))
     quantized, disabled = _quantized_modules(*built[arch])
-    assert quantized
-    for module in quantized:
+    gaps = [m for m in quantized if m.endswith(NOT_COVERED.get(arch, ()))]
+    assert quantized and [m for m in gaps if rules.to_megatron(f"{m}.weight_quantizer._amax")] == []
+    for module in (m for m in quantized if m not in gaps):
         for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
             name = f"{module}.{buffer}"
             match = rules.to_megatron(name)
