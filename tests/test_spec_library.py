@@ -15,9 +15,9 @@ from quantmap.spec import load_spec, shipped_specs
 from quantmap.spec.library import SPEC_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ["deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone4", "gemma2", "gemma3", "glm4_moe", "gpt_oss", "kimi_k2",
-           "llama", "minimax_m2", "mistral", "mixtral", "nemotron", "olmoe", "phi3", "qwen2", "qwen2_5_vl", "qwen2_moe",
-           "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next"]
+SHIPPED = ["deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone4", "gemma2", "gemma3", "glm4_moe", "gpt_oss",
+           "kimi_k2", "llama", "minimax_m2", "mistral", "mixtral", "nemotron", "nemotron_h", "olmoe", "phi3",
+           "qwen2", "qwen2_5_vl", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next"]
 NEEDS = {"deepseek_v3": {"num_layers": 61}, "glm4_moe": {"num_layers": 92}}
 
 

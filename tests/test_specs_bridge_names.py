@@ -185,8 +185,19 @@ def qwen3_next(te: bool) -> list[str]:
     return qwen3_5_moe(te)
 
 
+def nemotron_h(te: bool) -> list[str]:
+    """nemotron_h_bridge.py; Megatron-Core mamba_layer_specs.py mamba_stack_spec (TE) for the tiny
+    pattern Mamba, MoE, attention, MLP; MoE with and without latent projections (both HF variants)."""
+    mamba = [f"mixer.{name}" for name in ("in_proj.layer_norm_weight", "in_proj.weight", "conv1d.weight",
+                                          "conv1d.bias", "A_log", "D", "dt_bias", "norm.weight", "out_proj.weight")]
+    moe = _moe_mlp(te, "router.expert_bias", "shared_experts.linear_fc1.weight", "shared_experts.linear_fc2.weight",
+                   "fc1_latent_proj.weight", "fc2_latent_proj.weight")
+    head = ["embedding.word_embeddings.weight", "decoder.final_norm.weight", "output_layer.weight"]
+    return _model(head, [mamba, moe, _attention(True), _dense_mlp(True)])
+
+
 BRIDGES = [gemma2, gemma3, exaone4, nemotron, qwen2_moe, glm4_moe, ernie4_5_moe, minimax_m2, deepseek_v2, kimi_k2,
-           qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_next]
+           qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_next, nemotron_h]
 # The bridge builds these with TE layer specs only (its own, or the experimental-attention one;
 # the MoE ones still get both expert layouts).
 TE_ONLY = {gemma2, gemma3, exaone4, qwen3_5}
@@ -222,7 +233,7 @@ def test_bridge_names_pair_with_the_real_hf_names_one_to_one(builder, te, hf_nam
     assert report.findings == (), [(f.code, f.name) for f in report.findings][:10]
 
 
-LINEAR = re.compile(r"\.(linear_\w+|eh_proj|self_attention\.out_proj)\.weight\d*$")
+LINEAR = re.compile(r"\.(linear_\w+|eh_proj|self_attention\.out_proj|mixer\.(in|out)_proj|\w+_latent_proj)\.weight\d*$")
 
 
 @pytest.mark.parametrize(("builder", "te"), CASES)
@@ -318,3 +329,19 @@ def test_gated_delta_net_in_proj_maps_its_weight_parts_and_out_proj_its_quantize
         assert rules.to_megatron("model.layers.2.linear_attn.out_proj.input_quantizer._amax").megatron == (
             "decoder.layers.2.self_attention.out_proj.input_quantizer._amax")
         assert rules.to_hf("decoder.layers.0.self_attention.conv1d.weight_quantizer._amax") is None
+
+
+def test_nemotron_h_mamba_mixer_quantizes_in_and_out_proj_only():
+    rules = _rules("nemotron_h")
+    assert rules.to_megatron("backbone.layers.0.mixer.in_proj.input_quantizer._amax").megatron == (
+        "decoder.layers.0.mixer.in_proj.input_quantizer._amax")
+    assert rules.to_hf("decoder.layers.0.mixer.out_proj.weight_quantizer._amax").hf == (
+        "backbone.layers.0.mixer.out_proj.weight_quantizer._amax",)
+    for name in ("conv1d", "norm"):
+        assert rules.to_hf(f"decoder.layers.0.mixer.{name}.weight_quantizer._amax") is None
+    # An attention layer's KV cache sits on HF's mixer (NemotronHAttention).
+    assert rules.to_megatron("backbone.layers.2.mixer.k_bmm_quantizer._amax").megatron == (
+        "decoder.layers.2.self_attention.core_attention.k_bmm_quantizer._amax")
+    # The one norm of a layer: its reverse lookup picks the Mamba layer's fused name.
+    assert rules.to_megatron("backbone.layers.2.norm.weight").megatron == "decoder.layers.2.mixer.in_proj.layer_norm_weight"
+    assert check(rules, megatron=["mtp.layers.0.eh_proj.weight"], hf=["mtp.layers.0.eh_proj.weight"]).findings == ()

@@ -75,6 +75,12 @@ def _configs() -> dict:
                                               shared_expert_intermediate_size=32),
         "qwen3_next": t.Qwen3NextConfig(**HYBRID, **MOE, num_experts=4, moe_intermediate_size=16,
                                         shared_expert_intermediate_size=32),
+        # Layers: Mamba-2, MoE, attention, MLP (NemotronHConfig's default pattern); with and without
+        # the MoE latent projections.
+        "nemotron_h": [t.NemotronHConfig(**{**TINY, "num_hidden_layers": 4}, head_dim=8, mamba_num_heads=4,
+                                         mamba_head_dim=8, n_groups=2, ssm_state_size=8, n_routed_experts=4,
+                                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=32,
+                                         moe_latent_size=latent) for latent in (None, 16)],
         "qwen2_5_vl": t.Qwen2_5_VLConfig(
             text_config=dict(**TINY, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
             vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
@@ -125,14 +131,14 @@ def linear_modules(model, folder: Path) -> set[str]:
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "phi3",
          "gemma2", "gemma3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe", "nemotron", "exaone4", "ernie4_5_moe",
-         "minimax_m2", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
+         "minimax_m2", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_next", "nemotron_h"]
 # architectures with a names_<arch>.json fixture
 RECORDED = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss"]
 PARAMS = {"deepseek_v3": {"num_layers": 3, "num_experts": 4}, "qwen3_moe": {"num_experts": 4},
           "mixtral": {"num_experts": 4}, "olmoe": {"num_experts": 4}, "deepseek_v2": {"num_experts": 4},
           "kimi_k2": {"num_layers": 3, "num_experts": 4}, "glm4_moe": {"num_layers": 3, "num_experts": 4},
           "qwen2_moe": {"num_experts": 4}, "ernie4_5_moe": {"num_experts": 4}, "minimax_m2": {"num_experts": 4},
-          "qwen3_5_moe": {"num_experts": 4}, "qwen3_next": {"num_experts": 4}}
+          "qwen3_5_moe": {"num_experts": 4}, "qwen3_next": {"num_experts": 4}, "nemotron_h": {"num_experts": 4}}
 # Tied embeddings: neither side has the output head that base/common.yaml maps.
 TIED = {"gemma2", "gemma3", "ernie4_5_moe"}
 
