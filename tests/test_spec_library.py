@@ -72,3 +72,9 @@ def test_check_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ},
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_shipped_spec_has_a_row_in_the_docs_table():
+    rows = [line.split("|")[1].strip().strip("`") for line in (REPO / "docs" / "specs.md").read_text().splitlines()
+            if line.startswith("| `")]
+    assert [name for name in SHIPPED if name not in rows] == []

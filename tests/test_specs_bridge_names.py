@@ -140,7 +140,8 @@ def kimi_k2(te: bool) -> list[str]:
 def qwen2_5_vl(te: bool) -> list[str]:
     """qwen25_vl_bridge.py: Qwen2 under language_model., and visual.** as HF's own vision module
     (modeling_qwen25_vl.py Qwen25VLModel.visual), so its names are HF's Qwen2_5_VisionTransformer's."""
-    language = ["language_model." + name for name in _model(HEAD, [_attention(te, "linear_qkv.bias") + _dense_mlp(te)] * 2)]
+    layer = _attention(te, "linear_qkv.bias") + _dense_mlp(te)
+    language = ["language_model." + name for name in _model(HEAD, [layer] * 2)]
     block = ["norm1.weight", "norm2.weight", *(f"{m}.{p}" for m in ("attn.qkv", "attn.proj", "mlp.gate_proj",
                                                                    "mlp.up_proj", "mlp.down_proj")
                                              for p in ("weight", "bias"))]
@@ -343,5 +344,6 @@ def test_nemotron_h_mamba_mixer_quantizes_in_and_out_proj_only():
     assert rules.to_megatron("backbone.layers.2.mixer.k_bmm_quantizer._amax").megatron == (
         "decoder.layers.2.self_attention.core_attention.k_bmm_quantizer._amax")
     # The one norm of a layer: its reverse lookup picks the Mamba layer's fused name.
-    assert rules.to_megatron("backbone.layers.2.norm.weight").megatron == "decoder.layers.2.mixer.in_proj.layer_norm_weight"
+    assert rules.to_megatron("backbone.layers.2.norm.weight").megatron == (
+        "decoder.layers.2.mixer.in_proj.layer_norm_weight")
     assert check(rules, megatron=["mtp.layers.0.eh_proj.weight"], hf=["mtp.layers.0.eh_proj.weight"]).findings == ()

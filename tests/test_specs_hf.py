@@ -55,8 +55,9 @@ def _configs() -> dict:
         # Tied embeddings as released (no lm_head.weight on disk).
         "gemma2": t.Gemma2Config(**TINY, head_dim=8),
         "gemma3": t.Gemma3TextConfig(**TINY, head_dim=8),
-        "qwen2_moe": t.Qwen2MoeConfig(**{**TINY, "num_hidden_layers": 3}, **MOE, num_experts=4, moe_intermediate_size=16,
-                                      shared_expert_intermediate_size=32, mlp_only_layers=[0]),
+        "qwen2_moe": t.Qwen2MoeConfig(**{**TINY, "num_hidden_layers": 3}, **MOE, num_experts=4,
+                                      moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                      mlp_only_layers=[0]),
         "deepseek_v2": [t.DeepseekV2Config(**DEEPSEEK, q_lora_rank=rank) for rank in (16, None)],
         # Kimi K2's checkpoint is DeepseekV3ForCausalLM (model_type kimi_k2); transformers has no class of its own.
         "kimi_k2": [t.DeepseekV3Config(**DEEPSEEK, q_lora_rank=rank) for rank in (16, None)],
@@ -67,7 +68,8 @@ def _configs() -> dict:
         # EXAONE 4.0 32B (untied) and 1.2B (tied) heads.
         "exaone4": [t.Exaone4Config(**TINY, tie_word_embeddings=tied) for tied in (False, True)],
         "ernie4_5_moe": t.Ernie4_5_MoeConfig(**{**TINY, "num_hidden_layers": 3}, moe_num_experts=4, moe_k=2,
-                                             moe_intermediate_size=16, moe_num_shared_experts=1, moe_layer_start_index=1),
+                                             moe_intermediate_size=16, moe_num_shared_experts=1,
+                                             moe_layer_start_index=1),
         "minimax_m2": t.MiniMaxM2Config(**TINY, **MOE, head_dim=8, num_local_experts=4),
         # Hybrid: layers 0-2 Gated DeltaNet, layer 3 full attention (full_attention_interval 4).
         "qwen3_5": t.Qwen3_5TextConfig(**HYBRID),
