@@ -181,11 +181,11 @@ def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path
 
 def test_output_layer_quantizers_map_to_lm_head_and_norms_embeddings_routers_have_none():
     for spec in shipped_specs():
-        rules = quantmap.compile(spec, **{"num_layers": 3} if spec == "deepseek_v3" else {})
+        rules = quantmap.compile(spec, **{"num_layers": 3} if spec in ("deepseek_v3", "glm4_moe") else {})
         for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
-            match = rules.to_hf(f"output_layer.{buffer}")
-            assert match is not None and match.hf == (f"lm_head.{buffer}",), spec
-            assert rules.to_megatron(f"lm_head.{buffer}").megatron == f"output_layer.{buffer}", spec
+            head = rules.to_megatron(f"lm_head.{buffer}").megatron  # a VLM's sits under language_model.
+            assert head.endswith(f"output_layer.{buffer}") and head.split("output_layer.")[0] in ("", "language_model."), spec
+            assert rules.to_hf(head).hf == (f"lm_head.{buffer}",), spec
         for rule in rules:
             if rule.buffer is not None and rule.origin.derived != "kv_cache":
                 assert not re.search(r"(norm|embedding|router)", rule.origin.mapping), (spec, rule.megatron.text)

@@ -15,8 +15,10 @@ from quantmap.spec import load_spec, shipped_specs
 from quantmap.spec.library import SPEC_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ["deepseek_v3", "gpt_oss", "llama", "mistral", "mixtral", "olmoe", "phi3", "qwen2", "qwen3", "qwen3_moe"]
-NEEDS = {"deepseek_v3": {"num_layers": 61}}
+SHIPPED = ["deepseek_v2", "deepseek_v3", "ernie4_5_moe", "exaone4", "gemma2", "gemma3", "glm4_moe", "gpt_oss",
+           "kimi_k2", "llama", "minimax_m2", "mistral", "mixtral", "nemotron", "nemotron_h", "olmoe", "phi3",
+           "qwen2", "qwen2_5_vl", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next"]
+NEEDS = {"deepseek_v3": {"num_layers": 61}, "glm4_moe": {"num_layers": 92}}
 
 
 def test_the_library_ships_every_architecture_and_no_base_file_by_name():
@@ -70,3 +72,9 @@ def test_check_never_imports_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ},
                             timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_shipped_spec_has_a_row_in_the_docs_table():
+    rows = [line.split("|")[1].strip().strip("`") for line in (REPO / "docs" / "specs.md").read_text().splitlines()
+            if line.startswith("| `")]
+    assert [name for name in SHIPPED if name not in rows] == []

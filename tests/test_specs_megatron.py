@@ -79,30 +79,34 @@ def _te_llama(layers: int) -> list[str]:
     return names
 
 
-def _deepseek(layers: int, dense: int, experts: int, te: bool, mtp: int = 0) -> list[str]:
+def _deepseek(layers: int, dense: int, experts: int, te: bool, mtp: int = 0, q_lora: bool = True,
+              expert_bias: bool = True) -> list[str]:
     """MLA (multi_latent_attention.py MLASelfAttention), MoE (moe_layer.py, router.py, experts.py,
     shared_experts.py) and MTP (multi_token_prediction.py, with the inner layer as mtp_model_layer).
 
     TE spec: MLA input norm separate, q/kv latent norms fused into the up projections, dense
     layers' pre-MLP norm fused into linear_fc1, TEGroupedMLP experts ``weight{i}``. Local spec:
-    every norm its own module, SequentialMLP experts ``local_experts.{i}``.
+    every norm its own module, SequentialMLP experts ``local_experts.{i}``. Without q LoRA
+    (q_lora_rank None) the query is one linear_q_proj; without expert bias (DeepSeek-V2) the router
+    has no expert_bias.
     """
 
     def layer(prefix: str, moe: bool) -> list[str]:
+        query = (("self_attention.linear_q_down_proj.weight", "self_attention.linear_q_up_proj.weight") if q_lora
+                 else ("self_attention.linear_q_proj.weight",))
         out = [prefix + s for s in (
-            "input_layernorm.weight", "self_attention.linear_q_down_proj.weight",
-            "self_attention.linear_q_up_proj.weight", "self_attention.linear_kv_down_proj.weight",
+            "input_layernorm.weight", *query, "self_attention.linear_kv_down_proj.weight",
             "self_attention.linear_kv_up_proj.weight", "self_attention.linear_proj.weight")]
+        latent = ("q", "kv") if q_lora else ("kv",)
         if te:
-            out += [prefix + "self_attention.linear_q_up_proj.layer_norm_weight",
-                    prefix + "self_attention.linear_kv_up_proj.layer_norm_weight"]
+            out += [prefix + f"self_attention.linear_{x}_up_proj.layer_norm_weight" for x in latent]
         else:
-            out += [prefix + "self_attention.q_layernorm.weight", prefix + "self_attention.kv_layernorm.weight"]
+            out += [prefix + f"self_attention.{x}_layernorm.weight" for x in latent]
         if not moe:
             norm = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
             return out + [prefix + s for s in (norm, "mlp.linear_fc1.weight", "mlp.linear_fc2.weight")]
         out += [prefix + s for s in (
-            "pre_mlp_layernorm.weight", "mlp.router.weight", "mlp.router.expert_bias",
+            "pre_mlp_layernorm.weight", "mlp.router.weight", *(("mlp.router.expert_bias",) if expert_bias else ()),
             "mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight")]
         for e in range(experts):
             out += ([prefix + f"mlp.experts.linear_fc1.weight{e}", prefix + f"mlp.experts.linear_fc2.weight{e}"]
