@@ -205,3 +205,23 @@ def test_a_metadata_naming_an_arbitrary_class_is_refused_without_running_it(tmp_
     with pytest.raises(TorchDistError, match="refuses to unpickle"):
         read_entries(directory)
     assert not (tmp_path / "ran").exists()
+
+
+def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline(tmp_path):
+    from quantmap.executor.torch_dist import checkpoint_layout
+
+    location = locate(DATA / "fp8_kv_tp2/ckpt")
+    layout = checkpoint_layout(read_entries(location.path), world=2)
+    assert layout.pp == 2 and layout.stage_layers == (1, 1)
+    whole = read_state(location)
+    for rank in range(2):
+        local = read_state(location, layout, rank)
+        assert local and all(name.startswith("decoder.layers.0.") for name in local)
+        assert all(torch.equal(t, whole[n.replace("layers.0.", f"layers.{rank}.", 1)]) for n, t in local.items())
+    offline = _export("fp8_kv_tp2", tmp_path, "offline")
+    result = _invoke("export", "llama", "--megatron", DATA / "fp8_kv_tp2/ckpt", "--out", tmp_path / "spawned",
+                     "--nproc", 2, "--quiet")
+    assert result.exit_code == 0, result.output
+    spawned = Checkpoint(tmp_path / "spawned")
+    assert sorted(spawned.names()) == sorted(offline)
+    assert all(torch.equal(spawned.get(n), offline[n]) for n in offline)
