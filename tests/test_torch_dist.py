@@ -173,11 +173,11 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     for data in (truncated / "iter_0000001").glob("*.distcp"):
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
     foreign = tmp_path / "foreign"
-    shutil.copytree(DATA / "fp8_kv_tp2/ckpt", foreign)
-    shutil.copy(DATA / "int8_tp2/ckpt/release/.metadata", foreign / "release" / ".metadata")
+    shutil.copytree(DATA / "int8_tp2/ckpt", foreign)
+    shutil.copy(DATA / "fp8_kv_tp2/ckpt/release/.metadata", foreign / "release" / ".metadata")
     return {"not a checkpoint": (plain, "not a Megatron checkpoint"),
             "tracker naming a missing iteration": (missing, "names iteration 5, but"),
-            "truncated .distcp": (truncated, "truncated"),
+            "truncated .distcp": (truncated, "the file is truncated"),
             ".metadata from another checkpoint": (foreign, "belongs to another checkpoint")}
 
 
@@ -225,3 +225,23 @@ def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline
     spawned = Checkpoint(tmp_path / "spawned")
     assert sorted(spawned.names()) == sorted(offline)
     assert all(torch.equal(spawned.get(n), offline[n]) for n in offline)
+
+
+def test_modelopt_config_is_read_as_plain_data_and_a_per_channel_amax_it_calls_per_tensor_is_refused(tmp_path):
+    from quantmap.io.torch_dist.modelopt import per_tensor, quant_cfg
+
+    fp8 = quant_cfg(DATA / "fp8_kv_tp2/ckpt/release")
+    int8 = quant_cfg(DATA / "int8_tp2/ckpt/release")
+    assert per_tensor("decoder.layers.0.mlp.linear_fc1.weight_quantizer", fp8) is True
+    assert per_tensor("decoder.layers.0.mlp.linear_fc1.weight_quantizer", int8) is False
+    assert per_tensor("decoder.layers.0.mlp.linear_fc1.input_quantizer", int8) is True
+    assert per_tensor("output_layer.weight_quantizer", int8) is None, "disabled"
+    mixed = tmp_path / "ckpt"
+    shutil.copytree(DATA / "int8_tp2/ckpt", mixed)
+    shutil.copytree(DATA / "fp8_kv_tp2/ckpt/release/modelopt_state", mixed / "release/modelopt_state",
+                    dirs_exist_ok=True)
+    result = _invoke("export", "llama", "--megatron", mixed, "--out", tmp_path / "hf", "--quiet")
+    assert result.exit_code == 1 and not (tmp_path / "hf").exists()
+    line = result.output.strip()
+    assert line.startswith("error: decoder.layers.0.self_attention.linear_proj.weight_quantizer._amax has shape "
+                           "[64, 1]") and "configures" in line and "per-tensor" in line, line

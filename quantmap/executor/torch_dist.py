@@ -18,6 +18,7 @@ from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
+from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.torch_dist.write import Written, write_into
 
@@ -39,6 +40,7 @@ def read_state(location: Location, layout: Layout | None = None, rank: int = 0) 
         name = to_local(quantizer.name, layout, coords)
         if name is not None:
             local[name] = quantizer
+    check_shapes(location.path, {quantizer.name: quantizer.shape for quantizer in local.values()})
     tensors = state_tensors(location.path, entries, list(local.values()))
     return {name: tensors[quantizer.name] for name, quantizer in local.items()}
 
@@ -76,6 +78,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
     catalog = Catalog(rules, checkpoint.names(), layout)
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
     report = _finish(catalog, report, strict)  # refuses under --strict before anything is written
+    check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
     written: Written = write_into(location, state, out=out, in_place=in_place)
     report.written = len(state)
     return report, written

@@ -115,8 +115,9 @@ def _read_range(path: Path, start: int, end: int) -> bytearray:
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
     if got != end - start:
-        raise TorchDistError(f"{path}: truncated: .metadata records bytes up to offset {end}, but the file has "
-                             f"{os.path.getsize(path)}; the checkpoint is incomplete (copy it again)")
+        raise TorchDistError(f"{path}: .metadata records bytes up to offset {end}, but the file has "
+                             f"{os.path.getsize(path)}: the file is truncated (copy the checkpoint again) or this "
+                             f".metadata belongs to another checkpoint")
     return data
 
 
