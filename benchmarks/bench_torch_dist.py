@@ -7,6 +7,9 @@ input amax stored ``[1]``, plus one 1 MiB weight per layer between them so that 
 weight bytes. The default 432 experts give 100,000+ scalar quantizer keys (DeepSeek-V3's 256 give
 60,000). Times, on one core (``torch.set_num_threads(1)``):
 
+Each phase is reported as wall and CPU seconds (targets apply to CPU seconds: on a shared machine the
+wall time includes waiting for other processes):
+
 * ``check``: ``.metadata`` → the state_dict names quantmap checks (torch-free; target <= 2 s), and
   ``quantmap.check`` of those names against the shipped deepseek_v3 spec;
 * ``export read``: the quantizer tensors only, in state_dict form (target <= 3 s), next to plain
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,12 +65,14 @@ def build(directory: Path, experts: int) -> int:
 
 
 def timed(fn, repeat: int = 3):
-    best, value = float("inf"), None
+    """Best wall time and best CPU time of this process over ``repeat`` runs (on a shared machine the CPU
+    time is what the code costs; the wall time adds the waits for other processes), and the value."""
+    wall, cpu, value = float("inf"), float("inf"), None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         value = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, value
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return (wall, cpu), value
 
 
 def main() -> None:
@@ -89,9 +95,7 @@ def main() -> None:
     if args.dir is None:
         scratch = tempfile.TemporaryDirectory(prefix="quantmap-bench-dcp-")
         args.dir = Path(scratch.name) / "iter_0000001"
-    start = time.perf_counter()
-    keys = build(args.dir, args.experts)
-    built = time.perf_counter() - start
+    built, keys = timed(lambda: build(args.dir, args.experts), repeat=1)
     files = len(list(args.dir.glob("*.distcp")))
 
     rules = quantmap.compile("deepseek_v3", num_layers=LAYERS, num_experts=args.experts)
@@ -126,18 +130,20 @@ def main() -> None:
             ("export offline (plan, no files) from the read state", t_export, None)]
     print(f"torch_dist checkpoint: {keys:,} quantizer keys, {files} .distcp files, {len(state):,} state names, "
           f"{hf:,} HF tensors; findings: {len(report.findings)}")
-    print(f"{'phase':<54} {'seconds':>8} {'target':>7}")
-    for label, seconds, target in rows:
-        print(f"{label:<54} {seconds:>8.2f} {'' if target is None else f'<= {target:g}':>7}")
-    record = {"benchmark": "torch_dist", "quantizer_keys": keys, "distcp_files": files, "check_names_s": t_names,
-              "check_rules_s": t_check, "export_read_s": t_read, "dcp_load_s": t_plain, "export_plan_s": t_export,
-              "hf_tensors": hf, "findings": len(report.findings), "threads": torch.get_num_threads()}
+    print(f"{'phase':<54} {'wall s':>8} {'cpu s':>8} {'target':>7}")
+    for label, (wall, cpu), target in rows:
+        print(f"{label:<54} {wall:>8.2f} {cpu:>8.2f} {'' if target is None else f'<= {target:g}':>7}")
+    record = {"benchmark": "torch_dist", "quantizer_keys": keys, "distcp_files": files, "hf_tensors": hf,
+              "findings": len(report.findings), "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+              **{f"{name}_{kind}_s": round(value, 3) for name, times in (
+                  ("check_names", t_names), ("check_rules", t_check), ("export_read", t_read), ("dcp_load", t_plain),
+                  ("export_plan", t_export)) for kind, value in zip(("wall", "cpu"), times)}}
     print(json.dumps(record))
     if args.json:
         args.json.write_text(json.dumps(record) + "\n")
     if scratch:
         scratch.cleanup()
-    sys.exit(0 if t_names <= 2.0 and t_read <= 3.0 else 1)
+    sys.exit(0 if t_names[1] <= 2.0 and t_read[1] <= 3.0 else 1)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,16 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
     by_file: dict[str, list] = defaultdict(list)
     for item in wanted:
         by_file[item[2].file].append(item)
-    descriptions: dict[bytes, tuple | None] = {}
+    layouts: dict[int, tuple] = {}  # archive length -> its recognised zip layout (see _plain)
     for file, items in by_file.items():
         items.sort(key=lambda item: item[2].offset)
+        path = directory / file
         for start, end, group in _runs(items):
-            data = _read_range(directory / file, start, end)
+            data = _read_range(path, start, end)
+            whole = memoryview(data)
             for key, index, chunk in group:
-                view = memoryview(data)[chunk.offset - start: chunk.offset - start + chunk.length]
-                pieces[(key, index)] = _decode(view, data, chunk.offset - start, chunk, descriptions,
-                                               directory / file, key)
+                base = chunk.offset - start
+                pieces[(key, index)] = _decode(whole[base: base + chunk.length], data, base, chunk, layouts, path, key)
     out = {}
     for key in keys:
         entry = entries[key]
@@ -73,7 +74,7 @@ def state_tensors(directory: str | Path, entries: dict[str, Entry], quantizers: 
             tensor = tensor[quantizer.layer]
         if quantizer.interleaved > 1:
             tensor = deinterleave(tensor, quantizer.interleaved)
-        state[quantizer.name] = tensor.reshape(quantizer.shape)
+        state[quantizer.name] = tensor if tensor.shape == quantizer.shape else tensor.reshape(quantizer.shape)
     return state
 
 
@@ -121,9 +122,9 @@ def _read_range(path: Path, start: int, end: int) -> bytearray:
     return data
 
 
-def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, descriptions: dict, path: Path,
+def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, layouts: dict, path: Path,
             key: str) -> torch.Tensor:
-    found = None if chunk.transformed else _plain(view, descriptions)
+    found = None if chunk.transformed else _plain(view, layouts)
     if found is None:
         tensor = _torch_load(view, chunk, path, key)
     else:
@@ -154,31 +155,50 @@ def _torch_load(view: memoryview, chunk: Chunk, path: Path, key: str) -> torch.T
     return tensor
 
 
-def _plain(blob: memoryview, descriptions: dict) -> tuple | None:
+def _plain(blob: memoryview, layouts: dict) -> tuple | None:
     """``(dtype, data start, storage numel, storage offset, size, stride)`` of a plain ``torch.save`` tensor
-    archive, or ``None`` when it is not that."""
+    archive, or ``None`` when it is not that.
+
+    Archives of tensors with the same description and length have the same zip layout, so after one
+    full parse an archive is recognised by comparing its ``data.pkl`` and its ``data/0`` header with the
+    remembered ones (three short slice comparisons instead of walking the zip directory)."""
+    known = layouts.get(len(blob))
+    if known is not None:
+        checks, result = known
+        for a, b, expected in checks:
+            if blob[a:b] != expected:
+                break
+        else:
+            return result
     members = _members(blob)
     if members is None:
         return None
-    pickled = next((span for name, span in members.items() if name.endswith(b"/data.pkl")), None)
-    storage = next((span for name, span in members.items() if name.endswith(b"/data/0")), None)
-    order = next((span for name, span in members.items() if name.endswith(b"/byteorder")), None)
-    if pickled is None or storage is None or (order is not None and blob[order[0]:order[1]] != b"little"):
+    found = {suffix: span for suffix in (b"/data.pkl", b"/data/0", b"/byteorder")
+             for name, span in members.items() if name.endswith(suffix)}
+    if b"/data.pkl" not in found or b"/data/0" not in found:
         return None
-    description_bytes = bytes(blob[pickled[0]:pickled[1]])
-    if description_bytes not in descriptions:
-        descriptions[description_bytes] = _describe(description_bytes)
-    description = descriptions[description_bytes]
+    pickled, storage = found[b"/data.pkl"], found[b"/data/0"]
+    local = storage[2]  # data/0's local header: its name and extra lengths fix where the data starts
+    checks = [(pickled[0], pickled[1], bytes(blob[pickled[0]:pickled[1]])),
+              (local + 26, storage[0], bytes(blob[local + 26:storage[0]]))]
+    if b"/byteorder" in found:
+        checks.append((found[b"/byteorder"][0], found[b"/byteorder"][1], b"little"))
+    if not all(blob[a:b] == expected for a, b, expected in checks):
+        return None  # big-endian
+    description = _describe(checks[0][2])
     if description is None:
         return None
     dtype, numel, storage_offset, size, stride = description
     if storage[1] - storage[0] != numel * dtype.itemsize:
         return None
-    return dtype, storage[0], numel, storage_offset, size, stride
+    result = (dtype, storage[0], numel, storage_offset, size, stride)
+    layouts[len(blob)] = (checks, result)
+    return result
 
 
-def _members(blob: memoryview) -> dict[bytes, tuple[int, int]] | None:
-    """Stored (uncompressed) zip members: name → (start, end) within ``blob``; ``None`` if not that."""
+def _members(blob: memoryview) -> dict[bytes, tuple[int, int, int]] | None:
+    """Stored (uncompressed) zip members: name → (data start, data end, local header) within ``blob``;
+    ``None`` if not that."""
     end = len(blob) - 22
     if end < 0 or blob[end:end + 4] != b"PK\x05\x06":
         return None  # a comment or zip64: leave it to torch.load
@@ -195,9 +215,10 @@ def _members(blob: memoryview) -> dict[bytes, tuple[int, int]] | None:
         name = bytes(blob[position + 46:position + 46 + name_length])
         local_name, local_extra = struct.unpack_from("<HH", blob, local + 26)
         start = local + 30 + local_name + local_extra
-        members[name] = (start, start + size)
+        members[name] = (start, start + size, local)
         position += 46 + name_length + extra_length + comment_length
     return members
+
 
 
 class _Description(pickle.Unpickler):

@@ -103,9 +103,12 @@ def _new_quantizer(name: str, prefix: str, entries: dict[str, Entry], tensor: to
     key = prefix + name.replace(STATE_EXPERTS, CHECKPOINT_EXPERTS)
     shape = tuple(tensor.shape)
     module = key.rsplit("_quantizer.", 1)[0].rsplit(".", 1)[0]
-    halves = [entries.get(f"{module}.weight_{half}") for half in "wv"]
+    halves = [entries.get(f"{module}.weight_{half}") for half in "wv"]  # SwiGLU's gate and up weights
     weight = entries.get(f"{module}.weight")
-    rows = sum(h.shape[0] for h in halves if h is not None) if all(halves) else weight.shape[0] if weight else None
+    if all(halves):
+        rows = halves[0].shape[0] + halves[1].shape[0]
+    else:
+        rows = weight.shape[0] if weight is not None and weight.shape else None
     interleaved = 1
     if shape == ():
         stored = () if "_bmm_quantizer." in key else (1,)
