@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from quantmap.io.torch_dist.metadata import Entry, TorchDistError
+from quantmap.io.torch_dist.metadata import Entry, TorchDistError, paused_gc
 
 _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
@@ -71,6 +71,11 @@ def state_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
 
 def quantizers(entries: dict[str, Entry]) -> list[Quantizer]:
     """Every quantizer buffer of the checkpoint, in state_dict form."""
+    with paused_gc():
+        return _quantizers(entries)
+
+
+def _quantizers(entries: dict[str, Entry]) -> list[Quantizer]:
     prefix = prefix_of(entries)
     out = []
     for key, entry in entries.items():

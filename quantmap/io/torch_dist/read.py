@@ -12,6 +12,7 @@ extension, another pickle) goes through ``torch.load(weights_only=True)``, as to
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from quantmap.io.torch_dist.keys import Quantizer
-from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError
+from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, paused_gc
 
 _GAP = 64 << 10  # read across gaps up to this many bytes rather than seek
 _STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
@@ -30,9 +31,12 @@ _STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloa
              "BoolStorage": torch.bool}
 
 
-def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[str]) -> dict[str, torch.Tensor]:
-    """The whole global tensors of ``keys`` (checkpoint keys), whatever layout saved them."""
+def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[str],
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The whole global tensors of ``keys`` (checkpoint keys), whatever layout saved them; a key in
+    ``shapes`` comes viewed as that shape (same number of elements)."""
     directory = Path(directory)
+    shapes = shapes or {}
     wanted = [(key, index, chunk) for key in keys for index, chunk in enumerate(entries[key].chunks)]
     pieces: dict[tuple[str, int], torch.Tensor] = {}
     by_file: dict[str, list] = defaultdict(list)
@@ -51,8 +55,11 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
     out = {}
     for key in keys:
         entry = entries[key]
-        if len(entry.chunks) == 1 and entry.chunks[0].sizes == entry.shape:
-            out[key] = pieces[(key, 0)]
+        chunks = entry.chunks
+        if len(chunks) == 1 and chunks[0].sizes == entry.shape:
+            piece = pieces[(key, 0)]
+            shape = shapes.get(key)
+            out[key] = piece if shape is None or shape == entry.shape else piece.reshape(shape)
             continue
         whole = torch.empty(entry.shape, dtype=pieces[(key, 0)].dtype)
         for index, chunk in enumerate(entry.chunks):
@@ -66,15 +73,23 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
 
 def state_tensors(directory: str | Path, entries: dict[str, Entry], quantizers: list[Quantizer]) -> dict[str, torch.Tensor]:
     """The quantizers' tensors in state_dict form (names, shapes, and fc1 rows in ``[gate; up]`` order)."""
-    stored = read_tensors(directory, entries, list(dict.fromkeys(q.key for q in quantizers)))
+    with paused_gc():
+        return _state_tensors(directory, entries, quantizers)
+
+
+def _state_tensors(directory, entries: dict[str, Entry], quantizers: list[Quantizer]) -> dict[str, torch.Tensor]:
+    plain = {q.key: q.shape for q in quantizers if q.layer is None and q.interleaved == 1}
+    stored = read_tensors(directory, entries, list(dict.fromkeys(q.key for q in quantizers)), plain)
     state = {}
     for quantizer in quantizers:
         tensor = stored[quantizer.key]
-        if quantizer.layer is not None:
-            tensor = tensor[quantizer.layer]
-        if quantizer.interleaved > 1:
-            tensor = deinterleave(tensor, quantizer.interleaved)
-        state[quantizer.name] = tensor if tensor.shape == quantizer.shape else tensor.reshape(quantizer.shape)
+        if quantizer.key not in plain:
+            if quantizer.layer is not None:
+                tensor = tensor[quantizer.layer]
+            if quantizer.interleaved > 1:
+                tensor = deinterleave(tensor, quantizer.interleaved)
+            tensor = tensor.reshape(quantizer.shape)
+        state[quantizer.name] = tensor
     return state
 
 
@@ -128,12 +143,12 @@ def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, layouts:
     if found is None:
         tensor = _torch_load(view, chunk, path, key)
     else:
-        dtype, start, numel, storage_offset, size, stride = found
-        if numel:  # a view of the bytes just read, no copy
-            tensor = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).as_strided(
-                size, stride, storage_offset)
-        else:
+        dtype, start, numel, storage_offset, size, stride, contiguous = found
+        if not numel:
             tensor = torch.empty(size, dtype=dtype)
+        else:  # a view of the bytes just read, no copy
+            tensor = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start)
+            tensor = tensor.view(size) if contiguous else tensor.as_strided(size, stride, storage_offset)
     if tuple(tensor.shape) != chunk.sizes:
         raise TorchDistError(f"{path}: the bytes recorded for {key} hold a tensor of shape {list(tensor.shape)}, "
                              f"but .metadata says {list(chunk.sizes)}; this .metadata belongs to another checkpoint")
@@ -156,8 +171,8 @@ def _torch_load(view: memoryview, chunk: Chunk, path: Path, key: str) -> torch.T
 
 
 def _plain(blob: memoryview, layouts: dict) -> tuple | None:
-    """``(dtype, data start, storage numel, storage offset, size, stride)`` of a plain ``torch.save`` tensor
-    archive, or ``None`` when it is not that.
+    """``(dtype, data start, storage numel, storage offset, size, stride, contiguous)`` of a plain
+    ``torch.save`` tensor archive, or ``None`` when it is not that.
 
     Archives of tensors with the same description and length have the same zip layout, so after one
     full parse an archive is recognised by comparing its ``data.pkl`` and its ``data/0`` header with the
@@ -191,9 +206,18 @@ def _plain(blob: memoryview, layouts: dict) -> tuple | None:
     dtype, numel, storage_offset, size, stride = description
     if storage[1] - storage[0] != numel * dtype.itemsize:
         return None
-    result = (dtype, storage[0], numel, storage_offset, size, stride)
+    contiguous = storage_offset == 0 and numel == math.prod(size) and stride == _contiguous_strides(size)
+    result = (dtype, storage[0], numel, storage_offset, size, stride, contiguous)
     layouts[len(blob)] = (checks, result)
     return result
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(size):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
 
 
 def _members(blob: memoryview) -> dict[bytes, tuple[int, int, int]] | None:
