@@ -3,9 +3,9 @@
 Each chunk DCP saves is a ``torch.save`` archive (a zip) at a byte range ``.metadata`` records.
 ``torch.load`` of one costs ~0.2 ms, so 10⁵ quantizer keys would take 20 s; instead the ranges are
 read with a few large reads per file (neighbouring ranges coalesced, weights between them skipped),
-and each archive's tensor is taken from its stored ``data/0`` member, as described by its
-``data.pkl`` (decoded once per distinct description with a restricted unpickler, so nothing
-arbitrary runs). An archive that is not the plain form (compressed, big-endian, a DCP stream
+and each archive's tensor is viewed in place in its stored ``data/0`` member, as its ``data.pkl``
+describes it (decoded with a restricted unpickler, so nothing arbitrary runs, and once per distinct
+archive layout). An archive that is not the plain form (compressed, big-endian, a DCP stream
 extension, another pickle) goes through ``torch.load(weights_only=True)``, as torch's reader does.
 """
 

@@ -157,11 +157,14 @@ def _write(directory: Path, entries: dict[str, Entry], stored: dict) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     _verify(directory, partial, stored)
-    os.replace(partial, directory / METADATA_FILE)
+    os.replace(partial, directory / METADATA_FILE)  # published: nothing after this may fail
     referenced = {info.relative_path for info in storage.values()}
     for stale in directory.glob(f"{OWN_FILES}*.distcp"):  # an earlier import's tensors, now replaced
         if stale.name not in referenced:
-            stale.unlink()
+            try:
+                stale.unlink()
+            except OSError:
+                pass  # an unreferenced file left behind is harmless
 
 
 def _verify(directory: Path, partial: Path, stored: dict) -> None:
@@ -182,9 +185,12 @@ def _verify(directory: Path, partial: Path, stored: dict) -> None:
 
 def _publish_in_place(directory: Path, entries: dict[str, Entry], stored: dict) -> None:
     before = set(os.listdir(directory))
+    metadata = (directory / METADATA_FILE).stat().st_ino
     try:
         _write(directory, entries, stored)
     except BaseException:
+        if (directory / METADATA_FILE).stat().st_ino != metadata:
+            raise  # already published (interrupted while tidying up): the new files are in use
         for name in set(os.listdir(directory)) - before:  # the new .distcp and the partial .metadata
             path = directory / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
