@@ -21,7 +21,7 @@ Everything here is names and shapes only (no torch): :mod:`~quantmap.io.torch_di
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from quantmap.io.torch_dist.metadata import Entry, TorchDistError, paused_gc
 
@@ -29,7 +29,8 @@ _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
 _LAYER = re.compile(r"(?:^|(?<=\.))decoder\.layers\.([0-9]+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:local_experts|experts)\.([0-9]+)\.|\.experts\.linear_fc[0-9]+\.weight([0-9]+)$")
-_FC1_WEIGHT_AMAX = re.compile(r"\.linear_fc1\.weight_quantizer\._amax$")
+_FC1_WEIGHT_AMAX = ".linear_fc1.weight_quantizer._amax"
+_WRAPPERS = ("model.", "module.")
 CHECKPOINT_EXPERTS = ".experts.experts."
 STATE_EXPERTS = ".experts.local_experts."
 
@@ -39,8 +40,7 @@ def is_quantizer(entry: Entry) -> bool:
     return entry.dtype is not None and "quantizer" in entry.key
 
 
-@dataclass(frozen=True, slots=True)
-class Quantizer:
+class Quantizer(NamedTuple):  # a tuple: 10⁵ of them are built per read
     """One quantizer buffer: its state_dict name and shape, and where and how the checkpoint holds it."""
 
     name: str  # global state_dict name
@@ -53,7 +53,14 @@ class Quantizer:
 
 def prefix_of(entries: dict[str, Entry]) -> str:
     """The NeMo-style wrapper prefix (``model.``, ``module.``) the checkpoint's quantizer keys share."""
-    prefixes = {_PREFIX.match(key).group(0) for key, entry in entries.items() if is_quantizer(entry)}
+    prefixes, known = set(), None
+    for key, entry in entries.items():
+        if not is_quantizer(entry):
+            continue
+        if known is not None and key.startswith(known) and not key.startswith(_WRAPPERS, len(known)):
+            continue  # the prefix seen last, checked without a regex
+        known = _PREFIX.match(key).group(0)
+        prefixes.add(known)
     if len(prefixes) > 1:
         raise TorchDistError(f"the checkpoint's quantizer keys start with different wrapper prefixes "
                              f"({', '.join(repr(p) for p in sorted(prefixes))}); expected one model")
@@ -102,7 +109,8 @@ _SWIGLU_HALF = re.compile(r"(?<=\.weight)_[wv]$")
 
 
 def _is_stacked(entry: Entry) -> bool:
-    if not _STACKED.search(entry.key):
+    at = entry.key.find("decoder.layers.")
+    if at < 0 or entry.key[at + 15: at + 16].isdigit() or not _STACKED.search(entry.key):
         return False
     if not entry.shape:
         raise TorchDistError(f"{entry.key}: a stacked-layers key (no layer index) must have the layers on a "
@@ -121,7 +129,7 @@ def _state_names(key: str, prefix: str, entry: Entry) -> list[tuple[str, int | N
 
 def _interleaving(entries: dict[str, Entry], entry: Entry, stored: tuple[int, ...], axis: int) -> int:
     """The saving TP size when ``entry`` is a SwiGLU linear_fc1 weight amax saved TP-interleaved, else 1."""
-    if len(stored) != 2 or not _FC1_WEIGHT_AMAX.search(entry.key):
+    if len(stored) != 2 or not entry.key.endswith(_FC1_WEIGHT_AMAX):
         return 1
     splits = sorted({chunk.offsets[axis] for chunk in entry.chunks})
     if len(splits) == 1:

@@ -37,30 +37,33 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
     ``shapes`` comes viewed as that shape (same number of elements)."""
     directory = Path(directory)
     shapes = shapes or {}
-    wanted = [(key, index, chunk) for key in keys for index, chunk in enumerate(entries[key].chunks)]
-    pieces: dict[tuple[str, int], torch.Tensor] = {}
     by_file: dict[str, list] = defaultdict(list)
-    for item in wanted:
-        by_file[item[2].file].append(item)
-    layouts: dict[int, tuple] = {}  # archive length -> its recognised zip layout (see _plain)
-    for file, items in by_file.items():
-        items.sort(key=lambda item: item[2].offset)
-        path = directory / file
-        for start, end, group in _runs(items):
-            data = _read_range(path, start, end)
-            whole = memoryview(data)
-            for key, index, chunk in group:
-                base = chunk.offset - start
-                pieces[(key, index)] = _decode(whole[base: base + chunk.length], data, base, chunk, layouts, path, key)
-    out = {}
     for key in keys:
         entry = entries[key]
         chunks = entry.chunks
-        if len(chunks) == 1 and chunks[0].sizes == entry.shape:
-            piece = pieces[(key, 0)]
-            shape = shapes.get(key)
-            out[key] = piece if shape is None or shape == entry.shape else piece.reshape(shape)
+        whole = len(chunks) == 1 and chunks[0].sizes == entry.shape  # the usual case: no assembly
+        for index, chunk in enumerate(chunks):
+            by_file[chunk.file].append((chunk.offset, key, index, chunk, shapes.get(key, entry.shape) if whole else None))
+    out: dict[str, torch.Tensor] = {}
+    pieces: dict[tuple[str, int], torch.Tensor] = {}  # the chunks of tensors saved in several
+    layouts: dict[int, tuple] = {}  # archive length -> its recognised zip layout (see _plain)
+    for file, items in by_file.items():
+        items.sort(key=lambda item: item[0])
+        path = directory / file
+        for start, end, group in _runs(items):
+            data = _read_range(path, start, end)
+            view = memoryview(data)
+            for offset, key, index, chunk, shape in group:
+                base = offset - start
+                tensor = _decode(view[base: base + chunk.length], data, base, chunk, layouts, path, key)
+                if shape is None:
+                    pieces[(key, index)] = tensor
+                else:
+                    out[key] = tensor if tensor.shape == shape else tensor.reshape(shape)
+    for key in keys:
+        if key in out:
             continue
+        entry = entries[key]
         whole = torch.empty(entry.shape, dtype=pieces[(key, 0)].dtype)
         for index, chunk in enumerate(entry.chunks):
             region = whole
@@ -109,7 +112,7 @@ def _runs(items):
     """Consecutive chunks of one file grouped into ranges read at once."""
     group, start, end = [], 0, 0
     for item in items:
-        chunk = item[2]
+        chunk = item[3]
         if group and chunk.offset - end > _GAP:
             yield start, end, group
             group = []
