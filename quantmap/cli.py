@@ -11,6 +11,7 @@ import json
 import sys
 from datetime import timedelta
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -233,10 +234,13 @@ class CheckFormat(str, Enum):
 def check(
     spec: str = SpecArg,
     megatron: Optional[str] = typer.Option(None, "--megatron", "-m", help="Megatron names: a text file (one per "
-                                           "line), a safetensors file or index, or a checkpoint directory."),
+                                           "line), a safetensors file or index, a checkpoint directory, or a "
+                                           "torch_dist checkpoint (names and shapes from its .metadata)."),
     hf: Optional[str] = typer.Option(None, "--hf", help="Hugging Face names, from the same kinds of source."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
     format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
+    iteration: Optional[int] = typer.Option(None, "--iteration", help="With a torch_dist save directory: this "
+                                            "iteration instead of the tracker file's."),
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
@@ -245,14 +249,19 @@ def check(
     names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
     from quantmap.check import check as check_names
     from quantmap.io.names import NamesError, read_names
+    from quantmap.io.torch_dist import TorchDistError, checkpoint_names, is_shard_directory, is_torch_dist
 
     if megatron is None and hf is None:
         raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     try:
-        report = check_names(rules, None if megatron is None else read_names(megatron),
-                             None if hf is None else read_names(hf))
-    except NamesError as error:
+        if megatron is not None and Path(megatron).is_dir() and is_torch_dist(megatron) \
+                and not is_shard_directory(megatron):
+            megatron_names = checkpoint_names(megatron, iteration)  # from .metadata alone
+        else:
+            megatron_names = None if megatron is None else read_names(megatron)
+        report = check_names(rules, megatron_names, None if hf is None else read_names(hf))
+    except (NamesError, TorchDistError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
@@ -269,8 +278,11 @@ TimeoutOpt = typer.Option(600, "--timeout", min=1, help="Seconds a collective ma
 @app.command("export")
 def export_command(
     spec: str = SpecArg,
-    megatron: str = typer.Option(..., "--megatron", "-m", help="Megatron shard directory: layout.json + "
-                                 "rank_NNNNN.safetensors (local names)."),
+    megatron: str = typer.Option(..., "--megatron", "-m", help="Megatron checkpoint: a torch_dist save directory "
+                                 "(latest_checkpointed_iteration.txt), an iter_NNNNNNN/release directory, or a "
+                                 "shard directory (layout.json + rank_NNNNN.safetensors)."),
+    iteration: Optional[int] = typer.Option(None, "--iteration", help="With a torch_dist save directory: this "
+                                            "iteration instead of the tracker file's."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory for the Hugging Face checkpoint (must not exist)."),
     shard_size: int = typer.Option(5 * 2**30, "--shard-size", min=1, help="Largest shard, in bytes."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any finding: unclaimed, missing or uncalibrated "
@@ -290,15 +302,21 @@ def export_command(
 
     _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial))
+        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration))
 
 
 @app.command("import")
 def import_command(
     spec: str = SpecArg,
     hf: str = typer.Option(..., "--hf", help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
-    layout: str = typer.Option(..., "--layout", "-l", help="The target layout.json (or a directory holding one)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output Megatron shard directory (must not exist)."),
+    layout: Optional[str] = typer.Option(None, "--layout", "-l", help="The target layout.json (or a directory "
+                                         "holding one), for a shard directory."),
+    into: Optional[str] = typer.Option(None, "--into", help="Write into this torch_dist checkpoint instead (save or "
+                                       "iteration directory): a new copy at --out, or --in-place."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (must not exist)."),
+    in_place: bool = typer.Option(False, "--in-place", help="With --into: rewrite that checkpoint itself (atomic)."),
+    iteration: Optional[int] = typer.Option(None, "--iteration", help="With --into a save directory: this "
+                                            "iteration instead of the tracker file's."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any unclaimed, missing, out-of-layout or "
                                 "uncalibrated (zero amax) name."),
     nproc: Optional[int] = NprocOpt,
@@ -308,7 +326,22 @@ def import_command(
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
-    """Import Hugging Face quantizer state into a Megatron shard directory for a layout."""
+    """Import Hugging Face quantizer state into a Megatron shard directory for a layout, or into an existing
+    torch_dist checkpoint (--into; every other tensor stays byte-identical)."""
+    if (layout is None) == (into is None):
+        raise typer.BadParameter("give --layout (a shard directory) or --into (a torch_dist checkpoint)",
+                                 param_hint="--layout/--into")
+    if into is not None:
+        if (out is None) == (not in_place):
+            raise typer.BadParameter("with --into, give --out NEW or --in-place", param_hint="--out/--in-place")
+        from quantmap.executor.torch_dist import import_checkpoint_into
+
+        _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint_into(
+            spec, params, hf, into, out=out, in_place=in_place, iteration=iteration, strict=strict))
+        return
+    if out is None or in_place or iteration is not None:
+        raise typer.BadParameter("with --layout, give --out (--in-place and --iteration go with --into)",
+                                 param_hint="--out")
     from quantmap.executor.launch import import_checkpoint
 
     _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint(
@@ -323,11 +356,12 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.names import NamesError
+    from quantmap.io.torch_dist import TorchDistError
 
     compile_or_exit(spec, params, hf_naming)
     try:
         report = run({**params, "hf_naming": hf_naming.value})
-    except (ExecutorError, LayoutError, NamingError, NamesError, OSError) as error:
+    except (ExecutorError, LayoutError, NamingError, NamesError, TorchDistError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     if not quiet:

@@ -26,11 +26,18 @@ def mode(nproc: int | None) -> str:
 
 def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path, *, shard_size: int,
                   nproc: int | None = None, progress: bool = False, timeout: timedelta = timedelta(minutes=10),
-                  strict: bool = False, allow_partial: bool = False) -> Report:
-    """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) to ``out``."""
+                  strict: bool = False, allow_partial: bool = False, iteration: int | None = None) -> Report:
+    """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) or a torch_dist
+    checkpoint (told apart by their files) to ``out``."""
     from quantmap.executor.layout import Layout
     from quantmap.io.shards import check_rank_files
+    from quantmap.io.torch_dist import is_shard_directory
 
+    if iteration is not None or not is_shard_directory(megatron):
+        from quantmap.executor.torch_dist import export_checkpoint
+
+        return export_checkpoint(spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress,
+                                 timeout=timeout, iteration=iteration)
     layout = Layout.read(megatron)
     check_rank_files(megatron, layout)
     args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)

@@ -1,0 +1,116 @@
+"""Export from and import into Megatron ``torch_dist`` checkpoints, on top of the existing executor.
+
+A torch_dist checkpoint holds GLOBAL names, so its normalised quantizer state
+(:mod:`quantmap.io.torch_dist`) is what one rank of a ``tp=1, pp=1`` layout holds, and goes through
+the ordinary export. Run on several ranks (``torchrun``, ``--nproc N``), rank ``r`` plays pipeline
+stage ``r`` of ``pp=N`` with the layers split as evenly as possible (``layers_per_stage``), reads
+only its stage's quantizer tensors from the checkpoint (names outside the layers on the stage
+Megatron builds them on) and sends them to the writer, so no rank reads what another reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantmap.executor.groups import Placement
+from quantmap.executor.layout import Layout
+from quantmap.executor.naming import to_local
+from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
+from quantmap.io.torch_dist.modelopt import check_shapes
+from quantmap.io.torch_dist.read import state_tensors
+from quantmap.io.torch_dist.write import Written, write_into
+
+
+def checkpoint_layout(entries, world: int = 1) -> Layout:
+    """The layout a checkpoint is read as: one rank, or ``world`` pipeline stages splitting its layers."""
+    layers, experts = model_size(entries)
+    stages = [layers // world + (stage < layers % world) for stage in range(world)]
+    return Layout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
+
+
+def read_state(location: Location, layout: Layout | None = None, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s local quantizer state under ``layout`` (default: the whole state, one rank)."""
+    entries = read_entries(location.path)
+    layout = layout or checkpoint_layout(entries)
+    coords = layout.coords(rank)
+    local = {}
+    for quantizer in quantizers(entries):
+        name = to_local(quantizer.name, layout, coords)
+        if name is not None:
+            local[name] = quantizer
+    check_shapes(location.path, {quantizer.name: quantizer.shape for quantizer in local.values()})
+    tensors = state_tensors(location.path, entries, list(local.values()))
+    return {name: tensors[quantizer.name] for name, quantizer in local.items()}
+
+
+def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool):
+    from quantmap.executor.export import export_offline
+
+    entries = read_entries(location.path)
+    layout = checkpoint_layout(entries)
+    return export_offline(rules, [read_state(location, layout)], layout, out=out, shard_size=shard_size,
+                          progress=progress)
+
+
+def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool):
+    """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
+    import torch.distributed as dist
+
+    from quantmap.executor.export import export
+
+    layout = checkpoint_layout(read_entries(location.path), dist.get_world_size())
+    placement = Placement.from_world(layout)
+    state = read_state(location, layout, placement.coords.rank)
+    return export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress)
+
+
+def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,
+                in_place: bool = False, iteration: int | None = None, strict: bool = False):
+    """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place)."""
+    from quantmap.executor.importer import Catalog, _finish, import_rank
+    from quantmap.io.hf import Checkpoint
+
+    location = locate(into, iteration)
+    layout = checkpoint_layout(read_entries(location.path))
+    checkpoint = Checkpoint(hf_dir)
+    catalog = Catalog(rules, checkpoint.names(), layout)
+    state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
+    report = _finish(catalog, report, strict)  # refuses under --strict before anything is written
+    check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
+    written: Written = write_into(location, state, out=out, in_place=in_place)
+    report.written = len(state)
+    return report, written
+
+
+def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
+                      progress: bool, timeout, iteration: int | None = None):
+    """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
+    import quantmap
+    from quantmap.executor.launch import _run, mode
+
+    location = locate(megatron, iteration)
+    how = mode(nproc)
+    if how == "offline":
+        return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
+                                   progress=progress).report
+    return _run(how, nproc, _export_worker, (spec, params, location, str(out), shard_size, progress, timeout), timeout)
+
+
+def _export_worker(spec, params, location, out, shard_size, progress, timeout):
+    import quantmap
+
+    result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
+                         timeout=timeout, progress=progress)
+    return result.report if result.is_writer else None
+
+
+def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
+                           iteration: int | None = None, strict: bool = False):
+    """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
+    import quantmap
+
+    report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
+                            iteration=iteration, strict=strict)
+    return report

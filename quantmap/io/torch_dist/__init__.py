@@ -1,0 +1,22 @@
+"""Megatron ``torch_dist`` checkpoints (PyTorch Distributed Checkpoint) as quantmap input and output.
+
+Importing this package does not import torch: ``quantmap check`` reads names and shapes from
+``.metadata`` alone. Reading tensors (:mod:`.read`) and writing (:mod:`.write`) need torch.
+Format facts and the ModelOpt linear_fc1 fix: docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantmap.io.torch_dist.keys import Quantizer, model_size, quantizers, state_names
+from quantmap.io.torch_dist.locate import Location, is_shard_directory, is_torch_dist, locate
+from quantmap.io.torch_dist.metadata import Entry, TorchDistError, read_entries
+
+__all__ = ["Entry", "Location", "Quantizer", "TorchDistError", "checkpoint_names", "is_shard_directory",
+           "is_torch_dist", "locate", "model_size", "quantizers", "read_entries", "state_names"]
+
+
+def checkpoint_names(path: str | Path, iteration: int | None = None) -> list[str]:
+    """The state_dict names of a torch_dist checkpoint's tensors, from ``.metadata`` alone."""
+    return state_names(read_entries(locate(path, iteration).path))

@@ -1,0 +1,165 @@
+"""Checkpoint keys and shapes ↔ the ``state_dict()`` names and shapes the rules are written for.
+
+What Megatron-Core + ModelOpt 0.47 store in a ``torch_dist`` checkpoint differs from what a
+single-rank model's ``state_dict()`` holds (facts from tests/data/dcp, see docs/checkpoints.md):
+
+* SequentialMLP experts are keyed ``experts.experts.{E}`` with the GLOBAL expert index, where
+  ``state_dict()`` says ``experts.local_experts.{E}``;
+* per-tensor amax is ``[1]`` (``k_bmm``/``v_bmm`` amax ``[]``); ``state_dict()`` holds ``[]``;
+* block amax is ``[rows, nblocks]``; ``state_dict()`` holds it flattened, ``[rows * nblocks, 1]``;
+* NeMo wraps the model: keys may start with ``model.`` or ``module.`` (any repetition of them);
+* old checkpoints stack every layer on a leading axis: ``decoder.layers.self_attention...`` ``[L, ...]``;
+* ModelOpt saves the per-channel or block weight amax of a SwiGLU ``linear_fc1`` TP-interleaved
+  (``[gate_0; up_0; gate_1; up_1; ...]``, one ``[gate_r; up_r]`` per saving TP rank) instead of
+  ``[gate; up]``: its gate/up split (the weight's ``weight_w``/``weight_v``) is never applied to the
+  quantizer. The saving TP size is the number of pieces dim 0 is saved in.
+
+Everything here is names and shapes only (no torch): :mod:`~quantmap.io.torch_dist.read` and
+:mod:`~quantmap.io.torch_dist.write` move the values.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from quantmap.io.torch_dist.metadata import Entry, TorchDistError, paused_gc
+
+_PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
+_STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
+_LAYER = re.compile(r"(?:^|(?<=\.))decoder\.layers\.([0-9]+)\.")
+_EXPERT = re.compile(r"\.experts\.(?:local_experts|experts)\.([0-9]+)\.|\.experts\.linear_fc[0-9]+\.weight([0-9]+)$")
+_FC1_WEIGHT_AMAX = ".linear_fc1.weight_quantizer._amax"
+_WRAPPERS = ("model.", "module.")
+CHECKPOINT_EXPERTS = ".experts.experts."
+STATE_EXPERTS = ".experts.local_experts."
+
+
+def is_quantizer(entry: Entry) -> bool:
+    """A quantizer buffer (``_amax``, ``_pre_quant_scale``, ...) as ``save_shard`` keeps them."""
+    return entry.dtype is not None and "quantizer" in entry.key
+
+
+class Quantizer(NamedTuple):  # a tuple: 10⁵ of them are built per read
+    """One quantizer buffer: its state_dict name and shape, and where and how the checkpoint holds it."""
+
+    name: str  # global state_dict name
+    key: str  # checkpoint key
+    layer: int | None  # its index on a stacked checkpoint's leading axis; None when not stacked
+    shape: tuple[int, ...]  # state_dict shape
+    stored: tuple[int, ...]  # checkpoint shape (one layer's, when stacked)
+    interleaved: int  # ModelOpt's TP-interleaved linear_fc1 rows: the saving TP size (1: in order)
+
+
+def prefix_of(entries: dict[str, Entry]) -> str:
+    """The NeMo-style wrapper prefix (``model.``, ``module.``) the checkpoint's quantizer keys share."""
+    prefixes, known = set(), None
+    for key, entry in entries.items():
+        if not is_quantizer(entry):
+            continue
+        if known is not None and key.startswith(known) and not key.startswith(_WRAPPERS, len(known)):
+            continue  # the prefix seen last, checked without a regex
+        known = _PREFIX.match(key).group(0)
+        prefixes.add(known)
+    if len(prefixes) > 1:
+        raise TorchDistError(f"the checkpoint's quantizer keys start with different wrapper prefixes "
+                             f"({', '.join(repr(p) for p in sorted(prefixes))}); expected one model")
+    return prefixes.pop() if prefixes else ""
+
+
+def state_shape(stored: tuple[int, ...]) -> tuple[int, ...]:
+    """``[1]`` → ``[]``; block ``[rows, nblocks]`` → ``[rows * nblocks, 1]``; anything else unchanged."""
+    if stored == (1,):
+        return ()
+    if len(stored) == 2 and stored[1] > 1:
+        return (stored[0] * stored[1], 1)
+    return stored
+
+
+def quantizers(entries: dict[str, Entry]) -> list[Quantizer]:
+    """Every quantizer buffer of the checkpoint, in state_dict form."""
+    with paused_gc():
+        return _quantizers(entries)
+
+
+def _quantizers(entries: dict[str, Entry]) -> list[Quantizer]:
+    prefix = prefix_of(entries)
+    out = []
+    for key, entry in entries.items():
+        if not is_quantizer(entry):
+            continue
+        stacked = _is_stacked(entry)
+        stored = entry.shape[1:] if stacked else entry.shape
+        interleaved = _interleaving(entries, entry, stored, axis=int(stacked))
+        out += [Quantizer(name, key, layer, state_shape(stored), stored, interleaved)
+                for name, layer in _state_names(key, prefix, entry)]
+    return out
+
+
+def state_names(entries: dict[str, Entry]) -> list[str]:
+    """The state_dict names of every tensor of the checkpoint (what ``quantmap check`` checks): quantizers,
+    and weights with SwiGLU's ``weight_w``/``weight_v`` halves as the one ``weight`` they are in the model."""
+    prefix = prefix_of(entries)
+    names = [name for key, entry in entries.items() if entry.dtype is not None
+             for name, _ in _state_names(key, prefix, entry)]
+    return list(dict.fromkeys(_SWIGLU_HALF.sub("", name) for name in names))
+
+
+_SWIGLU_HALF = re.compile(r"(?<=\.weight)_[wv]$")
+
+
+def _is_stacked(entry: Entry) -> bool:
+    at = entry.key.find("decoder.layers.")
+    if at < 0 or entry.key[at + 15: at + 16].isdigit() or not _STACKED.search(entry.key):
+        return False
+    if not entry.shape:
+        raise TorchDistError(f"{entry.key}: a stacked-layers key (no layer index) must have the layers on a "
+                             f"leading axis, but its shape is []")
+    return True
+
+
+def _state_names(key: str, prefix: str, entry: Entry) -> list[tuple[str, int | None]]:
+    """``(state_dict name, index on the stacked axis or None)`` for each tensor a checkpoint key holds."""
+    name = key[len(prefix):] if key.startswith(prefix) else key
+    name = name.replace(CHECKPOINT_EXPERTS, STATE_EXPERTS)
+    if not _is_stacked(entry):
+        return [(name, None)]
+    return [(_STACKED.sub(f"decoder.layers.{layer}.", name, count=1), layer) for layer in range(entry.shape[0])]
+
+
+def _interleaving(entries: dict[str, Entry], entry: Entry, stored: tuple[int, ...], axis: int) -> int:
+    """The saving TP size when ``entry`` is a SwiGLU linear_fc1 weight amax saved TP-interleaved, else 1."""
+    if len(stored) != 2 or not entry.key.endswith(_FC1_WEIGHT_AMAX):
+        return 1
+    splits = sorted({chunk.offsets[axis] for chunk in entry.chunks})
+    if len(splits) == 1:
+        return 1
+    module = entry.key[: -len(".weight_quantizer._amax")]
+    if f"{module}.weight_w" not in entries:
+        if f"{module}.weight" in entries:
+            return 1  # not gated: one block of rows, no gate/up halves
+        raise TorchDistError(f"{entry.key} is saved in {len(splits)} TP pieces, but the checkpoint holds neither "
+                             f"{module}.weight_w (SwiGLU) nor {module}.weight, so quantmap cannot tell whether its "
+                             f"rows are ModelOpt's interleaved [gate_r; up_r] pieces")
+    rows, tp = stored[0], len(splits)
+    if rows % (2 * tp) or splits != [rank * rows // tp for rank in range(tp)]:
+        raise TorchDistError(f"{entry.key}: {rows} rows saved in pieces starting at {splits}; a SwiGLU linear_fc1 "
+                             f"amax saved at TP={tp} has {tp} equal pieces of [gate_r; up_r]")
+    return tp
+
+
+def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
+    """``(num_layers, num_experts)`` the checkpoint's keys show (``None``: no experts)."""
+    layers, experts = 0, None
+    for key, entry in entries.items():
+        found = _LAYER.search(key)
+        if found:
+            layers = max(layers, int(found.group(1)) + 1)
+        elif _STACKED.search(key) and entry.shape:
+            layers = max(layers, entry.shape[0])
+        expert = _EXPERT.search(key)
+        if expert:
+            experts = max(experts or 0, int(expert.group(1) or expert.group(2)) + 1)
+    if not layers:
+        raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
+    return layers, experts

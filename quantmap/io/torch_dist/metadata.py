@@ -1,0 +1,209 @@
+"""A ``torch_dist`` checkpoint's ``.metadata``, read without torch and without unpickling anything arbitrary.
+
+``.metadata`` is a plain pickle of ``torch.distributed.checkpoint.metadata.Metadata`` (written by
+``FileSystemWriter.finish``): every key with its dtype, global shape and chunks, and for every
+chunk the file, byte offset and length of its bytes (``storage_data``). torch's own reader calls
+``pickle.load`` on it, which runs whatever the file names. :class:`_Unpickler` accepts only the
+handful of classes that file format uses and refuses anything else, so ``quantmap check`` can read
+names and shapes of a checkpoint from any source, and never imports torch.
+
+The same allow-list is used with the real torch classes (``real=True``) when quantmap rewrites a
+checkpoint's metadata (:mod:`quantmap.io.torch_dist.write`).
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+METADATA_FILE = ".metadata"
+
+_DCP = "torch.distributed.checkpoint"
+_RECORDS = {  # the classes a DCP .metadata pickles as objects (dataclasses and enums)
+    (f"{_DCP}.metadata", "Metadata"), (f"{_DCP}.metadata", "TensorStorageMetadata"),
+    (f"{_DCP}.metadata", "BytesStorageMetadata"), (f"{_DCP}.metadata", "ChunkStorageMetadata"),
+    (f"{_DCP}.metadata", "TensorProperties"), (f"{_DCP}.metadata", "StorageMeta"),
+    (f"{_DCP}.metadata", "MetadataIndex"), (f"{_DCP}.filesystem", "_StorageInfo"),
+    (f"{_DCP}.planner", "SavePlan"), (f"{_DCP}.planner", "WriteItem"), (f"{_DCP}.planner", "TensorWriteData"),
+}
+_ENUMS = {(f"{_DCP}.metadata", "_MEM_FORMAT_ENCODING"), (f"{_DCP}.planner", "WriteItemType")}
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+           "float8_e4m3fn", "float8_e5m2", "complex64", "complex128", "uint16", "uint32", "uint64"}
+_PATHS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}  # checkpoint_id
+_TORCH = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | \
+         {("torch", name) for name in _DTYPES} | _PATHS
+
+
+class TorchDistError(ValueError):
+    """A torch_dist checkpoint that cannot be read or written; the message names the file and the fix."""
+
+
+class _Record:
+    """Stand-in for a DCP dataclass: pickle puts its state dict into the instance's ``__dict__`` (in C)."""
+
+    offset = None  # MetadataIndex leaves a bytes entry's offset at the class default
+
+
+class _Properties(list):
+    """Stand-in for ``TensorProperties``, pickled as a 5-tuple ``(dtype, layout, requires_grad, memory
+    format, pin_memory)``; ``list.extend`` as ``__setstate__`` keeps the 10⁵ calls out of Python."""
+
+    __setstate__ = list.extend
+
+    @property
+    def dtype(self):
+        return self[0]
+
+
+def _stand_in(module: str, name: str):
+    if name == "TensorProperties":
+        return _Properties
+    if (module, name) in _RECORDS:
+        return type(name, (_Record,), {})
+    if (module, name) in _ENUMS:
+        return lambda value: value
+    if (module, name) == ("torch", "Size"):
+        return tuple
+    if (module, name) == ("torch.serialization", "_get_layout"):
+        return lambda layout: layout
+    if (module, name) == ("collections", "OrderedDict"):
+        return dict
+    if (module, name) in _PATHS:
+        return lambda *parts: "/".join(parts)
+    return name  # a dtype, as its name
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, stream, path: Path, real: bool):
+        super().__init__(stream)
+        self._path, self._real, self._classes = path, real, {}
+
+    def find_class(self, module, name):
+        key = (module, name)
+        if key not in _RECORDS and key not in _ENUMS and key not in _TORCH:
+            raise TorchDistError(f"{self._path}: not a PyTorch Distributed Checkpoint .metadata: it names "
+                                 f"{module}.{name}, which that format never holds; quantmap refuses to unpickle it")
+        if self._real:
+            return super().find_class(module, name)
+        if key not in self._classes:
+            self._classes[key] = _stand_in(module, name)
+        return self._classes[key]
+
+
+def load_metadata(directory: str | Path, *, real: bool = False):
+    """The unpickled ``.metadata`` of a DCP directory (stand-in objects, or torch's with ``real``)."""
+    path = Path(directory) / METADATA_FILE
+    try:
+        with path.open("rb") as stream:
+            metadata = _Unpickler(stream, path, real).load()
+    except FileNotFoundError:
+        raise TorchDistError(f"{path}: missing; a torch_dist checkpoint directory holds .metadata beside its "
+                             f"*.distcp files") from None
+    except OSError as error:
+        raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
+    except TorchDistError:
+        raise
+    except Exception as error:  # a truncated or corrupt pickle: any of pickle's many errors
+        raise TorchDistError(f"{path}: not a readable PyTorch Distributed Checkpoint .metadata "
+                             f"({type(error).__name__}: {error}); the checkpoint is damaged or incomplete") from None
+    if not hasattr(metadata, "state_dict_metadata") or not isinstance(getattr(metadata, "storage_data", None), dict):
+        raise TorchDistError(f"{path}: not a PyTorch Distributed Checkpoint .metadata (no state_dict_metadata "
+                             f"and storage_data)")
+    return metadata
+
+
+class Chunk(NamedTuple):
+    """One saved piece of a tensor: where it sits in the global tensor and where its bytes are."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # relative to the checkpoint directory
+    offset: int
+    length: int
+    transformed: bool  # saved through a DCP stream extension (compression, ...)
+
+
+class Entry:
+    """One key of the checkpoint: a tensor (dtype name, global shape, chunks) or opaque bytes.
+
+    ``chunks`` is resolved on first use: ``quantmap check`` needs names and shapes only, and building
+    10⁵ chunk records it would not look at costs more than reading the pickle."""
+
+    __slots__ = ("key", "dtype", "shape", "_record", "_storage", "_chunks")
+
+    def __init__(self, key: str, dtype: str | None, shape: tuple[int, ...] | None, record, storage: "_Storage"):
+        self.key = key
+        self.dtype = dtype  # None for a bytes entry (``_extra_state``, ``rng_state``)
+        self.shape = shape
+        self._record, self._storage, self._chunks = record, storage, None
+
+    @property
+    def chunks(self) -> tuple[Chunk, ...]:
+        if self._chunks is None:
+            self._chunks = self._storage.chunks(self.key, self._record)
+        return self._chunks
+
+    @property
+    def dim0_splits(self) -> int:
+        """How many pieces dim 0 is saved in (a column-parallel tensor's saving TP size)."""
+        return len({chunk.offsets[0] for chunk in self.chunks}) if self.shape else 1
+
+
+class _Storage:
+    """``storage_data`` of a ``.metadata``: where each chunk's bytes are, indexed on first use."""
+
+    def __init__(self, directory: Path, storage_data: dict):
+        self._directory, self._data, self._index = directory, storage_data, None
+
+    def chunks(self, key: str, record) -> tuple[Chunk, ...]:
+        if self._index is None:
+            self._index = {(index.fqn, index.offset): info for index, info in self._data.items()}
+        pieces = getattr(record, "chunks", None)
+        if pieces is None:  # BytesStorageMetadata
+            return (self._chunk(key, None, None),)
+        return tuple([self._chunk(key, tuple(c.offsets), tuple(c.sizes)) for c in pieces])
+
+    def _chunk(self, key: str, offsets, sizes) -> Chunk:
+        info = self._index.get((key, offsets))
+        if info is None:
+            raise TorchDistError(f"{self._directory / METADATA_FILE}: {key} (chunk at {list(offsets or [])}) has no "
+                                 f"storage record; the .metadata is damaged")
+        return Chunk(offsets or (), sizes or (), info.relative_path, info.offset, info.length,
+                     bool(info.__dict__.get("transform_descriptors")))
+
+
+@contextmanager
+def paused_gc():
+    """Python's cyclic collector off while 10⁵-10⁶ acyclic objects are built: it would otherwise scan
+    them again and again as they accumulate (two thirds of the time of unpickling a big .metadata)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def read_entries(directory: str | Path) -> dict[str, Entry]:
+    """Every key of a DCP directory's ``.metadata``, in file order, without reading tensor data."""
+    with paused_gc():
+        return _read_entries(Path(directory))
+
+
+def _read_entries(directory: Path) -> dict[str, Entry]:
+    metadata = load_metadata(directory)
+    storage = _Storage(directory, metadata.storage_data)
+    entries = {}
+    for key, value in metadata.state_dict_metadata.items():
+        properties = getattr(value, "properties", None)
+        if properties is None:  # BytesStorageMetadata
+            entries[key] = Entry(key, None, None, value, storage)
+            continue
+        dtype = properties.dtype
+        entries[key] = Entry(key, dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
+                             tuple(value.size), value, storage)
+    return entries

@@ -1,0 +1,78 @@
+"""The quantizer configuration a checkpoint's ``modelopt_state/`` records, to catch tensors that contradict it.
+
+Megatron-LM saves ModelOpt's state as a second, tensor-free DCP checkpoint; its ``common.pt`` loads
+with ``torch.load(weights_only=True)`` and holds ``modelopt_state_dict``: ``[(mode, {"config": ...})]``
+where the ``quantize`` mode's ``config["quant_cfg"]`` is ModelOpt's ordered list of
+``{"quantizer_name": wildcard, "cfg": {...} | None, "enable": bool, "parent_class": ...}``.
+ModelOpt applies the entries in order (``set_quantizer_by_cfg``, modelopt/torch/quantization/
+conversion.py in 0.47): the wildcard is ``fnmatch``-ed against the quantizer's module name, an
+entry with ``cfg`` replaces all its attributes, one without only toggles ``enable``. Entries restricted
+to a ``parent_class`` are left out: the stock configs use them only to disable quantizers under
+torch classes Megatron-Core's layers are not (``nn.BatchNorm1d``, ``nn.Embedding``, ...).
+
+What is checked: an enabled quantizer whose effective ``cfg`` is per-tensor (``axis`` and
+``block_sizes`` both ``None``) must have a one-element ``_amax``.
+"""
+
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatch
+from pathlib import Path
+
+from quantmap.io.torch_dist.metadata import TorchDistError
+
+STATE_FILE = Path("modelopt_state") / "common.pt"
+
+
+def quant_cfg(directory: str | Path) -> list[dict] | None:
+    """The ``quant_cfg`` list of an iteration directory's ``modelopt_state``, or ``None`` without one."""
+    import torch
+
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - not loadable as plain data: nothing to validate against
+        raise TorchDistError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                             f"({type(error).__name__}); quantmap reads ModelOpt's state only as plain data") from None
+    for mode, data in state.get("modelopt_state_dict", []) if isinstance(state, dict) else []:
+        config = data.get("config", {}) if isinstance(data, dict) else {}
+        if mode == "quantize" and isinstance(config.get("quant_cfg"), list):
+            return config["quant_cfg"]
+    return None
+
+
+def per_tensor(quantizer: str, entries: list[dict]) -> bool | None:
+    """Whether ModelOpt's config makes ``quantizer`` (a module name) an enabled per-tensor quantizer;
+    ``None`` when it does not say (disabled, never configured, a sequential cfg)."""
+    attributes, enabled = None, True
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("parent_class") or \
+                not fnmatch(quantizer, str(entry.get("quantizer_name", ""))):
+            continue
+        cfg = entry.get("cfg")
+        enabled = bool(entry.get("enable", True))
+        if cfg is not None:
+            if not isinstance(cfg, dict):
+                return None
+            attributes = cfg
+    if attributes is None or not enabled:
+        return None
+    return attributes.get("axis") is None and attributes.get("block_sizes") is None
+
+
+def check_shapes(directory: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse an ``_amax`` with several elements where the checkpoint's ModelOpt config says per-tensor."""
+    entries = quant_cfg(directory)
+    if not entries:
+        return
+    for name, shape in shapes.items():
+        if not name.endswith("._amax") or math.prod(shape) == 1:
+            continue
+        module = name.removesuffix("._amax")
+        if per_tensor(module, entries):
+            raise TorchDistError(f"{name} has shape {list(shape)}, but {Path(directory) / STATE_FILE} configures "
+                                 f"{module} per-tensor (axis and block_sizes None), which has one amax; the tensors "
+                                 f"and the ModelOpt config do not belong together")

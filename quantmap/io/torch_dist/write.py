@@ -1,0 +1,216 @@
+"""Writing quantizer tensors into an existing torch_dist checkpoint, leaving everything else as it is.
+
+The original ``*.distcp`` files are kept unchanged (hard-linked into a new directory, or left where
+they are with ``in_place``); the quantizer tensors go into one new ``__quantmap_<id>.distcp`` and a
+new ``.metadata`` points each quantizer key at it, so every other entry keeps its exact bytes. Each
+key keeps the global shape and the chunks it was saved with (a new key gets the shape Megatron +
+ModelOpt declare for it, in one chunk; DCP reshards on load), and a SwiGLU ``linear_fc1`` weight
+amax is written in ModelOpt's own TP-interleaved row order, so that Megatron + ModelOpt load it as
+they would their own checkpoint. The result is read back and compared before it is published:
+``.metadata`` is replaced by a rename (in place), or the whole directory is (new output).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantmap.io.staging import Staged
+from quantmap.io.torch_dist.keys import CHECKPOINT_EXPERTS, STATE_EXPERTS, Quantizer, prefix_of, quantizers
+from quantmap.io.torch_dist.locate import TRACKER, Location
+from quantmap.io.torch_dist.metadata import METADATA_FILE, Entry, TorchDistError, load_metadata, read_entries
+from quantmap.io.torch_dist.read import interleave, read_tensors
+
+OWN_FILES = "__quantmap_"  # the prefix of the .distcp files quantmap writes
+
+
+@dataclass
+class Written:
+    """What an import into a checkpoint did."""
+
+    path: Path  # the iteration directory written
+    replaced: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # checkpoint quantizers the state did not give
+
+
+def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str | Path | None = None,
+               in_place: bool = False) -> Written:
+    """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``."""
+    if (out is None) == (not in_place):
+        raise TorchDistError("give either an output directory (--out) or --in-place")
+    source = location.path
+    entries = read_entries(source)
+    stored, written = _stored_tensors(source, entries, state)
+    if in_place:
+        written.path = source
+        _publish_in_place(source, entries, stored)
+        return written
+    staged = Staged(out)
+    try:
+        target = staged.path / source.name if location.save_dir is not None else staged.path
+        _link_tree(source, target)
+        if location.save_dir is not None:
+            (staged.path / TRACKER).write_text(f"{location.tracker}\n", encoding="utf-8")
+        _write(target, entries, stored)
+        staged.publish()
+    except BaseException:
+        staged.discard()
+        raise
+    written.path = Path(out) / source.name if location.save_dir is not None else Path(out)
+    return written
+
+
+def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, torch.Tensor]):
+    """Checkpoint key → (global tensor as the checkpoint stores it, chunks) for every key ``state`` touches."""
+    by_name = {q.name: q for q in quantizers(entries)}
+    prefix = prefix_of(entries)
+    written = Written(source)
+    stacked = {q.key for q in by_name.values() if q.layer is not None and q.name in state}
+    current = read_tensors(source, entries, sorted(stacked)) if stacked else {}
+    stored: dict[str, tuple[torch.Tensor, list]] = {}
+    for name, tensor in state.items():
+        quantizer = by_name.get(name) or _new_quantizer(name, prefix, entries, tensor)
+        if tuple(tensor.shape) != quantizer.shape:
+            raise TorchDistError(f"{name}: the imported tensor has shape {list(tensor.shape)}, but the checkpoint "
+                                 f"{source} holds it as {list(quantizer.shape)} (stored {list(quantizer.stored)}); "
+                                 f"the HF checkpoint and this Megatron checkpoint are not the same model or config")
+        entry = entries.get(quantizer.key)
+        dtype = getattr(torch, entry.dtype) if entry is not None else tensor.dtype
+        value = tensor.detach().to("cpu", dtype).reshape(quantizer.stored)
+        if quantizer.interleaved > 1:
+            value = interleave(value, quantizer.interleaved)
+        if quantizer.layer is not None:
+            whole = stored.get(quantizer.key, (current[quantizer.key].clone(), None))[0]
+            whole[quantizer.layer] = value
+            value = whole
+        chunks = [(c.offsets, c.sizes) for c in entry.chunks] if entry is not None else \
+            [((0,) * value.dim(), tuple(value.shape))]
+        stored[quantizer.key] = (value.contiguous(), chunks)
+        (written.replaced if entry is not None else written.added).append(name)
+    written.kept = [name for name in by_name if name not in state]
+    return stored, written
+
+
+def _new_quantizer(name: str, prefix: str, entries: dict[str, Entry], tensor: torch.Tensor) -> Quantizer:
+    """A quantizer the checkpoint lacks, keyed and shaped as Megatron + ModelOpt save it."""
+    key = prefix + name.replace(STATE_EXPERTS, CHECKPOINT_EXPERTS)
+    shape = tuple(tensor.shape)
+    module = key.rsplit("_quantizer.", 1)[0].rsplit(".", 1)[0]
+    halves = [entries.get(f"{module}.weight_{half}") for half in "wv"]  # SwiGLU's gate and up weights
+    weight = entries.get(f"{module}.weight")
+    if all(halves):
+        rows = halves[0].shape[0] + halves[1].shape[0]
+    else:
+        rows = weight.shape[0] if weight is not None and weight.shape else None
+    interleaved = 1
+    if shape == ():
+        stored = () if "_bmm_quantizer." in key else (1,)
+    elif len(shape) == 2 and shape[1] == 1 and rows and shape[0] > rows and shape[0] % rows == 0 and \
+            ".weight_quantizer." in key:
+        stored = (rows, shape[0] // rows)  # block amax
+    else:
+        stored = shape
+    if all(halves) and key.endswith("linear_fc1.weight_quantizer._amax") and len(stored) == 2:
+        interleaved = halves[0].dim0_splits
+    return Quantizer(name, key, None, shape, stored, interleaved)
+
+
+def _write(directory: Path, entries: dict[str, Entry], stored: dict) -> None:
+    """Write the new .distcp and the new .metadata (via a temporary name) into ``directory``, check them."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                       TensorStorageMetadata)
+
+    metadata = load_metadata(directory, real=True)
+    file_name = f"{OWN_FILES}{uuid.uuid4().hex[:12]}.distcp"
+    records = {}
+    with open(directory / file_name, "wb") as stream:
+        for key, (value, chunks) in stored.items():
+            for index, (offsets, sizes) in enumerate(chunks):
+                piece = value
+                for dim, (offset, size) in enumerate(zip(offsets, sizes)):
+                    piece = piece.narrow(dim, offset, size)
+                start = stream.tell()
+                torch.save(piece.clone(), stream)
+                records[MetadataIndex(key, offsets, index)] = _StorageInfo(file_name, start, stream.tell() - start)
+        stream.flush()
+        os.fsync(stream.fileno())
+    storage = {index: info for index, info in metadata.storage_data.items() if index.fqn not in stored}
+    storage.update(records)
+    metadata.storage_data = storage
+    for key, (value, chunks) in stored.items():
+        old = metadata.state_dict_metadata.get(key)
+        properties = old.properties if old is not None else TensorProperties(dtype=value.dtype)
+        metadata.state_dict_metadata[key] = TensorStorageMetadata(
+            properties, torch.Size(value.shape),
+            [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)) for offsets, sizes in chunks])
+    partial = directory / f"{METADATA_FILE}.quantmap-partial"
+    with open(partial, "wb") as stream:
+        pickle.dump(metadata, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    _verify(directory, partial, stored)
+    os.replace(partial, directory / METADATA_FILE)  # published: nothing after this may fail
+    referenced = {info.relative_path for info in storage.values()}
+    for stale in directory.glob(f"{OWN_FILES}*.distcp"):  # an earlier import's tensors, now replaced
+        if stale.name not in referenced:
+            try:
+                stale.unlink()
+            except OSError:
+                pass  # an unreferenced file left behind is harmless
+
+
+def _verify(directory: Path, partial: Path, stored: dict) -> None:
+    """Read the new metadata and tensors back with quantmap's reader before anything is published."""
+    shadow = directory / f".quantmap-verify-{uuid.uuid4().hex[:8]}"
+    shadow.mkdir()
+    try:
+        shutil.copy2(partial, shadow / METADATA_FILE)
+        entries = read_entries(shadow)
+        back = read_tensors(directory, entries, list(stored))
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
+    for key, (value, _) in stored.items():
+        if not torch.equal(back[key], value):
+            raise TorchDistError(f"{directory}: {key} read back differently from what was written; nothing was "
+                                 f"published")
+
+
+def _publish_in_place(directory: Path, entries: dict[str, Entry], stored: dict) -> None:
+    before = set(os.listdir(directory))
+    metadata = (directory / METADATA_FILE).stat().st_ino
+    try:
+        _write(directory, entries, stored)
+    except BaseException:
+        if (directory / METADATA_FILE).stat().st_ino != metadata:
+            raise  # already published (interrupted while tidying up): the new files are in use
+        for name in set(os.listdir(directory)) - before:  # the new .distcp and the partial .metadata
+            path = directory / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """``target`` as a copy of ``source`` whose files are hard links (copies across file systems), except
+    ``.metadata``, which is rewritten, so nothing written later can change the original."""
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        destination = target / relative
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if relative == Path(METADATA_FILE):
+            shutil.copy2(path, destination)
+            continue
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)

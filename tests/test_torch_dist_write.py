@@ -1,0 +1,248 @@
+"""Writing quantizer state into torch_dist checkpoints: ``import --into`` its own checkpoint gives the
+same quantizer bytes and leaves every other entry's bytes as they were; the result loads with plain
+torch.distributed.checkpoint at world size 1 and 2 (gloo); round trips through synthetic checkpoints
+at other layouts (TP=1, stacked layers under a NeMo prefix, keys the checkpoint lacked) hold; ModelOpt's
+linear_fc1 row order is written back for the checkpoint's TP; failures leave the original untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from executor_support import run_ranks
+from quantmap.cli import app
+from quantmap.executor.torch_dist import read_state
+from quantmap.io.torch_dist import TorchDistError, locate, read_entries
+from quantmap.io.torch_dist.write import OWN_FILES, write_into
+from quantmap.io.torch_dist.read import read_tensors
+
+DATA = Path(__file__).parent / "data" / "dcp"
+FC1 = "decoder.layers.0.mlp.linear_fc1.weight_quantizer._amax"
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _tree_digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _chunk_bytes(directory: Path) -> dict[tuple, bytes]:
+    """Every entry's saved bytes, per chunk, as .metadata records them."""
+    out = {}
+    for key, entry in read_entries(directory).items():
+        for chunk in entry.chunks:
+            with open(directory / chunk.file, "rb") as stream:
+                stream.seek(chunk.offset)
+                out[(key, chunk.offsets)] = stream.read(chunk.length)
+    return out
+
+
+def _stored(directory: Path, quantizers_only: bool = True) -> dict[str, torch.Tensor]:
+    entries = read_entries(directory)
+    keys = [k for k, e in entries.items() if e.dtype and ("quantizer" in k) == quantizers_only]
+    return read_tensors(directory, entries, keys)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("fixture", ["fp8_kv_tp1", "fp8_kv_tp2", "int8_tp2"])
+def test_import_into_its_own_checkpoint_gives_identical_quantizers_and_other_bytes(fixture, tmp_path):
+    source = DATA / fixture / "ckpt"
+    before = _tree_digest(source)
+    sizes = ("-p", "num_attention_heads=4", "-p", "num_query_groups=2", "-p", "head_dim=16")  # the fixture model
+    assert _invoke("export", "llama", "--megatron", source, "--out", tmp_path / "hf", "--quiet", *sizes).exit_code == 0
+    result = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", source, "--out", tmp_path / "new", *sizes)
+    assert result.exit_code == 0, result.output
+    assert _tree_digest(source) == before, "the original checkpoint is untouched"
+    original, written = locate(source).path, locate(tmp_path / "new").path
+    assert written.name == original.name and (tmp_path / "new/latest_checkpointed_iteration.txt").is_file()
+    old, new = _stored(original), _stored(written)
+    assert sorted(new) == sorted(old) and all(torch.equal(_bits(new[k]), _bits(old[k])) for k in old)
+    entries = read_entries(written)
+    assert all(entries[k].chunks[0].file.startswith(OWN_FILES) for k in old), "quantizers are in the new file"
+    old_bytes, new_bytes = _chunk_bytes(original), _chunk_bytes(written)
+    others = [k for k in old_bytes if "quantizer" not in k[0]]
+    assert others and all(new_bytes[k] == old_bytes[k] for k in others), "every other entry keeps its bytes"
+    assert {k: (e.dtype, e.shape) for k, e in entries.items()} == \
+        {k: (e.dtype, e.shape) for k, e in read_entries(original).items()}
+
+
+
+def test_int8_tp2_state_written_back_is_re_interleaved_as_modelopt_saved_it(tmp_path):
+    location = locate(DATA / "int8_tp2/ckpt")
+    state = read_state(location)  # fc1 rows in [gate; up] order
+    written = write_into(location, state, out=tmp_path / "new")
+    assert sorted(written.replaced) == sorted(state) and written.added == [] == written.kept
+    old, new = _stored(location.path), _stored(written.path)
+    assert torch.equal(_bits(new[FC1]), _bits(old[FC1])) and not torch.equal(new[FC1], state[FC1])
+    assert all(torch.equal(_bits(new[k]), _bits(old[k])) for k in old)
+    assert read_entries(written.path)[FC1].dim0_splits == 2, "the chunks keep the saving TP layout"
+
+
+def _save(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+
+
+def _tp1_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """The int8 model saved at TP=1 (one chunk per key), as Megatron names and shapes it; returns its state form."""
+    reference = load_file(DATA / "int8_tp2/reference_tp1.safetensors")
+    stored = {name: t.reshape(1) if t.dim() == 0 else t for name, t in reference.items()}
+    for layer in range(2):
+        for half in "wv":
+            stored[f"decoder.layers.{layer}.mlp.linear_fc1.weight_{half}"] = torch.randn(128, 64)
+    _save(directory, stored)
+    return reference
+
+
+def test_round_trip_through_a_tp1_checkpoint_and_back_into_the_tp2_one(tmp_path):
+    tp1 = tmp_path / "tp1" / "iter_0000003"
+    reference = _tp1_checkpoint(tp1)
+    read = read_state(locate(tp1))
+    assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
+    assert torch.equal(_stored(tp1)[FC1], reference[FC1]), "at TP=1 ModelOpt's rows are in order"
+    tp2_state = read_state(locate(DATA / "int8_tp2/ckpt"))
+    into_tp1 = write_into(locate(tp1), tp2_state, out=tmp_path / "tp1-new")
+    assert torch.equal(_stored(into_tp1.path)[FC1], tp2_state[FC1])
+    back = read_state(locate(into_tp1.path))
+    assert all(torch.equal(back[k], tp2_state[k]) for k in tp2_state)
+    into_tp2 = write_into(locate(DATA / "int8_tp2/ckpt"), back, out=tmp_path / "tp2-new")
+    original = _stored(locate(DATA / "int8_tp2/ckpt").path)
+    assert all(torch.equal(_bits(_stored(into_tp2.path)[k]), _bits(original[k])) for k in original)
+
+
+def test_stacked_layers_under_a_nemo_prefix_read_and_write_back(tmp_path):
+    reference = load_file(DATA / "int8_tp2/reference_tp1.safetensors")
+    stacked: dict[str, list] = {}
+    for name, tensor in sorted(reference.items()):
+        layer, rest = name.removeprefix("decoder.layers.").split(".", 1)
+        stacked.setdefault(f"model.module.decoder.layers.{rest}", []).append(tensor.reshape(1) if tensor.dim() == 0
+                                                                               else tensor)
+    stacked_state = {key: torch.stack(parts) for key, parts in stacked.items()}
+    stacked_state["model.module.decoder.layers.mlp.linear_fc1.weight"] = torch.randn(2, 256, 64)
+    directory = tmp_path / "nemo"
+    _save(directory, stacked_state)
+    read = read_state(locate(directory))
+    assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
+    changed = {name: tensor * 2 for name, tensor in read.items() if name.startswith("decoder.layers.1.")}
+    written = write_into(locate(directory), changed, out=tmp_path / "nemo-new")
+    again = read_state(locate(written.path))
+    assert all(torch.equal(again[k], changed.get(k, reference[k])) for k in reference)
+    assert read_entries(written.path)["model.module.decoder.layers.mlp.linear_fc2.weight_quantizer._amax"].shape == \
+        (2, 64, 1)
+
+
+def test_quantizers_the_checkpoint_lacks_are_added_with_megatrons_shapes(tmp_path):
+    reference = load_file(DATA / "fp8_kv_tp1/reference_tp1.safetensors")
+    lacking = {name: t.reshape(1) for name, t in reference.items() if "_bmm_" not in name and "linear_fc2" not in name}
+    directory = tmp_path / "lacking"
+    _save(directory, lacking)
+    written = write_into(locate(directory), reference, out=tmp_path / "full")
+    assert len(written.added) == 8 and len(written.replaced) == 12
+    entries = read_entries(written.path)
+    assert entries["decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"].shape == ()
+    assert entries["decoder.layers.0.mlp.linear_fc2.input_quantizer._amax"].shape == (1,)
+    back = read_state(locate(written.path))
+    assert sorted(back) == sorted(reference) and all(torch.equal(back[k], reference[k]) for k in reference)
+
+
+def _load_everything(directory: str) -> dict[str, torch.Tensor]:
+    """A plain torch.distributed.checkpoint load of every tensor entry (in a process group when one exists)."""
+    import torch.distributed as dist
+
+    entries = read_entries(directory)
+    state = {k: torch.zeros(e.shape, dtype=getattr(torch, e.dtype)) for k, e in entries.items() if e.dtype}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=not dist.is_initialized())
+    return state
+
+
+def test_the_written_checkpoint_loads_with_plain_torch_at_world_size_1_and_2(tmp_path):
+    source = locate(DATA / "fp8_kv_tp2/ckpt")
+    state = {name: tensor + 1 for name, tensor in read_state(source).items()}  # something to see
+    written = write_into(source, state, out=tmp_path / "new")
+    want = {**_stored(source.path, quantizers_only=False), **_stored(written.path)}
+    assert torch.equal(want["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"],
+                       state["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"].reshape(1))
+    single = _load_everything(str(written.path))
+    assert sorted(single) == sorted(want) and all(torch.equal(single[k], want[k]) for k in want)
+    outcomes = run_ranks(2, _load_everything, str(written.path))
+    assert [o[0] for o in outcomes] == ["ok", "ok"], outcomes
+    for _, loaded in outcomes:
+        assert sorted(loaded) == sorted(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_in_place_import_replaces_only_the_metadata_and_cleans_up_its_earlier_file(tmp_path):
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "fp8_kv_tp2/ckpt", save)
+    location = locate(save)
+    originals = {p.name: p.read_bytes() for p in location.path.glob("__*.distcp")}
+    state = read_state(location)
+    write_into(location, {k: v * 3 for k, v in state.items()}, in_place=True)
+    first = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
+    write_into(location, state, in_place=True)
+    second = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
+    assert len(first) == len(second) == 1 and first != second, "the replaced import's file is removed"
+    assert all((location.path / n).read_bytes() == b for n, b in originals.items()), "Megatron's files untouched"
+    back = read_state(location)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert not [p for p in location.path.iterdir() if "partial" in p.name or p.name.startswith(".quantmap")]
+
+
+def test_a_failed_import_leaves_the_checkpoint_untouched_and_writes_nothing(tmp_path):
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "fp8_kv_tp2/ckpt", save)
+    assert _invoke("export", "llama", "--megatron", save, "--out", tmp_path / "hf", "--quiet").exit_code == 0
+    hf = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+    tensors = load_file(hf)
+    name = "model.layers.0.mlp.down_proj.input_quantizer._amax"
+    tensors[name] = torch.ones(3)  # not the checkpoint's shape
+    save_file(tensors, hf)
+    before = _tree_digest(save)
+    for extra in (["--out", tmp_path / "new"], ["--in-place"]):
+        result = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", save, *extra, "--quiet")
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax" in lines[0], result.output
+        assert "shaped [[3]]" in lines[0] and "Traceback" not in result.output
+        assert _tree_digest(save) == before and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+def test_import_into_needs_exactly_one_destination(tmp_path):
+    result = _invoke("import", "llama", "--hf", tmp_path, "--into", DATA / "fp8_kv_tp1/ckpt")
+    assert result.exit_code == 2 and "--out NEW or --in-place" in result.output
+    result = _invoke("import", "llama", "--hf", tmp_path, "--into", DATA / "fp8_kv_tp1/ckpt", "--layout", tmp_path,
+                     "--out", tmp_path / "x")
+    assert result.exit_code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(TorchDistError, match="either an output directory"):
+        write_into(locate(DATA / "fp8_kv_tp1/ckpt"), {}, out=tmp_path / "x", in_place=True)
+
+
+def test_a_failure_while_writing_removes_what_was_written_in_place_and_in_a_new_directory(tmp_path, monkeypatch):
+    from quantmap.io.torch_dist import write
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "fp8_kv_tp1/ckpt", save)
+    location = locate(save)
+    before = _tree_digest(save)
+
+    def fail(*args):
+        raise TorchDistError("injected failure after the new files were written")
+
+    monkeypatch.setattr(write, "_verify", fail)
+    for kwargs in ({"in_place": True}, {"out": tmp_path / "new"}):
+        with pytest.raises(TorchDistError, match="injected"):
+            write_into(location, read_state(location), **kwargs)
+        assert _tree_digest(save) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
