@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from executor_support import global_state, rules_for, run_ranks, shard
@@ -164,3 +166,20 @@ def test_a_distributed_export_compares_replicas_in_the_same_four_collectives(tmp
     (notes, calls), (_, replica_calls) = outcomes[0][1], outcomes[1][1]
     assert notes == [f"{K_BMM}: data-parallel replicas differ (rank 0: 0.509, rank 1: 99); exported rank 0's copy"]
     assert calls == replica_calls == 4
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a._amax", "b._pre_quant_scale"]),
+                          st.lists(st.sampled_from([0.0, 0.5, 3.0, -1.0, float("nan"), float("inf")]), min_size=1,
+                                   max_size=4),
+                          st.sampled_from([torch.float32, torch.bfloat16, torch.float16])), max_size=6))
+def test_values_are_refused_exactly_when_one_is_not_finite_or_a_negative_amax(entries):
+    tensors = [(f"{i}.{name}", torch.tensor(values, dtype=dtype)) for i, (name, values, dtype) in enumerate(entries)]
+    bad = any(v != v or abs(v) == float("inf") or (v < 0 and name.endswith("amax"))
+              for name, values, _ in entries for v in values)
+    zero = [f"{i}.{name}" for i, (name, values, _) in enumerate(entries) if name.endswith("amax") and 0.0 in values]
+    if bad:
+        with pytest.raises(ExecutorError, match="bad quantizer values"):
+            check_values(tensors)
+    else:
+        assert check_values(tensors) == zero

@@ -53,7 +53,10 @@ class _Required:
 
     def __init__(self, names: set[str], layout: Layout):
         self.layout = layout
-        self.parsed = [_kind(name) for name in names]  # (kind, module, layer, expert)
+        # (kind, module, layer, expert); 10^5 names share a few hundred kinds, kept once each
+        shared: dict[str, str] = {}
+        self.parsed = [(shared.setdefault(kind, kind), shared.setdefault(module, module), layer, expert)
+                       for kind, module, layer, expert in map(_kind, names)]
         self.kinds: dict[str, set[str]] = {}  # module -> its kinds
         self.experts_seen: dict[str, set[int]] = {}  # kind -> expert indices seen
         self.loose: set[str] = set()  # kinds outside decoder.layers: required as seen

@@ -42,7 +42,7 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, value in tensors:
         by_dtype.setdefault(value.dtype, []).append((name, value))
-    zero = []
+    zero: set[str] = set()
     for group in by_dtype.values():
         flat = torch.cat([value.detach().reshape(-1) for _, value in group]).float()
         # Sign and zero matter for amax only (a pre-quant scale is checked for finiteness alone).
@@ -51,10 +51,10 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
         if not bool(torch.isfinite(flat).all()) or bool(((flat < 0) & amax).any()):
             problems += [problem for name, value in group if (problem := _bad(name, value))]
         if bool(((flat == 0) & amax).any()):
-            zero += [name for name, value in group if name.endswith("amax") and bool((value == 0).any())]
+            zero.update(name for name, value in group if name.endswith("amax") and bool((value == 0).any()))
     if problems:
         raise BadValues(_listing(problems))
-    return zero
+    return [name for name, _ in tensors if name in zero]
 
 
 def _bad(name: str, value: torch.Tensor) -> str | None:
