@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantmap.executor.layout import Layout
+from quantmap.io.safetensors_stream import write_state
 
 
 def rank_file(directory: str | Path, rank: int) -> Path:
@@ -51,7 +51,7 @@ def write_rank(directory: str | Path, rank: int, state: Mapping[str, torch.Tenso
     """Write one rank's tensors (temporary name, then rename)."""
     path = rank_file(directory, rank)
     partial = path.with_suffix(".partial")
-    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}, str(partial))
+    write_state(partial, state)  # not safetensors' save_file, which needs numpy (no dependency of quantmap)
     os.replace(partial, path)
     return path
 

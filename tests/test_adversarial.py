@@ -1,0 +1,230 @@
+"""Hostile inputs and hostile processes against ``quantmap export`` / ``import``: each must end with one
+clear ``error:`` line (or a usage error), leave nothing behind beside the output or in the temporary
+directory, and never hang.
+
+The input cases are DATA: one ``Case`` row each (how to spoil a fresh workspace, the command, the exit
+code, a phrase of the message), so a new hostile input is one line. The process cases (a stopped,
+killed or failing worker; SIGINT, SIGTERM, SIGKILL of the command) run the real CLI as a subprocess
+and send real signals to real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from executor_support import SPECS, global_state, shard
+from quantmap.cli import app
+from quantmap.executor import Layout
+from quantmap.io.hf import INDEX
+from quantmap.io.shards import save_shard
+
+SPEC = str(SPECS / "moe_seq.yaml")
+LAYOUT = Layout(pp=2, num_layers=2, num_experts=2)  # two ranks: --nproc 2
+SHARD = "model-00001-of-00001.safetensors"
+
+
+class Workspace(NamedTuple):
+    """A fresh copy of a good shard directory (``meg``) and its export (``hf``); ``out`` does not exist."""
+
+    root: Path
+    meg: Path
+    hf: Path
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pristine")
+    for rank, state in enumerate(shard(global_state("seq", 2, 2), LAYOUT)):
+        save_shard(state, LAYOUT, root / "meg", rank=rank)
+    done = CliRunner().invoke(app, ["export", SPEC, "--megatron", str(root / "meg"), "--out", str(root / "hf"), "-q"])
+    assert done.exit_code == 0, done.output
+    return root
+
+
+@pytest.fixture
+def ws(pristine, tmp_path) -> Workspace:
+    for name in ("meg", "hf"):
+        shutil.copytree(pristine / name, tmp_path / name)
+    return Workspace(tmp_path, tmp_path / "meg", tmp_path / "hf", tmp_path / "out")
+
+
+# -- how to spoil a workspace ---------------------------------------------------------------------
+
+def layout_text(text: str | bytes) -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        path = ws.meg / "layout.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return build
+
+
+def layout_keys(**changes) -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        path = ws.meg / "layout.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return build
+
+
+def weight_map(change: Callable[[dict], None]) -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        path = ws.hf / INDEX
+        data = json.loads(path.read_text())
+        change(data["weight_map"])
+        path.write_text(json.dumps(data))
+    return build
+
+
+def first_value(value) -> Callable[[dict], None]:
+    return lambda wm: wm.__setitem__(next(iter(wm)), value)
+
+
+def shard_bytes(change: Callable[[bytes], bytes]) -> Callable[[Workspace], None]:
+    def build(ws: Workspace) -> None:
+        path = ws.hf / SHARD
+        path.write_bytes(change(path.read_bytes()))
+    return build
+
+
+def shard_is_a_directory(ws: Workspace) -> None:
+    (ws.hf / SHARD).unlink()
+    (ws.hf / SHARD).mkdir()
+
+
+def out_is_a_symlink(ws: Workspace) -> None:
+    (ws.root / "real").mkdir()
+    ws.out.symlink_to(ws.root / "real")
+
+
+def names_file(ws: Workspace) -> None:
+    (ws.root / "names.txt").write_bytes(b"decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax\n\xff\xfe\n")
+
+
+def nothing(ws: Workspace) -> None:
+    pass
+
+
+HUGE_LAYER = "model.layers." + "9" * 5000 + ".self_attn.k_proj.input_quantizer._amax"
+IMPORT = ["import", SPEC, "--hf", "{hf}", "--layout", "{meg}", "--out", "{out}"]
+EXPORT = ["export", SPEC, "--megatron", "{meg}", "--out", "{out}"]
+LONG = ["--out", "{root}/" + "o" * 240]
+
+
+class Case(NamedTuple):
+    id: str
+    build: Callable[[Workspace], None]
+    argv: list[str]
+    rc: int
+    phrase: str
+    env: dict | None = None
+
+
+CASES = [
+    Case("layout is [1]", layout_text("[1]"), IMPORT, 1, "a layout must be a JSON object"),
+    Case("layout is null", layout_text("null"), EXPORT, 1, "a layout must be a JSON object"),
+    Case("layout is a string", layout_text('"tp=2"'), IMPORT, 1, "a layout must be a JSON object"),
+    Case("layout not UTF-8", layout_text(b'{"tp": 1\xff}'), EXPORT, 1, "is not UTF-8 text"),
+    Case("layout 5000-digit size", layout_text('{"tp": 1' + "0" * 5000 + ', "pp": 1, "dp": 1, "num_layers": 2}'),
+         IMPORT, 1, "cannot be read as a layout"),
+    Case("layers_per_stage: 5", layout_keys(layers_per_stage=5), IMPORT, 1, "layers_per_stage must be a list"),
+    Case("absurd layout (import)", layout_keys(tp=10_000_000, dp=1_000_000_000), IMPORT, 1,
+         "exceeds quantmap's bound of 131072 ranks"),
+    Case("absurd layout (export)", layout_keys(tp=10_000_000, dp=1_000_000_000), EXPORT, 1,
+         "exceeds quantmap's bound of 131072 ranks"),
+    Case("truncated HF shard", shard_bytes(lambda b: b[: len(b) // 2]), IMPORT, 1, "corrupt or truncated"),
+    Case("garbage HF shard", shard_bytes(lambda b: b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b[24:]),
+         IMPORT, 1, "corrupt or truncated"),
+    Case("HF shard is a directory", shard_is_a_directory, IMPORT, 1, "is not a file"),
+    Case("weight_map value a number", weight_map(first_value(7)), IMPORT, 1, "each value must be the name of a shard"),
+    Case("weight_map value a list", weight_map(first_value([SHARD])), IMPORT, 1, "each value must be the name"),
+    Case("weight_map value null", weight_map(first_value(None)), IMPORT, 1, "each value must be the name"),
+    Case("weight_map escapes --hf", weight_map(first_value("../meg/rank_00000.safetensors")), IMPORT, 1,
+         "inside"),
+    Case("weight_map absolute", weight_map(first_value("/etc/passwd")), IMPORT, 1, "inside"),
+    Case("5000-digit layer index", weight_map(lambda wm: wm.__setitem__(HUGE_LAYER, SHARD)), IMPORT + ["--strict"],
+         1, "no rank of the layout holds"),
+    Case("output is a symlink", out_is_a_symlink, EXPORT, 1, "is a symbolic link"),
+    Case("output is a symlink (import)", out_is_a_symlink, IMPORT, 1, "is a symbolic link"),
+    Case("output name too long", nothing, EXPORT[:-2] + LONG, 1, "too long"),
+    Case("lookup --from-file not UTF-8", names_file, ["lookup", SPEC, "--from-file", "{root}/names.txt"], 1,
+         "line 2 is not UTF-8"),
+    Case("--timeout 1e15", nothing, EXPORT + ["--timeout", "1000000000000000"], 2,
+         "Invalid value for '--timeout'"),
+    Case("stray WORLD_SIZE/RANK, offline", nothing, EXPORT, 1, "cannot join the torchrun process group",
+         {"WORLD_SIZE": "2", "RANK": "0"}),
+    Case("stray WORLD_SIZE/RANK with --nproc", nothing, IMPORT + ["--nproc", "2", "-q"], 0, "",
+         {"WORLD_SIZE": "8", "RANK": "3"}),
+]
+
+
+def staging_left(ws: Workspace) -> list[str]:
+    return sorted(p.name for p in ws.root.iterdir() if ".tmp-" in p.name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_hostile_input_gets_one_clear_error_and_leaves_nothing(ws, case):
+    case.build(ws)
+    argv = [a.format(**ws._asdict()) for a in case.argv]
+    result = CliRunner().invoke(app, argv, env=case.env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == case.rc, result.output
+    assert case.phrase in result.output
+    assert "Traceback" not in result.output
+    if case.rc == 1:
+        assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1, result.output
+    if case.rc:
+        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+        assert out is None or not out.exists() or out.is_symlink() and not any(out.iterdir())
+    assert staging_left(ws) == []
+
+
+# -- a full disk: a real, tiny tmpfs ------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("command", ["import", "export"])
+def test_a_full_disk_gets_one_clear_error_and_leaves_nothing(ws, tiny_disk, command):
+    (tiny_disk / "filler").write_bytes(b"\0" * 12 * 1024)  # what is left cannot hold the output
+    argv = [a.format(**ws._asdict()) for a in (IMPORT if command == "import" else EXPORT)]
+    argv[argv.index("--out") + 1] = str(tiny_disk / "out")
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error:") and result.output.count("\n") == 1, result.output
+    assert "No space left on device" in result.output
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
+
+
+# -- numpy is not a dependency ------------------------------------------------------------------
+
+def test_export_and_import_run_without_numpy(ws):
+    """The README's first install has no numpy; run the CLI where importing numpy fails."""
+    program = ("import sys; sys.modules['numpy'] = None\n"
+               "from quantmap.cli import main; sys.argv = ['quantmap'] + sys.argv[1:]; main()")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    for argv in (EXPORT[:-1] + [str(ws.root / "hf2")], IMPORT[:-1] + [str(ws.root / "meg2")]):
+        argv = [a.format(**{**ws._asdict(), "hf": ws.root / "hf2" if "import" in argv else ws.hf}) for a in argv]
+        done = subprocess.run([sys.executable, "-c", program, *argv, "-q"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (ws.root / "meg2").iterdir()) == sorted(p.name for p in ws.meg.iterdir())
