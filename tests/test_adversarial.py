@@ -228,3 +228,162 @@ def test_export_and_import_run_without_numpy(ws):
                               timeout=120)
         assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (ws.root / "meg2").iterdir()) == sorted(p.name for p in ws.meg.iterdir())
+
+
+# -- hostile processes: real CLI subprocesses, real signals --------------------------------------
+
+TIMEOUT_S = 4
+SLOW_NAMES = 100_000  # rank 1's shard carries this many unclaimed names: its pack takes seconds
+
+
+@pytest.fixture(scope="module")
+def slow_meg(pristine, tmp_path_factory) -> Path:
+    """The good shard directory, except that rank 1's file also holds many names no rule claims, so
+    that rank 1 is still packing while the writer has created its staging directory."""
+    from quantmap.io.safetensors_stream import write_state
+    from quantmap.io.shards import LazyShard
+
+    directory = tmp_path_factory.mktemp("slow") / "meg"
+    shutil.copytree(pristine / "meg", directory)
+    rank1 = LazyShard(directory / "rank_00001.safetensors")
+    state = {name: rank1[name] for name in rank1}
+    zero = torch.zeros(1)
+    state.update({f"decoder.layers.0.mlp.extra_{i}.weight": zero for i in range(SLOW_NAMES)})
+    write_state(directory / "rank_00001.safetensors", state)
+    return directory
+
+
+@pytest.fixture
+def slow(slow_meg, ws) -> Workspace:
+    shutil.rmtree(ws.meg)
+    shutil.copytree(slow_meg, ws.meg)
+    (ws.root / "tmp").mkdir()
+    return ws
+
+
+def start(ws: Workspace, *extra: str, program: str | None = None) -> subprocess.Popen:
+    """``quantmap export`` of ``ws.meg`` to ``ws.out`` on 2 spawned workers, its temporary directory in
+    ``ws.root/tmp`` (so that leftovers there can be seen)."""
+    argv = [a.format(**ws._asdict()) for a in EXPORT] + ["--nproc", "2", "--timeout", str(TIMEOUT_S), "-q", *extra]
+    head = ["-c", program] if program else ["-m", "quantmap"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(ws.root / "tmp")}
+    return subprocess.Popen([sys.executable, *head, *argv], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, limit: float = 120.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def worker_pids(ws: Workspace) -> dict[int, int]:
+    """Rank → pid of the running command's workers, from the files the launcher keeps for that."""
+    pids = {}
+    for file in (ws.root / "tmp").glob("quantmap-spawn-*/rank*.pid"):
+        text = file.read_text()
+        if text:
+            pids[int(file.name[4:-4])] = int(text)
+    return pids
+
+
+def staging_appeared(ws: Workspace) -> dict[int, int] | None:
+    """The workers, once the writer has made its staging directory (rank 1 is still packing then)."""
+    pids = worker_pids(ws)
+    return pids if len(pids) == 2 and staging_left(ws) else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def assert_nothing_left(ws: Workspace, pids) -> None:
+    assert not ws.out.exists(), "a run that failed published its output"
+    assert staging_left(ws) == [], "a staging directory was left beside the output"
+    assert list((ws.root / "tmp").iterdir()) == [], "the launcher's temporary directory was left behind"
+    assert not any(alive(pid) for pid in pids), "a worker outlived the command"
+
+
+@pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
+def test_a_stopped_worker_is_killed_and_named_within_the_timeout(slow, rank):
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(pids[rank], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - stopped < TIMEOUT_S + 10, "not ended within --timeout + a few seconds"
+    assert command.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"worker rank {rank} (pid {pids[rank]})" in last and "killed" in last, stderr
+    assert "Traceback" not in stderr
+    assert_nothing_left(slow, pids.values())
+
+
+def test_a_worker_that_dies_ends_the_command_with_its_rank_and_leaves_nothing(slow):
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(pids[1], signal.SIGKILL)
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 1, stderr
+    assert f"error: worker process 1 died (killed by SIGKILL, pid {pids[1]})" in stderr
+    assert_nothing_left(slow, pids.values())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(slow, signum):
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(command.pid, signum)  # the command alone, as Ctrl-C in another terminal or a job scheduler does
+    _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 128 + signum, stderr
+    assert stderr.strip() == f"error: interrupted by {signal.Signals(signum).name}; nothing was written"
+    assert_nothing_left(slow, pids.values())
+
+
+def test_a_later_run_removes_what_a_killed_command_left_and_only_that(slow):
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(command.pid, signal.SIGKILL)  # nothing of the command runs any more
+    command.wait()
+    for pid in pids.values():  # the workers hear of it (parent-death signal) but may not clean up: be sure
+        os.kill(pid, signal.SIGKILL) if alive(pid) else None
+    left, scratch = staging_left(slow), list((slow.root / "tmp").iterdir())
+    assert left and scratch, "precondition: a SIGKILLed command leaves staging behind"
+    live = slow.root / f".out.tmp-{os.getpid()}-live"  # staging of a command that is still running (this one)
+    live.mkdir()
+    (live / ".quantmap-owner").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "start": None}))
+    again = start(slow)
+    _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert staging_left(slow) == [live.name], "the dead command's staging stays, or a live one's was removed"
+    assert list((slow.root / "tmp").iterdir()) == []
+    assert (slow.out / INDEX).is_file() and not (slow.out / ".quantmap-owner").exists()
+
+
+def test_a_worker_failing_at_start_up_gives_one_clear_error(slow):
+    """The rendezvous port is taken (by this test) between its choice and its use."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        program = ("import sys; import quantmap.executor.launch as launch\n"
+                   f"launch._free_port = lambda: {taken.getsockname()[1]}\n"
+                   "from quantmap.cli import main; sys.argv = ['quantmap'] + sys.argv[1:]; main()")
+        command = start(slow, program=program)
+        _, stderr = command.communicate(timeout=60)
+    assert command.returncode == 1, stderr
+    assert stderr.startswith("error: rank 0 could not join the process group") and stderr.count("\n") == 1, stderr
+    assert_nothing_left(slow, [])

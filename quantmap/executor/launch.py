@@ -7,7 +7,6 @@ import os
 import pickle
 import signal
 import socket
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -17,8 +16,6 @@ from quantmap.executor.report import ExecutorError, Report
 from quantmap.io import staging
 
 GRACE_S = 5.0  # how long the other workers get to finish once one has failed
-STARTUP_S = 60.0  # extra allowance before a worker's first sign of life (importing torch on a busy machine)
-HEARTBEAT_S = 1.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -160,9 +157,9 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
     """Run ``fn(*args)`` on ``nproc`` fresh gloo processes; each rank's ``("ok", value)`` or
     ``("error", message, traceback)`` (traceback ``None``: the worker was killed after another failed).
 
-    Every wait has a deadline. A worker that shows no sign of life (its heartbeat, a file it touches
-    every second, is older than ``timeout``: stopped, or frozen) is killed; once one worker has
-    failed or died the others get ``GRACE_S`` to report, and once one has succeeded ``timeout`` more.
+    Every wait has a deadline. A worker stopped (SIGSTOP) for longer than ``timeout`` is killed; once
+    one worker has failed or died the others get ``GRACE_S`` to report, and once one has succeeded
+    ``timeout`` more (a hung worker's peers time out in their collective, which starts that clock).
     A worker that had to be killed, or that died, raises :class:`ExecutorError` naming its rank;
     an interrupt kills every worker. No worker outlives this call."""
     import torch.multiprocessing as mp
@@ -188,11 +185,11 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
 def _supervise(processes, scratch: Path, timeout: float) -> str | None:
     """Wait for every worker, within the deadlines :func:`spawn` describes; the reason a worker had to
     be killed (it is, here) or died, else ``None``."""
-    started = time.time()
     ended: dict[int, float] = {}
+    stopped_since: dict[int, float] = {}
     failed_at = None
     while True:
-        now = time.time()
+        now = time.monotonic()
         for rank, process in enumerate(processes):
             if rank in ended or process.exitcode is None:
                 continue
@@ -206,13 +203,14 @@ def _supervise(processes, scratch: Path, timeout: float) -> str | None:
         for rank, process in enumerate(processes):
             if rank in ended:
                 continue
-            beat = _heartbeat(scratch, rank)
-            silent = now - (beat or started)
-            if silent > timeout + (STARTUP_S if beat is None else 0.0):
-                process.kill()
-                return (f"worker rank {rank} (pid {process.pid}) showed no sign of life for {silent:.0f} s, more than "
-                        f"--timeout {timeout:g} s (stopped or frozen); it was killed, and so were the other workers. "
-                        f"Nothing was written")
+            if _is_stopped(process.pid):
+                since = stopped_since.setdefault(rank, now)
+                if now - since > timeout:
+                    process.kill()
+                    return (f"worker rank {rank} (pid {process.pid}) was stopped for more than --timeout {timeout:g} s "
+                            f"(SIGSTOP or a debugger); it was killed, and so were the other workers. Nothing was written")
+            else:
+                stopped_since.pop(rank, None)
             if failed_at is not None and now - failed_at > GRACE_S:
                 return None  # the failure is reported by the ranks that saw it; the stragglers are killed
             if ended and now - min(ended.values()) > timeout + GRACE_S:
@@ -222,18 +220,19 @@ def _supervise(processes, scratch: Path, timeout: float) -> str | None:
         time.sleep(0.05)
 
 
+def _is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (state ``T``/``t`` in Linux ``/proc``; elsewhere never known)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _died(rank: int, process) -> str:
     code = process.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
     return (f"worker process {rank} died ({how}, pid {process.pid}) before reporting; the other workers were "
             f"stopped. Nothing was written")
-
-
-def _heartbeat(scratch: Path, rank: int) -> float | None:
-    try:
-        return (scratch / f"rank{rank}.alive").stat().st_mtime
-    except OSError:
-        return None
 
 
 def _outcome(scratch: Path, rank: int) -> tuple | None:
@@ -244,18 +243,11 @@ def _outcome(scratch: Path, rank: int) -> tuple | None:
         return None
 
 
-def _beat(path: Path) -> None:
-    """Touch ``path`` every second while this process runs: the parent's proof that it is not stopped."""
-    while True:
-        path.touch()
-        time.sleep(HEARTBEAT_S)
-
-
 def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta, owner: dict) -> None:
     import torch.distributed as dist
 
     staging.set_owner(owner)  # what this worker stages belongs to the command, which cleans up after it
-    threading.Thread(target=_beat, args=(Path(scratch) / f"rank{rank}.alive",), daemon=True).start()
+    (Path(scratch) / f"rank{rank}.pid").write_text(str(os.getpid()))  # which process is which rank, for people
     joined = False
     try:
         try:
