@@ -8,6 +8,7 @@ Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (ea
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from datetime import timedelta
 from enum import Enum
@@ -215,12 +216,17 @@ def _names(names: Optional[List[str]], from_file: Optional[str]):
     if from_file is None:
         return
     try:
-        stream = sys.stdin if from_file == "-" else open(from_file, encoding="utf-8")
+        stream = sys.stdin.buffer if from_file == "-" else open(from_file, "rb")
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {from_file}: {exc.strerror}", param_hint="--from-file") from None
     with stream:
-        for line in stream:
-            name = line.strip()
+        for number, raw in enumerate(stream, 1):
+            try:
+                name = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                typer.echo(f"error: {from_file}: line {number} is not UTF-8 text; give names one per line, "
+                           f"UTF-8 encoded", err=True)
+                raise typer.Exit(1) from None
             if name and not name.startswith("#"):
                 yield name
 
@@ -272,7 +278,9 @@ def check(
 NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker processes (one per rank). Under torchrun "
                         "the launcher's ranks are used; otherwise one process plays every rank.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no report.")
-TimeoutOpt = typer.Option(600, "--timeout", min=1, help="Seconds a collective may wait before every rank fails.")
+MAX_TIMEOUT_S = 7 * 24 * 3600  # a week; torch.distributed keeps timeouts in milliseconds, and nothing waits longer
+TimeoutOpt = typer.Option(600, "--timeout", min=1, max=MAX_TIMEOUT_S,
+                          help="Seconds a collective may wait before every rank fails (at most a week).")
 
 
 @app.command("export")
@@ -355,18 +363,36 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
     run-time parameters and ``hf_naming``."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
+    from quantmap.io.hf import CheckpointError
     from quantmap.io.names import NamesError
     from quantmap.io.torch_dist import TorchDistError
 
+    from quantmap.executor.launch import Interrupted
+
     compile_or_exit(spec, params, hf_naming)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run({**params, "hf_naming": hf_naming.value})
-    except (ExecutorError, LayoutError, NamingError, NamesError, TorchDistError, OSError) as error:
+    except (ExecutorError, LayoutError, NamingError, NamesError, CheckpointError, TorchDistError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as error:  # Ctrl-C or a terminating signal: abort, never publish
+        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
+        typer.echo(f"error: interrupted by {signal.Signals(signum).name}; nothing was written", err=True)
+        raise typer.Exit(128 + signum) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not quiet:
         for line in report.lines():
             typer.echo(line, err=True)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so that the staging cleanup on the way out runs."""
+    from quantmap.executor.launch import Interrupted
+
+    raise Interrupted(signum)
 
 
 @app.command()

@@ -8,20 +8,41 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
-import tempfile
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 from quantmap.executor.report import ExecutorError, Report
+from quantmap.io import staging
+
+GRACE_S = 5.0  # how long the other workers get to finish once one has failed
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command got a terminating signal (SIGINT, SIGTERM, SIGHUP); raised where it was running so
+    that every cleanup on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def mode(nproc: int | None) -> str:
-    """``"torchrun"`` when launched by it, ``"spawn"`` with ``--nproc``, else ``"offline"``."""
-    if "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ):
+    """``"torchrun"`` when launched by it, ``"spawn"`` with ``--nproc``, else ``"offline"``.
+
+    ``--nproc`` wins over stray ``WORLD_SIZE``/``RANK`` variables (left in a shell by an earlier job):
+    only torchrun's own ``TORCHELASTIC_RUN_ID`` means the ranks are already launched."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        if nproc:
+            raise ExecutorError("--nproc cannot be used under torchrun, whose processes are already the ranks; "
+                                "drop --nproc")
         return "torchrun"
-    return "spawn" if nproc else "offline"
+    if nproc:
+        return "spawn"
+    return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
 
 
 def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path, *, shard_size: int,
@@ -40,19 +61,18 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
                                  timeout=timeout, iteration=iteration)
     layout = Layout.read(megatron)
     check_rank_files(megatron, layout)
-    args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
-    how = mode(nproc)
+    how = _prepare(layout, nproc, out)
     if how == "offline":
         import quantmap
         from quantmap.executor.export import export_offline
         from quantmap.io.shards import LazyShard, rank_file
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
-        return export_offline(quantmap.compile(spec, **params), states, layout, out=out, shard_size=shard_size,
-                              progress=progress, strict=strict, allow_partial=allow_partial).report
-    if how == "spawn":
-        layout.check_world(nproc)
-    return _run(how, nproc, _export_rank, args, timeout)
+        return _guarded(out, lambda: export_offline(quantmap.compile(spec, **params), states, layout, out=out,
+                                                    shard_size=shard_size, progress=progress, strict=strict,
+                                                    allow_partial=allow_partial).report)
+    args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
+    return _guarded(out, lambda: _run(how, nproc, _export_rank, args, timeout))
 
 
 def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str | Path, out: str | Path, *,
@@ -62,15 +82,36 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
     from quantmap.executor.layout import Layout
 
     layout = Layout.read(layout_path)
-    how = mode(nproc)
+    how = _prepare(layout, nproc, out)
     if how == "offline":
         import quantmap
         from quantmap.executor.importer import import_offline
 
-        return import_offline(quantmap.compile(spec, **params), hf, layout, out, strict=strict, progress=progress)
+        return _guarded(out, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out, strict=strict,
+                                                    progress=progress))
+    args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
+    return _guarded(out, lambda: _run(how, nproc, _import_rank, args, timeout))
+
+
+def _prepare(layout, nproc: int | None, out) -> str:
+    """Checks that need no work: the launch against the layout, the output path; and the removal of
+    staging that killed earlier runs left beside the output. Returns the launch mode."""
+    how = mode(nproc)
     if how == "spawn":
         layout.check_world(nproc)
-    return _run(how, nproc, _import_rank, (spec, params, str(hf), str(layout_path), str(out), strict, timeout), timeout)
+    staging.check_target(out)
+    staging.remove_stale(out)
+    return how
+
+
+def _guarded(out, run):
+    """``run()``; whatever ends it early (a failure, a signal, a killed worker), no staging directory
+    of this command stays beside ``out``."""
+    try:
+        return run()
+    except BaseException:
+        staging.remove_owned(out)
+        raise
 
 
 def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
@@ -104,7 +145,12 @@ def _run(how: str, nproc: int | None, fn, args, timeout: timedelta) -> Report:
 
         owned = not dist.is_initialized()
         if owned:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+            try:
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+            except (RuntimeError, ValueError) as error:
+                raise ExecutorError(f"cannot join the torchrun process group (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
+                                    f"RANK={os.environ.get('RANK')}): {str(error).splitlines()[0]}; launch with "
+                                    f"torchrun, or unset WORLD_SIZE and RANK (or pass --nproc)") from None
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         try:
@@ -114,45 +160,126 @@ def _run(how: str, nproc: int | None, fn, args, timeout: timedelta) -> Report:
             if owned:
                 dist.destroy_process_group()
     outcomes = spawn(nproc, fn, args, timeout)
-    failed = [o for o in outcomes if o[0] == "error"]
-    if failed:
-        raise ExecutorError(failed[0][1])
+    failed = [o[1] for o in outcomes if o[0] == "error" and o[2] is not None]
+    stopped = [o[1] for o in outcomes if o[0] == "error" and o[2] is None]
+    if failed or stopped:
+        raise ExecutorError("; ".join(failed[:1] + stopped))
     return outcomes[0][1]
 
 
 def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -> list[tuple]:
     """Run ``fn(*args)`` on ``nproc`` fresh gloo processes; each rank's ``("ok", value)`` or
-    ``("error", message, traceback)``. A failing rank does not hang the others: the executor's
-    collectives carry the failure, and the group's ``timeout`` bounds anything else."""
+    ``("error", message, traceback)`` (traceback ``None``: the worker was killed after another failed).
+
+    Every wait has a deadline. A worker stopped (SIGSTOP) for longer than ``timeout`` is killed; once
+    one worker has failed or died the others get ``GRACE_S`` to report, and once one has succeeded
+    ``timeout`` more (a hung worker's peers time out in their collective, which starts that clock).
+    A worker that had to be killed, or that died, raises :class:`ExecutorError` naming its rank;
+    an interrupt kills every worker. No worker outlives this call."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="quantmap-spawn-") as scratch:
+    with staging.scratch_directory() as scratch:
+        context = mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, str(scratch), timeout,
+                                                    staging.current_owner()),
+                                     nprocs=nproc, join=False, start_method="spawn")
         try:
-            mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, scratch, timeout), nprocs=nproc,
-                               join=True, start_method="spawn")
-        except mp.ProcessExitedException as error:  # a worker died outright; the others were stopped
-            raise ExecutorError(f"worker process {error.error_index} died ({error}); the other workers were "
-                                f"stopped") from None
-        outcomes = []
-        for rank in range(nproc):
-            with open(Path(scratch) / f"rank{rank}.pkl", "rb") as handle:
-                outcomes.append(pickle.load(handle))
-    return outcomes
+            failure = _supervise(context.processes, scratch, timeout.total_seconds())
+        finally:
+            for process in context.processes:  # the stragglers, or everyone on an interrupt
+                if process.exitcode is None:
+                    process.kill()
+                process.join()
+        if failure:
+            raise ExecutorError(failure)
+        return [_outcome(scratch, rank) or ("error", f"worker rank {rank} (pid {process.pid}) had not finished "
+                                                     f"{GRACE_S:g} s after another rank failed; it was killed", None)
+                for rank, process in enumerate(context.processes)]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta) -> None:
+def _supervise(processes, scratch: Path, timeout: float) -> str | None:
+    """Wait for every worker, within the deadlines :func:`spawn` describes; the reason a worker had to
+    be killed (it is, here) or died, else ``None``."""
+    ended: dict[int, float] = {}
+    stopped_since: dict[int, float] = {}
+    failed_at = None
+    while True:
+        now = time.monotonic()
+        for rank, process in enumerate(processes):
+            if rank in ended or process.exitcode is None:
+                continue
+            ended[rank] = now
+            if process.exitcode != 0 or _outcome(scratch, rank) is None:
+                return _died(rank, process)
+            if _outcome(scratch, rank)[0] == "error" and failed_at is None:
+                failed_at = now
+        if len(ended) == len(processes):
+            return None
+        for rank, process in enumerate(processes):
+            if rank in ended:
+                continue
+            if _is_stopped(process.pid):
+                since = stopped_since.setdefault(rank, now)
+                if now - since > timeout:
+                    process.kill()
+                    return (f"worker rank {rank} (pid {process.pid}) was stopped for more than --timeout {timeout:g} s "
+                            f"(SIGSTOP or a debugger); it was killed, and so were the other workers. Nothing was written")
+            else:
+                stopped_since.pop(rank, None)
+            if failed_at is not None and now - failed_at > GRACE_S:
+                return None  # the failure is reported by the ranks that saw it; the stragglers are killed
+            if ended and now - min(ended.values()) > timeout + GRACE_S:
+                process.kill()
+                return (f"worker rank {rank} (pid {process.pid}) did not finish within --timeout {timeout:g} s of the "
+                        f"others (hung); it was killed. Nothing was written")
+        time.sleep(0.05)
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (state ``T``/``t`` in Linux ``/proc``; elsewhere never known)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _died(rank: int, process) -> str:
+    code = process.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return (f"worker process {rank} died ({how}, pid {process.pid}) before reporting; the other workers were "
+            f"stopped. Nothing was written")
+
+
+def _outcome(scratch: Path, rank: int) -> tuple | None:
+    try:
+        with open(scratch / f"rank{rank}.pkl", "rb") as handle:
+            return pickle.load(handle)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta, owner: dict) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timeout)
+    staging.set_owner(owner)  # what this worker stages belongs to the command, which cleans up after it
+    (Path(scratch) / f"rank{rank}.pid").write_text(str(os.getpid()))  # which process is which rank, for people
+    joined = False
     try:
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                    timeout=timeout)
+        except Exception as error:  # noqa: BLE001 - a start-up failure is this rank's outcome
+            raise ExecutorError(f"rank {rank} could not join the process group: {str(error).splitlines()[0]}") from None
+        joined = True
         outcome = ("ok", fn(*args))
     except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
         outcome = ("error", str(error) if isinstance(error, ExecutorError) else f"{type(error).__name__}: {error}",
                    traceback.format_exc())
-    with open(Path(scratch) / f"rank{rank}.pkl", "wb") as handle:
+    partial = Path(scratch) / f"rank{rank}.pkl.partial"
+    with open(partial, "wb") as handle:
         pickle.dump(outcome, handle)
-    dist.destroy_process_group()
+    os.replace(partial, Path(scratch) / f"rank{rank}.pkl")  # the parent never reads half an outcome
+    if joined:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

@@ -22,6 +22,9 @@ from typing import NamedTuple
 
 LAYOUT_FILE = "layout.json"
 _SIZES = ("tp", "pp", "dp", "ep", "etp", "cp")
+# The largest world quantmap takes: 2**17 ranks, above the largest published training runs (~100k
+# accelerators). A layout beyond it is a typo (dp: 1000000000), and an import would write a file per rank.
+MAX_WORLD_SIZE = 2**17
 
 
 class LayoutError(ValueError):
@@ -61,8 +64,11 @@ class Layout:
     def __post_init__(self) -> None:
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
-        if self.layers_per_stage is not None:
+        if isinstance(self.layers_per_stage, (list, tuple)):
             object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
+        elif self.layers_per_stage is not None:
+            raise LayoutError(f"invalid parallel layout: layers_per_stage must be a list with one layer count per "
+                              f"pipeline stage (e.g. [2, 2] for pp=2), or null, got {self.layers_per_stage!r}.")
         problems = self._problems()
         if problems:
             raise LayoutError("invalid parallel layout: " + "; ".join(problems) + ".")
@@ -74,6 +80,9 @@ class Layout:
             problems.append(f"num_layers must be a whole number >= 1, got {self.num_layers!r}")
         if problems:
             return problems
+        if self.world_size > MAX_WORLD_SIZE:
+            return [f"tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world_size} ranks exceeds "
+                    f"quantmap's bound of {MAX_WORLD_SIZE} ranks; check the sizes"]
         if self.layers_per_stage is not None:
             stages = self.layers_per_stage
             if len(stages) != self.pp or any(not isinstance(n, int) or n < 0 for n in stages):
@@ -153,6 +162,9 @@ class Layout:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "layout") -> "Layout":
+        if not isinstance(data, dict):
+            raise LayoutError(f"{source}: a layout must be a JSON object such as "
+                              f'{{"tp": 2, "pp": 1, "dp": 1, "num_layers": 4}}, got {type(data).__name__} {data!r:.40}')
         data = dict(data)
         order = data.pop("order", "tp-cp-ep-dp-pp")
         if order != "tp-cp-ep-dp-pp":
@@ -180,6 +192,10 @@ class Layout:
             raise LayoutError(f"cannot read the layout {path}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise LayoutError(f"{path} is not valid JSON: {error}") from None
+        except UnicodeDecodeError:
+            raise LayoutError(f"{path} is not UTF-8 text; a layout.json is a JSON object written as UTF-8") from None
+        except ValueError as error:  # e.g. an integer too long to convert
+            raise LayoutError(f"{path} cannot be read as a layout: {error}") from None
         return cls.from_json(data, str(path))
 
     def write(self, directory: str | Path) -> Path:

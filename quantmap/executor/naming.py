@@ -72,6 +72,8 @@ def holder(name: str, layout: Layout) -> Holder | None:
     beyond ``num_layers``, an expert beyond ``num_experts``): such a name must be reported, not dropped."""
     found = _LAYER.search(name)
     if found:
+        if len(found.group(2)) > 18:  # beyond any model, and int() refuses hostile 5000-digit indexes
+            return None
         layer = int(found.group(2))
         if layer >= layout.num_layers:
             return None

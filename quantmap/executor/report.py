@@ -77,5 +77,6 @@ def group_names(names: list[str]) -> list[tuple[str, int]]:
 
 
 def natural(name: str) -> tuple:
-    """Sort key that puts layer 10 after layer 9 (for lists people read)."""
-    return tuple(int(part) if part.isdigit() else part for part in _NUMBER.split(name))
+    """Sort key that puts layer 10 after layer 9 (for lists people read); numbers compare by length,
+    then digits, so a hostile 5000-digit index sorts without ``int()`` (which refuses it)."""
+    return tuple((len(part), part) if part.isdigit() else part for part in _NUMBER.split(name))

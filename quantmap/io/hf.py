@@ -5,7 +5,8 @@ it asks for."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from pathlib import Path, PurePosixPath
 
 from quantmap.io import safetensors_stream
 from quantmap.io.names import read_weight_map
@@ -57,32 +58,69 @@ def write_checkpoint(directory: str | Path, records: Records, shard_size: int = 
     return [directory / name for name in names] + [directory / INDEX]
 
 
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that cannot be read; the message names the file and what to do."""
+
+
 class Checkpoint:
-    """A Hugging Face checkpoint directory, read lazily: sharded (with an index) or one file."""
+    """A Hugging Face checkpoint directory, read lazily: sharded (with an index) or one file.
+
+    Every shard the index names must be a relative path inside the directory (no ``..``, not
+    absolute): a hostile index must not make quantmap read files elsewhere."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         index = self.directory / INDEX
+        self._open: dict[str, object] = {}
         if index.is_file():
             self.weight_map: dict[str, str] = read_weight_map(index)
+            bad = {name: file for name, file in self.weight_map.items() if not _inside(file)}
+            if bad:
+                name, file = next(iter(bad.items()))
+                raise CheckpointError(f"{index}: weight_map[{name!r}] is {json.dumps(file)}; each value must be the "
+                                      f"name of a shard file inside {self.directory} (e.g. \"{shard_name(0, 1)}\"); "
+                                      f"{len(bad)} value(s) are not")
         elif (self.directory / SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.directory / SINGLE, "pt") as handle:
-                self.weight_map = dict.fromkeys(handle.keys(), SINGLE)
+            self.weight_map = dict.fromkeys(self._shard(SINGLE).keys(), SINGLE)
         else:
             raise FileNotFoundError(f"{self.directory} has neither {INDEX} nor {SINGLE}; point --hf at a Hugging Face "
                                     f"checkpoint directory")
-        self._open: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def _shard(self, file: str):
+        """The open shard ``file``, opened on first use."""
+        if file not in self._open:
+            from safetensors import SafetensorError, safe_open
+
+            path = self.directory / file
+            if not path.is_file():
+                raise CheckpointError(f"{path} is not a file (the shard {file} that the index names); "
+                                      f"restore the checkpoint's shard files")
+            try:
+                self._open[file] = safe_open(path, "pt")
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(f"{path} cannot be read as safetensors ({error}); the shard is corrupt or "
+                                      f"truncated: download or copy it again") from None
+        return self._open[file]
+
     def get(self, name: str):
         """One tensor, read from its shard on first use of that shard."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError
 
         file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(self.directory / file, "pt")
-        return self._open[file].get_tensor(name)
+        try:
+            return self._shard(file).get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{self.directory / file}: cannot read {name} ({error}); the shard is corrupt or "
+                                  f"truncated: download or copy it again") from None
+
+
+def _inside(file) -> bool:
+    """Whether an index value names a file inside the checkpoint directory (lexically: the hub cache's
+    shards are symbolic links into a blob store, which is fine)."""
+    if not isinstance(file, str) or not file or "\0" in file:
+        return False
+    path = PurePosixPath(file)
+    return not path.is_absolute() and ".." not in path.parts and not file.startswith("\\")

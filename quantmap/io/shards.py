@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.io.safetensors_stream import write_state
 
 COORDINATES_KEY = "quantmap.coordinates"
 _RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
@@ -125,8 +125,8 @@ def write_rank(directory: str | Path, layout: Layout, coords: Coords, state: Map
     """Write one rank's tensors with its coordinates (temporary name, then rename)."""
     path = rank_file(directory, coords.rank)
     partial = path.with_suffix(".partial")
-    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()}, str(partial),
-              metadata={COORDINATES_KEY: json.dumps(coordinates(layout, coords))})
+    # not safetensors' save_file, which needs numpy (no dependency of quantmap)
+    write_state(partial, state, metadata={COORDINATES_KEY: json.dumps(coordinates(layout, coords))})
     os.replace(partial, path)
     return path
 

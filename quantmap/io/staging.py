@@ -1,16 +1,154 @@
 """Write a directory under a temporary name and rename it into place, so that an interrupted or
-failed run leaves no partial output behind."""
+failed run leaves no partial output behind.
+
+A staging directory (``.<out>.tmp-<pid>-<random>`` beside the output, or the launcher's
+``quantmap-spawn-<pid>-<random>`` scratch directory) holds an owner marker: the host, pid and
+process start time of the command that made it. A run that exits normally removes its own; a run
+that was killed outright (SIGKILL) cannot, so the next run beside the same output removes every
+staging directory whose owner process is provably gone (same host, pid no longer running or reused).
+Spawned workers stage for their parent command (:func:`set_owner`), so the parent can remove what a
+worker it killed left behind.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+MARKER = ".quantmap-owner"
+NAME_MAX = 255  # the longest file name POSIX file systems take (ext4, xfs, tmpfs, btrfs)
+SCRATCH_PREFIX = "quantmap-spawn-"
 
 
 class OutputError(OSError):
     """The output directory cannot be written."""
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """The process's state letter and start time (clock ticks since boot, which tells a reused pid
+    apart) from Linux ``/proc``; ``None`` elsewhere or when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    stat = _stat(pid)
+    return stat and stat[1]
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+
+_owner = _this_process()
+
+
+def set_owner(owner: dict) -> None:
+    """Stage for ``owner`` (a :func:`current_owner` of the parent command) instead of this process."""
+    global _owner
+    _owner = dict(owner)
+
+
+def current_owner() -> dict:
+    return dict(_owner)
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the owner may still be running; ``True`` when that cannot be proven otherwise."""
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process (a shared file system): not ours to judge
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's live process
+    stat = _stat(pid)
+    if stat is None:
+        return True  # no /proc: the pid is taken, which is all that can be known
+    state, start = stat
+    return state != "Z" and (owner.get("start") is None or start == owner.get("start"))
+
+
+def _make_owned(path: Path) -> None:
+    path.mkdir(parents=True)
+    (path / MARKER).write_text(json.dumps(_owner), encoding="utf-8")
+
+
+def _owner_of(path: Path) -> dict | None:
+    try:
+        owner = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _remove_where(parent: Path, prefix: str, condition) -> list[Path]:
+    removed = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for path in candidates:
+        owner = _owner_of(path)
+        if owner is not None and condition(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def remove_stale(target: str | Path) -> list[Path]:
+    """Remove the staging directories beside ``target`` and the scratch directories in the temporary
+    directory that were left by commands that are no longer running (killed outright)."""
+    target = Path(target)
+    dead = lambda owner: not _alive(owner)  # noqa: E731
+    return (_remove_where(target.parent, _staging_prefix(target), dead)
+            + _remove_where(Path(tempfile.gettempdir()), SCRATCH_PREFIX, dead))
+
+
+def remove_owned(target: str | Path) -> list[Path]:
+    """Remove the staging directories beside ``target`` owned by this command (what its killed
+    workers, or an interrupted write, left behind)."""
+    target = Path(target)
+    mine = lambda owner: owner == _owner  # noqa: E731
+    return _remove_where(target.parent, _staging_prefix(target), mine)
+
+
+def check_target(target: str | Path) -> Path:
+    """Refuse an output that cannot be staged and published, before any work is done."""
+    target = Path(target)
+    if target.is_symlink():
+        raise OutputError(f"the output {target} is a symbolic link; quantmap replaces the output directory as a "
+                          f"whole, so give the real path (or remove the link)")
+    probe = f"{_staging_prefix(target)}{os.getpid()}-{'0' * 8}"
+    if len(probe.encode()) > NAME_MAX:
+        raise OutputError(f"the output name {target.name[:40]}... is too long: with quantmap's staging suffix it "
+                          f"exceeds {NAME_MAX} bytes; choose a --out name of at most "
+                          f"{NAME_MAX - len(probe.encode()) + len(target.name.encode())} bytes")
+    try:
+        exists = target.exists()
+    except OSError as error:
+        raise OutputError(f"cannot use the output {target}: {error.strerror}; choose another --out") from None
+    if exists and (not target.is_dir() or any(target.iterdir())):
+        raise OutputError(f"the output {target} already exists and is not an empty directory; "
+                          f"remove it or choose another --out")
+    return target
 
 
 class Staged:
@@ -21,17 +159,17 @@ class Staged:
         if path is not None:  # another rank created it
             self.path = Path(path)
             return
-        if self.target.exists() and (not self.target.is_dir() or any(self.target.iterdir())):
-            raise OutputError(f"the output {self.target} already exists and is not an empty directory; "
-                              f"remove it or choose another --out")
-        self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        check_target(self.target)
+        self.path = self.target.parent / f"{_staging_prefix(self.target)}{_owner['pid']}-{uuid.uuid4().hex[:8]}"
         try:
-            self.path.mkdir(parents=True)
+            _make_owned(self.path)
         except OSError as error:
+            shutil.rmtree(self.path, ignore_errors=True)
             raise OutputError(f"cannot write the output {self.target}: {error.strerror} ({self.target.parent}); "
                               f"choose a writable --out") from None
 
     def publish(self) -> Path:
+        (self.path / MARKER).unlink(missing_ok=True)
         if self.target.is_dir():
             self.target.rmdir()  # empty, checked above
         os.replace(self.path, self.target)
@@ -39,3 +177,14 @@ class Staged:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextmanager
+def scratch_directory():
+    """A temporary directory owned by this command (removed on exit, or by a later run if killed)."""
+    path = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _make_owned(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
