@@ -30,6 +30,8 @@ CODES: dict[str, str] = {
     "QM032": "two rules produce the same target",
     "QM040": "extended spec not found",
     "QM041": "extends cycle",
+    "QM042": "drop names no inherited mapping",
+    "QM043": "use names no block",
     "QM050": "missing run-time parameter",
     "QM060": "no quantizer rules derived for a mapping",
     "QM061": "no KV-cache rules derived for an attention mapping",
