@@ -112,13 +112,15 @@ def compile_command(
 
 
 def _table(rules) -> str:
-    lines = [f"{rules.spec.name}: {len(rules)} rules"]
+    """One line per rule: kind, priority, tensor-parallel split, both patterns and the spec line."""
+    lines = [f"{rules.spec.name}: {len(rules)} rules", f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
     width = max((len(r.megatron.text) for r in rules), default=0)
     for rule in rules:
         place = rule.origin.location
         targets = [f"{part}: {p.text}" if part else p.text for part, p in zip(rule.parts, rule.hf)]
-        lines.append(f"{rule.kind:<10} {rule.megatron.text:<{width}}  ->  {targets[0]}   [{place}]")
-        lines.extend(f"{'':<10} {'':<{width}}      {target}" for target in targets[1:])
+        lines.append(f"{rule.kind:<10} {rule.priority:>4} {rule.parallel or '-':<10} "
+                     f"{rule.megatron.text:<{width}}  ->  {targets[0]}   [{place}]")
+        lines.extend(f"{'':<26} {'':<{width}}      {target}" for target in targets[1:])
     return "\n".join(lines)
 
 

@@ -124,7 +124,7 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         return []
     if mapping.spec.hf_parts is not None and not _check_hf_parts(mapping, kind, context):
         return []
-    if not _check_fused_module(mapping, kind, context):
+    if not _check_fused_module(mapping, kind, context) or not _check_kind_has_effect(mapping, context):
         return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
     hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
@@ -144,7 +144,9 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
 
     rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None), **common)]
     rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout)
-    if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
+    # KV-cache buffers belong to the attention module of a weight; a bias or other tensor derives none.
+    wants_kv = mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv")
+    if wants_kv and megatron.text.endswith(".weight"):
         rules += _kv_rules(mapping, kind, megatron, hf, context)
     return rules
 
@@ -183,6 +185,25 @@ def _check_fused_module(mapping: SourcedMapping, kind: str, context: _Context) -
         "QM025", f"{mapping.megatron!r} is one of Megatron's fused tensors mapped to one HF name without a 'kind'",
         mapping.location, "for a fused HF tensor give 'kind: qkv' or 'kind: gated_mlp' and 'hf_parts'; for a "
         "Megatron tensor the HF side holds as is (a non-gated MLP's linear_fc1) give 'kind: plain'"))
+    return False
+
+
+def _check_kind_has_effect(mapping: SourcedMapping, context: _Context) -> bool:
+    """An explicit ``kind`` on one HF name must change something: ``plain`` on one of Megatron's fused
+    tensors (required, QM025), or ``qkv``/``gated_mlp`` with ``hf_parts``. Anything else is a kind
+    that does nothing, or a group the author meant to write and did not."""
+    given = mapping.spec.kind
+    if given is None or len(mapping.hf) != 1 or mapping.hf[0][0]:
+        return True
+    leaf = mapping.megatron.split(".")
+    fused_module = len(leaf) >= 2 and leaf[-2] in _FUSED_MODULES and leaf[-1].rstrip("*") in ("weight", "bias")
+    if (given == "plain" and fused_module) or mapping.spec.hf_parts is not None:
+        return True
+    hint = ("remove 'kind': a single HF name is a plain mapping" if given == "plain" else
+            f"for an HF tensor that holds the parts fused give 'hf_parts'; for separate HF tensors write "
+            f"'hf' as a group {{part: name, ...}}; for one holding Megatron's layout as is, 'kind: plain'")
+    context.errors.append(Diagnostic("QM026", f"'kind: {given}' has no effect on the single HF name of "
+                                     f"{mapping.megatron!r}", mapping.where("kind"), hint))
     return False
 
 

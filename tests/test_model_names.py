@@ -74,11 +74,23 @@ def test_megatron_layouts_select_te_or_local_norms_and_grouped_or_sequential_exp
     assert sorted(model_names(quantmap.compile("llama"), MEGATRON, ModelSize(2), buffers=[])) == sorted(_te_llama(2))
 
 
-def test_generated_names_of_both_sides_pair_up_under_check():
+@pytest.mark.parametrize("te", [True, False])
+def test_generated_names_of_both_sides_pair_up_under_check(te):
     rules = quantmap.compile("deepseek_v3", num_layers=2, num_experts=4)
-    size = ModelSize(2, experts=4, mtp_layers=1, dense_layers=(0,))
-    report = check(rules, megatron=model_names(rules, MEGATRON, size), hf=model_names(rules, HF, size))
+    sequential = ModelSize(2, experts=4, mtp_layers=1, te=te, grouped=False, dense_layers=(0,))
+    report = check(rules, megatron=model_names(rules, MEGATRON, sequential), hf=model_names(rules, HF, sequential))
     assert report.findings == ()
+    # TE's dense layer 0 fuses its pre-MLP norm, but the HF norm's reverse lookup prefers pre_mlp_layernorm;
+    # the local layout keeps MLA's latent norms apart, but their reverse lookups prefer TE's fused names.
+    # Notes, not findings: no quantizer state goes there. No rule is dead in either layout.
+    expected = ["model.layers.0.post_attention_layernorm.weight"] if te else [
+        f"model.layers.{layer}.self_attn.{norm}_a_layernorm.weight" for layer in range(3) for norm in ("kv", "q")]
+    assert [(n.code, n.name) for n in report.notes] == [("QM106", name) for name in expected]
+    # A TEGroupedMLP model: the experts' HF buffers resolve back to SequentialMLP names, which it lacks.
+    grouped = ModelSize(2, experts=4, mtp_layers=1, te=te, grouped=True, dense_layers=(0,))
+    report = check(rules, megatron=model_names(rules, MEGATRON, grouped), hf=model_names(rules, HF, grouped))
+    assert report.findings and all(f.code == "QM106" and "local_experts" in f.message and ".experts." in f.name
+                                   for f in report.findings)
 
 
 def test_an_expert_capture_needs_the_expert_count():

@@ -274,3 +274,60 @@ def test_shipped_bases_are_reachable_by_name_from_a_spec_anywhere(tmp_path):
     path = write(tmp_path, "name: mine\nextends: base/gqb\nmappings: []\n")
     error, = diagnostics(path)
     assert error.code == "QM040" and "base/gqa" in error.hint
+
+
+# --- sharper compile diagnostics ------------------------------------------------------------------------
+
+QKV = "decoder.layers.*.self_attention.linear_qkv"
+
+
+@pytest.mark.parametrize(("mapping", "hint"), [
+    ("{megatron: decoder.layers.*.self_attention.linear_proj.weight, hf: model.layers.*.o_proj.weight, kind: plain}",
+     "remove 'kind'"),
+    (f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv.weight, kind: qkv}}", "hf_parts"),
+    ("{megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.*.down.weight, kind: fused}", "group"),
+])
+def test_a_kind_with_no_effect_on_one_hf_name_is_an_error(tmp_path, mapping, hint):
+    path = write(tmp_path, f"name: k\nmappings:\n  - {mapping}\n")
+    error, = diagnostics(path)
+    assert error.code == "QM026" and hint in error.hint
+    # at the kind's value ('  - ' and the mapping's '{' come before column 5)
+    assert error.location.line == 3 and mapping[error.location.column - 5:].startswith(mapping.split("kind: ")[1][:4])
+
+
+@pytest.mark.parametrize("mapping", [
+    f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv.weight, kind: plain}}",  # QM025 asks for it
+    "{megatron: decoder.layers.*.mlp.linear_fc1.weight, hf: model.layers.*.fc1.weight, kind: plain}",
+    f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv_proj.weight, kind: qkv, hf_parts: [q, k, v]}}",
+    "{megatron: decoder.layers.*.mlp.linear_fc1.weight, hf: model.layers.*.gate_up.weight, kind: gated_mlp, "
+    "hf_parts: [gate, up]}",
+    "{megatron: a.*.w.weight, hf: {x: b.*.x.weight, y: b.*.y.weight}, kind: fused}",
+])
+def test_kinds_that_have_an_effect_are_accepted(tmp_path, mapping):
+    assert len(quantmap.compile(str(write(tmp_path, f"name: k\nmappings:\n  - {mapping}\n"))))
+
+
+def test_no_kv_cache_warning_for_a_bias_or_other_non_weight_mapping(tmp_path):
+    path = write(tmp_path, """\
+        name: mtp
+        mappings:
+          - megatron: mtp.layers.*.mtp_model_layer.self_attention.linear_qkv.bias
+            hf: {q: mtp.*.self_attn.q_proj.bias, k: mtp.*.self_attn.k_proj.bias, v: mtp.*.self_attn.v_proj.bias}
+          - megatron: mtp.layers.*.mtp_model_layer.self_attention.linear_qkv.weight
+            hf: {q: mtp.*.self_attn.q_proj.weight, k: mtp.*.self_attn.k_proj.weight, v: mtp.*.self_attn.v_proj.weight}
+        """)
+    rules = quantmap.compile(str(path))
+    assert [(w.code, w.location.line) for w in rules.warnings] == [("QM061", 5)]  # the weight's only
+
+
+def test_compile_table_shows_priority_and_parallel():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "quantmap", "compile", "llama"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[1].split() == ["kind", "prio", "parallel", "megatron", "->", "hf"]
+    row = next(line for line in out if "linear_qkv.layer_norm_weight " in line).split()
+    assert row[:4] == ["weight", "1", "replicated", "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight"]
+    row = next(line for line in out if line.split()[3:4] == ["decoder.layers.*.self_attention.linear_proj.weight"])
+    assert row.split()[:3] == ["weight", "0", "row"]
