@@ -300,7 +300,7 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
     if not context.spec.kv_cache:
         return []
     skip = set(context.spec.kv_skip_segments)
-    segments = set(megatron.text.split(".")).union(*(p.text.split(".") for p in hf))
+    segments = {segment for p in (megatron, *hf) for v in p.variants() for segment in v.text.split(".")}
     reason = None
     if skip & segments:
         reason = f"it lies under {sorted(skip & segments)[0]!r}, listed in kv_skip_segments"
