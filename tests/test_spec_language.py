@@ -6,10 +6,11 @@ import textwrap
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_spec_errors import errors as diagnostics
+from test_spec_errors import write
 
 import quantmap
 from quantmap.check import check
-from quantmap.diagnostics import SpecError
 from quantmap.index import Index
 from quantmap.patterns import PatternError, intersects, parse
 from quantmap.spec import load_spec
@@ -31,18 +32,6 @@ BLOCK_SPEC = """\
         prefix: {megatron: "mtp.layers.{i}.{mtp_model_layer|transformer_layer}.", hf: "model.layers.{num_layers + i}."}
         priority: 10
     """
-
-
-def write(tmp_path, text, name="spec.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def diagnostics(path, **params):
-    with pytest.raises(SpecError) as raised:
-        quantmap.compile(str(path), **params)
-    return raised.value.diagnostics
 
 
 # --- blocks -------------------------------------------------------------------------------------------
@@ -331,3 +320,42 @@ def test_compile_table_shows_priority_and_parallel():
     assert row[:4] == ["weight", "1", "replicated", "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight"]
     row = next(line for line in out if line.split()[3:4] == ["decoder.layers.*.self_attention.linear_proj.weight"])
     assert row.split()[:3] == ["weight", "0", "row"]
+
+
+CHOICE_SEGMENT = st.sampled_from(["a", "{b|c}", "{c|d|e}", "*", "x1", "{f|g}"])
+
+
+@st.composite
+def specs_with_alternatives(draw):
+    """Random specs with alternatives on either side, distinct roots per mapping, some fused groups."""
+    mappings = []
+    for index in range(draw(st.integers(1, 4))):
+        middle = ".".join(draw(st.lists(CHOICE_SEGMENT, min_size=1, max_size=4)))
+        hf_middle = ".".join(draw(st.permutations(middle.split("."))))  # same captures, other order of text
+        if [s == "*" for s in hf_middle.split(".")] != [s == "*" for s in middle.split(".")]:
+            hf_middle = middle
+        parts = draw(st.sampled_from([[""], ["gate", "up"]]))
+        hf = {p or "": f"{{h{index}|k{index}}}.{hf_middle}.{p or 'p'}_proj.weight" for p in parts}
+        mappings.append({"megatron": f"m{index}.{middle}.lin.weight", "hf": hf[""] if parts == [""] else hf})
+    return {"name": "generated", "kv_cache": False, "mappings": mappings}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs_with_alternatives(), st.data())
+def test_every_alternative_resolves_and_reverse_lookups_give_the_canonical_name(tmp_path_factory, spec, data):
+    import yaml
+
+    path = tmp_path_factory.mktemp("alt") / "generated.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rules = quantmap.compile(str(path))
+    for rule in rules:
+        values = [str(data.draw(st.integers(0, 300))) for _ in rule.megatron.captures]
+        canonical = rule.megatron.fill(values)
+        variant = data.draw(st.sampled_from(rule.megatron.variants()))
+        match = rules.to_hf(variant.fill(values))
+        assert match is not None and match.rule is rule and match.captures == tuple(values)
+        assert match.hf == tuple(p.fill(values) for p in rule.hf)  # targets hold the canonical text
+        for pattern, part in zip(rule.hf, rule.parts):
+            hf_variant = data.draw(st.sampled_from(pattern.variants()))
+            back = rules.to_megatron(hf_variant.fill(values))
+            assert back.megatron == canonical and (back.part or "") == part
