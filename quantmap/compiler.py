@@ -189,20 +189,20 @@ def _check_fused_module(mapping: SourcedMapping, kind: str, context: _Context) -
 
 
 def _check_kind_has_effect(mapping: SourcedMapping, context: _Context) -> bool:
-    """An explicit ``kind`` on one HF name must change something: ``plain`` on one of Megatron's fused
-    tensors (required, QM025), or ``qkv``/``gated_mlp`` with ``hf_parts``. Anything else is a kind
-    that does nothing, or a group the author meant to write and did not."""
+    """An explicit ``kind`` on one HF name must change something. On one of Megatron's fused tensors
+    (``linear_qkv``/``linear_fc1``) it says how the HF tensor holds the group (QM025 asks for it);
+    with ``hf_parts`` it names the group. Anywhere else it does nothing the compiler uses well, or it
+    is a group the author meant to write and did not."""
     given = mapping.spec.kind
-    if given is None or len(mapping.hf) != 1 or mapping.hf[0][0]:
+    if given is None or len(mapping.hf) != 1 or mapping.hf[0][0] or mapping.spec.hf_parts is not None:
         return True
     leaf = mapping.megatron.split(".")
-    fused_module = len(leaf) >= 2 and leaf[-2] in _FUSED_MODULES and leaf[-1].rstrip("*") in ("weight", "bias")
-    if (given == "plain" and fused_module) or mapping.spec.hf_parts is not None:
+    if len(leaf) >= 2 and leaf[-2] in _FUSED_MODULES and leaf[-1].rstrip("*") in ("weight", "bias"):
         return True
     hint = ("remove 'kind': a single HF name is a plain mapping" if given == "plain" else
-            f"for an HF tensor that holds the parts fused give 'hf_parts'; for separate HF tensors write "
-            f"'hf' as a group {{part: name, ...}}; for one holding Megatron's layout as is, 'kind: plain'")
-    context.errors.append(Diagnostic("QM026", f"'kind: {given}' has no effect on the single HF name of "
+            "for separate HF tensors write 'hf' as a group {part: name, ...}; for one HF tensor holding the "
+            "parts give 'hf_parts'; for KV-cache rules set 'kv_cache: true'")
+    context.errors.append(Diagnostic("QM027", f"'kind: {given}' has no effect on the single HF name of "
                                      f"{mapping.megatron!r}", mapping.where("kind"), hint))
     return False
 

@@ -25,7 +25,7 @@ CODES: dict[str, str] = {
     "QM023": "grouped-MoE mapping without an expert wildcard",
     "QM024": "hf_parts that do not fit the mapping",
     "QM025": "a fused Megatron tensor mapped 1:1 without a kind",
-    "QM026": "a kind that has no effect on a single HF name",
+    "QM027": "a kind that has no effect on a single HF name",
     "QM030": "duplicate mapping",
     "QM031": "two rules can match the same name and none is preferred",
     "QM032": "two rules produce the same target",

@@ -273,13 +273,14 @@ QKV = "decoder.layers.*.self_attention.linear_qkv"
 @pytest.mark.parametrize(("mapping", "hint"), [
     ("{megatron: decoder.layers.*.self_attention.linear_proj.weight, hf: model.layers.*.o_proj.weight, kind: plain}",
      "remove 'kind'"),
-    (f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv.weight, kind: qkv}}", "hf_parts"),
+    ("{megatron: decoder.layers.*.self_attention.linear_proj.weight, hf: model.layers.*.o_proj.weight, kind: qkv}",
+     "kv_cache: true"),
     ("{megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.*.down.weight, kind: fused}", "group"),
 ])
 def test_a_kind_with_no_effect_on_one_hf_name_is_an_error(tmp_path, mapping, hint):
     path = write(tmp_path, f"name: k\nmappings:\n  - {mapping}\n")
     error, = diagnostics(path)
-    assert error.code == "QM026" and hint in error.hint
+    assert error.code == "QM027" and hint in error.hint
     # at the kind's value ('  - ' and the mapping's '{' come before column 5)
     assert error.location.line == 3 and mapping[error.location.column - 5:].startswith(mapping.split("kind: ")[1][:4])
 
@@ -287,6 +288,8 @@ def test_a_kind_with_no_effect_on_one_hf_name_is_an_error(tmp_path, mapping, hin
 @pytest.mark.parametrize("mapping", [
     f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv.weight, kind: plain}}",  # QM025 asks for it
     "{megatron: decoder.layers.*.mlp.linear_fc1.weight, hf: model.layers.*.fc1.weight, kind: plain}",
+    # on a fused Megatron tensor any kind says how the HF tensor holds the group (here: no known cut)
+    "{megatron: decoder.layers.*.mlp.linear_fc1.weight, hf: model.layers.*.gate_up.weight, kind: fused}",
     f"{{megatron: {QKV}.weight, hf: model.layers.*.qkv_proj.weight, kind: qkv, hf_parts: [q, k, v]}}",
     "{megatron: decoder.layers.*.mlp.linear_fc1.weight, hf: model.layers.*.gate_up.weight, kind: gated_mlp, "
     "hf_parts: [gate, up]}",
