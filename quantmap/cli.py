@@ -221,7 +221,8 @@ def check(
     config: Optional[str] = ConfigOpt,
 ) -> None:
     """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
-    names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
+    names claimed twice (QM103), fused groups missing a part (QM104), with both sides HF buffers whose
+    reverse lookup the model lacks (QM106); notes list dead rules (QM105). Exit 0 unless --strict finds any."""
     from quantmap.check import check as check_names
     from quantmap.io.names import NamesError, read_names
 
@@ -259,6 +260,8 @@ def names(
     buffer: Optional[List[str]] = typer.Option(None, "--buffer", help="List only these quantizer buffers, e.g. "
                                                "weight_quantizer._amax; repeatable (default: every one the spec derives)."),
     weights_only: bool = typer.Option(False, "--weights-only", help="List weights only, no quantizer buffers."),
+    omit: Optional[List[str]] = typer.Option(None, "--omit", help="Leave out the mappings whose Megatron pattern "
+                                             "ends with this text (a form the model does not build); repeatable."),
     as_json: bool = typer.Option(False, "--json", help="A JSON list instead of one name per line."),
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
@@ -270,7 +273,7 @@ def names(
     rules = compile_or_exit(spec, spec_params(spec, param, config))
     size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers))
     try:
-        found = model_names(rules, side.value, size, [] if weights_only else buffer)
+        found = model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
     except NamesError as error:
         raise typer.BadParameter(str(error), param_hint="--experts") from None
     typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))

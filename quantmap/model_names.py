@@ -62,15 +62,20 @@ class NamesError(ValueError):
     """The size does not say enough to generate the names (an expert count the rules need)."""
 
 
-def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None) -> list[str]:
+def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None,
+                omit: Iterable[str] = ()) -> list[str]:
     """The concrete names on ``side`` (``"megatron"`` or ``"hf"``), each once, in natural order
     (``layers.2`` before ``layers.10``) so that a diff against a sorted checkpoint listing is short.
 
     ``buffers`` limits the quantizer buffers listed (e.g. ``["weight_quantizer._amax"]``; ``[]``
-    lists weights only); ``None`` lists every buffer the spec derives.
+    lists weights only); ``None`` lists every buffer the spec derives. ``omit`` leaves out the
+    mappings whose Megatron pattern ends with one of its texts (``self_attention.linear_q_proj.weight``):
+    a form the model's config does not build, which no rule competes with.
     """
     wanted = None if buffers is None else set(buffers)
-    kept = [r for r in rules if r.kind == WEIGHT or wanted is None or r.buffer in wanted]
+    omit = tuple(omit)
+    kept = [r for r in rules if (r.kind == WEIGHT or wanted is None or r.buffer in wanted)
+            and not (omit and r.origin.mapping.endswith(omit))]
     dense = size.dense_layers
     if dense is None:
         dense = () if any(_mlp_kind(r) == MOE for r in rules) else tuple(range(size.layers))

@@ -93,6 +93,16 @@ def test_generated_names_of_both_sides_pair_up_under_check(te):
                                    for f in report.findings)
 
 
+def test_omit_leaves_out_the_mappings_of_a_form_the_model_does_not_build():
+    rules = quantmap.compile("deepseek_v3", num_layers=2)
+    size = ModelSize(2, experts=2, mtp_layers=1, te=False, grouped=False, dense_layers=(0,))
+    full = model_names(rules, MEGATRON, size, buffers=[])
+    less = model_names(rules, MEGATRON, size, buffers=[], omit=["self_attention.q_layernorm.weight"])
+    assert sorted(set(full) - set(less)) == [
+        "decoder.layers.0.self_attention.q_layernorm.weight", "decoder.layers.1.self_attention.q_layernorm.weight",
+        "mtp.layers.0.mtp_model_layer.self_attention.q_layernorm.weight"]
+
+
 def test_an_expert_capture_needs_the_expert_count():
     with pytest.raises(NamesError, match="--experts"):
         model_names(quantmap.compile("mixtral"), HF, ModelSize(2))
