@@ -6,7 +6,16 @@ Given the Megatron names, the Hugging Face names, or both, :func:`check` reports
 * ``QM102`` names a rule resolves to that do not exist on the other side;
 * ``QM103`` HF names that two Megatron names resolve to (say a TE ``layer_norm_weight`` and a
   local ``input_layernorm.weight`` in one checkpoint);
-* ``QM104`` fused groups with some parts present and others missing (``k_proj`` without ``v_proj``).
+* ``QM104`` fused groups with some parts present and others missing (``k_proj`` without ``v_proj``);
+* ``QM106`` (both sides given) HF quantizer buffers whose reverse lookup wins a Megatron name the
+  Megatron side does not have, although another Megatron name claims them (a TEGroupedMLP model's
+  expert buffers resolving to SequentialMLP's ``local_experts``): an import would write them there.
+
+With both sides it also gives *notes*, which never fail ``--strict``: ``QM105`` dead rules, whose
+patterns match no name on either side, among the kinds of names the sides hold (a checkpoint
+without ``_pre_quant_scale`` buffers makes no AWQ rule dead), and ``QM106`` for weights (a TE
+dense layer's ``post_attention_layernorm`` resolving to ``pre_mlp_layernorm``; import moves
+quantizer state only). A spec serving several layouts and sizes has rules one model does not use.
 
 With only HF names, a claimed HF name's whole group (its fused parts) must be present; with only
 Megatron names, only what needs no other side is checked. Findings are grouped by code, side
@@ -22,7 +31,7 @@ from typing import Iterable
 
 from quantmap.diagnostics import CODES, Location
 from quantmap.patterns import Pattern, parse
-from quantmap.rules import FAN_IN, MOE_FANOUT, Match
+from quantmap.rules import FAN_IN, MOE_FANOUT, WEIGHT, Match, Rule
 from quantmap.ruleset import RuleSet
 
 MEGATRON = "megatron"
@@ -58,6 +67,7 @@ class CheckReport:
     params: dict[str, int | None]
     names: dict[str, int | None]  # how many names each side had; None for a side not given
     findings: tuple[Finding, ...] = field(default=())
+    notes: tuple[Finding, ...] = field(default=())  # QM105, and QM106 for weights; never make the report fail
 
     @property
     def ok(self) -> bool:
@@ -86,6 +96,7 @@ class CheckReport:
                 for (code, side, shape), items in self.groups().items()
             ],
             "findings": [f.to_json() for f in self.findings],
+            "notes": [f.to_json() for f in self.notes],
         }
 
     def to_text(self) -> str:
@@ -100,6 +111,9 @@ class CheckReport:
                 lines.append(f"{code} {CODES[code]}: {total}")
             example = f" ({len(items)} names), e.g. {items[0].name}" if len(items) > 1 else ""
             lines.append(f"  {side:<8} {shape}{example}: {items[0].message}")
+        if self.notes:
+            lines.append(f"notes (not findings): {len(self.notes)}")
+            lines.extend(f"  {f.code} {f.side:<8} {f.name} [{f.location}]: {f.message}" for f in self.notes)
         return "\n".join(lines)
 
 
@@ -132,11 +146,58 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
             Finding("QM103", HF, target, f"claimed by {len(sources)} Megatron names: {', '.join(sources)}")
             for target, sources in claimed.items() if len(sources) > 1 and target not in fanned_in
         ]
+    notes: list[Finding] = []
     if hf_names is not None:
         findings += _check_hf(rules, hf_names, hf_present, claimed, megatron_names)
+    if megatron_names is not None and hf_names is not None:
+        for finding, weight in _reverse_winners(rules, claimed, set(megatron_names), hf_present):
+            (notes if weight else findings).append(finding)
+        notes += _dead_rules(rules, megatron_names, hf_names)
     sizes = {MEGATRON: None if megatron_names is None else len(megatron_names),
              HF: None if hf_names is None else len(hf_names)}
-    return CheckReport(rules.spec.name, dict(rules.params), sizes, tuple(findings))
+    return CheckReport(rules.spec.name, dict(rules.params), sizes, tuple(findings), tuple(notes))
+
+
+def _reverse_winners(rules: RuleSet, claimed: dict[str, list[str]], megatron: set[str],
+                     present: _Present) -> list[tuple[Finding, bool]]:
+    """Claimed HF names that exist and whose reverse lookup does not give back a Megatron name that
+    exists, each with whether it is a weight."""
+    out = []
+    for name, sources in claimed.items():
+        match = rules.to_megatron(name) if name in present else None
+        if match is not None and match.megatron not in megatron:
+            out.append((Finding("QM106", HF, name, f"reverse lookup gives {match.megatron}, which the Megatron "
+                                f"names lack (claimed forward by {sources[0]})", match.rule.origin.location),
+                        match.kind == WEIGHT))
+    return out
+
+
+def _dead_rules(rules: RuleSet, megatron: list[str], hf: list[str]) -> list[Finding]:
+    """Rules no name of either side matches, for the kinds of names present (weights, each buffer).
+    Lookup winners are alive; only the other rules are matched pattern by pattern."""
+    kinds = {_name_kind(n) for n in megatron} | {_name_kind(n) for n in hf}
+    alive = {id(m.rule) for m in map(rules.to_hf, megatron) if m is not None}
+    alive |= {id(m.rule) for m in map(rules.to_megatron, hf) if m is not None}
+    dead = []
+    for rule in rules:
+        if id(rule) in alive or _rule_kind(rule) not in kinds:
+            continue
+        if any(rule.megatron.match(n) is not None for n in megatron):
+            continue
+        if any(p.match(n) is not None for p in rule.hf for n in hf):
+            continue
+        dead.append(Finding("QM105", "rule", rule.megatron.text, "matches no Megatron name, and its HF side "
+                            f"({', '.join(p.text for p in rule.hf)}) no HF name", rule.origin.location))
+    return dead
+
+
+def _name_kind(name: str) -> str:
+    """``weight`` for a weight (or other module tensor), else the quantizer buffer (``weight_quantizer._amax``)."""
+    return ".".join(name.rsplit(".", 2)[-2:]) if "_quantizer." in name else WEIGHT
+
+
+def _rule_kind(rule: Rule) -> str:
+    return WEIGHT if rule.kind == WEIGHT else rule.buffer
 
 
 def _missing_targets(name: str, match: Match, targets: list[str], present: _Present) -> list[Finding]:

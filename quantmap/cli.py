@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (each printed as
 ``file:line:col: severity CODE: message``); 2 the command line itself is wrong.
-``compile``, ``validate``, ``lookup``, ``check``, ``schema`` and ``specs`` never import torch.
+``compile``, ``validate``, ``lookup``, ``check``, ``names``, ``schema`` and ``specs`` never import torch.
 """
 
 from __future__ import annotations
@@ -124,13 +124,15 @@ def compile_command(
 
 
 def _table(rules) -> str:
-    lines = [f"{rules.spec.name}: {len(rules)} rules"]
+    """One line per rule: kind, priority, tensor-parallel split, both patterns and the spec line."""
+    lines = [f"{rules.spec.name}: {len(rules)} rules", f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
     width = max((len(r.megatron.text) for r in rules), default=0)
     for rule in rules:
         place = rule.origin.location
         targets = [f"{part}: {p.text}" if part else p.text for part, p in zip(rule.parts, rule.hf)]
-        lines.append(f"{rule.kind:<10} {rule.megatron.text:<{width}}  ->  {targets[0]}   [{place}]")
-        lines.extend(f"{'':<10} {'':<{width}}      {target}" for target in targets[1:])
+        lines.append(f"{rule.kind:<10} {rule.priority:>4} {rule.parallel or '-':<10} "
+                     f"{rule.megatron.text:<{width}}  ->  {targets[0]}   [{place}]")
+        lines.extend(f"{'':<26} {'':<{width}}      {target}" for target in targets[1:])
     return "\n".join(lines)
 
 
@@ -252,7 +254,8 @@ def check(
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
-    names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
+    names claimed twice (QM103), fused groups missing a part (QM104), with both sides HF buffers whose
+    reverse lookup the model lacks (QM106); notes list dead rules (QM105). Exit 0 unless --strict finds any."""
     from quantmap.check import check as check_names
     from quantmap.io.names import NamesError, read_names
     from quantmap.io.torch_dist import TorchDistError, checkpoint_names, is_shard_directory, is_torch_dist
@@ -273,6 +276,61 @@ def check(
     typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
     if strict and not report.ok:
         raise typer.Exit(1)
+
+
+class Side(str, Enum):
+    megatron = "megatron"
+    hf = "hf"
+
+
+@app.command()
+def names(
+    spec: str = SpecArg,
+    side: Side = typer.Option(..., "--side", help="megatron or hf."),
+    layers: int = typer.Option(..., "--layers", min=0, help="Decoder layers of the model."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=0, help="Routed experts per MoE layer."),
+    mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Multi-token-prediction layers."),
+    dense_layers: Optional[str] = typer.Option(None, "--dense-layers", help="Layers with a dense MLP in an MoE "
+                                               "model, e.g. '0-2' or '0,3' (default: none; every layer of a dense spec)."),
+    te: bool = typer.Option(True, "--te/--local", help="Transformer Engine layer spec (fused norms) or the local one."),
+    grouped: bool = typer.Option(True, "--grouped/--sequential", help="TEGroupedMLP experts (weight{i}) or "
+                                 "SequentialMLP (local_experts.{i})."),
+    buffer: Optional[List[str]] = typer.Option(None, "--buffer", help="List only these quantizer buffers, e.g. "
+                                               "weight_quantizer._amax; repeatable (default: every one the spec derives)."),
+    weights_only: bool = typer.Option(False, "--weights-only", help="List weights only, no quantizer buffers."),
+    omit: Optional[List[str]] = typer.Option(None, "--omit", help="Leave out the mappings whose Megatron pattern "
+                                             "ends with this text (a form the model does not build); repeatable."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list instead of one name per line."),
+    param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
+    hf_naming: HfNaming = HfNamingOpt,
+) -> None:
+    """Every name a model of this size has on one side, as the spec maps it (weights and quantizer buffers;
+    what the spec excludes is not listed): diff it against a real checkpoint's names."""
+    from quantmap.model_names import ModelSize, NamesError, model_names
+
+    rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
+    size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers))
+    try:
+        found = model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
+    except NamesError as error:
+        raise typer.BadParameter(str(error), param_hint="--experts") from None
+    typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))
+
+
+def _layer_list(text: Optional[str], layers: int) -> Optional[tuple[int, ...]]:
+    """``"0-2,5"`` → ``(0, 1, 2, 5)``; a usage error for anything else."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        first, dash, last = item.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint="--dense-layers")
+        out += range(int(first), int(last or first) + 1)
+    if any(index >= layers for index in out):
+        raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint="--dense-layers")
+    return tuple(out)
 
 
 NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker processes (one per rank). Under torchrun "

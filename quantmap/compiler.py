@@ -140,7 +140,7 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         return []
     if mapping.spec.hf_parts is not None and not _check_hf_parts(mapping, kind, context):
         return []
-    if not _check_fused_module(mapping, kind, context):
+    if not _check_fused_module(mapping, kind, context) or not _check_kind_has_effect(mapping, context):
         return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
     hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
@@ -164,7 +164,9 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None),
                   expert_capture=megatron.arity - 1 if fused else None, **common)]
     rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout)
-    if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
+    # KV-cache buffers belong to the attention module of a weight; a bias or other tensor derives none.
+    wants_kv = mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv")
+    if wants_kv and megatron.text.endswith(".weight"):
         rules += _kv_rules(mapping, kind, megatron, hf, context)
     return rules
 
@@ -203,6 +205,25 @@ def _check_fused_module(mapping: SourcedMapping, kind: str, context: _Context) -
         "QM025", f"{mapping.megatron!r} is one of Megatron's fused tensors mapped to one HF name without a 'kind'",
         mapping.location, "for a fused HF tensor give 'kind: qkv' or 'kind: gated_mlp' and 'hf_parts'; for a "
         "Megatron tensor the HF side holds as is (a non-gated MLP's linear_fc1) give 'kind: plain'"))
+    return False
+
+
+def _check_kind_has_effect(mapping: SourcedMapping, context: _Context) -> bool:
+    """An explicit ``kind`` on one HF name must change something. On one of Megatron's fused tensors
+    (``linear_qkv``/``linear_fc1``) it says how the HF tensor holds the group (QM025 asks for it);
+    with ``hf_parts`` it names the group. Anywhere else it does nothing the compiler uses well, or it
+    is a group the author meant to write and did not."""
+    given = mapping.spec.kind
+    if given is None or len(mapping.hf) != 1 or mapping.hf[0][0] or mapping.spec.hf_parts is not None:
+        return True
+    leaf = mapping.megatron.split(".")
+    if len(leaf) >= 2 and leaf[-2] in _FUSED_MODULES and leaf[-1].rstrip("*") in ("weight", "bias"):
+        return True
+    hint = ("remove 'kind': a single HF name is a plain mapping" if given == "plain" else
+            "for separate HF tensors write 'hf' as a group {part: name, ...}; for one HF tensor holding the "
+            "parts give 'hf_parts'; for KV-cache rules set 'kv_cache: true'")
+    context.errors.append(Diagnostic("QM027", f"'kind: {given}' has no effect on the single HF name of "
+                                     f"{mapping.megatron!r}", mapping.where("kind"), hint))
     return False
 
 
@@ -326,7 +347,7 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
     if not context.spec.kv_cache:
         return []
     skip = set(context.spec.kv_skip_segments)
-    segments = set(megatron.text.split(".")).union(*(p.text.split(".") for p in hf))
+    segments = {segment for p in (megatron, *hf) for v in p.variants() for segment in v.text.split(".")}
     reason = None
     if skip & segments:
         reason = f"it lies under {sorted(skip & segments)[0]!r}, listed in kv_skip_segments"

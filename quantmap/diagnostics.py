@@ -26,11 +26,14 @@ CODES: dict[str, str] = {
     "QM024": "hf_parts that do not fit the mapping",
     "QM025": "a fused Megatron tensor mapped 1:1 without a kind",
     "QM026": "fused-experts mapping whose sides do not differ by the expert",
+    "QM027": "a kind that has no effect on a single HF name",
     "QM030": "duplicate mapping",
     "QM031": "two rules can match the same name and none is preferred",
     "QM032": "two rules produce the same target",
     "QM040": "extended spec not found",
     "QM041": "extends cycle",
+    "QM042": "drop names no inherited mapping",
+    "QM043": "use names no block",
     "QM050": "missing run-time parameter",
     "QM060": "no quantizer rules derived for a mapping",
     "QM061": "no KV-cache rules derived for an attention mapping",
@@ -38,6 +41,8 @@ CODES: dict[str, str] = {
     "QM102": "rule target that does not exist",
     "QM103": "name claimed by more than one rule",
     "QM104": "fan-out group with a missing part",
+    "QM105": "rule that matches no name on either side (a note)",
+    "QM106": "reverse lookup that wins a Megatron name the model lacks",
 }
 
 

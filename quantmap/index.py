@@ -6,7 +6,9 @@ same way, so one dict lookup finds the candidate rules. Two stages cut names: th
 whole-segment numbers (``layers.12.``), the cheap and common case; the second also takes off an
 index glued to the end of the name (Megatron's grouped experts, ``weight12``). The few patterns
 neither can describe (``**``, a literal number where an index would be, an index glued inside a
-name) are tried with their own regex, in priority order, after a miss.
+name) are tried with their own regex, in priority order, after a miss. A pattern with
+alternatives (``{a|b}``) is entered once per variant, each with the rule's resolver, so that every
+alternative is still found in one probe and the name built is always the canonical one.
 
 A pattern found at one stage may be shadowed by a higher-priority pattern of a later stage
 that matches the same names; such pairs are found once, at build time, and checked first.
@@ -275,10 +277,17 @@ def _reverse(rule: Rule, index: int) -> _Entry:
     return _Entry(pattern, rule, _generated(body, kind=rule.kind, rule=rule, part=rule.parts[index] or None))
 
 
+def _per_variant(entry: _Entry) -> list[_Entry]:
+    """One entry per alternative-free variant of the entry's pattern, sharing its resolver."""
+    if not entry.pattern.choices:
+        return [entry]
+    return [_Entry(variant, entry.rule, entry.resolve) for variant in entry.pattern.variants()]
+
+
 class Index:
     """Both directions of lookup over a fixed list of rules."""
 
     def __init__(self, rules: Iterable[Rule]):
         rules = list(rules)
-        self.forward = _Side([_forward(r) for r in rules])
-        self.reverse = _Side([_reverse(r, i) for r in rules if r.reversible for i in range(len(r.hf))])
+        self.forward = _Side([v for r in rules for v in _per_variant(_forward(r))])
+        self.reverse = _Side([v for r in rules if r.reversible for i in range(len(r.hf)) for v in _per_variant(_reverse(r, i))])

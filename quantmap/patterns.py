@@ -9,6 +9,10 @@ A pattern is a dotted weight name in which some parts are captures:
 * ``{i}`` is a labelled digit capture and ``{num_layers + i}`` one shifted by a run-time
   parameter (Hugging Face numbers DeepSeek's MTP layer after the decoder layers). The label is
   documentation today; braces are reserved for the named captures on the roadmap.
+* ``{a|b}`` is a whole segment that is literal text with alternatives (Megatron-Core <= 0.16's
+  ``transformer_layer`` for ``mtp_model_layer``): a name may hold any of them, but it is not a
+  capture, and a name built from the pattern (:meth:`Pattern.fill`, a reverse lookup's target)
+  holds the first, the canonical one.
 
 Captures are positional: the n-th capture of one side of a mapping fills the n-th capture of
 the other, whatever mix of ``*`` and ``**`` the pattern has. Matching is anchored at both
@@ -27,6 +31,7 @@ ANY = "any"
 _WORD = re.compile(r"[A-Za-z0-9_\-]+")
 _GLUED = re.compile(r"[A-Za-z0-9_\-]*[A-Za-z_]\*")
 _BRACED = re.compile(r"\{\s*(?:(?P<param>[A-Za-z_]\w*)\s*\+\s*)?(?P<label>[A-Za-z_]\w*|\*)\s*\}")
+_CHOICE = re.compile(r"\{\s*[A-Za-z0-9_\-]+\s*(?:\|\s*[A-Za-z0-9_\-]+\s*)+\}")
 
 
 class PatternError(ValueError):
@@ -51,12 +56,17 @@ class Capture:
 
 @dataclass(frozen=True, slots=True)
 class Pattern:
-    """A parsed, immutable name pattern. ``literals`` interleave with ``captures``."""
+    """A parsed, immutable name pattern. ``literals`` interleave with ``captures``.
+
+    With alternatives (``{a|b}``) ``literals`` hold the canonical text and ``choices`` the text
+    of every variant: the pattern matches what any of :meth:`variants` matches.
+    """
 
     text: str
     literals: tuple[str, ...]
     captures: tuple[Capture, ...]
     _regex: re.Pattern = field(repr=False, compare=False, hash=False)
+    choices: tuple[str, ...] = ()  # the text of each alternative-free variant, canonical first
 
     @property
     def arity(self) -> int:
@@ -75,7 +85,14 @@ class Pattern:
             Capture(c.kind, c.label, params[c.offset]) if isinstance(c.offset, str) else c
             for c in self.captures
         )
-        return Pattern(self.text, self.literals, captures, self._regex)
+        return Pattern(self.text, self.literals, captures, self._regex, self.choices)
+
+    def variants(self) -> tuple[Pattern, ...]:
+        """The alternative-free patterns this one stands for, canonical first (itself if none).
+        Alternatives are not captures, so every variant has this pattern's captures."""
+        if not self.choices:
+            return (self,)
+        return tuple(Pattern(v.text, v.literals, self.captures, v._regex) for v in map(parse, self.choices))
 
     def match(self, name: str) -> tuple[str, ...] | None:
         """The captures of ``name``, or ``None`` when the pattern does not match it."""
@@ -132,6 +149,7 @@ def parse(text: str) -> Pattern:
     captures: list[Capture] = []
     regex: list[str] = []
     current: list[str] = []  # literal text since the last capture
+    choices: list[list[str]] = [[]]  # the text of every variant, segment by segment
 
     def add_capture(capture: Capture) -> None:
         literals.append("".join(current))
@@ -147,7 +165,14 @@ def parse(text: str) -> Pattern:
         if not segment:
             raise PatternError("empty segment: two dots in a row, or a leading or trailing dot", offset)
         braced = _BRACED.fullmatch(segment)
-        if segment == "**":
+        alternatives = [word.strip() for word in segment[1:-1].split("|")] if _CHOICE.fullmatch(segment) else []
+        choices = [done + [alternative] for done in choices for alternative in alternatives or [segment]]
+        if alternatives:
+            if len(set(alternatives)) != len(alternatives):
+                raise PatternError(f"an alternative is listed twice in {segment!r}", offset)
+            current.append(alternatives[0])
+            regex.append("(?:" + "|".join(map(re.escape, alternatives)) + ")")
+        elif segment == "**":
             add_capture(Capture(ANY))
         elif segment == "*":
             add_capture(Capture(DIGITS))
@@ -156,7 +181,8 @@ def parse(text: str) -> Pattern:
             add_capture(Capture(DIGITS, None if label == "*" else label, braced["param"]))
         elif "{" in segment or "}" in segment:
             raise PatternError(
-                f"malformed capture {segment!r}: write '{{i}}' or '{{param + i}}' as a whole segment", offset
+                f"malformed capture {segment!r}: write '{{i}}', '{{param + i}}' or alternatives '{{a|b}}' "
+                "as a whole segment", offset
             )
         elif "**" in segment:
             raise PatternError(f"malformed wildcard in {segment!r}: '**' must be a whole segment", offset)
@@ -179,7 +205,8 @@ def parse(text: str) -> Pattern:
             regex.append(re.escape(segment))
         offset += len(segment) + 1
     literals.append("".join(current))
-    return Pattern(text, tuple(literals), tuple(captures), re.compile("".join(regex)))
+    variants = tuple(".".join(segments) for segments in choices) if len(choices) > 1 else ()
+    return Pattern(text, tuple(literals), tuple(captures), re.compile("".join(regex)), variants)
 
 
 def intersects(a: Pattern, b: Pattern) -> bool:
@@ -187,8 +214,10 @@ def intersects(a: Pattern, b: Pattern) -> bool:
 
     Patterns are tiny automata over characters (a literal, a run of digits, a run of anything),
     so this walks their product breadth-first. Fixed prefixes and suffixes rule most pairs out
-    before that.
+    before that. Patterns with alternatives intersect when some pair of their variants does.
     """
+    if a.choices or b.choices:
+        return any(intersects(x, y) for x in a.variants() for y in b.variants())
     head_a, head_b = a.literals[0], b.literals[0]
     tail_a, tail_b = a.literals[-1], b.literals[-1]
     if not (head_a.startswith(head_b) or head_b.startswith(head_a)):

@@ -70,11 +70,14 @@ def test_a_fused_group_with_a_missing_part_is_qm104_with_or_without_megatron_nam
 def test_grouped_expert_quantizers_are_checked_against_every_expert():
     hf = [f"model.layers.0.mlp.experts.{e}.down_proj.weight_quantizer._amax" for e in range(3)]
     megatron = ["decoder.layers.0.mlp.experts.linear_fc2.weight_quantizer._amax"]
-    # Expert count given: the fourth expert's buffer is missing.
-    assert codes(check(quantmap.compile("olmoe", num_experts=4), megatron=megatron, hf=hf)) == [
+    # Expert count given: the fourth expert's buffer is missing. (Each HF buffer's reverse lookup
+    # prefers SequentialMLP's local_experts, which this grouped model lacks: QM106.)
+    found = codes(check(quantmap.compile("olmoe", num_experts=4), megatron=megatron, hf=hf))
+    assert [f for f in found if f[0] != "QM106"] == [
         ("QM104", "hf", "model.layers.0.mlp.experts.3.down_proj.weight_quantizer._amax")]
+    assert [f for f in found if f[0] == "QM106"] == [("QM106", "hf", name) for name in hf]  # present ones only
     # Not given: the experts the HF names hold are the targets.
-    assert check(quantmap.compile("olmoe"), megatron=megatron, hf=hf).ok
+    assert {f.code for f in check(quantmap.compile("olmoe"), megatron=megatron, hf=hf).findings} == {"QM106"}
     assert codes(check(quantmap.compile("olmoe"), megatron=megatron, hf=[])) == [("QM102", "megatron", megatron[0])]
 
 
@@ -156,3 +159,30 @@ def test_cli_check_with_unreadable_names_exits_1_with_the_path(tmp_path):
 def test_cli_check_without_any_names_is_a_usage_error():
     result = run("llama")
     assert result.returncode == 2 and "--megatron, --hf, or both" in result.stderr
+
+
+def test_dead_rules_are_notes_for_the_kinds_of_names_present():
+    """qwen2's qkv bias rules match nothing in a Llama-shaped model; AWQ's _pre_quant_scale rules are not
+    dead where the names hold no _pre_quant_scale at all. Notes never fail the report."""
+    qwen2 = quantmap.compile("qwen2")
+    report = check(qwen2, megatron=LLAMA_MEGATRON, hf=LLAMA_HF)
+    assert report.ok
+    dead = sorted(n.name for n in report.notes if n.code == "QM105")
+    assert dead == ["decoder.layers.*.self_attention.linear_qkv.bias"]
+    buffers = ["decoder.layers.0.self_attention.linear_proj.weight_quantizer._amax"]
+    report = check(qwen2, megatron=LLAMA_MEGATRON + buffers, hf=LLAMA_HF + ["model.layers.0.self_attn.o_proj.weight_quantizer._amax"])
+    dead = {n.name for n in report.notes if n.code == "QM105"}
+    assert "decoder.layers.*.self_attention.linear_qkv.weight_quantizer._amax" in dead
+    assert not any("_pre_quant_scale" in name or "input_quantizer" in name for name in dead)
+    assert "QM105" in report.to_text() and report.to_json()["notes"]
+
+
+def test_reverse_winners_the_model_lacks_are_reported_with_both_sides_only(llama):
+    te = [n.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+          .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight") for n in LLAMA_MEGATRON]
+    assert check(llama, megatron=te, hf=LLAMA_HF).notes == ()
+    notes = check(llama, megatron=LLAMA_MEGATRON, hf=LLAMA_HF).notes  # local: TE's names win reverse
+    assert [(n.code, n.name) for n in notes] == [("QM106", "model.layers.0.input_layernorm.weight"),
+                                                 ("QM106", "model.layers.0.post_attention_layernorm.weight")]
+    assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in notes[0].message
+    assert check(llama, megatron=LLAMA_MEGATRON).notes == ()

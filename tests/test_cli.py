@@ -105,8 +105,10 @@ def test_unknown_spec_name_suggests_a_shipped_one():
 @pytest.mark.parametrize("args", [("compile", "llama"), ("validate", "llama"),
                                   ("lookup", "llama", "decoder.layers.0.mlp.linear_fc2.weight"),
                                   ("lookup", "qwen3_moe", "--hf-naming", "in-memory", "-r",
-                                   "model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax")])
-def test_compile_validate_and_lookup_never_import_torch(args):
+                                   "model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax"),
+                                  ("names", "deepseek_v3", "--side", "hf", "--layers", "2", "--experts", "2",
+                                   "-p", "num_layers=2")])
+def test_compile_validate_lookup_and_names_never_import_torch(args):
     code = (
         "import sys\n"
         "from quantmap.cli import main\n"
@@ -122,7 +124,7 @@ def test_compile_validate_and_lookup_never_import_torch(args):
 
 
 def test_help_is_available_for_every_command():
-    for command in ("compile", "validate", "lookup", "schema", "specs"):
+    for command in ("compile", "validate", "lookup", "names", "schema", "specs"):
         result = run(command, "--help")
         assert result.returncode == 0 and "Usage:" in result.stdout
 

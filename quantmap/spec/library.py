@@ -26,14 +26,21 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def shipped_bases() -> dict[str, Path]:
+    """The shipped bases, named as ``extends`` names them from anywhere: ``base/gqa``."""
+    return {f"base/{p.stem}": p for p in sorted((SPEC_DIR / "base").glob("*.yaml"))}
+
+
 def find_spec(spec: str | Path) -> Path:
-    """A spec's file from a path, or from the name of a shipped spec."""
+    """A spec's file from a path, or from the name of a shipped spec or base (``base/gqa``,
+    ``base/gqa.yaml``)."""
     path = Path(spec)
     if path.is_file():
         return path
-    shipped = shipped_specs()
-    if isinstance(spec, str) and spec in shipped:
-        return shipped[spec]
+    shipped = {**shipped_specs(), **shipped_bases()}
+    name = spec.removesuffix(".yaml") if isinstance(spec, str) else None
+    if name in shipped:
+        return shipped[name]
     close = difflib.get_close_matches(path.stem, list(shipped), n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"shipped specs: {', '.join(shipped) or 'none'}"
     raise SpecError([Diagnostic("QM006", f"no spec file or shipped spec named {str(spec)!r}", Location(str(spec)), hint)])

@@ -17,12 +17,13 @@ import yaml
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.spec.library import display_path, find_spec
-from quantmap.spec.schema import Exclusions, MappingSpec, Sides, SpecFile
+from quantmap.spec.schema import BlockUse, Exclusions, MappingSpec, Sides, SpecFile
 
 MAX_SPEC_BYTES = 1 << 20
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions}
+_MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions,
+              ("blocks", str, int): MappingSpec, ("use", int): BlockUse, ("use", int, "prefix"): Sides}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class ResolvedSpec:
     exclude_megatron: tuple[str, ...]
     exclude_hf: tuple[str, ...]
     files: tuple[str, ...] = field(default=())
+    blocks: dict[str, tuple[SourcedMapping, ...]] = field(default_factory=dict)  # as written, no prefix
 
 
 def load_spec(spec: str | Path) -> ResolvedSpec:
@@ -198,6 +200,8 @@ def _nearest(loc: tuple, first: dict, second: dict, file: str) -> Location:
 
 def _allowed_fields(parent: tuple) -> list[str]:
     shape = tuple(int if isinstance(part, int) else part for part in parent)
+    if shape[:1] == ("blocks",) and len(shape) == 3:
+        shape = ("blocks", str, int)  # a block's name is the user's
     model = _MODELS_AT.get(shape)
     return sorted(model.model_fields) if model else []
 
@@ -208,15 +212,43 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> ResolvedSpec:
     parent: ResolvedSpec | None = None
     if model.extends is not None:
         parent = _resolve_parent(model.extends, path, chain, values.get(("extends",), Location(file)))
-    own = tuple(_sourced(m, i, file, values, model.prefix) for i, m in enumerate(model.mappings))
+    blocks = {**(parent.blocks if parent else {}), **{
+        name: tuple(_sourced(m, ("blocks", name, i), file, values, Sides()) for i, m in enumerate(block))
+        for name, block in model.blocks.items()}}
+    own = tuple(_sourced(m, ("mappings", i), file, values, model.prefix) for i, m in enumerate(model.mappings))
+    own += _instances(model, blocks, values, file)
     _reject_duplicates(own)
-    return _merge(model, own, parent, file)
+    return _merge(model, own, parent, file, blocks, values)
+
+
+def _instances(model: SpecFile, blocks: dict[str, tuple[SourcedMapping, ...]], values: dict,
+               file: str) -> tuple[SourcedMapping, ...]:
+    """The mappings of every ``use``: the block's, under the spec's prefix and then the instance's."""
+    out: list[SourcedMapping] = []
+    problems = []
+    for index, use in enumerate(model.use):
+        prefix = Sides(megatron=model.prefix.megatron + use.prefix.megatron, hf=model.prefix.hf + use.prefix.hf)
+        names = [use.block] if isinstance(use.block, str) else use.block
+        for position, name in enumerate(names):
+            if name not in blocks:
+                where = values.get(("use", index, "block") + (() if isinstance(use.block, str) else (position,)))
+                close = difflib.get_close_matches(name, list(blocks), n=1)
+                problems.append(Diagnostic(
+                    "QM043", f"'use' names no block {name!r}", where or Location(file),
+                    f"did you mean {close[0]!r}?" if close else f"declared blocks: {', '.join(blocks) or 'none'}"))
+                continue
+            out += [_prefixed(m, prefix, use.priority) for m in blocks[name]]
+    if problems:
+        raise SpecError(problems)
+    return tuple(out)
 
 
 def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Location) -> ResolvedSpec:
-    # A file name is relative to the extending spec, never to the working directory.
+    # A file name is relative to the extending spec, never to the working directory; a name, or a
+    # file name that is not there, is a shipped spec or base ("base/gqa").
+    relative = path.parent / ref
     try:
-        target = find_spec(path.parent / ref if ref.endswith((".yaml", ".yml")) else ref)
+        target = find_spec(relative if ref.endswith((".yaml", ".yml")) and relative.is_file() else ref)
     except SpecError as exc:
         raise SpecError([Diagnostic("QM040", f"'extends: {ref}' names no spec: {d.message}", where, d.hint)
                          for d in exc.diagnostics]) from None
@@ -227,8 +259,7 @@ def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Locati
     return _resolve(target, seen)
 
 
-def _sourced(m: MappingSpec, index: int, file: str, values: dict, prefix: Sides) -> SourcedMapping:
-    base = ("mappings", index)
+def _sourced(m: MappingSpec, base: tuple, file: str, values: dict, prefix: Sides) -> SourcedMapping:
     parts = (("", m.hf),) if isinstance(m.hf, str) else tuple(m.hf.items())
     fields = [(name, values[base + (name,)]) for name in MappingSpec.model_fields if base + (name,) in values]
     fields += [(f"hf.{part}", values[base + ("hf", part)]) for part, _ in parts if base + ("hf", part) in values]
@@ -261,11 +292,30 @@ def _reject_duplicates(mappings: tuple[SourcedMapping, ...]) -> None:
         raise SpecError(problems)
 
 
-def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpec | None, file: str) -> ResolvedSpec:
-    """Child overrides parent: same Megatron pattern and HF naming replaces in place, new mappings append."""
+def _kept(model: SpecFile, parent: ResolvedSpec | None, values: dict, file: str) -> list[SourcedMapping]:
+    """The inherited mappings less those ``drop`` names; a pattern that drops nothing is an error."""
+    inherited = list(parent.mappings) if parent else []
+    known = {m.megatron for m in inherited}
+    problems = []
+    for index, pattern in enumerate(model.drop):
+        if pattern not in known:
+            close = difflib.get_close_matches(pattern, sorted(known), n=1)
+            hint = (f"did you mean {close[0]!r}?" if close else "write the inherited mapping's Megatron pattern as "
+                    "the extended spec resolves it") if parent else "'drop' removes mappings of the spec in 'extends'"
+            problems.append(Diagnostic("QM042", f"'drop' names no inherited mapping: {pattern!r}",
+                                       values.get(("drop", index), Location(file)), hint))
+    if problems:
+        raise SpecError(problems)
+    dropped = set(model.drop)
+    return [m for m in inherited if m.megatron not in dropped]
+
+
+def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpec | None, file: str,
+           blocks: dict[str, tuple[SourcedMapping, ...]], values: dict) -> ResolvedSpec:
+    """Child overrides parent: same Megatron pattern and HF naming replaces in place, new mappings append. Prefixes
+    apply to mappings only: ``exclude`` patterns are taken as written."""
     explicit = model.model_fields_set
-    prefix = model.prefix
-    mappings = [_prefixed(m, prefix) for m in parent.mappings] if parent else []
+    mappings = [_prefixed(m, model.prefix) for m in _kept(model, parent, values, file)]
     position = {m.key: i for i, m in enumerate(mappings)}
     for m in own:
         if m.key in position:
@@ -286,19 +336,19 @@ def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpe
         kv_cache=pick("kv_cache", model.kv_cache, parent and parent.kv_cache),
         kv_skip_segments=tuple(pick("kv_skip_segments", model.kv_skip_segments, parent and parent.kv_skip_segments)),
         mappings=tuple(mappings),
-        exclude_megatron=tuple(prefix.megatron + p for p in (parent.exclude_megatron if parent else ()))
-        + tuple(prefix.megatron + p for p in model.exclude.megatron),
-        exclude_hf=tuple(prefix.hf + p for p in (parent.exclude_hf if parent else ()))
-        + tuple(prefix.hf + p for p in model.exclude.hf),
+        exclude_megatron=(parent.exclude_megatron if parent else ()) + tuple(model.exclude.megatron),
+        exclude_hf=(parent.exclude_hf if parent else ()) + tuple(model.exclude.hf),
         files=(parent.files if parent else ()) + (file,),
+        blocks=blocks,
     )
 
 
-def _prefixed(m: SourcedMapping, prefix: Sides) -> SourcedMapping:
-    if not (prefix.megatron or prefix.hf):
+def _prefixed(m: SourcedMapping, prefix: Sides, priority: int = 0) -> SourcedMapping:
+    """``m`` with ``prefix`` put before its names and ``priority`` added to its own."""
+    if not (prefix.megatron or prefix.hf or priority):
         return m
     return SourcedMapping(
-        spec=m.spec,
+        spec=m.spec.model_copy(update={"priority": m.spec.priority + priority}) if priority else m.spec,
         megatron=prefix.megatron + m.megatron,
         hf=tuple((part, prefix.hf + pattern) for part, pattern in m.hf),
         location=m.location,

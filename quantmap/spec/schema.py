@@ -102,6 +102,20 @@ class MappingSpec(_Strict):
     note: str | None = Field(None, description="Free text for readers of the spec.")
 
 
+class BlockUse(_Strict):
+    """One instance of one or more blocks: their mappings with prefixes put before their names and a priority offset."""
+
+    block: str | list[str] = Field(
+        description="The name of a block of this spec or of a spec it extends, or a list of them (mapped in order)."
+    )
+    prefix: Sides = Field(
+        default_factory=Sides,
+        description="Text put before every name of the block's mappings, captures included, e.g. "
+        "{megatron: 'mtp.layers.{i}.mtp_model_layer.', hf: 'model.layers.{num_layers + i}.'}.",
+    )
+    priority: int = Field(0, description="Added to the priority of every mapping of the block.")
+
+
 class SpecFile(_Strict):
     """A quantmap spec: how one architecture's weights are named in Megatron-Core and Hugging Face."""
 
@@ -129,4 +143,17 @@ class SpecFile(_Strict):
         description="Path segments under which no KV-cache rules are derived.",
     )
     mappings: list[MappingSpec] = Field(default_factory=list, description="The weight mappings.")
-    exclude: Exclusions = Field(default_factory=Exclusions, description="Names left unmapped on purpose.")
+    blocks: dict[str, list[MappingSpec]] = Field(
+        default_factory=dict,
+        description="Named groups of mappings, written relative to a prefix, that 'use' instantiates; a block "
+        "alone maps nothing.",
+    )
+    use: list[BlockUse] = Field(default_factory=list, description="Instances of blocks, mapped after 'mappings'.")
+    drop: list[str] = Field(
+        default_factory=list,
+        description="Megatron patterns of inherited mappings to remove, exactly as the extended spec resolves "
+        "them; one that names no inherited mapping is an error.",
+    )
+    exclude: Exclusions = Field(
+        default_factory=Exclusions, description="Names left unmapped on purpose, taken as written (no prefix)."
+    )

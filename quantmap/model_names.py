@@ -1,0 +1,155 @@
+"""Every concrete name a model of a given size has on one side, generated from a compiled spec's rules.
+
+A user diffs this list against a real checkpoint (``quantmap names``) instead of writing names by
+hand. It lists the names the rules *map*: weights, and the quantizer buffers derived for them;
+what the spec excludes (``_extra_state``, rotary buffers) is not listed.
+
+A spec maps several Megatron layouts at once, so the rules that compete for one HF name are
+told apart from their own structure, never per model:
+
+* ``te`` / ``local``: Transformer Engine fuses a norm into the next linear layer
+  (``linear_qkv.layer_norm_weight``, Megatron-Core's TE layer specs); where such a mapping and a
+  separate norm map the same HF name, ``te`` keeps the fused one and ``local`` the separate one.
+  A norm with no fused competitor (MLA's input norm, an MoE layer's ``pre_mlp_layernorm``) is in both.
+* ``grouped`` / ``sequential``: where a grouped-MoE mapping (``linear_fc1.weight*``, TEGroupedMLP)
+  and a per-expert one (``local_experts.*``, SequentialMLP) map the same HF name, one is kept.
+
+A layer's ``mlp`` is either a dense MLP (``mlp.linear_fc1``) or an MoE layer (``mlp.router``,
+``mlp.experts``, ``mlp.shared_experts``), as Megatron-Core's GPT layers name them: the dense
+mappings apply to the ``dense_layers`` only, the MoE ones to the other layers, and the layouts
+are chosen per kind of layer (a TE dense layer fuses its pre-MLP norm into ``linear_fc1``, a TE
+MoE layer keeps ``pre_mlp_layernorm``).
+
+Captures take their values from the size: a capture is an expert when it is the expert of a
+grouped block or follows an ``experts.`` segment, an MTP layer when either side shifts it by a
+parameter (``model.layers.{num_layers + i}``), and a layer otherwise. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from quantmap.compiler import _is_grouped
+from quantmap.patterns import Pattern
+from quantmap.rules import MOE_FANOUT, WEIGHT, Rule
+from quantmap.ruleset import RuleSet
+
+MEGATRON = "megatron"
+HF = "hf"
+_EXPERT_SEGMENT = re.compile(r"(?:^|\.)(?:local_)?experts\.$")
+_DENSE_MLP = re.compile(r"(?:^|\.)mlp\.linear_fc\d")
+_MOE_MLP = re.compile(r"(?:^|\.)mlp\.(?:router|experts|shared_experts)\.")
+DENSE = "dense"
+MOE = "moe"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """How many of each indexed thing the model has, and which Megatron layout it is built with."""
+
+    layers: int
+    experts: int | None = None
+    mtp_layers: int = 0
+    te: bool = True
+    grouped: bool = True
+    dense_layers: tuple[int, ...] | None = None  # None: every layer when the spec has no MoE mappings, else none
+
+
+class NamesError(ValueError):
+    """The size does not say enough to generate the names (an expert count the rules need)."""
+
+
+def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None,
+                omit: Iterable[str] = ()) -> list[str]:
+    """The concrete names on ``side`` (``"megatron"`` or ``"hf"``), each once, in natural order
+    (``layers.2`` before ``layers.10``) so that a diff against a sorted checkpoint listing is short.
+
+    ``buffers`` limits the quantizer buffers listed (e.g. ``["weight_quantizer._amax"]``; ``[]``
+    lists weights only); ``None`` lists every buffer the spec derives. ``omit`` leaves out the
+    mappings whose Megatron pattern ends with one of its texts (``self_attention.linear_q_proj.weight``):
+    a form the model's config does not build, which no rule competes with. A grouped-MoE weight
+    quantizer is listed in the one form an import writes (rules that are not ``reversible`` are the
+    other ModelOpt form of the same quantizer, export-only).
+    """
+    wanted = None if buffers is None else set(buffers)
+    omit = tuple(omit)
+    kept = [r for r in rules if r.reversible and (r.kind == WEIGHT or wanted is None or r.buffer in wanted)
+            and not (omit and r.origin.mapping.endswith(omit))]
+    dense = size.dense_layers
+    if dense is None:
+        dense = () if any(_mlp_kind(r) == MOE for r in rules) else tuple(range(size.layers))
+    layers = {DENSE: [i for i in range(size.layers) if i in set(dense)],
+              MOE: [i for i in range(size.layers) if i not in set(dense)]}
+    names: dict[str, None] = {}
+    for kind in (DENSE, MOE):
+        active = [r for r in kept if _mlp_kind(r) in (None, kind)]
+        dropped = _other_layouts(active, size)
+        for rule in active:
+            if rule.origin.mapping in dropped:
+                continue
+            for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
+                for values in _values(rule, pattern, side, size, layers[kind]):
+                    names[pattern.fill(values)] = None
+    return sorted(names, key=_natural)
+
+
+def _natural(name: str) -> list:
+    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"([0-9]+)", name)]
+
+
+def _mlp_kind(rule: Rule) -> str | None:
+    """Whether a rule belongs to a dense MLP, an MoE layer, or neither (attention, norms, ...)."""
+    if _DENSE_MLP.search(rule.megatron.text):
+        return DENSE
+    return MOE if _MOE_MLP.search(rule.megatron.text) else None
+
+
+def _other_layouts(rules: list[Rule], size: ModelSize) -> set[str]:
+    """The mappings (by Megatron pattern) of the layouts not chosen, from the weight rules that
+    compete for one HF name."""
+    competing: dict[str, list[Rule]] = {}
+    for rule in rules:
+        if rule.kind == WEIGHT:
+            for pattern in rule.hf:
+                competing.setdefault(pattern.text, []).append(rule)
+    dropped: set[str] = set()
+    for group in competing.values():
+        if len(group) < 2:
+            continue
+        grouped = [r for r in group if _is_grouped(r.megatron)]
+        fused = [r for r in group if r.megatron.text.rsplit(".", 1)[-1].startswith("layer_norm_")]
+        for chosen in (grouped, fused):
+            if chosen:
+                keep_chosen = size.grouped if chosen is grouped else size.te
+                dropped |= {r.origin.mapping for r in group if (r in chosen) != keep_chosen}
+    return dropped
+
+
+def _values(rule: Rule, pattern: Pattern, side: str, size: ModelSize,
+            layers: list[int]) -> Iterable[tuple[str, ...]]:
+    ranges = []
+    for position in range(pattern.arity):
+        kind = _capture_kind(rule, pattern, position, side)
+        if kind == "expert":
+            if size.experts is None:
+                raise NamesError(f"{pattern.text!r} names an expert: give the expert count (--experts E)")
+            ranges.append([str(i) for i in range(size.experts)])
+        else:
+            ranges.append([str(i) for i in (range(size.mtp_layers) if kind == "mtp" else layers)])
+    return itertools.product(*ranges)
+
+
+def _capture_kind(rule: Rule, pattern: Pattern, position: int, side: str) -> str:
+    expert = rule.expert_capture if rule.kind == MOE_FANOUT else None  # the HF side's extra capture
+    if side == HF and position == expert:
+        return "expert"
+    glued = side == MEGATRON and position == pattern.arity - 1 and _is_grouped(pattern)
+    if glued or _EXPERT_SEGMENT.search(pattern.literals[position]):
+        return "expert"
+    megatron = position if side == MEGATRON or expert is None or position < expert else position - 1
+    hf = megatron if expert is None or megatron < expert else megatron + 1
+    offsets = [rule.megatron.captures[megatron].offset] + [p.captures[hf].offset for p in rule.hf]
+    return "mtp" if any(offsets) else "layer"

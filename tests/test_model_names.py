@@ -1,0 +1,127 @@
+"""``quantmap names``: the names a model of a given size has, generated from the rules, against the
+names of real models (the Megatron-Core and transformers fixtures) and Megatron-Core's TE/MoE layouts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_specs_megatron import _deepseek, _te_llama
+
+import quantmap
+from quantmap.check import check
+from quantmap.model_names import HF, MEGATRON, ModelSize, NamesError, model_names
+from quantmap.patterns import parse
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _record(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _excluded(rules, side):
+    patterns = [parse(p) for p in (rules.spec.exclude_megatron if side == MEGATRON else rules.spec.exclude_hf)]
+    return lambda name: any(p.match(name) is not None for p in patterns)
+
+
+@pytest.mark.parametrize(("fixture", "spec", "experts"), [
+    ("state_fp8_default_kv_tp1", "llama", None), ("state_int4_awq_bs32_tp1", "llama", None),
+    ("state_int8_smoothquant_tp1", "llama", None), ("state_fp8_default_kv_tp1", "mistral", None),
+    ("state_fp8_default_kv_moeseq_tp1", "mixtral", 4), ("state_int8_default_moeseq_tp1", "mixtral", 4),
+])
+def test_megatron_names_are_the_real_state_dict_less_what_the_spec_excludes(fixture, spec, experts):
+    """Local layer spec, SequentialMLP: generated == every real name the spec does not exclude, with the
+    quantizer buffers the model's quantization config has."""
+    record = _record(DATA / "megatron" / f"{fixture}.json")
+    keys = list(record["state_dict_keys"])
+    rules = quantmap.compile(spec)
+    buffers = {".".join(name.split(".")[-2:]) for name in keys if "_quantizer." in name}
+    size = ModelSize(record["model_config"]["num_layers"], experts, te=False, grouped=False)
+    # ModelOpt disables the output layer's quantizers by default: the spec maps them, the fixture has none.
+    generated = [name for name in model_names(rules, MEGATRON, size, buffers)
+                 if not name.startswith("output_layer.") or name in keys]
+    excluded = _excluded(rules, MEGATRON)
+    assert len(generated) == len(set(generated))
+    assert set(generated) == {name for name in keys if not excluded(name)}
+    assert any(excluded(name) for name in keys)  # _extra_state is real, and left out on purpose
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "olmoe", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_hf_names_are_the_on_disk_names_of_a_tiny_real_model(arch):
+    record = _record(DATA / "hf" / f"names_{arch}.json")
+    config = record["config"]
+    layers = config["num_hidden_layers"]
+    experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts")
+    dense = tuple(range(config.get("first_k_dense_replace", 0))) if "first_k_dense_replace" in config else None
+    rules = quantmap.compile(arch, **({"num_layers": layers} if "num_layers" in quantmap.load_spec(arch).params else {}))
+    # transformers does not save DeepSeek's MTP layer, so the on-disk model has none; the fixture sets
+    # q_lora_rank, so it builds q_a_proj/q_b_proj and not the V2-Lite q_proj.
+    omit = ["self_attention.linear_q_proj.weight"] if arch == "deepseek_v3" else []
+    generated = model_names(rules, HF, ModelSize(layers, experts, dense_layers=dense), buffers=[], omit=omit)
+    on_disk = record["on_disk_save_pretrained"]
+    excluded = _excluded(rules, HF)
+    assert sorted(generated) == sorted(name for name in on_disk if not excluded(name))
+
+
+@pytest.mark.parametrize("te", [True, False])
+def test_megatron_layouts_select_te_or_local_norms_and_grouped_or_sequential_experts(te):
+    """DeepSeek-V3: dense first layer, MoE layers, MTP; TE (fused norms, TEGroupedMLP) or local
+    (separate norms, SequentialMLP), against the layouts written out from Megatron-Core's source."""
+    rules = quantmap.compile("deepseek_v3", num_layers=3)
+    size = ModelSize(3, experts=2, mtp_layers=1, te=te, grouped=te, dense_layers=(0,))
+    generated = model_names(rules, MEGATRON, size, buffers=[], omit=["self_attention.linear_q_proj.weight"])
+    assert sorted(generated) == sorted(_deepseek(3, 1, 2, te=te, mtp=1))
+    assert sorted(model_names(quantmap.compile("llama"), MEGATRON, ModelSize(2), buffers=[])) == sorted(_te_llama(2))
+
+
+@pytest.mark.parametrize("te", [True, False])
+def test_generated_names_of_both_sides_pair_up_under_check(te):
+    rules = quantmap.compile("deepseek_v3", num_layers=2, num_experts=4)
+    sequential = ModelSize(2, experts=4, mtp_layers=1, te=te, grouped=False, dense_layers=(0,))
+    report = check(rules, megatron=model_names(rules, MEGATRON, sequential), hf=model_names(rules, HF, sequential))
+    assert report.findings == ()
+    # TE's dense layer 0 fuses its pre-MLP norm, but the HF norm's reverse lookup prefers pre_mlp_layernorm;
+    # the local layout keeps MLA's latent norms apart, but their reverse lookups prefer TE's fused names.
+    # Notes, not findings: no quantizer state goes there. No rule is dead in either layout.
+    expected = ["model.layers.0.post_attention_layernorm.weight"] if te else [
+        f"model.layers.{layer}.self_attn.{norm}_a_layernorm.weight" for layer in range(3) for norm in ("kv", "q")]
+    assert [(n.code, n.name) for n in report.notes] == [("QM106", name) for name in expected]
+    # A TEGroupedMLP model: the experts' HF buffers resolve back to SequentialMLP names, which it lacks
+    # (QM102 where the grouped form maps one to one, ModelOpt 0.47's per-expert weight quantizers).
+    grouped = ModelSize(2, experts=4, mtp_layers=1, te=te, grouped=True, dense_layers=(0,))
+    report = check(rules, megatron=model_names(rules, MEGATRON, grouped), hf=model_names(rules, HF, grouped))
+    assert report.findings and all(f.code in ("QM102", "QM106") and "local_experts" in f.message
+                                   and ".experts." in f.name for f in report.findings)
+
+
+def test_omit_leaves_out_the_mappings_of_a_form_the_model_does_not_build():
+    rules = quantmap.compile("deepseek_v3", num_layers=2)
+    size = ModelSize(2, experts=2, mtp_layers=1, te=False, grouped=False, dense_layers=(0,))
+    full = model_names(rules, MEGATRON, size, buffers=[])
+    less = model_names(rules, MEGATRON, size, buffers=[], omit=["self_attention.q_layernorm.weight"])
+    assert sorted(set(full) - set(less)) == [
+        "decoder.layers.0.self_attention.q_layernorm.weight", "decoder.layers.1.self_attention.q_layernorm.weight",
+        "mtp.layers.0.mtp_model_layer.self_attention.q_layernorm.weight"]
+
+
+def test_an_expert_capture_needs_the_expert_count():
+    with pytest.raises(NamesError, match="--experts"):
+        model_names(quantmap.compile("mixtral"), HF, ModelSize(2))
+
+
+def test_cli_prints_one_name_per_line_or_json():
+    base = [sys.executable, "-m", "quantmap", "names", "llama", "--side", "hf", "--layers", "2", "--weights-only"]
+    lines = subprocess.run(base, capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    as_json = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, cwd=REPO, check=True).stdout)
+    assert lines == as_json and "model.layers.1.mlp.down_proj.weight" in lines
+    assert lines.index("model.layers.0.mlp.down_proj.weight") < lines.index("model.layers.1.input_layernorm.weight")
+    amax = subprocess.run(base[:-1] + ["--buffer", "weight_quantizer._amax"], capture_output=True, text=True,
+                          cwd=REPO, check=True).stdout.split()
+    assert set(amax) - set(lines) == {name for name in amax if name.endswith(".weight_quantizer._amax")}
+    bad = subprocess.run(base + ["--dense-layers", "5"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and ">= --layers 2" in bad.stderr
