@@ -1,11 +1,15 @@
-"""Export (Megatron → Hugging Face): pack on every rank, plan on the writer, move bytes once, write.
+"""Export (Megatron → Hugging Face): pack on every rank, plan on rank 0, move bytes, write.
 
-Distributed, an export is four collective calls whatever the model: gather metadata to the
-writer (global rank 0 of the group), broadcast its verdict, send the packed buffers to it in one
-batch, and (when writing files) broadcast the final status. A failure anywhere (a rank whose
-state cannot be read, a layout mistake, an unwritable output) reaches every rank through the
-verdict or the status, so all ranks raise the same :class:`ExecutorError` and none hangs.
-Offline, one process plays every rank with the same code and no collectives.
+Distributed, every rank's metadata goes to every rank (1 call) and the planner (group rank 0)
+broadcasts its verdict (1 call). In memory, the packed buffers then go to rank 0 in one batch
+(1 call: 3 in all). With files, several writers write the HF shard files, each file's entries
+moved to its writer in one round of transfers (:mod:`quantmap.executor.writers`; one call per
+round, ``ceil(files / writers)`` rounds), then the writers' statuses are gathered and the final
+status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
+anywhere (a rank whose state cannot be read, a layout mistake, an unwritable output, a writer that
+fails mid-file) reaches every rank through the verdict or the status, so all ranks raise the same
+:class:`ExecutorError` and none hangs. Offline, one process plays every rank with the same plan
+and no collectives, and writes the same bytes.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.pack import Packed, empty_meta, pack
 from quantmap.executor.plan import Plan
 from quantmap.executor.progress import bar as progress_bar
-from quantmap.executor.report import ExecutorError, Report
-from quantmap.io.hf import DEFAULT_SHARD_SIZE, write_checkpoint
+from quantmap.executor.report import ExecutorError, Report, describe
+from quantmap.executor.writers import schedule, write_rounds, writer_ranks
+from quantmap.io.hf import DEFAULT_SHARD_SIZE, INDEX, shard_name, write_checkpoint, write_index
 from quantmap.io.staging import Staged
 
 
 class Export:
-    """The result of an export. On the writer it yields the HF tensors; elsewhere it is empty.
+    """The result of an export. On rank 0 of an in-memory (or offline) export it yields the HF tensors;
+    elsewhere it is empty. A distributed export to files leaves its tensors in the files.
 
     ``tensors()`` builds them one at a time (for in-process refit); fanned-out names share one
     tensor, so clone before modifying. ``report.disagreements`` fills as tensors are built.
@@ -46,6 +52,9 @@ class Export:
         return self._plan is not None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._plan is not None and self._buffers is None:
+            raise ExecutorError("this export wrote its tensors to files with several writers and holds none; "
+                                "export without out= to get them in memory, or read the files")
         records = self.records()
         for i in range(len(records)):
             tensor = records.tensor(i)
@@ -89,13 +98,19 @@ class _Records:
     def tensor(self, i: int) -> torch.Tensor:
         return self._plan.tensor(self._items[i], self._buffers)
 
+    def sources(self, i: int):
+        """The (rank, entry) pairs record ``i`` is built from: what its writer must receive."""
+        return self._items[i].sources
+
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,
-           shard_size: int = DEFAULT_SHARD_SIZE, timeout: timedelta = timedelta(minutes=10),
-           progress: bool = False) -> Export:
+           shard_size: int = DEFAULT_SHARD_SIZE, writers: int | None = None,
+           timeout: timedelta = timedelta(minutes=10), progress: bool = False) -> Export:
     """Export this rank's ``state`` (local names → tensors); call on every rank of ``placement``'s group.
 
-    With ``out`` the writer writes the HF checkpoint there (staged, then renamed into place).
+    With ``out`` the HF checkpoint is written there (staged, then renamed into place) by ``writers``
+    ranks spread over the group (default: one per pipeline stage); ``out`` must be one directory
+    that every writer can reach (a shared file system across nodes).
     """
     from quantmap.executor.comm import Comm
 
@@ -106,36 +121,80 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         if comm.is_writer and out is not None:
             staged = Staged(out)
     except Exception as error:  # shared with every rank through the verdict
-        packed = Packed(empty_meta(placement, _describe(error)))
-    metas = comm.gather_objects(packed.meta)
-    verdict = None
+        packed = Packed(empty_meta(placement, describe(error)))
+    metas = comm.all_gather_objects(packed.meta)  # the writers build their records from them
+    verdict = plan = None
     if comm.is_writer:
         try:
             plan = Plan(rules, placement.layout, metas)
             verdict = {"sizes": plan.sizes}
+            if out is not None:
+                ranks = writer_ranks(comm.size, placement.layout.pp if writers is None else writers)
+                verdict.update(schedule=schedule(_Records(plan, None), shard_size, ranks), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
-            verdict = {"error": _describe(error)}
+            verdict = {"error": describe(error)}
     verdict = comm.broadcast_object(verdict)
     if "error" in verdict:
         if staged:
             staged.discard()
         raise ExecutorError(verdict["error"])
     try:
-        buffers = comm.gather_buffers(packed.buffer, verdict["sizes"])
-        result = Export(plan if comm.is_writer else None, buffers)
-        if out is not None:
-            status = None
-            if comm.is_writer:
-                status = _write(result, staged, shard_size, progress)
-            status = comm.broadcast_object(status)
-            if status:
-                raise ExecutorError(status)
+        if out is None:
+            result = Export(plan, comm.gather_buffers(packed.buffer, verdict["sizes"]))
+        else:
+            result = _write_spread(comm, rules, placement, packed, metas, plan, verdict, staged, progress)
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
         raise
     result.calls, result.bytes = comm.calls, comm.bytes
     return result
+
+
+def _write_spread(comm, rules, placement, packed, metas, plan, verdict, staged, progress) -> Export:
+    """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards."""
+    spread = verdict["schedule"]
+    records = buffers = None
+    if comm.rank in spread.writers:
+        if plan is None:  # the same inputs give the planner's plan
+            plan = Plan(rules, placement.layout, metas)
+        buffers = {}
+        records = _Records(plan, buffers)
+    mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
+    bar = progress_bar(mine, "export", progress and comm.is_writer)
+    try:
+        status = write_rounds(comm, packed, spread, Path(verdict["staging"]), metas=metas, records=records,
+                              buffers=buffers, report=plan.report if plan else None, on_shard=bar.update)
+    finally:
+        bar.close()
+    statuses = comm.gather_objects(status)
+    final = None
+    if comm.is_writer:
+        final = _publish(plan, [s for s in statuses if s is not None], spread.bounds, staged)
+    final = comm.broadcast_object(final)
+    if final:
+        raise ExecutorError(final)
+    result = Export(plan if comm.is_writer else None, None)
+    if comm.is_writer:
+        count = len(spread.bounds)
+        result.files = [staged.target / shard_name(s, count) for s in range(count)] + [staged.target / INDEX]
+    return result
+
+
+def _publish(plan: Plan, statuses: list[dict], bounds: list[range], staged: Staged) -> str | None:
+    """After every writer: the index, then the one rename; or the first error, with nothing left behind."""
+    errors = [s["error"] for s in statuses if s["error"]]
+    notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
+    plan.report.disagreements[:] = [note for shard in sorted(notes) for note in notes[shard]]  # file order
+    try:
+        if errors:
+            raise ExecutorError(errors[0])
+        write_index(staged.path, _Records(plan, None), bounds)
+        staged.publish()
+        return None
+    except Exception as error:
+        staged.discard()
+        return f"writing {staged.target} failed, nothing was written: {describe(error)}"
 
 
 def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str | Path | None = None,
@@ -149,7 +208,7 @@ def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str
         try:
             packed = pack(rules, state, placement)
         except Exception as error:
-            packed = Packed(empty_meta(placement, _describe(error)))
+            packed = Packed(empty_meta(placement, describe(error)))
         metas.append(packed.meta)
         buffers[rank] = packed.buffer
     try:
@@ -174,9 +233,4 @@ def _write(result: Export, staged: Staged, shard_size: int, progress: bool) -> s
         return None
     except Exception as error:
         staged.discard()
-        return f"writing {staged.target} failed, nothing was written: {_describe(error)}"
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return text if isinstance(error, (ExecutorError, ValueError, OSError)) and text else f"{type(error).__name__}: {text}"
+        return f"writing {staged.target} failed, nothing was written: {describe(error)}"

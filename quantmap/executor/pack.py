@@ -2,8 +2,10 @@
 
 Only names the rule set claims are packed, under their global names; the rest are listed for the
 report. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
-tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``. The buffer is one flat byte tensor
+tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``. A buffer is one flat byte tensor
 (each tensor aligned to its element size), so any mix of dtypes travels in a single transfer.
+Packing copies nothing: a buffer is built when it is sent, of all entries (one writer) or of the
+entries one HF shard file needs (several writers, shard by shard).
 """
 
 from __future__ import annotations
@@ -23,10 +25,25 @@ from quantmap.rules import WEIGHT
 
 @dataclass
 class Packed:
-    """What one rank sends: ``meta`` (small, to the writer first) and the bytes it describes."""
+    """What one rank sends: ``meta`` (small, to the writer first) and the tensors it describes."""
 
     meta: dict
-    buffer: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """Every entry in one byte buffer, at ``meta["offsets"]``."""
+        return self.take(range(len(self.values)))
+
+    def take(self, entries) -> torch.Tensor:
+        """Entries ``entries`` (indices into ``meta``) in one new byte buffer, in that order, at the
+        offsets :func:`offsets` gives for them."""
+        starts, size = offsets(self.meta, entries)
+        buffer = torch.empty(size, dtype=torch.uint8)
+        for start, entry in zip(starts, entries):
+            flat = self.values[entry].reshape(-1).contiguous().cpu().view(torch.uint8)
+            buffer[start:start + flat.numel()] = flat
+        return buffer
 
 
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
@@ -39,7 +56,7 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
     layout, coords = placement.layout, placement.coords
     owns_dense, owns_expert = coords.dp == 0 and coords.cp == 0, coords.edp == 0
     meta = empty_meta(placement)
-    tensors, offset = [], 0
+    values = []
     for local in state.keys():
         name = to_global(local, layout, coords)
         _note_indices(meta, local)
@@ -60,21 +77,36 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
             raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
                             f"or a safetensors shard")
         value = value.detach()
-        width = value.element_size()
-        offset = -(-offset // width) * width
-        tensors.append((offset, value))
+        values.append(value)
         meta["names"].append(name)
         meta["experts"] += is_expert(name)
         meta["dtypes"].append(value.dtype)
         meta["shapes"].append(tuple(value.shape))
-        meta["offsets"].append(offset)
-        offset += value.numel() * width
-    buffer = torch.empty(offset, dtype=torch.uint8)
-    for start, value in tensors:
-        flat = value.reshape(-1).contiguous().cpu().view(torch.uint8)
-        buffer[start:start + flat.numel()] = flat
-    meta["size"] = offset
-    return Packed(meta, buffer)
+    meta["offsets"], meta["size"] = offsets(meta, range(len(values)))
+    return Packed(meta, values)
+
+
+def offsets(meta: dict, entries) -> tuple[array, int]:
+    """Where entries ``entries`` lie in a buffer that holds just them, in that order (each aligned to
+    its element size), and the buffer's size. Sender and writer both compute it from ``meta``."""
+    starts, offset = array("q"), 0
+    for entry in entries:
+        dtype = meta["dtypes"][entry]
+        width = dtype.itemsize
+        offset = -(-offset // width) * width
+        starts.append(offset)
+        offset += math.prod(meta["shapes"][entry]) * width
+    return starts, offset
+
+
+def rebase(meta: dict, entries) -> int:
+    """Point ``meta``'s offsets for ``entries`` into a buffer of just them (as :meth:`Packed.take`
+    builds it), so that :func:`unpack` reads them there; the buffer's size. A writer that receives a
+    shard's entries does this on its own copy of the metadata."""
+    starts, size = offsets(meta, entries)
+    for entry, start in zip(entries, starts):
+        meta["offsets"][entry] = start
+    return size
 
 
 def _note_indices(meta: dict, local: str) -> None:

@@ -72,3 +72,9 @@ def group_names(names: list[str]) -> list[tuple[str, int]]:
 def natural(name: str) -> tuple:
     """Sort key that puts layer 10 after layer 9 (for lists people read)."""
     return tuple(int(part) if part.isdigit() else part for part in _NUMBER.split(name))
+
+
+def describe(error: BaseException) -> str:
+    """An error as the one line every rank raises: its own text where that says enough, else with its type."""
+    text = str(error)
+    return text if isinstance(error, (ExecutorError, ValueError, OSError)) and text else f"{type(error).__name__}: {text}"
