@@ -14,7 +14,9 @@ and no collectives, and writes the same bytes.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
+from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -22,12 +24,13 @@ import torch
 
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
-from quantmap.executor.pack import Packed, empty_meta, pack
+from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
 from quantmap.executor.plan import Plan
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, describe
 from quantmap.executor.writers import schedule, write_rounds, writer_ranks
 from quantmap.io.hf import DEFAULT_SHARD_SIZE, INDEX, shard_name, write_checkpoint, write_index
+from quantmap.io.safetensors_stream import each_record, raw_bytes
 from quantmap.io.staging import Staged
 
 
@@ -42,6 +45,7 @@ class Export:
     def __init__(self, plan: Plan | None, buffers: dict[int, torch.Tensor] | None, calls: int = 0, moved: int = 0):
         self._plan = plan
         self._buffers = buffers
+        self._records: _Records | None = None
         self.report = plan.report if plan else Report()
         self.calls = calls
         self.bytes = moved
@@ -66,7 +70,9 @@ class Export:
 
     def records(self) -> "_Records":
         """The combined tensors as the file writer's records (empty except on the writer)."""
-        return _Records(self._plan, self._buffers)
+        if self._records is None:
+            self._records = _Records(self._plan, self._buffers)
+        return self._records
 
     def write(self, out: Path, shard_size: int, progress: bool = False) -> list[Path]:
         records = self.records()
@@ -83,24 +89,65 @@ class _Records:
 
     def __init__(self, plan: Plan | None, buffers):
         self._items = plan.items if plan else []
-        self._plan, self._buffers = plan, buffers
+        self.plan, self.buffers = plan, buffers
+        # Asked for several times per record (shard sizes, header, data, index, schedule): built once.
+        # Names are not kept: they are most of a large export's metadata.
+        self._specs = [(item.count, *plan.spec(item)) for item in self._items]
 
     def __len__(self) -> int:
         return len(self._items)
 
     def spec(self, i: int):
-        item = self._items[i]
-        return (item.count, *self._plan.spec(item))
+        return self._specs[i]
 
     def names(self, i: int):
-        return self._plan.hf_names(self._items[i])
+        return self.plan.hf_names(self._items[i])
 
     def tensor(self, i: int) -> torch.Tensor:
-        return self._plan.tensor(self._items[i], self._buffers)
+        return self.plan.tensor(self._items[i], self.buffers)
 
     def sources(self, i: int):
         """The (rank, entry) pairs record ``i`` is built from: what its writer must receive."""
         return self._items[i].sources
+
+    def data(self, indices) -> Iterator[bytes]:
+        """The data of records ``indices``. Runs of scalar records of one dtype are built together (a
+        SequentialMLP export has 10^5 of them), the rest one by one."""
+        sourced = ((i, self.sources(i)) for i in indices)
+        for dtype, run in groupby(sourced, key=lambda pair: self._bulk_dtype(*pair)):
+            run = list(run)
+            if dtype is None:
+                yield b"".join(each_record(self, [i for i, _ in run]))
+            else:
+                yield raw_bytes(self._scalars(run, dtype))
+
+    def _bulk_dtype(self, i: int, sources) -> torch.dtype | None:
+        """The dtype of a scalar record built from scalar entries (its value is their max), else ``None``."""
+        _, dtype, shape = self._specs[i]
+        if math.prod(shape) != 1 or dtype not in _BULK:
+            return None
+        metas = self.plan.metas
+        return dtype if all(math.prod(metas[r]["shapes"][e]) == 1 for r, e in sources) else None
+
+    def _scalars(self, run: list[tuple[int, tuple]], dtype: torch.dtype) -> torch.Tensor:
+        """The values of scalar records ``run`` ((record, sources) pairs), each ``count`` times: the max of
+        each record's entries, as :meth:`Plan.tensor` combines copies; a record whose copies differ is
+        built by the plan itself, which reports the disagreement."""
+        owners, ranks, entries = [], [], []
+        for j, (_, sources) in enumerate(run):
+            for rank, entry in sources:
+                owners.append(j)
+                ranks.append(rank)
+                entries.append(entry)
+        values = unpack_scalars(self.buffers, self.plan.metas, ranks, entries, dtype)
+        owner = torch.tensor(owners)
+        out = torch.empty(len(run), dtype=dtype).scatter_reduce_(0, owner, values, "amax", include_self=False)
+        for j in owner[values != out[owner]].unique().tolist():  # differing copies (or NaN): rare
+            out[j] = self.tensor(run[j][0]).reshape(())
+        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i, _ in run]))
+
+
+_BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of
 
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,
@@ -123,14 +170,15 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     except Exception as error:  # shared with every rank through the verdict
         packed = Packed(empty_meta(placement, describe(error)))
     metas = comm.all_gather_objects(packed.meta)  # the writers build their records from them
-    verdict = plan = None
+    verdict = plan = records = None
     if comm.is_writer:
         try:
             plan = Plan(rules, placement.layout, metas)
             verdict = {"sizes": plan.sizes}
             if out is not None:
+                records = _Records(plan, {})
                 ranks = writer_ranks(comm.size, placement.layout.pp if writers is None else writers)
-                verdict.update(schedule=schedule(_Records(plan, None), shard_size, ranks), staging=str(staged.path))
+                verdict.update(schedule=schedule(records, shard_size, ranks), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
             verdict = {"error": describe(error)}
     verdict = comm.broadcast_object(verdict)
@@ -142,7 +190,7 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         if out is None:
             result = Export(plan, comm.gather_buffers(packed.buffer, verdict["sizes"]))
         else:
-            result = _write_spread(comm, rules, placement, packed, metas, plan, verdict, staged, progress)
+            result = _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress)
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
@@ -151,26 +199,25 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     return result
 
 
-def _write_spread(comm, rules, placement, packed, metas, plan, verdict, staged, progress) -> Export:
-    """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards."""
+def _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress) -> Export:
+    """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards.
+    ``records`` are the planner's (rank 0); another writer builds its own from the same inputs."""
     spread = verdict["schedule"]
-    records = buffers = None
-    if comm.rank in spread.writers:
-        if plan is None:  # the same inputs give the planner's plan
-            plan = Plan(rules, placement.layout, metas)
-        buffers = {}
-        records = _Records(plan, buffers)
+    if records is None and comm.rank in spread.writers:
+        records = _Records(Plan(rules, placement.layout, metas), {})
+    plan = records.plan if records is not None else None
     mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
     bar = progress_bar(mine, "export", progress and comm.is_writer)
     try:
         status = write_rounds(comm, packed, spread, Path(verdict["staging"]), metas=metas, records=records,
-                              buffers=buffers, report=plan.report if plan else None, on_shard=bar.update)
+                              buffers=records.buffers if records else None, report=plan.report if plan else None,
+                              on_shard=bar.update)
     finally:
         bar.close()
     statuses = comm.gather_objects(status)
     final = None
     if comm.is_writer:
-        final = _publish(plan, [s for s in statuses if s is not None], spread.bounds, staged)
+        final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged)
     final = comm.broadcast_object(final)
     if final:
         raise ExecutorError(final)
@@ -181,15 +228,15 @@ def _write_spread(comm, rules, placement, packed, metas, plan, verdict, staged, 
     return result
 
 
-def _publish(plan: Plan, statuses: list[dict], bounds: list[range], staged: Staged) -> str | None:
+def _publish(records: "_Records", statuses: list[dict], bounds: list[range], staged: Staged) -> str | None:
     """After every writer: the index, then the one rename; or the first error, with nothing left behind."""
     errors = [s["error"] for s in statuses if s["error"]]
     notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
-    plan.report.disagreements[:] = [note for shard in sorted(notes) for note in notes[shard]]  # file order
+    records.plan.report.disagreements[:] = [note for shard in sorted(notes) for note in notes[shard]]  # file order
     try:
         if errors:
             raise ExecutorError(errors[0])
-        write_index(staged.path, _Records(plan, None), bounds)
+        write_index(staged.path, records, bounds)
         staged.publish()
         return None
     except Exception as error:

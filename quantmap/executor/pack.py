@@ -123,3 +123,18 @@ def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
     """Entry ``index`` of a rank's buffer, as a view with its dtype and shape."""
     dtype, shape, start = meta["dtypes"][index], meta["shapes"][index], meta["offsets"][index]
     return buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: list[int], entries: list[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The values of one-element entries ``entries[k]`` of rank ``ranks[k]`` (all of ``dtype``), in order:
+    one gather per rank instead of a view per entry (a SequentialMLP export has 10^5 scalars)."""
+    width = dtype.itemsize
+    out = torch.empty(len(entries), dtype=dtype)
+    ranks_t, entries_t = torch.tensor(ranks), torch.tensor(entries)
+    for rank in set(ranks):
+        here = (ranks_t == rank).nonzero().flatten()
+        starts = torch.frombuffer(metas[rank]["offsets"], dtype=torch.int64)[entries_t[here]]
+        buffer = buffers[rank]
+        out[here] = buffer[:buffer.numel() // width * width].view(dtype)[starts // width]  # offsets are aligned
+    return out
