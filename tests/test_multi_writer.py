@@ -18,15 +18,18 @@ from quantmap.executor.writers import schedule, writer_ranks
 from quantmap.io.hf import INDEX
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
-# (label, form, layout sizes, writers, shard size). A dense per-channel record is 64 bytes, so a
-# 40-byte shard forces a file per record or two and puts a record larger than a shard in its own file.
+# (label, form, layout sizes, writers, shard size, channels). A dense per-channel record is
+# 8*channels bytes: 64 with 8 channels, so a 40-byte shard forces a file per record or two and puts a
+# record larger than a shard in its own file; with 2^14 channels each rank's half is a large entry
+# (pack.LARGE), which travels from its own tensor into its place in the writer's buffer.
 CASES = [
-    ("PP4xTP2", "dense", dict(pp=4, tp=2), None, 40),
-    ("PP4xTP2", "dense", dict(pp=4, tp=2), 3, 40),
-    ("TP2xPP2xDP2", "dense", dict(tp=2, pp=2, dp=2), 8, 100),
-    ("PP2xEP4", "seq", dict(pp=2, dp=4, ep=4), None, 256),
-    ("TP2xEP2xPP2", "grouped", dict(tp=2, dp=2, pp=2, ep=2), 5, 64),
-    ("EP8", "grouped", dict(dp=8, ep=8), 1, 10**6),
+    ("PP4xTP2", "dense", dict(pp=4, tp=2), None, 40, 8),
+    ("PP4xTP2", "dense", dict(pp=4, tp=2), 3, 40, 8),
+    ("TP2xPP2xDP2", "dense", dict(tp=2, pp=2, dp=2), 8, 100, 8),
+    ("PP2xTP2", "dense", dict(pp=2, tp=2, dp=2), None, 300_000, 2**14),
+    ("PP2xEP4", "seq", dict(pp=2, dp=4, ep=4), None, 256, 8),
+    ("TP2xEP2xPP2", "grouped", dict(tp=2, dp=2, pp=2, ep=2), 5, 64, 8),
+    ("EP8", "grouped", dict(dp=8, ep=8), 1, 10**6, 8),
 ]
 
 
@@ -34,8 +37,8 @@ def _layout(form: str, sizes: dict) -> Layout:
     return Layout(num_layers=NUM_LAYERS, num_experts=None if form == "dense" else NUM_EXPERTS, **sizes)
 
 
-def _states(form: str, layout: Layout) -> list[dict]:
-    return shard(global_state(form, NUM_LAYERS, layout.num_experts, channels=8), layout)
+def _states(form: str, layout: Layout, channels: int = 8) -> list[dict]:
+    return shard(global_state(form, NUM_LAYERS, layout.num_experts, channels=channels), layout)
 
 
 def _export_cases(tmp: str) -> list[int]:
@@ -44,9 +47,9 @@ def _export_cases(tmp: str) -> list[int]:
     from quantmap.executor import Placement, export
 
     calls = []
-    for n, (label, form, sizes, writers, shard_size) in enumerate(CASES):
+    for n, (label, form, sizes, writers, shard_size, channels) in enumerate(CASES):
         layout = _layout(form, sizes)
-        state = _states(form, layout)[dist.get_rank()]
+        state = _states(form, layout, channels)[dist.get_rank()]
         result = export(rules_for(form, layout.num_experts), state, Placement.from_world(layout),
                         out=Path(tmp) / f"{n}" / "hf", shard_size=shard_size, writers=writers)
         calls.append(result.calls)
@@ -65,10 +68,11 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("n", range(len(CASES)), ids=[f"{c[0]}-{c[1]}-w{c[3]}-s{c[4]}" for c in CASES])
 def test_multi_writer_files_equal_the_offline_export_byte_for_byte(exported, tmp_path, n):
     tmp, calls = exported
-    label, form, sizes, writers, shard_size = CASES[n]
+    label, form, sizes, writers, shard_size, channels = CASES[n]
     layout = _layout(form, sizes)
     expected = tmp_path / "hf"
-    export_offline(rules_for(form, layout.num_experts), _states(form, layout), layout, out=expected, shard_size=shard_size)
+    export_offline(rules_for(form, layout.num_experts), _states(form, layout, channels), layout, out=expected,
+                   shard_size=shard_size)
     got = tmp / f"{n}" / "hf"
     names = sorted(p.name for p in expected.iterdir())
     assert sorted(p.name for p in got.iterdir()) == names
@@ -78,6 +82,12 @@ def test_multi_writer_files_equal_the_offline_export_byte_for_byte(exported, tmp
     files = len(names) - 1
     spread = len(writer_ranks(8, layout.pp if writers is None else writers))
     assert [rank[n] for rank in calls] == [4 + -(-files // spread)] * 8, calls
+    if channels > 8:
+        from quantmap.executor.pack import LARGE
+        from quantmap.io.hf import Checkpoint
+
+        read = Checkpoint(got)
+        assert max(read.get(name).nbytes for name in read.names()) >= 2 * LARGE, "each TP half must be a large entry"
     if n == 0:
         assert files > 8, "the small shard size must give many files"
         big = [p for p in got.glob("model-*") if p.stat().st_size > shard_size + 8 + 2000]

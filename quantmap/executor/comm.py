@@ -64,28 +64,29 @@ class Comm:
     def gather_buffers(self, buffer: torch.Tensor, sizes: list[int]) -> dict[int, torch.Tensor] | None:
         """Byte buffers of the ranks with a non-zero size, on the writer, in one batch."""
         if self.is_writer:
-            received = self.exchange({}, {rank: size for rank, size in enumerate(sizes) if rank != WRITER})
-            return {**received, WRITER: buffer}
-        self.exchange({WRITER: buffer} if sizes[self.rank] else {}, {})
+            received = {rank: self.empty(size) for rank, size in enumerate(sizes) if rank != WRITER and size}
+            self.exchange([], list(received.items()))
+            return {**{rank: tensor.cpu() for rank, tensor in received.items()}, WRITER: buffer}
+        self.exchange([(WRITER, buffer)] if sizes[self.rank] else [], [])
         return None
 
-    def exchange(self, sends: dict[int, torch.Tensor], receives: dict[int, int]) -> dict[int, torch.Tensor]:
-        """One batch of point-to-point transfers: send byte buffer ``sends[rank]`` to each rank, and
-        receive ``receives[rank]`` bytes from each; the received buffers, on the CPU. Every rank calls
-        it in step with its peers (a rank with nothing to move returns at once)."""
+    def empty(self, size: int) -> torch.Tensor:
+        """A byte buffer to receive into, on the group's device."""
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def exchange(self, sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]]) -> None:
+        """One batch of point-to-point transfers: send each ``(rank, bytes)`` of ``sends``, and receive
+        into each ``(rank, bytes)`` of ``receives`` (contiguous byte tensors, views allowed: a buffer is
+        received piece by piece in place). Every rank calls it in step with its peers."""
         self.calls += 1
-        ops, received = [], {}
-        for rank, size in receives.items():
-            if size:
-                received[rank] = torch.empty(size, dtype=torch.uint8, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, received[rank], self._global(rank), self.group))
-                self.bytes += size
-        for rank, buffer in sends.items():
-            if buffer.numel():
-                ops.append(dist.P2POp(dist.isend, buffer.to(self.device), self._global(rank), self.group))
-                self.bytes += buffer.numel()
+        ops = []
+        for rank, tensor in receives:
+            ops.append(dist.P2POp(dist.irecv, tensor, self._global(rank), self.group))
+            self.bytes += tensor.numel()
+        for rank, tensor in sends:
+            ops.append(dist.P2POp(dist.isend, tensor.to(self.device), self._global(rank), self.group))
+            self.bytes += tensor.numel()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 if not work.wait(self.timeout):
                     raise TimeoutError(f"a tensor transfer did not finish within {self.timeout}")
-        return {rank: tensor.cpu() for rank, tensor in received.items()}

@@ -117,7 +117,7 @@ class _Records:
         for dtype, run in groupby(sourced, key=lambda pair: self._bulk_dtype(*pair)):
             run = list(run)
             if dtype is None:
-                yield b"".join(each_record(self, [i for i, _ in run]))
+                yield from each_record(self, [i for i, _ in run])
             else:
                 yield raw_bytes(self._scalars(run, dtype))
 

@@ -41,9 +41,20 @@ class Packed:
         starts, size = offsets(self.meta, entries)
         buffer = torch.empty(size, dtype=torch.uint8)
         for start, entry in zip(starts, entries):
-            flat = self.values[entry].reshape(-1).contiguous().cpu().view(torch.uint8)
+            flat = self.flat_bytes(entry)
             buffer[start:start + flat.numel()] = flat
         return buffer
+
+    def flat_bytes(self, entry: int) -> torch.Tensor:
+        """Entry ``entry``'s bytes, a view of its tensor (a copy only if it is not contiguous)."""
+        return self.values[entry].reshape(-1).contiguous().cpu().view(torch.uint8)
+
+    def pieces(self, entries: list[int]) -> list[torch.Tensor]:
+        """Entries ``entries`` (in :func:`transfer_order`) as the pieces of their transfer: the small
+        ones copied into one block, each large one its own tensor's bytes, uncopied; what
+        :func:`receiving` cuts the receiver's buffer into."""
+        small = [e for e in entries if not _large(self.meta, e)]
+        return ([self.take(small)] if small else []) + [self.flat_bytes(e) for e in entries[len(small):]]
 
 
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
@@ -97,6 +108,30 @@ def offsets(meta: dict, entries) -> tuple[array, int]:
         starts.append(offset)
         offset += math.prod(meta["shapes"][entry]) * width
     return starts, offset
+
+
+LARGE = 1 << 16  # bytes: an entry this large travels from its own tensor, not through a copy
+
+
+def _large(meta: dict, entry: int) -> bool:
+    return math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize >= LARGE
+
+
+def transfer_order(meta: dict, entries) -> list[int]:
+    """``entries`` as they lie in a transfer buffer: the small ones first, then the large ones (each
+    group in the given order)."""
+    return [e for e in entries if not _large(meta, e)] + [e for e in entries if _large(meta, e)]
+
+
+def receiving(meta: dict, entries: list[int], buffer: torch.Tensor) -> list[torch.Tensor]:
+    """The views of ``buffer`` (laid out for ``entries``, in :func:`transfer_order`) that receive the
+    pieces :meth:`Packed.pieces` sends: the small block, then each large entry in its place."""
+    starts, _ = offsets(meta, entries)
+    small = sum(1 for e in entries if not _large(meta, e))
+    views = [buffer[:offsets(meta, entries[:small])[1]]] if small else []
+    for start, entry in zip(starts[small:], entries[small:]):
+        views.append(buffer[start:start + math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize])
+    return views
 
 
 def rebase(meta: dict, entries) -> int:

@@ -5,10 +5,11 @@ Block amax of a large model runs to tens of GB, too much to funnel through one p
 (:func:`quantmap.io.hf.shard_bounds`, so the files are byte-identical to an offline export), deals
 the files round-robin to the writers, and lists for each file the packed entries, per source rank,
 that its records are built from (``Records.sources``). In round ``k`` writer ``w`` writes file
-``k*W + w``: every source rank sends it just that file's entries (one batch of point-to-point
-transfers for the whole group per round), the writer builds the file's records one at a time and
-streams them out, then drops the round's buffers. A writer thus holds one file's inputs at a time,
-plus the record being built. The planner writes the index from the plan after every writer is done.
+``k*W + w``: every source rank sends it just that file's entries (small ones copied into one block,
+large ones straight from their tensors into their place in the writer's buffer; one batch of
+point-to-point transfers for the whole group per round), the writer builds the file's records one
+at a time and streams them out, then drops the round's buffers. A writer thus holds one file's
+inputs at a time, plus the record being built. The planner writes the index after every writer is done.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantmap.executor.pack import Packed, rebase
+from quantmap.executor.pack import Packed, rebase, receiving, transfer_order
 from quantmap.executor.report import Report, describe
 from quantmap.io.hf import shard_bounds, shard_name, write_shard
 
@@ -75,24 +76,25 @@ def write_rounds(comm, packed: Packed, plan: Schedule, directory: Path, *, metas
     status = {"error": None, "disagreements": {}} if records is not None else None
     for k in range(plan.rounds):
         files = plan.round(k)
-        sends = {plan.writer(s): packed.take(plan.needs[s][rank]) for s in files
-                 if plan.writer(s) != rank and rank in plan.needs[s]}
+        sends = [(plan.writer(s), piece) for s in files if plan.writer(s) != rank and rank in plan.needs[s]
+                 for piece in packed.pieces(transfer_order(packed.meta, plan.needs[s][rank]))]
         mine = next((s for s in files if plan.writer(s) == rank), None)
-        receives = {}
+        receives = []
         if mine is not None:
-            buffers.clear()
             for source, entries in plan.needs[mine].items():
+                entries = transfer_order(metas[source], entries)
                 size = rebase(metas[source], entries)
                 if source == rank:
                     buffers[rank] = packed.take(entries)
                 else:
-                    receives[source] = size
-        buffers_in = comm.exchange(sends, receives)
-        del sends
+                    buffers[source] = comm.empty(size)
+                    receives += [(source, view) for view in receiving(metas[source], entries, buffers[source])]
+        comm.exchange(sends, receives)
+        del sends, receives
         if mine is None:
             continue
-        buffers.update(buffers_in)
-        del buffers_in
+        for source in buffers:
+            buffers[source] = buffers[source].cpu()
         if status["error"] is None:
             before = len(report.disagreements)
             try:

@@ -76,13 +76,15 @@ def write(path, records: Records, indices: range, on_names=None) -> int:
 
 
 def each_record(records: Records, indices) -> Iterator[bytes]:
-    """The data of records ``indices``, one record at a time, each checked against its spec."""
+    """The data of records ``indices``, one record (and one copy of it) at a time, each checked against its spec."""
     for i in indices:
         count, dtype, shape = records.spec(i)
         tensor = records.tensor(i)
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"record {i}: built {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
-        yield raw_bytes(tensor) * count
+        data = raw_bytes(tensor)
+        for _ in range(count):
+            yield data
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:
