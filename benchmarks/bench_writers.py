@@ -32,6 +32,9 @@ from quantmap.executor.launch import spawn
 from quantmap.executor.writers import writer_ranks
 from quantmap.io.hf import INDEX
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_executor import _peak_reset, _status  # noqa: E402 - the same resident-memory measure
+
 SIZES = dict(pp=4, tp=2)
 LAYERS = 32
 BLOCKED = ("linear_q_up_proj", "linear_kv_up_proj")
@@ -51,14 +54,6 @@ def local_state(layout: Layout, rank: int, rows: int) -> dict[str, torch.Tensor]
     return state
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def _bench(rows: int, shard_size: int, writers: int, out: str) -> dict:
     import torch.distributed as dist
 
@@ -68,9 +63,7 @@ def _bench(rows: int, shard_size: int, writers: int, out: str) -> dict:
     rules = quantmap.compile("deepseek_v3", num_layers=LAYERS, num_experts=8)
     state = local_state(layout, rank, rows)
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as handle:  # reset the resident-set high-water mark
-        handle.write("5")
-    before = _status("VmRSS")
+    before = _peak_reset()
     start = time.perf_counter()
     result = export(rules, state, placement, out=out, shard_size=shard_size, writers=writers)
     dist.barrier()
