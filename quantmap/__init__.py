@@ -18,8 +18,14 @@ from quantmap.spec import load_spec
 __all__ = ["Diagnostic", "Match", "Rule", "RuleSet", "SpecError", "compile", "load_spec"]
 
 
-def compile(spec: str | Path, **params: int) -> RuleSet:  # noqa: A001 - the verb users expect
-    """Compile a spec (a path, or a shipped spec's name) with run-time parameters."""
+def compile(spec: str | Path, *, config: str | Path | None = None, **params: int) -> RuleSet:  # noqa: A001
+    """Compile a spec (a path, or a shipped spec's name) with run-time parameters; ``config`` (a
+    Hugging Face config.json) supplies the ones it knows (head counts, widths), ``params`` win."""
     from quantmap.compiler import compile_spec
 
-    return compile_spec(load_spec(spec), params)
+    resolved = load_spec(spec)
+    if config is not None:
+        from quantmap.spec.hf_config import params_from_config
+
+        params = {**params_from_config(config, resolved.params), **params}
+    return compile_spec(resolved, params)

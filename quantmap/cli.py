@@ -28,6 +28,8 @@ app = typer.Typer(
 
 SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (see 'quantmap specs').")
 ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
+ConfigOpt = typer.Option(None, "--config", help="A Hugging Face config.json (or its directory) giving the spec's "
+                         "parameters it knows: layers, head counts, hidden size, experts. --param wins.")
 
 
 class Format(str, Enum):
@@ -45,6 +47,32 @@ def parse_params(values: Optional[List[str]]) -> dict[str, int]:
             raise typer.BadParameter(f"{item!r} is not NAME=INT, e.g. num_layers=61", param_hint="--param")
         params[name.strip()] = int(value)
     return params
+
+
+def spec_params(spec: str, values: Optional[List[str]], config: Optional[str]) -> dict[str, int]:
+    """The run-time parameters from ``--param`` and, for those it does not give, ``--config``."""
+    params = parse_params(values)
+    if config is None:
+        return params
+    from quantmap.spec import load_spec
+
+    try:
+        declared = load_spec(spec).params
+    except SpecError as error:
+        raise fail(error) from None
+    return {**config_params(config, declared), **params}
+
+
+def config_params(config: Optional[str], declared) -> dict[str, int]:
+    """The ``declared`` parameters that ``--config`` gives (none without it)."""
+    if config is None:
+        return {}
+    from quantmap.spec.hf_config import ConfigError, params_from_config
+
+    try:
+        return params_from_config(config, declared)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
 
 
 def fail(error: SpecError) -> typer.Exit:
@@ -67,9 +95,10 @@ def compile_command(
     spec: str = SpecArg,
     format: Format = typer.Option(Format.table, "--format", "-f", help="table (readable), json or yaml."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Compile a spec and print its rules. JSON output is deterministic, byte for byte."""
-    rules = compile_or_exit(spec, parse_params(param))
+    rules = compile_or_exit(spec, spec_params(spec, param, config))
     for warning in rules.warnings:
         typer.echo(str(warning), err=True)
     if format is Format.json:
@@ -97,6 +126,7 @@ def _table(rules) -> str:
 def validate(
     specs: List[str] = typer.Argument(..., help="Spec files or shipped names."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Check specs: exit 0 when all are valid, 1 with 'file:line:col: message' lines otherwise.
 
@@ -105,11 +135,12 @@ def validate(
     from quantmap.compiler import compile_spec
     from quantmap.spec import load_spec
 
-    given = parse_params(param)
+    cli_params = parse_params(param)
     failed = False
     for spec in specs:
         try:
             resolved = load_spec(spec)
+            given = {**config_params(config, resolved.params), **cli_params}
             placeholders = {name: 0 for name, value in resolved.params.items() if value is None}
             rules = compile_spec(resolved, {**placeholders, **{k: v for k, v in given.items() if k in resolved.params}})
         except SpecError as error:
@@ -132,9 +163,10 @@ def lookup(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     from_file: Optional[str] = typer.Option(None, "--from-file", help="Read names, one per line, from a file or '-'."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Resolve concrete names. Exit 0 when every name matched, 1 when some did not."""
-    rules = compile_or_exit(spec, parse_params(param))
+    rules = compile_or_exit(spec, spec_params(spec, param, config))
     resolve = rules.to_megatron if reverse else rules.to_hf
     unmatched = 0
     out = sys.stdout
@@ -184,6 +216,7 @@ def check(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
     format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Check a spec against a real model's names: unclaimed names (QM101), missing targets (QM102),
     names claimed twice (QM103), fused groups missing a part (QM104). Exit 0 unless --strict finds any."""
@@ -192,7 +225,7 @@ def check(
 
     if megatron is None and hf is None:
         raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
-    rules = compile_or_exit(spec, parse_params(param))
+    rules = compile_or_exit(spec, spec_params(spec, param, config))
     try:
         report = check_names(rules, None if megatron is None else read_names(megatron),
                              None if hf is None else read_names(hf))
@@ -221,11 +254,12 @@ def export_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
     from quantmap.executor.launch import export_shards
 
-    _run_executor(spec, param, quiet, lambda params: export_shards(
+    _run_executor(spec, spec_params(spec, param, config), quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
@@ -241,23 +275,23 @@ def import_command(
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
     param: Optional[List[str]] = ParamOpt,
+    config: Optional[str] = ConfigOpt,
 ) -> None:
     """Import Hugging Face quantizer state into a Megatron shard directory for a layout."""
     from quantmap.executor.launch import import_checkpoint
 
-    _run_executor(spec, param, quiet, lambda params: import_checkpoint(
+    _run_executor(spec, spec_params(spec, param, config), quiet, lambda params: import_checkpoint(
         spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
 
 
-def _run_executor(spec: str, param: Optional[List[str]], quiet: bool, run) -> None:
+def _run_executor(spec: str, params: dict[str, int], quiet: bool, run) -> None:
     """Run an export/import after checking the spec; its report on stderr, its failure as one
     message and exit code 1. ``run`` gets the spec's run-time parameters."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.names import NamesError
 
-    params = parse_params(param)
     compile_or_exit(spec, params)
     try:
         report = run(params)

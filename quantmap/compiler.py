@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
+from quantmap.layouts import GROUP_PARTS, Layout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.rules import AMAX, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
 from quantmap.ruleset import RuleSet
@@ -121,6 +122,10 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         context.errors.append(Diagnostic("QM011", "a plain mapping takes one HF name, not a group",
                                          mapping.where("kind"), "drop 'kind' or set it to 'fused'"))
         return []
+    if mapping.spec.hf_parts is not None and not _check_hf_parts(mapping, kind, context):
+        return []
+    if not _check_fused_module(mapping, kind, context):
+        return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
     hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
           for part, text in mapping.hf]
@@ -132,11 +137,53 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     origin = Origin(mapping.location, mapping.megatron, WEIGHT)
     parts = tuple(part for part, _ in mapping.hf)
     common = dict(parallel=mapping.spec.parallel, priority=mapping.spec.priority)
-    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, **common)]
-    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common)
+    hf_parts = None if mapping.spec.hf_parts is None else tuple(mapping.spec.hf_parts)
+
+    def layout(buffer: str | None):
+        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params)
+
+    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None), **common)]
+    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout)
     if mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv"):
         rules += _kv_rules(mapping, kind, megatron, hf, context)
     return rules
+
+
+def _check_hf_parts(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
+    """``hf_parts`` names the parts of a Megatron group that one fused HF tensor holds, so the group
+    must be a known one (``kind: qkv`` or ``gated_mlp``, given explicitly) and the HF side one name."""
+    expected = GROUP_PARTS.get(kind)
+    problem = None
+    if len(mapping.hf) != 1 or mapping.hf[0][0]:
+        problem = "hf_parts describes one fused HF tensor, but 'hf' is a group of names"
+    elif expected is None:
+        problem = f"hf_parts needs 'kind: qkv' or 'kind: gated_mlp' (got {kind!r})"
+    elif sorted(mapping.spec.hf_parts) != sorted(expected):
+        problem = f"hf_parts {mapping.spec.hf_parts} must list each of {list(expected)} once"
+    if problem:
+        context.errors.append(Diagnostic("QM024", problem, mapping.where("hf_parts"),
+                                         "e.g. {hf: model.layers.*.self_attn.qkv_proj.weight, kind: qkv, "
+                                         "hf_parts: [q, k, v]}"))
+    return problem is None
+
+
+# Megatron modules whose weight is a fused group by construction (SwiGLU's linear_fc1 is; a plain
+# MLP's is not, so there the kind must be said).
+_FUSED_MODULES = ("linear_qkv", "linear_fc1")
+
+
+def _check_fused_module(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
+    """A 1:1 mapping of ``linear_qkv`` or ``linear_fc1`` whose kind was inferred would put Megatron's
+    interleaved rows into the HF tensor unchanged; that must be said, never assumed."""
+    segments = mapping.megatron.split(".")
+    if kind != "plain" or mapping.spec.kind is not None or len(segments) < 2 or segments[-2] not in _FUSED_MODULES \
+            or segments[-1] not in ("weight", "bias"):
+        return True
+    context.errors.append(Diagnostic(
+        "QM025", f"{mapping.megatron!r} is one of Megatron's fused tensors mapped to one HF name without a 'kind'",
+        mapping.location, "for a fused HF tensor give 'kind: qkv' or 'kind: gated_mlp' and 'hf_parts'; for a "
+        "Megatron tensor the HF side holds as is (a non-gated MLP's linear_fc1) give 'kind: plain'"))
+    return False
 
 
 def _is_grouped(megatron: Pattern) -> bool:
@@ -175,7 +222,7 @@ def _check_arity(mapping: SourcedMapping, megatron: Pattern, hf: list[Pattern], 
     return True
 
 
-def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> list[Rule]:
+def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout) -> list[Rule]:
     buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
     if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
         return []
@@ -201,9 +248,16 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common) -> 
             buffer=buffer,
             expert_capture=megatron.arity - 1 if grouped else None,
             num_experts=experts,
+            layout=_GROUPED_LAYOUT if grouped else layout(buffer),
             **common,
         ))
     return rules
+
+
+# A grouped-MoE block shares one quantizer among its experts: its per-tensor amax goes to every
+# expert, but a non-scalar one says nothing about which expert owns which element.
+_GROUPED_LAYOUT = Layout(None, None, "one quantizer covers a whole block of experts; its non-scalar state has no "
+                                     "per-expert layout")
 
 
 def _derived(text: str, context: _Context) -> Pattern:
@@ -248,7 +302,8 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
     origin = Origin(mapping.location, mapping.megatron, "kv_cache")
     return [
         Rule(AMAX, _derived(f"{attention}.{megatron_buffer}", context), (_derived(f"{hf_attention}.{hf_buffer}", context),),
-             ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority)
+             ("",), origin, buffer=hf_buffer, priority=mapping.spec.priority,
+             layout=derive(hf_buffer, None, "plain", ("",), None, context.params))
         for hf_buffer, megatron_buffer in _KV_BUFFERS
     ]
 

@@ -23,6 +23,8 @@ CODES: dict[str, str] = {
     "QM021": "wildcard count or kind mismatch between the two sides",
     "QM022": "empty fused group",
     "QM023": "grouped-MoE mapping without an expert wildcard",
+    "QM024": "hf_parts that do not fit the mapping",
+    "QM025": "a fused Megatron tensor mapped 1:1 without a kind",
     "QM030": "duplicate mapping",
     "QM031": "two rules can match the same name and none is preferred",
     "QM032": "two rules produce the same target",

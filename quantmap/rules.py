@@ -10,8 +10,11 @@ A rule pairs one Megatron pattern with the Hugging Face pattern(s) it becomes. T
 ``moe_fanout``  the single quantizer of a grouped-MoE block ↔ that buffer on every HF expert the
                 block holds; the HF side has one more capture, the expert.
 
-New kinds (fan-in reductions, shape-aware splits) are new values of ``kind`` plus the fields they
-need; nothing dispatches on a class hierarchy.
+Every kind carries a ``layout`` (:mod:`quantmap.layouts`): how a non-scalar tensor lies over
+tensor-parallel ranks and the invertible tensor ops that cut it into the HF names, so that
+per-channel and per-block state (and, later, weights) go exactly where their rows go. New kinds
+(fan-in reductions) are new values of ``kind`` plus the fields they need; nothing dispatches on a
+class hierarchy.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from quantmap.diagnostics import Location
+from quantmap.layouts import Layout
 from quantmap.patterns import Pattern
 
 WEIGHT = "weight"
@@ -51,6 +55,7 @@ class Rule:
     priority: int = 0
     expert_capture: int | None = None  # moe_fanout: index of the HF capture that is the expert
     num_experts: int | None = None  # moe_fanout: the model's expert count, when known
+    layout: Layout | None = None  # where a non-scalar tensor's elements go (quantmap.layouts)
 
     def to_json(self) -> dict:
         place = self.origin.location
@@ -64,6 +69,7 @@ class Rule:
             "priority": self.priority,
             "expert_capture": self.expert_capture,
             "num_experts": self.num_experts,
+            "layout": None if self.layout is None else self.layout.to_json(),
             "source": {
                 "file": place.file,
                 "line": place.line,

@@ -136,7 +136,7 @@ def test_mla_attention_gets_kv_rules_when_asked(tmp_path):
 def test_quantizers_are_not_derived_when_the_hf_side_is_not_a_weight(tmp_path):
     path = tmp_path / "fused.yaml"
     path.write_text("name: f\nmappings:\n  - {megatron: decoder.layers.*.mlp.linear_fc1.weight, "
-                    "hf: model.layers.*.mlp.experts.gate_up_proj}\n")
+                    "hf: model.layers.*.mlp.experts.gate_up_proj, kind: plain}\n")
     rules = quantmap.compile(str(path))
     assert [r.kind for r in rules] == [WEIGHT]
     assert [w.code for w in rules.warnings] == ["QM060"]

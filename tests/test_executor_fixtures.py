@@ -1,6 +1,6 @@
-"""Real Megatron-Core + ModelOpt quantizer state (tests/data/megatron): exporting the TP=2 shards gives
-the same HF tensors as exporting the single-rank run of the same weights; per-channel INT8 and
-block INT4 state fails with a clear not-yet-supported error and writes nothing."""
+"""Real Megatron-Core + ModelOpt quantizer state (tests/data/megatron): exporting the TP=2 FP8 shards
+gives the same HF tensors as exporting the single-rank run of the same weights, through files and the
+CLI too (shaped per-channel and block state: tests/test_shaped_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import Layout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 DATA = Path(__file__).parent / "data" / "megatron"
 FP8 = ["state_fp8_default_kv", "state_fp8_default_kv_moeseq"]
-PER_CHANNEL = ["state_int8_smoothquant", "state_int4_awq_bs32", "state_int8_default_moeseq"]
 
 
 def _spec(stem: str):
@@ -59,18 +58,6 @@ def test_fp8_shards_round_trip_through_hf_files(stem, tmp_path):
         assert sorted(back) == sorted(original)
         for name in original:
             assert torch.equal(back[name], original[name]), name
-
-
-@pytest.mark.parametrize("stem", PER_CHANNEL)
-@pytest.mark.parametrize("tp", [1, 2])
-def test_per_channel_and_block_state_is_not_supported_yet_and_nothing_is_written(stem, tp, tmp_path):
-    shards = _shards(stem) if tp == 2 else [LazyShard(DATA / f"{stem}_tp1.safetensors")]
-    with pytest.raises(ExecutorError) as raised:
-        export_offline(_spec(stem), shards, _layout(stem, tp), out=tmp_path / "hf")
-    message = str(raised.value)
-    assert "does not support yet" in message and "weight_quantizer._amax has shape [" in message
-    assert "Nothing was written" in message
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_round_trips_real_tp2_shards_on_two_gloo_workers(tmp_path):

@@ -101,15 +101,17 @@ def test_import_state_builds_one_ranks_local_state_for_load_state_dict(tmp_path)
         assert all(torch.equal(local[n], t) for n, t in quantizers(ranks[rank]).items())
 
 
-def test_an_input_side_tensor_of_a_column_parallel_layer_is_refused_not_concatenated(tmp_path):
-    """``_pre_quant_scale`` is whole on every column-parallel rank (searched per rank): concatenating it
-    like the weight amax would write a wrong tensor, so the export names it and writes nothing."""
+def test_an_input_side_tensor_of_a_column_parallel_layer_is_whole_on_every_rank_not_concatenated(tmp_path):
+    """``_pre_quant_scale`` is whole on every column-parallel rank (AWQ searches it per rank):
+    concatenating it like the weight amax would write a wrong tensor; it is exported once, as the max
+    of the copies, and their disagreement is reported."""
     layout = Layout(tp=2, num_layers=1)
     ranks = shard(global_state("dense", 1), layout)
     name = "decoder.layers.0.self_attention.linear_q_up_proj.input_quantizer._pre_quant_scale"
+    copies = [torch.rand(16) + rank for rank in range(2)]
     for rank in range(2):
-        ranks[rank][name] = torch.rand(16) + rank
-    with pytest.raises(ExecutorError, match=re.escape(name) + ".*not support yet") as raised:
-        export_offline(rules_for("dense"), ranks, layout, out=tmp_path / "hf")
-    assert "input_quantizer._pre_quant_scale" in str(raised.value)
-    assert not (tmp_path / "hf").exists()
+        ranks[rank][name] = copies[rank]
+    result = export_offline(rules_for("dense"), ranks, layout, out=tmp_path / "hf")
+    exported = result.state_dict()["model.layers.0.self_attn.q_b_proj.input_quantizer._pre_quant_scale"]
+    assert torch.equal(exported, torch.maximum(*copies))
+    assert [note for note in result.report.disagreements if name in note]

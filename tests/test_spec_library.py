@@ -15,7 +15,7 @@ from quantmap.spec import load_spec, shipped_specs
 from quantmap.spec.library import SPEC_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ["deepseek_v3", "gpt_oss", "llama", "mistral", "mixtral", "olmoe", "qwen2", "qwen3", "qwen3_moe"]
+SHIPPED = ["deepseek_v3", "gpt_oss", "llama", "mistral", "mixtral", "olmoe", "phi3", "qwen2", "qwen3", "qwen3_moe"]
 NEEDS = {"deepseek_v3": {"num_layers": 61}}
 
 

@@ -20,7 +20,7 @@ from quantmap.rules import WEIGHT
 
 DATA = Path(__file__).parent / "data"
 MEGATRON = sorted((DATA / "megatron").glob("state_*.json"))
-DENSE_SPECS = ["llama", "mistral", "qwen2", "qwen3"]
+DENSE_SPECS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 MOE_SPECS = ["qwen3_moe", "mixtral", "olmoe"]
 
 

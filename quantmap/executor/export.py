@@ -15,6 +15,7 @@ and no collectives, and writes the same bytes.
 from __future__ import annotations
 
 import math
+from array import array
 from datetime import timedelta
 from itertools import groupby
 from pathlib import Path
@@ -85,30 +86,45 @@ class Export:
 
 
 class _Records:
-    """A plan's items as :class:`quantmap.io.safetensors_stream.Records`: names and tensors built on demand."""
+    """A plan's items as :class:`quantmap.io.safetensors_stream.Records`, built on demand: one record
+    per item whose names share one tensor, one per HF name of a shaped item (its parts differ)."""
 
     def __init__(self, plan: Plan | None, buffers):
         self._items = plan.items if plan else []
         self.plan, self.buffers = plan, buffers
-        # Asked for several times per record (shard sizes, header, data, index, schedule): built once.
-        # Names are not kept: they are most of a large export's metadata.
-        self._specs = [(item.count, *plan.spec(item)) for item in self._items]
+        self._item, self._part = array("q"), array("q")
+        # A spec is asked for several times per record (shard sizes, header, data, index, schedule):
+        # built once. Names are not kept: they are most of a large export's metadata.
+        self._specs: list[tuple] = []
+        for i in range(len(self._items)):
+            item = self._items[i]
+            for part in range(item.records):
+                self._item.append(i)
+                self._part.append(part)
+                self._specs.append((1 if item.records > 1 else item.count, *plan.spec(item, part)))
+        self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._item)
 
     def spec(self, i: int):
         return self._specs[i]
 
     def names(self, i: int):
-        return self.plan.hf_names(self._items[i])
+        item = self._items[self._item[i]]
+        names = self.plan.hf_names(item)
+        return names if item.records == 1 else names[self._part[i]:self._part[i] + 1]
 
     def tensor(self, i: int) -> torch.Tensor:
-        return self.plan.tensor(self._items[i], self.buffers)
+        index = self._item[i]
+        if self._built is None or self._built[0] != index:
+            self._built = index, self.plan.tensors(self._items[index], self.buffers)
+        return self._built[1][self._part[i]]
 
     def sources(self, i: int):
-        """The (rank, entry) pairs record ``i`` is built from: what its writer must receive."""
-        return self._items[i].sources
+        """The (rank, entry) pairs record ``i`` is built from (every part of a shaped item needs all of
+        its item's): what its writer must receive."""
+        return self._items[self._item[i]].sources
 
     def data(self, indices) -> Iterator[bytes]:
         """The data of records ``indices``. Runs of scalar records of one dtype are built together (a
@@ -131,7 +147,7 @@ class _Records:
 
     def _scalars(self, run: list[tuple[int, tuple]], dtype: torch.dtype) -> torch.Tensor:
         """The values of scalar records ``run`` ((record, sources) pairs), each ``count`` times: the max of
-        each record's entries, as :meth:`Plan.tensor` combines copies; a record whose copies differ is
+        each record's entries, as :meth:`Plan.tensors` combines copies; a record whose copies differ is
         built by the plan itself, which reports the disagreement."""
         owners, ranks, entries = [], [], []
         for j, (_, sources) in enumerate(run):

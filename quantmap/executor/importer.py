@@ -5,8 +5,9 @@ its layout position holds (its pipeline stage's layers, its expert block), local
 reads just those tensors, lazily. Fan-in is the reverse of export's fan-out: a fused quantizer
 takes the max of its HF parts (q/k/v, gate/up) and a grouped-MoE block the max over its
 experts; parts that disagree are reported. Scalars are replicated on every tensor-parallel rank;
-a column-parallel 1:1 tensor is split on dim 0. Nothing talks to other ranks except to agree on
-the output directory and on success.
+any other tensor runs its rule's layout backwards (:mod:`quantmap.executor.sharding`): the HF
+parts are joined into the full Megatron tensor and the rank's piece is cut out. Nothing talks to
+other ranks except to agree on the output directory and on success.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
-from quantmap.executor.sharding import SPLIT_DIM0, WHOLE, max_of_copies, not_supported, tensor_parallel_layout
+from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
-from quantmap.rules import FANOUT, MOE_FANOUT, WEIGHT
+from quantmap.rules import MOE_FANOUT, WEIGHT
 
 
 class Catalog:
@@ -80,32 +81,39 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
         if not present:
             continue
         parts = [checkpoint.get(name) for name in present]
-        state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
+        try:
+            state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
+        except _Incomplete:
+            continue
     report.written = len(state)
     return state, report
 
 
 def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Report) -> torch.Tensor:
-    shapes = {tuple(p.shape) for p in parts}
-    if len(shapes) > 1:
-        raise ExecutorError(f"the HF parts of {megatron} have different shapes ({', '.join(f'{n}: {list(p.shape)}' for n, p in zip(names, parts))}); "
-                            f"they cannot be combined into one quantizer")
-    numel = parts[0].numel()
-    placement = tensor_parallel_layout(match.rule)
-    if numel != 1 and match.kind in (FANOUT, MOE_FANOUT):
-        raise ExecutorError(not_supported(names[0], parts[0].shape, match.rule))
-    if len(parts) == 1:
-        value = parts[0]
-    else:
-        value, spread = max_of_copies(parts, list(names))
-        if spread:
-            report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}); imported the max")
     size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
-    if numel == 1 or size == 1 or placement == WHOLE:
-        return value
-    if placement == SPLIT_DIM0 and value.shape[0] % size == 0:
-        return value.chunk(size, 0)[rank].clone()
-    raise ExecutorError(not_supported(megatron, value.shape, match.rule))
+    shapes = tuple(tuple(p.shape) for p in parts)
+    if all(is_scalar(shape) for shape in shapes):
+        if len(set(shapes)) > 1:
+            raise ExecutorError(f"the HF parts of {megatron} have different shapes "
+                                f"({', '.join(f'{n}: {list(s)}' for n, s in zip(names, shapes))}); "
+                                f"they cannot be combined into one quantizer")
+        value, spread = (parts[0], None) if len(parts) == 1 else max_of_copies(parts, list(names))
+    else:
+        if len(parts) != len(match.hf):  # the absent parts are reported missing
+            raise _Incomplete
+        try:
+            ops, which = import_pipeline(megatron, match.rule, shapes, size, rank)
+        except LayoutProblem as problem:
+            raise ExecutorError(str(problem)) from None
+        outputs, spread = run(ops, list(parts), list(names))
+        value = outputs[which or 0].clone()
+    if spread:
+        report.disagreements.append(f"{megatron}: {len(parts)} HF parts differ ({spread}); imported the max")
+    return value
+
+
+class _Incomplete(Exception):
+    """A shaped tensor with a part missing: it cannot be built (the missing names are reported)."""
 
 
 def merge(reports: list[Report]) -> Report:

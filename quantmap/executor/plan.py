@@ -9,17 +9,16 @@ Combining, per global Megatron name:
 * pipeline: the owning stage's copy (a layer lives on one stage; any other name on the lowest
   stage that has it, the rest reported);
 * tensor parallel (the expert-tensor group for experts): a scalar amax is replicated, so the
-  copies are combined with ``max`` and disagreement is reported; a non-scalar tensor of a
-  column-parallel 1:1 rule is concatenated on dim 0 in rank order; anything else non-scalar
-  (fused fan-out of per-channel or block amax, row-parallel) needs shape-aware fan-out and is an
-  error rather than a wrong file;
+  copies are combined with ``max`` and disagreement is reported, and the one tensor goes to every
+  HF name of the rule; any other tensor goes through its rule's layout
+  (:mod:`quantmap.executor.sharding`): the copies are gathered as the layout says, then cut into
+  one tensor per HF name. A tensor the layout cannot place is an error, never a guess;
 * expert parallel: a grouped block's amax from EP rank ``r`` goes to experts
   ``[r*E/ep, (r+1)*E/ep)``; SequentialMLP experts were already renamed to global indices.
 """
 
 from __future__ import annotations
 
-import math
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -32,10 +31,10 @@ from quantmap.executor.layout import Layout
 from quantmap.executor.naming import NamingError, expert_block, expert_hf_names, is_expert, to_local
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, natural
-from quantmap.executor.sharding import SPLIT_DIM0, max_of_copies, not_supported, tensor_parallel_layout
-from quantmap.rules import FANOUT, MOE_FANOUT
+from quantmap.executor.sharding import LayoutProblem, export_pipeline, is_scalar, max_of_copies, run
+from quantmap.rules import MOE_FANOUT
 
-ONE, MAX, CAT = "one", "max", "cat"
+ONE, MAX, SHAPED = "one", "max", "shaped"
 _MAX_LISTED = 8
 
 
@@ -48,12 +47,18 @@ class Item:
     sources: tuple[tuple[int, int], ...]  # (rank, entry index) in tensor-parallel rank order
     count: int  # how many HF names
     experts: range | None = None  # moe_fanout: the experts of this block
+    pipeline: tuple | None = None  # shaped: (ops, the shape of each HF name's tensor)
+
+    @property
+    def records(self) -> int:
+        """Tensors written for the item: one shared by every name, or one per name when shaped."""
+        return self.count if self.combine == SHAPED else 1
 
 
 class _Items(Sequence):
     """Items stored column-wise (a large MoE export has 10^5 of them); an :class:`Item` is built when read."""
 
-    _CODES = (ONE, MAX, CAT)
+    _CODES = (ONE, MAX, SHAPED)
 
     def __init__(self):
         self._names: list[str] = []
@@ -62,10 +67,13 @@ class _Items(Sequence):
         self._sources = array("q")  # rank << 32 | entry index
         self._count = array("q")
         self._experts: dict[int, range] = {}
+        self._pipelines: dict[int, tuple] = {}
 
     def append(self, item: Item) -> None:
         if item.experts is not None:
             self._experts[len(self._names)] = item.experts
+        if item.pipeline is not None:
+            self._pipelines[len(self._names)] = item.pipeline
         self._names.append(item.megatron)
         self._combine.append(self._CODES.index(item.combine))
         self._sources.extend(rank << 32 | index for rank, index in item.sources)
@@ -82,7 +90,7 @@ class _Items(Sequence):
     def __getitem__(self, i: int) -> Item:
         codes = self._sources[self._start[i]:self._start[i + 1]]
         return Item(self._names[i], self._CODES[self._combine[i]], tuple((c >> 32, c & 0xFFFFFFFF) for c in codes),
-                    self._count[i], self._experts.get(i))
+                    self._count[i], self._experts.get(i), self._pipelines.get(i))
 
 
 class Plan:
@@ -106,22 +114,26 @@ class Plan:
         match = self.rules.to_hf(item.megatron)
         return match.hf if item.experts is None else expert_hf_names(match, item.experts)
 
-    def spec(self, item: Item) -> tuple[torch.dtype, tuple[int, ...]]:
-        """dtype and shape of the combined tensor, from metadata."""
+    def spec(self, item: Item, part: int = 0) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of the item's tensor (``part``: which HF name's, when shaped), from metadata."""
         rank, index = item.sources[0]
         dtype, shape = self.metas[rank]["dtypes"][index], self.metas[rank]["shapes"][index]
-        if item.combine == CAT:
-            shape = (shape[0] * len(item.sources),) + shape[1:]
+        if item.combine == SHAPED:
+            shape = item.pipeline[1][part]
         return dtype, shape
 
-    def tensor(self, item: Item, buffers: dict[int, torch.Tensor]) -> torch.Tensor:
-        """The combined tensor; disagreements of ``max`` go to the report."""
+    def tensors(self, item: Item, buffers: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """The item's tensors: one shared by every HF name, or one per name when shaped; disagreeing
+        copies combined by ``max`` go to the report."""
         parts = [unpack(buffers[rank], self.metas[rank], index) for rank, index in item.sources]
+        labels = [f"rank {rank}" for rank, _ in item.sources]
         if item.combine == ONE:
-            return parts[0]
-        if item.combine == CAT:
-            return torch.cat(parts, 0)
-        out, spread = max_of_copies(parts, [f"rank {rank}" for rank, _ in item.sources])
+            return parts
+        if item.combine == SHAPED:
+            out, spread = run(item.pipeline[0], parts, labels)
+        else:
+            combined, spread = max_of_copies(parts, labels)
+            out = [combined]
         if spread and item.megatron not in self._disagreeing:
             self._disagreeing.add(item.megatron)  # tensors may be built more than once (files, then a state dict)
             self.report.disagreements.append(f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max")
@@ -214,14 +226,15 @@ class Plan:
         if match.kind != MOE_FANOUT:
             ep = self._coords(sources[0][0]).ep
             peers = self._peers(name, sources, expert, stage, ep)
-            self.items.append(Item(name, self._combine(name, match, peers), tuple(peers), len(match.hf)))
+            combine, pipeline = self._combine(name, match, peers)
+            self.items.append(Item(name, combine, tuple(peers), len(match.hf), pipeline=pipeline))
             return
         for ep in range(self.layout.ep):
             block = [s for s in sources if self._coords(s[0]).ep == ep]
             peers = self._peers(name, block, True, stage, ep)
             experts = expert_block(name, match, self.layout, ep)
-            self.items.append(Item(name, self._combine(name, match, peers), tuple(peers),
-                                   len(experts) * len(match.rule.hf), experts))
+            combine, pipeline = self._combine(name, match, peers)
+            self.items.append(Item(name, combine, tuple(peers), len(experts) * len(match.rule.hf), experts, pipeline))
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
         """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""
@@ -240,7 +253,7 @@ class Plan:
                        f"(and, for a grouped-MoE block, expert-parallel) rank of a stage must hold the same quantizer "
                        f"tensors: check that each rank's state or shard file is complete")
 
-    def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> str:
+    def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> tuple[str, tuple | None]:
         shapes = [self.metas[r]["shapes"][i] for r, i in peers]
         dtypes = [self.metas[r]["dtypes"][i] for r, i in peers]
         if len(set(shapes)) > 1 or len(set(dtypes)) > 1:
@@ -248,15 +261,12 @@ class Plan:
                                for (r, _), s, d in zip(peers, shapes, dtypes))
             raise _Problem(f"{name} has different shapes or dtypes across tensor-parallel ranks ({listed}); "
                            f"the shards do not come from one model")
-        shape = shapes[0]
-        if math.prod(shape) == 1:
-            return ONE if len(peers) == 1 else MAX
-        placed = tensor_parallel_layout(match.rule)
-        if placed is None and (len(peers) > 1 or match.kind in (FANOUT, MOE_FANOUT)):
-            raise _Problem(not_supported(name, shape, match.rule))
-        if len(peers) == 1:
-            return ONE
-        return CAT if placed == SPLIT_DIM0 else MAX
+        if is_scalar(shapes[0]):
+            return (ONE if len(peers) == 1 else MAX), None
+        try:
+            return SHAPED, export_pipeline(name, match.rule, shapes[0], len(peers))
+        except LayoutProblem as problem:
+            raise _Problem(str(problem)) from None
 
 
 class _Problem(Exception):

@@ -1,46 +1,65 @@
-"""How Megatron lays a non-scalar quantizer tensor over tensor-parallel ranks, in one place for
-export (combine the ranks' copies) and import (cut the HF tensor for a rank).
+"""The executor's side of :mod:`quantmap.layouts`: the op pipeline that moves one quantizer tensor
+between tensor-parallel ranks and HF names, in one place for export and import.
 
-Per-tensor amax is a scalar, identical on every rank, and needs none of this. Beyond that only
-two layouts are known to be right today:
-
-* ``SPLIT_DIM0``: a weight quantizer's per-channel or block amax on a column-parallel 1:1 layer
-  follows the weight's output rows, which Megatron splits on dim 0 (``[out, 1]``, or the
-  flattened ``[rows * blocks, 1]``);
-* ``WHOLE``: every rank holds the whole tensor (a replicated layer).
-
-Everything else (a fused group's parts, which need the GQA interleave; row-parallel layers, whose
-block amax is split along the input; ``_pre_quant_scale`` of column-parallel layers, searched per
-rank) needs the shape-aware fan-out on the roadmap, and is refused rather than written wrong.
+Per-tensor amax is a scalar, identical on every rank and copied to every name: it needs no
+pipeline (:func:`is_scalar`). Any other tensor goes through its rule's layout: on export the
+ranks' copies are gathered (``layout.tp``) and cut into the HF names (``layout.ops``); on import
+the HF names are joined by the inverse ops and the rank's piece is cut out. A pipeline is checked
+on ``meta`` tensors before any data moves, so a shape the layout cannot place stops the run with
+an error naming the tensor, its shape and the rule, and nothing written. Pipelines depend only on
+the rule, the shapes and the rank count, so they are built once per distinct combination.
 """
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 
-from quantmap.rules import FANOUT, MOE_FANOUT, Rule
-
-SPLIT_DIM0 = "split_dim0"
-WHOLE = "whole"
-
-
-def tensor_parallel_layout(rule: Rule) -> str | None:
-    """``SPLIT_DIM0``, ``WHOLE``, or ``None`` when quantmap cannot yet place the tensor correctly."""
-    if rule.kind in (FANOUT, MOE_FANOUT):
-        return None
-    if rule.parallel == "replicated":
-        return WHOLE
-    if rule.parallel == "column" and rule.buffer is not None and rule.buffer.startswith("weight_quantizer"):
-        return SPLIT_DIM0
-    return None
+from quantmap.layouts import Layout
+from quantmap.ops import Max, Op, OpError, apply, reverse
+from quantmap.rules import Rule
 
 
-def not_supported(name: str, shape, rule: Rule) -> str:
-    """The error for a tensor :func:`tensor_parallel_layout` cannot place: names the tensor and why."""
-    where = ("the parts of a fused group" if rule.kind in (FANOUT, MOE_FANOUT)
-             else f"the tensor-parallel ranks of a {rule.parallel or 'undeclared'}-parallel layer ({rule.buffer})")
-    return (f"{name} has shape {list(shape)}: placing per-channel or block quantizer state across {where} "
-            f"needs shape-aware fan-out, which quantmap does not support yet (per-tensor amax works)")
+class LayoutProblem(ValueError):
+    """A non-scalar tensor that its rule cannot place; the message names the tensor and the rule."""
+
+
+def is_scalar(shape) -> bool:
+    return math.prod(shape) == 1
+
+
+def export_pipeline(name: str, rule: Rule, shape: tuple[int, ...], ranks: int) -> tuple[tuple[Op, ...], tuple]:
+    """The ops from ``ranks`` tensor-parallel copies of ``shape`` to one tensor per HF name, and the
+    shapes of those tensors."""
+    try:
+        return _export_pipeline(rule.layout, len(rule.hf), tuple(shape), ranks)
+    except (OpError, _Unplaced) as problem:
+        raise LayoutProblem(_describe(name, f"shape {list(shape)} on each of {ranks} tensor-parallel rank(s)",
+                                      rule, problem)) from None
+
+
+def import_pipeline(name: str, rule: Rule, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int
+                    ) -> tuple[tuple[Op, ...], int | None]:
+    """The ops from the HF names' tensors (of ``shapes``, in the rule's order) to the tensor of
+    tensor-parallel rank ``rank`` of ``ranks``, and which output is that rank's (``None``: the only one)."""
+    try:
+        return _import_pipeline(rule.layout, len(rule.hf), tuple(map(tuple, shapes)), ranks, rank)
+    except (OpError, _Unplaced) as problem:
+        raise LayoutProblem(_describe(name, f"HF parts shaped {[list(s) for s in shapes]}", rule, problem)) from None
+
+
+def run(ops: tuple[Op, ...], tensors: list, labels: list[str]) -> tuple[list, str | None]:
+    """Apply ``ops``; a :class:`~quantmap.ops.Max` of copies that disagree is described in the second value."""
+    spread = None
+    for op in ops:
+        if isinstance(op, Max):
+            out, spread = max_of_copies(tensors, labels)
+            tensors = [out]
+        else:
+            tensors = op(tensors)
+    return tensors, spread
 
 
 def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.Tensor, str | None]:
@@ -52,3 +71,48 @@ def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.T
         return out, None
     spread = ", ".join(f"{label}: {part.flatten()[0].item():g}" for label, part in zip(labels[:4], parts[:4]))
     return out, spread + (", ..." if len(parts) > 4 else "")
+
+
+class _Unplaced(Exception):
+    pass
+
+
+# Pipelines depend on the layout, the HF name count, the shapes and the ranks only: a model has few
+# distinct combinations, and building one runs its ops on meta tensors.
+@lru_cache(maxsize=4096)
+def _export_pipeline(layout: Layout | None, count: int, shape: tuple[int, ...], ranks: int):
+    layout = _placeable(layout, ranks)
+    ops = layout.ops if ranks == 1 else layout.tp.gather(ranks, shape) + layout.ops
+    outputs = apply(ops, [torch.empty(shape, device="meta")] * ranks)
+    _check_count(count, len(outputs))
+    return ops, tuple(tuple(t.shape) for t in outputs)
+
+
+@lru_cache(maxsize=4096)
+def _import_pipeline(layout: Layout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int):
+    layout = _placeable(layout, ranks)
+    _check_count(count, len(shapes))
+    ops = reverse(layout.ops)
+    (full,) = apply(ops, [torch.empty(s, device="meta") for s in shapes])
+    scatter = None if ranks == 1 else layout.tp.scatter(ranks, tuple(full.shape))
+    if scatter is None:
+        return ops, None
+    apply(scatter, [full])  # checks that the full tensor cuts into the ranks' pieces
+    return ops + scatter, rank
+
+
+def _placeable(layout: Layout | None, ranks: int) -> Layout:
+    if layout is None or layout.ops is None or (ranks > 1 and layout.tp is None):
+        raise _Unplaced(layout.reason if layout is not None and layout.reason else "the rule has no shaped layout")
+    return layout
+
+
+def _check_count(names: int, tensors: int) -> None:
+    if names != tensors:
+        raise _Unplaced(f"the layout makes {tensors} tensor(s) for the rule's {names} HF name(s)")
+
+
+def _describe(name: str, what: str, rule: Rule, problem: Exception) -> str:
+    origin = rule.origin
+    return (f"{name} has {what}, which its rule ({rule.kind} from {origin.mapping!r} at {origin.location}) cannot "
+            f"place: {problem}")

@@ -50,6 +50,11 @@ class MappingSpec(_Strict):
         None,
         description="plain, qkv, kv, gated_mlp or fused. Inferred from the group's part names when omitted.",
     )
+    hf_parts: list[str] | None = Field(
+        None,
+        description="The HF tensor is itself fused: it holds these parts of the Megatron group (kind qkv or "
+        "gated_mlp) concatenated on dim 0 in this order, e.g. [q, k, v] for Phi-3's qkv_proj.",
+    )
     quantizers: list[str] | None = Field(
         None,
         description="Quantizer buffers of this weight's module; [] for weights without quantizers "

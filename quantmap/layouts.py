@@ -1,0 +1,175 @@
+"""Where each element of a shaped quantizer tensor goes: a rule's layout, derived from its mapping.
+
+Per-tensor amax is a scalar: identical on every tensor-parallel rank and copied to every HF name,
+so it needs no layout. Every other tensor follows a dimension of its weight, and which one decides
+where its elements go (facts from Megatron-Core 0.16 + ModelOpt 0.47, ``tests/data/megatron``):
+
+* the **weight side** (``weight_quantizer._amax``: per-channel ``[out, 1]``, or per-block flattened
+  ``[out * blocks, 1]``) follows the weight's output rows. A column-parallel layer splits the rows
+  over TP ranks (SwiGLU ``linear_fc1`` rank ``r`` holds ``[gate_r; up_r]``, i.e. the split happens
+  inside each of the two halves); a row-parallel layer keeps every row, so a per-channel amax is
+  whole on every rank and a block amax is split by blocks within each row. A fused group cuts the
+  rows into its parts (the QKV interleave, the gate/up halves).
+* the **input side** (``input_quantizer._pre_quant_scale``, ``[in]``) follows the weight's input
+  columns: whole on every rank of a column-parallel layer (AWQ searches it per rank, so copies may
+  differ and are reported), split on dim 0 over the ranks of a row-parallel one, and the same for
+  every part of a fused group (q, k and v read the same input).
+
+A :class:`Layout` says both things: ``tp`` (how the full Megatron tensor lies over TP ranks) and
+``ops`` (the :mod:`quantmap.ops` pipeline from the full Megatron tensor to one tensor per HF name).
+Export gathers the ranks, then runs ``ops``; import runs the inverse pipeline, then cuts the rank's
+piece. Where the mapping does not say enough, the part is ``None`` with a ``reason``, and the
+executor refuses the tensor instead of guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantmap.ops import Concat, Copy, Max, Op, OpError, Select, Split
+
+REPLICATED, SPLIT, ROWS = "replicated", "split", "rows"
+
+#: The parts of a fused group, in Megatron's order, for the kinds whose cut is known.
+GROUP_PARTS = {"qkv": ("q", "k", "v"), "gated_mlp": ("gate", "up")}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallel:
+    """How the full Megatron tensor lies over ``n`` tensor-parallel ranks.
+
+    ``replicated``: every rank holds all of it. ``split``: rank ``r`` holds the ``r``-th piece of
+    dim ``dim`` within each of ``groups`` equal groups. ``rows``: a row-parallel weight quantizer,
+    whose per-channel amax (``rows`` long) is whole on every rank and whose block amax is split by
+    blocks within each of the ``rows`` rows; ``block_size`` (0: per-channel) settles the one shape
+    that fits both, a rank holding exactly one block per row.
+    """
+
+    mode: str
+    dim: int = 0
+    groups: int = 1
+    rows: int | None = None
+    block_size: int | None = None
+
+    def gather(self, n: int, shape: tuple[int, ...]) -> tuple[Op, ...]:
+        """The ops that turn the ``n`` ranks' tensors (each of ``shape``) into the full tensor."""
+        if n == 1:
+            return ()
+        if self.mode == REPLICATED:
+            return (Max(n),)
+        if self.mode == SPLIT:
+            return (Concat(self.dim, (1,) * n, self.groups),)
+        per_rank = self._blocks_per_row(shape[0], "each rank's")
+        if per_rank == 1 and self.block_size is None:
+            raise OpError(f"on a row-parallel layer, {self.rows} rows x 1 per rank is either a per-channel amax (whole "
+                          f"on every rank) or a block amax with one block per rank; pass --param weight_block_size=N "
+                          f"(0 for per-channel) to say which")
+        if per_rank == 1 and self.block_size == 0:
+            return (Max(n),)
+        return (Concat(0, (1,) * n, self.rows),)
+
+    def scatter(self, n: int, shape: tuple[int, ...]) -> tuple[Op, ...] | None:
+        """The ops that cut the full tensor (of ``shape``) into the ``n`` ranks' pieces; ``None``: every
+        rank takes the whole tensor."""
+        if n == 1 or self.mode == REPLICATED:
+            return None
+        if self.mode == SPLIT:
+            return (Split(self.dim, (1,) * n, self.groups),)
+        # A full per-channel amax is exactly `rows` long, and a block amax split over n ranks has at
+        # least n blocks per row: the full tensor's shape alone tells them apart.
+        if self._blocks_per_row(shape[0], "the") == 1:
+            return None
+        return (Split(0, (1,) * n, self.rows),)
+
+    def _blocks_per_row(self, length: int, whose: str) -> int:
+        if not self.rows:
+            raise OpError("a row-parallel weight quantizer's rows are the layer's output features: pass "
+                          "--param hidden_size=N (or --config config.json)")
+        if length % self.rows:
+            raise OpError(f"{whose} tensor has {length} elements on dim 0, not a multiple of hidden_size={self.rows}")
+        return length // self.rows
+
+    def to_json(self) -> dict:
+        out: dict = {"mode": self.mode}
+        if self.mode == SPLIT:
+            out.update(dim=self.dim, groups=self.groups)
+        elif self.mode == ROWS:
+            out.update(rows=self.rows, block_size=self.block_size)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A rule's shaped layout: ``tp`` and ``ops`` (``None`` where unknown, with the ``reason``)."""
+
+    tp: TensorParallel | None
+    ops: tuple[Op, ...] | None
+    reason: str | None = None
+
+    def to_json(self) -> dict:
+        return {"tp": None if self.tp is None else self.tp.to_json(),
+                "ops": None if self.ops is None else [op.to_json() for op in self.ops],
+                "reason": self.reason}
+
+
+def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str, ...],
+           hf_parts: tuple[str, ...] | None, params: dict) -> Layout:
+    """The layout of a weight (``buffer`` None) or of one of its quantizer buffers.
+
+    ``kind`` and ``parts`` describe the Megatron weight (a fused group's parts in Megatron's order),
+    ``hf_parts`` the order of the parts inside one fused HF tensor (Phi-3's ``qkv_proj``), if any.
+    ``params`` are the spec's bound run-time parameters (``num_attention_heads``, ``num_query_groups``,
+    ``head_dim``, ``hidden_size``, ``weight_block_size``; missing or 0 means unknown).
+    """
+    if buffer is None:
+        side = "weight"
+    elif buffer.startswith("weight_quantizer."):
+        side = "rows"
+    elif buffer == "input_quantizer._pre_quant_scale":
+        side = "input"
+    else:
+        return Layout(None, None, f"{buffer} is per-tensor; a non-scalar one has no known layout")
+    tp, tp_reason = _tensor_parallel(side, parallel, kind, params)
+    ops, ops_reason = _ops(side, kind, parts, hf_parts, params)
+    return Layout(tp, ops, "; ".join(r for r in (tp_reason, ops_reason) if r) or None)
+
+
+def _tensor_parallel(side: str, parallel: str | None, kind: str, params: dict):
+    if parallel == "replicated":
+        return TensorParallel(REPLICATED), None
+    if parallel is None:
+        return None, "the mapping does not declare 'parallel', so the tensor-parallel split is unknown"
+    column = parallel == "column"
+    if side == "input":
+        return (TensorParallel(REPLICATED) if column else TensorParallel(SPLIT, 0)), None
+    if column:
+        # Each rank holds its slice of every part that Megatron splits separately: [gate_r; up_r].
+        return TensorParallel(SPLIT, 0, 2 if kind == "gated_mlp" else 1), None
+    if side == "weight":
+        return TensorParallel(SPLIT, 1), None
+    return TensorParallel(ROWS, rows=params.get("hidden_size") or None,
+                          block_size=params.get("weight_block_size")), None
+
+
+def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...] | None, params: dict):
+    if side == "input":
+        return ((Copy(len(parts)),) if len(parts) > 1 else ()), None
+    if kind == "plain":
+        return (), None
+    megatron_parts = GROUP_PARTS.get(kind)
+    if megatron_parts is None or (hf_parts is None and parts != megatron_parts):
+        return None, f"how a {kind!r} group with parts {list(hf_parts or parts)} cuts its rows is not known"
+    if kind == "gated_mlp":
+        units, cut = (1, 1), Split(0, (1, 1))
+    else:
+        heads, groups = params.get("num_attention_heads") or 0, params.get("num_query_groups") or 0
+        if not heads or not groups or heads % groups:
+            return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups "
+                          "(pass --param, or --config config.json)")
+        # Megatron interleaves per query group: heads/groups query heads, then one key and one value head.
+        units, cut = (heads, groups, groups), Split(0, (heads // groups, 1, 1), groups, params.get("head_dim") or 1)
+    if hf_parts is None:
+        return (cut,), None
+    order = tuple(megatron_parts.index(part) for part in hf_parts)
+    select = () if order == tuple(range(len(order))) else (Select(order),)
+    return (cut, *select, Concat(0, tuple(units[i] for i in order), 1, cut.multiple)), None

@@ -1,0 +1,142 @@
+"""The laws of the tensor ops and the layouts built from them: every op's inverse undoes it, and
+exporting a tensor-parallel sharded tensor gives what exporting the unsharded tensor gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from quantmap.layouts import ROWS, TensorParallel, derive
+from quantmap.ops import STRIDED, Concat, Copy, Max, OpError, Select, Split, Stack, Transpose, Unstack, apply, reverse
+
+SETTINGS = settings(max_examples=150, deadline=None)
+
+
+def _tensor(shape) -> torch.Tensor:
+    return torch.arange(int(torch.tensor(shape).prod()), dtype=torch.float32).reshape(shape)
+
+
+@st.composite
+def splits(draw):
+    units = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
+    groups = draw(st.sampled_from([1, 2, 3, STRIDED]))
+    multiple = draw(st.sampled_from([1, 2]))
+    unit = draw(st.integers(1, 3)) * multiple
+    repeats = draw(st.integers(1, 3)) if groups == STRIDED else groups
+    if groups == STRIDED:
+        unit, multiple = 1, 1
+    trailing = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    shape = (repeats * sum(units) * unit,) + trailing
+    return Split(0, units, groups, multiple), shape
+
+
+@SETTINGS
+@given(splits())
+def test_concat_undoes_split_and_split_undoes_concat(case):
+    op, shape = case
+    tensor = _tensor(shape)
+    parts = op([tensor])
+    assert [p.shape[0] for p in parts] == [u * shape[0] // sum(op.units) for u in op.units]
+    (back,) = op.reverse()(parts)
+    assert torch.equal(back, tensor)
+    again = op(op.reverse()(parts))
+    assert all(torch.equal(a, b) for a, b in zip(again, parts))
+
+
+@SETTINGS
+@given(st.permutations(range(4)))
+def test_select_reverse_is_the_inverse_permutation(order):
+    op = Select(tuple(order))
+    tensors = [torch.full((1,), float(i)) for i in range(4)]
+    assert [t.item() for t in op.reverse()(op(tensors))] == [0, 1, 2, 3]
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 1))
+def test_transpose_and_expert_stack_undo_themselves(rows, experts, axis):
+    tensors = [_tensor((rows, 3)) + 100 * e for e in range(experts)]
+    stacked = Stack(axis, experts)(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(Stack(axis, experts).reverse()(stacked), tensors))
+    flipped = Transpose(0, 1)(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(Transpose(0, 1).reverse()(flipped), tensors))
+    assert Unstack(axis, experts).reverse() == Stack(axis, experts)
+
+
+def test_copy_then_max_is_the_identity_and_max_refuses_different_shapes():
+    tensor = torch.rand(5)
+    assert torch.equal(Copy(3).reverse()(Copy(3)([tensor]))[0], tensor)
+    with pytest.raises(OpError, match="different shapes"):
+        Max(2)([torch.rand(2), torch.rand(3)])
+
+
+def test_a_split_that_does_not_divide_names_the_sizes():
+    with pytest.raises(OpError, match="cannot be cut into 2 group"):
+        Split(0, (2, 1, 1), 2, multiple=16)([torch.rand(96, 1)])
+
+
+@st.composite
+def shaped_states(draw):
+    """A weight quantizer's full Megatron tensor (per-channel or per-block), its mapping and TP size."""
+    tp = draw(st.sampled_from([1, 2, 4]))
+    blocks = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["qkv", "gated_mlp", "plain_column", "plain_row"]))
+    if kind == "qkv":
+        groups = tp * draw(st.integers(1, 2))
+        heads = groups * draw(st.integers(1, 3))
+        head_dim = draw(st.sampled_from([1, 2, 4]))
+        params = dict(num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim)
+        rows = (heads + 2 * groups) * head_dim
+        return kind, ("q", "k", "v"), "column", params, tp, (rows * blocks, 1)
+    if kind == "gated_mlp":
+        return kind, ("gate", "up"), "column", {}, tp, (2 * tp * draw(st.integers(1, 3)) * blocks, 1)
+    if kind == "plain_column":
+        return "plain", ("",), "column", {}, tp, (tp * draw(st.integers(1, 4)) * blocks, 1)
+    hidden = draw(st.integers(1, 4))
+    blocks = tp * draw(st.integers(2, 3)) if tp > 1 else blocks
+    return "plain", ("",), "row", dict(hidden_size=hidden, weight_block_size=8), tp, (hidden * blocks, 1)
+
+
+@SETTINGS
+@given(shaped_states())
+def test_exporting_tp_shards_equals_exporting_the_unsharded_tensor_and_import_gives_the_shards_back(case):
+    kind, parts, parallel, params, tp, shape = case
+    layout = derive("weight_quantizer._amax", parallel, kind, parts, None, params)
+    full = torch.rand(shape)
+    scatter = layout.tp.scatter(tp, shape)
+    shards = [full] * tp if scatter is None else apply(scatter, [full])
+    unsharded = apply(layout.ops, [full])
+    exported = apply(layout.tp.gather(tp, tuple(shards[0].shape)) + layout.ops, shards)
+    assert len(exported) == len(parts)
+    assert all(torch.equal(a, b) for a, b in zip(exported, unsharded))
+    (joined,) = apply(reverse(layout.ops), exported)
+    back = [joined] * tp if scatter is None else apply(scatter, [joined])
+    assert all(torch.equal(a, b) for a, b in zip(back, shards))
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 2, 4]))
+def test_the_qkv_split_follows_the_gqa_row_arithmetic(groups, per_group, head_dim, blocks):
+    heads = groups * per_group
+    layout = derive("weight_quantizer._amax", "column", "qkv", ("q", "k", "v"),
+                    None, dict(num_attention_heads=heads, num_query_groups=groups, head_dim=head_dim))
+    rows = torch.arange((heads + 2 * groups) * head_dim * blocks).reshape(-1, 1)
+    q, k, v = apply(layout.ops, [rows])
+    stride = (per_group + 2) * head_dim * blocks  # one query group's rows
+    width = head_dim * blocks  # one head's rows
+    for head in range(heads):
+        start = (head // per_group) * stride + (head % per_group) * width
+        assert torch.equal(q[head * width:(head + 1) * width], rows[start:start + width])
+    for group in range(groups):
+        start = group * stride + per_group * width
+        assert torch.equal(k[group * width:(group + 1) * width], rows[start:start + width])
+        assert torch.equal(v[group * width:(group + 1) * width], rows[start + width:start + 2 * width])
+
+
+def test_a_row_parallel_rank_with_one_block_per_row_needs_the_block_size():
+    tp = TensorParallel(ROWS, rows=4)
+    with pytest.raises(OpError, match="weight_block_size"):
+        tp.gather(2, (4, 1))
+    assert isinstance(TensorParallel(ROWS, rows=4, block_size=0).gather(2, (4, 1))[0], Max)
+    assert isinstance(TensorParallel(ROWS, rows=4, block_size=32).gather(2, (4, 1))[0], Concat)
+    assert isinstance(tp.gather(2, (8, 1))[0], Concat), "two blocks per row per rank can only be blocks"
