@@ -118,6 +118,7 @@ class _Records:
     def tensor(self, i: int) -> torch.Tensor:
         index = self._item[i]
         if self._built is None or self._built[0] != index:
+            self._built = None  # drop the last item's tensors before building the next
             self._built = index, self.plan.tensors(self._items[index], self.buffers)
         return self._built[1][self._part[i]]
 

@@ -85,6 +85,7 @@ def each_record(records: Records, indices) -> Iterator[bytes]:
         data = raw_bytes(tensor)
         for _ in range(count):
             yield data
+        del tensor, data  # before the next record is built: a writer holds one record at a time
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:
