@@ -9,9 +9,12 @@ object gather over the pipeline group to find the owner, a broadcast from it, an
 tensors, an all-gather over the expert group; the writer then saves one safetensors file.
 
 Reported per case: wall time, collective calls per rank, bytes moved (all ranks), the writer's
-peak resident-memory growth and the size of what it wrote. The rules are the shipped deepseek_v3 spec.
+peak resident-memory growth and the size of what it wrote, and SequentialMLP's time against the
+grouped layout's. A second table splits one process's CPU time by phase (pack per rank, plan,
+write), offline, to show where SequentialMLP's per-tensor cost goes. The rules are the shipped
+deepseek_v3 spec.
 
-    .venv/bin/python benchmarks/bench_executor.py [--layers 61] [--experts 256] [--json out.json]
+    .venv/bin/python benchmarks/bench_executor.py [--layers 61] [--experts 256] [--no-baseline] [--json out.json]
 """
 
 from __future__ import annotations
@@ -232,10 +235,43 @@ def main(argv=None) -> None:
                         sys.exit(f"benchmark failed: {failed[0][1]}\n{failed[0][2]}")
                     rows.append(outcomes[0][1])
     _print(rows)
-    text = json.dumps(rows, indent=2)
+    split = [phases(args.layers, args.experts, form) for form in ("grouped", "seq")]
+    _print_phases(split)
+    text = json.dumps({"runs": rows, "phases": split})
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+
+
+def phases(layers: int, experts: int, form: str) -> dict:
+    """CPU seconds of each export phase in one process (EP=8, one writer): pack (mean per rank), plan, write."""
+    from quantmap.executor.export import Export
+    from quantmap.executor.pack import pack
+    from quantmap.executor.plan import Plan
+
+    layout = Layout(num_layers=layers, num_experts=experts, dp=8, ep=8)
+    rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
+    states = [local_state(layout, rank, form) for rank in range(layout.world_size)]
+    start = time.process_time()
+    packed = [pack(rules, state, Placement.offline(layout, rank)) for rank, state in enumerate(states)]
+    pack_seconds = (time.process_time() - start) / len(states)
+    start = time.process_time()
+    plan = Plan(rules, layout, [p.meta for p in packed])
+    plan_seconds = time.process_time() - start
+    start = time.process_time()
+    with tempfile.TemporaryDirectory(prefix="quantmap-bench-") as scratch:
+        Export(plan, {rank: p.buffer for rank, p in enumerate(packed)}).write(Path(scratch), 5 * 2**30)
+    return dict(naming=form, tensors_per_rank=len(states[0]), records=len(plan.items), pack_per_rank=round(pack_seconds, 3),
+                plan=round(plan_seconds, 3), write=round(time.process_time() - start, 3))
+
+
+def _print_phases(split: list[dict]) -> None:
+    head = f"{'naming':<8} {'tensors/rank':>12} {'records':>8} {'pack/rank s':>11} {'plan s':>7} {'write s':>7}"
+    print(head)
+    print("-" * len(head))
+    for row in split:
+        print(f"{row['naming']:<8} {row['tensors_per_rank']:>12} {row['records']:>8} {row['pack_per_rank']:>11.3f} "
+              f"{row['plan']:>7.3f} {row['write']:>7.3f}")
 
 
 def _print(rows: list[dict]) -> None:
@@ -247,6 +283,8 @@ def _print(rows: list[dict]) -> None:
     for row in rows:
         mine = ours[(row["case"], row["naming"])]
         speedup = f"{row['seconds'] / mine['seconds']:.1f}x" if row["method"] != "quantmap" else ""
+        if row["method"] == "quantmap" and row["naming"] == "seq":  # the per-tensor overhead, against grouped
+            speedup = f"{row['seconds'] / ours[(row['case'], 'grouped')]['seconds']:.1f}x gr"
         print(f"{row['case']:<8} {row['naming']:<8} {row['method']:<10} {row['seconds']:>9.3f} {row['calls_per_rank']:>10} "
               f"{row['bytes_moved'] / 1e6:>9.2f} {row['writer_peak_bytes'] / 1e6:>14.2f} {row['output_bytes'] / 1e6:>9.2f} "
               f"{row['writer_peak_bytes'] / row['output_bytes']:>8.2f} {row['tensors']:>8} {speedup:>8}")

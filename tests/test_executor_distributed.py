@@ -104,8 +104,11 @@ def test_meshes_and_caller_groups_place_every_rank_in_megatrons_rank_order(world
             assert from_mesh == from_groups == from_order, f"{label} {form} rank {rank}"
 
 
-def test_export_makes_a_constant_number_of_collective_calls(world):
-    size, _, results = world
-    for label, form, _ in SCENARIOS[size]:
+def test_export_makes_a_number_of_collective_calls_independent_of_the_tensor_count(world):
+    """3 in memory; 4 plus one per round of shard files with files (one writer per pipeline stage)."""
+    size, tmp, results = world
+    for label, form, sizes in SCENARIOS[size]:
+        files = len(list((tmp / f"{label}-{form}" / "hf").glob("model-*.safetensors")))
+        rounds = -(-files // sizes.get("pp", 1))
         for rank in range(size):
-            assert results[rank][(label, form)]["calls"] == (4, 3), f"{label} {form} rank {rank}"
+            assert results[rank][(label, form)]["calls"] == (4 + rounds, 3), f"{label} {form} rank {rank}"

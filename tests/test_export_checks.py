@@ -62,9 +62,9 @@ def _export_with_a_transfer_failure(out: str):
     placement = Placement.from_world(layout)
     state = shard(global_state("dense", 2), layout)[placement.coords.rank]
     if dist.get_rank() == 1:
-        def failing(self, buffer, sizes):
+        def failing(self, sends, receives):
             raise RuntimeError("injected failure during the transfer")
-        Comm.gather_buffers = failing
+        Comm.exchange = failing
     export(rules_for("dense"), state, placement, out=out, timeout=timedelta(seconds=20))
 
 

@@ -1,8 +1,9 @@
 """The executor's only door to ``torch.distributed``: a handful of calls, counted, with timeouts.
 
-An export makes four calls whatever the model size: gather every rank's metadata to the writer,
-broadcast the writer's verdict (go, or the error every rank raises), send the packed byte buffers
-to the writer in one batch of point-to-point operations, and broadcast the final status.
+An export exchanges every rank's metadata, broadcasts the planner's verdict (go, or the error every
+rank raises), moves packed byte buffers in batches of point-to-point operations (one batch in all,
+or one per round of shard files), and gathers and broadcasts the final status; see
+:mod:`quantmap.executor.export` for the count.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class Comm:
         dist.gather_object(obj, out, dst=self._global(WRITER), group=self.group)
         return out
 
+    def all_gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` on every rank."""
+        self.calls += 1
+        self.bytes += len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def broadcast_object(self, obj):
         """The writer's ``obj`` on every rank."""
         self.calls += 1
@@ -54,24 +63,30 @@ class Comm:
 
     def gather_buffers(self, buffer: torch.Tensor, sizes: list[int]) -> dict[int, torch.Tensor] | None:
         """Byte buffers of the ranks with a non-zero size, on the writer, in one batch."""
+        if self.is_writer:
+            received = {rank: self.empty(size) for rank, size in enumerate(sizes) if rank != WRITER and size}
+            self.exchange([], list(received.items()))
+            return {**{rank: tensor.cpu() for rank, tensor in received.items()}, WRITER: buffer}
+        self.exchange([(WRITER, buffer)] if sizes[self.rank] else [], [])
+        return None
+
+    def empty(self, size: int) -> torch.Tensor:
+        """A byte buffer to receive into, on the group's device."""
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def exchange(self, sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]]) -> None:
+        """One batch of point-to-point transfers: send each ``(rank, bytes)`` of ``sends``, and receive
+        into each ``(rank, bytes)`` of ``receives`` (contiguous byte tensors, views allowed: a buffer is
+        received piece by piece in place). Every rank calls it in step with its peers."""
         self.calls += 1
         ops = []
-        received = {}
-        if self.is_writer:
-            for rank, size in enumerate(sizes):
-                if rank == WRITER or not size:
-                    continue
-                received[rank] = torch.empty(size, dtype=torch.uint8, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, received[rank], self._global(rank), self.group))
-            self.bytes += sum(sizes) - sizes[WRITER]
-        elif sizes[self.rank]:
-            ops.append(dist.P2POp(dist.isend, buffer.to(self.device), self._global(WRITER), self.group))
-            self.bytes += sizes[self.rank]
+        for rank, tensor in receives:
+            ops.append(dist.P2POp(dist.irecv, tensor, self._global(rank), self.group))
+            self.bytes += tensor.numel()
+        for rank, tensor in sends:
+            ops.append(dist.P2POp(dist.isend, tensor.to(self.device), self._global(rank), self.group))
+            self.bytes += tensor.numel()
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 if not work.wait(self.timeout):
                     raise TimeoutError(f"a tensor transfer did not finish within {self.timeout}")
-        if not self.is_writer:
-            return None
-        received[WRITER] = buffer
-        return {rank: tensor.cpu() for rank, tensor in received.items()}

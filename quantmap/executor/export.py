@@ -1,17 +1,23 @@
-"""Export (Megatron → Hugging Face): pack on every rank, plan on the writer, move bytes once, write.
+"""Export (Megatron → Hugging Face): pack on every rank, plan on rank 0, move bytes, write.
 
-Distributed, an export is four collective calls whatever the model: gather metadata to the
-writer (global rank 0 of the group), broadcast its verdict, send the packed buffers to it in one
-batch, and (when writing files) broadcast the final status. A failure anywhere (a rank whose
-state cannot be read, a layout mistake, an unwritable output) reaches every rank through the
-verdict or the status, so all ranks raise the same :class:`ExecutorError` and none hangs.
-Offline, one process plays every rank with the same code and no collectives.
+Distributed, every rank's metadata goes to every rank (1 call) and the planner (group rank 0)
+broadcasts its verdict (1 call). In memory, the packed buffers then go to rank 0 in one batch
+(1 call: 3 in all). With files, several writers write the HF shard files, each file's entries
+moved to its writer in one round of transfers (:mod:`quantmap.executor.writers`; one call per
+round, ``ceil(files / writers)`` rounds), then the writers' statuses are gathered and the final
+status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
+anywhere (a rank whose state cannot be read, a layout mistake, an unwritable output, a writer that
+fails mid-file) reaches every rank through the verdict or the status, so all ranks raise the same
+:class:`ExecutorError` and none hangs. Offline, one process plays every rank with the same plan
+and no collectives, and writes the same bytes.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
 from datetime import timedelta
+from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -19,16 +25,19 @@ import torch
 
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
-from quantmap.executor.pack import Packed, empty_meta, pack
+from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
 from quantmap.executor.plan import Plan
 from quantmap.executor.progress import bar as progress_bar
-from quantmap.executor.report import ExecutorError, Report
-from quantmap.io.hf import DEFAULT_SHARD_SIZE, write_checkpoint
+from quantmap.executor.report import ExecutorError, Report, describe
+from quantmap.executor.writers import schedule, write_rounds, writer_ranks
+from quantmap.io.hf import DEFAULT_SHARD_SIZE, INDEX, shard_name, write_checkpoint, write_index
+from quantmap.io.safetensors_stream import each_record, raw_bytes
 from quantmap.io.staging import Staged
 
 
 class Export:
-    """The result of an export. On the writer it yields the HF tensors; elsewhere it is empty.
+    """The result of an export. On rank 0 of an in-memory (or offline) export it yields the HF tensors;
+    elsewhere it is empty. A distributed export to files leaves its tensors in the files.
 
     ``tensors()`` builds them one at a time (for in-process refit); fanned-out names share one
     tensor, so clone before modifying. ``report.disagreements`` fills as tensors are built.
@@ -37,6 +46,7 @@ class Export:
     def __init__(self, plan: Plan | None, buffers: dict[int, torch.Tensor] | None, calls: int = 0, moved: int = 0):
         self._plan = plan
         self._buffers = buffers
+        self._records: _Records | None = None
         self.report = plan.report if plan else Report()
         self.calls = calls
         self.bytes = moved
@@ -47,6 +57,9 @@ class Export:
         return self._plan is not None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._plan is not None and self._buffers is None:
+            raise ExecutorError("this export wrote its tensors to files with several writers and holds none; "
+                                "export without out= to get them in memory, or read the files")
         records = self.records()
         for i in range(len(records)):
             tensor = records.tensor(i)
@@ -58,7 +71,9 @@ class Export:
 
     def records(self) -> "_Records":
         """The combined tensors as the file writer's records (empty except on the writer)."""
-        return _Records(self._plan, self._buffers)
+        if self._records is None:
+            self._records = _Records(self._plan, self._buffers)
+        return self._records
 
     def write(self, out: Path, shard_size: int, progress: bool = False) -> list[Path]:
         records = self.records()
@@ -76,42 +91,93 @@ class _Records:
 
     def __init__(self, plan: Plan | None, buffers):
         self._items = plan.items if plan else []
-        self._plan, self._buffers = plan, buffers
+        self.plan, self.buffers = plan, buffers
         self._item, self._part = array("q"), array("q")
+        # A spec is asked for several times per record (shard sizes, header, data, index, schedule):
+        # built once. Names are not kept: they are most of a large export's metadata.
+        self._specs: list[tuple] = []
         for i in range(len(self._items)):
-            parts = self._items[i].records
-            self._item.extend([i] * parts)
-            self._part.extend(range(parts))
+            item = self._items[i]
+            for part in range(item.records):
+                self._item.append(i)
+                self._part.append(part)
+                self._specs.append((1 if item.records > 1 else item.count, *plan.spec(item, part)))
         self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
 
     def __len__(self) -> int:
         return len(self._item)
 
     def spec(self, i: int):
-        item = self._items[self._item[i]]
-        count = 1 if item.records > 1 else item.count
-        return (count, *self._plan.spec(item, self._part[i]))
+        return self._specs[i]
 
     def names(self, i: int):
         item = self._items[self._item[i]]
-        names = self._plan.hf_names(item)
+        names = self.plan.hf_names(item)
         return names if item.records == 1 else names[self._part[i]:self._part[i] + 1]
 
     def tensor(self, i: int) -> torch.Tensor:
         index = self._item[i]
         if self._built is None or self._built[0] != index:
-            self._built = index, self._plan.tensors(self._items[index], self._buffers)
+            self._built = None  # drop the last item's tensors before building the next
+            self._built = index, self.plan.tensors(self._items[index], self.buffers)
         return self._built[1][self._part[i]]
+
+    def sources(self, i: int):
+        """The (rank, entry) pairs record ``i`` is built from (every part of a shaped item needs all of
+        its item's): what its writer must receive."""
+        return self._items[self._item[i]].sources
+
+    def data(self, indices) -> Iterator[bytes]:
+        """The data of records ``indices``. Runs of scalar records of one dtype are built together (a
+        SequentialMLP export has 10^5 of them), the rest one by one."""
+        sourced = ((i, self.sources(i)) for i in indices)
+        for dtype, run in groupby(sourced, key=lambda pair: self._bulk_dtype(*pair)):
+            run = list(run)
+            if dtype is None:
+                yield from each_record(self, [i for i, _ in run])
+            else:
+                yield raw_bytes(self._scalars(run, dtype))
+
+    def _bulk_dtype(self, i: int, sources) -> torch.dtype | None:
+        """The dtype of a scalar record built from scalar entries (its value is their max), else ``None``."""
+        _, dtype, shape = self._specs[i]
+        if math.prod(shape) != 1 or dtype not in _BULK:
+            return None
+        metas = self.plan.metas
+        return dtype if all(math.prod(metas[r]["shapes"][e]) == 1 for r, e in sources) else None
+
+    def _scalars(self, run: list[tuple[int, tuple]], dtype: torch.dtype) -> torch.Tensor:
+        """The values of scalar records ``run`` ((record, sources) pairs), each ``count`` times: the max of
+        each record's entries, as :meth:`Plan.tensors` combines copies; a record whose copies differ is
+        built by the plan itself, which reports the disagreement."""
+        owners, ranks, entries = [], [], []
+        for j, (_, sources) in enumerate(run):
+            for rank, entry in sources:
+                owners.append(j)
+                ranks.append(rank)
+                entries.append(entry)
+        values = unpack_scalars(self.buffers, self.plan.metas, ranks, entries, dtype)
+        owner = torch.tensor(owners)
+        out = torch.empty(len(run), dtype=dtype).scatter_reduce_(0, owner, values, "amax", include_self=False)
+        for j in owner[values != out[owner]].unique().tolist():  # differing copies (or NaN): rare
+            out[j] = self.tensor(run[j][0]).reshape(())
+        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i, _ in run]))
+
+
+_BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of
 
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,
-           shard_size: int = DEFAULT_SHARD_SIZE, timeout: timedelta = timedelta(minutes=10),
-           progress: bool = False, strict: bool = False, allow_partial: bool = False) -> Export:
+           shard_size: int = DEFAULT_SHARD_SIZE, writers: int | None = None,
+           timeout: timedelta = timedelta(minutes=10), progress: bool = False, strict: bool = False,
+           allow_partial: bool = False) -> Export:
     """Export this rank's ``state`` (local names → tensors); call on every rank of ``placement``'s group.
 
-    With ``out`` the writer writes the HF checkpoint there (staged, then renamed into place). Shards
-    short of what the layout requires are refused unless ``allow_partial`` (then reported);
-    ``strict`` refuses any finding (see :class:`Plan`).
+    With ``out`` the HF checkpoint is written there (staged, then renamed into place) by ``writers``
+    ranks spread over the group (default: one per pipeline stage); ``out`` must be one directory
+    that every writer can reach (a shared file system across nodes). Shards short of what the layout
+    requires are refused unless ``allow_partial`` (then reported); ``strict`` refuses any finding
+    (see :class:`Plan`).
     """
     from quantmap.executor.comm import Comm
 
@@ -122,36 +188,82 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         if comm.is_writer and out is not None:
             staged = Staged(out)
     except Exception as error:  # shared with every rank through the verdict
-        packed = Packed(empty_meta(placement, _describe(error)))
-    metas = comm.gather_objects(packed.meta)
-    verdict = None
+        packed = Packed(empty_meta(placement, describe(error)))
+    metas = comm.all_gather_objects(packed.meta)  # the writers build their records from them
+    verdict = plan = records = None
     if comm.is_writer:
         try:
             plan = Plan(rules, placement.layout, metas, strict=strict, allow_partial=allow_partial)
             verdict = {"sizes": plan.sizes}
+            if out is not None:
+                records = _Records(plan, {})
+                ranks = writer_ranks(comm.size, placement.layout.pp if writers is None else writers)
+                verdict.update(schedule=schedule(records, shard_size, ranks), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
-            verdict = {"error": _describe(error)}
+            verdict = {"error": describe(error)}
     verdict = comm.broadcast_object(verdict)
     if "error" in verdict:
         if staged:
             staged.discard()
         raise ExecutorError(verdict["error"])
     try:
-        buffers = comm.gather_buffers(packed.buffer, verdict["sizes"])
-        result = Export(plan if comm.is_writer else None, buffers)
-        if out is not None:
-            status = None
-            if comm.is_writer:
-                status = _write(result, staged, shard_size, progress)
-            status = comm.broadcast_object(status)
-            if status:
-                raise ExecutorError(status)
+        if out is None:
+            result = Export(plan, comm.gather_buffers(packed.buffer, verdict["sizes"]))
+        else:
+            checks = dict(strict=strict, allow_partial=allow_partial)
+            result = _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress, checks)
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
         raise
     result.calls, result.bytes = comm.calls, comm.bytes
     return result
+
+
+def _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress, checks) -> Export:
+    """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards.
+    ``records`` are the planner's (rank 0); another writer builds its own from the same inputs (and
+    the same ``checks``, which passed on rank 0)."""
+    spread = verdict["schedule"]
+    if records is None and comm.rank in spread.writers:
+        records = _Records(Plan(rules, placement.layout, metas, **checks), {})
+    plan = records.plan if records is not None else None
+    mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
+    bar = progress_bar(mine, "export", progress and comm.is_writer)
+    try:
+        status = write_rounds(comm, packed, spread, Path(verdict["staging"]), metas=metas, records=records,
+                              buffers=records.buffers if records else None, report=plan.report if plan else None,
+                              on_shard=bar.update)
+    finally:
+        bar.close()
+    statuses = comm.gather_objects(status)
+    final = None
+    if comm.is_writer:
+        final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged)
+    final = comm.broadcast_object(final)
+    if final:
+        raise ExecutorError(final)
+    result = Export(plan if comm.is_writer else None, None)
+    if comm.is_writer:
+        count = len(spread.bounds)
+        result.files = [staged.target / shard_name(s, count) for s in range(count)] + [staged.target / INDEX]
+    return result
+
+
+def _publish(records: "_Records", statuses: list[dict], bounds: list[range], staged: Staged) -> str | None:
+    """After every writer: the index, then the one rename; or the first error, with nothing left behind."""
+    errors = [s["error"] for s in statuses if s["error"]]
+    notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
+    records.plan.report.disagreements[:] = [note for shard in sorted(notes) for note in notes[shard]]  # file order
+    try:
+        if errors:
+            raise ExecutorError(errors[0])
+        write_index(staged.path, records, bounds)
+        staged.publish()
+        return None
+    except Exception as error:
+        staged.discard()
+        return f"writing {staged.target} failed, nothing was written: {describe(error)}"
 
 
 def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str | Path | None = None,
@@ -166,7 +278,7 @@ def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str
         try:
             packed = pack(rules, state, placement)
         except Exception as error:
-            packed = Packed(empty_meta(placement, _describe(error)))
+            packed = Packed(empty_meta(placement, describe(error)))
         metas.append(packed.meta)
         buffers[rank] = packed.buffer
     try:
@@ -191,9 +303,4 @@ def _write(result: Export, staged: Staged, shard_size: int, progress: bool) -> s
         return None
     except Exception as error:
         staged.discard()
-        return f"writing {staged.target} failed, nothing was written: {_describe(error)}"
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error)
-    return text if isinstance(error, (ExecutorError, ValueError, OSError)) and text else f"{type(error).__name__}: {text}"
+        return f"writing {staged.target} failed, nothing was written: {describe(error)}"

@@ -4,8 +4,10 @@ Only names the rule set claims are packed, under their global names; the rest ar
 report. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
 tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``; where a view has replicas, every copy's
 digest goes into the metadata for the writer to compare. Every tensor read is checked for values
-that cannot be right (:mod:`quantmap.executor.values`). The buffer is one flat byte tensor
+that cannot be right (:mod:`quantmap.executor.values`). A buffer is one flat byte tensor
 (each tensor aligned to its element size), so any mix of dtypes travels in a single transfer.
+Packing copies nothing: a buffer is built when it is sent, of all entries (one writer) or of the
+entries one HF shard file needs (several writers, shard by shard).
 """
 
 from __future__ import annotations
@@ -27,10 +29,36 @@ from quantmap.rules import WEIGHT
 
 @dataclass
 class Packed:
-    """What one rank sends: ``meta`` (small, to the writer first) and the bytes it describes."""
+    """What one rank sends: ``meta`` (small, to the writer first) and the tensors it describes."""
 
     meta: dict
-    buffer: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """Every entry in one byte buffer, at ``meta["offsets"]``."""
+        return self.take(range(len(self.values)))
+
+    def take(self, entries) -> torch.Tensor:
+        """Entries ``entries`` (indices into ``meta``) in one new byte buffer, in that order, at the
+        offsets :func:`offsets` gives for them."""
+        starts, size = offsets(self.meta, entries)
+        buffer = torch.empty(size, dtype=torch.uint8)
+        for start, entry in zip(starts, entries):
+            flat = self.flat_bytes(entry)
+            buffer[start:start + flat.numel()] = flat
+        return buffer
+
+    def flat_bytes(self, entry: int) -> torch.Tensor:
+        """Entry ``entry``'s bytes, a view of its tensor (a copy only if it is not contiguous)."""
+        return self.values[entry].reshape(-1).contiguous().cpu().view(torch.uint8)
+
+    def pieces(self, entries: list[int]) -> list[torch.Tensor]:
+        """Entries ``entries`` (in :func:`transfer_order`) as the pieces of their transfer: the small
+        ones copied into one block, each large one its own tensor's bytes, uncopied; what
+        :func:`receiving` cuts the receiver's buffer into."""
+        small = [e for e in entries if not _large(self.meta, e)]
+        return ([self.take(small)] if small else []) + [self.flat_bytes(e) for e in entries[len(small):]]
 
 
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
@@ -47,7 +75,7 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
     owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
     compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
     meta = empty_meta(placement)
-    tensors, read, offset = [], [], 0
+    values, read = [], []
     for local in state.keys():
         name = to_global(local, layout, coords)
         _note_indices(meta, local)
@@ -74,22 +102,61 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
             meta["copies"][name] = copy_digest(value)
         if not owner[expert]:
             continue
-        width = value.element_size()
-        offset = -(-offset // width) * width
-        tensors.append((offset, value))
+        values.append(value)
         meta["names"].append(name)
         meta["experts"] += is_expert(name)
         meta["dtypes"].append(value.dtype)
         meta["shapes"].append(tuple(value.shape))
-        meta["offsets"].append(offset)
-        offset += value.numel() * width
     meta["uncalibrated"] = check_values(read)
-    buffer = torch.empty(offset, dtype=torch.uint8)
-    for start, value in tensors:
-        flat = value.reshape(-1).contiguous().cpu().view(torch.uint8)
-        buffer[start:start + flat.numel()] = flat
-    meta["size"] = offset
-    return Packed(meta, buffer)
+    meta["offsets"], meta["size"] = offsets(meta, range(len(values)))
+    return Packed(meta, values)
+
+
+def offsets(meta: dict, entries) -> tuple[array, int]:
+    """Where entries ``entries`` lie in a buffer that holds just them, in that order (each aligned to
+    its element size), and the buffer's size. Sender and writer both compute it from ``meta``."""
+    starts, offset = array("q"), 0
+    for entry in entries:
+        dtype = meta["dtypes"][entry]
+        width = dtype.itemsize
+        offset = -(-offset // width) * width
+        starts.append(offset)
+        offset += math.prod(meta["shapes"][entry]) * width
+    return starts, offset
+
+
+LARGE = 1 << 16  # bytes: an entry this large travels from its own tensor, not through a copy
+
+
+def _large(meta: dict, entry: int) -> bool:
+    return math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize >= LARGE
+
+
+def transfer_order(meta: dict, entries) -> list[int]:
+    """``entries`` as they lie in a transfer buffer: the small ones first, then the large ones (each
+    group in the given order)."""
+    return [e for e in entries if not _large(meta, e)] + [e for e in entries if _large(meta, e)]
+
+
+def receiving(meta: dict, entries: list[int], buffer: torch.Tensor) -> list[torch.Tensor]:
+    """The views of ``buffer`` (laid out for ``entries``, in :func:`transfer_order`) that receive the
+    pieces :meth:`Packed.pieces` sends: the small block, then each large entry in its place."""
+    starts, _ = offsets(meta, entries)
+    small = sum(1 for e in entries if not _large(meta, e))
+    views = [buffer[:offsets(meta, entries[:small])[1]]] if small else []
+    for start, entry in zip(starts[small:], entries[small:]):
+        views.append(buffer[start:start + math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize])
+    return views
+
+
+def rebase(meta: dict, entries) -> int:
+    """Point ``meta``'s offsets for ``entries`` into a buffer of just them (as :meth:`Packed.take`
+    builds it), so that :func:`unpack` reads them there; the buffer's size. A writer that receives a
+    shard's entries does this on its own copy of the metadata."""
+    starts, size = offsets(meta, entries)
+    for entry, start in zip(entries, starts):
+        meta["offsets"][entry] = start
+    return size
 
 
 def _note_indices(meta: dict, local: str) -> None:
@@ -106,3 +173,18 @@ def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
     """Entry ``index`` of a rank's buffer, as a view with its dtype and shape."""
     dtype, shape, start = meta["dtypes"][index], meta["shapes"][index], meta["offsets"][index]
     return buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: list[int], entries: list[int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The values of one-element entries ``entries[k]`` of rank ``ranks[k]`` (all of ``dtype``), in order:
+    one gather per rank instead of a view per entry (a SequentialMLP export has 10^5 scalars)."""
+    width = dtype.itemsize
+    out = torch.empty(len(entries), dtype=dtype)
+    ranks_t, entries_t = torch.tensor(ranks), torch.tensor(entries)
+    for rank in set(ranks):
+        here = (ranks_t == rank).nonzero().flatten()
+        starts = torch.frombuffer(metas[rank]["offsets"], dtype=torch.int64)[entries_t[here]]
+        buffer = buffers[rank]
+        out[here] = buffer[:buffer.numel() // width * width].view(dtype)[starts // width]  # offsets are aligned
+    return out

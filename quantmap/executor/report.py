@@ -80,3 +80,9 @@ def natural(name: str) -> tuple:
     """Sort key that puts layer 10 after layer 9 (for lists people read); numbers compare by length,
     then digits, so a hostile 5000-digit index sorts without ``int()`` (which refuses it)."""
     return tuple((len(part), part) if part.isdigit() else part for part in _NUMBER.split(name))
+
+
+def describe(error: BaseException) -> str:
+    """An error as the one line every rank raises: its own text where that says enough, else with its type."""
+    text = str(error)
+    return text if isinstance(error, (ExecutorError, ValueError, OSError)) and text else f"{type(error).__name__}: {text}"

@@ -21,41 +21,64 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def write_checkpoint(directory: str | Path, records: Records, shard_size: int = DEFAULT_SHARD_SIZE,
-                     on_record=None) -> list[Path]:
-    """Write ``records`` as shards of at most ``shard_size`` data bytes (a record is never split; a
-    record larger than ``shard_size`` gets a shard of its own), streaming the index as it goes."""
+def shard_bounds(records: Records, shard_size: int) -> list[range]:
+    """The records of each shard file, in order: a shard takes records while its data stays within
+    ``shard_size`` bytes; a record is never split (one larger than ``shard_size`` gets a shard of its own)."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1 byte, got {shard_size}")
-    directory = Path(directory)
-    bounds, start, filled, total = [], 0, 0, 0
+    bounds, start, filled = [], 0, 0
     for i in range(len(records)):
-        count, dtype, shape = records.spec(i)
-        size = nbytes(dtype, shape) * count
+        size = record_bytes(records, i)
         if i > start and filled + size > shard_size:
             bounds.append(range(start, i))
             start, filled = i, 0
         filled += size
-        total += size
     bounds.append(range(start, len(records)))
-    names = [shard_name(i, len(bounds)) for i in range(len(bounds))]
-    with open(directory / INDEX, "w", encoding="utf-8") as index:
+    return bounds
+
+
+def record_bytes(records: Records, i: int) -> int:
+    """Data bytes record ``i`` takes in its file (its tensor once per name)."""
+    count, dtype, shape = records.spec(i)
+    return nbytes(dtype, shape) * count
+
+
+def write_shard(directory: str | Path, records: Records, bounds: list[range], shard: int) -> Path:
+    """Write shard file ``shard`` of ``bounds`` into ``directory``."""
+    path = Path(directory) / shard_name(shard, len(bounds))
+    safetensors_stream.write(path, records, bounds[shard])
+    return path
+
+
+def write_index(directory: str | Path, records: Records, bounds: list[range]) -> Path:
+    """``model.safetensors.index.json`` for shards ``bounds``, from the records' names alone, streamed."""
+    path = Path(directory) / INDEX
+    total = sum(record_bytes(records, i) for i in range(len(records)))
+    with open(path, "w", encoding="utf-8") as index:
         index.write(f'{{\n  "metadata": {{\n    "total_size": {total}\n  }},\n  "weight_map": {{')
-        separator = ["\n    "]
-        for file, indices in zip(names, bounds):
-            entry = f": {quote(file)}"
-
-            def listed(quoted: list[str]) -> None:
-                if not quoted:
-                    return
-                index.write(separator[0] + (entry + ",\n    ").join(quoted) + entry)
-                separator[0] = ",\n    "
-
-            safetensors_stream.write(directory / file, records, indices, on_names=listed)
-            if on_record is not None:
-                on_record(len(indices))
+        separator = "\n    "
+        for shard, indices in enumerate(bounds):
+            entry = f": {quote(shard_name(shard, len(bounds)))}"
+            for i in indices:
+                quoted = [quote(name) for name in records.names(i)]
+                if quoted:
+                    index.write(separator + (entry + ",\n    ").join(quoted) + entry)
+                    separator = ",\n    "
         index.write("\n  }\n}\n")
-    return [directory / name for name in names] + [directory / INDEX]
+    return path
+
+
+def write_checkpoint(directory: str | Path, records: Records, shard_size: int = DEFAULT_SHARD_SIZE,
+                     on_record=None) -> list[Path]:
+    """Write ``records`` as shards of at most ``shard_size`` data bytes (see :func:`shard_bounds`),
+    then the index. One process writes every shard; :mod:`quantmap.executor.writers` spreads them."""
+    bounds = shard_bounds(records, shard_size)
+    files = []
+    for shard in range(len(bounds)):
+        files.append(write_shard(directory, records, bounds, shard))
+        if on_record is not None:
+            on_record(len(bounds[shard]))
+    return files + [write_index(directory, records, bounds)]
 
 
 class CheckpointError(ValueError):

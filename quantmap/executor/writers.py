@@ -1,0 +1,108 @@
+"""Several writers: an export's HF shard files are spread over ranks and moved to them file by file.
+
+Block amax of a large model runs to tens of GB, too much to funnel through one process. The planner
+(group rank 0) cuts the records into shard files exactly as a single writer does
+(:func:`quantmap.io.hf.shard_bounds`, so the files are byte-identical to an offline export), deals
+the files round-robin to the writers, and lists for each file the packed entries, per source rank,
+that its records are built from (``Records.sources``). In round ``k`` writer ``w`` writes file
+``k*W + w``: every source rank sends it just that file's entries (small ones copied into one block,
+large ones straight from their tensors into their place in the writer's buffer; one batch of
+point-to-point transfers for the whole group per round), the writer builds the file's records one
+at a time and streams them out, then drops the round's buffers. A writer thus holds one file's
+inputs at a time, plus the record being built. The planner writes the index after every writer is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantmap.executor.pack import Packed, rebase, receiving, transfer_order
+from quantmap.executor.report import Report, describe
+from quantmap.io.hf import shard_bounds, shard_name, write_shard
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which writer writes which shard file, and what each file needs from each source rank."""
+
+    bounds: list[range]  # the records of each shard file
+    writers: list[int]  # group ranks; file ``s`` goes to ``writers[s % len(writers)]``
+    needs: list[dict[int, list[int]]]  # per file: source rank -> its entries, in first-use order
+
+    def writer(self, shard: int) -> int:
+        return self.writers[shard % len(self.writers)]
+
+    @property
+    def rounds(self) -> int:
+        return -(-len(self.bounds) // len(self.writers))
+
+    def round(self, k: int) -> range:
+        """The files written in round ``k`` (one per writer, the last round possibly fewer)."""
+        width = len(self.writers)
+        return range(k * width, min((k + 1) * width, len(self.bounds)))
+
+
+def writer_ranks(size: int, count: int) -> list[int]:
+    """``count`` writers spread evenly over a group of ``size`` ranks. In Megatron's default order a
+    pipeline stage is a contiguous block of ranks, so one writer per stage is each stage's first rank."""
+    count = max(1, min(count, size))
+    return [k * size // count for k in range(count)]
+
+
+def schedule(records, shard_size: int, writers: list[int]) -> Schedule:
+    """The plan of a multi-writer write, from the records' sizes and sources alone."""
+    bounds = shard_bounds(records, shard_size)
+    needs = []
+    for indices in bounds:
+        by_rank: dict[int, dict[int, None]] = {}  # dicts keep first-use order and drop repeats
+        for i in indices:
+            for rank, entry in records.sources(i):
+                by_rank.setdefault(rank, {})[entry] = None
+        needs.append({rank: list(entries) for rank, entries in sorted(by_rank.items())})
+    return Schedule(bounds, writers, needs)
+
+
+def write_rounds(comm, packed: Packed, plan: Schedule, directory: Path, *, metas: list[dict] | None = None,
+                 records=None, buffers: dict | None = None, report: Report | None = None, on_shard=None) -> dict | None:
+    """This rank's part of the write: every round, send the entries each writer needs from it; on a
+    writer (``records`` given, reading ``buffers`` and ``metas``), receive its file's entries and write it.
+
+    A writer that fails keeps taking part in the remaining rounds (so no peer waits on it), writes
+    nothing more, and reports. Returns a writer's status, ``{"error": message | None,
+    "disagreements": {file: [notes]}}``, and ``None`` elsewhere.
+    """
+    rank = comm.rank
+    status = {"error": None, "disagreements": {}} if records is not None else None
+    for k in range(plan.rounds):
+        files = plan.round(k)
+        sends = [(plan.writer(s), piece) for s in files if plan.writer(s) != rank and rank in plan.needs[s]
+                 for piece in packed.pieces(transfer_order(packed.meta, plan.needs[s][rank]))]
+        mine = next((s for s in files if plan.writer(s) == rank), None)
+        receives = []
+        if mine is not None:
+            for source, entries in plan.needs[mine].items():
+                entries = transfer_order(metas[source], entries)
+                size = rebase(metas[source], entries)
+                if source == rank:
+                    buffers[rank] = packed.take(entries)
+                else:
+                    buffers[source] = comm.empty(size)
+                    receives += [(source, view) for view in receiving(metas[source], entries, buffers[source])]
+        comm.exchange(sends, receives)
+        del sends, receives
+        if mine is None:
+            continue
+        for source in buffers:
+            buffers[source] = buffers[source].cpu()
+        if status["error"] is None:
+            before = len(report.disagreements)
+            try:
+                write_shard(directory, records, plan.bounds, mine)
+            except Exception as error:  # reported to every rank through the status
+                status["error"] = f"rank {rank} writing {shard_name(mine, len(plan.bounds))}: {describe(error)}"
+            status["disagreements"][mine] = report.disagreements[before:]
+            if on_shard is not None:
+                on_shard(len(plan.bounds[mine]))
+        buffers.clear()
+    return status
