@@ -210,7 +210,7 @@ def test_a_distributed_export_with_an_empty_stage_fails_on_every_rank_or_reports
     assert "the shards lack" in outcomes[0][1] and not (tmp_path / "hf").exists()
     outcomes = run_ranks(2, _export_an_empty_stage, str(directory), str(tmp_path / "partial"), True)
     (missing, calls), _ = outcomes[0][1], outcomes[1][1]
-    assert missing[0].startswith("decoder.layers.2.") and calls == 4
+    assert missing[0].startswith("decoder.layers.2.") and calls == 5  # 4 + one round of files (one writer per stage)
 
 
 def test_extra_rank_files_beyond_the_layout_are_refused_before_any_work(tmp_path):
