@@ -22,7 +22,6 @@ from typing import Callable, NamedTuple
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from executor_support import SPECS, global_state, shard
