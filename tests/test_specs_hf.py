@@ -141,7 +141,7 @@ PARAMS = {"deepseek_v3": {"num_layers": 3, "num_experts": 4}, "qwen3_moe": {"num
           "kimi_k2": {"num_layers": 3, "num_experts": 4}, "glm4_moe": {"num_layers": 3, "num_experts": 4},
           "qwen2_moe": {"num_experts": 4}, "ernie4_5_moe": {"num_experts": 4}, "minimax_m2": {"num_experts": 4},
           "qwen3_5_moe": {"num_experts": 4}, "qwen3_next": {"num_experts": 4}, "nemotron_h": {"num_experts": 4}}
-# Tied embeddings: neither side has the output head that base/common.yaml maps.
+# Tied embeddings: neither side has the output head that base/common.yaml maps (the specs drop it).
 TIED = {"gemma2", "gemma3", "ernie4_5_moe"}
 
 
@@ -193,7 +193,7 @@ def test_every_weight_rule_targets_names_the_model_has(arch, on_disk):
             if not any(pattern.match(name) is not None for name in names)]
     # transformers does not build MTP layers (model.layers.{num_layers}, or mtp.*); the Megatron tests cover them.
     dead = [p for p in dead if "{num_layers + i}" not in p and not p.startswith("mtp.")]
-    assert dead == (["lm_head.weight"] if arch in TIED else [])
+    assert dead == []
 
 
 @pytest.mark.parametrize("arch", RECORDED)
@@ -228,6 +228,13 @@ def test_kv_cache_quantizers_of_mla_attention_map_to_megatron_core_attention():
             f"decoder.layers.{layer}.self_attention.core_attention.k_bmm_quantizer._amax")
         assert rules.to_megatron(f"{module}.v_bmm_quantizer._amax").megatron == (
             f"decoder.layers.{layer}.self_attention.core_attention.v_bmm_quantizer._amax")
+
+
+@pytest.mark.parametrize("arch", sorted(TIED))
+def test_a_spec_of_a_tied_architecture_claims_no_output_head(arch, on_disk):
+    rules = quantmap.compile(arch, **PARAMS.get(arch, {}))
+    assert all(config.tie_word_embeddings for config in variants(arch)) and "lm_head.weight" not in on_disk[arch]
+    assert rules.to_megatron("lm_head.weight") is None and rules.to_hf("output_layer.weight_quantizer._amax") is None
 
 
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - TIED))
