@@ -13,6 +13,7 @@ from test_specs_megatron import _deepseek, _te_llama
 
 import quantmap
 from quantmap.check import check
+from quantmap.io.names import read_names
 from quantmap.model_names import HF, MEGATRON, ModelSize, NamesError, model_names
 from quantmap.patterns import parse
 
@@ -125,3 +126,36 @@ def test_cli_prints_one_name_per_line_or_json():
     assert set(amax) - set(lines) == {name for name in amax if name.endswith(".weight_quantizer._amax")}
     bad = subprocess.run(base + ["--dense-layers", "5"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and ">= --layers 2" in bad.stderr
+
+
+# The newer specs whose model a size describes (hybrids need a layer kind per layer, which `names` does not
+# take; Qwen2.5-VL's vision tower is mapped with '**'), built tiny from their transformers config, one
+# variant at a time: (arch, variant index, --omit for the form that variant's config does not build).
+_BUILT = [("phi3", 0, ()), ("gemma2", 0, ()), ("gemma3", 0, ()), ("qwen2_moe", 0, ()), ("glm4_moe", 0, ()),
+          ("nemotron", 0, ()), ("exaone4", 0, ()), ("exaone4", 1, ("output_layer.weight",)), ("ernie4_5_moe", 0, ()),
+          ("minimax_m2", 0, ())] + [
+    (arch, variant, omit) for arch in ("deepseek_v2", "kimi_k2") for variant, omit in (
+        (0, ("self_attention.linear_q_proj.weight",)),  # q_lora_rank set: q_a_proj / q_b_proj
+        (1, ("self_attention.linear_q_down_proj.weight", "self_attention.linear_q_up_proj.weight",
+             "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.q_layernorm.weight")))]
+
+
+@pytest.mark.parametrize("arch, variant, omit", _BUILT, ids=[f"{a}-{v}" for a, v, _ in _BUILT])
+def test_hf_names_of_newer_specs_are_the_on_disk_names_of_their_tiny_model(arch, variant, omit, tmp_path):
+    pytest.importorskip("transformers")
+    import test_specs_hf as built
+
+    config = built.variants(arch)[variant]
+    built.build(arch, config).save_pretrained(tmp_path)
+    text = config.get_text_config()
+    experts = next((getattr(text, key) for key in ("num_local_experts", "num_experts", "n_routed_experts",
+                                                   "moe_num_experts") if isinstance(getattr(text, key, None), int)), None)
+    dense = next((tuple(range(getattr(text, key))) for key in ("first_k_dense_replace", "moe_layer_start_index")
+                  if getattr(text, key, None) is not None), tuple(getattr(text, "mlp_only_layers", None) or ()) or None)
+    layers = text.num_hidden_layers
+    params = {**built.PARAMS.get(arch, {}), **({"num_layers": layers} if "num_layers" in quantmap.load_spec(arch).params
+                                               else {})}
+    rules = quantmap.compile(arch, **params)
+    generated = model_names(rules, HF, ModelSize(layers, experts, dense_layers=dense), buffers=[], omit=omit)
+    excluded = _excluded(rules, HF)
+    assert sorted(generated) == sorted(name for name in read_names(tmp_path) if not excluded(name))

@@ -228,6 +228,7 @@ def _write_spread(comm, rules, placement, packed, metas, records, verdict, stage
     if records is None and comm.rank in spread.writers:
         records = _Records(Plan(rules, placement.layout, metas, **checks), {})
     plan = records.plan if records is not None else None
+    planned = list(plan.report.disagreements) if plan else []  # found from metadata (replicas), before any file
     mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
     bar = progress_bar(mine, "export", progress and comm.is_writer)
     try:
@@ -239,7 +240,7 @@ def _write_spread(comm, rules, placement, packed, metas, records, verdict, stage
     statuses = comm.gather_objects(status)
     final = None
     if comm.is_writer:
-        final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged)
+        final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged, planned)
     final = comm.broadcast_object(final)
     if final:
         raise ExecutorError(final)
@@ -250,11 +251,13 @@ def _write_spread(comm, rules, placement, packed, metas, records, verdict, stage
     return result
 
 
-def _publish(records: "_Records", statuses: list[dict], bounds: list[range], staged: Staged) -> str | None:
-    """After every writer: the index, then the one rename; or the first error, with nothing left behind."""
+def _publish(records: "_Records", statuses: list[dict], bounds: list[range], staged: Staged,
+             planned: list[str]) -> str | None:
+    """After every writer: the index, then the one rename; or the first error, with nothing left behind.
+    The report lists the plan's findings (``planned``), then what the writers found, in file order."""
     errors = [s["error"] for s in statuses if s["error"]]
     notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
-    records.plan.report.disagreements[:] = [note for shard in sorted(notes) for note in notes[shard]]  # file order
+    records.plan.report.disagreements[:] = planned + [note for shard in sorted(notes) for note in notes[shard]]
     try:
         if errors:
             raise ExecutorError(errors[0])
