@@ -5,6 +5,7 @@ tensor-parallel copies are, without adding a collective."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,24 @@ def test_values_are_refused_exactly_when_one_is_not_finite_or_a_negative_amax(en
             check_values(tensors)
     else:
         assert check_values(tensors) == zero
+
+
+def test_large_tensors_are_checked_one_by_one_for_nan_inf_sign_and_zero():
+    """Block amax can be gigabytes: tensors beyond the batched size are checked by a reduction each,
+    with the same verdicts as the batched small ones."""
+    from quantmap.executor.values import BadValues, check_values
+
+    big = 10_000
+    amax = "decoder.layers.0.mlp.linear_fc2.weight_quantizer._amax"
+    scale = "decoder.layers.0.mlp.linear_fc2.input_quantizer._pre_quant_scale"
+    assert check_values([(amax, torch.rand(big) + 0.1), (scale, torch.rand(big) - 0.5)]) == []
+    assert check_values([(amax, torch.cat([torch.zeros(1), torch.rand(big)]))]) == [amax]
+    for bad in (float("nan"), float("inf"), -1.0):
+        value = torch.rand(big)
+        value[big // 2] = bad
+        with pytest.raises(BadValues, match=re.escape(amax)):
+            check_values([(amax, value)])
+    nan_scale = torch.rand(big)
+    nan_scale[3] = float("nan")
+    with pytest.raises(BadValues, match="NaN"):
+        check_values([(scale, nan_scale)])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ from quantmap.executor.naming import is_expert
 from quantmap.executor.report import ExecutorError
 
 _LISTED = 8
+_BATCHED = 1 << 12  # elements: tensors up to this size are checked together, larger ones one by one
 
 
 class BadValues(ExecutorError):
@@ -33,15 +35,20 @@ class BadValues(ExecutorError):
 def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     """The names whose amax has a zero (uncalibrated); raises :class:`BadValues` listing every bad tensor.
 
-    One vectorised pass per dtype (10^5 scalars cost one ``cat``, not 10^5 checks)."""
+    One vectorised pass per dtype for small tensors (10^5 scalars cost one ``cat``, not 10^5 checks),
+    one reduction each for large ones."""
     problems = [f"{name}: dtype {_dtype(value)} is not a floating-point type; quantizer "
                 f"state is float (was it written by another tool, or cast?)"
                 for name, value in tensors if not value.dtype.is_floating_point]
     if problems:
         raise BadValues(_listing(problems))
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    large: list[tuple[str, torch.Tensor]] = []
     for name, value in tensors:
-        by_dtype.setdefault(value.dtype, []).append((name, value))
+        if value.numel() > _BATCHED:
+            large.append((name, value))
+        else:
+            by_dtype.setdefault(value.dtype, []).append((name, value))
     zero: set[str] = set()
     for group in by_dtype.values():
         flat = torch.cat([value.detach().reshape(-1) for _, value in group]).float()
@@ -52,6 +59,14 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
             problems += [problem for name, value in group if (problem := _bad(name, value))]
         if bool(((flat == 0) & amax).any()):
             zero.update(name for name, value in group if name.endswith("amax") and bool((value == 0).any()))
+    for name, value in large:
+        # A block amax can be gigabytes: a min/max reduction allocates nothing and propagates NaN, so
+        # it settles finiteness, sign and zero without a copy of the tensor.
+        low, high = (float(x) for x in torch.aminmax(value.detach().reshape(-1)))
+        if not (math.isfinite(low) and math.isfinite(high)) or (name.endswith("amax") and low < 0):
+            problems.append(_bad(name, value))
+        elif name.endswith("amax") and low == 0:
+            zero.add(name)
     if problems:
         raise BadValues(_listing(problems))
     return [name for name, _ in tensors if name in zero]
@@ -77,7 +92,7 @@ def copy_digest(value: torch.Tensor):
     value = value.detach().cpu().contiguous()
     if value.numel() == 1:
         return _dtype(value), tuple(value.shape), value.item()
-    raw = ctypes.string_at(value.data_ptr(), value.numel() * value.element_size())
+    raw = (ctypes.c_ubyte * (value.numel() * value.element_size())).from_address(value.data_ptr())  # no copy
     return _dtype(value), tuple(value.shape), hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
