@@ -147,7 +147,7 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
           for part, text in mapping.hf]
     if megatron is None or None in hf:
         return []
-    grouped = _is_grouped(megatron)
+    grouped = is_grouped(megatron)
     fused = mapping.spec.fused_experts is not None
     if not (_check_fused_experts(mapping, megatron, hf, context) if fused
             else _check_arity(mapping, megatron, hf, grouped, context)):
@@ -227,7 +227,7 @@ def _check_kind_has_effect(mapping: SourcedMapping, context: _Context) -> bool:
     return False
 
 
-def _is_grouped(megatron: Pattern) -> bool:
+def is_grouped(megatron: Pattern) -> bool:
     """Megatron's grouped experts: the last segment is a word glued to the expert index (``weight*``)."""
     return bool(megatron.captures) and megatron.literals[-1] == "" and not megatron.literals[-2].endswith(".") \
         and megatron.literals[-2].rsplit(".", 1)[-1] in ("weight", "bias")
@@ -268,7 +268,7 @@ def _check_fused_experts(mapping: SourcedMapping, megatron: Pattern, hf: list[Pa
     problem = None
     if len(hf) != 1:
         problem = "its HF side is a group; a fused-experts tensor is one name"
-    elif not (_is_grouped(megatron) or (megatron.captures and megatron.literals[-2].endswith("local_experts.")
+    elif not (is_grouped(megatron) or (megatron.captures and megatron.literals[-2].endswith("local_experts.")
                                         and megatron.captures[-1].kind == "digits")):
         problem = f"{mapping.megatron!r} does not end in the expert index (local_experts.* or weight*)"
     elif [c.kind for c in hf[0].captures] != [c.kind for c in megatron.captures[:-1]]:
@@ -351,7 +351,7 @@ def _kv_rules(mapping: SourcedMapping, kind: str, megatron: Pattern, hf: list[Pa
     reason = None
     if skip & segments:
         reason = f"it lies under {sorted(skip & segments)[0]!r}, listed in kv_skip_segments"
-    elif _is_grouped(megatron):
+    elif is_grouped(megatron):
         reason = "a grouped-MoE weight is not an attention projection"
     parents = {p.text.rsplit(".", 2)[0] for p in hf}
     if reason is None and kind == "qkv":

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from quantmap.compiler import _is_grouped
+from quantmap.compiler import is_grouped
 from quantmap.patterns import Pattern
 from quantmap.rules import MOE_FANOUT, WEIGHT, Rule
 from quantmap.ruleset import RuleSet
@@ -119,7 +119,7 @@ def _other_layouts(rules: list[Rule], size: ModelSize) -> set[str]:
     for group in competing.values():
         if len(group) < 2:
             continue
-        grouped = [r for r in group if _is_grouped(r.megatron)]
+        grouped = [r for r in group if is_grouped(r.megatron)]
         fused = [r for r in group if r.megatron.text.rsplit(".", 1)[-1].startswith("layer_norm_")]
         for chosen in (grouped, fused):
             if chosen:
@@ -146,7 +146,7 @@ def _capture_kind(rule: Rule, pattern: Pattern, position: int, side: str) -> str
     expert = rule.expert_capture if rule.kind == MOE_FANOUT else None  # the HF side's extra capture
     if side == HF and position == expert:
         return "expert"
-    glued = side == MEGATRON and position == pattern.arity - 1 and _is_grouped(pattern)
+    glued = side == MEGATRON and position == pattern.arity - 1 and is_grouped(pattern)
     if glued or _EXPERT_SEGMENT.search(pattern.literals[position]):
         return "expert"
     megatron = position if side == MEGATRON or expert is None or position < expert else position - 1

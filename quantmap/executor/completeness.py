@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from quantmap.executor.layout import Layout
-from quantmap.executor.naming import _EXPERT, _LAYER, _expert_index
+from quantmap.executor.naming import slot_indices
 
 LAYER_SLOT, EXPERT_SLOT = "\0L", "\0E"
 
@@ -119,14 +119,6 @@ class _Required:
 
 def _kind(name: str) -> tuple[str, str, int | None, int | None]:
     """The name with its layer and expert index slotted, its module, and those indices (the hot path)."""
-    layer = expert = None
-    found = _LAYER.search(name)
-    if found:
-        layer = int(found.group(2))
-        name = name[:found.start(2)] + LAYER_SLOT + name[found.end(2):]
-    found = _EXPERT.search(name) if "experts." in name else None
-    if found:
-        prefix, expert = _expert_index(found)
-        name = name[:found.start()] + prefix + EXPERT_SLOT + name[found.end():]
+    name, layer, expert = slot_indices(name, LAYER_SLOT, EXPERT_SLOT)
     at = name.find("quantizer")
     return name, name if at < 0 else name[:name.rfind(".", 0, at)], layer, expert

@@ -143,7 +143,8 @@ def merge(reports: list[Report]) -> Report:
     return out
 
 
-def _finish(catalog: Catalog, report: Report, strict: bool) -> Report:
+def finish(catalog: Catalog, report: Report, strict: bool) -> Report:
+    """The run's report: the ranks' findings with the catalog's; refused under ``strict`` if any."""
     report.unclaimed = catalog.report.unclaimed
     report.outside = catalog.report.outside
     report.weights = catalog.report.weights
@@ -159,7 +160,7 @@ def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict,
     checkpoint = Checkpoint(hf_dir)
     catalog = Catalog(rules, checkpoint.names(), placement.layout)
     state, report = import_rank(catalog, checkpoint, placement)
-    return state, _finish(catalog, report, strict=False)
+    return state, finish(catalog, report, strict=False)
 
 
 def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *, strict: bool = False,
@@ -177,7 +178,7 @@ def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *
             reports.append(report)
             bar.update()
         bar.close()
-        report = _finish(catalog, merge(reports), strict)
+        report = finish(catalog, merge(reports), strict)
         layout.write(staged.path)
         staged.publish()
         return report
@@ -231,7 +232,7 @@ def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, st
         try:
             if errors:
                 raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
-            final = _finish(catalog, merge([o["report"] for o in outcomes]), strict)
+            final = finish(catalog, merge([o["report"] for o in outcomes]), strict)
             placement.layout.write(staged.path)
             staged.publish()
             status = {"report": final}

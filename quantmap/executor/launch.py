@@ -57,8 +57,9 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
     if iteration is not None or not is_shard_directory(megatron):
         from quantmap.executor.torch_dist import export_checkpoint
 
-        return export_checkpoint(spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress,
-                                 timeout=timeout, iteration=iteration)
+        _prepare_output(out)
+        return _guarded(out, lambda: export_checkpoint(spec, params, megatron, out, shard_size=shard_size, nproc=nproc,
+                                                       progress=progress, timeout=timeout, iteration=iteration))
     layout = Layout.read(megatron)
     check_rank_files(megatron, layout)
     how = _prepare(layout, nproc, out)
@@ -72,7 +73,7 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
                                                     shard_size=shard_size, progress=progress, strict=strict,
                                                     allow_partial=allow_partial).report)
     args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
-    return _guarded(out, lambda: _run(how, nproc, _export_rank, args, timeout))
+    return _guarded(out, lambda: launch_ranks(how, nproc, _export_rank, args, timeout))
 
 
 def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str | Path, out: str | Path, *,
@@ -90,7 +91,7 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
         return _guarded(out, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out, strict=strict,
                                                     progress=progress))
     args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
-    return _guarded(out, lambda: _run(how, nproc, _import_rank, args, timeout))
+    return _guarded(out, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
 
 
 def _prepare(layout, nproc: int | None, out) -> str:
@@ -99,9 +100,14 @@ def _prepare(layout, nproc: int | None, out) -> str:
     how = mode(nproc)
     if how == "spawn":
         layout.check_world(nproc)
+    _prepare_output(out)
+    return how
+
+
+def _prepare_output(out) -> None:
+    """The output path checked before any work, and stale staging of killed earlier runs removed."""
     staging.check_target(out)
     staging.remove_stale(out)
-    return how
 
 
 def _guarded(out, run):
@@ -138,7 +144,8 @@ def _import_rank(spec, params, hf, layout_path, out, strict, timeout):
     return import_(quantmap.compile(spec, **params), hf, placement, out, strict=strict, timeout=timeout)
 
 
-def _run(how: str, nproc: int | None, fn, args, timeout: timedelta) -> Report:
+def launch_ranks(how: str, nproc: int | None, fn, args, timeout: timedelta) -> Report:
+    """``fn(*args)`` on every rank, under torchrun or on ``nproc`` spawned gloo workers; rank 0's report."""
     if how == "torchrun":
         import torch
         import torch.distributed as dist

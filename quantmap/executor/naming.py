@@ -158,6 +158,21 @@ def expert_hf_names(match, experts: range) -> list[str] | tuple[str, ...]:
     return [f"{head}{expert}{tail}" for expert in experts for head, tail in parts]
 
 
+def slot_indices(name: str, layer_slot: str, expert_slot: str) -> tuple[str, int | None, int | None]:
+    """``name`` with its layer index and expert index replaced by the given slot texts, and those
+    indices (``None`` where it has none): the shape of a name that every layer or expert shares."""
+    layer = expert = None
+    found = _LAYER.search(name)
+    if found:
+        layer = int(found.group(2))
+        name = name[:found.start(2)] + layer_slot + name[found.end(2):]
+    found = _EXPERT.search(name) if "experts." in name else None
+    if found:
+        prefix, expert = _expert_index(found)
+        name = name[:found.start()] + prefix + expert_slot + name[found.end():]
+    return name, layer, expert
+
+
 def local_indices(name: str) -> tuple[int | None, int | None]:
     """The local layer and local expert index a rank's name carries (``None`` where it has none), so
     that a rank's highest indices can be checked against what the layout says it holds."""

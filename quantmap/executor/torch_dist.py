@@ -69,7 +69,7 @@ def export_rank(rules, location: Location, *, out, shard_size: int, timeout, pro
 def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,
                 in_place: bool = False, iteration: int | None = None, strict: bool = False):
     """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place)."""
-    from quantmap.executor.importer import Catalog, _finish, import_rank
+    from quantmap.executor.importer import Catalog, finish, import_rank
     from quantmap.io.hf import Checkpoint
 
     location = locate(into, iteration)
@@ -77,7 +77,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
     checkpoint = Checkpoint(hf_dir)
     catalog = Catalog(rules, checkpoint.names(), layout)
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
-    report = _finish(catalog, report, strict)  # refuses under --strict before anything is written
+    report = finish(catalog, report, strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
     written: Written = write_into(location, state, out=out, in_place=in_place)
     report.written = len(state)
@@ -88,14 +88,14 @@ def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int
                       progress: bool, timeout, iteration: int | None = None):
     """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
     import quantmap
-    from quantmap.executor.launch import _run, mode
+    from quantmap.executor.launch import launch_ranks, mode
 
     location = locate(megatron, iteration)
     how = mode(nproc)
     if how == "offline":
         return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
                                    progress=progress).report
-    return _run(how, nproc, _export_worker, (spec, params, location, str(out), shard_size, progress, timeout), timeout)
+    return launch_ranks(how, nproc, _export_worker, (spec, params, location, str(out), shard_size, progress, timeout), timeout)
 
 
 def _export_worker(spec, params, location, out, shard_size, progress, timeout):
