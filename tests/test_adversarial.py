@@ -214,10 +214,11 @@ def test_a_full_disk_gets_one_clear_error_and_leaves_nothing(ws, tiny_disk, comm
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
 
 
-# -- numpy is not a dependency ------------------------------------------------------------------
+# -- numpy: only torch's object collectives need it ---------------------------------------------
 
 def test_export_and_import_run_without_numpy(ws):
-    """The README's first install has no numpy; run the CLI where importing numpy fails."""
+    """quantmap's own code never goes through numpy (torch.distributed's object collectives do, so it
+    is a declared dependency): one process exports and imports where importing numpy fails."""
     program = ("import sys; sys.modules['numpy'] = None\n"
                "from quantmap.cli import main; sys.argv = ['quantmap'] + sys.argv[1:]; main()")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

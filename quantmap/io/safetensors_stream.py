@@ -40,8 +40,8 @@ def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in memory order, without a copy on the CPU and without numpy (which is not a
-    dependency: ``Tensor.numpy()`` fails where numpy is not installed). Valid while ``tensor`` lives."""
+    """The tensor's bytes in memory order, without a copy on the CPU (``Tensor.numpy().tobytes()`` would
+    copy them twice). Valid while ``tensor`` lives."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():  # a contiguous tensor's memory is its flat order
         tensor = tensor.contiguous().cpu()
     size = tensor.nbytes
@@ -61,7 +61,7 @@ def quote(name: str) -> str:
 
 class StateRecords:
     """A ``{name: tensor}`` mapping as records, one name each (``safetensors.torch.save_file``'s input,
-    which that function can only write with numpy installed)."""
+    which that function copies through numpy)."""
 
     def __init__(self, state):
         self._items = list(state.items())
@@ -81,7 +81,7 @@ class StateRecords:
 
 
 def write_state(path, state, metadata: dict[str, str] | None = None) -> int:
-    """Write a ``{name: tensor}`` mapping as one safetensors file (``save_file`` without numpy)."""
+    """Write a ``{name: tensor}`` mapping as one safetensors file (``save_file`` without its numpy copies)."""
     return write(path, StateRecords(state), range(len(state)), metadata=metadata)
 
 

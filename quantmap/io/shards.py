@@ -125,7 +125,7 @@ def write_rank(directory: str | Path, layout: Layout, coords: Coords, state: Map
     """Write one rank's tensors with its coordinates (temporary name, then rename)."""
     path = rank_file(directory, coords.rank)
     partial = path.with_suffix(".partial")
-    # not safetensors' save_file, which needs numpy (no dependency of quantmap)
+    # not safetensors' save_file, which copies every tensor through numpy
     write_state(partial, state, metadata={COORDINATES_KEY: json.dumps(coordinates(layout, coords))})
     os.replace(partial, path)
     return path
