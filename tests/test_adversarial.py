@@ -118,7 +118,7 @@ def nothing(ws: Workspace) -> None:
 HUGE_LAYER = "model.layers." + "9" * 5000 + ".self_attn.k_proj.input_quantizer._amax"
 IMPORT = ["import", SPEC, "--hf", "{hf}", "--layout", "{meg}", "--out", "{out}"]
 EXPORT = ["export", SPEC, "--megatron", "{meg}", "--out", "{out}"]
-LONG = ["--out", "{root}/" + "o" * 245]  # a valid name, too long once ".<name>.tmp-<pid>-<random>" is made of it
+LONG = ["--out", "{root}/" + "o" * 245]  # a valid name, too long once ".<name>.tmp-<pid>-<token>-<random>" is made of it
 
 
 class Case(NamedTuple):
@@ -345,8 +345,14 @@ def test_a_worker_that_dies_ends_the_command_with_its_rank_and_leaves_nothing(sl
 def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(slow, signum):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(pids[1], signal.SIGSTOP)  # the run cannot finish on its own before the signal is handled
     os.kill(command.pid, signum)  # the command alone, as Ctrl-C in another terminal or a job scheduler does
-    _, stderr = command.communicate(timeout=60)
+    try:
+        _, stderr = command.communicate(timeout=60)
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert command.returncode == 128 + signum, stderr
     assert stderr.strip() == f"error: interrupted by {signal.Signals(signum).name}; nothing was written"
     assert_nothing_left(slow, pids.values())

@@ -143,3 +143,33 @@ def test_a_worker_that_dies_stops_the_run_promptly_with_a_clear_error(tmp_path):
         run_ranks(2, _die_on_rank_1, str(tmp_path))
     assert time.monotonic() - start < 30
     assert not (tmp_path / "hf").exists()
+
+
+def _killed_between_staging_and_marker(tmp: str):
+    import os
+    import signal
+    import types
+
+    import torch.distributed as dist
+
+    from quantmap.executor import Placement, export
+    from quantmap.io import staging
+
+    layout = Layout(**LAYOUT)
+    state = shard(global_state("dense", 2), layout)[dist.get_rank()]
+    if dist.get_rank() == 0:  # the writer dies after making its staging directory, before marking it
+        staging.json = types.SimpleNamespace(dumps=lambda owner: os.kill(os.getpid(), signal.SIGKILL))
+    export(rules_for("dense"), state, Placement.from_world(layout), out=Path(tmp) / "hf")
+
+
+def test_an_unmarked_staging_directory_of_a_killed_worker_is_removed_by_its_command(tmp_path):
+    from quantmap.executor import ExecutorError
+    from quantmap.io import staging
+
+    (tmp_path / ".hf.tmp-1-othertok-00000000").mkdir()  # unmarked, and not this command's: kept
+    with pytest.raises(ExecutorError, match="worker process 0 died .*SIGKILL"):
+        run_ranks(2, _killed_between_staging_and_marker, str(tmp_path))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and not any((tmp_path / name / staging.MARKER).exists() for name in left), left
+    staging.remove_owned(tmp_path / "hf")  # what the launcher does on every failure
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.tmp-1-othertok-00000000"]

@@ -1,9 +1,11 @@
 """Write a directory under a temporary name and rename it into place, so that an interrupted or
 failed run leaves no partial output behind.
 
-A staging directory (``.<out>.tmp-<pid>-<random>`` beside the output, or the launcher's
+A staging directory (``.<out>.tmp-<pid>-<token>-<random>`` beside the output, or the launcher's
 ``quantmap-spawn-<pid>-<random>`` scratch directory) holds an owner marker: the host, pid and
-process start time of the command that made it. A run that exits normally removes its own; a run
+process start time of the command that made it, and a token drawn once per command. A run removes
+its own by the marker or, for a directory whose maker was killed before it could write the marker,
+by the pid and token in its name. A run that exits normally removes its own; a run
 that was killed outright (SIGKILL) cannot, so the next run beside the same output removes every
 staging directory whose owner process is provably gone (same host, pid no longer running or reused).
 Spawned workers stage for their parent command (:func:`set_owner`), so the parent can remove what a
@@ -46,7 +48,8 @@ def _start_time(pid: int) -> str | None:
 
 
 def _this_process() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+            "token": uuid.uuid4().hex[:8]}
 
 
 _owner = _this_process()
@@ -84,7 +87,11 @@ def _alive(owner: dict) -> bool:
 
 def _make_owned(path: Path) -> None:
     path.mkdir(parents=True)
-    (path / MARKER).write_text(json.dumps(_owner), encoding="utf-8")
+    try:
+        (path / MARKER).write_text(json.dumps(_owner), encoding="utf-8")
+    except BaseException:  # an interrupt between the two steps must not leave an unowned directory
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _owner_of(path: Path) -> dict | None:
@@ -96,16 +103,15 @@ def _owner_of(path: Path) -> dict | None:
 
 
 def _remove_where(parent: Path, prefix: str, condition) -> list[Path]:
-    removed = []
+    """Remove the directories in ``parent`` named ``prefix...`` for which ``condition(path, owner)``
+    holds (``owner``: the marker's content, ``None`` when there is none)."""
     try:
         candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()]
     except OSError:
-        return removed
-    for path in candidates:
-        owner = _owner_of(path)
-        if owner is not None and condition(owner):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        return []
+    removed = [path for path in candidates if condition(path, _owner_of(path))]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
     return removed
 
 
@@ -113,20 +119,27 @@ def _staging_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
+def _own_staging_prefix(target: Path) -> str:
+    """The name every staging directory of this command beside ``target`` starts with."""
+    return f"{_staging_prefix(target)}{_owner['pid']}-{_owner['token']}-"
+
+
 def remove_stale(target: str | Path) -> list[Path]:
     """Remove the staging directories beside ``target`` and the scratch directories in the temporary
     directory that were left by commands that are no longer running (killed outright)."""
     target = Path(target)
-    dead = lambda owner: not _alive(owner)  # noqa: E731
+    dead = lambda path, owner: owner is not None and not _alive(owner)  # noqa: E731
     return (_remove_where(target.parent, _staging_prefix(target), dead)
             + _remove_where(Path(tempfile.gettempdir()), SCRATCH_PREFIX, dead))
 
 
 def remove_owned(target: str | Path) -> list[Path]:
     """Remove the staging directories beside ``target`` owned by this command (what its killed
-    workers, or an interrupted write, left behind)."""
+    workers, or an interrupted write, left behind). One whose maker was killed before it wrote the
+    marker is told by this command's pid and token in its name."""
     target = Path(target)
-    mine = lambda owner: owner == _owner  # noqa: E731
+    own = _own_staging_prefix(target)
+    mine = lambda path, owner: owner == _owner or (owner is None and path.name.startswith(own))  # noqa: E731
     return _remove_where(target.parent, _staging_prefix(target), mine)
 
 
@@ -136,7 +149,7 @@ def check_target(target: str | Path) -> Path:
     if target.is_symlink():
         raise OutputError(f"the output {target} is a symbolic link; quantmap replaces the output directory as a "
                           f"whole, so give the real path (or remove the link)")
-    probe = f"{_staging_prefix(target)}{os.getpid()}-{'0' * 8}"
+    probe = f"{_own_staging_prefix(target)}{'0' * 8}"
     if len(probe.encode()) > NAME_MAX:
         raise OutputError(f"the output name {target.name[:40]}... is too long: with quantmap's staging suffix it "
                           f"exceeds {NAME_MAX} bytes; choose a --out name of at most "
@@ -160,7 +173,7 @@ class Staged:
             self.path = Path(path)
             return
         check_target(self.target)
-        self.path = self.target.parent / f"{_staging_prefix(self.target)}{_owner['pid']}-{uuid.uuid4().hex[:8]}"
+        self.path = self.target.parent / f"{_own_staging_prefix(self.target)}{uuid.uuid4().hex[:8]}"
         try:
             _make_owned(self.path)
         except OSError as error:
