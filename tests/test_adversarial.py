@@ -267,7 +267,11 @@ def start(ws: Workspace, *extra: str, program: str | None = None) -> subprocess.
     argv = [a.format(**ws._asdict()) for a in EXPORT] + ["--nproc", "2", "--timeout", str(TIMEOUT_S), "-q", *extra]
     head = ["-c", program] if program else ["-m", "quantmap"]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(ws.root / "tmp")}
-    return subprocess.Popen([sys.executable, *head, *argv], env=env, stderr=subprocess.PIPE, text=True)
+    # As a foreground command gets it: a suite started in the background of a script inherits SIGINT
+    # ignored, and so would the command, which then (rightly) ignores Ctrl-C.
+    foreground = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen([sys.executable, *head, *argv], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=foreground)
 
 
 def wait_for(condition, what: str, limit: float = 120.0):

@@ -26,7 +26,7 @@ import torch
 from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
-from quantmap.executor.plan import Plan
+from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, describe
 from quantmap.executor.writers import schedule, write_rounds, writer_ranks
@@ -96,12 +96,23 @@ class _Records:
         # A spec is asked for several times per record (shard sizes, header, data, index, schedule):
         # built once. Names are not kept: they are most of a large export's metadata.
         self._specs: list[tuple] = []
-        for i in range(len(self._items)):
-            item = self._items[i]
-            for part in range(item.records):
-                self._item.append(i)
-                self._part.append(part)
-                self._specs.append((1 if item.records > 1 else item.count, *plan.spec(item, part)))
+        self._bulk: list[torch.dtype | None] = []  # per record: the dtype of a scalar built in bulk, else None
+        items = self._items
+        for i in range(len(items)):
+            if items.combine(i) == SHAPED:
+                item = items[i]
+                for part in range(item.records):
+                    self._item.append(i)
+                    self._part.append(part)
+                    self._specs.append((1, *plan.spec(item, part)))
+                    self._bulk.append(None)
+                continue
+            rank, entry = items.first_source(i)  # every copy has this dtype and shape (checked by the plan)
+            dtype, shape = plan.metas[rank]["dtypes"][entry], plan.metas[rank]["shapes"][entry]
+            self._item.append(i)
+            self._part.append(0)
+            self._specs.append((items.count(i), dtype, shape))
+            self._bulk.append(dtype if math.prod(shape) == 1 and dtype in _BULK else None)
         self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
 
     def __len__(self) -> int:
@@ -111,9 +122,11 @@ class _Records:
         return self._specs[i]
 
     def names(self, i: int):
-        item = self._items[self._item[i]]
-        names = self.plan.hf_names(item)
-        return names if item.records == 1 else names[self._part[i]:self._part[i] + 1]
+        index = self._item[i]
+        names = self._items.hf(index)
+        if names is None:  # a grouped block's: made again
+            names = self.plan.hf_names(self._items[index])
+        return names if self._items.records(index) == 1 else names[self._part[i]:self._part[i] + 1]
 
     def tensor(self, i: int) -> torch.Tensor:
         index = self._item[i]
@@ -125,43 +138,29 @@ class _Records:
     def sources(self, i: int):
         """The (rank, entry) pairs record ``i`` is built from (every part of a shaped item needs all of
         its item's): what its writer must receive."""
-        return self._items[self._item[i]].sources
+        return self._items.sources(self._item[i])
 
     def data(self, indices) -> Iterator[bytes]:
-        """The data of records ``indices``. Runs of scalar records of one dtype are built together (a
-        SequentialMLP export has 10^5 of them), the rest one by one."""
-        sourced = ((i, self.sources(i)) for i in indices)
-        for dtype, run in groupby(sourced, key=lambda pair: self._bulk_dtype(*pair)):
+        """The data of records ``indices``. Runs of scalar records of one dtype (a scalar item's copies
+        and a fan-in's sources are all scalars: the plan checked) are built together (a SequentialMLP
+        export has 10^5 of them), the rest one by one."""
+        for dtype, run in groupby(indices, key=self._bulk.__getitem__):
             run = list(run)
             if dtype is None:
-                yield from each_record(self, [i for i, _ in run])
+                yield from each_record(self, run)
             else:
                 yield raw_bytes(self._scalars(run, dtype))
 
-    def _bulk_dtype(self, i: int, sources) -> torch.dtype | None:
-        """The dtype of a scalar record built from scalar entries (its value is their max), else ``None``."""
-        _, dtype, shape = self._specs[i]
-        if math.prod(shape) != 1 or dtype not in _BULK:
-            return None
-        metas = self.plan.metas
-        return dtype if all(math.prod(metas[r]["shapes"][e]) == 1 for r, e in sources) else None
-
-    def _scalars(self, run: list[tuple[int, tuple]], dtype: torch.dtype) -> torch.Tensor:
-        """The values of scalar records ``run`` ((record, sources) pairs), each ``count`` times: the max of
-        each record's entries, as :meth:`Plan.tensors` combines copies; a record whose copies differ is
-        built by the plan itself, which reports the disagreement."""
-        owners, ranks, entries = [], [], []
-        for j, (_, sources) in enumerate(run):
-            for rank, entry in sources:
-                owners.append(j)
-                ranks.append(rank)
-                entries.append(entry)
-        values = unpack_scalars(self.buffers, self.plan.metas, ranks, entries, dtype)
-        owner = torch.tensor(owners)
+    def _scalars(self, run: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The values of scalar records ``run``, each ``count`` times: the max of each record's entries,
+        as :meth:`Plan.tensors` combines copies; a record whose copies differ is built by the plan
+        itself, which reports the disagreement."""
+        codes, owner = self._items.source_codes([self._item[i] for i in run])
+        values = unpack_scalars(self.buffers, self.plan.metas, codes >> 32, codes & 0xFFFFFFFF, dtype)
         out = torch.empty(len(run), dtype=dtype).scatter_reduce_(0, owner, values, "amax", include_self=False)
         for j in owner[values != out[owner]].unique().tolist():  # differing copies (or NaN): rare
-            out[j] = self.tensor(run[j][0]).reshape(())
-        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i, _ in run]))
+            out[j] = self.tensor(run[j]).reshape(())
+        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i in run]))
 
 
 _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from quantmap.executor.groups import Placement
-from quantmap.executor.naming import is_expert, local_indices, to_global
+from quantmap.executor.naming import globalizer, is_expert
 from quantmap.executor.report import ExecutorError
 from quantmap.executor.values import check_values, copy_digest, owns, replicated
 from quantmap.io.shards import LazyShard
@@ -76,9 +76,10 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
     compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
     meta = empty_meta(placement)
     values, read = [], []
+    globalize = globalizer(layout, coords)
     for local in state.keys():
-        name = to_global(local, layout, coords)
-        _note_indices(meta, local)
+        name, local_layer, local_expert = globalize(local)
+        _note_indices(meta, local_layer, local_expert)
         match = rules.to_hf(name)
         if match is None:
             meta["unclaimed"].append(name)
@@ -159,10 +160,9 @@ def rebase(meta: dict, entries) -> int:
     return size
 
 
-def _note_indices(meta: dict, local: str) -> None:
+def _note_indices(meta: dict, layer: int | None, expert: int | None) -> None:
     """Keep the highest local layer and expert index seen: the writer checks them against the layout,
     which would otherwise renumber a model with fewer layers or experts than it says, silently."""
-    layer, expert = local_indices(local)
     if layer is not None and (meta["top_layer"] is None or layer > meta["top_layer"]):
         meta["top_layer"] = layer
     if expert is not None and (meta["top_expert"] is None or expert > meta["top_expert"]):
@@ -175,16 +175,15 @@ def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
     return buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: list[int], entries: list[int],
+def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: torch.Tensor, entries: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor:
     """The values of one-element entries ``entries[k]`` of rank ``ranks[k]`` (all of ``dtype``), in order:
     one gather per rank instead of a view per entry (a SequentialMLP export has 10^5 scalars)."""
     width = dtype.itemsize
     out = torch.empty(len(entries), dtype=dtype)
-    ranks_t, entries_t = torch.tensor(ranks), torch.tensor(entries)
-    for rank in set(ranks):
-        here = (ranks_t == rank).nonzero().flatten()
-        starts = torch.frombuffer(metas[rank]["offsets"], dtype=torch.int64)[entries_t[here]]
+    for rank in ranks.unique().tolist():
+        here = (ranks == rank).nonzero().flatten()
+        starts = torch.frombuffer(metas[rank]["offsets"], dtype=torch.int64)[entries[here]]
         buffer = buffers[rank]
         out[here] = buffer[:buffer.numel() // width * width].view(dtype)[starts // width]  # offsets are aligned
     return out

@@ -22,10 +22,8 @@ Combining, per global Megatron name:
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import accumulate, groupby
+from typing import NamedTuple
 
 import torch
 
@@ -43,13 +41,13 @@ ONE, MAX, SHAPED = "one", "max", "shaped"
 _MAX_LISTED = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One combined tensor and the HF names it goes to."""
+class Item(NamedTuple):
+    """One combined tensor and the HF names it goes to (a tuple: 10^5 are built in a large export)."""
 
     megatron: str
     combine: str
     sources: tuple[tuple[int, int], ...]  # (rank, entry index) in tensor-parallel rank order
+    hf: tuple[str, ...] | None  # the HF names; None for a grouped block's, made from ``experts`` when read
     count: int  # how many HF names
     experts: range | None = None  # moe_fanout: the experts of this block
     pipeline: tuple | None = None  # shaped: (ops, the shape of each HF name's tensor)
@@ -61,12 +59,15 @@ class Item:
 
 
 class _Items(Sequence):
-    """Items stored column-wise (a large MoE export has 10^5 of them); an :class:`Item` is built when read."""
+    """Items stored column-wise (a large MoE export has 10^5 of them); an :class:`Item` is built when
+    read. A grouped block's HF names (hundreds per item) are not kept but made again when asked for."""
 
     _CODES = (ONE, MAX, SHAPED)
+    _CODE = {code: number for number, code in enumerate(_CODES)}
 
     def __init__(self):
         self._names: list[str] = []
+        self._hf: list[tuple[str, ...] | None] = []
         self._combine = bytearray()
         self._start = array("q", [0])
         self._sources = array("q")  # rank << 32 | entry index
@@ -80,8 +81,9 @@ class _Items(Sequence):
         if item.pipeline is not None:
             self._pipelines[len(self._names)] = item.pipeline
         self._names.append(item.megatron)
-        self._combine.append(self._CODES.index(item.combine))
-        self._sources.extend(rank << 32 | index for rank, index in item.sources)
+        self._hf.append(item.hf)
+        self._combine.append(self._CODE[item.combine])
+        self._sources.extend([rank << 32 | index for rank, index in item.sources])
         self._start.append(len(self._sources))
         self._count.append(item.count)
 
@@ -92,10 +94,40 @@ class _Items(Sequence):
         """How many HF names the items go to."""
         return sum(self._count)
 
+    def sources(self, i: int) -> tuple[tuple[int, int], ...]:
+        return tuple((c >> 32, c & 0xFFFFFFFF) for c in self._sources[self._start[i]:self._start[i + 1]])
+
+    def source_codes(self, items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sources of ``items`` at once: each source's ``(rank, entry)`` as ``rank << 32 | entry``, and
+        which of ``items`` (its position in the list) it belongs to."""
+        bounds = torch.frombuffer(self._start, dtype=torch.int64)
+        chosen = torch.tensor(items, dtype=torch.int64)
+        first, counts = bounds[chosen], bounds[chosen + 1] - bounds[chosen]
+        owner = torch.repeat_interleave(torch.arange(len(items)), counts)
+        within = torch.arange(len(owner)) - (torch.cumsum(counts, 0) - counts)[owner]
+        return torch.frombuffer(self._sources, dtype=torch.int64)[first[owner] + within], owner
+
+    def hf(self, i: int) -> tuple[str, ...] | None:
+        """Item ``i``'s HF names, where kept (see :attr:`Item.hf`)."""
+        return self._hf[i]
+
+    def combine(self, i: int) -> str:
+        return self._CODES[self._combine[i]]
+
+    def count(self, i: int) -> int:
+        return self._count[i]
+
+    def first_source(self, i: int) -> tuple[int, int]:
+        code = self._sources[self._start[i]]
+        return code >> 32, code & 0xFFFFFFFF
+
+    def records(self, i: int) -> int:
+        """:attr:`Item.records` of item ``i``, without building the item."""
+        return self._count[i] if self._combine[i] == self._CODE[SHAPED] else 1
+
     def __getitem__(self, i: int) -> Item:
-        codes = self._sources[self._start[i]:self._start[i + 1]]
-        return Item(self._names[i], self._CODES[self._combine[i]], tuple((c >> 32, c & 0xFFFFFFFF) for c in codes),
-                    self._count[i], self._experts.get(i), self._pipelines.get(i))
+        return Item(self._names[i], self._CODES[self._combine[i]], self.sources(i), self._hf[i], self._count[i],
+                    self._experts.get(i), self._pipelines.get(i))
 
 
 class Plan:
@@ -119,8 +151,7 @@ class Plan:
         return [meta["size"] for meta in self.metas]
 
     def hf_names(self, item: Item) -> list[str] | tuple[str, ...]:
-        match = self.rules.to_hf(item.megatron)
-        return match.hf if item.experts is None else expert_hf_names(match, item.experts)
+        return item.hf if item.hf is not None else expert_hf_names(self.rules.to_hf(item.megatron), item.experts)
 
     def spec(self, item: Item, part: int = 0) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of the item's tensor (``part``: which HF name's, when shaped), from metadata."""
@@ -172,18 +203,20 @@ class Plan:
         self.report.unclaimed = sorted(unclaimed, key=natural)
         self.report.uncalibrated = sorted({name for meta in self.metas for name in meta["uncalibrated"]}, key=natural)
         self.report.disagreements += replica_disagreements(self.metas)
-        # Every rank's entries sorted by name: a name's copies are adjacent, and the order does not
-        # depend on the layout. Sorting flat positions keeps this cheap in memory at 10^5 names.
-        names = [name for meta in self.metas for name in meta["names"]]
-        starts = list(accumulate((len(meta["names"]) for meta in self.metas), initial=0))
-        errors = self._expert_blocks() + self._incomplete(names)
-        for name, group in groupby(sorted(range(len(names)), key=names.__getitem__), key=names.__getitem__):
-            sources = []
-            for position in group:
-                rank = bisect_right(starts, position) - 1
-                sources.append((rank, position - starts[rank]))
+        # Every name's copies (rank, entry), in name order: the order does not depend on the layout.
+        copies: dict[str, list[tuple[int, int]]] = {}
+        for rank, meta in enumerate(self.metas):
+            for index, name in enumerate(meta["names"]):
+                held = copies.get(name)
+                if held is None:
+                    copies[name] = [(rank, index)]
+                else:
+                    held.append((rank, index))
+        errors = self._expert_blocks() + self._incomplete(copies)
+        for name in sorted(copies):
+            sources = copies[name]
             try:
-                self._add(name, self._owned(name, sources))
+                self._add(name, sources if len(sources) == 1 else self._owned(name, sources))
             except (_Problem, NamingError) as problem:
                 errors.append(str(problem))
         self._add_fan_ins(errors)
@@ -193,7 +226,7 @@ class Plan:
         if self.strict and self.report.problems:
             raise ExecutorError(f"export refused (--strict): {self.report.refusal('Megatron')}. Nothing was written.")
 
-    def _incomplete(self, names: list[str]) -> list[str]:
+    def _incomplete(self, names) -> list[str]:
         """The shards against the layout: every layer and expert of every quantizer kind they hold
         (:mod:`quantmap.executor.completeness`). Refused unless ``allow_partial``, then reported."""
         if not names:
@@ -260,17 +293,20 @@ class Plan:
             self._gather_fan_in(name, match, sources, expert, stage)
             return
         if match.kind != MOE_FANOUT:
-            ep = self._coords(sources[0][0]).ep
-            peers = self._peers(name, sources, expert, stage, ep)
+            if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
+                peers = sources  # no tensor parallelism: the one copy is the tensor
+            else:
+                peers = self._peers(name, sources, expert, stage, self._coords(sources[0][0]).ep)
             combine, pipeline = self._combine(name, match, peers)
-            self.items.append(Item(name, combine, tuple(peers), len(match.hf), pipeline=pipeline))
+            self.items.append(Item(name, combine, tuple(peers), match.hf, len(match.hf), pipeline=pipeline))
             return
         for ep in range(self.layout.ep):
             block = [s for s in sources if self._coords(s[0]).ep == ep]
             peers = self._peers(name, block, True, stage, ep)
             experts = expert_block(name, match, self.layout, ep)
             combine, pipeline = self._combine(name, match, peers)
-            self.items.append(Item(name, combine, tuple(peers), len(experts) * len(match.rule.hf), experts, pipeline))
+            self.items.append(Item(name, combine, tuple(peers), None, len(experts) * len(match.rule.hf), experts,
+                                   pipeline))
 
     def _gather_fan_in(self, name: str, match, sources, expert: bool, stage: int) -> None:
         """One source of a fan-in: its copies in tensor-parallel order on each EP rank that holds it (a grouped
@@ -302,7 +338,7 @@ class Plan:
             if len(dtypes) > 1:
                 errors.append(f"{target}: its Megatron sources have different dtypes ({sorted(map(str, dtypes))})")
                 continue
-            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), 1))
+            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), (target,), 1))
             self._fan_in_targets[names[0]] = (target, len(names))
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
@@ -323,6 +359,8 @@ class Plan:
                        f"tensors: check that each rank's state or shard file is complete")
 
     def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> tuple[str, tuple | None]:
+        if len(peers) == 1 and is_scalar(self.metas[peers[0][0]]["shapes"][peers[0][1]]):
+            return ONE, None
         shapes = [self.metas[r]["shapes"][i] for r, i in peers]
         dtypes = [self.metas[r]["dtypes"][i] for r, i in peers]
         if len(set(shapes)) > 1 or len(set(dtypes)) > 1:
