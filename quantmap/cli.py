@@ -300,6 +300,9 @@ def names(
     weights_only: bool = typer.Option(False, "--weights-only", help="List weights only, no quantizer buffers."),
     omit: Optional[List[str]] = typer.Option(None, "--omit", help="Leave out the mappings whose Megatron pattern "
                                              "ends with this text (a form the model does not build); repeatable."),
+    layer_kind: Optional[List[str]] = typer.Option(None, "--layer-kind", help="A hybrid spec's layers of one kind, "
+                                                   "KIND=LAYERS, e.g. full_attention=3,7; repeatable, every layer once "
+                                                   "(default: read from --config)."),
     as_json: bool = typer.Option(False, "--json", help="A JSON list instead of one name per line."),
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
@@ -307,18 +310,23 @@ def names(
 ) -> None:
     """Every name a model of this size has on one side, as the spec maps it (weights and quantizer buffers;
     what the spec excludes is not listed): diff it against a real checkpoint's names."""
-    from quantmap.model_names import ModelSize, NamesError, model_names
+    from quantmap.model_names import ModelSize, NamesError, model_names, unlisted
 
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
-    size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers))
+    kinds = _layer_kinds(layer_kind, layers, config, rules.spec.hybrid)
+    size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers), kinds)
     try:
         found = model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
     except NamesError as error:
-        raise typer.BadParameter(str(error), param_hint="--experts") from None
+        raise typer.BadParameter(str(error), param_hint=error.option) from None
+    for pattern in unlisted(rules, omit or ()):
+        typer.echo(f"note: {pattern!r} has a '**' capture, names of any depth, which no size enumerates: its "
+                   f"names are not listed (check them with 'quantmap check', or --omit {pattern} to leave them out)",
+                   err=True)
     typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))
 
 
-def _layer_list(text: Optional[str], layers: int) -> Optional[tuple[int, ...]]:
+def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers") -> Optional[tuple[int, ...]]:
     """``"0-2,5"`` → ``(0, 1, 2, 5)``; a usage error for anything else."""
     if text is None:
         return None
@@ -326,11 +334,39 @@ def _layer_list(text: Optional[str], layers: int) -> Optional[tuple[int, ...]]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         first, dash, last = item.partition("-")
         if not first.isdigit() or (dash and not last.isdigit()):
-            raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint="--dense-layers")
+            raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint=option)
         out += range(int(first), int(last or first) + 1)
     if any(index >= layers for index in out):
-        raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint="--dense-layers")
+        raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
     return tuple(out)
+
+
+def _layer_kinds(items: Optional[List[str]], layers: int, config: Optional[str], hybrid) -> Optional[tuple[str, ...]]:
+    """Each layer's kind for a hybrid spec: from ``--layer-kind KIND=LAYERS``, else from ``--config``."""
+    if not items:
+        if config is None or hybrid is None:
+            return None
+        from quantmap.spec.hf_config import ConfigError, layer_kinds_from_config
+
+        try:
+            return layer_kinds_from_config(config, hybrid, layers)
+        except ConfigError as error:
+            raise typer.BadParameter(str(error), param_hint="--config") from None
+    kinds: list[Optional[str]] = [None] * layers
+    for item in items:
+        kind, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not kind:
+            raise typer.BadParameter(f"{item!r} is not KIND=LAYERS, e.g. full_attention=3,7", param_hint="--layer-kind")
+        for index in _layer_list(text, layers, "--layer-kind") or ():
+            if kinds[index] not in (None, kind):
+                raise typer.BadParameter(f"layer {index} is given two kinds, {kinds[index]} and {kind}",
+                                         param_hint="--layer-kind")
+            kinds[index] = kind
+    missing = [str(index) for index, kind in enumerate(kinds) if kind is None]
+    if missing:
+        raise typer.BadParameter(f"layers {','.join(missing)} have no kind: give every layer one",
+                                 param_hint="--layer-kind")
+    return tuple(kinds)
 
 
 NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker processes (one per rank). Under torchrun "

@@ -20,9 +20,17 @@ mappings apply to the ``dense_layers`` only, the MoE ones to the other layers, a
 are chosen per kind of layer (a TE dense layer fuses its pre-MLP norm into ``linear_fc1``, a TE
 MoE layer keeps ``pre_mlp_layernorm``).
 
+A hybrid spec (``hybrid`` in its YAML) declares kinds of decoder layer and the Megatron texts that
+mark each kind's mappings; the size gives each layer's kind (from config.json, by the keys the spec
+names). A marked mapping applies to the layers of its kinds only, whatever their MLP; an unmarked
+one to every layer, by the dense/MoE rule above. The layouts are chosen per kind of layer too.
+
 Captures take their values from the size: a capture is an expert when it is the expert of a
-grouped block or follows an ``experts.`` segment, an MTP layer when either side shifts it by a
-parameter (``model.layers.{num_layers + i}``), and a layer otherwise. This module imports no torch.
+grouped block or follows an ``experts.`` segment, an MTP layer when it follows Megatron-Core's
+``mtp.layers.`` or either side shifts it by a parameter (``model.layers.{num_layers + i}``), and a
+layer otherwise; a mapping of one MTP layer (``mtp.layers.0.eh_proj``) is listed when the model has
+that layer. A ``**`` capture matches names of any depth, which no size gives: such mappings
+(Qwen2.5-VL's vision tower) are not listed, and :func:`unlisted` names them. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from quantmap.compiler import is_grouped
-from quantmap.patterns import Pattern
+from quantmap.patterns import ANY, Pattern
 from quantmap.rules import MOE_FANOUT, WEIGHT, Rule
 from quantmap.ruleset import RuleSet
 
@@ -42,6 +50,8 @@ HF = "hf"
 _EXPERT_SEGMENT = re.compile(r"(?:^|\.)(?:local_)?experts\.$")
 _DENSE_MLP = re.compile(r"(?:^|\.)mlp\.linear_fc\d")
 _MOE_MLP = re.compile(r"(?:^|\.)mlp\.(?:router|experts|shared_experts)\.")
+_MTP_LAYERS = re.compile(r"(?:^|\.)mtp\.layers\.$")  # Megatron-Core's MultiTokenPredictionBlock.layers
+_ONE_MTP_LAYER = re.compile(r"(?:^|\.)mtp\.layers\.([0-9]+)\.")
 DENSE = "dense"
 MOE = "moe"
 
@@ -56,10 +66,16 @@ class ModelSize:
     te: bool = True
     grouped: bool = True
     dense_layers: tuple[int, ...] | None = None  # None: every layer when the spec has no MoE mappings, else none
+    kinds: tuple[str, ...] | None = None  # each layer's kind, for a hybrid spec
 
 
 class NamesError(ValueError):
-    """The size does not say enough to generate the names (an expert count the rules need)."""
+    """The size does not say enough to generate the names (an expert count, the layers' kinds); ``option``
+    is the command-line option that would say it."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None,
@@ -72,28 +88,83 @@ def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[st
     mappings whose Megatron pattern ends with one of its texts (``self_attention.linear_q_proj.weight``):
     a form the model's config does not build, which no rule competes with. A grouped-MoE weight
     quantizer is listed in the one form an import writes (rules that are not ``reversible`` are the
-    other ModelOpt form of the same quantizer, export-only).
+    other ModelOpt form of the same quantizer, export-only). A hybrid spec needs ``size.kinds``;
+    :class:`NamesError` says what the size lacks.
     """
     wanted = None if buffers is None else set(buffers)
-    omit = tuple(omit)
-    kept = [r for r in rules if r.reversible and (r.kind == WEIGHT or wanted is None or r.buffer in wanted)
-            and not (omit and r.origin.mapping.endswith(omit))]
+    kept = [r for r in _mapped(rules, omit) if r.reversible and not _any_depth(r) and _built(r, size)
+            and (r.kind == WEIGHT or wanted is None or r.buffer in wanted)]
+    hybrid = rules.spec.hybrid
+    kinds = _layer_kinds(rules.spec.name, hybrid, size)
+    marked = {r.origin.mapping: hybrid.kinds_of(r.origin.mapping) for r in rules} if hybrid else {}
     dense = size.dense_layers
     if dense is None:
-        dense = () if any(_mlp_kind(r) == MOE for r in rules) else tuple(range(size.layers))
-    layers = {DENSE: [i for i in range(size.layers) if i in set(dense)],
-              MOE: [i for i in range(size.layers) if i not in set(dense)]}
+        moe = any(_mlp_kind(r) == MOE for r in rules if not marked.get(r.origin.mapping))
+        dense = () if moe else tuple(range(size.layers))
+    mlp = [DENSE if i in set(dense) else MOE for i in range(size.layers)]
     names: dict[str, None] = {}
-    for kind in (DENSE, MOE):
-        active = [r for r in kept if _mlp_kind(r) in (None, kind)]
-        dropped = _other_layouts(active, size)
-        for rule in active:
-            if rule.origin.mapping in dropped:
-                continue
-            for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
-                for values in _values(rule, pattern, side, size, layers[kind]):
-                    names[pattern.fill(values)] = None
+    for kind in (hybrid.kinds if hybrid else (None,)):
+        for mlp_kind in (DENSE, MOE):
+            layers = [i for i in range(size.layers) if kinds[i] == kind and mlp[i] == mlp_kind]
+            active = [r for r in kept if _applies(marked.get(r.origin.mapping), r, kind, mlp_kind)]
+            dropped = _other_layouts(active, size)
+            for rule in active:
+                if rule.origin.mapping in dropped:
+                    continue
+                for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
+                    for values in _values(rule, pattern, side, size, layers):
+                        names[pattern.fill(values)] = None
     return sorted(names, key=_natural)
+
+
+def unlisted(rules: RuleSet, omit: Iterable[str] = ()) -> list[str]:
+    """The Megatron patterns of the mappings :func:`model_names` cannot list: a ``**`` capture matches
+    names of any depth, which a size does not give (``--omit`` one to leave it out on purpose)."""
+    return sorted({r.origin.mapping for r in _mapped(rules, omit) if _any_depth(r)})
+
+
+def _mapped(rules: RuleSet, omit: Iterable[str]) -> list[Rule]:
+    omit = tuple(omit)
+    return [r for r in rules if not (omit and r.origin.mapping.endswith(omit))]
+
+
+def _any_depth(rule: Rule) -> bool:
+    return any(capture.kind == ANY for capture in rule.megatron.captures)
+
+
+def _built(rule: Rule, size: ModelSize) -> bool:
+    """A mapping of one MTP layer (``mtp.layers.0.eh_proj.weight``) exists when the model has that layer."""
+    layer = _ONE_MTP_LAYER.search(rule.megatron.text)
+    return layer is None or int(layer[1]) < size.mtp_layers
+
+
+def _layer_kinds(spec: str, hybrid, size: ModelSize) -> tuple[str | None, ...]:
+    """Each layer's kind: the size's, checked against the spec's declared kinds (``None`` for a spec without)."""
+    if hybrid is None:
+        if size.kinds is not None:
+            raise NamesError(f"{spec} declares no kinds of layer (no 'hybrid' section): leave out the layer kinds",
+                             "--layer-kind")
+        return (None,) * size.layers
+    declared = ", ".join(hybrid.kinds)
+    if size.kinds is None:
+        raise NamesError(f"{spec}'s decoder layers are of different kinds ({declared}): give the model's config.json "
+                         "(--config) or each layer's kind (--layer-kind KIND=LAYERS)", "--layer-kind")
+    if len(size.kinds) != size.layers:
+        raise NamesError(f"{len(size.kinds)} layer kinds for {size.layers} layers: give one kind per layer",
+                         "--layer-kind")
+    unknown = sorted(set(size.kinds) - set(hybrid.kinds))
+    if unknown:
+        raise NamesError(f"{spec} has no layer kind {', '.join(map(repr, unknown))}; its kinds: {declared}",
+                         "--layer-kind")
+    return size.kinds
+
+
+def _applies(kinds: frozenset[str] | None, rule: Rule, kind: str | None, mlp_kind: str) -> bool:
+    """Whether a rule belongs to layers of ``kind`` whose MLP is ``mlp_kind``: a mapping marked by layer
+    kinds by those alone, any other by its MLP kind."""
+    if kinds:
+        return kind in kinds
+    return _mlp_kind(rule) in (None, mlp_kind)
 
 
 def _natural(name: str) -> list:
@@ -109,7 +180,8 @@ def _mlp_kind(rule: Rule) -> str | None:
 
 def _other_layouts(rules: list[Rule], size: ModelSize) -> set[str]:
     """The mappings (by Megatron pattern) of the layouts not chosen, from the weight rules that
-    compete for one HF name."""
+    compete for one HF name; of those the layout flags leave, the lower priorities (other names of
+    one module, such as Megatron-Core's older ``final_layernorm`` beside ``final_norm``)."""
     competing: dict[str, list[Rule]] = {}
     for rule in rules:
         if rule.kind == WEIGHT:
@@ -125,6 +197,8 @@ def _other_layouts(rules: list[Rule], size: ModelSize) -> set[str]:
             if chosen:
                 keep_chosen = size.grouped if chosen is grouped else size.te
                 dropped |= {r.origin.mapping for r in group if (r in chosen) != keep_chosen}
+        left = [r for r in group if r.origin.mapping not in dropped]
+        dropped |= {r.origin.mapping for r in left if r.priority < max(r.priority for r in left)}
     return dropped
 
 
@@ -135,7 +209,7 @@ def _values(rule: Rule, pattern: Pattern, side: str, size: ModelSize,
         kind = _capture_kind(rule, pattern, position, side)
         if kind == "expert":
             if size.experts is None:
-                raise NamesError(f"{pattern.text!r} names an expert: give the expert count (--experts E)")
+                raise NamesError(f"{pattern.text!r} names an expert: give the expert count (--experts E)", "--experts")
             ranges.append([str(i) for i in range(size.experts)])
         else:
             ranges.append([str(i) for i in (range(size.mtp_layers) if kind == "mtp" else layers)])
@@ -150,6 +224,8 @@ def _capture_kind(rule: Rule, pattern: Pattern, position: int, side: str) -> str
     if glued or _EXPERT_SEGMENT.search(pattern.literals[position]):
         return "expert"
     megatron = position if side == MEGATRON or expert is None or position < expert else position - 1
+    if _MTP_LAYERS.search(rule.megatron.literals[megatron]):
+        return "mtp"
     hf = megatron if expert is None or megatron < expert else megatron + 1
     offsets = [rule.megatron.captures[megatron].offset] + [p.captures[hf].offset for p in rule.hf]
     return "mtp" if any(offsets) else "layer"

@@ -107,7 +107,10 @@ def test_unknown_spec_name_suggests_a_shipped_one():
                                   ("lookup", "qwen3_moe", "--hf-naming", "in-memory", "-r",
                                    "model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax"),
                                   ("names", "deepseek_v3", "--side", "hf", "--layers", "2", "--experts", "2",
-                                   "-p", "num_layers=2")])
+                                   "-p", "num_layers=2"),
+                                  ("names", "qwen3_5", "--side", "megatron", "--layers", "2", "--layer-kind",
+                                   "linear_attention=0", "--layer-kind", "full_attention=1"),
+                                  ("names", "qwen2_5_vl", "--side", "hf", "--layers", "1")])
 def test_compile_validate_lookup_and_names_never_import_torch(args):
     code = (
         "import sys\n"

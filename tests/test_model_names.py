@@ -4,6 +4,7 @@ names of real models (the Megatron-Core and transformers fixtures) and Megatron-
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from test_specs_megatron import _deepseek, _te_llama
 import quantmap
 from quantmap.check import check
 from quantmap.io.names import read_names
-from quantmap.model_names import HF, MEGATRON, ModelSize, NamesError, model_names
+from quantmap.model_names import HF, MEGATRON, ModelSize, NamesError, model_names, unlisted
 from quantmap.patterns import parse
+from quantmap.spec.hf_config import ConfigError, layer_kinds_from_config
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -128,9 +130,9 @@ def test_cli_prints_one_name_per_line_or_json():
     assert bad.returncode == 2 and ">= --layers 2" in bad.stderr
 
 
-# The newer specs whose model a size describes (hybrids need a layer kind per layer, which `names` does not
-# take; Qwen2.5-VL's vision tower is mapped with '**'), built tiny from their transformers config, one
-# variant at a time: (arch, variant index, --omit for the form that variant's config does not build).
+# The newer specs whose model a size describes (hybrids and Qwen2.5-VL below), built tiny from their
+# transformers config, one variant at a time: (arch, variant index, --omit for the form that variant's
+# config does not build).
 _BUILT = [("phi3", 0, ()), ("gemma2", 0, ()), ("gemma3", 0, ()), ("qwen2_moe", 0, ()), ("glm4_moe", 0, ()),
           ("nemotron", 0, ()), ("exaone4", 0, ()), ("exaone4", 1, ("output_layer.weight",)), ("ernie4_5_moe", 0, ()),
           ("minimax_m2", 0, ())] + [
@@ -159,3 +161,156 @@ def test_hf_names_of_newer_specs_are_the_on_disk_names_of_their_tiny_model(arch,
     generated = model_names(rules, HF, ModelSize(layers, experts, dense_layers=dense), buffers=[], omit=omit)
     excluded = _excluded(rules, HF)
     assert sorted(generated) == sorted(name for name in read_names(tmp_path) if not excluded(name))
+
+
+def _names_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantmap", "names", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+# Hybrid models, whose layers differ in kind (Gated DeltaNet / full attention; Mamba / MoE / attention / MLP),
+# and Qwen2.5-VL, whose vision tower is mapped with '**': (arch, variant index, --omit). Nemotron-H's first
+# variant has no MoE latent projections (moe_latent_size null).
+_HYBRID = [("qwen3_5", 0, ()), ("qwen3_5_moe", 0, ()), ("qwen3_next", 0, ()),
+           ("nemotron_h", 0, ("mlp.fc1_latent_proj.weight", "mlp.fc2_latent_proj.weight")), ("nemotron_h", 1, ()),
+           ("qwen2_5_vl", 0, ())]
+
+
+@pytest.mark.parametrize("arch, variant, omit", _HYBRID, ids=[f"{a}-{v}" for a, v, _ in _HYBRID])
+def test_hf_names_of_a_hybrid_model_read_its_layer_kinds_from_config_json(arch, variant, omit, tmp_path):
+    """`names --config` reads each layer's kind from the saved config.json (layer_types, layers_block_type) and
+    lists exactly the tiny model's on-disk names, less what the spec excludes and what a '**' mapping matches,
+    which it names on stderr instead."""
+    pytest.importorskip("transformers")
+    import test_specs_hf as built
+
+    config = built.variants(arch)[variant]
+    built.build(arch, config).save_pretrained(tmp_path)
+    text = config.get_text_config()
+    experts = next((getattr(text, key) for key in ("num_experts", "n_routed_experts")
+                    if isinstance(getattr(text, key, None), int)), None)
+    args = [arch, "--side", "hf", "--layers", str(text.num_hidden_layers), "--weights-only", "--config", str(tmp_path),
+            *(["--experts", str(experts)] if experts else []), *(f"--omit={o}" for o in omit)]
+    result = _names_cli(*args)
+    assert result.returncode == 0, result.stderr
+    rules = quantmap.compile(arch, **built.PARAMS.get(arch, {}))
+    excluded = _excluded(rules, HF)
+    deep = [pattern for rule in rules if rule.origin.mapping in unlisted(rules) for pattern in rule.hf]
+    in_tower = [name for name in read_names(tmp_path) if any(p.match(name) for p in deep)]
+    expected = sorted(name for name in read_names(tmp_path) if not excluded(name) and name not in in_tower)
+    assert sorted(result.stdout.split()) == expected
+    assert bool(in_tower) == (arch == "qwen2_5_vl")  # the vision tower's names, not listed
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert [line.split("'")[1] for line in notes] == unlisted(rules) and all("--omit" in line for line in notes)
+    if in_tower:  # --omit says the tower is left out on purpose: the same list, no note
+        again = _names_cli(*args, *(f"--omit={pattern}" for pattern in unlisted(rules)))
+        assert again.stdout == result.stdout and "note:" not in again.stderr
+
+
+def _kinds(arch: str, config, tmp_path: Path) -> tuple[str, ...]:
+    """The layer kinds that `names --config` reads from the model's saved config.json."""
+    config.to_json_file(tmp_path / "config.json")
+    layers = config.get_text_config().num_hidden_layers
+    return layer_kinds_from_config(tmp_path, quantmap.load_spec(arch).hybrid, layers)
+
+
+_BRIDGED = [(arch, te) for arch in ("qwen3_5", "qwen3_5_moe", "qwen3_next", "nemotron_h", "qwen2_5_vl")
+            for te in (True, False) if te or arch != "qwen3_5"]
+
+
+@pytest.mark.parametrize("arch, te", _BRIDGED,
+                         ids=[f"{a}-{'te_grouped' if t else 'local_sequential'}" for a, t in _BRIDGED])
+def test_megatron_names_of_a_hybrid_model_are_the_bridges(arch, te, tmp_path):
+    """Against the Megatron names tests/test_specs_bridge_names.py writes out from Megatron-Bridge and
+    Megatron-Core (the hybrids' experimental-attention and Mamba stack specs fuse every norm, as TE does,
+    under either expert layout); the MTP layer of the Qwen3.5 family with --mtp-layers 1."""
+    pytest.importorskip("transformers")
+    import test_specs_bridge_names as bridge
+    import test_specs_hf as built
+
+    rules = quantmap.compile(arch, **built.PARAMS.get(arch, {}))
+    expected = getattr(bridge, arch)(te)
+    if arch == "qwen2_5_vl":  # visual.** cannot be listed from a size
+        deep = [rule.megatron for rule in rules if rule.origin.mapping in unlisted(rules)]
+        expected = [name for name in expected if not any(p.match(name) for p in deep)]
+        kinds, layers = None, 2  # the tiny model's, which the bridge names are written for
+    else:  # the tiny config's kinds (nemotron_h: its latent variant; the bridge names cover both variants)
+        kinds = _kinds(arch, built.variants(arch)[-1], tmp_path)
+        layers = len(kinds)
+    # the hybrids' Megatron layer specs are TE's (fused norms) under either expert layout
+    size = ModelSize(layers, bridge.EXPERTS, te=te or kinds is not None, grouped=te, kinds=kinds)
+    generated = model_names(rules, MEGATRON, size, buffers=[])
+    assert len(generated) == len(set(generated)) and sorted(generated) == sorted(expected)
+    if arch.startswith("qwen3") and te:  # one MTP layer: full attention and the model's MLP (grouped experts)
+        mlp = bridge._dense_mlp(True) if arch == "qwen3_5" else bridge._moe_mlp(True, *bridge.SHARED)
+        with_mtp = ModelSize(layers, bridge.EXPERTS, mtp_layers=1, kinds=kinds)
+        added = set(model_names(rules, MEGATRON, with_mtp, buffers=[])) - set(generated)
+        assert sorted(added) == sorted(bridge._mtp(mlp))
+
+
+# Older config.json forms, and what transformers 5 writes for the same model: hybrid_override_pattern (Nemotron-H
+# checkpoints saved before layers_block_type), the legacy 'mamba' / 'attention' layer types, and
+# full_attention_interval without layer_types (Qwen3-Next-80B-A3B's config).
+_OLDER = [("nemotron_h", "NemotronHConfig", {"hybrid_override_pattern": "M*-EM"},
+           ("mamba", "attention", "mlp", "moe", "mamba")),
+          ("nemotron_h", "NemotronHConfig", {"layers_block_type": ["mamba", "attention", "mlp", "moe"]},
+           ("mamba", "attention", "mlp", "moe")),
+          ("qwen3_next", "Qwen3NextConfig", {"full_attention_interval": 3, "num_hidden_layers": 6},
+           ("linear_attention", "linear_attention", "full_attention") * 2)]
+
+
+@pytest.mark.parametrize("arch, config_class, older, kinds", _OLDER,
+                         ids=[f"{a}-{next(iter(o))}" for a, _, o, _ in _OLDER])
+def test_layer_kinds_of_an_older_config_json_are_those_transformers_builds(arch, config_class, older, kinds, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hybrid = quantmap.load_spec(arch).hybrid
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    getattr(transformers, config_class)(**older).to_json_file(tmp_path / "config.json")
+    assert layer_kinds_from_config(tmp_path / "older.json", hybrid, len(kinds)) == kinds
+    assert layer_kinds_from_config(tmp_path, hybrid, len(kinds)) == kinds  # transformers' own list
+
+
+@pytest.mark.parametrize("config, problem", [
+    ({"num_hidden_layers": 4}, "has none of the keys layers_block_type, hybrid_override_pattern; give each layer's "
+                               "kind with --layer-kind"),
+    ({"hybrid_override_pattern": "M*-"}, "gives 3 layers, but the model has 4"),
+    ({"hybrid_override_pattern": "M*-X"}, "holds 'X', which the spec does not know"),
+    # the first key the config has is read, even where a later one would do
+    ({"layers_block_type": "M*-E", "hybrid_override_pattern": "M*-E"}, "layers_block_type holds '*', '-', 'E', 'M'"),
+])
+def test_layer_kinds_a_config_json_cannot_give_are_named(config, problem, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        layer_kinds_from_config(tmp_path, quantmap.load_spec("nemotron_h").hybrid, 4)
+
+
+def test_a_hybrid_spec_needs_each_layers_kind_and_the_cli_takes_them_per_kind(tmp_path):
+    with pytest.raises(NamesError, match="--layer-kind KIND=LAYERS") as error:
+        model_names(quantmap.compile("qwen3_5"), HF, ModelSize(4))
+    assert "linear_attention, full_attention" in str(error.value)
+    with pytest.raises(NamesError, match="no kinds of layer"):
+        model_names(quantmap.compile("llama"), HF, ModelSize(2, kinds=("full_attention",) * 2))
+    with pytest.raises(NamesError, match="no layer kind 'mamba'"):
+        model_names(quantmap.compile("qwen3_5"), HF, ModelSize(1, kinds=("mamba",)))
+    base = ["nemotron_h", "--side", "megatron", "--layers", "4", "--experts", "4"]
+    by_kind = _names_cli(*base, "--layer-kind", "mamba=0", "--layer-kind", "moe=1", "--layer-kind", "attention=2",
+                         "--layer-kind", "mlp=3")
+    (tmp_path / "config.json").write_text(json.dumps({"hybrid_override_pattern": "ME*-"}))
+    assert by_kind.returncode == 0 and by_kind.stdout == _names_cli(*base, "--config", str(tmp_path)).stdout
+    assert "decoder.layers.2.self_attention.linear_qkv.weight" in by_kind.stdout.split()
+    unset = _names_cli(*base, "--layer-kind", "mamba=0-2")
+    assert unset.returncode == 2 and "layers 3 have no kind" in unset.stderr
+    none = _names_cli(*base)
+    assert none.returncode == 2 and "--layer-kind" in none.stderr and "mamba, attention, mlp, moe" in none.stderr
+
+
+def test_hybrid_names_of_both_sides_pair_up_under_check():
+    """SequentialMLP experts (the one-to-one layout): every generated name pairs with one on the other side. The
+    notes are a layer's norm whose reverse lookup prefers another kind's fused name (the spec's priorities)."""
+    for arch, kinds in (("qwen3_next", ("linear_attention",) * 3 + ("full_attention",)),
+                        ("nemotron_h", ("mamba", "moe", "attention", "mlp"))):
+        rules = quantmap.compile(arch, num_experts=2)
+        size = ModelSize(4, experts=2, mtp_layers=1, grouped=False, kinds=kinds)
+        report = check(rules, megatron=model_names(rules, MEGATRON, size), hf=model_names(rules, HF, size))
+        assert report.findings == ()
+        assert report.notes and all(n.code == "QM106" and n.name.endswith("norm.weight") for n in report.notes)

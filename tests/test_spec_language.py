@@ -362,3 +362,49 @@ def test_every_alternative_resolves_and_reverse_lookups_give_the_canonical_name(
             hf_variant = data.draw(st.sampled_from(pattern.variants()))
             back = rules.to_megatron(hf_variant.fill(values))
             assert back.megatron == canonical and (back.part or "") == part
+
+
+# --- hybrid layer kinds -------------------------------------------------------------------------------
+
+HYBRID_SPEC = """\
+    name: hybrid
+    mappings:
+      - {megatron: decoder.layers.*.mixer.in_proj.weight, hf: model.layers.*.mixer.in_proj.weight}
+      - {megatron: decoder.layers.*.self_attention.linear_proj.weight, hf: model.layers.*.attn.o_proj.weight}
+      - {megatron: decoder.layers.*.norm.weight, hf: model.layers.*.norm.weight, quantizers: []}
+    hybrid:
+      kinds:
+        mamba: [mixer., norm.weight]
+        attention: [self_attention.]
+      config:
+        - key: hybrid_override_pattern
+          values: {M: mamba, "*": attention}
+    """
+
+
+def test_hybrid_kinds_mark_mappings_at_a_segment_start_and_are_inherited(tmp_path):
+    hybrid = load_spec(write(tmp_path, HYBRID_SPEC)).hybrid
+    assert hybrid.kinds_of("decoder.layers.*.mixer.norm.weight") == {"mamba"}
+    assert hybrid.kinds_of("decoder.layers.*.pre_mlp_layernorm.weight") == frozenset()  # 'norm.weight' mid-word
+    assert hybrid.kinds_of("decoder.final_layernorm.weight") == frozenset()
+    assert load_spec("qwen3_next").hybrid == load_spec("qwen3_5").hybrid == load_spec("base/gated_delta_net").hybrid
+
+
+@pytest.mark.parametrize("old, new, code, message, hint, at", [
+    ('"*": attention}', '"*": atention}', "QM044", "gives layer kind 'atention', which hybrid.kinds does not declare",
+     "did you mean 'attention'?", '"*": atention'),
+    ("attention: [self_attention.]", "attention: [self_attn.]", "QM044", "'self_attn.' (layer kind 'attention') "
+     "marks no mapping", "begins after a dot", "self_attn."),
+    ("attention: [self_attention.]", "attention: []", "QM044", "layer kind 'attention' lists no Megatron text",
+     "self_attention.in_proj.", "attention: []"),
+    ("values: {M: mamba, \"*\": attention}", "every: attention", "QM011", "'every' and 'others' go together",
+     "", "key: hybrid"),
+])
+def test_a_hybrid_section_that_does_not_fit_the_spec_is_an_error_at_its_place(tmp_path, old, new, code, message,
+                                                                                hint, at):
+    text = HYBRID_SPEC.replace(old, new)
+    error, = diagnostics(write(tmp_path, text))
+    assert error.code == code and message in error.message and hint in error.hint
+    lines = textwrap.dedent(text).splitlines()
+    line = next(number for number, content in enumerate(lines, 1) if at in content)
+    assert error.location.line == line

@@ -2,7 +2,8 @@
 config instead of copying head counts and widths into ``--param`` flags.
 
 Only parameters the spec declares are taken; an explicit ``--param`` wins over the config. A
-vision-language config keeps its decoder's sizes under ``text_config``, which is read instead.
+vision-language config keeps its decoder's sizes under ``text_config``, which is read instead. A
+hybrid spec's layer kinds (``quantmap names``) are read from the keys its ``hybrid.config`` names.
 """
 
 from __future__ import annotations
@@ -29,18 +30,7 @@ class ConfigError(ValueError):
 def params_from_config(path: str | Path, declared) -> dict[str, int]:
     """The values of the ``declared`` spec parameters that ``path`` (a config.json, or a directory
     holding one) gives."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read the config {path}: {error.strerror}; give a Hugging Face config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path} is not a JSON config ({error}); give a Hugging Face config.json") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} is not a Hugging Face config: its top level is not a JSON object")
-    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    config = _text_config(path)
     values = {}
     for param, keys in _KEYS.items():
         found = next((config[key] for key in keys if isinstance(config.get(key), int)), None)
@@ -53,3 +43,49 @@ def params_from_config(path: str | Path, declared) -> dict[str, int]:
         if "hidden_size" in values:
             values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     return {name: value for name, value in values.items() if name in declared}
+
+
+def layer_kinds_from_config(path: str | Path, hybrid, layers: int) -> tuple[str, ...]:
+    """Each of the ``layers`` decoder layers' kind, from the first of ``hybrid.config``'s keys (a spec's
+    :class:`~quantmap.spec.schema.Hybrid`) that the config at ``path`` has."""
+    config = _text_config(path)
+    where = _config_file(path)
+    source = next((s for s in hybrid.config if s.key in config), None)
+    if source is None:
+        keys = ", ".join(s.key for s in hybrid.config) or "none declared"
+        raise ConfigError(f"{where} gives no layer kinds: it has none of the keys {keys}; give each layer's kind "
+                          f"with --layer-kind KIND=LAYERS (kinds: {', '.join(hybrid.kinds)})")
+    value = config[source.key]
+    if source.every is not None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{where}: {source.key} is {value!r}, not a layer interval (an integer >= 1)")
+        return tuple(source.every if (index + 1) % value == 0 else source.others for index in range(layers))
+    if not isinstance(value, (list, str)) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: {source.key} is {value!r}, not a list of layer kinds or a pattern string")
+    if len(value) != layers:
+        raise ConfigError(f"{where}: {source.key} gives {len(value)} layers, but the model has {layers} (--layers)")
+    kinds = source.values or {kind: kind for kind in hybrid.kinds}
+    unknown = sorted({item for item in value if item not in kinds})
+    if unknown:
+        raise ConfigError(f"{where}: {source.key} holds {', '.join(map(repr, unknown))}, which the spec does not "
+                          f"know; it knows {', '.join(map(repr, kinds))}")
+    return tuple(kinds[item] for item in value)
+
+
+def _config_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
+def _text_config(path: str | Path) -> dict:
+    """The config's JSON object: the decoder's (``text_config``) for a vision-language model."""
+    path = _config_file(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"cannot read the config {path}: {error.strerror}; give a Hugging Face config.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} is not a JSON config ({error}); give a Hugging Face config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a Hugging Face config: its top level is not a JSON object")
+    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config

@@ -17,13 +17,14 @@ import yaml
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.spec.library import display_path, find_spec
-from quantmap.spec.schema import BlockUse, Exclusions, MappingSpec, Sides, SpecFile
+from quantmap.spec.schema import BlockUse, Exclusions, Hybrid, KindSource, MappingSpec, Sides, SpecFile, marks
 
 MAX_SPEC_BYTES = 1 << 20
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions,
-              ("blocks", str, int): MappingSpec, ("use", int): BlockUse, ("use", int, "prefix"): Sides}
+              ("blocks", str, int): MappingSpec, ("use", int): BlockUse, ("use", int, "prefix"): Sides,
+              ("hybrid",): Hybrid, ("hybrid", "config", int): KindSource}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class ResolvedSpec:
     exclude_hf: tuple[str, ...]
     files: tuple[str, ...] = field(default=())
     blocks: dict[str, tuple[SourcedMapping, ...]] = field(default_factory=dict)  # as written, no prefix
+    hybrid: Hybrid | None = None  # the kinds of decoder layer of a hybrid model
 
 
 def load_spec(spec: str | Path) -> ResolvedSpec:
@@ -326,6 +328,8 @@ def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpe
     def pick(name: str, own_value: Any, inherited: Any) -> Any:
         return own_value if parent is None or name in explicit else inherited
 
+    if model.hybrid is not None:
+        _check_hybrid(model.hybrid, mappings, values, file)
     return ResolvedSpec(
         name=model.name,
         description=model.description or (parent.description if parent else ""),
@@ -340,7 +344,39 @@ def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpe
         exclude_hf=(parent.exclude_hf if parent else ()) + tuple(model.exclude.hf),
         files=(parent.files if parent else ()) + (file,),
         blocks=blocks,
+        hybrid=pick("hybrid", model.hybrid, parent and parent.hybrid),
     )
+
+
+def _check_hybrid(hybrid: Hybrid, mappings: list[SourcedMapping], values: dict, file: str) -> None:
+    """Every kind is marked by texts that mark a mapping of the spec, and the config's values name declared kinds."""
+    problems = []
+
+    def problem(message: str, path: tuple, hint: str) -> None:
+        problems.append(Diagnostic("QM044", message, values.get(("hybrid",) + path, Location(file)), hint))
+
+    declared = ", ".join(hybrid.kinds)
+    if not hybrid.kinds:
+        problem("hybrid declares no layer kind", ("kinds",), "list each kind with the Megatron texts of its mappings")
+    for kind, texts in hybrid.kinds.items():
+        if not texts:
+            problem(f"layer kind {kind!r} lists no Megatron text", ("kinds", kind),
+                    "list texts of its mappings' Megatron patterns, e.g. 'self_attention.in_proj.'")
+        for index, text in enumerate(texts):
+            if not any(marks(text, m.megatron) for m in mappings):
+                problem(f"{text!r} (layer kind {kind!r}) marks no mapping: no Megatron pattern contains it at a "
+                        "segment start", ("kinds", kind, index), "copy a part of a mapping's Megatron pattern that "
+                        "begins after a dot, e.g. 'mixer.' or 'self_attention.linear_qkv.'")
+    for index, source in enumerate(hybrid.config):
+        named = [(("values", value), kind) for value, kind in (source.values or {}).items()]
+        named += [((name,), getattr(source, name)) for name in ("every", "others") if getattr(source, name)]
+        for path, kind in named:
+            if kind not in hybrid.kinds:
+                close = difflib.get_close_matches(kind, list(hybrid.kinds), n=1)
+                problem(f"config {source.key!r} gives layer kind {kind!r}, which hybrid.kinds does not declare",
+                        ("config", index) + path, f"did you mean {close[0]!r}?" if close else f"declared: {declared}")
+    if problems:
+        raise SpecError(problems)
 
 
 def _prefixed(m: SourcedMapping, prefix: Sides, priority: int = 0) -> SourcedMapping:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_QUANTIZERS = ("weight_quantizer._amax", "input_quantizer._amax")
 DEFAULT_KV_SKIP_SEGMENTS = ("mtp", "mtp_layers", "mtp_model_layer", "draft", "draft_layers", "draft_model_layer")
@@ -116,6 +116,61 @@ class BlockUse(_Strict):
     priority: int = Field(0, description="Added to the priority of every mapping of the block.")
 
 
+class KindSource(_Strict):
+    """One place in a Hugging Face config.json that gives each decoder layer's kind."""
+
+    key: str = Field(
+        description="The config.json key (under text_config for a vision-language config): a list with one value per "
+        "layer ('layer_types'), a string with one character per layer ('hybrid_override_pattern'), or, with "
+        "'every', an interval N ('full_attention_interval')."
+    )
+    values: dict[str, str] | None = Field(
+        None,
+        description="Config value (list item or character) -> kind, e.g. {M: mamba, '*': attention}; omitted, "
+        "the config's values are the kinds' names.",
+    )
+    every: str | None = Field(
+        None,
+        description="With an interval N: the kind of every N-th layer (layer i when (i + 1) % N == 0, as "
+        "transformers derives Qwen3-Next's layer_types); 'others' gives the kind of the rest.",
+    )
+    others: str | None = Field(None, description="With 'every': the kind of the layers that are not every N-th.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> KindSource:
+        if (self.every is None) != (self.others is None):
+            raise ValueError("'every' and 'others' go together: give both, or neither")
+        if self.every is not None and self.values is not None:
+            raise ValueError("'values' maps a list or a string, 'every'/'others' an interval: give one form")
+        return self
+
+
+class Hybrid(_Strict):
+    """The kinds of decoder layer of a hybrid model, the mappings each kind has, and where a config.json gives
+    each layer's kind; `quantmap names` lists a marked mapping's names for the layers of its kinds only."""
+
+    kinds: dict[str, list[str]] = Field(
+        description="Kind -> Megatron texts: a mapping whose Megatron pattern contains one of a kind's texts, "
+        "starting at a segment (e.g. 'self_attention.in_proj.'), belongs to the layers of that kind; a mapping "
+        "no text marks belongs to every layer."
+    )
+    config: list[KindSource] = Field(
+        default_factory=list,
+        description="Where config.json gives the layers' kinds, in order; the first key the config has is read.",
+    )
+
+    def kinds_of(self, megatron: str) -> frozenset[str]:
+        """The kinds whose texts the Megatron pattern ``megatron`` contains at a segment start (none: every layer's)."""
+        return frozenset(kind for kind, texts in self.kinds.items()
+                         if any(marks(text, megatron) for text in texts))
+
+
+def marks(text: str, megatron: str) -> bool:
+    """Whether ``text`` occurs in ``megatron`` at its start or right after a dot (``norm.weight`` marks
+    ``layers.*.norm.weight``, not ``pre_mlp_layernorm.weight``)."""
+    return bool(text) and (megatron.startswith(text) or f".{text}" in megatron)
+
+
 class SpecFile(_Strict):
     """A quantmap spec: how one architecture's weights are named in Megatron-Core and Hugging Face."""
 
@@ -156,4 +211,8 @@ class SpecFile(_Strict):
     )
     exclude: Exclusions = Field(
         default_factory=Exclusions, description="Names left unmapped on purpose, taken as written (no prefix)."
+    )
+    hybrid: Hybrid | None = Field(
+        None, description="A hybrid model's kinds of decoder layer (Mamba / attention, Gated DeltaNet / attention): "
+        "which mappings each kind has, and where config.json gives each layer's kind. Inherited unless set."
     )
