@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
-from quantmap.layouts import GROUP_PARTS, Layout, derive
+from quantmap.layouts import GROUP_PARTS, INTERLEAVED, TRANSPOSED, Layout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import fused_expert_buffers, grouped_weight_buffers
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
@@ -140,6 +140,8 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         return []
     if mapping.spec.hf_parts is not None and not _check_hf_parts(mapping, kind, context):
         return []
+    if mapping.spec.hf_layout and not _check_hf_layout(mapping, kind, context):
+        return []
     if not _check_fused_module(mapping, kind, context) or not _check_kind_has_effect(mapping, context):
         return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
@@ -156,14 +158,17 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     parts = tuple(part for part, _ in mapping.hf)
     common = dict(parallel=mapping.spec.parallel, priority=mapping.spec.priority)
     hf_parts = None if mapping.spec.hf_parts is None else tuple(mapping.spec.hf_parts)
+    hf_layout = tuple(mapping.spec.hf_layout or ())
+    experts = _expert_count(mapping, context) if fused or grouped else None
 
-    def layout(buffer: str | None):
-        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params)
+    def layout(buffer: str | None, stacked: int | None = None):
+        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params, hf_layout, stacked)
 
-    # A fused-experts tensor stands for every expert: the Megatron expert capture has no HF counterpart.
-    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None),
+    # A fused-experts tensor stands for every expert (its dim 0): the Megatron expert capture has no HF
+    # counterpart, and the weight's layout stacks the experts.
+    rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None, (experts or 0) if fused else None),
                   expert_capture=megatron.arity - 1 if fused else None, **common)]
-    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout)
+    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout, experts)
     # KV-cache buffers belong to the attention module of a weight; a bias or other tensor derives none.
     wants_kv = mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv")
     if wants_kv and megatron.text.endswith(".weight"):
@@ -186,6 +191,28 @@ def _check_hf_parts(mapping: SourcedMapping, kind: str, context: _Context) -> bo
         context.errors.append(Diagnostic("QM024", problem, mapping.where("hf_parts"),
                                          "e.g. {hf: model.layers.*.self_attn.qkv_proj.weight, kind: qkv, "
                                          "hf_parts: [q, k, v]}"))
+    return problem is None
+
+
+def _check_hf_layout(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
+    """``hf_layout`` says how one HF tensor's elements lie: each entry once, ``interleaved`` only for the
+    parts of a gate/up tensor (equal halves, one row of each in turn), ``transposed`` only for a weight
+    (a bias has one dimension)."""
+    declared = mapping.spec.hf_layout
+    twice = sorted({entry for entry in declared if declared.count(entry) > 1})
+    problem = hint = None
+    if twice:
+        problem, hint = f"hf_layout lists {twice[0]!r} twice", "give each entry once"
+    elif INTERLEAVED in declared and (kind != "gated_mlp" or mapping.spec.hf_parts is None):
+        problem = (f"hf_layout 'interleaved' says how one HF tensor holds the gate and up parts, so it needs "
+                   f"'kind: gated_mlp' and 'hf_parts' (got kind {kind!r}"
+                   f"{', no hf_parts' if mapping.spec.hf_parts is None else ''})")
+        hint = "e.g. {kind: gated_mlp, hf_parts: [gate, up], hf_layout: [interleaved]}"
+    elif TRANSPOSED in declared and mapping.megatron.rsplit(".", 1)[-1].rstrip("*") != "weight":
+        problem = f"hf_layout 'transposed' swaps a weight's [out, in], but {mapping.megatron!r} is not a weight"
+        hint = "drop 'transposed' for a bias or other one-dimensional tensor"
+    if problem:
+        context.errors.append(Diagnostic("QM028", problem, mapping.where("hf_layout"), hint))
     return problem is None
 
 
@@ -281,13 +308,13 @@ def _check_fused_experts(mapping: SourcedMapping, megatron: Pattern, hf: list[Pa
     return problem is None
 
 
-def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout) -> list[Rule]:
+def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout, experts) -> list[Rule]:
     buffers = mapping.spec.quantizers if mapping.spec.quantizers is not None else context.spec.quantizers
     if not buffers or not (megatron.text.endswith(".weight") or (grouped and megatron.literals[-2].endswith(".weight"))):
         return []
     imported = mapping.spec.grouped_weight_quantizer or "per-expert"
     if mapping.spec.fused_experts is not None:
-        return _derive(mapping, context, common, layout, fused_expert_buffers(
+        return _derive(mapping, context, common, layout, experts, fused_expert_buffers(
             megatron, hf[0], buffers, grouped, mapping.spec.fused_experts, imported))
     if not all(p.text.endswith(".weight") for p in hf):
         context.warnings.append(Diagnostic(
@@ -297,7 +324,8 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, lay
         ))
         return []
     if grouped:
-        return _derive(mapping, context, common, layout, grouped_weight_buffers(megatron, hf, buffers, parts, imported))
+        return _derive(mapping, context, common, layout, experts,
+                       grouped_weight_buffers(megatron, hf, buffers, parts, imported))
     module = megatron.text.rsplit(".", 1)[0]
     hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
     kind = FANOUT if parts != ("",) else AMAX
@@ -307,10 +335,11 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, lay
             for buffer in buffers]
 
 
-def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, derived) -> list[Rule]:
-    """Rules from :mod:`quantmap.moe_rules` derivations, with the mapping's origin, TP split, priority and
-    layout: a one-to-one rule's is the mapping's; a block or fan-in of experts has no per-element one."""
-    experts = _expert_count(mapping, context)
+def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, experts: int | None,
+            derived) -> list[Rule]:
+    """Rules from :mod:`quantmap.moe_rules` derivations, with the mapping's origin, TP split, priority,
+    expert count and layout: a one-to-one rule's is the mapping's; a block or fan-in of experts has no
+    per-element one."""
     placed = {MOE_FANOUT: _GROUPED_LAYOUT, FAN_IN: _FAN_IN_LAYOUT}
     return [Rule(d.kind, _derived(d.megatron, context), tuple(_derived(t, context) for t in d.hf), d.parts,
                  Origin(mapping.location, mapping.megatron, d.buffer), buffer=d.buffer, parallel=common["parallel"],

@@ -20,15 +20,31 @@ A :class:`Layout` says both things: ``tp`` (how the full Megatron tensor lies ov
 Export gathers the ranks, then runs ``ops``; import runs the inverse pipeline, then cuts the rank's
 piece. Where the mapping does not say enough, the part is ``None`` with a ``reason``, and the
 executor refuses the tensor instead of guessing.
+
+A weight's layout also says what its mapping declares about the HF tensor's elements (facts from
+transformers 5.x, whose ``use_experts_implementation`` flags the same two things, ``is_concatenated``
+and ``is_transposed``):
+
+* a fused-experts HF tensor (``fused_experts``) stacks every expert on its dim 0, so the pipeline
+  starts with a ``stack`` of the E experts' full Megatron tensors and cuts each expert's rows on dim 1;
+* ``hf_layout: [interleaved]``: the parts of ``hf_parts`` alternate row by row (gpt-oss
+  ``gate_up_proj``: even rows gate, odd rows up), a strided ``concat`` instead of a contiguous one;
+* ``hf_layout: [transposed]``: the HF tensor is ``[in, out]`` (``x @ W``), Megatron's ``[out, in]``
+  swapped, a ``transpose`` last.
+
+How ModelOpt lays out a non-scalar quantizer of an interleaved or transposed HF tensor is not
+known, so those are refused.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantmap.ops import Concat, Copy, Max, Op, OpError, Select, Split
+from quantmap.ops import STRIDED, Concat, Copy, Max, Op, OpError, Select, Split, Stack, Transpose
 
 REPLICATED, SPLIT, ROWS = "replicated", "split", "rows"
+#: What a mapping's ``hf_layout`` may say about the HF tensor (see the module docstring).
+INTERLEAVED, TRANSPOSED = "interleaved", "transposed"
 
 #: The parts of a fused group, in Megatron's order, for the kinds whose cut is known.
 GROUP_PARTS = {"qkv": ("q", "k", "v"), "gated_mlp": ("gate", "up")}
@@ -100,7 +116,11 @@ class TensorParallel:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """A rule's shaped layout: ``tp`` and ``ops`` (``None`` where unknown, with the ``reason``)."""
+    """A rule's shaped layout: ``tp`` and ``ops`` (``None`` where unknown, with the ``reason``).
+
+    For the weight of a fused-experts tensor, ``tp`` is how each expert's Megatron tensor lies over
+    the (expert) tensor-parallel ranks and ``ops`` take the E experts' full tensors, in expert order.
+    """
 
     tp: TensorParallel | None
     ops: tuple[Op, ...] | None
@@ -113,11 +133,14 @@ class Layout:
 
 
 def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str, ...],
-           hf_parts: tuple[str, ...] | None, params: dict) -> Layout:
+           hf_parts: tuple[str, ...] | None, params: dict, hf_layout: tuple[str, ...] = (),
+           experts: int | None = None) -> Layout:
     """The layout of a weight (``buffer`` None) or of one of its quantizer buffers.
 
     ``kind`` and ``parts`` describe the Megatron weight (a fused group's parts in Megatron's order),
-    ``hf_parts`` the order of the parts inside one fused HF tensor (Phi-3's ``qkv_proj``), if any.
+    ``hf_parts`` the order of the parts inside one fused HF tensor (Phi-3's ``qkv_proj``), if any, and
+    ``hf_layout`` how that tensor's elements lie otherwise (:data:`INTERLEAVED`, :data:`TRANSPOSED`). ``experts``, for the
+    weight of a fused-experts tensor only, is how many experts its dim 0 stacks (0: unknown).
     ``params`` are the spec's bound run-time parameters (``num_attention_heads``, ``num_query_groups``,
     ``head_dim``, ``hidden_size``, ``weight_block_size``; missing or 0 means unknown).
     """
@@ -130,7 +153,14 @@ def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str
     else:
         return Layout(None, None, f"{buffer} is per-tensor; a non-scalar one has no known layout")
     tp, tp_reason = _tensor_parallel(side, parallel, kind, params)
-    ops, ops_reason = _ops(side, kind, parts, hf_parts, params)
+    if side != "weight" and hf_layout:
+        ops, ops_reason = None, (f"the HF tensor is declared {' and '.join(hf_layout)}; where ModelOpt puts the "
+                                 f"elements of a non-scalar quantizer of it is not known")
+    else:
+        rows = 0 if experts is None else 1  # a fused-experts tensor's rows follow its expert axis
+        ops, ops_reason = _ops(side, kind, parts, hf_parts, params, rows, INTERLEAVED in hf_layout)
+        if ops is not None:
+            ops, ops_reason = _hf_tensor(ops, rows, TRANSPOSED in hf_layout, experts)
     return Layout(tp, ops, "; ".join(r for r in (tp_reason, ops_reason) if r) or None)
 
 
@@ -151,7 +181,8 @@ def _tensor_parallel(side: str, parallel: str | None, kind: str, params: dict):
                           block_size=params.get("weight_block_size")), None
 
 
-def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...] | None, params: dict):
+def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...] | None, params: dict, dim: int,
+         interleaved: bool):
     if side == "input":
         return ((Copy(len(parts)),) if len(parts) > 1 else ()), None
     if kind == "plain":
@@ -160,16 +191,32 @@ def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...]
     if megatron_parts is None or (hf_parts is None and parts != megatron_parts):
         return None, f"how a {kind!r} group with parts {list(hf_parts or parts)} cuts its rows is not known"
     if kind == "gated_mlp":
-        units, cut = (1, 1), Split(0, (1, 1))
+        units, cut = (1, 1), Split(dim, (1, 1))
     else:
         heads, groups = params.get("num_attention_heads") or 0, params.get("num_query_groups") or 0
         if not heads or not groups or heads % groups:
             return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups "
                           "(pass --param, or --config config.json)")
         # Megatron interleaves per query group: heads/groups query heads, then one key and one value head.
-        units, cut = (heads, groups, groups), Split(0, (heads // groups, 1, 1), groups, params.get("head_dim") or 1)
+        units, cut = (heads, groups, groups), Split(dim, (heads // groups, 1, 1), groups, params.get("head_dim") or 1)
     if hf_parts is None:
         return (cut,), None
     order = tuple(megatron_parts.index(part) for part in hf_parts)
     select = () if order == tuple(range(len(order))) else (Select(order),)
-    return (cut, *select, Concat(0, tuple(units[i] for i in order), 1, cut.multiple)), None
+    # Interleaved: one row of each part in turn (the compiler allows it for gate/up, whose parts are equal).
+    join = (Concat(dim, (1,) * len(order), STRIDED) if interleaved
+            else Concat(dim, tuple(units[i] for i in order), 1, cut.multiple))
+    return (cut, *select, join), None
+
+
+def _hf_tensor(ops: tuple[Op, ...], dim: int, transposed: bool, experts: int | None):
+    """A weight's per-expert ``ops`` (rows on ``dim``) with what the HF tensor adds: the transpose of
+    an ``[in, out]`` tensor, and the stack of a fused-experts tensor's experts on dim 0."""
+    if transposed:
+        ops += (Transpose(dim, dim + 1),)
+    if experts is None:
+        return ops, None
+    if not experts:
+        return None, ("the expert axis of a fused-experts tensor needs the number of experts: pass --param "
+                      "num_experts=N (or the parameter the mapping's 'experts' names), or --config config.json")
+    return (Stack(0, experts), *ops), None

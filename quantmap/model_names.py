@@ -221,7 +221,8 @@ def _capture_kind(rule: Rule, pattern: Pattern, position: int, side: str) -> str
     if side == HF and position == expert:
         return "expert"
     glued = side == MEGATRON and position == pattern.arity - 1 and is_grouped(pattern)
-    if glued or _EXPERT_SEGMENT.search(pattern.literals[position]):
+    fanned_in = side == MEGATRON and rule.fans_in and position == rule.expert_capture  # the Megatron side's extra one
+    if glued or fanned_in or _EXPERT_SEGMENT.search(pattern.literals[position]):
         return "expert"
     megatron = position if side == MEGATRON or expert is None or position < expert else position - 1
     if _MTP_LAYERS.search(rule.megatron.literals[megatron]):

@@ -18,7 +18,8 @@ A rule pairs one Megatron pattern with the Hugging Face pattern(s) it becomes. T
 
 Every kind carries a ``layout`` (:mod:`quantmap.layouts`): how a non-scalar tensor lies over
 tensor-parallel ranks and the invertible tensor ops that cut it into the HF names, so that
-per-channel and per-block state (and, later, weights) go exactly where their rows go. New kinds
+per-channel and per-block state go exactly where their rows go; a ``weight`` rule's layout says the
+same of the weight's elements (a fused-experts tensor's stack, interleave and transpose). New kinds
 are new values of ``kind`` plus the fields they need; nothing dispatches on a class hierarchy.
 """
 

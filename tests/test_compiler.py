@@ -177,6 +177,13 @@ def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path
     assert rules[head + "linear_fc1.weight_quantizer.*._amax"].layout == per_expert
     fan_in = rules[head + "local_experts.*.linear_fc1.input_quantizer._amax"].layout
     assert fan_in.ops is None and "only per-tensor amax combines" in fan_in.reason
+    # The weight of a fused-experts tensor: the experts stacked on dim 0, each expert's rows cut on dim 1.
+    gate_up = rules[head + "local_experts.*.linear_fc1.weight"].layout
+    assert [op.to_json() for op in gate_up.ops] == [
+        {"op": "stack", "dim": 0, "count": 4}, {"op": "split", "dim": 1, "units": [1, 1], "groups": 1, "multiple": 1},
+        {"op": "concat", "dim": 1, "units": [1, 1], "groups": 1, "multiple": 1}]
+    assert [op.to_json() for op in rules[head + "linear_fc2.weight*"].layout.ops] == [
+        {"op": "stack", "dim": 0, "count": 4}]
 
 
 def test_output_layer_quantizers_map_to_lm_head_and_norms_embeddings_routers_have_none():

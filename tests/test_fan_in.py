@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
+import quantmap
 from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
 from quantmap.executor.naming import is_expert, to_global
 from quantmap.io.hf import Checkpoint
@@ -209,3 +210,46 @@ def test_a_per_channel_expert_weight_quantizer_lands_as_gate_then_up_in_the_fuse
         for name, tensor in state.items():
             expected = torch.tensor(2.0) if "input_quantizer" in name else tensor
             assert torch.equal(back[name], expected), (rank, name)
+
+
+def _gpt_oss_expert_state(experts: int, shaped: str) -> dict[str, torch.Tensor]:
+    """One gpt-oss layer's expert quantizers (SequentialMLP), per-tensor but for ``shaped``, per-channel."""
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for e in range(experts):
+        for fc in ("linear_fc1", "linear_fc2"):
+            for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
+                state[f"decoder.layers.0.mlp.experts.local_experts.{e}.{fc}.{buffer}"] = torch.rand((), generator=g)
+    state[shaped] = torch.rand(8, 1, generator=g)
+    return state
+
+
+def test_a_shaped_gpt_oss_expert_weight_quantizer_is_refused_naming_it_and_the_shared_hf_quantizer(tmp_path):
+    """gpt-oss's experts share one HF weight quantizer per projection: per-channel amax of several experts has no
+    place in it, whatever the declared element layout of the expert tensors."""
+    layout = Layout(num_layers=1, num_experts=2)
+    shaped = "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight_quantizer._amax"
+    with pytest.raises(ExecutorError, match=r"local_experts\.1\.linear_fc1\.weight_quantizer\._amax has shape \[8, 1\]"
+                                            r".*gate_up_proj_weight_quantizer\._amax"):
+        export_offline(quantmap.compile("gpt_oss", num_experts=2), [_gpt_oss_expert_state(2, shaped)], layout,
+                       out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_shaped_per_expert_quantizer_of_a_transposed_interleaved_hf_tensor_is_refused_with_the_reason(tmp_path):
+    """One HF quantizer per expert, but the expert tensor is declared [in, out] and interleaved: where ModelOpt
+    puts a per-channel amax of it is not known, so the export stops before writing anything."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: t\nmappings:\n"
+        "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight,\n"
+        "     hf: model.layers.*.mlp.experts.gate_up_proj, fused_experts: per-expert, kind: gated_mlp,\n"
+        "     hf_parts: [gate, up], hf_layout: [interleaved, transposed], parallel: column}\n"
+        "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,\n"
+        "     hf: model.layers.*.mlp.experts.down_proj, fused_experts: per-expert, parallel: row}\n")
+    layout = Layout(num_layers=1, num_experts=2)
+    shaped = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight_quantizer._amax"
+    with pytest.raises(ExecutorError, match=r"local_experts\.0\.linear_fc1\.weight_quantizer\._amax has shape \[8, 1\]"
+                                            r".*declared interleaved and transposed"):
+        export_offline(quantmap.compile(spec), [_gpt_oss_expert_state(2, shaped)], layout, out=tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -34,7 +34,7 @@ def _params(config: dict) -> dict:
     """The spec parameters a fixture's model config gives (expert and decoder-layer counts)."""
     params = {}
     experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts")
-    if experts and config["model_type"] != "gpt_oss":
+    if experts:
         params["num_experts"] = experts
     if config["model_type"] == "deepseek_v3":
         params["num_layers"] = config["num_hidden_layers"]

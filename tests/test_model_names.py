@@ -314,3 +314,15 @@ def test_hybrid_names_of_both_sides_pair_up_under_check():
         report = check(rules, megatron=model_names(rules, MEGATRON, size), hf=model_names(rules, HF, size))
         assert report.findings == ()
         assert report.notes and all(n.code == "QM106" and n.name.endswith("norm.weight") for n in report.notes)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_gpt_oss_megatron_names_give_each_expert_its_weights_and_biases(grouped):
+    """gpt-oss's expert quantizers fan in to one HF quantizer: the Megatron side's extra capture is the expert."""
+    rules = quantmap.compile("gpt_oss")
+    names = model_names(rules, MEGATRON, ModelSize(1, experts=2, grouped=grouped), buffers=["weight_quantizer._amax"])
+    experts = sorted(name.split("mlp.experts.")[1] for name in names if ".mlp.experts." in name)
+    each = ["linear_fc{fc}.bias{e}", "linear_fc{fc}.weight{e}", "linear_fc{fc}.weight_quantizer.{e}._amax"] if grouped \
+        else ["local_experts.{e}.linear_fc{fc}.bias", "local_experts.{e}.linear_fc{fc}.weight",
+              "local_experts.{e}.linear_fc{fc}.weight_quantizer._amax"]
+    assert experts == sorted(form.format(fc=fc, e=e) for form in each for fc in (1, 2) for e in range(2))

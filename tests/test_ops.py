@@ -140,3 +140,41 @@ def test_a_row_parallel_rank_with_one_block_per_row_needs_the_block_size():
     assert isinstance(TensorParallel(ROWS, rows=4, block_size=0).gather(2, (4, 1))[0], Max)
     assert isinstance(TensorParallel(ROWS, rows=4, block_size=32).gather(2, (4, 1))[0], Concat)
     assert isinstance(tp.gather(2, (8, 1))[0], Concat), "two blocks per row per rank can only be blocks"
+
+
+@st.composite
+def fused_expert_tensors(draw):
+    """Per-expert Megatron tensors of one gpt-oss-style projection and how the HF tensor holds them."""
+    experts, hidden, inter = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    case = draw(st.sampled_from(["gate_up", "gate_up_bias", "down", "down_bias"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    shape = {"gate_up": (2 * inter, hidden), "gate_up_bias": (2 * inter,), "down": (hidden, inter),
+             "down_bias": (hidden,)}[case]
+    megatron = [torch.randn(shape, generator=g) for _ in range(experts)]
+    gated = case.startswith("gate_up")
+    layout = derive(None, "column" if gated else "row", "gated_mlp" if gated else "plain",
+                    ("",), ("gate", "up") if gated else None, {},
+                    (("interleaved",) if gated else ()) + (("transposed",) if not case.endswith("bias") else ()),
+                    experts)
+    return case, megatron, inter, layout
+
+
+@SETTINGS
+@given(fused_expert_tensors())
+def test_a_fused_experts_layout_stacks_interleaves_and_transposes_and_reverses_exactly(case):
+    """Megatron's per-expert [gate; up] rows become columns 0::2 (gate) and 1::2 (up) of expert e's
+    slice of the HF tensor, [in, out]; the reverse pipeline gives every expert's tensor back bit for bit."""
+    name, megatron, inter, layout = case
+    (hf,) = apply(layout.ops, megatron)
+    assert hf.shape[0] == len(megatron)
+    for e, tensor in enumerate(megatron):
+        if name == "gate_up":
+            assert torch.equal(hf[e][:, 0::2], tensor[:inter].T) and torch.equal(hf[e][:, 1::2], tensor[inter:].T)
+        elif name == "gate_up_bias":
+            assert torch.equal(hf[e][0::2], tensor[:inter]) and torch.equal(hf[e][1::2], tensor[inter:])
+        elif name == "down":
+            assert torch.equal(hf[e], tensor.T)
+        else:
+            assert torch.equal(hf[e], tensor)
+    back = apply(reverse(layout.ops), [hf])
+    assert len(back) == len(megatron) and all(torch.equal(a, b) for a, b in zip(back, megatron))

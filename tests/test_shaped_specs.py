@@ -124,3 +124,60 @@ def test_an_unreadable_config_is_a_usage_error_naming_the_file(tmp_path):
     bad.write_text("{not json")
     result = CliRunner().invoke(app, ["compile", "llama", "--config", str(bad)])
     assert result.exit_code == 2 and "config.json is not a JSON config" in result.output
+
+
+FC1 = "decoder.layers.*.mlp.experts.local_experts.*.linear_fc1"
+
+
+@pytest.mark.parametrize("mapping, says", [
+    (f"{{megatron: {FC1}.weight, hf: a.*.gate_up, fused_experts: shared, kind: gated_mlp, hf_parts: [gate, up], "
+     f"hf_layout: [transposed, transposed]}}", "lists 'transposed' twice"),
+    (f"{{megatron: {FC1}.weight, hf: a.*.gate_up, fused_experts: shared, kind: fused, hf_layout: [interleaved]}}",
+     "needs 'kind: gated_mlp' and 'hf_parts' (got kind 'fused', no hf_parts)"),
+    (f"{{megatron: {FC1}.bias, hf: a.*.gate_up_bias, fused_experts: shared, kind: gated_mlp, hf_parts: [gate, up], "
+     f"hf_layout: [interleaved, transposed]}}", "is not a weight"),
+])
+def test_an_hf_layout_that_does_not_fit_the_mapping_is_qm028_at_its_line(tmp_path, mapping, says):
+    error = _only_error(_spec(tmp_path, mapping))
+    assert error.code == "QM028" and says in error.message and error.location.line == 4, error
+
+
+def test_an_unknown_hf_layout_entry_is_a_schema_error_naming_the_allowed_ones(tmp_path):
+    error = _only_error(_spec(tmp_path, f"{{megatron: {FC1}.weight, hf: a.*.gate_up, fused_experts: shared, "
+                                        f"kind: plain, hf_layout: [swapped]}}"))
+    assert error.code == "QM011" and "hf_layout.0" in error.message and "'interleaved' or 'transposed'" in error.message
+    assert error.location.line == 4 and "swapped" in error.hint
+
+
+def test_compile_json_shows_the_gpt_oss_expert_stack_interleave_and_transpose():
+    result = CliRunner().invoke(app, ["compile", "gpt_oss", "--format", "json", "-p", "num_experts=32"])
+    rules = {r["megatron"]: r["layout"] for r in json.loads(result.stdout) if r["kind"] == "weight"}
+    gate_up = rules[f"{FC1}.weight"]
+    assert gate_up["tp"] == {"mode": "split", "dim": 0, "groups": 2}, "each ETP rank holds [gate_r; up_r]"
+    assert gate_up["ops"] == [{"op": "stack", "dim": 0, "count": 32},
+                              {"op": "split", "dim": 1, "units": [1, 1], "groups": 1, "multiple": 1},
+                              {"op": "concat", "dim": 1, "units": [1, 1], "groups": 0, "multiple": 1},
+                              {"op": "transpose", "dims": [1, 2]}]
+    assert rules["decoder.layers.*.mlp.experts.linear_fc1.weight*"] == gate_up
+    assert [op["op"] for op in rules[f"{FC1}.bias"]["ops"]] == ["stack", "split", "concat"]
+    assert [op["op"] for op in rules["decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight"]["ops"]] == \
+        ["stack", "transpose"]
+    assert rules["decoder.layers.*.mlp.experts.linear_fc2.bias*"] == {
+        "tp": {"mode": "replicated"}, "ops": [{"op": "stack", "dim": 0, "count": 32}], "reason": None}
+
+
+def test_without_the_expert_count_a_fused_experts_weight_layout_says_what_it_needs():
+    rule = quantmap.compile("gpt_oss").to_hf("decoder.layers.0.mlp.experts.linear_fc2.bias3").rule
+    assert rule.layout.ops is None and "--param num_experts=N" in rule.layout.reason
+
+
+def test_a_shaped_quantizer_of_a_transposed_or_interleaved_hf_tensor_is_refused_with_the_reason(tmp_path):
+    """ModelOpt's per-channel axis on an [in, out] or interleaved tensor is not known: no guess."""
+    path = _spec(tmp_path, f"{{megatron: {FC1}.weight, hf: a.*.gate_up, fused_experts: per-expert, kind: gated_mlp, "
+                           f"hf_parts: [gate, up], hf_layout: [interleaved, transposed], parallel: column}}")
+    rules = quantmap.compile(path)
+    weight_amax = rules.to_hf("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight_quantizer._amax")
+    assert weight_amax.hf == ("a.0.gate_up_weight_quantizers.1._amax",)
+    layout = weight_amax.rule.layout
+    assert layout.ops is None and "declared interleaved and transposed" in layout.reason
+    assert layout.tp is not None, "the TP split is still known; only the HF side is not"

@@ -18,6 +18,7 @@ import pytest
 import quantmap
 from quantmap.check import check
 from quantmap.io.names import read_names
+from quantmap.ops import apply, reverse
 from quantmap.rules import WEIGHT
 from quantmap.spec import shipped_specs
 
@@ -295,3 +296,72 @@ def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
             assert name in (back.expanded or back.hf), (name, match.megatron)
     # The head is disabled by default but mapped on purpose (a user may quantize it); the rest stay unmapped.
     assert [m for m in disabled if m != "lm_head" and rules.to_megatron(f"{m}.weight_quantizer._amax")] == []
+
+
+# Megatron-Bridge 0.6.2 (src/megatron/bridge/models/gpt_oss/gpt_oss_bridge.py), restated: how it turns
+# gpt-oss's HF expert tensors into Megatron's per-expert ones (hf_to_megatron) and back (megatron_to_hf,
+# whose per-expert results its grouped export stacks on dim 0, model_bridge._accumulate_grouped_export).
+def _bridge_import(tensor: str, hf, expert: int):
+    import torch
+
+    if tensor == "down_proj":  # maybe_modify_loaded_hf_weight: BF16 [E, I, H] (I != H) -> [E, H, I]
+        hf = hf.transpose(-1, -2).contiguous()
+    weight = hf[expert]
+    if tensor.startswith("gate_up_proj"):
+        if weight.ndim == 2:  # _align_expert_weight_to_shape: [H, 2I] -> Megatron's [2I, H]
+            weight = weight.t().contiguous()
+        weight = torch.cat((weight[::2, ...], weight[1::2, ...]), dim=0)  # GPTOSSMLPGateUpProjMapping._interleave
+    return weight
+
+
+def _bridge_export(tensor: str, experts: list):
+    import torch
+
+    out = []
+    for weight in experts:
+        if tensor.startswith("gate_up_proj"):  # GPTOSSMLPGateUpProjMapping._uninterleave, then transpose
+            gate, up = torch.chunk(weight, 2, dim=0)
+            weight = torch.empty_like(weight)
+            weight[::2, ...], weight[1::2, ...] = gate, up
+            weight = weight.transpose(0, 1) if weight.ndim == 2 else weight
+        elif tensor == "down_proj":  # GPTOSSMLPDownProjMapping.megatron_to_hf: the weight, not the bias
+            weight = weight.transpose(-1, -2)
+        out.append(weight.contiguous())
+    return torch.stack(out, dim=0)
+
+
+GPT_OSS_EXPERTS = {"gate_up_proj": "linear_fc1.weight", "gate_up_proj_bias": "linear_fc1.bias",
+                   "down_proj": "linear_fc2.weight", "down_proj_bias": "linear_fc2.bias"}
+
+
+@pytest.mark.parametrize("tensor", sorted(GPT_OSS_EXPERTS))
+@pytest.mark.parametrize("form", ["local_experts.{e}.{name}", "{name}{e}"], ids=["sequential", "grouped"])
+def test_gpt_oss_expert_layouts_turn_megatron_bridge_experts_into_the_real_hf_tensor_and_back(tensor, form):
+    """The rule of each gpt-oss expert tensor, run on a tiny GptOssForCausalLM's own tensors: Megatron's
+    per-expert tensors, made as Megatron-Bridge makes them, become exactly the HF tensor, and the HF
+    tensor becomes exactly them again (weights and biases, SequentialMLP and TEGroupedMLP names)."""
+    import torch
+
+    torch.manual_seed(0)
+    config = _configs()["gpt_oss"]
+    model = build("gpt_oss", config)
+    parameter = getattr(model.model.layers[1].mlp.experts, tensor)
+    with torch.no_grad():  # distinct values (the biases start at zero), so that any misplaced element shows
+        parameter.copy_(torch.randperm(parameter.numel()).reshape(parameter.shape))
+    hf = parameter.detach()
+    experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+    assert inter != hidden and hf.shape[0] == experts
+    megatron = [_bridge_import(tensor, hf, e) for e in range(experts)]
+    shape = {"gate_up_proj": (2 * inter, hidden), "gate_up_proj_bias": (2 * inter,), "down_proj": (hidden, inter),
+             "down_proj_bias": (hidden,)}[tensor]  # Megatron's [out, in] and [out]
+    assert all(tuple(m.shape) == shape for m in megatron) and torch.equal(_bridge_export(tensor, megatron), hf)
+
+    rules = quantmap.compile("gpt_oss", num_experts=experts)
+    names = [f"decoder.layers.1.mlp.experts.{form.format(e=e, name=GPT_OSS_EXPERTS[tensor])}" for e in range(experts)]
+    matches = [rules.to_hf(name) for name in names]
+    assert {m.hf for m in matches} == {(f"model.layers.1.mlp.experts.{tensor}",)} and len({m.rule for m in matches}) == 1
+    ops = matches[0].rule.layout.ops
+    (exported,) = apply(ops, megatron)
+    assert torch.equal(exported, hf)
+    imported = apply(reverse(ops), [hf])
+    assert len(imported) == experts and all(torch.equal(a, b) for a, b in zip(imported, megatron))

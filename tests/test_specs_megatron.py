@@ -205,7 +205,7 @@ def test_qwen2_qkv_bias_fans_out_to_q_k_v_biases():
     assert match.hf == tuple(f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv")
 
 
-def test_gpt_oss_expert_quantizers_fan_in_to_its_shared_ones_and_the_biases_stay_excluded():
+def test_gpt_oss_expert_quantizers_fan_in_to_its_shared_ones_and_the_biases_map_to_the_packed_ones():
     # ModelOpt 0.47 _QuantGptOssExperts: one gate_up_proj_weight_quantizer for all experts.
     rules = quantmap.compile("gpt_oss")
     back = rules.to_megatron("model.layers.0.mlp.experts.gate_up_proj_weight_quantizer._amax")
@@ -222,3 +222,9 @@ def test_gpt_oss_expert_quantizers_fan_in_to_its_shared_ones_and_the_biases_stay
                    hf=["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj_bias",
                        "model.layers.0.self_attn.sinks"])
     assert report.findings == ()
+    # Megatron-Bridge's GPTOSSMLP*ProjMapping: each expert's bias is one row of the HF bias of all experts.
+    for megatron, hf in (("local_experts.3.linear_fc1.bias", "gate_up_proj_bias"), ("linear_fc1.bias3", "gate_up_proj_bias"),
+                         ("local_experts.3.linear_fc2.bias", "down_proj_bias"), ("linear_fc2.bias3", "down_proj_bias")):
+        assert rules.to_hf(f"decoder.layers.0.mlp.experts.{megatron}").hf == (f"model.layers.0.mlp.experts.{hf}",)
+    assert rules.to_megatron("model.layers.0.mlp.experts.down_proj_bias").megatron == \
+        "decoder.layers.0.mlp.experts.local_experts.*.linear_fc2.bias"

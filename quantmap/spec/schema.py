@@ -55,6 +55,13 @@ class MappingSpec(_Strict):
         description="The HF tensor is itself fused: it holds these parts of the Megatron group (kind qkv or "
         "gated_mlp) concatenated on dim 0 in this order, e.g. [q, k, v] for Phi-3's qkv_proj.",
     )
+    hf_layout: list[Literal["interleaved", "transposed"]] | None = Field(
+        None,
+        description="How the HF tensor's elements lie besides its parts' order: 'interleaved' (the hf_parts of a "
+        "gated_mlp alternate row by row, even rows gate and odd rows up, instead of [gate; up]) and/or "
+        "'transposed' (the HF weight is [in, out], Megatron's [out, in] swapped), e.g. [interleaved, transposed] "
+        "for gpt-oss's mlp.experts.gate_up_proj.",
+    )
     quantizers: list[str] | None = Field(
         None,
         description="Quantizer buffers of this weight's module; [] for weights without quantizers "
@@ -88,10 +95,10 @@ class MappingSpec(_Strict):
     )
     fused_experts: Literal["per-expert", "shared"] | None = Field(
         None,
-        description="The HF side is one tensor holding every expert (transformers v5 'mlp.experts.gate_up_proj'), "
-        "named without an expert wildcard. ModelOpt names its quantizers '<tensor>_weight_quantizers.{E}' and "
-        "'<tensor>_input_quantizer' (per-expert), or '<tensor>_weight_quantizer' and '<tensor>_input_quantizer' "
-        "(shared: gpt-oss).",
+        description="The HF side is one tensor holding every expert on its dim 0 (transformers v5 "
+        "'mlp.experts.gate_up_proj'), named without an expert wildcard. ModelOpt names its quantizers "
+        "'<tensor>_weight_quantizers.{E}' and '<tensor>_input_quantizer' (per-expert), or '<tensor>_weight_quantizer' "
+        "and '<tensor>_input_quantizer' (shared: gpt-oss).",
     )
     grouped_weight_quantizer: Literal["per-expert", "shared"] | None = Field(
         None,
