@@ -44,10 +44,27 @@ class Packed:
         offsets :func:`offsets` gives for them."""
         starts, size = offsets(self.meta, entries)
         buffer = torch.empty(size, dtype=torch.uint8)
-        for start, entry in zip(starts, entries):
-            flat = self.flat_bytes(entry)
-            buffer[start:start + flat.numel()] = flat
+        entries = list(entries)
+        at = 0
+        while at < len(entries):
+            run = self._scalar_run(entries, at)
+            if run > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
+                scalars = [self.values[e] for e in entries[at:at + run]]  # detached when packed
+                values = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in scalars])
+                flat = values.cpu().view(torch.uint8)
+            else:
+                flat = self.flat_bytes(entries[at])
+            buffer[starts[at]:starts[at] + flat.numel()] = flat
+            at += max(run, 1)
         return buffer
+
+    def _scalar_run(self, entries: list[int], at: int) -> int:
+        """How many entries from ``entries[at]`` on are one-element tensors of its dtype (0 if it is not one)."""
+        dtypes, shapes = self.meta["dtypes"], self.meta["shapes"]
+        dtype, end = dtypes[entries[at]], at
+        while end < len(entries) and dtypes[entries[end]] == dtype and math.prod(shapes[entries[end]]) == 1:
+            end += 1
+        return end - at
 
     def flat_bytes(self, entry: int) -> torch.Tensor:
         """Entry ``entry``'s bytes, a view of its tensor (a copy only if it is not contiguous)."""

@@ -288,17 +288,18 @@ class Plan:
     def _add(self, name: str, sources: list[tuple[int, int]]) -> None:
         match = self.rules.to_hf(name)
         expert = is_expert(name)
-        stage = self._coords(sources[0][0]).pp
-        if match.kind == FAN_IN:
-            self._gather_fan_in(name, match, sources, expert, stage)
-            return
-        if match.kind != MOE_FANOUT:
+        if match.kind not in (FAN_IN, MOE_FANOUT):
             if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
                 peers = sources  # no tensor parallelism: the one copy is the tensor
             else:
-                peers = self._peers(name, sources, expert, stage, self._coords(sources[0][0]).ep)
+                coords = self._coords(sources[0][0])
+                peers = self._peers(name, sources, expert, coords.pp, coords.ep)
             combine, pipeline = self._combine(name, match, peers)
             self.items.append(Item(name, combine, tuple(peers), match.hf, len(match.hf), pipeline=pipeline))
+            return
+        stage = self._coords(sources[0][0]).pp
+        if match.kind == FAN_IN:
+            self._gather_fan_in(name, match, sources, expert, stage)
             return
         for ep in range(self.layout.ep):
             block = [s for s in sources if self._coords(s[0]).ep == ep]

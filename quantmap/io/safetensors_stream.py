@@ -99,25 +99,37 @@ def write(path, records: Records, indices: range, on_names=None, metadata: dict[
         raise OSError(error.errno, f"{error.strerror} while writing {path}") from None
 
 
+_HEADER_BLOCK = 4096  # header entries written at once
+
+
 def _write(path, records: Records, indices: range, on_names, metadata: dict[str, str]) -> int:
     with open(path, "wb") as out:
         out.write(bytes(8))
         length = out.write(('{"__metadata__":' + json.dumps(metadata, separators=(",", ":"))).encode())
         offset = 0
+        kinds: dict[tuple, tuple[int, str]] = {}  # (dtype, shape) -> data size, header text after the name
+        pending: list[str] = []  # header text not yet written: written in blocks, not per record
         for i in indices:
             count, dtype, shape = records.spec(i)
-            if dtype not in DTYPES:
-                raise ValueError(f"{records.names(i)[0]}: safetensors has no dtype for {dtype}")
-            size = nbytes(dtype, shape)
-            tail = f':{{"dtype":"{DTYPES[dtype]}","shape":[{",".join(map(str, shape))}],"data_offsets":['
+            kind = kinds.get((dtype, shape))
+            if kind is None:
+                if dtype not in DTYPES:
+                    raise ValueError(f"{records.names(i)[0]}: safetensors has no dtype for {dtype}")
+                kind = kinds[dtype, shape] = (nbytes(dtype, shape), f':{{"dtype":"{DTYPES[dtype]}","shape":'
+                                                                    f'[{",".join(map(str, shape))}],"data_offsets":[')
+            size, tail = kind
             quoted = [quote(name) for name in records.names(i)]
             if len(quoted) != count:  # the data below is written ``count`` times: the header must agree
                 raise ValueError(f"record {i}: {len(quoted)} names but {count} planned copies")
-            length += out.write("".join(f",{q}{tail}{offset + k * size},{offset + (k + 1) * size}]}}"
-                                        for k, q in enumerate(quoted)).encode())
-            offset += size * len(quoted)
+            for q in quoted:
+                pending.append(f",{q}{tail}{offset},{offset + size}]}}")
+                offset += size
+            if len(pending) >= _HEADER_BLOCK:
+                length += out.write("".join(pending).encode())
+                pending.clear()
             if on_names is not None:
                 on_names(quoted)
+        length += out.write("".join(pending).encode())
         length += out.write(b"}" + b" " * (-(length + 1) % 8))
         for data in (records.data(indices) if hasattr(records, "data") else each_record(records, indices)):
             out.write(data)
