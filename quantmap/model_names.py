@@ -29,8 +29,10 @@ Captures take their values from the size: a capture is an expert when it is the 
 grouped block or follows an ``experts.`` segment, an MTP layer when it follows Megatron-Core's
 ``mtp.layers.`` or either side shifts it by a parameter (``model.layers.{num_layers + i}``), and a
 layer otherwise; a mapping of one MTP layer (``mtp.layers.0.eh_proj``) is listed when the model has
-that layer. A ``**`` capture matches names of any depth, which no size gives: such mappings
-(Qwen2.5-VL's vision tower) are not listed, and :func:`unlisted` names them. This module imports no torch.
+that layer. The MTP layers are a layer of their own: listed whatever the decoder layers' kinds, their
+layouts chosen among their own mappings. A ``**`` capture matches names of any depth, which no size
+gives: such mappings (Qwen2.5-VL's vision tower) are not listed, and :func:`unlisted` names them.
+This module imports no torch.
 """
 
 from __future__ import annotations
@@ -102,18 +104,22 @@ def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[st
         moe = any(_mlp_kind(r) == MOE for r in rules if not marked.get(r.origin.mapping))
         dense = () if moe else tuple(range(size.layers))
     mlp = [DENSE if i in set(dense) else MOE for i in range(size.layers)]
+    decoder = [r for r in kept if not _of_mtp(r)]
+    groups = [([r for r in decoder if _applies(marked.get(r.origin.mapping), r, kind, mlp_kind)],
+               [i for i in range(size.layers) if kinds[i] == kind and mlp[i] == mlp_kind])
+              for kind in (hybrid.kinds if hybrid else (None,)) for mlp_kind in (DENSE, MOE)]
+    # The MTP layers are one layer of their own, whatever the decoder layers' kinds and MLPs: their
+    # layouts are chosen among their own mappings (a dense MTP layer under TE fuses its pre-MLP norm).
+    groups.append(([r for r in kept if _of_mtp(r)], []))
     names: dict[str, None] = {}
-    for kind in (hybrid.kinds if hybrid else (None,)):
-        for mlp_kind in (DENSE, MOE):
-            layers = [i for i in range(size.layers) if kinds[i] == kind and mlp[i] == mlp_kind]
-            active = [r for r in kept if _applies(marked.get(r.origin.mapping), r, kind, mlp_kind)]
-            dropped = _other_layouts(active, size)
-            for rule in active:
-                if rule.origin.mapping in dropped:
-                    continue
-                for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
-                    for values in _values(rule, pattern, side, size, layers):
-                        names[pattern.fill(values)] = None
+    for active, layers in groups:
+        dropped = _other_layouts(active, size)
+        for rule in active:
+            if rule.origin.mapping in dropped:
+                continue
+            for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
+                for values in _values(rule, pattern, side, size, layers):
+                    names[pattern.fill(values)] = None
     return sorted(names, key=_natural)
 
 
@@ -136,6 +142,12 @@ def _built(rule: Rule, size: ModelSize) -> bool:
     """A mapping of one MTP layer (``mtp.layers.0.eh_proj.weight``) exists when the model has that layer."""
     layer = _ONE_MTP_LAYER.search(rule.megatron.text)
     return layer is None or int(layer[1]) < size.mtp_layers
+
+
+def _of_mtp(rule: Rule) -> bool:
+    """Whether a rule belongs to the MTP layers: it names one (``mtp.layers.0.eh_proj``) or captures their index."""
+    return _ONE_MTP_LAYER.search(rule.megatron.text) is not None or any(
+        _capture_kind(rule, rule.megatron, position, MEGATRON) == "mtp" for position in range(rule.megatron.arity))
 
 
 def _layer_kinds(spec: str, hybrid, size: ModelSize) -> tuple[str | None, ...]:

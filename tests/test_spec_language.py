@@ -117,6 +117,33 @@ def test_deepseek_v3_writes_the_decoder_layer_once_and_maps_both_mtp_names():
         "mtp.layers.0.mtp_model_layer.self_attention.linear_kv_up_proj.layer_norm_weight"
 
 
+INNER = "{mtp_model_layer|transformer_layer}"
+# The prefixes of a decoder layer and of an MTP inner layer, (Megatron, HF), as the shipped specs write them.
+DECODER_LAYER = (("decoder.layers.*.",), ("model.layers.*.",))
+MTP_LAYER = ((f"mtp.layers.{{i}}.{INNER}.", f"mtp.layers.*.{INNER}."), ("model.layers.{num_layers + i}.", "mtp.layers.*."))
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe", "qwen3_5", "qwen3_5_moe", "qwen3_next"])
+def test_an_mtp_inner_layer_is_the_decoders_blocks_used_again_not_a_copy(arch):
+    """Every mapping of the MTP's inner layer comes from a block instance (written relative to the layer, once)
+    and is one of the decoder layer's mappings under the other prefix; both Megatron names of the inner layer
+    are read (Megatron-Core <= 0.16 names it transformer_layer)."""
+    spec = load_spec(arch)
+
+    def relative(m, prefixes):
+        megatron, hf = prefixes
+        inner = next((p for p in megatron if m.megatron.startswith(p)), None)
+        return None if inner is None else (m.megatron[len(inner):], tuple(
+            (part, next(name[len(p):] for p in hf if name.startswith(p))) for part, name in m.hf))
+
+    decoder = {relative(m, DECODER_LAYER) for m in spec.mappings}
+    inner = [m for m in spec.mappings if relative(m, MTP_LAYER)]
+    assert len(inner) >= 8
+    for m in inner:
+        assert m.prefix_lengths[0] == len(m.megatron) - len(relative(m, MTP_LAYER)[0]), m.megatron  # from a block
+        assert relative(m, MTP_LAYER) in decoder, m.megatron
+
+
 # --- alternatives ---------------------------------------------------------------------------------------
 
 WORD = st.from_regex(r"[a-z][a-z0-9_]{0,5}", fullmatch=True)

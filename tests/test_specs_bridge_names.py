@@ -274,6 +274,9 @@ def test_glm4_moe_mtp_layer_is_hf_layer_num_layers(te):
         "mtp.layers.0.mtp_model_layer.self_attention.core_attention.k_bmm_quantizer._amax")
     assert rules.to_megatron("model.layers.2.self_attn.k_bmm_quantizer._amax").megatron == (
         "decoder.layers.2.self_attention.core_attention.k_bmm_quantizer._amax")
+    # Megatron-Core <= 0.16 names the inner layer transformer_layer: read too, written as mtp_model_layer
+    assert rules.to_hf("mtp.layers.0.transformer_layer.self_attention.linear_qkv.bias").hf == tuple(
+        f"model.layers.3.self_attn.{p}_proj.bias" for p in "qkv")
 
 
 def test_mla_without_q_lora_maps_linear_q_proj_to_q_proj_with_kv_cache_rules():
@@ -307,18 +310,33 @@ def test_gemma_pre_mlp_norm_is_pre_feedforward_not_post_attention():
 
 @pytest.mark.parametrize(("arch", "mlp"), [("qwen3_5", _dense_mlp(True)), ("qwen3_5_moe", _moe_mlp(True, *SHARED)),
                                            ("qwen3_next", _moe_mlp(True, *SHARED))])
-def test_hybrid_mtp_layer_is_hf_mtp_without_quantizers(arch, mlp):
-    """HF keeps the MTP layer under mtp.* (transformers builds none); ModelOpt disables mtp.*."""
+def test_hybrid_mtp_layer_is_hf_mtp_with_the_decoders_quantizers(arch, mlp):
+    """HF keeps the MTP layer under mtp.* (transformers builds none). ModelOpt >= 0.46 disables mtp.* by
+    default, but a stock KV-cache config re-enables its k/v_bmm quantizers and a user may enable the rest:
+    every linear of the MTP maps its quantizers as the decoder's do, to HF modules of the MTP."""
     rules = _rules(arch)
     names = _mtp(mlp)
     hf = sorted({t for name in names for t in (rules.to_hf(name).expanded or rules.to_hf(name).hf)})
     assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.self_attn.q_proj.weight"} <= set(hf)
     assert all(name.startswith("mtp.") for name in hf)
     assert check(rules, megatron=names, hf=hf).findings == ()
+    modules = {name[: -len(".weight")] for name in hf if name.endswith(".weight")}
+    linears = {re.sub(r"\.weight\d*$", "", name) for name in names if LINEAR.search(name)}
+    assert {"mtp.layers.0.eh_proj", "mtp.layers.0.mtp_model_layer.self_attention.linear_qkv"} <= linears
     for name in names:
         module = re.sub(r"\.weight\d*$", "", name)
-        assert rules.to_hf(f"{module}.weight_quantizer._amax") is None, name
-    assert rules.to_hf("mtp.layers.0.mtp_model_layer.self_attention.core_attention.k_bmm_quantizer._amax") is None
+        match = rules.to_hf(f"{module}.weight_quantizer._amax")
+        if module not in linears:  # norms, router, shared-expert gate
+            assert match is None, name
+            continue
+        targets = match.expanded or match.hf
+        assert targets and {t.rsplit(".", 2)[0] for t in targets} <= modules, (name, targets)
+    assert rules.to_hf("mtp.layers.0.eh_proj.input_quantizer._amax").hf == ("mtp.fc.input_quantizer._amax",)
+    for inner in ("mtp_model_layer", "transformer_layer"):  # Megatron-Core <= 0.16 names it transformer_layer
+        kv = f"mtp.layers.0.{inner}.self_attention.core_attention.k_bmm_quantizer._amax"
+        assert rules.to_hf(kv).hf == ("mtp.layers.0.self_attn.k_bmm_quantizer._amax",)
+    assert rules.to_megatron("mtp.layers.0.self_attn.v_bmm_quantizer._amax").megatron == (
+        "mtp.layers.0.mtp_model_layer.self_attention.core_attention.v_bmm_quantizer._amax")
 
 
 def test_gated_delta_net_in_proj_maps_its_weight_parts_and_out_proj_its_quantizers():
