@@ -33,30 +33,46 @@ LAYER_SLOT, EXPERT_SLOT = "\0L", "\0E"
 
 
 def missing_names(names: Iterable[str], layout: Layout) -> list[str]:
-    """The global Megatron names the layout requires (see the module docstring) that ``names`` lack.
-
-    Counted first: the names are built only when some are missing (an export checks 10^5 names)."""
+    """The global Megatron names the layout requires (see the module docstring) that ``names`` lack."""
     present = set(names)
-    required = _Required(present, layout)
+    return missing_parsed(list(map(_kind, present)), layout, lambda: present)
+
+
+def missing_parsed(parsed: list[tuple], layout: Layout, present) -> list[str]:
+    """:func:`missing_names` of names already parsed (:func:`parse`, :func:`parse_run`); ``present()``
+    gives the names themselves. Counted first: the names are built only when some are missing (an
+    export checks 10^5 names)."""
+    required = _Required(parsed, layout)
     if required.count() == sum(map(required.holds, required.parsed)):
         return []
-    return sorted(required.names() - present)
+    return sorted(required.names() - set(present()))
 
 
 def required_names(names: Iterable[str], layout: Layout) -> set[str]:
     """Every global name the layout requires, given the names present."""
-    return _Required(set(names), layout).names()
+    return _Required(list(map(_kind, set(names))), layout).names()
+
+
+def parse(name: str) -> tuple[str, str, int | None, int | None]:
+    """A name as the check sees it: its kind, module, layer and expert (see the module docstring)."""
+    return _kind(name)
+
+
+def parse_run(first_name: str, experts: range) -> list[tuple[str, str, int | None, int | None]]:
+    """:func:`parse` of the names of an expert run (``first_name``: its first expert's), parsed once."""
+    kind, module, layer, _ = _kind(first_name)
+    return [(kind, module, layer, expert) for expert in experts]
 
 
 class _Required:
     """The kinds, modules and layer module sets of the names present, and what they imply."""
 
-    def __init__(self, names: set[str], layout: Layout):
+    def __init__(self, parsed: list[tuple], layout: Layout):
         self.layout = layout
         # (kind, module, layer, expert); 10^5 names share a few hundred kinds, kept once each
         shared: dict[str, str] = {}
         self.parsed = [(shared.setdefault(kind, kind), shared.setdefault(module, module), layer, expert)
-                       for kind, module, layer, expert in map(_kind, names)]
+                       for kind, module, layer, expert in parsed]
         self.kinds: dict[str, set[str]] = {}  # module -> its kinds
         self.experts_seen: dict[str, set[int]] = {}  # kind -> expert indices seen
         self.loose: set[str] = set()  # kinds outside decoder.layers: required as seen

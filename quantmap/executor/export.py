@@ -62,9 +62,7 @@ class Export:
                                 "export without out= to get them in memory, or read the files")
         records = self.records()
         for i in range(len(records)):
-            tensor = records.tensor(i)
-            for name in records.names(i):
-                yield name, tensor
+            yield from records.named_tensors(i)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors())
@@ -96,7 +94,7 @@ class _Records:
         # A spec is asked for several times per record (shard sizes, header, data, index, schedule):
         # built once. Names are not kept: they are most of a large export's metadata.
         self._specs: list[tuple] = []
-        self._bulk: list[torch.dtype | None] = []  # per record: the dtype of a scalar built in bulk, else None
+        self._bulk: list = []  # per record: the dtype of a scalar built in bulk, _RUN, or None (one by one)
         items = self._items
         for i in range(len(items)):
             if items.combine(i) == SHAPED:
@@ -109,8 +107,13 @@ class _Records:
                 continue
             rank, entry = items.first_source(i)  # every copy has this dtype and shape (checked by the plan)
             dtype, shape = plan.metas[rank]["dtypes"][entry], plan.metas[rank]["shapes"][entry]
+            expert_run = items.run(i)
             self._item.append(i)
             self._part.append(0)
+            if expert_run is not None:  # one record of distinct values, one per name
+                self._specs.append((items.count(i), dtype, expert_run.shape))
+                self._bulk.append(_RUN)
+                continue
             self._specs.append((items.count(i), dtype, shape))
             self._bulk.append(dtype if math.prod(shape) == 1 and dtype in _BULK else None)
         self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
@@ -127,6 +130,22 @@ class _Records:
         if names is None:  # a grouped block's: made again
             names = self.plan.hf_names(self._items[index])
         return names if self._items.records(index) == 1 else names[self._part[i]:self._part[i] + 1]
+
+    def named_tensors(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Record ``i``'s HF names with their tensors (shared by the names, except in an expert run)."""
+        names = self.names(i)
+        if self._bulk[i] is _RUN:
+            yield from zip(names, self._run_values(i).reshape(len(names), *self._specs[i][2]).unbind())
+            return
+        tensor = self.tensor(i)
+        for name in names:
+            yield name, tensor
+
+    def _run_values(self, i: int) -> torch.Tensor:
+        """An expert run record's values, one per HF name: each expert's value once per part."""
+        index = self._item[i]
+        combined = self.plan.tensors(self._items[index], self.buffers)[0]
+        return combined.unsqueeze(1).expand(-1, len(self._items.run(index).hf)).reshape(-1)
 
     def tensor(self, i: int) -> torch.Tensor:
         index = self._item[i]
@@ -146,7 +165,9 @@ class _Records:
         export has 10^5 of them), the rest one by one."""
         for dtype, run in groupby(indices, key=self._bulk.__getitem__):
             run = list(run)
-            if dtype is None:
+            if dtype is _RUN:
+                yield from (raw_bytes(self._run_values(i).contiguous()) for i in run)
+            elif dtype is None:
                 yield from each_record(self, run)
             else:
                 yield raw_bytes(self._scalars(run, dtype))
@@ -164,6 +185,7 @@ class _Records:
 
 
 _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of
+_RUN = "run"  # a record's lane: an expert run (its values, built by the plan)
 
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,

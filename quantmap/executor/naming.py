@@ -37,17 +37,18 @@ def to_global(name: str, layout: Layout, coords: Coords) -> str:
     return globalizer(layout, coords)(name)[0]
 
 
-def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int | None, int | None]]:
-    """For one rank: a function from a local tensor name to its global name and the local layer and
-    expert index it carries (``None`` where it has none), found in one pass with the rank's offsets
-    bound once: a rank packs 10^4 names (SequentialMLP)."""
+def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int | None, int | None, tuple | None]]:
+    """For one rank: a function from a local tensor name to its global name, the local layer and
+    expert index it carries (``None`` where it has none), and where the expert index lies in the
+    global name (its characters, or ``None``); found in one pass with the rank's offsets bound once:
+    a rank packs 10^4 names (SequentialMLP)."""
     stage_layers, offset = layout.stage_layers[coords.pp], layout.layer_offset(coords.pp)
     per_rank = layout.experts_per_rank
     base = None if per_rank is None else coords.ep * per_rank  # None: no expert parallelism to undo
     search_layer, search_expert = _LAYER.search, _EXPERT.search
 
-    def globalize(name: str) -> tuple[str, int | None, int | None]:
-        layer = expert = None
+    def globalize(name: str) -> tuple[str, int | None, int | None, tuple | None]:
+        layer = expert = span = None
         out = name
         found = search_layer(name)
         if found:
@@ -58,20 +59,42 @@ def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int
                                   f"num_layers/layers_per_stage")
             out = f"{name[:found.start(2)]}{offset + layer}{name[found.end(2):]}"
         if "experts." not in out:
-            return out, layer, None
-        found, pieces, at = search_expert(out), [], 0
+            return out, layer, None, None
+        found, pieces, at, length = search_expert(out), [], 0, 0
         while found:
             prefix, expert = _expert_index(found)
-            if base is not None:
+            if base is None:
+                span = found.span(found.lastindex)
+            else:
                 if expert >= per_rank:
                     raise NamingError(f"{name!r} on rank {coords.rank} names local expert {expert}, but each of the "
                                       f"ep={layout.ep} ranks holds {per_rank} of num_experts={layout.num_experts}")
-                pieces += [out[at:found.start()], prefix, str(base + expert)]
+                digits = str(base + expert)
+                pieces += [out[at:found.start()], prefix, digits]
+                length += found.start() - at + len(prefix)
+                span = (length, length + len(digits))
+                length += len(digits)
                 at = found.end()
             found = search_expert(out, found.end())
-        return "".join(pieces) + out[at:] if pieces else out, layer, expert
+        return ("".join(pieces) + out[at:] if pieces else out), layer, expert, span
 
     return globalize
+
+
+def expert_span(name: str) -> tuple[int, int] | None:
+    """Where a name's expert index lies (its characters), or ``None`` when it has none."""
+    found = _EXPERT.search(name) if "experts." in name else None
+    if found is None:
+        return None
+    digits = found.lastindex  # the matched alternative's digits group
+    return found.start(digits), found.end(digits)
+
+
+def placement_experts(layout: Layout, coords: Coords) -> range | None:
+    """The global experts a rank holds, or ``None`` when the layout has no expert count."""
+    if layout.experts_per_rank is None:
+        return None
+    return range(coords.ep * layout.experts_per_rank, (coords.ep + 1) * layout.experts_per_rank)
 
 
 class Holder(NamedTuple):

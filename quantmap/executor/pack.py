@@ -20,7 +20,8 @@ from typing import Mapping
 import torch
 
 from quantmap.executor.groups import Placement
-from quantmap.executor.naming import globalizer, is_expert
+from quantmap.executor.expert_runs import fold_expert_runs
+from quantmap.executor.naming import globalizer, is_expert, placement_experts
 from quantmap.executor.report import ExecutorError
 from quantmap.executor.values import check_values, copy_digest, owns, replicated
 from quantmap.io.shards import LazyShard
@@ -81,7 +82,7 @@ class Packed:
 def empty_meta(placement: Placement, error: str | None = None) -> dict:
     return {"coords": placement.coords, "error": error, "names": [], "dtypes": [], "shapes": [], "offsets": array("q"),
             "size": 0, "unclaimed": [], "weights": 0, "experts": 0, "top_layer": None, "top_expert": None,
-            "copies": {}, "uncalibrated": []}
+            "copies": {}, "uncalibrated": [], "runs": {}}
 
 
 def pack(rules, state: Mapping, placement: Placement) -> Packed:
@@ -92,10 +93,10 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
     owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
     compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
     meta = empty_meta(placement)
-    values, read = [], []
+    values, read, matches = [], [], []
     globalize = globalizer(layout, coords)
     for local in state.keys():
-        name, local_layer, local_expert = globalize(local)
+        name, local_layer, local_expert, span = globalize(local)
         _note_indices(meta, local_layer, local_expert)
         match = rules.to_hf(name)
         if match is None:
@@ -114,18 +115,21 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
                             f"or a safetensors shard")
-        value = value.detach()
+        if value.requires_grad:  # a live model's parameter
+            value = value.detach()
         read.append((name, value))
         if compared[expert]:
             meta["copies"][name] = copy_digest(value)
         if not owner[expert]:
             continue
         values.append(value)
+        matches.append((match, span))
         meta["names"].append(name)
-        meta["experts"] += is_expert(name)
+        meta["experts"] += expert
         meta["dtypes"].append(value.dtype)
         meta["shapes"].append(tuple(value.shape))
     meta["uncalibrated"] = check_values(read)
+    values = fold_expert_runs(meta, values, matches, placement_experts(layout, coords))
     meta["offsets"], meta["size"] = offsets(meta, range(len(values)))
     return Packed(meta, values)
 

@@ -27,10 +27,12 @@ from typing import NamedTuple
 
 import torch
 
-from quantmap.executor.completeness import missing_names
+from quantmap.executor.completeness import missing_parsed, parse, parse_run
+from quantmap.executor.expert_runs import Run, entry_names
 from quantmap.executor.fan_in import Gathered, check_scalar
 from quantmap.executor.layout import Layout
-from quantmap.executor.naming import NamingError, expert_block, expert_count, expert_hf_names, is_expert, to_local
+from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
+                                      is_expert, to_local)
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, group_names, natural
 from quantmap.executor.sharding import LayoutProblem, export_pipeline, is_scalar, max_of_copies, run
@@ -51,6 +53,7 @@ class Item(NamedTuple):
     count: int  # how many HF names
     experts: range | None = None  # moe_fanout: the experts of this block
     pipeline: tuple | None = None  # shaped: (ops, the shape of each HF name's tensor)
+    run: Run | None = None  # an expert run: one value per expert (:mod:`quantmap.executor.expert_runs`)
 
     @property
     def records(self) -> int:
@@ -74,12 +77,15 @@ class _Items(Sequence):
         self._count = array("q")
         self._experts: dict[int, range] = {}
         self._pipelines: dict[int, tuple] = {}
+        self._runs: dict[int, Run] = {}
 
     def append(self, item: Item) -> None:
         if item.experts is not None:
             self._experts[len(self._names)] = item.experts
         if item.pipeline is not None:
             self._pipelines[len(self._names)] = item.pipeline
+        if item.run is not None:
+            self._runs[len(self._names)] = item.run
         self._names.append(item.megatron)
         self._hf.append(item.hf)
         self._combine.append(self._CODE[item.combine])
@@ -127,7 +133,10 @@ class _Items(Sequence):
 
     def __getitem__(self, i: int) -> Item:
         return Item(self._names[i], self._CODES[self._combine[i]], self.sources(i), self._hf[i], self._count[i],
-                    self._experts.get(i), self._pipelines.get(i))
+                    self._experts.get(i), self._pipelines.get(i), self._runs.get(i))
+
+    def run(self, i: int) -> Run | None:
+        return self._runs.get(i)
 
 
 class Plan:
@@ -143,6 +152,7 @@ class Plan:
         self._disagreeing: set[str] = set()
         self._fan_in = Gathered()
         self._fan_in_targets: dict[str, tuple[str, int]] = {}  # item name -> (HF target, source count)
+        self._members: dict[int, set[str]] = {}
         self._build()
         self.report.written = self.items.names_total()
 
@@ -151,7 +161,11 @@ class Plan:
         return [meta["size"] for meta in self.metas]
 
     def hf_names(self, item: Item) -> list[str] | tuple[str, ...]:
-        return item.hf if item.hf is not None else expert_hf_names(self.rules.to_hf(item.megatron), item.experts)
+        if item.hf is not None:
+            return item.hf
+        if item.run is not None:
+            return item.run.hf_names()
+        return expert_hf_names(self.rules.to_hf(item.megatron), item.experts)
 
     def spec(self, item: Item, part: int = 0) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of the item's tensor (``part``: which HF name's, when shaped), from metadata."""
@@ -159,6 +173,8 @@ class Plan:
         dtype, shape = self.metas[rank]["dtypes"][index], self.metas[rank]["shapes"][index]
         if item.combine == SHAPED:
             shape = item.pipeline[1][part]
+        if item.run is not None:
+            shape = item.run.shape
         return dtype, shape
 
     def tensors(self, item: Item, buffers: dict[int, torch.Tensor]) -> list[torch.Tensor]:
@@ -170,12 +186,29 @@ class Plan:
             return parts
         if item.combine == SHAPED:
             out, spread = run(item.pipeline[0], parts, labels)
+        elif item.run is not None:
+            return [self._run_max(item, parts, labels)]
         else:
             combined, spread = max_of_copies(parts, labels)
             out = [combined]
         if spread and item.megatron not in self._disagreeing:
             self._disagreeing.add(item.megatron)  # tensors may be built more than once (files, then a state dict)
             self.report.disagreements.append(self._disagreement(item, spread))
+        return out
+
+    def _run_max(self, item: Item, parts: list[torch.Tensor], labels: list[str]) -> torch.Tensor:
+        """An expert run's tensor-parallel copies combined by ``max``; each expert whose copies differ
+        reported under its own name, as if it had not been folded."""
+        stacked = torch.stack(parts)
+        out = stacked.amax(0)
+        if item.megatron not in self._disagreeing:
+            self._disagreeing.add(item.megatron)
+            names = item.run.megatron_names()
+            for k in (stacked != out).any(0).nonzero().flatten().tolist():
+                spread = ", ".join(f"{label}: {part[k].item():g}" for label, part in zip(labels[:4], parts[:4]))
+                spread += ", ..." if len(parts) > 4 else ""
+                self.report.disagreements.append(f"{names[k]}: tensor-parallel copies differ ({spread}); "
+                                                 f"exported the max")
         return out
 
     def _disagreement(self, item: Item, spread: str) -> str:
@@ -203,7 +236,8 @@ class Plan:
         self.report.unclaimed = sorted(unclaimed, key=natural)
         self.report.uncalibrated = sorted({name for meta in self.metas for name in meta["uncalibrated"]}, key=natural)
         self.report.disagreements += replica_disagreements(self.metas)
-        # Every name's copies (rank, entry), in name order: the order does not depend on the layout.
+        # Every name's copies (rank, entry), in name order (experts last, see _order): the order does
+        # not depend on the layout, nor on whether a rank moved its experts as runs.
         copies: dict[str, list[tuple[int, int]]] = {}
         for rank, meta in enumerate(self.metas):
             for index, name in enumerate(meta["names"]):
@@ -213,12 +247,14 @@ class Plan:
                 else:
                     held.append((rank, index))
         errors = self._expert_blocks() + self._incomplete(copies)
-        for name in sorted(copies):
+        for name in sorted(copies, key=_order):
             sources = copies[name]
             try:
                 self._add(name, sources if len(sources) == 1 else self._owned(name, sources))
             except (_Problem, NamingError) as problem:
                 errors.append(str(problem))
+            except _InRun:
+                pass
         self._add_fan_ins(errors)
         if errors:
             raise ExecutorError(_listing("export stopped before any tensor moved: ", errors, "problem") +
@@ -226,12 +262,21 @@ class Plan:
         if self.strict and self.report.problems:
             raise ExecutorError(f"export refused (--strict): {self.report.refusal('Megatron')}. Nothing was written.")
 
-    def _incomplete(self, names) -> list[str]:
+    def _incomplete(self, copies: dict[str, list[tuple[int, int]]]) -> list[str]:
         """The shards against the layout: every layer and expert of every quantizer kind they hold
-        (:mod:`quantmap.executor.completeness`). Refused unless ``allow_partial``, then reported."""
-        if not names:
+        (:mod:`quantmap.executor.completeness`). Refused unless ``allow_partial``, then reported.
+        ``copies``: every entry name (an expert run's: its first expert's) with its (rank, entry) copies."""
+        if not copies:
             return ["the shards hold no quantizer tensor that the spec claims; check --megatron and the spec"]
-        missing = missing_names(names, self.layout)
+        parsed = []
+        for name, sources in copies.items():
+            folded = next((self.metas[r]["runs"][i] for r, i in sources if i in self.metas[r]["runs"]), None)
+            if folded is None:
+                parsed.append(parse(name))
+            else:
+                parsed += parse_run(name, range(folded.first, folded.first + folded.count))
+        present = lambda: {n for meta in self.metas for n in entry_names(meta)}  # noqa: E731
+        missing = missing_parsed(list(dict.fromkeys(parsed)), self.layout, present)
         if not missing or self.allow_partial or self.strict:  # --strict refuses it with the other findings
             self.report.missing = missing
             return []
@@ -266,7 +311,7 @@ class Plan:
         for stage in sorted(counts):
             if len(set(counts[stage].values())) <= 1:
                 continue
-            local = {rank: {to_local(name, self.layout, self._coords(rank)) for name in self.metas[rank]["names"]
+            local = {rank: {to_local(name, self.layout, self._coords(rank)) for name in entry_names(self.metas[rank])
                             if is_expert(name)} for rank in counts[stage]}
             held = set().union(*local.values())
             for rank, names in sorted(local.items()):
@@ -288,6 +333,10 @@ class Plan:
     def _add(self, name: str, sources: list[tuple[int, int]]) -> None:
         match = self.rules.to_hf(name)
         expert = is_expert(name)
+        folded = self.metas[sources[0][0]]["runs"].get(sources[0][1])
+        if folded is not None or any(self.metas[r]["runs"].get(i) for r, i in sources[1:]):
+            self._add_run(name, match, sources, folded)
+            return
         if match.kind not in (FAN_IN, MOE_FANOUT):
             if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
                 peers = sources  # no tensor parallelism: the one copy is the tensor
@@ -308,6 +357,31 @@ class Plan:
             combine, pipeline = self._combine(name, match, peers)
             self.items.append(Item(name, combine, tuple(peers), None, len(experts) * len(match.rule.hf), experts,
                                    pipeline))
+
+    def _add_run(self, name: str, match, sources: list[tuple[int, int]], folded: Run | None) -> None:
+        """An expert run: its copies on the expert-tensor-parallel ranks must be the same run; where a
+        rank kept the names one by one (it lacks an expert), the experts it lacks are named."""
+        coords = self._coords(sources[0][0])
+        peers = self._peers(name, sources, True, coords.pp, coords.ep)
+        runs = [self.metas[r]["runs"].get(i) for r, i in peers]
+        complete = next(r for r in runs if r is not None)
+        if any(r is None for r in runs):
+            short = next(rank for (rank, _), r in zip(peers, runs) if r is None)
+            held = set(entry_names(self.metas[short]))
+            lacking = [n for n in complete.megatron_names() if n not in held]
+            raise _Problem(f"rank {short} has no {', '.join(map(repr, lacking[:3]))}"
+                           f"{' ...' if len(lacking) > 3 else ''} but the other tensor-parallel rank(s) of its expert "
+                           f"group hold them; every tensor-parallel rank must hold the same quantizer tensors: check "
+                           f"that each rank's state or shard file is complete")
+        if len(set(runs)) > 1:
+            raise _Problem(f"{name}: the tensor-parallel ranks {[r for r, _ in peers]} hold different runs of experts")
+        dtypes = {self.metas[r]["dtypes"][i] for r, i in peers}
+        if len(dtypes) > 1:
+            raise _Problem(f"{name} has different dtypes across tensor-parallel ranks ({sorted(map(str, dtypes))}); "
+                           f"the shards do not come from one model")
+        experts = range(complete.first, complete.first + complete.count)
+        self.items.append(Item(name, ONE if len(peers) == 1 else MAX, tuple(peers), None,
+                               complete.count * len(complete.hf), experts, run=complete))
 
     def _gather_fan_in(self, name: str, match, sources, expert: bool, stage: int) -> None:
         """One source of a fan-in: its copies in tensor-parallel order on each EP rank that holds it (a grouped
@@ -354,10 +428,18 @@ class Plan:
             return [by_tp[t] for t in range(size)]
         lacking = [self._expert.get((t, ep, 0, stage)) if expert else self._dense.get((t, 0, 0, stage))
                    for t in range(size) if t not in by_tp]
+        if lacking and all(rank is not None and name in self._run_members(rank) for rank in lacking):
+            raise _InRun()  # the run's own name reports the ranks' difference
         holder = f"rank {sources[0][0]} holds it" if sources else "the other expert-parallel ranks hold it"
         raise _Problem(f"rank {', '.join(map(str, lacking))} has no {name!r} but {holder}; every tensor-parallel "
                        f"(and, for a grouped-MoE block, expert-parallel) rank of a stage must hold the same quantizer "
                        f"tensors: check that each rank's state or shard file is complete")
+
+    def _run_members(self, rank: int) -> set[str]:
+        """The names rank ``rank`` holds inside its expert runs (for error messages only)."""
+        if rank not in self._members:
+            self._members[rank] = {n for r in self.metas[rank]["runs"].values() for n in r.megatron_names()}
+        return self._members[rank]
 
     def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> tuple[str, tuple | None]:
         if len(peers) == 1 and is_scalar(self.metas[peers[0][0]]["shapes"][peers[0][1]]):
@@ -377,8 +459,23 @@ class Plan:
             raise _Problem(str(problem)) from None
 
 
+def _order(name: str) -> str:
+    """A name's place in the export: by name, except that the expert index counts last, so that each
+    quantizer's experts are adjacent and ascending (an expert run is where its first expert is)."""
+    span = expert_span(name)
+    if span is None:
+        return name
+    start, end = span
+    return f"{name[:start]}\0{name[end:]}\0{int(name[start:end]):012d}"
+
+
 class _Problem(Exception):
     pass
+
+
+class _InRun(Exception):
+    """A name one rank holds by itself while its peer holds it inside an expert run: reported once,
+    under the run's name."""
 
 
 def _listing(head: str, problems: list[str], noun: str) -> str:

@@ -1,0 +1,120 @@
+"""Expert runs: a rank's per-expert scalar quantizers moved as one entry must change nothing a user sees.
+
+The files of an export with runs are byte-identical to those of the same export with every name
+moved on its own; a disagreement inside a run is reported under the expert's own name; a rank that
+lacks one expert of a run is told by that expert's name; and a rank folds only what it can prove
+(every member's own names are the run's templates filled in)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from executor_support import global_state, rules_for, shard, values_of_every_rank
+from quantmap.executor import ExecutorError, Layout
+from quantmap.executor import expert_runs
+from quantmap.executor.export import export_offline
+from quantmap.executor.groups import Placement
+from quantmap.executor.pack import pack
+from quantmap.io.hf import INDEX
+
+LAYOUTS = [Layout(ep=2, dp=2, num_layers=2, num_experts=4), Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4),
+           Layout(pp=2, ep=2, dp=2, num_layers=2, num_experts=8)]
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("form", ["seq", "grouped_per_expert"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"tp{layout.tp}pp{layout.pp}ep{layout.ep}")
+def test_an_export_with_runs_writes_the_bytes_of_one_without(form, layout, tmp_path, monkeypatch):
+    rules = rules_for(form, num_experts=layout.num_experts)
+    states = shard(global_state(form, layout.num_layers, layout.num_experts), layout)
+    folded = pack(rules, states[0], Placement.offline(layout, 0)).meta
+    assert folded["runs"], "precondition: the rank folds its experts"
+    export_offline(rules, states, layout, out=tmp_path / "runs")
+    in_memory = export_offline(rules, states, layout).state_dict()
+    monkeypatch.setattr(expert_runs, "_MIN_RUN", 10**9)  # every name on its own
+    assert not pack(rules, states[0], Placement.offline(layout, 0)).meta["runs"]
+    export_offline(rules, states, layout, out=tmp_path / "names")
+    assert _files(tmp_path / "runs") == _files(tmp_path / "names")
+    one_by_one = export_offline(rules, states, layout).state_dict()
+    assert in_memory.keys() == one_by_one.keys()
+    assert all(torch.equal(in_memory[name], one_by_one[name]) for name in one_by_one)
+
+
+@pytest.mark.parametrize("form", ["seq", "grouped_per_expert"])
+def test_the_files_do_not_depend_on_the_layout_nor_on_runs(form, tmp_path):
+    """One expert per rank folds nothing, two or four per rank fold: the files are the same bytes."""
+    state = global_state(form, 2, 4)
+    for label, layout in [("one", Layout(num_layers=2, num_experts=4)),
+                          ("ep2", Layout(dp=2, ep=2, num_layers=2, num_experts=4)),
+                          ("ep4", Layout(dp=4, ep=4, num_layers=2, num_experts=4))]:
+        export_offline(rules_for(form, num_experts=4), shard(state, layout), layout, out=tmp_path / label)
+    assert _files(tmp_path / "one") == _files(tmp_path / "ep2") == _files(tmp_path / "ep4")
+
+
+def _tp2() -> tuple[Layout, list[dict]]:
+    layout = Layout(tp=2, num_layers=1, num_experts=4)
+    return layout, shard(global_state("seq", 1, 4), layout)
+
+
+def test_tensor_parallel_copies_that_differ_inside_a_run_are_reported_under_the_experts_name():
+    layout, states = _tp2()
+    name = "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight_quantizer._amax"
+    states[1][name] = states[1][name] + 1.0
+    done = export_offline(rules_for("seq"), states, layout)
+    dict(done.tensors())
+    assert [note.split(":")[0] for note in done.report.disagreements] == [name]
+    assert torch.equal(done.state_dict()["model.layers.0.mlp.experts.2.gate_proj.weight_quantizer._amax"],
+                       states[1][name])
+
+
+def test_a_rank_short_of_one_expert_of_its_peers_run_is_told_by_that_experts_name():
+    layout, states = _tp2()
+    lost = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.input_quantizer._amax"
+    del states[1][lost]
+    with pytest.raises(ExecutorError) as raised:
+        export_offline(rules_for("seq"), states, layout)
+    message = str(raised.value)
+    assert f"rank 1 has no {lost!r}" in message and message.count("problem") <= 1, message
+
+
+def test_a_run_is_folded_only_where_every_members_names_are_its_templates_filled_in():
+    layout = Layout(num_layers=1, num_experts=4)
+    state = shard(global_state("seq", 1, 4), layout)[0]
+    meta = pack(rules_for("seq"), state, Placement.offline(layout, 0)).meta
+    runs = list(meta["runs"].values())
+    assert runs and all(run.count == 4 and run.first == 0 for run in runs)
+    for run in runs:  # each run rebuilds exactly the names its members had
+        assert all(name in state for name in run.megatron_names())
+    # A member whose own HF names are not the template's: the group stays unfolded.
+    first = runs[0]
+    names, members = first.megatron_names(), [(e, e) for e in range(4)]
+    good = [SimpleNamespace(hf=tuple(f"{h}{e}{t}" for h, t in first.hf)) for e in range(4)]
+    assert expert_runs._run(*first.megatron, first.shape, members, names, good) == first
+    odd = SimpleNamespace(hf=("model.layers.0.mlp.experts.7.gate_proj.weight_quantizer._amax",) * len(first.hf))
+    assert expert_runs._run(*first.megatron, first.shape, members, names, good[:3] + [odd]) is None
+
+
+def _export_on_ranks(tmp: str):
+    import torch.distributed as dist
+
+    from quantmap.executor import Placement as P, export
+
+    layout = Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
+    state = shard(global_state("seq", 2, 4), layout)[dist.get_rank()]
+    done = export(rules_for("seq"), state, P.from_world(layout), out=f"{tmp}/hf")
+    return done.is_writer
+
+
+def test_a_distributed_export_with_runs_writes_the_offline_bytes(tmp_path):
+    layout = Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
+    values_of_every_rank(4, _export_on_ranks, str(tmp_path))
+    states = shard(global_state("seq", 2, 4), layout)
+    export_offline(rules_for("seq"), states, layout, out=tmp_path / "offline")
+    assert _files(tmp_path / "hf") == _files(tmp_path / "offline")
+    assert (tmp_path / "hf" / INDEX).is_file()
