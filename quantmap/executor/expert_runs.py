@@ -75,7 +75,7 @@ def fold_expert_runs(meta: dict, values: list[torch.Tensor], matches: list, expe
         if entry in runs:
             run, entries = runs[entry]
             meta["runs"][len(out_values)] = run
-            out_values.append(torch.stack([values[e].reshape(()) for e in entries]))
+            out_values.append(torch.stack([values[e] for e in entries]).reshape(run.count))  # one shape (the key)
             out["shapes"].append((run.count,))
         elif entry in folded:
             continue

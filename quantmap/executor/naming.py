@@ -60,23 +60,19 @@ def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int
             out = f"{name[:found.start(2)]}{offset + layer}{name[found.end(2):]}"
         if "experts." not in out:
             return out, layer, None, None
-        found, pieces, at, length = search_expert(out), [], 0, 0
-        while found:
-            prefix, expert = _expert_index(found)
-            if base is None:
-                span = found.span(found.lastindex)
-            else:
-                if expert >= per_rank:
-                    raise NamingError(f"{name!r} on rank {coords.rank} names local expert {expert}, but each of the "
-                                      f"ep={layout.ep} ranks holds {per_rank} of num_experts={layout.num_experts}")
-                digits = str(base + expert)
-                pieces += [out[at:found.start()], prefix, digits]
-                length += found.start() - at + len(prefix)
-                span = (length, length + len(digits))
-                length += len(digits)
-                at = found.end()
-            found = search_expert(out, found.end())
-        return ("".join(pieces) + out[at:] if pieces else out), layer, expert, span
+        found = search_expert(out)  # a name carries at most one expert index (the alternatives exclude two)
+        if found is None:
+            return out, layer, None, None
+        digits = found.lastindex  # the matched alternative's digits group
+        expert = int(found.group(digits))
+        start = found.start(digits)
+        if base is None:
+            return out, layer, expert, (start, found.end(digits))
+        if expert >= per_rank:
+            raise NamingError(f"{name!r} on rank {coords.rank} names local expert {expert}, but each of the "
+                              f"ep={layout.ep} ranks holds {per_rank} of num_experts={layout.num_experts}")
+        number = str(base + expert)
+        return f"{out[:start]}{number}{out[found.end(digits):]}", layer, expert, (start, start + len(number))
 
     return globalize
 
