@@ -93,11 +93,13 @@ def test_a_run_is_folded_only_where_every_members_names_are_its_templates_filled
         assert all(name in state for name in run.megatron_names())
     # A member whose own HF names are not the template's: the group stays unfolded.
     first = runs[0]
-    names, members = first.megatron_names(), [(e, e) for e in range(4)]
+    members = [(e, e) for e in range(4)]
     good = [SimpleNamespace(hf=tuple(f"{h}{e}{t}" for h, t in first.hf)) for e in range(4)]
-    assert expert_runs._run(*first.megatron, first.shape, members, names, good) == first
+    assert expert_runs._run(*first.megatron, first.shape, members, good) == first
     odd = SimpleNamespace(hf=("model.layers.0.mlp.experts.7.gate_proj.weight_quantizer._amax",) * len(first.hf))
-    assert expert_runs._run(*first.megatron, first.shape, members, names, good[:3] + [odd]) is None
+    assert expert_runs._run(*first.megatron, first.shape, members, good[:3] + [odd]) is None
+    short = SimpleNamespace(hf=good[3].hf[:-1])
+    assert expert_runs._run(*first.megatron, first.shape, members, good[:3] + [short]) is None
 
 
 def _export_on_ranks(tmp: str):
@@ -118,3 +120,20 @@ def test_a_distributed_export_with_runs_writes_the_offline_bytes(tmp_path):
     export_offline(rules_for("seq"), states, layout, out=tmp_path / "offline")
     assert _files(tmp_path / "hf") == _files(tmp_path / "offline")
     assert (tmp_path / "hf" / INDEX).is_file()
+
+
+def test_a_layer_whose_experts_lost_a_quantizer_is_found_missing_expert_by_expert():
+    """The completeness check counts a run as its experts: a layer without the runs the others have
+    is missing each of its experts' names."""
+    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    states = shard(global_state("seq", 2, 4), layout)
+    for state in states:  # layer 1's fc2 input quantizers, on both EP ranks
+        for name in [n for n in state if "layers.1." in n and "linear_fc2.input_quantizer" in n]:
+            del state[name]
+    assert pack(rules_for("seq"), states[0], Placement.offline(layout, 0)).meta["runs"], "precondition: runs"
+    with pytest.raises(ExecutorError, match="lack 4 quantizer tensor") as raised:
+        export_offline(rules_for("seq"), states, layout)
+    assert "decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.input_quantizer._amax" in str(raised.value)
+    done = export_offline(rules_for("seq"), states, layout, allow_partial=True)
+    assert sorted(done.report.missing) == [f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.input_quantizer"
+                                           f"._amax" for e in range(4)]

@@ -43,7 +43,7 @@ def missing_parsed(parsed: list[tuple], layout: Layout, present) -> list[str]:
     gives the names themselves. Counted first: the names are built only when some are missing (an
     export checks 10^5 names)."""
     required = _Required(parsed, layout)
-    if required.count() == sum(map(required.holds, required.parsed)):
+    if required.count() == sum(map(required.held, required.parsed)):
         return []
     return sorted(required.names() - set(present()))
 
@@ -58,10 +58,11 @@ def parse(name: str) -> tuple[str, str, int | None, int | None]:
     return _kind(name)
 
 
-def parse_run(first_name: str, experts: range) -> list[tuple[str, str, int | None, int | None]]:
-    """:func:`parse` of the names of an expert run (``first_name``: its first expert's), parsed once."""
+def parse_run(first_name: str, experts: range) -> tuple[str, str, int | None, range]:
+    """:func:`parse` of the names of an expert run (``first_name``: its first expert's) at once: its
+    expert is the run's range of experts."""
     kind, module, layer, _ = _kind(first_name)
-    return [(kind, module, layer, expert) for expert in experts]
+    return kind, module, layer, experts
 
 
 class _Required:
@@ -69,7 +70,8 @@ class _Required:
 
     def __init__(self, parsed: list[tuple], layout: Layout):
         self.layout = layout
-        # (kind, module, layer, expert); 10^5 names share a few hundred kinds, kept once each
+        # (kind, module, layer, expert); 10^5 names share a few hundred kinds, kept once each. An
+        # expert run's expert is a range: it stands for one name per expert.
         shared: dict[str, str] = {}
         self.parsed = [(shared.setdefault(kind, kind), shared.setdefault(module, module), layer, expert)
                        for kind, module, layer, expert in parsed]
@@ -79,7 +81,9 @@ class _Required:
         layer_modules: dict[int, set[str]] = {}
         for kind, module, layer, expert in self.parsed:
             self.kinds.setdefault(module, set()).add(kind)
-            if expert is not None:
+            if isinstance(expert, range):
+                self.experts_seen.setdefault(kind, set()).update(expert)
+            elif expert is not None:
                 self.experts_seen.setdefault(kind, set()).add(expert)
             if layer is None:
                 self.loose.add(kind)
@@ -106,13 +110,19 @@ class _Required:
         return (sum(map(size, self.loose)) +
                 sum(size(kind) for modules in self.modules for module in modules for kind in self.kinds[module]))
 
-    def holds(self, parsed: tuple[str, str, int | None, int | None]) -> bool:
-        """Whether a present name is one of the required ones."""
+    def held(self, parsed: tuple) -> int:
+        """How many of the required names a present name (or expert run) is."""
         kind, module, layer, expert = parsed
         if layer is not None and not (layer < self.layout.num_layers and module in self.modules[layer]):
-            return False
+            return 0
         experts = self.experts(kind)
-        return experts is None or expert in experts
+        if not isinstance(expert, range):
+            return experts is None or expert in experts
+        if experts is None:
+            return len(expert)
+        if isinstance(experts, range):  # the layout's experts, 0..E-1
+            return len(range(max(expert.start, experts.start), min(expert.stop, experts.stop)))
+        return sum(e in experts for e in expert)
 
     def names(self) -> set[str]:
         out: set[str] = set()

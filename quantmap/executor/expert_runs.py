@@ -57,6 +57,8 @@ def fold_expert_runs(meta: dict, values: list[torch.Tensor], matches: list, expe
         if span is None or match.kind not in (AMAX, FANOUT) or math.prod(shapes[entry]) != 1:
             continue
         start, end = span
+        if name[start] == "0" and end - start > 1:  # a leading zero: not the name a run rebuilds
+            continue
         key = (id(match.rule), name[:start], name[end:], meta["dtypes"][entry], shapes[entry])
         groups.setdefault(key, []).append((int(name[start:end]), entry))
     runs, resolved = {}, [match for match, _ in matches]
@@ -64,7 +66,7 @@ def fold_expert_runs(meta: dict, values: list[torch.Tensor], matches: list, expe
         members.sort()
         if [expert for expert, _ in members] != list(experts):
             continue
-        run = _run(head, tail, shape, members, meta["names"], resolved)
+        run = _run(head, tail, shape, members, resolved)
         if run is not None:
             runs[members[0][1]] = (run, [entry for _, entry in members])
     if not runs:
@@ -102,9 +104,10 @@ def entry_names(meta: dict) -> list[str]:
     return out
 
 
-def _run(head: str, tail: str, shape, members: list[tuple[int, int]], names: list[str], matches: list) -> Run | None:
-    """The run of ``members`` ((expert, entry), by expert, at least two), or ``None`` where the
-    members' own names are not exactly what one pair of templates gives for each expert."""
+def _run(head: str, tail: str, shape, members: list[tuple[int, int]], matches: list) -> Run | None:
+    """The run of ``members`` ((expert, entry), by expert, at least two, each named ``head`` + its
+    expert + ``tail``), or ``None`` where their HF names are not exactly what one template per HF
+    name gives for each expert."""
     (first, one), (second, two) = members[0], members[1]
     templates = []
     for this, other in zip(matches[one].hf, matches[two].hf):
@@ -113,10 +116,17 @@ def _run(head: str, tail: str, shape, members: list[tuple[int, int]], names: lis
             return None
         templates.append(found)
     run = Run(first, len(members), (head, tail), tuple(templates), tuple(shape))
-    for expert, entry in members:  # every member's own resolution must be what the run rebuilds
-        if names[entry] != f"{head}{expert}{tail}" or tuple(matches[entry].hf) != tuple(
-                f"{h}{expert}{t}" for h, t in templates):
+    # A member's Megatron name is head + its digits + tail by construction (no leading zeros: see
+    # fold_expert_runs); its HF names, as the rank resolved them, must be the templates filled in.
+    sized = [(h, t, len(h) + len(t)) for h, t in templates]
+    for expert, entry in members:
+        digits, hf = str(expert), matches[entry].hf
+        if len(hf) != len(sized):
             return None
+        for name, (h, t, fixed) in zip(hf, sized):
+            if not (len(name) == fixed + len(digits) and name.startswith(h) and name.endswith(t)
+                    and name.startswith(digits, len(h))):
+                return None
     return run
 
 

@@ -271,10 +271,8 @@ class Plan:
         parsed = []
         for name, sources in copies.items():
             folded = next((self.metas[r]["runs"][i] for r, i in sources if i in self.metas[r]["runs"]), None)
-            if folded is None:
-                parsed.append(parse(name))
-            else:
-                parsed += parse_run(name, range(folded.first, folded.first + folded.count))
+            parsed.append(parse(name) if folded is None else parse_run(name, range(folded.first,
+                                                                                   folded.first + folded.count)))
         present = lambda: {n for meta in self.metas for n in entry_names(meta)}  # noqa: E731
         missing = missing_parsed(list(dict.fromkeys(parsed)), self.layout, present)
         if not missing or self.allow_partial or self.strict:  # --strict refuses it with the other findings
