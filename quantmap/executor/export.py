@@ -92,7 +92,7 @@ class _Records:
         self.plan, self.buffers = plan, buffers
         self._item, self._part = array("q"), array("q")
         # A spec is asked for several times per record (shard sizes, header, data, index, schedule):
-        # built once. Names are not kept: they are most of a large export's metadata.
+        # built once. Names are the plan's items' (a grouped block's made again), never copied here.
         self._specs: list[tuple] = []
         self._bulk: list = []  # per record: the dtype of a scalar built in bulk, _RUN, or None (one by one)
         items = self._items
@@ -163,25 +163,25 @@ class _Records:
         """The data of records ``indices``. Runs of scalar records of one dtype (a scalar item's copies
         and a fan-in's sources are all scalars: the plan checked) are built together (a SequentialMLP
         export has 10^5 of them), the rest one by one."""
-        for dtype, run in groupby(indices, key=self._bulk.__getitem__):
-            run = list(run)
-            if dtype is _RUN:
-                yield from (raw_bytes(self._run_values(i).contiguous()) for i in run)
-            elif dtype is None:
-                yield from each_record(self, run)
+        for lane, group in groupby(indices, key=self._bulk.__getitem__):
+            group = list(group)
+            if lane is _RUN:
+                yield from (raw_bytes(self._run_values(i).contiguous()) for i in group)
+            elif lane is None:
+                yield from each_record(self, group)
             else:
-                yield raw_bytes(self._scalars(run, dtype))
+                yield raw_bytes(self._scalars(group, lane))
 
-    def _scalars(self, run: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """The values of scalar records ``run``, each ``count`` times: the max of each record's entries,
+    def _scalars(self, group: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The values of scalar records ``group``, each ``count`` times: the max of each record's entries,
         as :meth:`Plan.tensors` combines copies; a record whose copies differ is built by the plan
         itself, which reports the disagreement."""
-        codes, owner = self._items.source_codes([self._item[i] for i in run])
+        codes, owner = self._items.source_codes([self._item[i] for i in group])
         values = unpack_scalars(self.buffers, self.plan.metas, codes >> 32, codes & 0xFFFFFFFF, dtype)
-        out = torch.empty(len(run), dtype=dtype).scatter_reduce_(0, owner, values, "amax", include_self=False)
+        out = torch.empty(len(group), dtype=dtype).scatter_reduce_(0, owner, values, "amax", include_self=False)
         for j in owner[values != out[owner]].unique().tolist():  # differing copies (or NaN): rare
-            out[j] = self.tensor(run[j]).reshape(())
-        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i in run]))
+            out[j] = self.tensor(group[j]).reshape(())
+        return out.repeat_interleave(torch.tensor([self._specs[i][0] for i in group]))
 
 
 _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of

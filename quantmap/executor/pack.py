@@ -48,18 +48,18 @@ class Packed:
         entries = list(entries)
         at = 0
         while at < len(entries):
-            run = self._scalar_run(entries, at)
-            if run > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
-                scalars = [self.values[e] for e in entries[at:at + run]]  # detached when packed
+            span = self._scalar_span(entries, at)
+            if span > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
+                scalars = [self.values[e] for e in entries[at:at + span]]  # detached when packed
                 values = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in scalars])
                 flat = values.cpu().view(torch.uint8)
             else:
                 flat = self.flat_bytes(entries[at])
             buffer[starts[at]:starts[at] + flat.numel()] = flat
-            at += max(run, 1)
+            at += max(span, 1)
         return buffer
 
-    def _scalar_run(self, entries: list[int], at: int) -> int:
+    def _scalar_span(self, entries: list[int], at: int) -> int:
         """How many entries from ``entries[at]`` on are one-element tensors of its dtype (0 if it is not one)."""
         dtypes, shapes = self.meta["dtypes"], self.meta["shapes"]
         dtype, end = dtypes[entries[at]], at

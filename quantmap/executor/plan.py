@@ -35,7 +35,8 @@ from quantmap.executor.naming import (NamingError, expert_block, expert_count, e
                                       is_expert, to_local)
 from quantmap.executor.pack import unpack
 from quantmap.executor.report import ExecutorError, Report, group_names, natural
-from quantmap.executor.sharding import LayoutProblem, export_pipeline, is_scalar, max_of_copies, run
+from quantmap.executor.sharding import (LayoutProblem, copies_shown, export_pipeline, is_scalar, max_of_copies,
+                                        run)
 from quantmap.executor.values import replica_disagreements
 from quantmap.rules import FAN_IN, MOE_FANOUT
 
@@ -51,14 +52,18 @@ class Item(NamedTuple):
     sources: tuple[tuple[int, int], ...]  # (rank, entry index) in tensor-parallel rank order
     hf: tuple[str, ...] | None  # the HF names; None for a grouped block's, made from ``experts`` when read
     count: int  # how many HF names
-    experts: range | None = None  # moe_fanout: the experts of this block
+    experts: range | None = None  # moe_fanout: the experts of this block (an expert run's are its own)
     pipeline: tuple | None = None  # shaped: (ops, the shape of each HF name's tensor)
     run: Run | None = None  # an expert run: one value per expert (:mod:`quantmap.executor.expert_runs`)
 
     @property
     def records(self) -> int:
         """Tensors written for the item: one shared by every name, or one per name when shaped."""
-        return self.count if self.combine == SHAPED else 1
+        return _records(self.combine, self.count)
+
+
+def _records(combine: str, count: int) -> int:
+    return count if combine == SHAPED else 1
 
 
 class _Items(Sequence):
@@ -129,7 +134,7 @@ class _Items(Sequence):
 
     def records(self, i: int) -> int:
         """:attr:`Item.records` of item ``i``, without building the item."""
-        return self._count[i] if self._combine[i] == self._CODE[SHAPED] else 1
+        return _records(self._CODES[self._combine[i]], self._count[i])
 
     def __getitem__(self, i: int) -> Item:
         return Item(self._names[i], self._CODES[self._combine[i]], self.sources(i), self._hf[i], self._count[i],
@@ -205,8 +210,7 @@ class Plan:
             self._disagreeing.add(item.megatron)
             names = item.run.megatron_names()
             for k in (stacked != out).any(0).nonzero().flatten().tolist():
-                spread = ", ".join(f"{label}: {part[k].item():g}" for label, part in zip(labels[:4], parts[:4]))
-                spread += ", ..." if len(parts) > 4 else ""
+                spread = copies_shown(labels, [part[k].item() for part in parts[:4]], len(parts))
                 self.report.disagreements.append(f"{names[k]}: tensor-parallel copies differ ({spread}); "
                                                  f"exported the max")
         return out
@@ -329,12 +333,11 @@ class Plan:
         return [s for s in sources if self._coords(s[0]).pp == stages[0]]
 
     def _add(self, name: str, sources: list[tuple[int, int]]) -> None:
+        if any(i in self.metas[r]["runs"] for r, i in sources):  # resolved on its rank, member by member
+            self._add_run(name, sources)
+            return
         match = self.rules.to_hf(name)
         expert = is_expert(name)
-        folded = self.metas[sources[0][0]]["runs"].get(sources[0][1])
-        if folded is not None or any(self.metas[r]["runs"].get(i) for r, i in sources[1:]):
-            self._add_run(name, match, sources, folded)
-            return
         if match.kind not in (FAN_IN, MOE_FANOUT):
             if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
                 peers = sources  # no tensor parallelism: the one copy is the tensor
@@ -356,7 +359,7 @@ class Plan:
             self.items.append(Item(name, combine, tuple(peers), None, len(experts) * len(match.rule.hf), experts,
                                    pipeline))
 
-    def _add_run(self, name: str, match, sources: list[tuple[int, int]], folded: Run | None) -> None:
+    def _add_run(self, name: str, sources: list[tuple[int, int]]) -> None:
         """An expert run: its copies on the expert-tensor-parallel ranks must be the same run; where a
         rank kept the names one by one (it lacks an expert), the experts it lacks are named."""
         coords = self._coords(sources[0][0])
@@ -377,9 +380,8 @@ class Plan:
         if len(dtypes) > 1:
             raise _Problem(f"{name} has different dtypes across tensor-parallel ranks ({sorted(map(str, dtypes))}); "
                            f"the shards do not come from one model")
-        experts = range(complete.first, complete.first + complete.count)
         self.items.append(Item(name, ONE if len(peers) == 1 else MAX, tuple(peers), None,
-                               complete.count * len(complete.hf), experts, run=complete))
+                               complete.count * len(complete.hf), run=complete))
 
     def _gather_fan_in(self, name: str, match, sources, expert: bool, stage: int) -> None:
         """One source of a fan-in: its copies in tensor-parallel order on each EP rank that holds it (a grouped

@@ -69,8 +69,13 @@ def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.T
     out = stacked.amax(0)
     if bool((stacked == out).all()):
         return out, None
-    spread = ", ".join(f"{label}: {part.flatten()[0].item():g}" for label, part in zip(labels[:4], parts[:4]))
-    return out, spread + (", ..." if len(parts) > 4 else "")
+    return out, copies_shown(labels, [part.flatten()[0].item() for part in parts[:4]], len(parts))
+
+
+def copies_shown(labels: list[str], values: list[float], count: int) -> str:
+    """Copies that differ as a report shows them: the first four values, labelled."""
+    shown = ", ".join(f"{label}: {value:g}" for label, value in zip(labels[:4], values[:4]))
+    return shown + (", ..." if count > 4 else "")
 
 
 class _Unplaced(Exception):
