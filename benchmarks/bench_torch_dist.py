@@ -12,7 +12,8 @@ wall time includes waiting for other processes):
 
 * ``check``: ``.metadata`` → the state_dict names quantmap checks (torch-free; target <= 2 s), and
   ``quantmap.check`` of those names against the shipped deepseek_v3 spec;
-* ``export read``: the quantizer tensors only, in state_dict form (target <= 3 s), next to plain
+* ``export read``: what ``quantmap export --megatron`` reads first, the quantizer tensors only in
+  state_dict form, from ``.metadata`` on (target <= 3 s), next to plain
   ``torch.distributed.checkpoint.load`` of the same keys, and the whole offline export to HF names.
 
     .venv/bin/python benchmarks/bench_torch_dist.py [--experts 432] [--dir /tmp/ckpt] [--json out.json]
@@ -85,11 +86,10 @@ def main() -> None:
 
     import quantmap
     from quantmap.check import check
-    from quantmap.executor import Layout, export_offline
-    from quantmap.io.torch_dist import checkpoint_names
-    from quantmap.io.torch_dist.keys import quantizers
+    from quantmap.executor import export_offline
+    from quantmap.executor.torch_dist import read_state
+    from quantmap.io.torch_dist import checkpoint_names, locate
     from quantmap.io.torch_dist.metadata import read_entries
-    from quantmap.io.torch_dist.read import state_tensors
 
     scratch = None
     if args.dir is None:
@@ -102,11 +102,8 @@ def main() -> None:
     t_names, names = timed(lambda: checkpoint_names(args.dir))
     t_check, report = timed(lambda: check(rules, names), repeat=1)
 
-    def read():
-        entries = read_entries(args.dir)
-        return state_tensors(args.dir, entries, quantizers(entries))
-
-    t_read, state = timed(read)
+    location = locate(args.dir)
+    t_read, (layout, state) = timed(lambda: read_state(location))  # what `quantmap export --megatron` runs
     wanted = [key for key in read_entries(args.dir) if "quantizer" in key]
 
     def plain_load():
@@ -118,8 +115,7 @@ def main() -> None:
     t_plain, plain = timed(plain_load, repeat=1)
     assert all(torch.equal(state[name.replace(".experts.experts.", ".experts.local_experts.")].reshape(1), plain[name])
                for name in plain), "quantmap's reader and dcp.load disagree"
-    t_export, exported = timed(lambda: export_offline(rules, [state], Layout(num_layers=LAYERS,
-                                                                               num_experts=args.experts)), repeat=1)
+    t_export, exported = timed(lambda: export_offline(rules, [state], layout), repeat=1)
     hf = len(exported.records())
 
     rows = [("build (dcp.save, not timed against a target)", built, None),

@@ -82,7 +82,7 @@ def test_import_into_its_own_checkpoint_gives_identical_quantizers_and_other_byt
 
 def test_int8_tp2_state_written_back_is_re_interleaved_as_modelopt_saved_it(tmp_path):
     location = locate(DATA / "int8_tp2/ckpt")
-    state = read_state(location)  # fc1 rows in [gate; up] order
+    state = read_state(location)[1]  # fc1 rows in [gate; up] order
     written = write_into(location, state, out=tmp_path / "new")
     assert sorted(written.replaced) == sorted(state) and written.added == [] == written.kept
     old, new = _stored(location.path), _stored(written.path)
@@ -109,13 +109,13 @@ def _tp1_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
 def test_round_trip_through_a_tp1_checkpoint_and_back_into_the_tp2_one(tmp_path):
     tp1 = tmp_path / "tp1" / "iter_0000003"
     reference = _tp1_checkpoint(tp1)
-    read = read_state(locate(tp1))
+    read = read_state(locate(tp1))[1]
     assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
     assert torch.equal(_stored(tp1)[FC1], reference[FC1]), "at TP=1 ModelOpt's rows are in order"
-    tp2_state = read_state(locate(DATA / "int8_tp2/ckpt"))
+    tp2_state = read_state(locate(DATA / "int8_tp2/ckpt"))[1]
     into_tp1 = write_into(locate(tp1), tp2_state, out=tmp_path / "tp1-new")
     assert torch.equal(_stored(into_tp1.path)[FC1], tp2_state[FC1])
-    back = read_state(locate(into_tp1.path))
+    back = read_state(locate(into_tp1.path))[1]
     assert all(torch.equal(back[k], tp2_state[k]) for k in tp2_state)
     into_tp2 = write_into(locate(DATA / "int8_tp2/ckpt"), back, out=tmp_path / "tp2-new")
     original = _stored(locate(DATA / "int8_tp2/ckpt").path)
@@ -133,11 +133,11 @@ def test_stacked_layers_under_a_nemo_prefix_read_and_write_back(tmp_path):
     stacked_state["model.module.decoder.layers.mlp.linear_fc1.weight"] = torch.randn(2, 256, 64)
     directory = tmp_path / "nemo"
     _save(directory, stacked_state)
-    read = read_state(locate(directory))
+    read = read_state(locate(directory))[1]
     assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
     changed = {name: tensor * 2 for name, tensor in read.items() if name.startswith("decoder.layers.1.")}
     written = write_into(locate(directory), changed, out=tmp_path / "nemo-new")
-    again = read_state(locate(written.path))
+    again = read_state(locate(written.path))[1]
     assert all(torch.equal(again[k], changed.get(k, reference[k])) for k in reference)
     assert read_entries(written.path)["model.module.decoder.layers.mlp.linear_fc2.weight_quantizer._amax"].shape == \
         (2, 64, 1)
@@ -153,7 +153,7 @@ def test_quantizers_the_checkpoint_lacks_are_added_with_megatrons_shapes(tmp_pat
     entries = read_entries(written.path)
     assert entries["decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"].shape == ()
     assert entries["decoder.layers.0.mlp.linear_fc2.input_quantizer._amax"].shape == (1,)
-    back = read_state(locate(written.path))
+    back = read_state(locate(written.path))[1]
     assert sorted(back) == sorted(reference) and all(torch.equal(back[k], reference[k]) for k in reference)
 
 
@@ -169,7 +169,7 @@ def _load_everything(directory: str) -> dict[str, torch.Tensor]:
 
 def test_the_written_checkpoint_loads_with_plain_torch_at_world_size_1_and_2(tmp_path):
     source = locate(DATA / "fp8_kv_tp2/ckpt")
-    state = {name: tensor + 1 for name, tensor in read_state(source).items()}  # something to see
+    state = {name: tensor + 1 for name, tensor in read_state(source)[1].items()}  # something to see
     written = write_into(source, state, out=tmp_path / "new")
     want = {**_stored(source.path, quantizers_only=False), **_stored(written.path)}
     assert torch.equal(want["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"],
@@ -187,14 +187,14 @@ def test_in_place_import_replaces_only_the_metadata_and_cleans_up_its_earlier_fi
     shutil.copytree(DATA / "fp8_kv_tp2/ckpt", save)
     location = locate(save)
     originals = {p.name: p.read_bytes() for p in location.path.glob("__*.distcp")}
-    state = read_state(location)
+    state = read_state(location)[1]
     write_into(location, {k: v * 3 for k, v in state.items()}, in_place=True)
     first = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
     write_into(location, state, in_place=True)
     second = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
     assert len(first) == len(second) == 1 and first != second, "the replaced import's file is removed"
     assert all((location.path / n).read_bytes() == b for n, b in originals.items()), "Megatron's files untouched"
-    back = read_state(location)
+    back = read_state(location)[1]
     assert all(torch.equal(back[k], state[k]) for k in state)
     assert not [p for p in location.path.iterdir() if "partial" in p.name or p.name.startswith(".quantmap")]
 
@@ -243,6 +243,6 @@ def test_a_failure_while_writing_removes_what_was_written_in_place_and_in_a_new_
     monkeypatch.setattr(write, "_verify", fail)
     for kwargs in ({"in_place": True}, {"out": tmp_path / "new"}):
         with pytest.raises(TorchDistError, match="injected"):
-            write_into(location, read_state(location), **kwargs)
+            write_into(location, read_state(location)[1], **kwargs)
         assert _tree_digest(save) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

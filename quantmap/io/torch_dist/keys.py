@@ -88,11 +88,14 @@ def _quantizers(entries: dict[str, Entry]) -> list[Quantizer]:
     for key, entry in entries.items():
         if not is_quantizer(entry):
             continue
-        stacked = _is_stacked(entry)
-        stored = entry.shape[1:] if stacked else entry.shape
-        interleaved = _interleaving(entries, entry, stored, axis=int(stacked))
-        out += [Quantizer(name, key, layer, state_shape(stored), stored, interleaved)
-                for name, layer in _state_names(key, prefix, entry)]
+        if _is_stacked(entry):
+            stored = entry.shape[1:]
+            interleaved = _interleaving(entries, entry, stored, axis=1)
+            out += [Quantizer(name, key, layer, state_shape(stored), stored, interleaved)
+                    for name, layer in _layer_names(_state_name(key, prefix), entry)]
+        else:  # the usual case, kept free of list building: 10⁵ keys pass here
+            out.append(Quantizer(_state_name(key, prefix), key, None, state_shape(entry.shape), entry.shape,
+                                 _interleaving(entries, entry, entry.shape, axis=0)))
     return out
 
 
@@ -120,10 +123,17 @@ def _is_stacked(entry: Entry) -> bool:
 
 def _state_names(key: str, prefix: str, entry: Entry) -> list[tuple[str, int | None]]:
     """``(state_dict name, index on the stacked axis or None)`` for each tensor a checkpoint key holds."""
+    name = _state_name(key, prefix)
+    return _layer_names(name, entry) if _is_stacked(entry) else [(name, None)]
+
+
+def _state_name(key: str, prefix: str) -> str:
     name = key[len(prefix):] if key.startswith(prefix) else key
-    name = name.replace(CHECKPOINT_EXPERTS, STATE_EXPERTS)
-    if not _is_stacked(entry):
-        return [(name, None)]
+    return name.replace(CHECKPOINT_EXPERTS, STATE_EXPERTS)
+
+
+def _layer_names(name: str, entry: Entry) -> list[tuple[str, int]]:
+    """A stacked key's name for each layer on its leading axis."""
     return [(_STACKED.sub(f"decoder.layers.{layer}.", name, count=1), layer) for layer in range(entry.shape[0])]
 
 

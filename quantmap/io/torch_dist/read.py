@@ -3,9 +3,10 @@
 Each chunk DCP saves is a ``torch.save`` archive (a zip) at a byte range ``.metadata`` records.
 ``torch.load`` of one costs ~0.2 ms, so 10⁵ quantizer keys would take 20 s; instead the ranges are
 read with a few large reads per file (neighbouring ranges coalesced, weights between them skipped),
-and each archive's tensor is viewed in place in its stored ``data/0`` member, as its ``data.pkl``
-describes it (decoded with a restricted unpickler, so nothing arbitrary runs, and once per distinct
-archive layout). An archive that is not the plain form (compressed, big-endian, a DCP stream
+and each archive's tensor is found in its stored ``data/0`` member, as its ``data.pkl`` describes it
+(decoded with a restricted unpickler, so nothing arbitrary runs, and once per distinct archive
+layout): small tensors (scalar amax) are copied out with one gather per dtype and shape, bigger ones
+are viewed in place. An archive that is not the plain form (compressed, big-endian, a DCP stream
 extension, another pickle) goes through ``torch.load(weights_only=True)``, as torch's reader does.
 """
 
@@ -25,6 +26,7 @@ from quantmap.io.torch_dist.keys import Quantizer
 from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, paused_gc
 
 _GAP = 64 << 10  # read across gaps up to this many bytes rather than seek
+_SMALL = 64  # tensors up to this many bytes are copied out in one gather (bigger ones are viewed in place)
 _STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
              "DoubleStorage": torch.float64, "IntStorage": torch.int32, "LongStorage": torch.int64,
              "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
@@ -53,13 +55,22 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
         for start, end, group in _runs(items):
             data = _read_range(path, start, end)
             view = memoryview(data)
+            small: dict[tuple, list] = defaultdict(list)  # (dtype, stored size, shape) -> [(data start, key)]
             for offset, key, index, chunk, shape in group:
                 base = offset - start
-                tensor = _decode(view[base: base + chunk.length], data, base, chunk, layouts, path, key)
+                blob = view[base: base + chunk.length]
+                found = None if chunk.transformed else _plain(blob, layouts)
+                if shape is not None and found is not None and found[6] and found[4] == chunk.sizes \
+                        and 0 < found[2] * found[0].itemsize <= _SMALL:
+                    small[(found[0], found[4], shape)].append((base + found[1], key))
+                    continue
+                tensor = _decode(blob, data, base, chunk, found, path, key)
                 if shape is None:
                     pieces[(key, index)] = tensor
                 else:
                     out[key] = tensor if tensor.shape == shape else tensor.reshape(shape)
+            for (dtype, size, shape), members in small.items():
+                out.update(zip([key for _, key in members], _gather(data, dtype, size, shape, members)))
     for key in keys:
         if key in out:
             continue
@@ -140,9 +151,18 @@ def _read_range(path: Path, start: int, end: int) -> bytearray:
     return data
 
 
-def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, layouts: dict, path: Path,
+def _gather(data: bytearray, dtype: torch.dtype, size: tuple[int, ...], shape: tuple[int, ...],
+            members: list[tuple[int, str]]) -> tuple[torch.Tensor, ...]:
+    """Small tensors of one dtype and shape, each at its byte offset in ``data``, copied out with one
+    gather and split into views: a tensor per key costs ~1 µs instead of ~5 µs one by one."""
+    width = math.prod(size) * dtype.itemsize
+    starts = torch.tensor([start for start, _ in members], dtype=torch.int64)
+    raw = torch.frombuffer(data, dtype=torch.uint8)[starts[:, None] + torch.arange(width)]
+    return raw.view(dtype).view(len(members), *shape).unbind(0)
+
+
+def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, found: tuple | None, path: Path,
             key: str) -> torch.Tensor:
-    found = None if chunk.transformed else _plain(view, layouts)
     if found is None:
         tensor = _torch_load(view, chunk, path, key)
     else:
