@@ -11,12 +11,14 @@ from pathlib import Path
 
 from quantmap.io.torch_dist.keys import Quantizer, model_size, quantizers, state_names
 from quantmap.io.torch_dist.locate import Location, is_shard_directory, is_torch_dist, locate
-from quantmap.io.torch_dist.metadata import Entry, TorchDistError, read_entries
+from quantmap.io.torch_dist.metadata import Entry, TorchDistError, paused_gc, read_entries
 
 __all__ = ["Entry", "Location", "Quantizer", "TorchDistError", "checkpoint_names", "is_shard_directory",
            "is_torch_dist", "locate", "model_size", "quantizers", "read_entries", "state_names"]
 
 
 def checkpoint_names(path: str | Path, iteration: int | None = None) -> list[str]:
-    """The state_dict names of a torch_dist checkpoint's tensors, from ``.metadata`` alone."""
-    return state_names(read_entries(locate(path, iteration).path))
+    """The state_dict names of a torch_dist checkpoint's tensors, from ``.metadata`` alone (the cyclic
+    collector off until the metadata's 10⁵-10⁶ objects are freed, so that it never scans them)."""
+    with paused_gc():
+        return state_names(read_entries(locate(path, iteration).path))

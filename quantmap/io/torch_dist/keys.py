@@ -103,12 +103,18 @@ def state_names(entries: dict[str, Entry]) -> list[str]:
     """The state_dict names of every tensor of the checkpoint (what ``quantmap check`` checks): quantizers,
     and weights with SwiGLU's ``weight_w``/``weight_v`` halves as the one ``weight`` they are in the model."""
     prefix = prefix_of(entries)
-    names = [name for key, entry in entries.items() if entry.dtype is not None
-             for name, _ in _state_names(key, prefix, entry)]
-    return list(dict.fromkeys(_SWIGLU_HALF.sub("", name) for name in names))
+    names = []
+    for key, entry in entries.items():
+        if entry.dtype is None:
+            continue
+        if _is_stacked(entry):
+            names += [name for name, _ in _layer_names(_state_name(key, prefix), entry)]
+        else:
+            names.append(_state_name(key, prefix))
+    return list(dict.fromkeys([name[:-2] if name.endswith(_SWIGLU_HALVES) else name for name in names]))
 
 
-_SWIGLU_HALF = re.compile(r"(?<=\.weight)_[wv]$")
+_SWIGLU_HALVES = (".weight_w", ".weight_v")
 
 
 def _is_stacked(entry: Entry) -> bool:
@@ -119,12 +125,6 @@ def _is_stacked(entry: Entry) -> bool:
         raise TorchDistError(f"{entry.key}: a stacked-layers key (no layer index) must have the layers on a "
                              f"leading axis, but its shape is []")
     return True
-
-
-def _state_names(key: str, prefix: str, entry: Entry) -> list[tuple[str, int | None]]:
-    """``(state_dict name, index on the stacked axis or None)`` for each tensor a checkpoint key holds."""
-    name = _state_name(key, prefix)
-    return _layer_names(name, entry) if _is_stacked(entry) else [(name, None)]
 
 
 def _state_name(key: str, prefix: str) -> str:
