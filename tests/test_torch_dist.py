@@ -261,3 +261,17 @@ def test_modelopt_config_is_read_as_plain_data_and_a_per_channel_amax_it_calls_p
     line = result.output.strip()
     assert line.startswith("error: decoder.layers.0.self_attention.linear_proj.weight_quantizer._amax has shape "
                            "[64, 1]") and "configures" in line and "per-tensor" in line, line
+
+
+def test_export_strict_refuses_an_uncalibrated_amax_in_a_torch_dist_checkpoint(tmp_path):
+    """--strict (and --allow-partial) reach the export of a torch_dist checkpoint as they reach a shard directory's."""
+    reference = _reference("fp8_kv_tp1")
+    stored = {name: t.reshape(1) if t.dim() == 0 and "_bmm_" not in name else t for name, t in reference.items()}
+    stored["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"] = torch.zeros(1)
+    dcp.save(stored, storage_writer=dcp.FileSystemWriter(tmp_path / "ckpt" / "iter_0000001"), no_dist=True)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1\n")
+    result = _invoke("export", "llama", "--megatron", tmp_path / "ckpt", "--out", tmp_path / "strict", "--strict",
+                     "--quiet")
+    assert result.exit_code == 1 and "zero amax" in result.output and not (tmp_path / "strict").exists(), result.output
+    result = _invoke("export", "llama", "--megatron", tmp_path / "ckpt", "--out", tmp_path / "lax", "--quiet")
+    assert result.exit_code == 0, result.output

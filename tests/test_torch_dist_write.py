@@ -246,3 +246,91 @@ def test_a_failure_while_writing_removes_what_was_written_in_place_and_in_a_new_
             write_into(location, read_state(location)[1], **kwargs)
         assert _tree_digest(save) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_import_into_a_truncated_or_foreign_checkpoint_is_refused_and_writes_nothing(tmp_path):
+    """import --into keeps every weight by reference, so a .distcp shorter than .metadata says (truncated, or
+    a .metadata from another checkpoint) must be refused before writing, not published as a broken copy."""
+    from test_torch_dist import _bad_checkpoints
+
+    hf = tmp_path / "hf"
+    assert _invoke("export", "llama", "--megatron", DATA / "fp8_kv_tp1/ckpt", "--out", hf, "--quiet").exit_code == 0
+    for what, (source, phrase) in _bad_checkpoints(tmp_path).items():
+        before = _tree_digest(source)
+        for extra in (["--out", tmp_path / f"new-{source.name}"], ["--in-place"]):
+            result = _invoke("import", "llama", "--hf", hf, "--into", source, *extra, "--quiet")
+            assert result.exit_code == 1, (what, extra, result.output)
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], (what, result.output)
+            assert _tree_digest(source) == before and not (tmp_path / f"new-{source.name}").exists(), (what, extra)
+
+
+def test_import_into_a_shard_directory_says_it_is_one(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "layout.json").write_text("{}")
+    result = _invoke("import", "llama", "--hf", tmp_path, "--into", shards, "--out", tmp_path / "new", "--quiet")
+    assert result.exit_code == 1 and "is a quantmap shard directory (layout.json)" in result.output, result.output
+    assert "--layout" in result.output and not (tmp_path / "new").exists()
+
+
+MEGATRON = Path(__file__).parent / "data" / "megatron"
+
+
+def _megatron_checkpoint(directory: Path, fixture: str, prefix: str, leave_out: str) -> tuple[dict, dict]:
+    """A TP=1 checkpoint of a real Megatron quantizer state (tests/data/megatron), each buffer under the key and
+    global shape Megatron-Core + ModelOpt declare for it (the fixture's sharded_state_dict_quantizer_entries),
+    with weights of the model's shapes, minus the keys containing ``leave_out``. Returns (state, declared)."""
+    import json
+
+    state = load_file(MEGATRON / f"{fixture}.safetensors")
+    declared = {name: (entry["key"], tuple(entry["global_shape"])) for name, entry in
+                json.loads((MEGATRON / f"{fixture}.json").read_text())["sharded_state_dict_quantizer_entries"].items()}
+    stored = {prefix + key: state[name].reshape(shape) for name, (key, shape) in declared.items()
+              if leave_out not in key}
+    for name in state:  # the weight each quantizer belongs to; SwiGLU linear_fc1 as Megatron keys it
+        module = prefix + declared[name][0].rsplit("_quantizer.", 1)[0].rsplit(".", 1)[0]
+        rows, columns = {"linear_qkv": (128, 64), "linear_proj": (64, 64), "linear_fc1": (128, 64),
+                         "linear_fc2": (64, 128)}[module.rsplit(".", 1)[1]]
+        for key in ([f"{module}.weight_w", f"{module}.weight_v"] if module.endswith("linear_fc1") else
+                    [f"{module}.weight"]):
+            stored.setdefault(key, torch.randn(rows, columns))
+    _save(directory, stored)
+    return state, declared
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_sequential_mlp_experts_read_as_local_experts_and_are_written_as_experts_experts(tmp_path, prefix):
+    """SequentialMLP: experts.experts.{E} / [1] in the checkpoint ↔ local_experts.{E} / [] in state_dict, both
+    ways; expert 3's quantizers, absent from the checkpoint, are added under the keys and shapes Megatron declares."""
+    directory = tmp_path / "moe" / "iter_0000001"
+    state, declared = _megatron_checkpoint(directory, "state_int8_default_moeseq_tp1", prefix, ".experts.experts.3.")
+    read = read_state(locate(directory))[1]
+    assert read and all(".experts.local_experts." in n for n in read if ".experts." in n)
+    assert all(torch.equal(read[n], state[n]) and read[n].shape == state[n].shape for n in read)
+    assert sorted(state) == sorted([*read, *(n for n in state if ".local_experts.3." in n)])
+    written = write_into(locate(directory), state, out=tmp_path / "new")
+    assert sorted(written.added) == sorted(n for n in state if ".local_experts.3." in n) and len(written.added) == 8
+    entries = read_entries(written.path)
+    assert all(entries[prefix + key].shape == shape for key, shape in declared.values()), "Megatron's keys and shapes"
+    back = read_state(locate(written.path))[1]
+    assert sorted(back) == sorted(state) and all(torch.equal(back[n], state[n]) for n in state)
+
+
+def test_block_amax_reads_flattened_and_is_written_as_rows_by_blocks(tmp_path):
+    """INT4 AWQ block amax: [rows, nblocks] in the checkpoint ↔ [rows * nblocks, 1] in state_dict, both ways; a
+    block amax the checkpoint lacks is added as [rows, nblocks], its rows from the weight (SwiGLU: weight_w + v)."""
+    directory = tmp_path / "awq" / "iter_0000001"
+    state, declared = _megatron_checkpoint(directory, "state_int4_awq_bs32_tp1", "", "layers.1.mlp.linear_fc1.weight_q")
+    read = read_state(locate(directory))[1]
+    assert len(read) == len(state) - 1 and all(torch.equal(read[n], state[n]) for n in read)
+    name = "decoder.layers.0.mlp.linear_fc1.weight_quantizer._amax"
+    assert read[name].shape == (512, 1) and read_entries(directory)[name].shape == (256, 2)
+    changed = {n: t * 2 for n, t in state.items()}
+    written = write_into(locate(directory), changed, out=tmp_path / "new")
+    assert written.added == ["decoder.layers.1.mlp.linear_fc1.weight_quantizer._amax"]
+    entries = read_entries(written.path)
+    assert all(entries[key].shape == shape for key, shape in declared.values()), "Megatron's keys and shapes"
+    assert torch.equal(_stored(written.path)[name], changed[name].reshape(256, 2))
+    back = read_state(locate(written.path))[1]
+    assert sorted(back) == sorted(state) and all(torch.equal(back[n], changed[n]) for n in state)

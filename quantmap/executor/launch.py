@@ -59,7 +59,8 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
 
         _prepare_output(out)
         return _guarded(out, lambda: export_checkpoint(spec, params, megatron, out, shard_size=shard_size, nproc=nproc,
-                                                       progress=progress, timeout=timeout, iteration=iteration))
+                                                       progress=progress, timeout=timeout, iteration=iteration,
+                                                       strict=strict, allow_partial=allow_partial))
     layout = Layout.read(megatron)
     check_rank_files(megatron, layout)
     how = _prepare(layout, nproc, out)

@@ -58,14 +58,17 @@ def _read_state(location: Location, world: int, rank: int) -> tuple[Layout, dict
     return layout, {name: tensors[quantizer.name] for name, quantizer in local.items()}
 
 
-def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool):
+def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool, strict: bool = False,
+                        allow_partial: bool = False):
     from quantmap.executor.export import export_offline
 
     layout, state = read_state(location)
-    return export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress)
+    return export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress, strict=strict,
+                          allow_partial=allow_partial)
 
 
-def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool):
+def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool, strict: bool = False,
+                allow_partial: bool = False):
     """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
     import torch.distributed as dist
 
@@ -73,7 +76,8 @@ def export_rank(rules, location: Location, *, out, shard_size: int, timeout, pro
 
     layout, state = read_state(location, dist.get_world_size(), dist.get_rank())
     placement = Placement.from_world(layout)
-    return export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress)
+    return export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress,
+                  strict=strict, allow_partial=allow_partial)
 
 
 def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,
@@ -95,7 +99,8 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
 
 
 def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
-                      progress: bool, timeout, iteration: int | None = None):
+                      progress: bool, timeout, iteration: int | None = None, strict: bool = False,
+                      allow_partial: bool = False):
     """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
     import quantmap
     from quantmap.executor.launch import launch_ranks, mode
@@ -104,15 +109,16 @@ def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int
     how = mode(nproc)
     if how == "offline":
         return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                                   progress=progress).report
-    return launch_ranks(how, nproc, _export_worker, (spec, params, location, str(out), shard_size, progress, timeout), timeout)
+                                   progress=progress, strict=strict, allow_partial=allow_partial).report
+    args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
+    return launch_ranks(how, nproc, _export_worker, args, timeout)
 
 
-def _export_worker(spec, params, location, out, shard_size, progress, timeout):
+def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
     import quantmap
 
     result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                         timeout=timeout, progress=progress)
+                         timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
     return result.report if result.is_writer else None
 
 

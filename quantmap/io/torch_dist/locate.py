@@ -47,6 +47,9 @@ def locate(path: str | Path, iteration: int | None = None) -> Location:
     if not path.is_dir():
         raise TorchDistError(f"{path}: no such directory; give a Megatron save directory, an iter_NNNNNNN/release "
                              f"directory or a quantmap shard directory")
+    if is_shard_directory(path) and not (path / METADATA_FILE).is_file():
+        raise TorchDistError(f"{path} is a quantmap shard directory ({LAYOUT_FILE}), not a torch_dist checkpoint; "
+                             f"import into one with --layout, and export it without --iteration")
     if (path / METADATA_FILE).is_file():
         if iteration is not None:
             raise TorchDistError(f"{path} is one iteration's checkpoint already; --iteration picks an iteration of "

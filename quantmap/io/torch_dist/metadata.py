@@ -188,6 +188,27 @@ def paused_gc():
             gc.enable()
 
 
+def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
+    """Every byte range ``.metadata`` records lies within its file (sizes only, no data read): what an import
+    keeps by reference must be there, or it would publish a broken checkpoint."""
+    directory, ends = Path(directory), {}
+    for entry in entries.values():
+        for chunk in entry.chunks:
+            ends[chunk.file] = max(ends.get(chunk.file, 0), chunk.offset + chunk.length)
+    for file, end in ends.items():
+        path = directory / file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise TorchDistError(f"{path}: missing; the checkpoint's .metadata records tensors in it") from None
+        except OSError as error:
+            raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
+        if size < end:
+            raise TorchDistError(f"{path}: .metadata records bytes up to offset {end}, but the file has {size}: the "
+                                 f"file is truncated (copy the checkpoint again) or this .metadata belongs to another "
+                                 f"checkpoint")
+
+
 def read_entries(directory: str | Path) -> dict[str, Entry]:
     """Every key of a DCP directory's ``.metadata``, in file order, without reading tensor data."""
     with paused_gc():

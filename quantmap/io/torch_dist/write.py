@@ -24,7 +24,8 @@ import torch
 from quantmap.io.staging import Staged
 from quantmap.io.torch_dist.keys import CHECKPOINT_EXPERTS, STATE_EXPERTS, Quantizer, prefix_of, quantizers
 from quantmap.io.torch_dist.locate import TRACKER, Location
-from quantmap.io.torch_dist.metadata import METADATA_FILE, Entry, TorchDistError, load_metadata, read_entries
+from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, TorchDistError, check_files, load_metadata,
+                                            read_entries)
 from quantmap.io.torch_dist.read import interleave, read_tensors
 
 OWN_FILES = "__quantmap_"  # the prefix of the .distcp files quantmap writes
@@ -47,6 +48,7 @@ def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str |
         raise TorchDistError("give either an output directory (--out) or --in-place")
     source = location.path
     entries = read_entries(source)
+    check_files(source, entries)  # every entry not written is kept by reference
     stored, written = _stored_tensors(source, entries, state)
     if in_place:
         written.path = source
