@@ -275,3 +275,31 @@ def test_export_strict_refuses_an_uncalibrated_amax_in_a_torch_dist_checkpoint(t
     assert result.exit_code == 1 and "zero amax" in result.output and not (tmp_path / "strict").exists(), result.output
     result = _invoke("export", "llama", "--megatron", tmp_path / "ckpt", "--out", tmp_path / "lax", "--quiet")
     assert result.exit_code == 0, result.output
+
+
+def test_export_reads_no_weight_bytes_and_never_unpickles_common_pt(tmp_path):
+    """Only quantizer buffers are read: with every weight's bytes overwritten and a common.pt whose pickle would
+    run a command, the export is the same and nothing runs."""
+    import pickle
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "fp8_kv_tp2/ckpt", save)
+    directory = save / "release"
+    for key, entry in read_entries(directory).items():
+        if entry.dtype and "quantizer" not in key:
+            for chunk in entry.chunks:
+                with open(directory / chunk.file, "r+b") as stream:
+                    stream.seek(chunk.offset)
+                    stream.write(b"\xff" * chunk.length)
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    (directory / "common.pt").write_bytes(pickle.dumps(Boom()))
+    result = _invoke("export", "llama", "--megatron", save, "--out", tmp_path / "hf", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "ran").exists()
+    want = _export("fp8_kv_tp2", tmp_path, "untouched")
+    got = Checkpoint(tmp_path / "hf")
+    assert sorted(got.names()) == sorted(want) and all(torch.equal(got.get(n), want[n]) for n in want)
