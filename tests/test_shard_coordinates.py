@@ -104,3 +104,18 @@ def test_files_without_coordinates_still_export(tmp_path):
         save_file({n: t.contiguous() for n, t in state.items() if "_quantizer." in n}, str(rank_file(directory, rank)))
     report = export_shards(str(SPECS / "dense_mla.yaml"), {}, directory, tmp_path / "hf", shard_size=2**30)
     assert report.written > 0 and (tmp_path / "hf").is_dir()
+
+
+@pytest.mark.parametrize("recorded", ["[1]", "5", '{"rank": 0, "layers": 5}', '{"rank": 0, "experts": ["a", "b"]}'])
+def test_coordinates_that_are_json_but_not_a_rank_position_are_refused_clearly(tmp_path, recorded):
+    directory = _save(tmp_path, "dense", Layout(tp=2, num_layers=2))
+    path = rank_file(directory, 0)
+    with safe_open(path, "pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    save_file(tensors, str(path), metadata={"format": "pt", COORDINATES_KEY: recorded})
+    with pytest.raises(ExecutorError) as raised:
+        export_shards(str(SPECS / "dense_mla.yaml"), {}, directory, tmp_path / "hf", shard_size=2**30)
+    message = str(raised.value)
+    assert f"rank_00000.safetensors: its {COORDINATES_KEY} metadata is not a JSON object of a rank's coordinates" \
+           in message and "rewrite the file" in message and "Error:" not in message, message
+    assert not (tmp_path / "hf").exists()

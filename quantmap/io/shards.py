@@ -68,6 +68,12 @@ def coordinates(layout: Layout, coords: Coords) -> dict:
             "experts": None if per_rank is None else [coords.ep * per_rank, (coords.ep + 1) * per_rank]}
 
 
+def _is_range(value) -> bool:
+    """A recorded layer or expert range: ``[start, stop)`` of two integers, or ``None``."""
+    return value is None or (isinstance(value, list) and len(value) == 2
+                             and all(isinstance(i, int) and not isinstance(i, bool) for i in value))
+
+
 def _described(recorded: dict) -> str:
     layers, experts = recorded.get("layers"), recorded.get("experts")
     where = " ".join(f"{key}={recorded.get(key)}" for key in ("tp", "cp", "dp", "pp", "etp", "ep", "edp"))
@@ -95,6 +101,9 @@ class LazyShard(Mapping):
         except json.JSONDecodeError:
             raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not JSON; rewrite the file") from None
         expected = coordinates(layout, coords)
+        if not isinstance(found, dict) or not all(_is_range(found.get(key)) for key in ("layers", "experts")):
+            raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not a JSON object of a rank's "
+                             f"coordinates such as {json.dumps(expected)}; rewrite the file (save_shard writes it)")
         if found != expected:
             raise ValueError(f"{self.path.name} was written for {_described(found)} but is read as "
                              f"{_described(expected)}; the rank files were swapped or renamed, or come from "
