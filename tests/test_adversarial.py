@@ -261,12 +261,13 @@ def slow(slow_meg, ws) -> Workspace:
     return ws
 
 
-def start(ws: Workspace, *extra: str, program: str | None = None) -> subprocess.Popen:
+def start(ws: Workspace, *extra: str, program: str | None = None, path: tuple[str, ...] = ()) -> subprocess.Popen:
     """``quantmap export`` of ``ws.meg`` to ``ws.out`` on 2 spawned workers, its temporary directory in
-    ``ws.root/tmp`` (so that leftovers there can be seen)."""
+    ``ws.root/tmp`` (so that leftovers there can be seen); ``path``: directories put before the checkout on
+    every process's PYTHONPATH."""
     argv = [a.format(**ws._asdict()) for a in EXPORT] + ["--nproc", "2", "--timeout", str(TIMEOUT_S), "-q", *extra]
     head = ["-c", program] if program else ["-m", "quantmap"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(ws.root / "tmp")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, os.getcwd()]), "TMPDIR": str(ws.root / "tmp")}
     # As a foreground command gets it: a suite started in the background of a script inherits SIGINT
     # ignored, and so would the command, which then (rightly) ignores Ctrl-C.
     foreground = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
@@ -397,3 +398,61 @@ def test_a_worker_failing_at_start_up_gives_one_clear_error(slow):
     assert command.returncode == 1, stderr
     assert stderr.startswith("error: rank 0 could not join the process group") and stderr.count("\n") == 1, stderr
     assert_nothing_left(slow, [])
+
+
+# A sitecustomize that every process of the command runs: in the spawned workers (alone), the writer
+# stops itself just after publishing the output, before it has told the command that it succeeded.
+STOP_AFTER_PUBLISH = """\
+import os, signal, sys
+
+if "--multiprocessing-fork" in sys.argv:
+    from quantmap.io import staging
+
+    publish = staging.Staged.publish
+
+    def publish_then_stop(self):
+        published = publish(self)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return published
+
+    staging.Staged.publish = publish_then_stop
+"""
+
+
+@pytest.mark.parametrize("ending", ["killed after --timeout", "SIGINT"])
+def test_a_command_that_fails_after_its_writer_published_leaves_no_output(ws, ending):
+    """"Nothing was written" must stay true when the writer is stopped (or the command interrupted) between
+    publishing the output and reporting success: the command removes the output it published."""
+    hook = ws.root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AFTER_PUBLISH)
+    (ws.root / "tmp").mkdir()
+    command = start(ws, path=(str(hook),))
+    pids = wait_for(lambda: (p := worker_pids(ws)) and len(p) == 2 and p, "the workers")
+    wait_for(lambda: ws.out.is_dir() and Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+             "the writer, stopped after publishing")
+    if ending == "SIGINT":
+        os.kill(command.pid, signal.SIGINT)
+    try:
+        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    if ending == "SIGINT":
+        assert command.returncode == 128 + signal.SIGINT, stderr
+        assert stderr.strip() == "error: interrupted by SIGINT; nothing was written"
+    else:
+        assert command.returncode == 1, stderr
+        assert f"worker rank 0 (pid {pids[0]}) was stopped for more than --timeout" in stderr, stderr
+        assert stderr.strip().endswith("Nothing was written"), stderr
+    assert_nothing_left(ws, pids.values())
+
+
+def test_a_command_that_succeeds_leaves_no_owner_marker_in_its_output(ws):
+    for argv in (EXPORT, IMPORT, IMPORT + ["--nproc", "2"]):
+        out = ws.root / f"out-{len(list(ws.root.iterdir()))}"
+        argv = [a.format(**{**ws._asdict(), "out": out}) for a in argv]
+        result = CliRunner().invoke(app, argv + ["-q"])
+        assert result.exit_code == 0, result.output
+        assert out.is_dir() and not (out / ".quantmap-owner").exists(), sorted(p.name for p in out.iterdir())

@@ -113,12 +113,10 @@ def _prepare_output(out) -> None:
 
 def _guarded(out, run):
     """``run()``; whatever ends it early (a failure, a signal, a killed worker), no staging directory
-    of this command stays beside ``out``."""
-    try:
+    of this command stays beside ``out``, nor an output it had already published
+    (:func:`quantmap.io.staging.command`)."""
+    with staging.command(out):
         return run()
-    except BaseException:
-        staging.remove_owned(out)
-        raise
 
 
 def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
@@ -266,9 +264,16 @@ def _outcome(scratch: Path, rank: int) -> tuple | None:
 
 
 def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta, owner: dict) -> None:
+    import threading
+
     import torch.distributed as dist
+    from tqdm import tqdm
 
     staging.set_owner(owner)  # what this worker stages belongs to the command, which cleans up after it
+    # tqdm's default lock is a multiprocessing semaphore, created with the first bar (even a disabled one);
+    # one left by a worker that had to be killed makes the resource tracker warn after the command's error.
+    # A worker's bars are its own: a thread lock does.
+    tqdm.set_lock(threading.RLock())
     (Path(scratch) / f"rank{rank}.pid").write_text(str(os.getpid()))  # which process is which rank, for people
     joined = False
     try:

@@ -125,8 +125,12 @@ def _export_worker(spec, params, location, out, shard_size, progress, timeout, s
 def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
                            iteration: int | None = None, strict: bool = False):
     """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
-    import quantmap
+    from contextlib import nullcontext
 
-    report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
-                            iteration=iteration, strict=strict)
+    import quantmap
+    from quantmap.io import staging
+
+    with nullcontext() if out is None else staging.command(out):
+        report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
+                                iteration=iteration, strict=strict)
     return report

@@ -10,6 +10,11 @@ that was killed outright (SIGKILL) cannot, so the next run beside the same outpu
 staging directory whose owner process is provably gone (same host, pid no longer running or reused).
 Spawned workers stage for their parent command (:func:`set_owner`), so the parent can remove what a
 worker it killed left behind.
+
+Inside :func:`command` (what the CLI's export and import run in), a published output keeps its owner
+marker until the command has succeeded: a command that fails or is interrupted after its writer
+published (a worker stopped or killed on its way out, Ctrl-C just then) removes the output it
+published, so that "nothing was written" stays true; one that succeeds removes the marker.
 """
 
 from __future__ import annotations
@@ -182,7 +187,8 @@ class Staged:
                               f"choose a writable --out") from None
 
     def publish(self) -> Path:
-        (self.path / MARKER).unlink(missing_ok=True)
+        if not _owner.get("command"):  # inside command(): the marker stays until the command has succeeded
+            (self.path / MARKER).unlink(missing_ok=True)
         if self.target.is_dir():
             self.target.rmdir()  # empty, checked above
         os.replace(self.path, self.target)
@@ -190,6 +196,29 @@ class Staged:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextmanager
+def command(target: str | Path):
+    """Run a command that publishes ``target``: on success its owner marker is removed from the output; on
+    any failure or interrupt an output this command published is removed with its staging directories."""
+    target = Path(target)
+    was_empty_directory = target.is_dir() and not target.is_symlink()  # check_target: absent or empty
+    _owner["command"] = True
+    try:
+        yield
+    except BaseException:
+        remove_owned(target)
+        if target.is_dir() and not target.is_symlink() and _owner_of(target) == _owner:
+            shutil.rmtree(target, ignore_errors=True)
+            if was_empty_directory:
+                target.mkdir()
+        raise
+    else:
+        if target.is_dir() and not target.is_symlink() and _owner_of(target) == _owner:
+            (target / MARKER).unlink(missing_ok=True)
+    finally:
+        _owner.pop("command", None)
 
 
 @contextmanager
