@@ -334,3 +334,28 @@ def test_block_amax_reads_flattened_and_is_written_as_rows_by_blocks(tmp_path):
     assert torch.equal(_stored(written.path)[name], changed[name].reshape(256, 2))
     back = read_state(locate(written.path))[1]
     assert sorted(back) == sorted(state) and all(torch.equal(back[n], changed[n]) for n in state)
+
+
+def test_import_into_reports_the_checkpoint_quantizers_the_hf_side_lacks_and_strict_refuses(tmp_path):
+    """The KV-cache amax dropped from every layer of the HF checkpoint: nothing in the HF names says they
+    are missing, but the checkpoint written into holds them, and they would keep their old values."""
+    import json
+
+    source = DATA / "fp8_kv_tp1" / "ckpt"
+    sizes = ("-p", "num_attention_heads=4", "-p", "num_query_groups=2", "-p", "head_dim=16")
+    assert _invoke("export", "llama", "--megatron", source, "--out", tmp_path / "hf", "--quiet", *sizes).exit_code == 0
+    index_file = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    dropped = sorted(name for name in index["weight_map"] if "_bmm_quantizer." in name)
+    assert dropped
+    index["weight_map"] = {name: file for name, file in index["weight_map"].items() if name not in dropped}
+    index_file.write_text(json.dumps(index))
+    refused = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", source, "--out", tmp_path / "strict",
+                      "--strict", *sizes)
+    assert refused.exit_code == 1, refused.output
+    assert refused.output.startswith(f"error: import refused (--strict): {len(dropped)} HF name(s) the layout's "
+                                     f"ranks need but the checkpoint lacks: {dropped[0]}"), refused.output
+    assert not (tmp_path / "strict").exists()
+    loose = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", source, "--out", tmp_path / "loose", *sizes)
+    assert loose.exit_code == 0, loose.output
+    assert f"{len(dropped)} name(s) missing:" in loose.output

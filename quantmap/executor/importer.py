@@ -14,6 +14,7 @@ on success.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Catalog:
     ``megatron`` is every name the layout requires (:mod:`quantmap.executor.completeness`), so the
     rank that should hold a layer or expert the checkpoint lacks reports its HF names as missing."""
 
-    def __init__(self, rules, names: list[str], layout: Layout):
+    def __init__(self, rules, names: list[str], layout: Layout, target: Iterable[str] = ()):
         self.rules = rules
         self.available = set(names)
         self.report = Report()
@@ -61,7 +62,15 @@ class Catalog:
                                 f"({len(names)} name(s): {self.report.weights} weight(s), "
                                 f"{len(self.report.unclaimed)} unclaimed, {len(self.report.outside)} beyond the "
                                 f"layout); nothing to import. Check --hf, the spec and layout.json")
-        self.megatron = sorted(required_names(claimed, layout))
+        # ``target``: the quantizers an existing checkpoint holds (import --into); each one the spec maps
+        # must get its value, or it would keep its old one silently.
+        held = {name for name in target if _is_mapped_quantizer(rules, name) and holder(name, layout) is not None}
+        self.megatron = sorted(required_names(claimed, layout) | held)
+
+
+def _is_mapped_quantizer(rules, megatron: str) -> bool:
+    match = rules.to_hf(megatron)
+    return match is not None and match.kind != WEIGHT
 
 
 def _held(match, layout: Layout) -> bool:

@@ -87,9 +87,10 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
     from quantmap.io.hf import Checkpoint
 
     location = locate(into, iteration)
-    layout = checkpoint_layout(read_entries(location.path))
+    entries = read_entries(location.path)
+    layout = checkpoint_layout(entries)
     checkpoint = Checkpoint(hf_dir)
-    catalog = Catalog(rules, checkpoint.names(), layout)
+    catalog = Catalog(rules, checkpoint.names(), layout, target=(q.name for q in quantizers(entries)))
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
     report = finish(catalog, report, strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
