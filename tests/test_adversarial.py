@@ -107,6 +107,11 @@ def out_is_a_symlink(ws: Workspace) -> None:
     ws.out.symlink_to(ws.root / "real")
 
 
+def layout_is_a_fifo(ws: Workspace) -> None:
+    (ws.meg / "layout.json").unlink()
+    os.mkfifo(ws.meg / "layout.json")
+
+
 def names_file(ws: Workspace) -> None:
     (ws.root / "names.txt").write_bytes(b"decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax\n\xff\xfe\n")
 
@@ -137,6 +142,7 @@ CASES = [
     Case("layout not UTF-8", layout_text(b'{"tp": 1\xff}'), EXPORT, 1, "is not UTF-8 text"),
     Case("layout 5000-digit size", layout_text('{"tp": 1' + "0" * 5000 + ', "pp": 1, "dp": 1, "num_layers": 2}'),
          IMPORT, 1, "cannot be read as a layout"),
+    Case("layout is a named pipe", layout_is_a_fifo, IMPORT, 1, "is not a regular file"),
     Case("layers_per_stage: 5", layout_keys(layers_per_stage=5), IMPORT, 1, "layers_per_stage must be a list"),
     Case("absurd layout (import)", layout_keys(tp=10_000_000, dp=1_000_000_000), IMPORT, 1,
          "exceeds quantmap's bound of 131072 ranks"),

@@ -186,6 +186,8 @@ class Layout:
         path = Path(path)
         if path.is_dir():
             path = path / LAYOUT_FILE
+        if path.exists() and not path.is_file():  # a named pipe or a device would be read forever
+            raise LayoutError(f"the layout {path} is not a regular file; give a layout.json (or its directory)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as error:
