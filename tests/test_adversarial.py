@@ -112,6 +112,10 @@ def layout_is_a_fifo(ws: Workspace) -> None:
     os.mkfifo(ws.meg / "layout.json")
 
 
+def unpadded_rank_file(ws: Workspace) -> None:
+    shutil.copy(ws.meg / "rank_00001.safetensors", ws.meg / "rank_1.safetensors")
+
+
 def names_file(ws: Workspace) -> None:
     (ws.root / "names.txt").write_bytes(b"decoder.layers.0.self_attention.linear_qkv.input_quantizer._amax\n\xff\xfe\n")
 
@@ -143,6 +147,7 @@ CASES = [
     Case("layout 5000-digit size", layout_text('{"tp": 1' + "0" * 5000 + ', "pp": 1, "dp": 1, "num_layers": 2}'),
          IMPORT, 1, "cannot be read as a layout"),
     Case("layout is a named pipe", layout_is_a_fifo, IMPORT, 1, "is not a regular file"),
+    Case("rank file not named with five digits", unpadded_rank_file, EXPORT, 1, "rank_1.safetensors: a rank file is"),
     Case("layers_per_stage: 5", layout_keys(layers_per_stage=5), IMPORT, 1, "layers_per_stage must be a list"),
     Case("absurd layout (import)", layout_keys(tp=10_000_000, dp=1_000_000_000), IMPORT, 1,
          "exceeds quantmap's bound of 131072 ranks"),

@@ -34,10 +34,15 @@ def check_rank_files(directory: str | Path, layout: Layout) -> None:
     layout far bigger than the files (``dp: 1000000000``) would otherwise run for minutes first."""
     directory = Path(directory)
     try:
-        present = sorted(int(found.group(1)) for entry in os.scandir(directory)
-                         if (found := _RANK_FILE.fullmatch(entry.name)))
+        found = [(entry.name, int(match.group(1))) for entry in os.scandir(directory)
+                 if (match := _RANK_FILE.fullmatch(entry.name))]
     except OSError as error:
         raise LayoutError(f"cannot list the shard directory {directory}: {error.strerror}") from None
+    misnamed = sorted(name for name, rank in found if name != rank_file("", rank).name)
+    if misnamed:  # never read (only rank_NNNNN is), so it would be a silently missing rank or a second copy of one
+        raise LayoutError(f"{directory} holds {', '.join(misnamed[:_LISTED])}: a rank file is named with five digits "
+                          f"(e.g. {rank_file('', 1).name}) and quantmap reads no other name; rename or remove it")
+    present = sorted(rank for _, rank in found)
     world = layout.world_size
     sizes = f"tp*cp*dp*pp = {layout.tp}*{layout.cp}*{layout.dp}*{layout.pp} = {world}"
     beyond = [rank for rank in present if rank >= world]
