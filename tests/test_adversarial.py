@@ -272,11 +272,12 @@ def slow(slow_meg, ws) -> Workspace:
     return ws
 
 
-def start(ws: Workspace, *extra: str, program: str | None = None, path: tuple[str, ...] = ()) -> subprocess.Popen:
-    """``quantmap export`` of ``ws.meg`` to ``ws.out`` on 2 spawned workers, its temporary directory in
-    ``ws.root/tmp`` (so that leftovers there can be seen); ``path``: directories put before the checkout on
-    every process's PYTHONPATH."""
-    argv = [a.format(**ws._asdict()) for a in EXPORT] + ["--nproc", "2", "--timeout", str(TIMEOUT_S), "-q", *extra]
+def start(ws: Workspace, *extra: str, program: str | None = None, path: tuple[str, ...] = (),
+          command: list[str] = EXPORT) -> subprocess.Popen:
+    """``quantmap export`` (or ``command``) of ``ws`` to ``ws.out`` on 2 spawned workers, its temporary
+    directory in ``ws.root/tmp`` (so that leftovers there can be seen); ``path``: directories put before the
+    checkout on every process's PYTHONPATH."""
+    argv = [a.format(**ws._asdict()) for a in command] + ["--nproc", "2", "--timeout", str(TIMEOUT_S), "-q", *extra]
     head = ["-c", program] if program else ["-m", "quantmap"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, os.getcwd()]), "TMPDIR": str(ws.root / "tmp")}
     # As a foreground command gets it: a suite started in the background of a script inherits SIGINT
@@ -345,6 +346,49 @@ def test_a_stopped_worker_is_killed_and_named_within_the_timeout(slow, rank):
     assert last.startswith("error: ") and f"worker rank {rank} (pid {pids[rank]})" in last and "killed" in last, stderr
     assert "Traceback" not in stderr
     assert_nothing_left(slow, pids.values())
+
+
+# A sitecustomize for the spawned workers: rank {rank} stops itself as it starts its part of an import.
+STOP_AT_IMPORT = """\
+import os, signal, sys
+
+if "--multiprocessing-fork" in sys.argv:
+    from quantmap.executor import importer
+
+    import_rank = importer.import_rank
+
+    def stop_then_import(catalog, checkpoint, placement):
+        if placement.coords.rank == {rank}:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return import_rank(catalog, checkpoint, placement)
+
+    importer.import_rank = stop_then_import
+"""
+
+
+@pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
+def test_a_stopped_worker_of_an_import_is_killed_and_named_within_the_timeout(ws, rank):
+    hook = ws.root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_AT_IMPORT.format(rank=rank))
+    (ws.root / "tmp").mkdir()
+    command = start(ws, path=(str(hook),), command=IMPORT)
+    pids = wait_for(lambda: (p := worker_pids(ws)) and len(p) == 2 and p, "the workers")
+    wait_for(lambda: Path(f"/proc/{pids[rank]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+             f"rank {rank}, stopped at its import")
+    stopped = time.monotonic()
+    try:
+        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
+    finally:
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - stopped < TIMEOUT_S + 10, "not ended within --timeout + a few seconds"
+    assert command.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"worker rank {rank} (pid {pids[rank]})" in last and "killed" in last, stderr
+    assert "Traceback" not in stderr
+    assert_nothing_left(ws, pids.values())
 
 
 def test_a_worker_that_dies_ends_the_command_with_its_rank_and_leaves_nothing(slow):
