@@ -313,12 +313,35 @@ def staging_appeared(ws: Workspace) -> dict[int, int] | None:
     return pids if len(pids) == 2 and staging_left(ws) else None
 
 
-def alive(pid: int) -> bool:
+def process_state(pid: int) -> str | None:
+    """The process's state letter (``T``: stopped, ``Z``: a zombie), or ``None`` once it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
-        return False
-    return state != "Z"
+        return None
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid) not in (None, "Z")
+
+
+def ended(command: subprocess.Popen, pids, timeout: float = 60) -> str:
+    """The command's stderr once it has ended; any worker still alive then is killed."""
+    try:
+        return command.communicate(timeout=timeout)[1]
+    finally:
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def with_hook(ws: Workspace, sitecustomize: str) -> tuple[str]:
+    """A directory holding ``sitecustomize``, for :func:`start`'s ``path``: every process of the command runs it."""
+    hook = ws.root / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(sitecustomize)
+    (ws.root / "tmp").mkdir()
+    return (str(hook),)
 
 
 def assert_nothing_left(ws: Workspace, pids) -> None:
@@ -333,19 +356,20 @@ def test_a_stopped_worker_is_killed_and_named_within_the_timeout(slow, rank):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
     os.kill(pids[rank], signal.SIGSTOP)
+    assert_stopped_rank_killed_and_named(command, pids, rank)
+    assert_nothing_left(slow, pids.values())
+
+
+def assert_stopped_rank_killed_and_named(command: subprocess.Popen, pids: dict[int, int], rank: int) -> None:
+    """The command, whose worker ``rank`` is stopped now, ends within --timeout + a few seconds with one
+    error that names that worker and says it was killed."""
     stopped = time.monotonic()
-    try:
-        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
-    finally:
-        for pid in pids.values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    stderr = ended(command, pids.values(), TIMEOUT_S + 60)
     assert time.monotonic() - stopped < TIMEOUT_S + 10, "not ended within --timeout + a few seconds"
     assert command.returncode == 1, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"worker rank {rank} (pid {pids[rank]})" in last and "killed" in last, stderr
     assert "Traceback" not in stderr
-    assert_nothing_left(slow, pids.values())
 
 
 # A sitecustomize for the spawned workers: rank {rank} stops itself as it starts its part of an import.
@@ -368,26 +392,10 @@ if "--multiprocessing-fork" in sys.argv:
 
 @pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
 def test_a_stopped_worker_of_an_import_is_killed_and_named_within_the_timeout(ws, rank):
-    hook = ws.root / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(STOP_AT_IMPORT.format(rank=rank))
-    (ws.root / "tmp").mkdir()
-    command = start(ws, path=(str(hook),), command=IMPORT)
+    command = start(ws, path=with_hook(ws, STOP_AT_IMPORT.format(rank=rank)), command=IMPORT)
     pids = wait_for(lambda: (p := worker_pids(ws)) and len(p) == 2 and p, "the workers")
-    wait_for(lambda: Path(f"/proc/{pids[rank]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
-             f"rank {rank}, stopped at its import")
-    stopped = time.monotonic()
-    try:
-        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
-    finally:
-        for pid in pids.values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert time.monotonic() - stopped < TIMEOUT_S + 10, "not ended within --timeout + a few seconds"
-    assert command.returncode == 1, stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and f"worker rank {rank} (pid {pids[rank]})" in last and "killed" in last, stderr
-    assert "Traceback" not in stderr
+    wait_for(lambda: process_state(pids[rank]) == "T", f"rank {rank}, stopped at its import")
+    assert_stopped_rank_killed_and_named(command, pids, rank)
     assert_nothing_left(ws, pids.values())
 
 
@@ -407,12 +415,7 @@ def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(sl
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
     os.kill(pids[1], signal.SIGSTOP)  # the run cannot finish on its own before the signal is handled
     os.kill(command.pid, signum)  # the command alone, as Ctrl-C in another terminal or a job scheduler does
-    try:
-        _, stderr = command.communicate(timeout=60)
-    finally:
-        for pid in pids.values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    stderr = ended(command, pids.values())
     assert command.returncode == 128 + signum, stderr
     assert stderr.strip() == f"error: interrupted by {signal.Signals(signum).name}; nothing was written"
     assert_nothing_left(slow, pids.values())
@@ -478,22 +481,12 @@ if "--multiprocessing-fork" in sys.argv:
 def test_a_command_that_fails_after_its_writer_published_leaves_no_output(ws, ending):
     """"Nothing was written" must stay true when the writer is stopped (or the command interrupted) between
     publishing the output and reporting success: the command removes the output it published."""
-    hook = ws.root / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(STOP_AFTER_PUBLISH)
-    (ws.root / "tmp").mkdir()
-    command = start(ws, path=(str(hook),))
+    command = start(ws, path=with_hook(ws, STOP_AFTER_PUBLISH))
     pids = wait_for(lambda: (p := worker_pids(ws)) and len(p) == 2 and p, "the workers")
-    wait_for(lambda: ws.out.is_dir() and Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
-             "the writer, stopped after publishing")
+    wait_for(lambda: ws.out.is_dir() and process_state(pids[0]) == "T", "the writer, stopped after publishing")
     if ending == "SIGINT":
         os.kill(command.pid, signal.SIGINT)
-    try:
-        _, stderr = command.communicate(timeout=TIMEOUT_S + 60)
-    finally:
-        for pid in pids.values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    stderr = ended(command, pids.values(), TIMEOUT_S + 60)
     if ending == "SIGINT":
         assert command.returncode == 128 + signal.SIGINT, stderr
         assert stderr.strip() == "error: interrupted by SIGINT; nothing was written"
