@@ -94,7 +94,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
     report = finish(catalog, report, strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    written: Written = write_into(location, state, out=out, in_place=in_place)
+    written: Written = write_into(location, state, out=out, in_place=in_place, entries=entries)
     report.written = len(state)
     return report, written
 

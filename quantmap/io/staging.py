@@ -209,16 +209,21 @@ def command(target: str | Path):
         yield
     except BaseException:
         remove_owned(target)
-        if target.is_dir() and not target.is_symlink() and _owner_of(target) == _owner:
+        if _published_here(target):
             shutil.rmtree(target, ignore_errors=True)
             if was_empty_directory:
                 target.mkdir()
         raise
     else:
-        if target.is_dir() and not target.is_symlink() and _owner_of(target) == _owner:
+        if _published_here(target):
             (target / MARKER).unlink(missing_ok=True)
     finally:
         _owner.pop("command", None)
+
+
+def _published_here(target: Path) -> bool:
+    """Whether ``target`` is an output this command published (it still carries the command's marker)."""
+    return target.is_dir() and not target.is_symlink() and _owner_of(target) == _owner
 
 
 @contextmanager

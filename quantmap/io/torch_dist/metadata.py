@@ -204,9 +204,13 @@ def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
         except OSError as error:
             raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
         if size < end:
-            raise TorchDistError(f"{path}: .metadata records bytes up to offset {end}, but the file has {size}: the "
-                                 f"file is truncated (copy the checkpoint again) or this .metadata belongs to another "
-                                 f"checkpoint")
+            raise truncated(path, end, size)
+
+
+def truncated(path: Path, end: int, size: int) -> TorchDistError:
+    """The error for a file shorter than the byte ranges ``.metadata`` records in it."""
+    return TorchDistError(f"{path}: .metadata records bytes up to offset {end}, but the file has {size}: the file is "
+                          f"truncated (copy the checkpoint again) or this .metadata belongs to another checkpoint")
 
 
 def read_entries(directory: str | Path) -> dict[str, Entry]:

@@ -19,11 +19,12 @@ import pickle
 import struct
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from quantmap.io.torch_dist.keys import Quantizer
-from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, paused_gc
+from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, paused_gc, truncated
 
 _GAP = 64 << 10  # read across gaps up to this many bytes rather than seek
 _SMALL = 64  # tensors up to this many bytes are copied out in one gather (bigger ones are viewed in place)
@@ -60,9 +61,9 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
                 base = offset - start
                 blob = view[base: base + chunk.length]
                 found = None if chunk.transformed else _plain(blob, layouts)
-                if shape is not None and found is not None and found[6] and found[4] == chunk.sizes \
-                        and 0 < found[2] * found[0].itemsize <= _SMALL:
-                    small[(found[0], found[4], shape)].append((base + found[1], key))
+                if shape is not None and found is not None and found.contiguous and found.size == chunk.sizes \
+                        and 0 < found.numel * found.dtype.itemsize <= _SMALL:
+                    small[(found.dtype, found.size, shape)].append((base + found.start, key))
                     continue
                 tensor = _decode(blob, data, base, chunk, found, path, key)
                 if shape is None:
@@ -145,9 +146,7 @@ def _read_range(path: Path, start: int, end: int) -> bytearray:
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
     if got != end - start:
-        raise TorchDistError(f"{path}: .metadata records bytes up to offset {end}, but the file has "
-                             f"{os.path.getsize(path)}: the file is truncated (copy the checkpoint again) or this "
-                             f".metadata belongs to another checkpoint")
+        raise truncated(path, end, os.path.getsize(path))
     return data
 
 
@@ -161,7 +160,7 @@ def _gather(data: bytearray, dtype: torch.dtype, size: tuple[int, ...], shape: t
     return raw.view(dtype).view(len(members), *shape).unbind(0)
 
 
-def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, found: tuple | None, path: Path,
+def _decode(view: memoryview, data: bytearray, base: int, chunk: Chunk, found: _Plain | None, path: Path,
             key: str) -> torch.Tensor:
     if found is None:
         tensor = _torch_load(view, chunk, path, key)
@@ -193,9 +192,20 @@ def _torch_load(view: memoryview, chunk: Chunk, path: Path, key: str) -> torch.T
     return tensor
 
 
-def _plain(blob: memoryview, layouts: dict) -> tuple | None:
-    """``(dtype, data start, storage numel, storage offset, size, stride, contiguous)`` of a plain
-    ``torch.save`` tensor archive, or ``None`` when it is not that.
+class _Plain(NamedTuple):
+    """Where a plain ``torch.save`` tensor archive keeps its tensor, and how it lies there."""
+
+    dtype: torch.dtype
+    start: int  # the data's first byte, within the archive
+    numel: int  # of the storage
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    contiguous: bool  # the whole storage, in row-major order
+
+
+def _plain(blob: memoryview, layouts: dict) -> _Plain | None:
+    """The :class:`_Plain` description of a plain ``torch.save`` tensor archive, or ``None`` when it is not that.
 
     Archives of tensors with the same description and length have the same zip layout, so after one
     full parse an archive is recognised by comparing its ``data.pkl`` and its ``data/0`` header with the
@@ -230,7 +240,7 @@ def _plain(blob: memoryview, layouts: dict) -> tuple | None:
     if storage[1] - storage[0] != numel * dtype.itemsize:
         return None
     contiguous = storage_offset == 0 and numel == math.prod(size) and stride == _contiguous_strides(size)
-    result = (dtype, storage[0], numel, storage_offset, size, stride, contiguous)
+    result = _Plain(dtype, storage[0], numel, storage_offset, size, stride, contiguous)
     layouts[len(blob)] = (checks, result)
     return result
 

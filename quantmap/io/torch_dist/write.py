@@ -42,12 +42,13 @@ class Written:
 
 
 def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str | Path | None = None,
-               in_place: bool = False) -> Written:
-    """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``."""
+               in_place: bool = False, entries: dict[str, Entry] | None = None) -> Written:
+    """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``
+    (``entries``: its ``.metadata`` as the caller read it already)."""
     if (out is None) == (not in_place):
         raise TorchDistError("give either an output directory (--out) or --in-place")
     source = location.path
-    entries = read_entries(source)
+    entries = read_entries(source) if entries is None else entries
     check_files(source, entries)  # every entry not written is kept by reference
     stored, written = _stored_tensors(source, entries, state)
     if in_place:
