@@ -18,11 +18,13 @@ class RuleSet:
     ``to_hf(megatron_name)`` and ``to_megatron(hf_name)`` resolve a concrete name (a weight or
     a quantizer buffer) to a :class:`~quantmap.rules.Match`, or ``None``. They are the index's
     lookup functions themselves, bound at construction: a lookup runs once per tensor name, and
-    a wrapper method would add a call to each. Iterating gives the rules in spec order;
+    a wrapper method would add a call to each. ``to_hf_template(megatron_name, span)`` is the forward
+    match of every name that differs from the given one only in the index at ``span``, that index
+    left as ``*`` (``None`` where the index cannot prove one match serves them all). Iterating gives the rules in spec order;
     ``warnings`` lists what the compiler could not derive, and why.
     """
 
-    __slots__ = ("spec", "rules", "warnings", "params", "to_hf", "to_megatron")
+    __slots__ = ("spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron")
 
     def __init__(self, spec: ResolvedSpec, rules: tuple[Rule, ...], index: Index,
                  warnings: tuple[Diagnostic, ...], params: dict[str, int | None]):
@@ -31,6 +33,7 @@ class RuleSet:
         self.warnings = warnings
         self.params = dict(params)
         self.to_hf: Callable[[str], Match | None] = index.forward.lookup
+        self.to_hf_template: Callable[[str, tuple[int, int]], Match | None] = index.forward.template
         self.to_megatron: Callable[[str], Match | None] = index.reverse.lookup
 
     def __iter__(self) -> Iterator[Rule]:

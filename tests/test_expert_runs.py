@@ -2,16 +2,15 @@
 
 The files of an export with runs are byte-identical to those of the same export with every name
 moved on its own; a disagreement inside a run is reported under the expert's own name; a rank that
-lacks one expert of a run is told by that expert's name; and a rank folds only what it can prove
-(every member's own names are the run's templates filled in)."""
+lacks one expert of a run is told by that expert's name; and a rank folds only what the index proves
+(one match, its expert left as ``*``, serves every member)."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+import quantmap
 from executor_support import global_state, rules_for, shard, values_of_every_rank
 from quantmap.executor import ExecutorError, Layout
 from quantmap.executor import expert_runs
@@ -83,23 +82,45 @@ def test_a_rank_short_of_one_expert_of_its_peers_run_is_told_by_that_experts_nam
     assert f"rank 1 has no {lost!r}" in message and message.count("problem") <= 1, message
 
 
-def test_a_run_is_folded_only_where_every_members_names_are_its_templates_filled_in():
-    layout = Layout(num_layers=1, num_experts=4)
-    state = shard(global_state("seq", 1, 4), layout)[0]
-    meta = pack(rules_for("seq"), state, Placement.offline(layout, 0)).meta
-    runs = list(meta["runs"].values())
-    assert runs and all(run.count == 4 and run.first == 0 for run in runs)
-    for run in runs:  # each run rebuilds exactly the names its members had
-        assert all(name in state for name in run.megatron_names())
-    # A member whose own HF names are not the template's: the group stays unfolded.
-    first = runs[0]
-    members = [(e, e) for e in range(4)]
-    good = [SimpleNamespace(hf=tuple(f"{h}{e}{t}" for h, t in first.hf)) for e in range(4)]
-    assert expert_runs._run(*first.megatron, first.shape, members, good) == first
-    odd = SimpleNamespace(hf=("model.layers.0.mlp.experts.7.gate_proj.weight_quantizer._amax",) * len(first.hf))
-    assert expert_runs._run(*first.megatron, first.shape, members, good[:3] + [odd]) is None
-    short = SimpleNamespace(hf=good[3].hf[:-1])
-    assert expert_runs._run(*first.megatron, first.shape, members, good[:3] + [short]) is None
+SEQ_EXPERTS = """\
+  - megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight
+    hf:
+      gate: model.layers.*.mlp.experts.FC1.gate_proj.weight
+      up: model.layers.*.mlp.experts.FC1.up_proj.weight
+    parallel: column
+  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,
+     hf: model.layers.*.mlp.experts.*.down_proj.weight, parallel: row}
+"""
+
+
+@pytest.mark.parametrize("case", ["shadowed", "offset"])
+def test_a_run_is_folded_only_where_the_index_proves_one_template(case, tmp_path, monkeypatch):
+    """A group is folded only where one match serves every member: not where a higher-priority rule
+    claims one expert (a literal index shadows the wildcard rule), nor where the expert's index is
+    shifted on its way to HF. Those names go one by one, and the export is the same either way."""
+    if case == "shadowed":
+        mappings = SEQ_EXPERTS.replace("FC1", "*") + (
+            "  - {megatron: decoder.layers.*.mlp.experts.local_experts.3.linear_fc2.weight,\n"
+            "     hf: model.layers.*.mlp.experts.3.down_proj_special.weight, parallel: row, priority: 1}\n")
+    else:
+        mappings = SEQ_EXPERTS.replace("FC1", "{shift + e}")
+    spec = tmp_path / f"{case}.yaml"
+    spec.write_text(f"name: {case}\nparams: {{shift: 100}}\nmappings:\n{mappings}")
+    rules = quantmap.compile(str(spec))
+    layout = Layout(num_layers=2, num_experts=4)
+    states = shard(global_state("seq", 2, 4), layout)
+    folded = {run.megatron[1] for run in pack(rules, states[0], Placement.offline(layout, 0)).meta["runs"].values()}
+    fc1 = {".linear_fc1.weight_quantizer._amax", ".linear_fc1.input_quantizer._amax"}
+    fc2 = {".linear_fc2.weight_quantizer._amax", ".linear_fc2.input_quantizer._amax"}
+    assert folded == (fc1 if case == "shadowed" else fc2)
+    with_runs = export_offline(rules, states, layout).state_dict()
+    monkeypatch.setattr(expert_runs, "_MIN_RUN", 10**9)
+    one_by_one = export_offline(rules, states, layout).state_dict()
+    assert with_runs.keys() == one_by_one.keys()
+    assert all(torch.equal(with_runs[name], one_by_one[name]) for name in one_by_one)
+    special = "model.layers.1.mlp.experts.3.down_proj_special.weight_quantizer._amax"
+    shifted = "model.layers.1.mlp.experts.103.gate_proj.weight_quantizer._amax"
+    assert (special if case == "shadowed" else shifted) in with_runs
 
 
 def _export_on_ranks(tmp: str):

@@ -1,5 +1,6 @@
 """The two-way index: laws over generated specs, and the cases its fast path must not get wrong."""
 
+import re
 import textwrap
 
 import yaml
@@ -157,3 +158,50 @@ def test_offset_captures_pick_the_mtp_rule_only_past_the_decoder_layers(tmp_path
         "decoder.layers.60.self_attention.linear_proj.weight_quantizer._amax"
     assert rules.to_hf("mtp.layers.1.mtp_model_layer.self_attention.linear_proj.weight").hf == (
         "model.layers.62.self_attn.o_proj.weight",)
+
+
+def _index_spans(name: str) -> list[tuple[int, int]]:
+    """Where the whole-segment indexes of a name lie (``layers.12.``)."""
+    return [found.span(1) for found in re.finditer(r"\.([0-9]+)(?![^.])", name)]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs(), st.data())
+def test_a_template_is_the_match_of_every_name_with_another_index_there(tmp_path_factory, spec, data):
+    """``to_hf_template(name, span)``, where it is given, is exactly what ``to_hf`` finds for every name
+    that differs from ``name`` only in the index at ``span``: the same rule, its ``*`` filled in."""
+    path = tmp_path_factory.mktemp("spec") / "generated.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    for naming in ("on-disk", "in-memory"):
+        rules = quantmap.compile(str(path), hf_naming=naming)
+        for rule in rules:
+            name = rule.megatron.fill(fill_values(data, rule.megatron))
+            for start, end in _index_spans(name):
+                template = rules.to_hf_template(name, (start, end))
+                if template is None:
+                    continue
+                assert template.megatron == f"{name[:start]}*{name[end:]}"
+                index = str(data.draw(st.integers(0, 10**6)))
+                match = rules.to_hf(f"{name[:start]}{index}{name[end:]}")
+                assert (match.rule, match.kind) == (template.rule, template.kind)
+                assert match.megatron == template.megatron.replace("*", index)
+                if match.kind != MOE_FANOUT:  # its own '*' is the block's experts
+                    assert match.hf == tuple(hf.replace("*", index) for hf in template.hf)
+
+
+def test_a_template_is_refused_where_another_rule_or_an_offset_could_change_the_match(tmp_path):
+    path = tmp_path / "templates.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: templates
+        params: {shift: 100}
+        mappings:
+          - {megatron: a.*.b.*.w, hf: x.*.y.*.w}
+          - {megatron: a.*.b.3.w, hf: special.*.w, priority: 1}
+          - {megatron: c.*.d.*.w, hf: "x.{shift + i}.z.*.w"}
+        """))
+    rules = quantmap.compile(str(path))
+    # a.N.b.3 belongs to another rule: no template for names of that shape (the proof is per key)
+    assert [rules.to_hf_template("a.5.b.7.w", span) for span in [(2, 3), (6, 7)]] == [None, None]
+    assert rules.to_hf_template("c.5.d.7.w", (2, 3)) is None  # shifted on its way to HF
+    assert rules.to_hf_template("c.5.d.7.w", (6, 7)).hf == ("x.105.z.*.w",)
+    assert rules.to_hf_template("c.5.d.7.w", (5, 7)) is None  # not an index's characters

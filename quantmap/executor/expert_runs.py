@@ -3,26 +3,26 @@
 A SequentialMLP layer holds one quantizer per local expert (``...local_experts.{e}.linear_fc1.
 weight_quantizer._amax``; ModelOpt 0.47 gives a grouped linear the same, ``weight_quantizer.{e}``),
 so a DeepSeek-V3-sized export has 10^5 one-element tensors where the grouped layout has 10^3
-blocks. Every name costs the writer a plan item, a header record and an index line in Python; a run
-costs one of each. On the rank, the scalars of one rule that differ only in their expert index and
-cover the rank's experts exactly are stacked into one ``[count]`` entry, named after its first
-expert. The rank has resolved every member already, so a run is formed only where each member's
-Megatron and HF names are exactly what the run's templates give for its expert: the writer then
-rebuilds every name from the templates, never by guessing.
+blocks. Every name costs the rank a rename and a lookup, and the writer a plan item, a header record
+and an index line, all in Python; a run costs one of each. A rank groups its local names that
+differ only in their expert index and hold each of its experts once (:func:`expert_groups`), and
+resolves a group once: the index proves that one match, with the expert left as ``*``, serves every
+member (:meth:`quantmap.ruleset.RuleSet.to_hf_template`), or the group's names go one by one. Each
+member's names are then the run's templates filled in, by construction, and the writer rebuilds
+every name from them, never by guessing.
 
-What is checked per name (values, DP replica digests, expert counts) is checked before folding.
+What is checked per name (values, DP replica digests, expert counts) is still checked per name.
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
-import torch
-
-from quantmap.rules import AMAX, FANOUT
+from quantmap.executor.naming import expert_span
+from quantmap.rules import AMAX, FANOUT, WEIGHT
 
 _MIN_RUN = 2
+_MAX_DIGITS = 18  # a longer index is beyond any model (and int() refuses hostile 5000-digit ones)
 
 
 class Run(NamedTuple):
@@ -43,51 +43,57 @@ class Run(NamedTuple):
         return [f"{head}{e}{tail}" for e in range(self.first, self.first + self.count) for head, tail in self.hf]
 
 
-def fold_expert_runs(meta: dict, values: list[torch.Tensor], matches: list, experts: range | None
-                     ) -> list[torch.Tensor]:
-    """Fold the runs among ``meta``'s entries (see the module docstring), in place; the new values.
-    ``matches``: each entry's rule match and where its expert index lies in its name (or ``None``).
-    ``experts``: the global experts this rank holds; a run covers all of them (a rank short of one
-    keeps its names one by one, so that the writer names exactly what is missing)."""
-    if experts is None or len(experts) < _MIN_RUN:
-        return values
-    groups: dict[tuple, list[tuple[int, int]]] = {}  # (rule, name around the expert, dtype, shape) -> members
-    shapes = meta["shapes"]
-    for entry, (name, (match, span)) in enumerate(zip(meta["names"], matches)):
-        if span is None or match.kind not in (AMAX, FANOUT) or math.prod(shapes[entry]) != 1:
+def expert_groups(names: Iterable[str], experts: int | None) -> tuple[list[list[str]], list[str]]:
+    """``names`` (a rank's local names) split into groups that differ only in their local expert index
+    and hold each of the rank's ``experts`` exactly once (each in expert order), and the rest. A rank
+    short of one expert of a group keeps its names one by one, so that the writer names exactly what
+    is missing."""
+    if experts is None or experts < _MIN_RUN:
+        return [], list(names)
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    rest = []
+    for name in names:
+        span = expert_span(name)
+        if span is None:
+            rest.append(name)
             continue
         start, end = span
-        if name[start] == "0" and end - start > 1:  # a leading zero: not the name a run rebuilds
+        if (name[start] == "0" and end - start > 1) or end - start > _MAX_DIGITS:  # not a name a run rebuilds
+            rest.append(name)
             continue
-        key = (id(match.rule), name[:start], name[end:], meta["dtypes"][entry], shapes[entry])
-        groups.setdefault(key, []).append((int(name[start:end]), entry))
-    runs, resolved = {}, [match for match, _ in matches]
-    for (_, head, tail, _, shape), members in groups.items():
-        members.sort()
-        if [expert for expert, _ in members] != list(experts):
-            continue
-        run = _run(head, tail, shape, members, resolved)
-        if run is not None:
-            runs[members[0][1]] = (run, [entry for _, entry in members])
-    if not runs:
-        return values
-    folded = {entry for _, entries in runs.values() for entry in entries}
-    out_values, out = [], {key: [] for key in ("names", "dtypes", "shapes")}
-    for entry in range(len(values)):
-        if entry in runs:
-            run, entries = runs[entry]
-            meta["runs"][len(out_values)] = run
-            out_values.append(torch.stack([values[e] for e in entries]).reshape(run.count))  # one shape (the key)
-            out["shapes"].append((run.count,))
-        elif entry in folded:
-            continue
+        groups.setdefault((name[:start], name[end:]), {})[int(name[start:end])] = name
+    out = []
+    for members in groups.values():
+        if len(members) == experts and all(expert in members for expert in range(experts)):
+            out.append([members[expert] for expert in range(experts)])
         else:
-            out_values.append(values[entry])
-            out["shapes"].append(meta["shapes"][entry])
-        out["names"].append(meta["names"][entry])
-        out["dtypes"].append(meta["dtypes"][entry])
-    meta.update(out)
-    return out_values
+            rest += members.values()
+    return out, rest
+
+
+class Template(NamedTuple):
+    """How every member of a group resolves: its rule's kind and each name around the expert index."""
+
+    kind: str
+    megatron: tuple[str, str]
+    hf: tuple[tuple[str, str], ...]  # in the rule's part order; empty for a weight
+
+    def run(self, first: int, count: int, shape: tuple[int, ...]) -> Run:
+        return Run(first, count, self.megatron, self.hf, shape)
+
+
+def template(rules, name: str, span: tuple[int, int]) -> Template | None:
+    """The template of the group whose first member's global name is ``name`` (its expert index at
+    ``span``), or ``None`` where the index cannot prove one, or its rule does not move one value per
+    expert and name (a fan-in combines its sources; a grouped block's quantizer has no expert index)."""
+    match = rules.to_hf_template(name, span)
+    if match is None or match.kind not in (AMAX, FANOUT, WEIGHT):
+        return None
+    start, end = span
+    around = tuple(tuple(hf.split("*")) for hf in match.hf)
+    if match.kind != WEIGHT and any(len(parts) != 2 for parts in around):  # the expert once in each HF name
+        return None
+    return Template(match.kind, (name[:start], name[end:]), () if match.kind == WEIGHT else around)
 
 
 def entry_names(meta: dict) -> list[str]:
@@ -102,41 +108,3 @@ def entry_names(meta: dict) -> list[str]:
         else:
             out.append(name)
     return out
-
-
-def _run(head: str, tail: str, shape, members: list[tuple[int, int]], matches: list) -> Run | None:
-    """The run of ``members`` ((expert, entry), by expert, at least two, each named ``head`` + its
-    expert + ``tail``), or ``None`` where their HF names are not exactly what one template per HF
-    name gives for each expert."""
-    (first, one), (second, two) = members[0], members[1]
-    templates = []
-    for this, other in zip(matches[one].hf, matches[two].hf):
-        found = _around(this, str(first), other, str(second))
-        if found is None:
-            return None
-        templates.append(found)
-    run = Run(first, len(members), (head, tail), tuple(templates), tuple(shape))
-    # A member's Megatron name is head + its digits + tail by construction (no leading zeros: see
-    # fold_expert_runs); its HF names, as the rank resolved them, must be the templates filled in.
-    sized = [(h, t, len(h) + len(t)) for h, t in templates]
-    for expert, entry in members:
-        digits, hf = str(expert), matches[entry].hf
-        if len(hf) != len(sized):
-            return None
-        for name, (h, t, fixed) in zip(hf, sized):
-            if not (len(name) == fixed + len(digits) and name.startswith(h) and name.endswith(t)
-                    and name.startswith(digits, len(h))):
-                return None
-    return run
-
-
-def _around(this: str, digits: str, other: str, other_digits: str) -> tuple[str, str] | None:
-    """``this`` split around its expert index: the one place holding ``digits`` (bounded by non-digits)
-    where putting ``other_digits`` instead gives ``other``, the same name for another expert."""
-    places = []
-    for i in range(len(this)):
-        end = i + len(digits)
-        if (this.startswith(digits, i) and (i == 0 or not this[i - 1].isdigit())
-                and not this[end:end + 1].isdigit() and this[:i] + other_digits + this[end:] == other):
-            places.append((this[:i], this[end:]))
-    return places[0] if len(places) == 1 else None

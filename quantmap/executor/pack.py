@@ -20,10 +20,11 @@ from typing import Mapping
 import torch
 
 from quantmap.executor.groups import Placement
-from quantmap.executor.expert_runs import fold_expert_runs
-from quantmap.executor.naming import globalizer, is_expert, placement_experts
+from quantmap.executor.expert_runs import expert_groups, template
+from quantmap.executor.naming import globalizer, is_expert
 from quantmap.executor.report import ExecutorError
-from quantmap.executor.values import check_values, copy_digest, owns, replicated
+from quantmap.executor.values import check_values, copy_digest, owns, quiet, replicated, scalar_digests
+from quantmap.gc_pause import paused_gc
 from quantmap.io.shards import LazyShard
 from quantmap.rules import WEIGHT
 
@@ -87,51 +88,112 @@ def empty_meta(placement: Placement, error: str | None = None) -> dict:
 
 def pack(rules, state: Mapping, placement: Placement) -> Packed:
     """Claim and pack ``state`` (local names → tensors); exceptions propagate to the caller."""
-    layout, coords = placement.layout, placement.coords
+    layout = placement.layout
     if isinstance(state, LazyShard):
-        state.check_coordinates(layout, coords)
-    owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
-    compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
-    meta = empty_meta(placement)
-    values, read, matches = [], [], []
-    globalize = globalizer(layout, coords)
-    for local in state.keys():
-        name, local_layer, local_expert, span = globalize(local)
+        state.check_coordinates(layout, placement.coords)
+    packing = _Packing(rules, state, placement)
+    with paused_gc():  # 10^4 names and their entries: acyclic, and scanned again and again otherwise
+        groups, singles = expert_groups(state.keys(), layout.experts_per_rank)
+        for local in singles:
+            packing.one(local)
+        for members in groups:
+            if not packing.run(members):
+                for local in members:
+                    packing.one(local)
+        return packing.packed()
+
+
+class _Packing:
+    """One rank's pack in progress: its metadata, the values it sends, and what it read (to check)."""
+
+    def __init__(self, rules, state: Mapping, placement: Placement):
+        layout, coords = placement.layout, placement.coords
+        self.rules, self.state = rules, state
+        self.owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
+        self.compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
+        self.meta = empty_meta(placement)
+        self.values: list[torch.Tensor] = []
+        self.read: list[tuple[str, torch.Tensor]] = []  # (name, value) of every tensor read, for check_values
+        self.globalize = globalizer(layout, coords)
+
+    def one(self, local: str) -> None:
+        """Claim, read and pack one local name."""
+        meta = self.meta
+        name, local_layer, local_expert, _ = self.globalize(local)
         _note_indices(meta, local_layer, local_expert)
-        match = rules.to_hf(name)
+        match = self.rules.to_hf(name)
         if match is None:
             meta["unclaimed"].append(name)
-            continue
+            return
         expert = is_expert(name)
         if match.kind == WEIGHT:
-            meta["weights"] += owner[expert]
-            continue
-        if not (owner[expert] or compared[expert]):
-            continue
+            meta["weights"] += self.owner[expert]
+            return
+        if not (self.owner[expert] or self.compared[expert]):
+            return
+        value = self._value(local)
+        self.read.append((name, value))
+        if self.compared[expert]:
+            meta["copies"][name] = copy_digest(value)
+        if self.owner[expert]:
+            self._append(name, value, value.dtype, tuple(value.shape))
+            meta["experts"] += expert
+
+    def run(self, members: list[str]) -> bool:
+        """Claim, read and pack a group of local names (experts ``0..n-1`` of one quantizer, see
+        :func:`expert_groups`) as one run; ``False``, with nothing done, where the index cannot prove
+        one template for them or their values are not one-element tensors of one dtype."""
+        meta = self.meta
+        name, local_layer, _, span = self.globalize(members[0])
+        found = template(self.rules, name, span)
+        if found is None:
+            return False
+        expert = is_expert(name)
+        if found.kind == WEIGHT:
+            meta["weights"] += self.owner[expert] * len(members)
+        elif self.owner[expert] or self.compared[expert]:
+            values = [self._value(local) for local in members]
+            dtype, shape = values[0].dtype, tuple(values[0].shape)
+            if any(value.dtype != dtype or tuple(value.shape) != shape for value in values) or math.prod(shape) != 1:
+                return False
+            stacked = torch.stack(values).reshape(len(values))
+            run = found.run(int(name[span[0]:span[1]]), len(members), shape)
+            names = None
+            if not quiet(stacked, amax=name.endswith("amax")):  # checked one by one: the messages name each
+                names = run.megatron_names()
+                self.read += zip(names, values)
+            if self.compared[expert]:
+                names = names or run.megatron_names()
+                meta["copies"].update(zip(names, scalar_digests(stacked, shape)))
+            if self.owner[expert]:
+                meta["runs"][len(self.values)] = run
+                self._append(name, stacked, dtype, (run.count,))
+                meta["experts"] += run.count
+        _note_indices(meta, local_layer, len(members) - 1)
+        return True
+
+    def _value(self, local: str) -> torch.Tensor:
         try:
-            value = state[local]
+            value = self.state[local]
         except Exception as error:
             raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
                             f"or a safetensors shard")
-        if value.requires_grad:  # a live model's parameter
-            value = value.detach()
-        read.append((name, value))
-        if compared[expert]:
-            meta["copies"][name] = copy_digest(value)
-        if not owner[expert]:
-            continue
-        values.append(value)
-        matches.append((match, span))
+        return value.detach() if value.requires_grad else value  # a live model's parameter
+
+    def _append(self, name: str, value: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        meta = self.meta
+        self.values.append(value)
         meta["names"].append(name)
-        meta["experts"] += expert
-        meta["dtypes"].append(value.dtype)
-        meta["shapes"].append(tuple(value.shape))
-    meta["uncalibrated"] = check_values(read)
-    values = fold_expert_runs(meta, values, matches, placement_experts(layout, coords))
-    meta["offsets"], meta["size"] = offsets(meta, range(len(values)))
-    return Packed(meta, values)
+        meta["dtypes"].append(dtype)
+        meta["shapes"].append(shape)
+
+    def packed(self) -> Packed:
+        meta = self.meta
+        meta["uncalibrated"] = check_values(self.read)
+        meta["offsets"], meta["size"] = offsets(meta, range(len(self.values)))
+        return Packed(meta, self.values)
 
 
 def offsets(meta: dict, entries) -> tuple[array, int]:

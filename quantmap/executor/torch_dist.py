@@ -18,7 +18,7 @@ from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
-from quantmap.io.torch_dist.metadata import paused_gc
+from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.torch_dist.write import Written, write_into

@@ -87,13 +87,28 @@ def _listing(problems: list[str]) -> str:
     return "bad quantizer values: " + "; ".join(problems[:_LISTED]) + more
 
 
+def quiet(values: torch.Tensor, amax: bool) -> bool:
+    """Whether :func:`check_values` would find nothing in ``values`` (an expert run's, stacked): floating
+    point, finite and, for an amax, above zero. Only a run that is not quiet is checked name by name."""
+    if not values.dtype.is_floating_point:
+        return False
+    with torch.no_grad():
+        return bool(torch.isfinite(values).all()) and (not amax or bool((values > 0).all()))
+
+
 def copy_digest(value: torch.Tensor):
     """What a replica's copy is compared by: dtype, shape and the value (a scalar) or an 8-byte hash."""
     value = value.detach().cpu().contiguous()
     if value.numel() == 1:
-        return _dtype(value), tuple(value.shape), value.item()
+        return scalar_digests(value.reshape(1), tuple(value.shape))[0]
     raw = (ctypes.c_ubyte * (value.numel() * value.element_size())).from_address(value.data_ptr())  # no copy
     return _dtype(value), tuple(value.shape), hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def scalar_digests(values: torch.Tensor, shape: tuple[int, ...]) -> list[tuple]:
+    """The :func:`copy_digest` of each of ``values`` (one-element tensors of ``shape``, stacked)."""
+    dtype = _dtype(values)
+    return [(dtype, shape, value) for value in values.detach().cpu().tolist()]
 
 
 def replica_disagreements(metas: Sequence[dict]) -> list[str]:

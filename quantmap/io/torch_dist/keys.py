@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from quantmap.io.torch_dist.metadata import Entry, TorchDistError, paused_gc
+from quantmap.gc_pause import paused_gc
+from quantmap.io.torch_dist.metadata import Entry, TorchDistError
 
 _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")

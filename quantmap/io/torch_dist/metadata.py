@@ -13,11 +13,11 @@ checkpoint's metadata (:mod:`quantmap.io.torch_dist.write`).
 
 from __future__ import annotations
 
-import gc
 import pickle
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
+
+from quantmap.gc_pause import paused_gc
 
 METADATA_FILE = ".metadata"
 
@@ -173,19 +173,6 @@ class _Storage:
                                  f"storage record; the .metadata is damaged")
         return Chunk(offsets or (), sizes or (), info.relative_path, info.offset, info.length,
                      bool(info.__dict__.get("transform_descriptors")))
-
-
-@contextmanager
-def paused_gc():
-    """Python's cyclic collector off while 10⁵-10⁶ acyclic objects are built: it would otherwise scan
-    them again and again as they accumulate (two thirds of the time of unpickling a big .metadata)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
