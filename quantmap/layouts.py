@@ -103,6 +103,12 @@ class TensorParallel:
                           "--param hidden_size=N (or --config config.json)")
         if length % self.rows:
             raise OpError(f"{whose} tensor has {length} elements on dim 0, not a multiple of hidden_size={self.rows}")
+        # A per-channel amax has one element per row: any other length means hidden_size is wrong,
+        # and reading the extra rows as blocks would put them in the wrong places.
+        if self.block_size == 0 and length != self.rows:
+            raise OpError(f"a per-channel amax (weight_block_size=0) of a row-parallel layer has hidden_size="
+                          f"{self.rows} rows, but {whose} tensor has {length}; check --param hidden_size (or "
+                          f"--config), or pass weight_block_size=N if the amax is per block")
         return length // self.rows
 
     def to_json(self) -> dict:
