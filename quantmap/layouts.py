@@ -200,9 +200,12 @@ def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...]
         units, cut = (1, 1), Split(dim, (1, 1))
     else:
         heads, groups = params.get("num_attention_heads") or 0, params.get("num_query_groups") or 0
-        if not heads or not groups or heads % groups:
+        if not heads or not groups:
             return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups "
                           "(pass --param, or --config config.json)")
+        if heads % groups:
+            return None, (f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}, so the "
+                          f"query heads do not share the key/value heads evenly; check --param (or --config)")
         # Megatron interleaves per query group: heads/groups query heads, then one key and one value head.
         units, cut = (heads, groups, groups), Split(dim, (heads // groups, 1, 1), groups, params.get("head_dim") or 1)
     if hf_parts is None:

@@ -190,3 +190,15 @@ def test_a_per_channel_row_parallel_amax_of_another_length_than_hidden_size_is_r
     with pytest.raises(OpError, match=r"per-channel.*hidden_size=32 rows.*has 64"):
         tp.scatter(2, (64, 1))
     assert isinstance(tp.gather(2, (32, 1))[0], Max) and tp.scatter(2, (32, 1)) is None
+
+
+@pytest.mark.parametrize("heads, groups, words", [
+    (0, 2, "needs the spec parameters num_attention_heads and num_query_groups"),
+    (3, 2, "num_attention_heads=3 is not a multiple of num_query_groups=2"),
+    (4, 0, "needs the spec parameters"),
+])
+def test_qkv_head_counts_that_cannot_interleave_say_which(heads, groups, words):
+    """Head counts that were given but do not fit each other are named, not reported as missing."""
+    layout = derive("weight_quantizer._amax", "column", "qkv", ("q", "k", "v"), None,
+                    dict(num_attention_heads=heads, num_query_groups=groups, head_dim=16))
+    assert layout.ops is None and words in layout.reason
