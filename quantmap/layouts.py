@@ -103,6 +103,12 @@ class TensorParallel:
                           "--param hidden_size=N (or --config config.json)")
         if length % self.rows:
             raise OpError(f"{whose} tensor has {length} elements on dim 0, not a multiple of hidden_size={self.rows}")
+        # A per-channel amax has one element per row: any other length means hidden_size is wrong,
+        # and reading the extra rows as blocks would put them in the wrong places.
+        if self.block_size == 0 and length != self.rows:
+            raise OpError(f"a per-channel amax (weight_block_size=0) of a row-parallel layer has hidden_size="
+                          f"{self.rows} rows, but {whose} tensor has {length}; check --param hidden_size (or "
+                          f"--config), or pass weight_block_size=N if the amax is per block")
         return length // self.rows
 
     def to_json(self) -> dict:
@@ -194,9 +200,12 @@ def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...]
         units, cut = (1, 1), Split(dim, (1, 1))
     else:
         heads, groups = params.get("num_attention_heads") or 0, params.get("num_query_groups") or 0
-        if not heads or not groups or heads % groups:
+        if not heads or not groups:
             return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups "
                           "(pass --param, or --config config.json)")
+        if heads % groups:
+            return None, (f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}, so the "
+                          f"query heads do not share the key/value heads evenly; check --param (or --config)")
         # Megatron interleaves per query group: heads/groups query heads, then one key and one value head.
         units, cut = (heads, groups, groups), Split(dim, (heads // groups, 1, 1), groups, params.get("head_dim") or 1)
     if hf_parts is None:

@@ -26,7 +26,8 @@ names). A marked mapping applies to the layers of its kinds only, whatever their
 one to every layer, by the dense/MoE rule above. The layouts are chosen per kind of layer too.
 
 Captures take their values from the size: a capture is an expert when it is the expert of a
-grouped block or follows an ``experts.`` segment, an MTP layer when it follows Megatron-Core's
+grouped block or follows an ``experts.`` segment or a per-expert weight quantizer's
+``weight_quantizer.`` (``_weight_quantizers.`` in memory), an MTP layer when it follows Megatron-Core's
 ``mtp.layers.`` or either side shifts it by a parameter (``model.layers.{num_layers + i}``), and a
 layer otherwise; a mapping of one MTP layer (``mtp.layers.0.eh_proj``) is listed when the model has
 that layer. The MTP layers are a layer of their own: listed whatever the decoder layers' kinds, their
@@ -49,7 +50,10 @@ from quantmap.ruleset import RuleSet
 
 MEGATRON = "megatron"
 HF = "hf"
-_EXPERT_SEGMENT = re.compile(r"(?:^|\.)(?:local_)?experts\.$")
+# The literal before an expert capture: an ``experts.`` segment, or a per-expert weight quantizer's
+# index (ModelOpt 0.47's grouped ``linear_fc1.weight_quantizer.{E}``, transformers v5's in-memory
+# ``gate_up_proj_weight_quantizers.{E}``).
+_EXPERT_SEGMENT = re.compile(r"(?:^|\.)(?:local_)?experts\.$|[._]weight_quantizers?\.$")
 _DENSE_MLP = re.compile(r"(?:^|\.)mlp\.linear_fc\d")
 _MOE_MLP = re.compile(r"(?:^|\.)mlp\.(?:router|experts|shared_experts)\.")
 _MTP_LAYERS = re.compile(r"(?:^|\.)mtp\.layers\.$")  # Megatron-Core's MultiTokenPredictionBlock.layers

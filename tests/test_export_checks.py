@@ -13,6 +13,7 @@ import torch
 import quantmap
 from executor_support import global_state, rules_for, run_ranks, shard
 from quantmap.executor import ExecutorError, Layout, export_offline
+from quantmap.io.shards import LazyShard
 
 
 def test_a_layout_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path):
@@ -84,3 +85,22 @@ def test_a_disagreement_is_reported_once_however_often_the_tensors_are_built(tmp
     result.state_dict()
     assert len(result.report.disagreements) == 1
     assert result.report.written == len(result.state_dict())
+
+
+def test_a_fan_in_disagreement_names_the_source_that_differs_and_its_value():
+    """Real ModelOpt state (tests/data/megatron, TP=2, 4 SequentialMLP experts, FP8): the experts'
+    input amax agree, so one expert is raised to 5 on both TP ranks. The report names that expert and
+    shows 5 next to the others' value, not the first four copies (experts 0 and 1, all equal)."""
+    data = Path(__file__).parent / "data" / "megatron"
+    layout = Layout(tp=2, num_layers=2, num_experts=4)
+    ranks = [dict(LazyShard(data / f"state_fp8_default_kv_moeseq_tp2pp1ep1_rank{r}.safetensors").items())
+             for r in range(2)]
+    source = "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.input_quantizer._amax"
+    for state in ranks:
+        state[source] = torch.tensor(5.0)
+    rules = quantmap.compile("qwen3_moe", hf_naming="in-memory", num_experts=4)
+    result = export_offline(rules, ranks, layout)
+    result.state_dict()  # the copies are compared as the tensors are built
+    (note,) = result.report.disagreements
+    assert note.startswith("model.layers.0.mlp.experts.gate_up_proj_input_quantizer._amax: its 4 Megatron source(s)")
+    assert f"{source} (rank 0): 5" in note and "local_experts.0.linear_fc1.input_quantizer._amax (rank 0): 3.89993" in note

@@ -326,3 +326,19 @@ def test_gpt_oss_megatron_names_give_each_expert_its_weights_and_biases(grouped)
         else ["local_experts.{e}.linear_fc{fc}.bias", "local_experts.{e}.linear_fc{fc}.weight",
               "local_experts.{e}.linear_fc{fc}.weight_quantizer._amax"]
     assert experts == sorted(form.format(fc=fc, e=e) for form in each for fc in (1, 2) for e in range(2))
+
+
+@pytest.mark.parametrize("naming", ["on-disk", "in-memory"])
+def test_per_expert_weight_quantizers_are_listed_once_per_expert_not_per_layer(naming):
+    """ModelOpt 0.47's grouped ``linear_fc1.weight_quantizer.{E}`` and transformers v5's in-memory
+    ``gate_up_proj_weight_quantizers.{E}``: the index is the expert (3 layers, 4 experts: 0..3 in each
+    layer; it was 0..2, one per layer)."""
+    rules = quantmap.compile("qwen3_moe", naming, num_experts=4)
+    size = ModelSize(3, experts=4, grouped=True)
+    megatron = [n for n in model_names(rules, MEGATRON, size) if ".linear_fc1.weight_quantizer." in n]
+    assert megatron == [f"decoder.layers.{layer}.mlp.experts.linear_fc1.weight_quantizer.{e}._amax"
+                        for layer in range(3) for e in range(4)]
+    if naming == "in-memory":
+        hf = [n for n in model_names(rules, HF, size) if "gate_up_proj_weight_quantizers" in n]
+        assert hf == [f"model.layers.{layer}.mlp.experts.gate_up_proj_weight_quantizers.{e}._amax"
+                      for layer in range(3) for e in range(4)]

@@ -178,3 +178,27 @@ def test_a_fused_experts_layout_stacks_interleaves_and_transposes_and_reverses_e
             assert torch.equal(hf[e], tensor)
     back = apply(reverse(layout.ops), [hf])
     assert len(back) == len(megatron) and all(torch.equal(a, b) for a, b in zip(back, megatron))
+
+
+def test_a_per_channel_row_parallel_amax_of_another_length_than_hidden_size_is_refused():
+    """weight_block_size=0 says per-channel, whose row-parallel amax is exactly hidden_size rows on
+    every rank: a rank holding twice that means hidden_size is wrong, not that the rows are blocks
+    (found exporting the real INT8 fixture with --param hidden_size=32: o_proj came out [128, 1])."""
+    tp = TensorParallel(ROWS, rows=32, block_size=0)
+    with pytest.raises(OpError, match=r"per-channel.*hidden_size=32 rows.*has 64"):
+        tp.gather(2, (64, 1))
+    with pytest.raises(OpError, match=r"per-channel.*hidden_size=32 rows.*has 64"):
+        tp.scatter(2, (64, 1))
+    assert isinstance(tp.gather(2, (32, 1))[0], Max) and tp.scatter(2, (32, 1)) is None
+
+
+@pytest.mark.parametrize("heads, groups, words", [
+    (0, 2, "needs the spec parameters num_attention_heads and num_query_groups"),
+    (3, 2, "num_attention_heads=3 is not a multiple of num_query_groups=2"),
+    (4, 0, "needs the spec parameters"),
+])
+def test_qkv_head_counts_that_cannot_interleave_say_which(heads, groups, words):
+    """Head counts that were given but do not fit each other are named, not reported as missing."""
+    layout = derive("weight_quantizer._amax", "column", "qkv", ("q", "k", "v"), None,
+                    dict(num_attention_heads=heads, num_query_groups=groups, head_dim=16))
+    assert layout.ops is None and words in layout.reason

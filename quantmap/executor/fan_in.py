@@ -47,12 +47,15 @@ class Gathered:
         self._by_target.setdefault(target, []).append((name, peers))
         self._expected[target] = experts
 
-    def targets(self) -> list[tuple[str, list[str], list[tuple[int, int]]]]:
-        """Per HF tensor, in name order: its target, its source names and every copy of them."""
+    def targets(self) -> list[tuple[str, list[str], list[tuple[int, int]], tuple[str, ...]]]:
+        """Per HF tensor, in name order: its target, its source names, every copy of them and each
+        copy's label for a report (its source name and rank)."""
         out = []
         for target in sorted(self._by_target, key=natural):
             named = sorted(self._by_target[target], key=lambda pair: natural(pair[0]))
-            out.append((target, [name for name, _ in named], [copy for _, peers in named for copy in peers]))
+            copies = [(name, copy) for name, peers in named for copy in peers]
+            out.append((target, [name for name, _ in named], [copy for _, copy in copies],
+                        tuple(f"{name} (rank {rank})" for name, (rank, _) in copies)))
         return out
 
     def short(self, target: str, names: list[str]) -> str | None:

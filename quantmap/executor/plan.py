@@ -156,7 +156,8 @@ class Plan:
         self.items = _Items()
         self._disagreeing: set[str] = set()
         self._fan_in = Gathered()
-        self._fan_in_targets: dict[str, tuple[str, int]] = {}  # item name -> (HF target, source count)
+        # item name -> (HF target, source count, each copy's label)
+        self._fan_in_targets: dict[str, tuple[str, int, tuple[str, ...]]] = {}
         self._members: dict[int, set[str]] = {}
         self._build()
         self.report.written = self.items.names_total()
@@ -186,7 +187,8 @@ class Plan:
         """The item's tensors: one shared by every HF name, or one per name when shaped; disagreeing
         copies combined by ``max`` go to the report."""
         parts = [unpack(buffers[rank], self.metas[rank], index) for rank, index in item.sources]
-        labels = [f"rank {rank}" for rank, _ in item.sources]
+        fan_in = self._fan_in_targets.get(item.megatron)
+        labels = list(fan_in[2]) if fan_in else [f"rank {rank}" for rank, _ in item.sources]
         if item.combine == ONE:
             return parts
         if item.combine == SHAPED:
@@ -217,7 +219,7 @@ class Plan:
 
     def _disagreement(self, item: Item, spread: str) -> str:
         if item.megatron in self._fan_in_targets:
-            target, count = self._fan_in_targets[item.megatron]
+            target, count, _ = self._fan_in_targets[item.megatron]
             return f"{target}: its {count} Megatron source(s) differ ({spread}); exported the max"
         return f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max"
 
@@ -404,7 +406,7 @@ class Plan:
 
     def _add_fan_ins(self, errors: list[str]) -> None:
         """One item per fan-in HF tensor, once every name's sources are gathered."""
-        for target, names, copies in self._fan_in.targets():
+        for target, names, copies, labels in self._fan_in.targets():
             problem = self._fan_in.short(target, names)
             if problem:
                 errors.append(problem)
@@ -414,7 +416,7 @@ class Plan:
                 errors.append(f"{target}: its Megatron sources have different dtypes ({sorted(map(str, dtypes))})")
                 continue
             self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), (target,), 1))
-            self._fan_in_targets[names[0]] = (target, len(names))
+            self._fan_in_targets[names[0]] = (target, len(names), labels)
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
         """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""

@@ -67,15 +67,21 @@ def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.T
     combine by elementwise max; the second value describes them when they do not agree."""
     stacked = torch.stack(parts)
     out = stacked.amax(0)
-    if bool((stacked == out).all()):
+    equal = (stacked == out).reshape(len(parts), -1)
+    if bool(equal.all()):
         return out, None
-    return out, copies_shown(labels, [part.flatten()[0].item() for part in parts[:4]], len(parts))
+    # Shown where they disagree: at the first element some copy falls short of the max, the first copy
+    # holding the max there and up to three below it (the first four copies may all agree).
+    at = stacked.reshape(len(parts), -1)[:, int((~equal).any(0).nonzero()[0])]
+    below = (at != at.max()).nonzero().flatten().tolist()
+    shown = [int((at == at.max()).nonzero()[0])] + below[:3]
+    return out, copies_shown([labels[i] for i in shown], [at[i].item() for i in shown], len(parts))
 
 
 def copies_shown(labels: list[str], values: list[float], count: int) -> str:
-    """Copies that differ as a report shows them: the first four values, labelled."""
+    """Copies that differ as a report shows them: at most four values, labelled (``count``: of how many)."""
     shown = ", ".join(f"{label}: {value:g}" for label, value in zip(labels[:4], values[:4]))
-    return shown + (", ..." if count > 4 else "")
+    return shown + (", ..." if count > min(len(labels), 4) else "")
 
 
 class _Unplaced(Exception):
