@@ -298,6 +298,57 @@ def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
     assert [m for m in disabled if m != "lm_head" and rules.to_megatron(f"{m}.weight_quantizer._amax")] == []
 
 
+# What --hf-naming in-memory does not map yet (docs/specs.md): transformers v5 renames the whole
+# model in memory (NemotronH: backbone.* -> model.*), or nests the VLM's decoder (model.language_model.*).
+NOT_IN_MEMORY = {"nemotron_h", "qwen2_5_vl"}
+# ModelOpt's own wrappers for these expert modules, not its generic _QuantFusedExperts (huggingface.py
+# _fused_experts_wrapper_class: "non-standard layouts ... have their own explicit registrations").
+OWN_EXPERTS_WRAPPER = {"GptOssExperts"}
+
+
+def _fused_expert_quantizers(model) -> list[str]:
+    """The quantizer buffers ModelOpt's generic fused-experts wrapper gives a live model (ModelOpt
+    huggingface.py _QuantFusedExperts: any module with ``num_experts`` and 3-D ``gate_up_proj`` (or,
+    non-gated, ``up_proj``) and ``down_proj`` gets ``<tensor>_weight_quantizers.{E}`` and one
+    ``<tensor>_input_quantizer`` per tensor)."""
+    import torch
+
+    out = []
+    for name, module in model.named_modules():
+        down = getattr(module, "down_proj", None)
+        if (type(module).__name__ in OWN_EXPERTS_WRAPPER or not hasattr(module, "num_experts")
+                or not isinstance(down, torch.Tensor) or down.dim() != 3):
+            continue
+        first = "gate_up_proj" if isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) else "up_proj"
+        for tensor in (first, "down_proj"):
+            out.append(f"{name}.{tensor}_input_quantizer._amax")
+            out += [f"{name}.{tensor}_weight_quantizers.{e}._amax" for e in range(module.num_experts)]
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - NOT_IN_MEMORY))
+def test_every_in_memory_name_of_a_live_model_is_claimed_and_its_fused_expert_quantizers_resolve_both_ways(arch):
+    """Under --hf-naming in-memory, every name of the live model's state_dict is claimed or excluded
+    (a tied head aside: the spec drops it), and every fused-expert quantizer ModelOpt would give it goes
+    to Megatron and back."""
+    rules = quantmap.compile(arch, "in-memory", **PARAMS.get(arch, {}))
+    names, quantizers = [], []
+    for config in variants(arch):
+        model = build(arch, config)
+        names += [n for n in model.state_dict() if n not in names and not (arch in TIED and n == "lm_head.weight")]
+        quantizers += [n for n in _fused_expert_quantizers(model) if n not in quantizers]
+    report = check(rules, hf=names)
+    assert report.findings == (), report.to_text()
+    for name in quantizers:
+        match = rules.to_megatron(name)
+        assert match is not None, name
+        back = rules.to_hf(match.source_names([0])[0] if "*" in match.megatron else match.megatron)
+        assert name in (back.expanded or back.hf), (name, match.megatron)
+    moe = {"qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe",
+           "ernie4_5_moe", "minimax_m2", "qwen3_5_moe", "qwen3_next"}
+    assert bool(quantizers) == (arch in moe)
+
+
 # Megatron-Bridge 0.6.2 (src/megatron/bridge/models/gpt_oss/gpt_oss_bridge.py), restated: how it turns
 # gpt-oss's HF expert tensors into Megatron's per-expert ones (hf_to_megatron) and back (megatron_to_hf,
 # whose per-expert results its grouped export stacks on dim 0, model_bridge._accumulate_grouped_export).
