@@ -13,7 +13,8 @@ Derivations, per mapping:
   the weight.
 
 A mapping with ``hf_naming`` is compiled only under that HF naming (``on-disk``, the default, or
-``in-memory``); one without it under both.
+``in-memory``); one without it under both, with the spec's ``in_memory_renames`` applied to its HF
+names in memory.
 
 What cannot be derived is reported as a warning with the reason, never dropped silently; what
 is wrong is an error at the spec location that caused it.
@@ -22,7 +23,7 @@ is wrong is an error at the spec location that caused it.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
@@ -56,6 +57,8 @@ def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None, hf_na
     live model's quantizers); raises :class:`SpecError` on any error."""
     if hf_naming not in HF_NAMINGS:
         raise ValueError(f"hf_naming must be 'on-disk' or 'in-memory', not {hf_naming!r}")
+    if hf_naming == "in-memory" and spec.in_memory_renames:
+        spec = _renamed_in_memory(spec)
     context = _Context(spec, _bind_params(spec, params or {}), [], [])
     rules: list[Rule] = []
     for mapping in spec.mappings:
@@ -70,6 +73,19 @@ def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None, hf_na
     if context.errors:
         raise SpecError(context.errors)
     return RuleSet(spec, tuple(rules), index, tuple(context.warnings), context.params)
+
+
+def _renamed_in_memory(spec: ResolvedSpec) -> ResolvedSpec:
+    """The spec as a live transformers v5 model names it: its ``in_memory_renames`` applied to the HF
+    side of every mapping that serves both namings, and of every HF exclusion (a mapping marked
+    ``hf_naming: in-memory`` is written in those names already)."""
+    def renamed(name: str) -> str:
+        old = next((old for old in spec.in_memory_renames if name.startswith(old)), None)
+        return name if old is None else spec.in_memory_renames[old] + name[len(old):]
+
+    mappings = tuple(m if m.spec.hf_naming is not None else replace(m, hf=tuple((part, renamed(text)) for part, text in m.hf))
+                     for m in spec.mappings)
+    return replace(spec, mappings=mappings, exclude_hf=tuple(map(renamed, spec.exclude_hf)))
 
 
 def infer_kind(mapping: SourcedMapping) -> str:

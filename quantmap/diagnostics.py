@@ -36,6 +36,7 @@ CODES: dict[str, str] = {
     "QM042": "drop names no inherited mapping",
     "QM043": "use names no block",
     "QM044": "hybrid layer kinds that do not fit the spec",
+    "QM045": "in_memory_renames that cannot apply one way",
     "QM050": "missing run-time parameter",
     "QM060": "no quantizer rules derived for a mapping",
     "QM061": "no KV-cache rules derived for an attention mapping",

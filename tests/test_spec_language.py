@@ -435,3 +435,56 @@ def test_a_hybrid_section_that_does_not_fit_the_spec_is_an_error_at_its_place(tm
     lines = textwrap.dedent(text).splitlines()
     line = next(number for number, content in enumerate(lines, 1) if at in content)
     assert error.location.line == line
+
+
+# --- in_memory_renames --------------------------------------------------------------------------------
+
+RENAMED_SPEC = """\
+    name: renamed
+    in_memory_renames: {"backbone.": "model."}
+    mappings:
+      - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: backbone.layers.*.mixer.down_proj.weight, parallel: row}
+      - {megatron: decoder.layers.*.mlp.router.weight, hf: backbone.layers.*.mixer.gate.weight, quantizers: [],
+         hf_naming: on-disk}
+      - {megatron: decoder.layers.*.mlp.router.weight, hf: model.layers.*.mixer.router.weight, quantizers: [],
+         hf_naming: in-memory}
+    exclude:
+      hf: ["backbone.layers.*.mixer.D"]
+    """
+
+
+def test_in_memory_renames_apply_in_memory_to_what_serves_both_namings(tmp_path):
+    path = write(tmp_path, RENAMED_SPEC)
+    on_disk, in_memory = quantmap.compile(str(path)), quantmap.compile(str(path), "in-memory")
+    name = "decoder.layers.3.mlp.linear_fc2.weight_quantizer._amax"
+    assert on_disk.to_hf(name).hf == ("backbone.layers.3.mixer.down_proj.weight_quantizer._amax",)
+    assert in_memory.to_hf(name).hf == ("model.layers.3.mixer.down_proj.weight_quantizer._amax",)
+    assert in_memory.to_megatron("model.layers.3.mixer.down_proj.weight_quantizer._amax").megatron == name
+    assert in_memory.to_megatron("backbone.layers.3.mixer.down_proj.weight") is None
+    # A mapping written for one naming keeps its names; the exclusions are renamed with the mappings.
+    assert in_memory.to_hf("decoder.layers.3.mlp.router.weight").hf == ("model.layers.3.mixer.router.weight",)
+    assert on_disk.to_hf("decoder.layers.3.mlp.router.weight").hf == ("backbone.layers.3.mixer.gate.weight",)
+    assert check(in_memory, hf=["model.layers.0.mixer.D", "model.layers.0.mixer.down_proj.weight"]).findings == ()
+    assert [f.name for f in check(in_memory, hf=["backbone.layers.0.mixer.D"]).findings] == ["backbone.layers.0.mixer.D"]
+
+
+def test_in_memory_renames_are_inherited_unless_set(tmp_path):
+    write(tmp_path, RENAMED_SPEC, name="base.yaml")
+    child = write(tmp_path, "name: child\nextends: base.yaml\n", name="child.yaml")
+    assert load_spec(child).in_memory_renames == {"backbone.": "model."}
+    own = write(tmp_path, "name: own\nextends: base.yaml\nin_memory_renames: {}\n", name="own.yaml")
+    assert load_spec(own).in_memory_renames == {}
+
+
+@pytest.mark.parametrize("renames, said", [('{"model.": "model.language_model.", "model.layers.": "x."}', "is the start of"),
+                                          ('{"": "model."}', "empty prefix")])
+def test_in_memory_renames_that_could_apply_two_ways_are_refused_where_written(tmp_path, renames, said):
+    path = write(tmp_path, f"""\
+        name: ambiguous
+        in_memory_renames: {renames}
+        mappings:
+          - {{megatron: output_layer.weight, hf: lm_head.weight}}
+        """)
+    [error] = diagnostics(path)
+    assert error.code == "QM045" and said in error.message
+    assert (error.location.line, error.location.column) == (2, 20) and error.hint

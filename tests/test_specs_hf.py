@@ -298,9 +298,6 @@ def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
     assert [m for m in disabled if m != "lm_head" and rules.to_megatron(f"{m}.weight_quantizer._amax")] == []
 
 
-# What --hf-naming in-memory does not map yet (docs/specs.md): transformers v5 renames the whole
-# model in memory (NemotronH: backbone.* -> model.*), or nests the VLM's decoder (model.language_model.*).
-NOT_IN_MEMORY = {"nemotron_h", "qwen2_5_vl"}
 # ModelOpt's own wrappers for these expert modules, not its generic _QuantFusedExperts (huggingface.py
 # _fused_experts_wrapper_class: "non-standard layouts ... have their own explicit registrations").
 OWN_EXPERTS_WRAPPER = {"GptOssExperts"}
@@ -326,7 +323,7 @@ def _fused_expert_quantizers(model) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - NOT_IN_MEMORY))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_in_memory_name_of_a_live_model_is_claimed_and_its_fused_expert_quantizers_resolve_both_ways(arch):
     """Under --hf-naming in-memory, every name of the live model's state_dict is claimed or excluded
     (a tied head aside: the spec drops it), and every fused-expert quantizer ModelOpt would give it goes
@@ -345,7 +342,7 @@ def test_every_in_memory_name_of_a_live_model_is_claimed_and_its_fused_expert_qu
         back = rules.to_hf(match.source_names([0])[0] if "*" in match.megatron else match.megatron)
         assert name in (back.expanded or back.hf), (name, match.megatron)
     moe = {"qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "qwen2_moe", "deepseek_v2", "kimi_k2", "glm4_moe",
-           "ernie4_5_moe", "minimax_m2", "qwen3_5_moe", "qwen3_next"}
+           "ernie4_5_moe", "minimax_m2", "qwen3_5_moe", "qwen3_next", "nemotron_h"}
     assert bool(quantizers) == (arch in moe)
 
 

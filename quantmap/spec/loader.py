@@ -66,6 +66,7 @@ class ResolvedSpec:
     files: tuple[str, ...] = field(default=())
     blocks: dict[str, tuple[SourcedMapping, ...]] = field(default_factory=dict)  # as written, no prefix
     hybrid: Hybrid | None = None  # the kinds of decoder layer of a hybrid model
+    in_memory_renames: dict[str, str] = field(default_factory=dict)  # on-disk HF prefix -> in-memory prefix
 
 
 def load_spec(spec: str | Path) -> ResolvedSpec:
@@ -345,7 +346,25 @@ def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpe
         files=(parent.files if parent else ()) + (file,),
         blocks=blocks,
         hybrid=pick("hybrid", model.hybrid, parent and parent.hybrid),
+        in_memory_renames=_renames(model, values, file) if "in_memory_renames" in explicit or parent is None
+        else parent.in_memory_renames,
     )
+
+
+def _renames(model: SpecFile, values: dict, file: str) -> dict[str, str]:
+    """``in_memory_renames``, checked: each prefix non-empty, and none the start of another (which one
+    would apply to a name would depend on the order they are written in)."""
+    renames = model.in_memory_renames
+    where = values.get(("in_memory_renames",), Location(file))
+    problems = [Diagnostic("QM045", f"in_memory_renames: {old!r} -> {new!r} has an empty prefix", where,
+                           "write both prefixes out, e.g. 'backbone.: model.'")
+                for old, new in renames.items() if not old or not new]
+    problems += [Diagnostic("QM045", f"in_memory_renames: {short!r} is the start of {long!r}, so both would "
+                            f"rename {long}...", where, "keep one of the two, or write them so neither starts the other")
+                 for short in renames for long in renames if short != long and short and long.startswith(short)]
+    if problems:
+        raise SpecError(problems)
+    return dict(renames)
 
 
 def _check_hybrid(hybrid: Hybrid, mappings: list[SourcedMapping], values: dict, file: str) -> None:

@@ -219,6 +219,12 @@ class SpecFile(_Strict):
     exclude: Exclusions = Field(
         default_factory=Exclusions, description="Names left unmapped on purpose, taken as written (no prefix)."
     )
+    in_memory_renames: dict[str, str] = Field(
+        default_factory=dict,
+        description="HF name prefixes that transformers v5 renames when it loads the model (its conversion "
+        "mapping's WeightRenaming), on-disk prefix -> in-memory prefix: under --hf-naming in-memory they are "
+        "applied to every mapping and HF exclusion that serves both namings. Inherited unless set.",
+    )
     hybrid: Hybrid | None = Field(
         None, description="A hybrid model's kinds of decoder layer (Mamba / attention, Gated DeltaNet / attention): "
         "which mappings each kind has, and where config.json gives each layer's kind. Inherited unless set."
