@@ -287,8 +287,10 @@ class Side(str, Enum):
 def names(
     spec: str = SpecArg,
     side: Side = typer.Option(..., "--side", help="megatron or hf."),
-    layers: int = typer.Option(..., "--layers", min=0, help="Decoder layers of the model."),
-    experts: Optional[int] = typer.Option(None, "--experts", min=0, help="Routed experts per MoE layer."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=0, help="Decoder layers of the model (default: "
+                                         "--config's num_hidden_layers)."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=0, help="Routed experts per MoE layer (default: "
+                                          "--config's expert count)."),
     mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Multi-token-prediction layers."),
     dense_layers: Optional[str] = typer.Option(None, "--dense-layers", help="Layers with a dense MLP in an MoE "
                                                "model, e.g. '0-2' or '0,3' (default: none; every layer of a dense spec)."),
@@ -313,6 +315,7 @@ def names(
     from quantmap.model_names import ModelSize, NamesError, model_names, unlisted
 
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
+    layers, experts = _model_size(layers, experts, config)
     kinds = _layer_kinds(layer_kind, layers, config, rules.spec.hybrid)
     size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers), kinds)
     try:
@@ -324,6 +327,16 @@ def names(
                    f"names are not listed (check them with 'quantmap check', or --omit {pattern} to leave them out)",
                    err=True)
     typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))
+
+
+def _model_size(layers: Optional[int], experts: Optional[int], config: Optional[str]) -> tuple[int, Optional[int]]:
+    """``--layers`` and ``--experts``, each defaulting to what ``--config`` gives."""
+    given = config_params(config, {"num_layers", "num_experts"})
+    layers = given.get("num_layers") if layers is None else layers
+    if layers is None:
+        where = f"{config} has no num_hidden_layers; pass --layers N" if config else "pass --layers N (or --config)"
+        raise typer.BadParameter(f"the model's decoder layer count is needed: {where}", param_hint="--layers")
+    return layers, given.get("num_experts") if experts is None else experts
 
 
 def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers") -> Optional[tuple[int, ...]]:

@@ -130,6 +130,23 @@ def test_cli_prints_one_name_per_line_or_json():
     assert bad.returncode == 2 and ">= --layers 2" in bad.stderr
 
 
+def test_the_size_defaults_to_what_config_json_gives_and_is_asked_for_without_it(tmp_path):
+    """--layers and --experts default to the config's num_hidden_layers and expert count; --layers wins."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "mixtral", "num_hidden_layers": 2, "num_local_experts": 3}))
+    base = ["mixtral", "--side", "hf", "--weights-only"]
+    from_config = _names_cli(*base, "--config", str(config))
+    assert from_config.returncode == 0, from_config.stderr
+    assert from_config.stdout == _names_cli(*base, "--layers", "2", "--experts", "3").stdout
+    assert "model.layers.1.block_sparse_moe.experts.2.w2.weight" in from_config.stdout.split()
+    fewer = _names_cli(*base, "--config", str(config), "--layers", "1").stdout.split()
+    assert fewer and not [name for name in fewer if name.startswith("model.layers.1.")]
+    config.write_text(json.dumps({"model_type": "mixtral"}))
+    for args, said in [((), "pass --layers N (or --config)"), (("--config", str(config)), "has no num_hidden_layers")]:
+        missing = _names_cli(*base, *args)
+        assert missing.returncode == 2 and said in missing.stderr and "Traceback" not in missing.stderr
+
+
 # The newer specs whose model a size describes (hybrids and Qwen2.5-VL below), built tiny from their
 # transformers config, one variant at a time: (arch, variant index, --omit for the form that variant's
 # config does not build).
