@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantmap.ops import STRIDED, Concat, Copy, Max, Op, OpError, Select, Split, Stack, Transpose
+from quantmap.spec.hf_config import config_hint
 
 REPLICATED, SPLIT, ROWS = "replicated", "split", "rows"
 #: What a mapping's ``hf_layout`` may say about the HF tensor (see the module docstring).
@@ -100,7 +101,7 @@ class TensorParallel:
     def _blocks_per_row(self, length: int, whose: str) -> int:
         if not self.rows:
             raise OpError("a row-parallel weight quantizer's rows are the layer's output features: pass "
-                          "--param hidden_size=N (or --config config.json)")
+                          f"--param hidden_size=N, or {config_hint('hidden_size')}")
         if length % self.rows:
             raise OpError(f"{whose} tensor has {length} elements on dim 0, not a multiple of hidden_size={self.rows}")
         # A per-channel amax has one element per row: any other length means hidden_size is wrong,
@@ -201,8 +202,9 @@ def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...]
     else:
         heads, groups = params.get("num_attention_heads") or 0, params.get("num_query_groups") or 0
         if not heads or not groups:
-            return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups "
-                          "(pass --param, or --config config.json)")
+            return None, ("the QKV interleave needs the spec parameters num_attention_heads and num_query_groups: "
+                          "pass --param num_attention_heads=N --param num_query_groups=N, or "
+                          f"{config_hint('num_attention_heads', 'num_query_groups')}")
         if heads % groups:
             return None, (f"num_attention_heads={heads} is not a multiple of num_query_groups={groups}, so the "
                           f"query heads do not share the key/value heads evenly; check --param (or --config)")
@@ -227,5 +229,6 @@ def _hf_tensor(ops: tuple[Op, ...], dim: int, transposed: bool, experts: int | N
         return ops, None
     if not experts:
         return None, ("the expert axis of a fused-experts tensor needs the number of experts: pass --param "
-                      "num_experts=N (or the parameter the mapping's 'experts' names), or --config config.json")
+                      "num_experts=N (or the parameter the mapping's 'experts' names), or "
+                      f"{config_hint('num_experts')}")
     return (Stack(0, experts), *ops), None

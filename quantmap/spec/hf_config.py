@@ -23,6 +23,12 @@ _KEYS = {
 }
 
 
+def config_hint(*params: str) -> str:
+    """How ``--config`` gives ``params``: the config.json keys it reads them from (for error messages)."""
+    keys = [" or ".join(_KEYS[param]) for param in params]
+    return f"--config with a config.json that has {' and '.join(keys)}"
+
+
 class ConfigError(ValueError):
     """A config.json that cannot be read; the message names the file and what to do."""
 
