@@ -9,6 +9,7 @@ Megatron-Core's source, each line citing where the name comes from.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import pytest
 import quantmap
 from quantmap.check import check
 from quantmap.diagnostics import SpecError
-from quantmap.rules import FAN_IN, WEIGHT
+from quantmap.spec import shipped_specs
+from quantmap.rules import FAN_IN, MOE_FANOUT, WEIGHT
 
 DATA = Path(__file__).parent / "data"
 MEGATRON = sorted((DATA / "megatron").glob("state_*.json"))
@@ -228,3 +230,43 @@ def test_gpt_oss_expert_quantizers_fan_in_to_its_shared_ones_and_the_biases_map_
         assert rules.to_hf(f"decoder.layers.0.mlp.experts.{megatron}").hf == (f"model.layers.0.mlp.experts.{hf}",)
     assert rules.to_megatron("model.layers.0.mlp.experts.down_proj_bias").megatron == \
         "decoder.layers.0.mlp.experts.local_experts.*.linear_fc2.bias"
+
+EVERY_MOE_SPEC = ["deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "gpt_oss", "kimi_k2", "minimax_m2",
+                  "mixtral", "nemotron_h", "olmoe", "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next"]
+
+
+def _expert_of(match, expert: int) -> bool:
+    """Whether a forward match is expert ``expert``'s alone: its own HF names, or its share of a fan-in."""
+    if match.kind == FAN_IN:
+        return match.expert == expert
+    return all(re.search(rf"[._]{expert}\.", name) for name in match.hf)
+
+
+@pytest.mark.parametrize("naming", ["on-disk", "in-memory"])
+@pytest.mark.parametrize("spec", EVERY_MOE_SPEC)
+def test_every_moe_spec_maps_both_modelopt_grouped_forms_and_sequential_experts(spec, naming):
+    """ModelOpt <= 0.46's shared grouped weight quantizer, 0.47's per-expert weight_quantizer.{E}, the
+    shared grouped input quantizer and SequentialMLP's local_experts.{E}: all four resolve in every MoE
+    spec under both HF namings, a per-expert one to its own expert (the same HF names whichever Megatron
+    layout holds it), a shared one to every expert."""
+    declared = quantmap.load_spec(spec).params
+    rules = quantmap.compile(spec, naming, **{k: v for k, v in {"num_experts": 4, "num_layers": 4}.items()
+                                              if k in declared})
+    prefix = "decoder.layers.1.mlp.experts."
+    for buffer in ("weight_quantizer._amax", "input_quantizer._amax"):
+        shared = rules.to_hf(f"{prefix}linear_fc2.{buffer}")
+        assert shared is not None and shared.kind in (MOE_FANOUT, FAN_IN) and shared.expert is None, (buffer, shared)
+        sequential = rules.to_hf(f"{prefix}local_experts.3.linear_fc2.{buffer}")
+        assert sequential is not None and _expert_of(sequential, 3), (buffer, sequential)
+    per_expert = rules.to_hf(f"{prefix}linear_fc2.weight_quantizer.3._amax")
+    assert per_expert is not None and _expert_of(per_expert, 3), per_expert
+    assert per_expert.hf == rules.to_hf(f"{prefix}local_experts.3.linear_fc2.weight_quantizer._amax").hf
+
+
+def test_every_moe_spec_is_every_shipped_spec_with_routed_experts():
+    def routed(spec: str) -> bool:
+        declared = quantmap.load_spec(spec).params
+        rules = quantmap.compile(spec, **{k: 4 for k in ("num_experts", "num_layers") if k in declared})
+        return rules.to_hf("decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight") is not None
+
+    assert [spec for spec in sorted(shipped_specs()) if routed(spec)] == EVERY_MOE_SPEC
