@@ -6,8 +6,9 @@ tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``; where a view has r
 digest goes into the metadata for the writer to compare. Every tensor read is checked for values
 that cannot be right (:mod:`quantmap.executor.values`). A buffer is one flat byte tensor
 (each tensor aligned to its element size), so any mix of dtypes travels in a single transfer.
-Packing copies nothing: a buffer is built when it is sent, of all entries (one writer) or of the
-entries one HF shard file needs (several writers, shard by shard).
+Packing copies nothing but an expert run's scalars (stacked into one entry,
+:mod:`quantmap.executor.expert_runs`): a buffer is built when it is sent, of all entries (one
+writer) or of the entries one HF shard file needs (several writers, shard by shard).
 """
 
 from __future__ import annotations
