@@ -83,8 +83,8 @@ def _renamed_in_memory(spec: ResolvedSpec) -> ResolvedSpec:
         old = next((old for old in spec.in_memory_renames if name.startswith(old)), None)
         return name if old is None else spec.in_memory_renames[old] + name[len(old):]
 
-    mappings = tuple(m if m.spec.hf_naming is not None else replace(m, hf=tuple((part, renamed(text)) for part, text in m.hf))
-                     for m in spec.mappings)
+    mappings = tuple(m if m.spec.hf_naming is not None
+                     else replace(m, hf=tuple((part, renamed(text)) for part, text in m.hf)) for m in spec.mappings)
     return replace(spec, mappings=mappings, exclude_hf=tuple(map(renamed, spec.exclude_hf)))
 
 

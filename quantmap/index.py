@@ -137,14 +137,15 @@ class _Side:
             later = self._later.get(placed[id(entry)], [])
             entry.shadowed_by = tuple(other for other in later if other.rule.priority > entry.rule.priority
                                       and intersects(other.pattern, entry.pattern))
-        for stage in self.stages:
-            stage.resolvers = {key: _combined(_kept(candidates)) for key, candidates in stage.table.items()}
+        kept = [{key: _kept(candidates) for key, candidates in stage.table.items()} for stage in self.stages]
+        for stage, winners in zip(self.stages, kept):
+            stage.resolvers = {key: _combined(entries) for key, entries in winners.items()}
         self._split = self.stages[0].split
         self._resolvers = self.stages[0].resolvers
         # First-stage keys that one entry alone serves, no other entry shadowing it: every name of such
         # a key resolves by that entry's text substitution (see template()).
-        self._sole = {key: kept[0] for key, candidates in self.stages[0].table.items()
-                      if len(kept := _kept(candidates)) == 1 and not kept[0].shadowed_by}
+        self._sole = {key: entries[0] for key, entries in kept[0].items()
+                      if len(entries) == 1 and not entries[0].shadowed_by}
         self._tail = self.stages[1]
         self.lookup = self._first_stage_lookup()
 
@@ -321,7 +322,8 @@ def _per_variant(entry: _Entry) -> list[_Entry]:
     """One entry per alternative-free variant of the entry's pattern, sharing its resolver."""
     if not entry.pattern.choices:
         return [entry]
-    return [_Entry(variant, entry.rule, entry.resolve, entry.verbatim) for variant in entry.pattern.variants()]
+    return [_Entry(variant, entry.rule, entry.resolve, entry.verbatim)
+            for variant in entry.pattern.variants()]
 
 
 class Index:

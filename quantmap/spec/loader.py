@@ -346,8 +346,7 @@ def _merge(model: SpecFile, own: tuple[SourcedMapping, ...], parent: ResolvedSpe
         files=(parent.files if parent else ()) + (file,),
         blocks=blocks,
         hybrid=pick("hybrid", model.hybrid, parent and parent.hybrid),
-        in_memory_renames=_renames(model, values, file) if "in_memory_renames" in explicit or parent is None
-        else parent.in_memory_renames,
+        in_memory_renames=pick("in_memory_renames", _renames(model, values, file), parent and parent.in_memory_renames),
     )
 
 
