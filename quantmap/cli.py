@@ -198,11 +198,12 @@ def lookup(
     for name in _names(names, from_file):
         match = resolve(name)
         unmatched += match is None
+        why = _why_unmapped(rules, name) if match is None and reverse else None
         if as_json:
             record = {"name": name, "match": None} if match is None else match.to_json(name)
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(record if why is None else {**record, "reason": why}) + "\n")
         elif match is None:
-            out.write(f"{name}\t(no match)\n")
+            out.write(f"{name}\t(no match{'' if why is None else ': ' + why})\n")
         else:
             sources = len(match.expanded) if reverse and match.kind == FAN_IN and match.expanded else None
             extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert),
@@ -211,6 +212,15 @@ def lookup(
             out.write(f"{name}\t{match.kind}\t{targets}{extra}\n")
     if unmatched:
         raise typer.Exit(1)
+
+
+def _why_unmapped(rules, hf_name: str) -> str | None:
+    """Why an HF quantizer buffer is not mapped, where the spec says so on purpose."""
+    weight = rules.unquantized_part(hf_name)
+    if weight is None:
+        return None
+    return (f"part {weight.part!r} of {weight.megatron} is not quantized (its mapping's quantized_parts: "
+            f"{', '.join(weight.rule.quantized_parts)}; {weight.rule.origin.location})")
 
 
 def _names(names: Optional[List[str]], from_file: Optional[str]):

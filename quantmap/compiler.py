@@ -160,6 +160,8 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
         return []
     if not _check_fused_module(mapping, kind, context) or not _check_kind_has_effect(mapping, context):
         return []
+    if mapping.spec.quantized_parts is not None and not _check_quantized_parts(mapping, context):
+        return []
     megatron = _parse(mapping.megatron, mapping, "megatron", context, mapping.prefix_lengths[0])
     hf = [_parse(text, mapping, f"hf.{part}" if part else "hf", context, mapping.prefix_lengths[1])
           for part, text in mapping.hf]
@@ -176,15 +178,20 @@ def _compile_mapping(mapping: SourcedMapping, context: _Context) -> list[Rule]:
     hf_parts = None if mapping.spec.hf_parts is None else tuple(mapping.spec.hf_parts)
     hf_layout = tuple(mapping.spec.hf_layout or ())
     experts = _expert_count(mapping, context) if fused or grouped else None
+    quantized = None if mapping.spec.quantized_parts is None else tuple(mapping.spec.quantized_parts)
 
     def layout(buffer: str | None, stacked: int | None = None):
-        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params, hf_layout, stacked)
+        return derive(buffer, mapping.spec.parallel, kind, parts, hf_parts, context.params, hf_layout, stacked,
+                      None if buffer is None else quantized)
 
     # A fused-experts tensor stands for every expert (its dim 0): the Megatron expert capture has no HF
     # counterpart, and the weight's layout stacks the experts.
     rules = [Rule(WEIGHT, megatron, tuple(hf), parts, origin, layout=layout(None, (experts or 0) if fused else None),
-                  expert_capture=megatron.arity - 1 if fused else None, **common)]
-    rules += _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, layout, experts)
+                  expert_capture=megatron.arity - 1 if fused else None, quantized_parts=quantized, **common)]
+    # The quantizers of a partly quantized group fan out to its quantized parts only.
+    kept = [i for i, part in enumerate(parts) if quantized is None or part in quantized]
+    rules += _quantizer_rules(mapping, megatron, [hf[i] for i in kept], tuple(parts[i] for i in kept), grouped,
+                              context, common, layout, experts)
     # KV-cache buffers belong to the attention module of a weight; a bias or other tensor derives none.
     wants_kv = mapping.spec.kv_cache or (mapping.spec.kv_cache is None and kind == "qkv")
     if wants_kv and megatron.text.endswith(".weight"):
@@ -207,6 +214,28 @@ def _check_hf_parts(mapping: SourcedMapping, kind: str, context: _Context) -> bo
         context.errors.append(Diagnostic("QM024", problem, mapping.where("hf_parts"),
                                          "e.g. {hf: model.layers.*.self_attn.qkv_proj.weight, kind: qkv, "
                                          "hf_parts: [q, k, v]}"))
+    return problem is None
+
+
+def _check_quantized_parts(mapping: SourcedMapping, context: _Context) -> bool:
+    """``quantized_parts`` picks some parts of the mapping's HF group, each once: all of them is the
+    default, none is ``quantizers: []``."""
+    declared = mapping.spec.quantized_parts
+    parts = [part for part, _ in mapping.hf]
+    unknown = [part for part in declared if part not in parts]
+    problem = hint = None
+    if parts == [""]:
+        problem, hint = "quantized_parts picks parts of an HF group, but 'hf' is one name", "remove quantized_parts"
+    elif unknown or len(set(declared)) != len(declared):
+        problem = (f"quantized_parts {declared} must name parts of the group {parts}, each once"
+                   + (f" ({unknown[0]!r} is none)" if unknown else ""))
+        hint = f"e.g. quantized_parts: [{parts[0]}]"
+    elif not declared:
+        problem, hint = "quantized_parts is empty", "for a weight without quantizers write 'quantizers: []'"
+    elif len(declared) == len(parts):
+        problem, hint = f"quantized_parts lists every part of {parts}", "remove it: every part is the default"
+    if problem:
+        context.errors.append(Diagnostic("QM029", problem, mapping.where("quantized_parts"), hint))
     return problem is None
 
 

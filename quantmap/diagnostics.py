@@ -28,6 +28,7 @@ CODES: dict[str, str] = {
     "QM026": "fused-experts mapping whose sides do not differ by the expert",
     "QM027": "a kind that has no effect on a single HF name",
     "QM028": "hf_layout that does not fit the mapping",
+    "QM029": "quantized_parts that do not fit the mapping",
     "QM030": "duplicate mapping",
     "QM031": "two rules can match the same name and none is preferred",
     "QM032": "two rules produce the same target",

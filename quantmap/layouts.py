@@ -141,13 +141,14 @@ class Layout:
 
 def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str, ...],
            hf_parts: tuple[str, ...] | None, params: dict, hf_layout: tuple[str, ...] = (),
-           experts: int | None = None) -> Layout:
+           experts: int | None = None, quantized: tuple[str, ...] | None = None) -> Layout:
     """The layout of a weight (``buffer`` None) or of one of its quantizer buffers.
 
     ``kind`` and ``parts`` describe the Megatron weight (a fused group's parts in Megatron's order),
     ``hf_parts`` the order of the parts inside one fused HF tensor (Phi-3's ``qkv_proj``), if any, and
     ``hf_layout`` how that tensor's elements lie otherwise (:data:`INTERLEAVED`, :data:`TRANSPOSED`). ``experts``, for the
-    weight of a fused-experts tensor only, is how many experts its dim 0 stacks (0: unknown).
+    weight of a fused-experts tensor only, is how many experts its dim 0 stacks (0: unknown). ``quantized``,
+    for a quantizer of a group only some of whose HF parts are quantized, names those parts.
     ``params`` are the spec's bound run-time parameters (``num_attention_heads``, ``num_query_groups``,
     ``head_dim``, ``hidden_size``, ``weight_block_size``; missing or 0 means unknown).
     """
@@ -160,7 +161,9 @@ def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str
     else:
         return Layout(None, None, f"{buffer} is per-tensor; a non-scalar one has no known layout")
     tp, tp_reason = _tensor_parallel(side, parallel, kind, params)
-    if side != "weight" and hf_layout:
+    if side != "weight" and quantized is not None:
+        ops, ops_reason = _partly_quantized(side, parts, quantized)
+    elif side != "weight" and hf_layout:
         ops, ops_reason = None, (f"the HF tensor is declared {' and '.join(hf_layout)}; where ModelOpt puts the "
                                  f"elements of a non-scalar quantizer of it is not known")
     else:
@@ -186,6 +189,19 @@ def _tensor_parallel(side: str, parallel: str | None, kind: str, params: dict):
         return TensorParallel(SPLIT, 1), None
     return TensorParallel(ROWS, rows=params.get("hidden_size") or None,
                           block_size=params.get("weight_block_size")), None
+
+
+def _partly_quantized(side: str, parts: tuple[str, ...], quantized: tuple[str, ...]):
+    """A quantizer of a group only some of whose HF parts carry quantizers. The input side is the one
+    input every part reads, so each quantized part gets the same tensor. The weight side covers every
+    part's rows, and the rows of the unquantized parts have no HF tensor: an export could drop them,
+    but an import could not give them back, so a non-scalar one is refused."""
+    if side == "input":
+        return ((Copy(len(quantized)),) if len(quantized) > 1 else ()), None
+    others = [part for part in parts if part not in quantized]
+    return None, (f"only the parts {list(quantized)} of the group {list(parts)} carry quantizers on the HF side; "
+                  f"a non-scalar weight quantizer also covers the rows of {others}, which no HF tensor holds, "
+                  f"so it cannot be cut to the quantized parts and rebuilt on import (a per-tensor amax can)")
 
 
 def _ops(side: str, kind: str, parts: tuple[str, ...], hf_parts: tuple[str, ...] | None, params: dict, dim: int,

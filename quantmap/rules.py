@@ -68,6 +68,9 @@ class Rule:
     # False for a rule whose HF names another rule of the same mapping resolves back exactly (ModelOpt
     # <= 0.46's shared grouped weight quantizer, under 0.47's per-expert one): forward lookups only.
     reversible: bool = True
+    # A weight rule of a fused group only some of whose HF parts are quantized (ModelOpt disables the
+    # others: Gated DeltaNet's in_proj_a / in_proj_b): the parts that carry quantizers. None: every part.
+    quantized_parts: tuple[str, ...] | None = None
 
     @property
     def fans_in(self) -> bool:
@@ -89,6 +92,7 @@ class Rule:
             "num_experts": self.num_experts,
             "layout": None if self.layout is None else self.layout.to_json(),
             "reversible": self.reversible,
+            "quantized_parts": None if self.quantized_parts is None else list(self.quantized_parts),
             "source": {
                 "file": place.file,
                 "line": place.line,

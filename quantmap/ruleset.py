@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from quantmap.diagnostics import Diagnostic
-from quantmap.rules import Match, Rule
+from quantmap.rules import WEIGHT, Match, Rule
 
 if TYPE_CHECKING:
     from quantmap.index import Index
@@ -35,6 +35,20 @@ class RuleSet:
         self.to_hf: Callable[[str], Match | None] = index.forward.lookup
         self.to_hf_template: Callable[[str, tuple[int, int]], Match | None] = index.forward.template
         self.to_megatron: Callable[[str], Match | None] = index.reverse.lookup
+
+    def unquantized_part(self, hf_name: str) -> Match | None:
+        """For an HF quantizer buffer no rule maps: the weight match of its module when that module is a
+        part of a fused group that carries no quantizers (a mapping's ``quantized_parts`` leaves it out,
+        as ModelOpt leaves Gated DeltaNet's ``in_proj_a`` / ``in_proj_b`` unquantized), so that a lookup
+        can say why the name is not mapped instead of only that it is not. ``None`` otherwise."""
+        module = hf_name
+        while "." in module:
+            module = module.rsplit(".", 1)[0]
+            match = self.to_megatron(f"{module}.weight")
+            if match is not None and match.kind == WEIGHT:
+                quantized = match.rule.quantized_parts
+                return match if quantized is not None and match.part not in quantized else None
+        return None
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)

@@ -340,11 +340,11 @@ def test_hybrid_mtp_layer_is_hf_mtp_with_the_decoders_quantizers(arch, mlp):
 
 
 def test_gated_delta_net_in_proj_maps_its_weight_parts_and_out_proj_its_quantizers():
+    """in_proj's quantizers: tests/test_gated_delta_net.py."""
     for arch, parts in (("qwen3_5", ("qkv", "z", "b", "a")), ("qwen3_next", ("qkvz", "ba"))):
         rules = _rules(arch)
         assert rules.to_hf("decoder.layers.0.self_attention.in_proj.weight").hf == tuple(
             f"model.layers.0.linear_attn.in_proj_{p}.weight" for p in parts)
-        assert rules.to_hf("decoder.layers.0.self_attention.in_proj.weight_quantizer._amax") is None
         assert rules.to_megatron("model.layers.2.linear_attn.out_proj.input_quantizer._amax").megatron == (
             "decoder.layers.2.self_attention.out_proj.input_quantizer._amax")
         assert rules.to_hf("decoder.layers.0.self_attention.conv1d.weight_quantizer._amax") is None

@@ -67,6 +67,12 @@ class MappingSpec(_Strict):
         description="Quantizer buffers of this weight's module; [] for weights without quantizers "
         "(norms, embeddings, routers). Defaults to the spec's 'quantizers'.",
     )
+    quantized_parts: list[str] | None = Field(
+        None,
+        description="A fused group whose HF parts are not all quantized: the parts whose HF modules carry the "
+        "Megatron tensor's quantizers, e.g. [qkv, z] for Qwen3.5's Gated DeltaNet in_proj (ModelOpt disables "
+        "in_proj_a / in_proj_b). The quantizers fan out to these parts only. Defaults to every part.",
+    )
     priority: int = Field(
         0,
         description="When two mappings can claim the same name on one side, the higher priority wins; "
