@@ -303,7 +303,8 @@ def names(
                                           "--config's expert count)."),
     mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Multi-token-prediction layers."),
     dense_layers: Optional[str] = typer.Option(None, "--dense-layers", help="Layers with a dense MLP in an MoE "
-                                               "model, e.g. '0-2' or '0,3' (default: none; every layer of a dense spec)."),
+                                               "model, e.g. '0-2' or '0,3' (default: those --config makes dense, e.g. "
+                                               "DeepSeek's first_k_dense_replace; else none, every layer of a dense spec)."),
     te: bool = typer.Option(True, "--te/--local", help="Transformer Engine layer spec (fused norms) or the local one."),
     grouped: bool = typer.Option(True, "--grouped/--sequential", help="TEGroupedMLP experts (weight{i}) or "
                                  "SequentialMLP (local_experts.{i})."),
@@ -327,7 +328,8 @@ def names(
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     layers, experts = _model_size(layers, experts, config)
     kinds = _layer_kinds(layer_kind, layers, config, rules.spec.hybrid)
-    size = ModelSize(layers, experts, mtp_layers, te, grouped, _layer_list(dense_layers, layers), kinds)
+    dense = _layer_list(dense_layers, layers) if dense_layers is not None else _dense_layers(config, layers)
+    size = ModelSize(layers, experts, mtp_layers, te, grouped, dense, kinds)
     try:
         found = model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
     except NamesError as error:
@@ -362,6 +364,18 @@ def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers"
     if any(index >= layers for index in out):
         raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
     return tuple(out)
+
+
+def _dense_layers(config: Optional[str], layers: int) -> Optional[tuple[int, ...]]:
+    """The layers ``--config`` says have a dense MLP (DeepSeek's ``first_k_dense_replace``, ...), if it says."""
+    if config is None:
+        return None
+    from quantmap.spec.hf_config import ConfigError, dense_layers_from_config
+
+    try:
+        return dense_layers_from_config(config, layers)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from None
 
 
 def _layer_kinds(items: Optional[List[str]], layers: int, config: Optional[str], hybrid) -> Optional[tuple[str, ...]]:

@@ -359,3 +359,55 @@ def test_per_expert_weight_quantizers_are_listed_once_per_expert_not_per_layer(n
         hf = [n for n in model_names(rules, HF, size) if "gate_up_proj_weight_quantizers" in n]
         assert hf == [f"model.layers.{layer}.mlp.experts.gate_up_proj_weight_quantizers.{e}._amax"
                       for layer in range(3) for e in range(4)]
+
+
+# MoE models whose config.json makes some layers dense, each way transformers reads it: DeepSeek's
+# first_k_dense_replace (both MLA query paths), Qwen3-MoE's mlp_only_layers, ERNIE 4.5's moe_layer_start_index.
+_DENSE_FROM_CONFIG = [("deepseek_v3", 0, ("self_attention.linear_q_proj.weight",)),
+                      ("deepseek_v3", 1, ("self_attention.linear_q_down_proj.weight",
+                                          "self_attention.linear_q_up_proj.weight",
+                                          "self_attention.linear_q_up_proj.layer_norm_weight",
+                                          "self_attention.q_layernorm.weight")),
+                      ("qwen3_moe", 0, ()), ("ernie4_5_moe", 0, ())]
+
+
+@pytest.mark.parametrize("arch, variant, omit", _DENSE_FROM_CONFIG, ids=[f"{a}-{v}" for a, v, _ in _DENSE_FROM_CONFIG])
+def test_names_with_config_alone_gives_the_dense_layers_their_mlp_as_the_real_model_has_it(arch, variant, omit,
+                                                                                          tmp_path):
+    """`names ARCH --side hf --config config.json`, no size flags: the layers the config makes dense list
+    their MLP and no experts, exactly the tiny model's on-disk names."""
+    pytest.importorskip("transformers")
+    import test_specs_hf as built
+
+    config = built.variants(arch)[variant]
+    built.build(arch, config).save_pretrained(tmp_path)
+    result = _names_cli(arch, "--side", "hf", "--weights-only", "--config", str(tmp_path / "config.json"),
+                        *(f"--omit={o}" for o in omit))
+    assert result.returncode == 0, result.stderr
+    rules = quantmap.compile(arch, config=tmp_path / "config.json")
+    excluded = _excluded(rules, HF)
+    on_disk = sorted(name for name in read_names(tmp_path) if not excluded(name))
+    assert sorted(result.stdout.split()) == on_disk
+    assert any(".0.mlp.down_proj.weight" in name for name in on_disk)  # layer 0 is dense in each config
+
+
+@pytest.mark.parametrize(("config", "dense"), [
+    ({"first_k_dense_replace": 3}, (0, 1, 2)),
+    ({"mlp_only_layers": [1], "decoder_sparse_step": 2}, (0, 1, 2)),  # layer i is MoE when (i + 1) % 2 == 0
+    ({"moe_layer_start_index": 1, "moe_layer_end_index": 2, "moe_layer_interval": 1}, (0, 3)),
+    ({"moe_layer_start_index": 0, "moe_layer_end_index": -1, "moe_layer_interval": 2}, (0, 2)),
+    ({"num_hidden_layers": 4}, None),
+])
+def test_dense_layers_are_read_from_config_json_as_transformers_builds_the_layers(config, dense, tmp_path):
+    from quantmap.spec.hf_config import dense_layers_from_config
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dense_layers_from_config(tmp_path, 4) == dense
+
+
+def test_a_dense_layer_key_of_the_wrong_type_is_one_line_naming_the_file_and_key(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"num_hidden_layers": 2, "n_routed_experts": 2, "first_k_dense_replace": "1"}))
+    result = _names_cli("deepseek_v3", "--side", "hf", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{config}: first_k_dense_replace is '1', not an integer >= 0" in " ".join(result.stderr.split())

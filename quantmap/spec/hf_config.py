@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 
 # spec parameter -> config keys, first present wins (num_local_experts: Mixtral, GPT-OSS;
-# num_experts: Qwen-MoE, OLMoE; n_routed_experts: DeepSeek).
+# num_experts: Qwen-MoE, OLMoE; n_routed_experts: DeepSeek; moe_num_experts: ERNIE 4.5).
 _KEYS = {
     "num_layers": ("num_hidden_layers",),
     "hidden_size": ("hidden_size",),
     "num_attention_heads": ("num_attention_heads",),
     "num_query_groups": ("num_key_value_heads",),
     "head_dim": ("head_dim",),
-    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
 }
 
 
@@ -49,6 +49,40 @@ def params_from_config(path: str | Path, declared) -> dict[str, int]:
         if "hidden_size" in values:
             values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
     return {name: value for name, value in values.items() if name in declared}
+
+
+def dense_layers_from_config(path: str | Path, layers: int) -> tuple[int, ...] | None:
+    """The decoder layers of an MoE model that have a dense MLP, decided from the config the way
+    transformers builds each layer (transformers 5.x modeling code): DeepSeek-V2/V3, Kimi K2 and
+    GLM-4.5 make the first ``first_k_dense_replace`` layers dense; Qwen2/Qwen3-MoE every layer in
+    ``mlp_only_layers`` or not a multiple of ``decoder_sparse_step`` (layer i is MoE when
+    (i + 1) % step == 0); ERNIE 4.5 every layer outside ``moe_layer_start_index`` ..
+    ``moe_layer_end_index`` (-1: the last) or off ``moe_layer_interval``. ``None``: the config has
+    none of these keys."""
+    config = _text_config(path)
+    where = _config_file(path)
+
+    def number(key: str, default: int, least: int) -> int:
+        value = config.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{where}: {key} is {value!r}, not an integer >= {least}")
+        return value
+
+    if "first_k_dense_replace" in config:
+        first = number("first_k_dense_replace", 0, 0)
+        return tuple(i for i in range(layers) if i < first)
+    if "mlp_only_layers" in config or "decoder_sparse_step" in config:
+        only = config.get("mlp_only_layers", [])
+        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+            raise ConfigError(f"{where}: mlp_only_layers is {only!r}, not a list of layer indices")
+        step = number("decoder_sparse_step", 1, 1)
+        return tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if "moe_layer_start_index" in config:
+        start, interval = number("moe_layer_start_index", 0, 0), number("moe_layer_interval", 1, 1)
+        end = number("moe_layer_end_index", -1, -1)
+        end = layers - 1 if end == -1 else end
+        return tuple(i for i in range(layers) if (i + 1) % interval or not start <= i <= end)
+    return None
 
 
 def layer_kinds_from_config(path: str | Path, hybrid, layers: int) -> tuple[str, ...]:
