@@ -289,6 +289,23 @@ def test_modelopt_quantizers_of_every_hf_linear_resolve_both_ways(arch, built):
     assert [m for m in disabled if m != "lm_head" and rules.to_megatron(f"{m}.weight_quantizer._amax")] == []
 
 
+@pytest.mark.parametrize("arch", sorted(TIED))
+def test_check_in_memory_strict_passes_on_a_tied_live_models_names(arch, tmp_path):
+    """`quantmap check ARCH --hf-naming in-memory --strict` on the live model's state_dict names, tied
+    lm_head.weight included, exits 0 with nothing to report."""
+    import subprocess
+    import sys
+
+    names = [n for config in variants(arch) for n in build(arch, config).state_dict()]
+    assert "lm_head.weight" in names
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    params = [f"-p{key}={value}" for key, value in PARAMS.get(arch, {}).items()]
+    run = subprocess.run([sys.executable, "-m", "quantmap", "check", arch, "--hf", str(tmp_path / "names.txt"),
+                          "--hf-naming", "in-memory", "--strict", *params], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 # ModelOpt's own wrappers for these expert modules, not its generic _QuantFusedExperts (huggingface.py
 # _fused_experts_wrapper_class: "non-standard layouts ... have their own explicit registrations").
 OWN_EXPERTS_WRAPPER = {"GptOssExperts"}
@@ -316,14 +333,14 @@ def _fused_expert_quantizers(model) -> list[str]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_in_memory_name_of_a_live_model_is_claimed_and_its_fused_expert_quantizers_resolve_both_ways(arch):
-    """Under --hf-naming in-memory, every name of the live model's state_dict is claimed or excluded
-    (a tied head aside: the spec drops it), and every fused-expert quantizer ModelOpt would give it goes
-    to Megatron and back."""
+    """Under --hf-naming in-memory, every name of the live model's state_dict is claimed or excluded (a
+    tied head's lm_head.weight included: the spec excludes it), and every fused-expert quantizer ModelOpt
+    would give it goes to Megatron and back."""
     rules = quantmap.compile(arch, "in-memory", **PARAMS.get(arch, {}))
     names, quantizers = [], []
     for config in variants(arch):
         model = build(arch, config)
-        names += [n for n in model.state_dict() if n not in names and not (arch in TIED and n == "lm_head.weight")]
+        names += [n for n in model.state_dict() if n not in names]
         quantizers += [n for n in _fused_expert_quantizers(model) if n not in quantizers]
     report = check(rules, hf=names)
     assert report.findings == (), report.to_text()
