@@ -9,6 +9,7 @@ directory included; 2 the command line itself is wrong (an unknown option, a mal
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 from datetime import timedelta
@@ -453,9 +454,15 @@ def export_command(
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
     from quantmap.executor.launch import export_shards
 
-    _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: export_shards(
+    params = spec_params(spec, param, config)
+    same = [spec, *(arg for name, value in params.items() for arg in ("-p", f"{name}={value}")),
+            *(["--iteration", str(iteration)] if iteration is not None else []),
+            *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
+    check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
+    _run_executor(spec, params, hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration))
+        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration),
+        next_step=f"next: check the export against its source (it must be clean): {check_it}")
 
 
 @app.command("import")
@@ -505,10 +512,11 @@ def import_command(
         timeout=timedelta(seconds=timeout)))
 
 
-def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run) -> None:
-    """Run an export/import after checking the spec; its report on stderr, its failure as one
-    message and exit code 1. ``run`` gets the keyword arguments of ``quantmap.compile``: the spec's
-    run-time parameters and ``hf_naming``."""
+def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run,
+                  next_step: Optional[str] = None) -> None:
+    """Run an export/import after checking the spec; its report on stderr, then ``next_step`` (the
+    command to run next), its failure as one message and exit code 1. ``run`` gets the keyword
+    arguments of ``quantmap.compile``: the spec's run-time parameters and ``hf_naming``."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.hf import CheckpointError
@@ -532,7 +540,7 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if not quiet:
-        for line in report.lines():
+        for line in report.lines() + ([next_step] if next_step else []):
             typer.echo(line, err=True)
 
 
