@@ -11,6 +11,12 @@ Given the Megatron names, the Hugging Face names, or both, :func:`check` reports
   Megatron side does not have, although another Megatron name claims them (a TEGroupedMLP model's
   expert buffers resolving to SequentialMLP's ``local_experts``): an import would write them there.
 
+A side that holds no weights at all holds quantizer state only (what ``quantmap export`` writes, and
+what ``import`` reads): the other side's weights have no counterpart there by design, so their
+targets are not expected (``CheckReport.state_only`` names such sides); a side with some weights is
+a whole model, and each weight it lacks is a finding. So an export checked against its own source
+is clean, and a quantizer buffer missing from it is still ``QM102``.
+
 With both sides it also gives *notes*, which never fail ``--strict``: ``QM105`` dead rules, whose
 patterns match no name on either side, among the kinds of names the sides hold (a checkpoint
 without ``_pre_quant_scale`` buffers makes no AWQ rule dead), and ``QM106`` for weights (a TE
@@ -36,6 +42,7 @@ from quantmap.ruleset import RuleSet
 
 MEGATRON = "megatron"
 HF = "hf"
+_LABELS = {MEGATRON: "Megatron", HF: "HF"}
 _INDEX = re.compile(r"(?<![^.])[0-9]+(?![^.])")  # a layer or expert index: a whole dotted segment
 
 
@@ -68,6 +75,7 @@ class CheckReport:
     names: dict[str, int | None]  # how many names each side had; None for a side not given
     findings: tuple[Finding, ...] = field(default=())
     notes: tuple[Finding, ...] = field(default=())  # QM105, and QM106 for weights; never make the report fail
+    state_only: tuple[str, ...] = ()  # sides holding quantizer state only: the other side's weights not expected
 
     @property
     def ok(self) -> bool:
@@ -90,6 +98,7 @@ class CheckReport:
             "names": self.names,
             "ok": self.ok,
             "counts": dict(sorted(by_code.items())),
+            "state_only": list(self.state_only),
             "groups": [
                 {"code": code, "side": side, "shape": shape, "count": len(items),
                  "message": items[0].message, "names": [f.name for f in items]}
@@ -103,6 +112,9 @@ class CheckReport:
         sides = ", ".join(f"{n} {label} names" for label, n in
                           (("Megatron", self.names[MEGATRON]), ("HF", self.names[HF])) if n is not None)
         lines = [f"check {self.spec}: {sides}; {len(self.findings) or 'no'} finding(s)"]
+        lines += [f"the {_LABELS[side]} names hold quantizer state only (no weights): the "
+                  f"{_LABELS[MEGATRON if side == HF else HF]} weights' targets are not expected there"
+                  for side in self.state_only]
         current = None
         for (code, side, shape), items in self.groups().items():
             if code != current:
@@ -124,6 +136,8 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
     megatron_names = list(dict.fromkeys(megatron)) if megatron is not None else None
     hf_names = list(dict.fromkeys(hf)) if hf is not None else None
     hf_present = _Present(hf_names) if hf_names is not None else None
+    state_only = tuple(side for side, names in ((MEGATRON, megatron_names), (HF, hf_names))
+                       if megatron_names is not None and hf_names is not None and not _holds_weights(names))
     findings: list[Finding] = []
     claimed: dict[str, list[str]] = defaultdict(list)  # HF name -> the Megatron names resolving to it
     fanned_in: set[str] = set()  # HF names many Megatron names resolve to by design (fan-in rules)
@@ -140,7 +154,7 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
                 claimed[target].append(name)
             if match.rule.fans_in or match.kind == FAN_IN:
                 fanned_in.update(targets)
-            if hf_present is not None:
+            if hf_present is not None and not (match.kind == WEIGHT and HF in state_only):
                 findings += _missing_targets(name, match, targets, hf_present)
         findings += [
             Finding("QM103", HF, target, f"claimed by {len(sources)} Megatron names: {', '.join(sources)}")
@@ -148,14 +162,14 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
         ]
     notes: list[Finding] = []
     if hf_names is not None:
-        findings += _check_hf(rules, hf_names, hf_present, claimed, megatron_names)
+        findings += _check_hf(rules, hf_names, hf_present, claimed, megatron_names, MEGATRON in state_only)
     if megatron_names is not None and hf_names is not None:
         for finding, weight in _reverse_winners(rules, claimed, set(megatron_names), hf_present):
             (notes if weight else findings).append(finding)
         notes += _dead_rules(rules, megatron_names, hf_names)
     sizes = {MEGATRON: None if megatron_names is None else len(megatron_names),
              HF: None if hf_names is None else len(hf_names)}
-    return CheckReport(rules.spec.name, dict(rules.params), sizes, tuple(findings), tuple(notes))
+    return CheckReport(rules.spec.name, dict(rules.params), sizes, tuple(findings), tuple(notes), state_only)
 
 
 def _reverse_winners(rules: RuleSet, claimed: dict[str, list[str]], megatron: set[str],
@@ -191,6 +205,10 @@ def _dead_rules(rules: RuleSet, megatron: list[str], hf: list[str]) -> list[Find
     return dead
 
 
+def _holds_weights(names: list[str]) -> bool:
+    return any(_name_kind(name) == WEIGHT for name in names)
+
+
 def _name_kind(name: str) -> str:
     """``weight`` for a weight (or other module tensor), else the quantizer buffer (``weight_quantizer._amax``)."""
     return ".".join(name.rsplit(".", 2)[-2:]) if "_quantizer." in name else WEIGHT
@@ -211,7 +229,7 @@ def _missing_targets(name: str, match: Match, targets: list[str], present: _Pres
 
 
 def _check_hf(rules: RuleSet, names: list[str], present: _Present, claimed: dict[str, list[str]],
-              megatron_names: list[str] | None) -> list[Finding]:
+              megatron_names: list[str] | None, megatron_state_only: bool = False) -> list[Finding]:
     excluded = _Excluded(rules.spec.exclude_hf, rules.params)
     findings: list[Finding] = []
     groups_seen: set[str] = set()
@@ -225,6 +243,8 @@ def _check_hf(rules: RuleSet, names: list[str], present: _Present, claimed: dict
             continue
         where = match.rule.origin.location
         if megatron_names is not None:
+            if match.kind == WEIGHT and megatron_state_only:
+                continue
             findings.append(Finding("QM102", HF, name, f"resolves to {match.megatron}, not among the Megatron names",
                                     where))
             continue

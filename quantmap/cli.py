@@ -1,13 +1,15 @@
 """The ``quantmap`` command: a thin shell over the library; each verb is one function.
 
-Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (each printed as
-``file:line:col: severity CODE: message``); 2 the command line itself is wrong.
+Exit codes: 0 success; 1 the spec, the names, the checkpoint or another input have problems (each
+printed as ``file:line:col: severity CODE: message`` or ``error: ...``), a missing input file or
+directory included; 2 the command line itself is wrong (an unknown option, a malformed value).
 ``compile``, ``validate``, ``lookup``, ``check``, ``names``, ``schema`` and ``specs`` never import torch.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 from datetime import timedelta
@@ -27,10 +29,43 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def existing(expected: str):
+    """An option callback for an input path: one that does not exist is a problem with the run's inputs,
+    reported like every other (``error:`` line naming the option and path, exit 1) before any work,
+    not a usage error: the command line is well formed, the file is not there. ``-`` is stdin."""
+
+    def check(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+        if value is not None and value != "-" and not Path(value).exists():
+            option = max(param.opts, key=len)
+            typer.echo(f"error: {option} {value}: no such file or directory; expected {expected}; "
+                       f"check the path", err=True)
+            raise typer.Exit(1)
+        return value
+
+    return check
+
+
+def input_error(option: str, error: Exception) -> typer.Exit:
+    """An input that exists but cannot be used (unreadable, malformed): one line, exit 1."""
+    typer.echo(f"error: {option}: {error}", err=True)
+    return typer.Exit(1)
+
+
+CONFIG_FILE = existing("a Hugging Face config.json or the directory holding it")
+NAMES_FILE = existing("a text file of names, one per line")
+NAMES_SOURCE = existing("a names source (a text file, a safetensors file or index, or a checkpoint directory)")
+MEGATRON_CHECKPOINT = existing("a Megatron checkpoint (a torch_dist save directory, an iter_NNNNNNN/release "
+                               "directory, or a shard directory with layout.json)")
+HF_CHECKPOINT = existing("a Hugging Face checkpoint directory (sharded with an index, or model.safetensors)")
+LAYOUT_FILE = existing("a layout.json or the directory holding one")
+INTO_CHECKPOINT = existing("a torch_dist checkpoint (a save or iteration directory)")
+
 SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (see 'quantmap specs').")
 ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
-ConfigOpt = typer.Option(None, "--config", help="A Hugging Face config.json (or its directory) giving the spec's "
-                         "parameters it knows: layers, head counts, hidden size, experts. --param wins.")
+ConfigOpt = typer.Option(None, "--config", callback=CONFIG_FILE, help="A Hugging Face config.json (or its directory) "
+                         "giving the spec's parameters it knows: layers, head counts, hidden size, experts. "
+                         "--param wins.")
 
 
 class HfNaming(str, Enum):
@@ -83,7 +118,7 @@ def config_params(config: Optional[str], declared) -> dict[str, int]:
     try:
         return params_from_config(config, declared)
     except ConfigError as error:
-        raise typer.BadParameter(str(error), param_hint="--config") from None
+        raise input_error("--config", error) from None
 
 
 def fail(error: SpecError) -> typer.Exit:
@@ -181,7 +216,8 @@ def lookup(
     names: Optional[List[str]] = typer.Argument(None, help="Concrete names to resolve."),
     reverse: bool = typer.Option(False, "--reverse", "-r", help="Resolve Hugging Face names to Megatron."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
-    from_file: Optional[str] = typer.Option(None, "--from-file", help="Read names, one per line, from a file or '-'."),
+    from_file: Optional[str] = typer.Option(None, "--from-file", callback=NAMES_FILE,
+                                            help="Read names, one per line, from a file or '-'."),
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
@@ -230,7 +266,7 @@ def _names(names: Optional[List[str]], from_file: Optional[str]):
     try:
         stream = sys.stdin.buffer if from_file == "-" else open(from_file, "rb")
     except OSError as exc:
-        raise typer.BadParameter(f"cannot read {from_file}: {exc.strerror}", param_hint="--from-file") from None
+        raise input_error("--from-file", f"cannot read {from_file}: {exc.strerror}") from None
     with stream:
         for number, raw in enumerate(stream, 1):
             try:
@@ -251,10 +287,12 @@ class CheckFormat(str, Enum):
 @app.command()
 def check(
     spec: str = SpecArg,
-    megatron: Optional[str] = typer.Option(None, "--megatron", "-m", help="Megatron names: a text file (one per "
+    megatron: Optional[str] = typer.Option(None, "--megatron", "-m", callback=NAMES_SOURCE,
+                                           help="Megatron names: a text file (one per "
                                            "line), a safetensors file or index, a checkpoint directory, or a "
                                            "torch_dist checkpoint (names and shapes from its .metadata)."),
-    hf: Optional[str] = typer.Option(None, "--hf", help="Hugging Face names, from the same kinds of source."),
+    hf: Optional[str] = typer.Option(None, "--hf", callback=NAMES_SOURCE,
+                                     help="Hugging Face names, from the same kinds of source."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when there is any finding (for CI)."),
     format: CheckFormat = typer.Option(CheckFormat.text, "--format", "-f", help="text or json."),
     iteration: Optional[int] = typer.Option(None, "--iteration", help="With a torch_dist save directory: this "
@@ -388,7 +426,7 @@ def _layer_kinds(items: Optional[List[str]], layers: int, config: Optional[str],
         try:
             return layer_kinds_from_config(config, hybrid, layers)
         except ConfigError as error:
-            raise typer.BadParameter(str(error), param_hint="--config") from None
+            raise input_error("--config", error) from None
     kinds: list[Optional[str]] = [None] * layers
     for item in items:
         kind, sep, text = (part.strip() for part in item.partition("="))
@@ -417,7 +455,8 @@ TimeoutOpt = typer.Option(600, "--timeout", min=1, max=MAX_TIMEOUT_S,
 @app.command("export")
 def export_command(
     spec: str = SpecArg,
-    megatron: str = typer.Option(..., "--megatron", "-m", help="Megatron checkpoint: a torch_dist save directory "
+    megatron: str = typer.Option(..., "--megatron", "-m", callback=MEGATRON_CHECKPOINT,
+                                 help="Megatron checkpoint: a torch_dist save directory "
                                  "(latest_checkpointed_iteration.txt), an iter_NNNNNNN/release directory, or a "
                                  "shard directory (layout.json + rank_NNNNN.safetensors)."),
     iteration: Optional[int] = typer.Option(None, "--iteration", help="With a torch_dist save directory: this "
@@ -439,18 +478,27 @@ def export_command(
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
     from quantmap.executor.launch import export_shards
 
-    _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: export_shards(
+    params = spec_params(spec, param, config)
+    same = [spec, *(arg for name, value in params.items() for arg in ("-p", f"{name}={value}")),
+            *(["--iteration", str(iteration)] if iteration is not None else []),
+            *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
+    check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
+    _run_executor(spec, params, hf_naming, quiet, lambda params: export_shards(
         spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration))
+        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration),
+        next_step=f"next: check the export against its source (it must be clean): {check_it}")
 
 
 @app.command("import")
 def import_command(
     spec: str = SpecArg,
-    hf: str = typer.Option(..., "--hf", help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
-    layout: Optional[str] = typer.Option(None, "--layout", "-l", help="The target layout.json (or a directory "
+    hf: str = typer.Option(..., "--hf", callback=HF_CHECKPOINT,
+                             help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
+    layout: Optional[str] = typer.Option(None, "--layout", "-l", callback=LAYOUT_FILE,
+                                         help="The target layout.json (or a directory "
                                          "holding one), for a shard directory."),
-    into: Optional[str] = typer.Option(None, "--into", help="Write into this torch_dist checkpoint instead (save or "
+    into: Optional[str] = typer.Option(None, "--into", callback=INTO_CHECKPOINT,
+                                       help="Write into this torch_dist checkpoint instead (save or "
                                        "iteration directory): a new copy at --out, or --in-place."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (must not exist)."),
     in_place: bool = typer.Option(False, "--in-place", help="With --into: rewrite that checkpoint itself (atomic)."),
@@ -488,10 +536,11 @@ def import_command(
         timeout=timedelta(seconds=timeout)))
 
 
-def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run) -> None:
-    """Run an export/import after checking the spec; its report on stderr, its failure as one
-    message and exit code 1. ``run`` gets the keyword arguments of ``quantmap.compile``: the spec's
-    run-time parameters and ``hf_naming``."""
+def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run,
+                  next_step: Optional[str] = None) -> None:
+    """Run an export/import after checking the spec; its report on stderr, then ``next_step`` (the
+    command to run next), its failure as one message and exit code 1. ``run`` gets the keyword
+    arguments of ``quantmap.compile``: the spec's run-time parameters and ``hf_naming``."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.hf import CheckpointError
@@ -515,7 +564,7 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if not quiet:
-        for line in report.lines():
+        for line in report.lines() + ([next_step] if next_step else []):
             typer.echo(line, err=True)
 
 

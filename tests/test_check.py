@@ -186,3 +186,64 @@ def test_reverse_winners_the_model_lacks_are_reported_with_both_sides_only(llama
                                                  ("QM106", "model.layers.0.post_attention_layernorm.weight")]
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in notes[0].message
     assert check(llama, megatron=LLAMA_MEGATRON).notes == ()
+
+
+# -- an export against its own source ----------------------------------------------------------------------
+CKPT = DATA / "dcp/fp8_kv_tp1/ckpt"  # a real Megatron torch_dist checkpoint: weights and quantizer state
+
+
+@pytest.fixture(scope="module")
+def export_of_ckpt(tmp_path_factory):
+    """What ``quantmap export`` writes for CKPT: quantizer state only, no weights."""
+    from typer.testing import CliRunner
+
+    from quantmap.cli import app
+
+    out = tmp_path_factory.mktemp("export") / "hf"
+    result = CliRunner().invoke(app, ["export", "llama", "--megatron", str(CKPT), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_an_export_checked_against_its_own_source_is_clean(export_of_ckpt):
+    """The export holds no weights by design: the source's weights are not expected in it (they were 15
+    QM102 findings, one per weight rule); the CLI says why, and --strict passes."""
+    result = run("llama", "--megatron", str(CKPT), "--hf", str(export_of_ckpt), "--strict")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "check llama: 35 Megatron names, 32 HF names; no finding(s)"
+    assert lines[1] == ("the HF names hold quantizer state only (no weights): the Megatron weights' targets are "
+                        "not expected there")
+    report = json.loads(run("llama", "--megatron", str(CKPT), "--hf", str(export_of_ckpt), "-f", "json").stdout)
+    assert report["ok"] and report["state_only"] == ["hf"]
+
+
+def test_a_quantizer_missing_from_an_export_is_still_qm102(llama, export_of_ckpt):
+    from quantmap.io.names import read_names
+    from quantmap.io.torch_dist import checkpoint_names
+
+    source = checkpoint_names(CKPT)
+    lost = "model.layers.1.self_attn.o_proj.weight_quantizer._amax"
+    report = check(llama, megatron=source, hf=[n for n in read_names(export_of_ckpt) if n != lost])
+    assert report.state_only == ("hf",)
+    assert codes(report) == [("QM102", "megatron", "decoder.layers.1.self_attention.linear_proj.weight_quantizer._amax")]
+
+
+def test_a_side_with_some_weights_is_a_whole_model_and_each_weight_it_lacks_is_qm102(llama, export_of_ckpt):
+    from quantmap.io.names import read_names
+    from quantmap.io.torch_dist import checkpoint_names
+
+    report = check(llama, megatron=checkpoint_names(CKPT), hf=read_names(export_of_ckpt) + ["model.embed_tokens.weight"])
+    assert report.state_only == ()
+    missing = {f.name for f in report.findings if f.code == "QM102"}
+    assert "decoder.layers.0.self_attention.linear_proj.weight" in missing and len(missing) == 14
+    assert "embedding.word_embeddings.weight" not in missing
+
+
+def test_a_megatron_side_of_quantizer_state_only_expects_no_hf_weights(llama):
+    """The other direction: quantizer names on the Megatron side against a whole HF model."""
+    buffer = "decoder.layers.0.self_attention.linear_proj.weight_quantizer._amax"
+    report = check(llama, megatron=[buffer], hf=LLAMA_HF + ["model.layers.0.self_attn.o_proj.weight_quantizer._amax"])
+    assert report.ok and report.state_only == ("megatron",)
+    report = check(llama, megatron=[buffer], hf=LLAMA_HF)
+    assert codes(report) == [("QM102", "megatron", buffer)]

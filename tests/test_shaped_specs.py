@@ -119,11 +119,11 @@ def _names(tmp_path, name):
     return path
 
 
-def test_an_unreadable_config_is_a_usage_error_naming_the_file(tmp_path):
+def test_an_unreadable_config_is_an_input_error_naming_the_file(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     result = CliRunner().invoke(app, ["compile", "llama", "--config", str(bad)])
-    assert result.exit_code == 2 and "config.json is not a JSON config" in result.output
+    assert result.exit_code == 1 and "error: --config: " in result.output and "config.json is not a JSON config" in result.output
 
 
 FC1 = "decoder.layers.*.mlp.experts.local_experts.*.linear_fc1"

@@ -262,3 +262,27 @@ def test_one_weight_may_map_once_per_hf_naming_but_not_twice_in_one(tmp_path):
     for second, first_line in ((on_disk, 4), (both, 3)):
         error = only(write(tmp_path, "name: x\nmappings:\n" + in_memory + on_disk + second, name="twice.yaml"))
         assert error.code == "QM030" and error.location.line == 5 and f"twice.yaml:{first_line}:" in error.message
+
+
+def test_the_documented_bias_mappings_compile_as_the_docs_say(tmp_path):
+    """docs/authoring.md's linear_fc1.bias examples: a bias derives no quantizer rule (``quantizers: []``
+    changes nothing), and a fused module's bias mapped 1:1 needs its kind (QM025)."""
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "authoring.md").read_text()
+    block = text.split("**Biases** need nothing")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    gated, plain = block.split("   # or,")
+    for mapping in (gated, "   # or," + plain):
+        path = write(tmp_path, "name: biased\nextends: llama\nmappings:\n" + textwrap.dedent(mapping))
+        rules = [r for r in quantmap.compile(str(path)) if r.megatron.text.endswith("linear_fc1.bias")]
+        assert [r.kind for r in rules] == ["weight"], rules
+        spec = yaml.safe_load(path.read_text())
+        spec["mappings"][0]["quantizers"] = []
+        with_empty = write(tmp_path, yaml.safe_dump(spec), name="empty.yaml")
+        assert [r.kind for r in quantmap.compile(str(with_empty)) if r.megatron.text.endswith("linear_fc1.bias")] \
+            == ["weight"]
+    path.write_text(path.read_text().replace(" kind: plain,", ""))
+    error = only(path)
+    assert error.code == "QM025" and "linear_fc1.bias" in error.message

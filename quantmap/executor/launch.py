@@ -58,9 +58,9 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
         from quantmap.executor.torch_dist import export_checkpoint
 
         _prepare_output(out)
-        return _guarded(out, lambda: export_checkpoint(spec, params, megatron, out, shard_size=shard_size, nproc=nproc,
-                                                       progress=progress, timeout=timeout, iteration=iteration,
-                                                       strict=strict, allow_partial=allow_partial))
+        return _with_contents(out, _guarded(out, lambda: export_checkpoint(
+            spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress, timeout=timeout,
+            iteration=iteration, strict=strict, allow_partial=allow_partial)))
     layout = Layout.read(megatron)
     check_rank_files(megatron, layout)
     how = _prepare(layout, nproc, out)
@@ -70,11 +70,19 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
         from quantmap.io.shards import LazyShard, rank_file
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
-        return _guarded(out, lambda: export_offline(quantmap.compile(spec, **params), states, layout, out=out,
-                                                    shard_size=shard_size, progress=progress, strict=strict,
-                                                    allow_partial=allow_partial).report)
+        return _with_contents(out, _guarded(out, lambda: export_offline(
+            quantmap.compile(spec, **params), states, layout, out=out, shard_size=shard_size, progress=progress,
+            strict=strict, allow_partial=allow_partial).report))
     args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
-    return _guarded(out, lambda: launch_ranks(how, nproc, _export_rank, args, timeout))
+    return _with_contents(out, _guarded(out, lambda: launch_ranks(how, nproc, _export_rank, args, timeout)))
+
+
+def _with_contents(out, report: Report) -> Report:
+    """The report, with what the published output holds read back from its files."""
+    from quantmap.io.hf import contents
+
+    report.output = contents(out)
+    return report
 
 
 def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str | Path, out: str | Path, *,

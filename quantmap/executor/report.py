@@ -19,8 +19,10 @@ class Report:
     """Findings of one export or import. ``problems`` are what ``--strict`` refuses."""
 
     written: int = 0
+    output: object = None  # an export's written files, read back (quantmap.io.hf.Contents); None in memory
     unclaimed: list[str] = field(default_factory=list)  # names no rule claims
-    weights: int = 0  # weights the rules know but quantmap does not move
+    weights: int = 0  # tensors in the input that are not quantizer state (weights), which quantmap does not move
+    entries: int = 0  # torch_dist entries that are no tensor (_extra_state, rng_state): not model state
     # names the layout requires (every layer and expert of every kind seen) that the input lacks:
     # HF names on import, Megatron names on export (with --allow-partial; refused otherwise)
     missing: list[str] = field(default_factory=list)
@@ -52,10 +54,14 @@ class Report:
 
     def lines(self, limit: int = 5) -> list[str]:
         """Human-readable summary: each category grouped by name shape, with counts."""
-        out = [f"{self.written} tensor(s) written"] if self.written else []
+        out = [self._written()] if self.written else []
         if self.weights:
-            out.append(f"{self.weights} weight tensor(s) skipped (counted per tensor-parallel rank): "
-                       f"quantmap moves quantizer state only")
+            out.append(f"{self.weights} tensor(s) that are not quantizer state skipped (weights, norms, "
+                       f"embeddings; a shard directory's counted per tensor-parallel rank): quantmap moves "
+                       f"quantizer state only; the weights come from the model's own Hugging Face conversion")
+        if self.entries:
+            out.append(f"{self.entries} checkpoint entries that hold no tensor skipped (_extra_state, rng_state): "
+                       f"not model state")
         for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing),
                              ("no rank of the layout holds (layer or expert beyond the layout)", self.outside),
                              ("with a zero amax (uncalibrated)", self.uncalibrated)):
@@ -69,6 +75,15 @@ class Report:
                 out += [f"  {note}" for note in notes[:limit]]
                 out += [f"  ... and {len(notes) - limit} more"] if len(notes) > limit else []
         return out
+
+    def _written(self) -> str:
+        """How many tensors, and for files where, how many bytes in which dtypes (read back from the files)."""
+        if self.output is None:
+            return f"{self.written} tensor(s) written"
+        found = self.output
+        dtypes = ", ".join(f"{count} {dtype}" for dtype, count in found.dtypes.items())
+        return (f"{found.tensors} tensor(s) written to {found.path}: {found.bytes} bytes of data ({dtypes}) in "
+                f"{found.files} safetensors file(s) and the index")
 
 
 def group_names(names: list[str]) -> list[tuple[str, int]]:

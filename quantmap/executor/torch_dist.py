@@ -18,6 +18,7 @@ from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
+from quantmap.io.torch_dist.keys import not_quantizer_state
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
@@ -33,7 +34,15 @@ def checkpoint_layout(entries, world: int = 1) -> Layout:
 
 def read_state(location: Location, world: int = 1, rank: int = 0) -> tuple[Layout, dict[str, torch.Tensor]]:
     """The layout ``world`` ranks read the checkpoint as (:func:`checkpoint_layout`), and rank ``rank``'s
-    local quantizer state under it.
+    local quantizer state under it."""
+    layout, state, _ = read_checkpoint(location, world, rank)
+    return layout, state
+
+
+def read_checkpoint(location: Location, world: int = 1,
+                    rank: int = 0) -> tuple[Layout, dict[str, torch.Tensor], tuple[int, int]]:
+    """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
+    for the export's report.
 
     The cyclic collector stays off for the whole read, and the 10⁵-10⁶ objects of ``.metadata`` are
     freed before it runs again, so it never scans them (it would cost a fifth of the read)."""
@@ -41,7 +50,7 @@ def read_state(location: Location, world: int = 1, rank: int = 0) -> tuple[Layou
         return _read_state(location, world, rank)
 
 
-def _read_state(location: Location, world: int, rank: int) -> tuple[Layout, dict[str, torch.Tensor]]:
+def _read_state(location: Location, world: int, rank: int):
     entries = read_entries(location.path)
     layout = checkpoint_layout(entries, world)
     if world == 1:  # a checkpoint's names are global, and one rank sized from its own keys holds them all as they are
@@ -55,16 +64,19 @@ def _read_state(location: Location, world: int, rank: int) -> tuple[Layout, dict
                 local[name] = quantizer
     check_shapes(location.path, {quantizer.name: quantizer.shape for quantizer in local.values()})
     tensors = state_tensors(location.path, entries, list(local.values()))
-    return layout, {name: tensors[quantizer.name] for name, quantizer in local.items()}
+    state = {name: tensors[quantizer.name] for name, quantizer in local.items()}
+    return layout, state, not_quantizer_state(entries)
 
 
 def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool, strict: bool = False,
                         allow_partial: bool = False):
     from quantmap.executor.export import export_offline
 
-    layout, state = read_state(location)
-    return export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress, strict=strict,
-                          allow_partial=allow_partial)
+    layout, state, (tensors, entries) = read_checkpoint(location)
+    result = export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress, strict=strict,
+                            allow_partial=allow_partial)
+    result.report.weights, result.report.entries = tensors, entries
+    return result
 
 
 def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool, strict: bool = False,
@@ -74,10 +86,12 @@ def export_rank(rules, location: Location, *, out, shard_size: int, timeout, pro
 
     from quantmap.executor.export import export
 
-    layout, state = read_state(location, dist.get_world_size(), dist.get_rank())
+    layout, state, (tensors, entries) = read_checkpoint(location, dist.get_world_size(), dist.get_rank())
     placement = Placement.from_world(layout)
-    return export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress,
-                  strict=strict, allow_partial=allow_partial)
+    result = export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress,
+                    strict=strict, allow_partial=allow_partial)
+    result.report.weights, result.report.entries = tensors, entries  # the whole checkpoint's, said by the writer
+    return result
 
 
 def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,

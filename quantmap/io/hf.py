@@ -6,10 +6,12 @@ it asks for."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from quantmap.io import safetensors_stream
-from quantmap.io.names import read_weight_map
+from quantmap.io.names import read_header, read_weight_map
 from quantmap.io.safetensors_stream import Records, nbytes, quote
 
 INDEX = "model.safetensors.index.json"
@@ -79,6 +81,27 @@ def write_checkpoint(directory: str | Path, records: Records, shard_size: int = 
         if on_record is not None:
             on_record(len(bounds[shard]))
     return files + [write_index(directory, records, bounds)]
+
+
+class Contents(NamedTuple):
+    """What a written checkpoint directory holds, as its files say (for the closing summary)."""
+
+    path: Path
+    files: int  # safetensors shard files
+    tensors: int
+    bytes: int  # tensor data bytes
+    dtypes: dict[str, int]  # safetensors dtype (F32, BF16, ...) -> tensors of it, most common first
+
+
+def contents(directory: str | Path) -> Contents:
+    """Read back from the shard headers alone (no tensor loaded): a summary that cannot drift from
+    what was written, whichever writer ranks wrote the shards."""
+    directory = Path(directory)
+    shards = sorted(directory.glob("*.safetensors"))
+    entries = [entry for shard in shards for name, entry in read_header(shard).items() if name != "__metadata__"]
+    dtypes = Counter(entry["dtype"] for entry in entries)
+    size = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in entries)
+    return Contents(directory, len(shards), len(entries), size, dict(dtypes.most_common()))
 
 
 class CheckpointError(ValueError):

@@ -71,6 +71,12 @@ def read_weight_map(path: Path) -> dict[str, str]:
 
 def _read_header(path: Path) -> list[str]:
     """The tensor names of one safetensors file, from its header alone."""
+    return [name for name in read_header(path) if name != "__metadata__"]
+
+
+def read_header(path: Path) -> dict:
+    """One safetensors file's header: each tensor's ``dtype``, ``shape`` and ``data_offsets``, and
+    ``__metadata__`` if any."""
     try:
         with path.open("rb") as stream:
             prefix = stream.read(8)
@@ -86,7 +92,7 @@ def _read_header(path: Path) -> list[str]:
         raise NamesError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise NamesError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    return [name for name in header if name != "__metadata__"]
+    return header
 
 
 def _read_text(path: Path) -> list[str]:

@@ -52,6 +52,13 @@ class Quantizer(NamedTuple):  # a tuple: 10⁵ of them are built per read
     interleaved: int  # ModelOpt's TP-interleaved linear_fc1 rows: the saving TP size (1: in order)
 
 
+def not_quantizer_state(entries: dict[str, Entry]) -> tuple[int, int]:
+    """What an export of the checkpoint leaves out: (tensors that are not quantizer state, such as
+    weights and norms; entries that hold no tensor, such as ``_extra_state`` and ``rng_state``)."""
+    tensors = sum(entry.dtype is not None and not is_quantizer(entry) for entry in entries.values())
+    return tensors, sum(entry.dtype is None for entry in entries.values())
+
+
 def prefix_of(entries: dict[str, Entry]) -> str:
     """The NeMo-style wrapper prefix (``model.``, ``module.``) the checkpoint's quantizer keys share."""
     prefixes, known = set(), None
