@@ -68,6 +68,9 @@ class Rule:
     # False for a rule whose HF names another rule of the same mapping resolves back exactly (ModelOpt
     # <= 0.46's shared grouped weight quantizer, under 0.47's per-expert one): forward lookups only.
     reversible: bool = True
+    # True for a stage of ModelOpt's sequential weight quantizer (W4A8): the last capture of each side
+    # is the stage (quantmap.stages).
+    staged: bool = False
 
     @property
     def fans_in(self) -> bool:
@@ -89,6 +92,7 @@ class Rule:
             "num_experts": self.num_experts,
             "layout": None if self.layout is None else self.layout.to_json(),
             "reversible": self.reversible,
+            "staged": self.staged,
             "source": {
                 "file": place.file,
                 "line": place.line,
