@@ -350,9 +350,9 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, lay
     kind = FANOUT if parts != ("",) else AMAX
     derived = [Derived(kind, f"{module}.{buffer}", tuple(f"{m}.{buffer}" for m in hf_modules), parts, buffer)
                for buffer in buffers]
-    weight = [d.buffer.partition(".")[0] == WEIGHT_QUANTIZER for d in derived]
+    of_weight = [d.buffer.partition(".")[0] == WEIGHT_QUANTIZER for d in derived]
     return _derive(mapping, context, common, layout, experts,
-                   [form for d, staged in zip(derived, weight) for form in (with_stages(d) if staged else [d])])
+                   [form for d, staged in zip(derived, of_weight) for form in (with_stages(d) if staged else [d])])
 
 
 def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, experts: int | None,

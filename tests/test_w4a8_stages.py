@@ -84,7 +84,8 @@ def test_the_issues_names_resolve_and_an_index_after_a_grouped_weight_quantizer_
         "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight_quantizer.0._amax"
     prefix = "decoder.layers.0.mlp.experts.linear_fc2.weight_quantizer"
     # ModelOpt 0.47's TE grouped linear: weight_quantizer.{E}, and with W4A8 weight_quantizer.{E}.{S}.
-    assert qwen3_moe.to_hf(f"{prefix}.3._amax").hf == ("model.layers.0.mlp.experts.down_proj_weight_quantizers.3._amax",)
+    assert qwen3_moe.to_hf(f"{prefix}.3._amax").hf == (
+        "model.layers.0.mlp.experts.down_proj_weight_quantizers.3._amax",)
     assert qwen3_moe.to_hf(f"{prefix}.3.1._amax").hf == (
         "model.layers.0.mlp.experts.down_proj_weight_quantizers.3.1._amax",)
     gpt_oss = quantmap.compile("gpt_oss", "in-memory", num_experts=4)  # one shared quantizer: a fan-in per stage
@@ -131,8 +132,8 @@ def test_real_w4a8_checkpoint_exports_every_name_and_both_stages_in_the_single_r
     assert torch.equal(got["model.layers.1.mlp.gate_proj.weight_quantizer.0._amax"], torch.cat([t[:128] for t in fc1]))
     assert torch.equal(got["model.layers.1.mlp.up_proj.weight_quantizer.0._amax"], torch.cat([t[128:] for t in fc1]))
     # Stage 1 (FP8 per tensor): a scalar, the same on both ranks, copied to every part.
-    scale = shards[0]["decoder.layers.1.mlp.linear_fc1.weight_quantizer.1._amax"]
-    assert scale.shape == () and torch.equal(scale, shards[1]["decoder.layers.1.mlp.linear_fc1.weight_quantizer.1._amax"])
+    scale, other = (shard["decoder.layers.1.mlp.linear_fc1.weight_quantizer.1._amax"] for shard in shards)
+    assert scale.shape == () and torch.equal(scale, other)
     for part in ("gate", "up"):
         assert torch.equal(got[f"model.layers.1.mlp.{part}_proj.weight_quantizer.1._amax"], scale)
 
