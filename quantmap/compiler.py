@@ -9,6 +9,9 @@ Derivations, per mapping:
   (``linear_fc1.weight_quantizer.{E}._amax``) next to the older shared one, and for a mapping onto a
   transformers v5 fused-experts tensor (``fused_experts``) its quantizers as ModelOpt names them
   (:mod:`quantmap.moe_rules`);
+* per weight quantizer buffer, the same rule for each stage of ModelOpt's sequential weight quantizer
+  (W4A8: ``weight_quantizer.{S}._amax``, :mod:`quantmap.stages`), in every form above but a grouped
+  block's shared one;
 * for attention mappings, the KV-cache ``k_bmm``/``v_bmm`` amax rules of the module that holds
   the weight.
 
@@ -29,7 +32,7 @@ from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
 from quantmap.layouts import GROUP_PARTS, INTERLEAVED, TRANSPOSED, Layout, derive
 from quantmap.patterns import PatternError, Pattern, parse
-from quantmap.moe_rules import fused_expert_buffers, grouped_weight_buffers
+from quantmap.moe_rules import WEIGHT_QUANTIZER, Derived, fused_expert_buffers, grouped_weight_buffers, with_stages
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
 from quantmap.ruleset import RuleSet
 from quantmap.spec.loader import ResolvedSpec, SourcedMapping
@@ -374,10 +377,11 @@ def _quantizer_rules(mapping, megatron, hf, parts, grouped, context, common, lay
     module = megatron.text.rsplit(".", 1)[0]
     hf_modules = [p.text.rsplit(".", 1)[0] for p in hf]
     kind = FANOUT if parts != ("",) else AMAX
-    return [Rule(kind, _derived(f"{module}.{buffer}", context),
-                 tuple(_derived(f"{m}.{buffer}", context) for m in hf_modules), parts,
-                 Origin(mapping.location, mapping.megatron, buffer), buffer=buffer, layout=layout(buffer), **common)
-            for buffer in buffers]
+    derived = [Derived(kind, f"{module}.{buffer}", tuple(f"{m}.{buffer}" for m in hf_modules), parts, buffer)
+               for buffer in buffers]
+    of_weight = [d.buffer.partition(".")[0] == WEIGHT_QUANTIZER for d in derived]
+    return _derive(mapping, context, common, layout, experts,
+                   [form for d, staged in zip(derived, of_weight) for form in (with_stages(d) if staged else [d])])
 
 
 def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, experts: int | None,
@@ -390,7 +394,7 @@ def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, ex
                  Origin(mapping.location, mapping.megatron, d.buffer), buffer=d.buffer, parallel=common["parallel"],
                  priority=common["priority"], expert_capture=d.expert_capture,
                  num_experts=experts if d.kind in (MOE_FANOUT, FAN_IN) else None,
-                 layout=placed.get(d.kind) or layout(d.buffer), reversible=d.reversible)
+                 layout=placed.get(d.kind) or layout(d.buffer), reversible=d.reversible, staged=d.staged)
             for d in derived]
 
 

@@ -25,7 +25,8 @@ mark each kind's mappings; the size gives each layer's kind (from config.json, b
 names). A marked mapping applies to the layers of its kinds only, whatever their MLP; an unmarked
 one to every layer, by the dense/MoE rule above. The layouts are chosen per kind of layer too.
 
-Captures take their values from the size: a capture is an expert when it is the expert of a
+Captures take their values from the size: the last capture of a staged rule is the stage of ModelOpt's
+sequential weight quantizer (W4A8's two, :mod:`quantmap.stages`), a capture is an expert when it is the expert of a
 grouped block or follows an ``experts.`` segment or a per-expert weight quantizer's
 ``weight_quantizer.`` (``_weight_quantizers.`` in memory), an MTP layer when it follows Megatron-Core's
 ``mtp.layers.`` or either side shifts it by a parameter (``model.layers.{num_layers + i}``), and a
@@ -47,6 +48,7 @@ from quantmap.compiler import is_grouped
 from quantmap.patterns import ANY, Pattern
 from quantmap.rules import MOE_FANOUT, WEIGHT, Rule
 from quantmap.ruleset import RuleSet
+from quantmap.stages import STAGES
 
 MEGATRON = "megatron"
 HF = "hf"
@@ -223,7 +225,9 @@ def _values(rule: Rule, pattern: Pattern, side: str, size: ModelSize,
     ranges = []
     for position in range(pattern.arity):
         kind = _capture_kind(rule, pattern, position, side)
-        if kind == "expert":
+        if kind == "stage":
+            ranges.append([str(i) for i in range(STAGES)])
+        elif kind == "expert":
             if size.experts is None:
                 raise NamesError(f"{pattern.text!r} names an expert: give the expert count (--experts E)", "--experts")
             ranges.append([str(i) for i in range(size.experts)])
@@ -233,6 +237,8 @@ def _values(rule: Rule, pattern: Pattern, side: str, size: ModelSize,
 
 
 def _capture_kind(rule: Rule, pattern: Pattern, position: int, side: str) -> str:
+    if rule.staged and position == pattern.arity - 1:
+        return "stage"  # a sequential weight quantizer's (W4A8), named like a per-expert quantizer's expert
     expert = rule.expert_capture if rule.kind == MOE_FANOUT else None  # the HF side's extra capture
     if side == HF and position == expert:
         return "expert"

@@ -16,6 +16,10 @@ Two namings need more than the compiler's one-buffer-per-module derivation:
   ``_QuantGptOssExperts`` has one ``gate_up_proj_weight_quantizer`` for all experts ("shared").
   Many Megatron quantizers meeting one HF quantizer are ``fan_in`` rules.
 
+A weight quantizer's stages (W4A8's ``SequentialQuantizer``, :mod:`quantmap.stages`) are derived for
+every form whose name has the expert, never for a grouped block's shared one, whose staged name
+would be 0.47's per-expert name.
+
 Each derivation is plain data (:class:`Derived`); the compiler turns it into a rule.
 """
 
@@ -25,6 +29,7 @@ from typing import NamedTuple
 
 from quantmap.patterns import Pattern
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT
+from quantmap.stages import staged
 
 WEIGHT_QUANTIZER = "weight_quantizer"
 
@@ -39,11 +44,21 @@ class Derived(NamedTuple):
     buffer: str
     expert_capture: int | None = None
     reversible: bool = True  # False for the weight quantizer form an import does not write
+    staged: bool = False  # a stage of a sequential weight quantizer: the last capture of each side
+
+
+def with_stages(derived: Derived) -> list[Derived]:
+    """A weight quantizer's rule and its stages' (the stage index before the buffer's attribute, both sides).
+    The stages have one form, so they reverse whichever single form an import writes."""
+    return [derived, derived._replace(megatron=staged(derived.megatron), hf=tuple(map(staged, derived.hf)),
+                                      buffer=staged(derived.buffer), reversible=True, staged=True)]
 
 
 def _both_forms(shared: Derived, each: Derived, imported: str) -> list[Derived]:
-    """A grouped linear's weight quantizer in both ModelOpt forms; only the ``imported`` one reverses."""
-    return [shared._replace(reversible=imported == "shared"), each._replace(reversible=imported == "per-expert")]
+    """A grouped linear's weight quantizer in both ModelOpt forms; only the ``imported`` one reverses. The
+    per-expert form has stages; the shared form's staged name is the per-expert name, so it has none."""
+    return [shared._replace(reversible=imported == "shared"), *with_stages(each._replace(
+        reversible=imported == "per-expert"))]
 
 
 def grouped_weight_buffers(megatron: Pattern, hf: list[Pattern], buffers, parts, imported: str) -> list[Derived]:
@@ -78,8 +93,9 @@ def fused_expert_buffers(megatron: Pattern, hf: Pattern, buffers, grouped: bool,
         per_expert = style == "per-expert" and quantizer == WEIGHT_QUANTIZER
         target = (f"{hf_module}.{tensor}_{quantizer}s.*.{attr}" if per_expert else f"{hf_module}.{tensor}_{buffer}",)
         if not grouped:  # one Megatron quantizer per expert
-            out.append(Derived(AMAX, f"{module}.{buffer}", target, ("",), buffer) if per_expert
-                       else Derived(FAN_IN, f"{module}.{buffer}", target, ("",), buffer, expert))
+            one = (Derived(AMAX, f"{module}.{buffer}", target, ("",), buffer) if per_expert
+                   else Derived(FAN_IN, f"{module}.{buffer}", target, ("",), buffer, expert))
+            out += with_stages(one) if quantizer == WEIGHT_QUANTIZER else [one]
             continue
         block = f"{module}.{buffer}"  # shared by the block: the same name on every expert-parallel rank
         if quantizer != WEIGHT_QUANTIZER:

@@ -71,6 +71,9 @@ class Rule:
     # A weight rule of a fused group only some of whose HF parts are quantized (ModelOpt disables the
     # others: Gated DeltaNet's in_proj_a / in_proj_b): the parts that carry quantizers. None: every part.
     quantized_parts: tuple[str, ...] | None = None
+    # True for a stage of ModelOpt's sequential weight quantizer (W4A8): the last capture of each side
+    # is the stage (quantmap.stages).
+    staged: bool = False
 
     @property
     def fans_in(self) -> bool:
@@ -93,6 +96,7 @@ class Rule:
             "layout": None if self.layout is None else self.layout.to_json(),
             "reversible": self.reversible,
             "quantized_parts": None if self.quantized_parts is None else list(self.quantized_parts),
+            "staged": self.staged,
             "source": {
                 "file": place.file,
                 "line": place.line,

@@ -168,6 +168,13 @@ def test_fused_experts_mappings_derive_amax_moe_fanout_and_fan_in_rules(tmp_path
         "linear_fc2.weight_quantizer._amax": ("fan_in", None, ["down_proj_weight_quantizer._amax"]),
         "linear_fc2.weight_quantizer.*._amax": ("fan_in", 1, ["down_proj_weight_quantizer._amax"]),
         "linear_fc2.input_quantizer._amax": ("fan_in", None, ["down_proj_input_quantizer._amax"]),
+        # W4A8's sequential weight quantizer: each stage as its expert's quantizer, the stage last on both sides
+        # (a grouped block's shared form has no stages: its staged name is the per-expert form's)
+        "local_experts.*.linear_fc1.weight_quantizer.*._amax": ("amax", None,
+                                                               ["gate_up_proj_weight_quantizers.*.*._amax"]),
+        "linear_fc1.weight_quantizer.*.*._amax": ("amax", None, ["gate_up_proj_weight_quantizers.*.*._amax"]),
+        "local_experts.*.linear_fc2.weight_quantizer.*._amax": ("fan_in", 1, ["down_proj_weight_quantizer.*._amax"]),
+        "linear_fc2.weight_quantizer.*.*._amax": ("fan_in", 1, ["down_proj_weight_quantizer.*._amax"]),
     }
     assert all(rule.num_experts == 4 for rule in rules.values() if rule.kind in ("fan_in", "moe_fanout"))
     # A per-expert weight quantizer lies like its weight's rows ([gate; up] per TP shard); many experts'

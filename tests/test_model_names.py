@@ -352,11 +352,17 @@ def test_per_expert_weight_quantizers_are_listed_once_per_expert_not_per_layer(n
     layer; it was 0..2, one per layer)."""
     rules = quantmap.compile("qwen3_moe", naming, num_experts=4)
     size = ModelSize(3, experts=4, grouped=True)
-    megatron = [n for n in model_names(rules, MEGATRON, size) if ".linear_fc1.weight_quantizer." in n]
+    megatron = [n for n in model_names(rules, MEGATRON, size, ["weight_quantizer._amax"])
+                if ".linear_fc1.weight_quantizer." in n]
     assert megatron == [f"decoder.layers.{layer}.mlp.experts.linear_fc1.weight_quantizer.{e}._amax"
                         for layer in range(3) for e in range(4)]
+    # W4A8's two stages follow the expert: weight_quantizer.{E}.{S}, never a stage read as a layer or expert.
+    staged = [n for n in model_names(rules, MEGATRON, size, ["weight_quantizer.*._amax"])
+              if ".linear_fc1.weight_quantizer." in n]
+    assert staged == [f"decoder.layers.{layer}.mlp.experts.linear_fc1.weight_quantizer.{e}.{s}._amax"
+                      for layer in range(3) for e in range(4) for s in range(2)]
     if naming == "in-memory":
-        hf = [n for n in model_names(rules, HF, size) if "gate_up_proj_weight_quantizers" in n]
+        hf = [n for n in model_names(rules, HF, size, ["weight_quantizer._amax"]) if "gate_up_proj_weight_quantizers" in n]
         assert hf == [f"model.layers.{layer}.mlp.experts.gate_up_proj_weight_quantizers.{e}._amax"
                       for layer in range(3) for e in range(4)]
 

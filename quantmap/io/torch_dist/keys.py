@@ -9,7 +9,7 @@ single-rank model's ``state_dict()`` holds (facts from tests/data/dcp, see docs/
 * block amax is ``[rows, nblocks]``; ``state_dict()`` holds it flattened, ``[rows * nblocks, 1]``;
 * NeMo wraps the model: keys may start with ``model.`` or ``module.`` (any repetition of them);
 * old checkpoints stack every layer on a leading axis: ``decoder.layers.self_attention...`` ``[L, ...]``;
-* ModelOpt saves the per-channel or block weight amax of a SwiGLU ``linear_fc1`` TP-interleaved
+* ModelOpt saves the per-channel or block weight amax of a SwiGLU ``linear_fc1`` (W4A8: its stage 0) TP-interleaved
   (``[gate_0; up_0; gate_1; up_1; ...]``, one ``[gate_r; up_r]`` per saving TP rank) instead of
   ``[gate; up]``: its gate/up split (the weight's ``weight_w``/``weight_v``) is never applied to the
   quantizer. The saving TP size is the number of pieces dim 0 is saved in.
@@ -30,7 +30,9 @@ _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
 _LAYER = re.compile(r"(?:^|(?<=\.))decoder\.layers\.([0-9]+)\.")
 _EXPERT = re.compile(r"\.experts\.(?:local_experts|experts)\.([0-9]+)\.|\.experts\.linear_fc[0-9]+\.weight([0-9]+)$")
-_FC1_WEIGHT_AMAX = ".linear_fc1.weight_quantizer._amax"
+# A linear_fc1's weight amax: its one weight quantizer's, or one stage of a sequential one (W4A8's
+# weight_quantizer.{S}, quantmap.stages); on a grouped linear the index is an expert's instead.
+FC1_WEIGHT_AMAX = re.compile(r"\.linear_fc1\.weight_quantizer(\.[0-9]+)?\._amax$")
 _WRAPPERS = ("model.", "module.")
 CHECKPOINT_EXPERTS = ".experts.experts."
 STATE_EXPERTS = ".experts.local_experts."
@@ -147,15 +149,16 @@ def _layer_names(name: str, entry: Entry) -> list[tuple[str, int]]:
 
 def _interleaving(entries: dict[str, Entry], entry: Entry, stored: tuple[int, ...], axis: int) -> int:
     """The saving TP size when ``entry`` is a SwiGLU linear_fc1 weight amax saved TP-interleaved, else 1."""
-    if len(stored) != 2 or not entry.key.endswith(_FC1_WEIGHT_AMAX):
+    found = FC1_WEIGHT_AMAX.search(entry.key) if len(stored) == 2 else None
+    if found is None:
         return 1
     splits = sorted({chunk.offsets[axis] for chunk in entry.chunks})
     if len(splits) == 1:
         return 1
-    module = entry.key[: -len(".weight_quantizer._amax")]
+    module = entry.key[: found.start()] + ".linear_fc1"
     if f"{module}.weight_w" not in entries:
-        if f"{module}.weight" in entries:
-            return 1  # not gated: one block of rows, no gate/up halves
+        if f"{module}.weight" in entries or found.group(1):
+            return 1  # not gated (one block of rows, no gate/up halves), or a grouped linear's expert (weight{E})
         raise TorchDistError(f"{entry.key} is saved in {len(splits)} TP pieces, but the checkpoint holds neither "
                              f"{module}.weight_w (SwiGLU) nor {module}.weight, so quantmap cannot tell whether its "
                              f"rows are ModelOpt's interleaved [gate_r; up_r] pieces")

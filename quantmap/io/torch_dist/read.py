@@ -38,7 +38,7 @@ _STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloa
 def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[str],
                  shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
     """The whole global tensors of ``keys`` (checkpoint keys), whatever layout saved them; a key in
-    ``shapes`` comes viewed as that shape (same number of elements)."""
+    ``shapes`` comes viewed as that shape (same number of elements), whether saved whole or in chunks."""
     directory = Path(directory)
     shapes = shapes or {}
     by_file: dict[str, list] = defaultdict(list)
@@ -83,7 +83,7 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
             for dim, (offset, size) in enumerate(zip(chunk.offsets, chunk.sizes)):
                 region = region.narrow(dim, offset, size)
             region.copy_(pieces[(key, index)])
-        out[key] = whole
+        out[key] = whole.view(shapes[key]) if key in shapes else whole
     return out
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from quantmap.io.staging import Staged
-from quantmap.io.torch_dist.keys import CHECKPOINT_EXPERTS, STATE_EXPERTS, Quantizer, prefix_of, quantizers
+from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
+                                        quantizers)
 from quantmap.io.torch_dist.locate import TRACKER, Location
 from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, TorchDistError, check_files, load_metadata,
                                             read_entries)
@@ -120,7 +121,7 @@ def _new_quantizer(name: str, prefix: str, entries: dict[str, Entry], tensor: to
         stored = (rows, shape[0] // rows)  # block amax
     else:
         stored = shape
-    if all(halves) and key.endswith("linear_fc1.weight_quantizer._amax") and len(stored) == 2:
+    if all(halves) and FC1_WEIGHT_AMAX.search(key) and len(stored) == 2:
         interleaved = halves[0].dim0_splits
     return Quantizer(name, key, None, shape, stored, interleaved)
 
