@@ -71,8 +71,8 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
         return _guarded(out, how, lambda: export_offline(quantmap.compile(spec, **params), states, layout, out=out,
-                                                    shard_size=shard_size, progress=progress, strict=strict,
-                                                    allow_partial=allow_partial).report)
+                                                         shard_size=shard_size, progress=progress, strict=strict,
+                                                         allow_partial=allow_partial).report)
     args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
     return _guarded(out, how, lambda: launch_ranks(how, nproc, _export_rank, args, timeout))
 
@@ -89,8 +89,8 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
         import quantmap
         from quantmap.executor.importer import import_offline
 
-        return _guarded(out, how, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out, strict=strict,
-                                                    progress=progress))
+        return _guarded(out, how, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out,
+                                                         strict=strict, progress=progress))
     args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
     return _guarded(out, how, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
 
