@@ -558,7 +558,10 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
         raise typer.Exit(1) from None
     except KeyboardInterrupt as error:  # Ctrl-C or a terminating signal: abort, never publish
         signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
-        typer.echo(f"error: interrupted by {signal.Signals(signum).name}; nothing was written", err=True)
+        written = getattr(error, "written", None)  # past an in-place write's commit point (write.commit_reported)
+        outcome = f"the import was written all the same: {written} holds the new values" if written \
+            else "nothing was written"
+        typer.echo(f"error: interrupted by {signal.Signals(signum).name}; {outcome}", err=True)
         raise typer.Exit(128 + signum) from None
     finally:
         for signum, handler in previous.items():

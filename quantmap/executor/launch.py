@@ -58,7 +58,7 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
         from quantmap.executor.torch_dist import export_checkpoint
 
         _prepare_output(out)
-        return _with_contents(out, _guarded(out, lambda: export_checkpoint(
+        return _with_contents(out, _guarded(out, mode(nproc), lambda: export_checkpoint(
             spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress, timeout=timeout,
             iteration=iteration, strict=strict, allow_partial=allow_partial)))
     layout = Layout.read(megatron)
@@ -70,11 +70,11 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
         from quantmap.io.shards import LazyShard, rank_file
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
-        return _with_contents(out, _guarded(out, lambda: export_offline(
+        return _with_contents(out, _guarded(out, how, lambda: export_offline(
             quantmap.compile(spec, **params), states, layout, out=out, shard_size=shard_size, progress=progress,
             strict=strict, allow_partial=allow_partial).report))
     args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
-    return _with_contents(out, _guarded(out, lambda: launch_ranks(how, nproc, _export_rank, args, timeout)))
+    return _with_contents(out, _guarded(out, how, lambda: launch_ranks(how, nproc, _export_rank, args, timeout)))
 
 
 def _with_contents(out, report: Report) -> Report:
@@ -97,10 +97,10 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
         import quantmap
         from quantmap.executor.importer import import_offline
 
-        return _guarded(out, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out, strict=strict,
-                                                    progress=progress))
+        return _guarded(out, how, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out,
+                                                         strict=strict, progress=progress))
     args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
-    return _guarded(out, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
+    return _guarded(out, how, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
 
 
 def _prepare(layout, nproc: int | None, out) -> str:
@@ -119,11 +119,11 @@ def _prepare_output(out) -> None:
     staging.remove_stale(out)
 
 
-def _guarded(out, run):
-    """``run()``; whatever ends it early (a failure, a signal, a killed worker), no staging directory
-    of this command stays beside ``out``, nor an output it had already published
-    (:func:`quantmap.io.staging.command`)."""
-    with staging.command(out):
+def _guarded(out, how: str, run):
+    """``run()``, holding the output's lock; whatever ends it early (a failure, a signal, a killed
+    worker), no staging directory of this command stays beside ``out``, nor an output it had already
+    published (:func:`quantmap.io.staging.command`). Under torchrun every rank runs this: none locks."""
+    with staging.command(out, lock=how != "torchrun"):
         return run()
 
 

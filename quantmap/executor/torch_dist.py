@@ -10,6 +10,7 @@ Megatron builds them on) and sends them to the writer, so no rank reads what ano
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from quantmap.io.torch_dist.keys import not_quantizer_state
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
-from quantmap.io.torch_dist.write import Written, write_into
+from quantmap.io.locks import directory_lock
+from quantmap.io.torch_dist.write import Written, commit_reported, write_into
 
 
 def checkpoint_layout(entries, world: int = 1) -> Layout:
@@ -96,11 +98,22 @@ def export_rank(rules, location: Location, *, out, shard_size: int, timeout, pro
 
 def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,
                 in_place: bool = False, iteration: int | None = None, strict: bool = False):
-    """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place)."""
+    """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place).
+
+    The checkpoint is locked from the read of its ``.metadata`` to the end of the write (exclusively in
+    place, shared for a copy): two in-place imports at once would each rewrite the ``.metadata`` they
+    read, and one import would be lost."""
+    location = locate(into, iteration)
+    purpose = "an in-place import" if in_place else "a copy into --out"
+    with directory_lock(location.path, exclusive=in_place, purpose=purpose), \
+            commit_reported(location.path) if in_place else nullcontext():
+        return _import_into(rules, hf_dir, location, out, in_place, strict)
+
+
+def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict: bool):
     from quantmap.executor.importer import Catalog, finish, import_rank
     from quantmap.io.hf import Checkpoint
 
-    location = locate(into, iteration)
     entries = read_entries(location.path)
     layout = checkpoint_layout(entries)
     checkpoint = Checkpoint(hf_dir)
@@ -122,11 +135,13 @@ def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int
 
     location = locate(megatron, iteration)
     how = mode(nproc)
-    if how == "offline":
-        return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                                   progress=progress, strict=strict, allow_partial=allow_partial).report
-    args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
-    return launch_ranks(how, nproc, _export_worker, args, timeout)
+    with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
+                                                                purpose="an export"):
+        if how == "offline":
+            return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
+                                       progress=progress, strict=strict, allow_partial=allow_partial).report
+        args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
+        return launch_ranks(how, nproc, _export_worker, args, timeout)
 
 
 def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
@@ -140,8 +155,6 @@ def _export_worker(spec, params, location, out, shard_size, progress, timeout, s
 def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
                            iteration: int | None = None, strict: bool = False):
     """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
-    from contextlib import nullcontext
-
     import quantmap
     from quantmap.io import staging
 

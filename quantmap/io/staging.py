@@ -19,14 +19,17 @@ published, so that "nothing was written" stays true; one that succeeds removes t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import socket
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from quantmap.io.locks import output_lock
 
 MARKER = ".quantmap-owner"
 NAME_MAX = 255  # the longest file name POSIX file systems take (ext4, xfs, tmpfs, btrfs)
@@ -189,9 +192,16 @@ class Staged:
     def publish(self) -> Path:
         if not _owner.get("command"):  # inside command(): the marker stays until the command has succeeded
             (self.path / MARKER).unlink(missing_ok=True)
-        if self.target.is_dir():
-            self.target.rmdir()  # empty, checked above
-        os.replace(self.path, self.target)
+        try:
+            if self.target.is_dir():
+                self.target.rmdir()  # empty, checked above
+            os.replace(self.path, self.target)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise OutputError(f"the output {self.target} was created by another process while this command ran "
+                              f"(it is not empty now); nothing was written: remove it or choose another --out, "
+                              f"and do not run two commands with one --out") from None
         return self.target
 
     def discard(self) -> None:
@@ -199,10 +209,19 @@ class Staged:
 
 
 @contextmanager
-def command(target: str | Path):
+def command(target: str | Path, *, lock: bool = True):
     """Run a command that publishes ``target``: on success its owner marker is removed from the output; on
-    any failure or interrupt an output this command published is removed with its staging directories."""
+    any failure or interrupt an output this command published is removed with its staging directories.
+    The command holds the output's lock (:func:`quantmap.io.locks.output_lock`) throughout, unless
+    ``lock`` is false (torchrun's ranks each run the command: the writer's publish is the only one)."""
     target = Path(target)
+    with output_lock(target) if lock else nullcontext():
+        with _cleaning_up(target):
+            yield
+
+
+@contextmanager
+def _cleaning_up(target: Path):
     was_empty_directory = target.is_dir() and not target.is_symlink()  # check_target: absent or empty
     _owner["command"] = True
     try:

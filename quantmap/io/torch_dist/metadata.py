@@ -95,13 +95,15 @@ class _Unpickler(pickle.Unpickler):
 
 def load_metadata(directory: str | Path, *, real: bool = False):
     """The unpickled ``.metadata`` of a DCP directory (stand-in objects, or torch's with ``real``)."""
+    from quantmap.io.torch_dist.files import open_regular
+
     path = Path(directory) / METADATA_FILE
-    try:
-        with path.open("rb") as stream:
-            metadata = _Unpickler(stream, path, real).load()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise TorchDistError(f"{path}: missing; a torch_dist checkpoint directory holds .metadata beside its "
-                             f"*.distcp files") from None
+                             f"*.distcp files")
+    try:
+        with open_regular(directory, METADATA_FILE) as stream:
+            metadata = _Unpickler(stream, path, real).load()
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
     except TorchDistError:
@@ -157,6 +159,7 @@ class _Storage:
 
     def __init__(self, directory: Path, storage_data: dict):
         self._directory, self._data, self._index = directory, storage_data, None
+        self._files: set[str] = set()  # the relative paths checked to lie inside the directory
 
     def chunks(self, key: str, record) -> tuple[Chunk, ...]:
         if self._index is None:
@@ -171,6 +174,15 @@ class _Storage:
         if info is None:
             raise TorchDistError(f"{self._directory / METADATA_FILE}: {key} (chunk at {list(offsets or [])}) has no "
                                  f"storage record; the .metadata is damaged")
+        if info.relative_path not in self._files:
+            from quantmap.io.torch_dist.files import is_relative_inside
+
+            if not is_relative_inside(info.relative_path):
+                raise TorchDistError(f"{self._directory / METADATA_FILE}: {key} is stored in "
+                                     f"{info.relative_path!r}, which is not a file name inside the checkpoint "
+                                     f"directory (absolute, or with '..'); the .metadata is damaged or hostile: "
+                                     f"quantmap reads only files inside the checkpoint")
+            self._files.add(info.relative_path)
         return Chunk(offsets or (), sizes or (), info.relative_path, info.offset, info.length,
                      bool(info.__dict__.get("transform_descriptors")))
 
@@ -178,6 +190,8 @@ class _Storage:
 def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
     """Every byte range ``.metadata`` records lies within its file (sizes only, no data read): what an import
     keeps by reference must be there, or it would publish a broken checkpoint."""
+    from quantmap.io.torch_dist.files import regular_file
+
     directory, ends = Path(directory), {}
     for entry in entries.values():
         for chunk in entry.chunks:
@@ -185,9 +199,7 @@ def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
     for file, end in ends.items():
         path = directory / file
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise TorchDistError(f"{path}: missing; the checkpoint's .metadata records tensors in it") from None
+            size = regular_file(directory, file).stat().st_size
         except OSError as error:
             raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
         if size < end:

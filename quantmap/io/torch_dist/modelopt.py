@@ -29,11 +29,16 @@ def quant_cfg(directory: str | Path) -> list[dict] | None:
     """The ``quant_cfg`` list of an iteration directory's ``modelopt_state``, or ``None`` without one."""
     import torch
 
+    from quantmap.io.torch_dist.files import open_regular
+
     path = Path(directory) / STATE_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(directory, STATE_FILE) as stream:
+            state = torch.load(stream, map_location="cpu", weights_only=True)
+    except TorchDistError:
+        raise
     except Exception as error:  # noqa: BLE001 - not loadable as plain data: nothing to validate against
         raise TorchDistError(f"{path}: cannot be read with torch.load(weights_only=True) "
                              f"({type(error).__name__}); quantmap reads ModelOpt's state only as plain data") from None

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from quantmap.gc_pause import paused_gc
+from quantmap.io.torch_dist.files import open_regular
 from quantmap.io.torch_dist.keys import Quantizer
 from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, truncated
 
@@ -55,7 +56,7 @@ def read_tensors(directory: str | Path, entries: dict[str, Entry], keys: list[st
         items.sort(key=lambda item: item[0])
         path = directory / file
         for start, end, group in _runs(items):
-            data = _read_range(path, start, end)
+            data = _read_range(directory, file, start, end)
             view = memoryview(data)
             small: dict[tuple, list] = defaultdict(list)  # (dtype, stored size, shape) -> [(data start, key)]
             for offset, key, index, chunk, shape in group:
@@ -137,17 +138,19 @@ def _runs(items):
         yield start, end, group
 
 
-def _read_range(path: Path, start: int, end: int) -> bytearray:
+def _read_range(directory: Path, file: str, start: int, end: int) -> bytearray:
+    """Bytes ``start:end`` of the checkpoint file ``file`` (a regular file inside ``directory``: see
+    :mod:`quantmap.io.torch_dist.files`)."""
+    path = directory / file
     try:
-        with path.open("rb", buffering=0) as stream:
+        with open_regular(directory, file, buffering=0) as stream:
             data = bytearray(end - start)
             got = stream.readinto(data) if stream.seek(start) == start else 0
-    except FileNotFoundError:
-        raise TorchDistError(f"{path}: missing; the checkpoint's .metadata records tensors in it") from None
+            size = os.fstat(stream.fileno()).st_size
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
     if got != end - start:
-        raise truncated(path, end, os.path.getsize(path))
+        raise truncated(path, end, size)
     return data
 
 

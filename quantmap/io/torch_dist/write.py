@@ -16,12 +16,14 @@ import os
 import pickle
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from quantmap.io.staging import Staged
+from quantmap.io.torch_dist.files import regular_file, resolve_inside
 from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
                                         quantizers)
 from quantmap.io.torch_dist.locate import TRACKER, Location
@@ -56,12 +58,16 @@ def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str |
         written.path = source
         _publish_in_place(source, entries, stored)
         return written
+    if Path(out).resolve().is_relative_to(source.resolve()):
+        raise TorchDistError(f"--out {out} lies inside the checkpoint {source} that it would be a copy of (the copy "
+                             f"would contain itself); choose an output outside {source}")
     staged = Staged(out)
     try:
         target = staged.path / source.name if location.save_dir is not None else staged.path
-        _link_tree(source, target)
+        copied = _link_tree(source, target)
         if location.save_dir is not None:
             (staged.path / TRACKER).write_text(f"{location.tracker}\n", encoding="utf-8")
+        _check_copy(source, target, copied)
         _write(target, entries, stored)
         staged.publish()
     except BaseException:
@@ -178,6 +184,7 @@ def _verify(directory: Path, partial: Path, stored: dict) -> None:
     try:
         shutil.copy2(partial, shadow / METADATA_FILE)
         entries = read_entries(shadow)
+        check_files(directory, entries)  # every entry's bytes, in a regular file inside the checkpoint
         back = read_tensors(directory, entries, list(stored))
     finally:
         shutil.rmtree(shadow, ignore_errors=True)
@@ -189,11 +196,11 @@ def _verify(directory: Path, partial: Path, stored: dict) -> None:
 
 def _publish_in_place(directory: Path, entries: dict[str, Entry], stored: dict) -> None:
     before = set(os.listdir(directory))
-    metadata = (directory / METADATA_FILE).stat().st_ino
+    metadata = _identity(directory)
     try:
         _write(directory, entries, stored)
     except BaseException:
-        if (directory / METADATA_FILE).stat().st_ino != metadata:
+        if _identity(directory) != metadata:
             raise  # already published (interrupted while tidying up): the new files are in use
         for name in set(os.listdir(directory)) - before:  # the new .distcp and the partial .metadata
             path = directory / name
@@ -201,20 +208,70 @@ def _publish_in_place(directory: Path, entries: dict[str, Entry], stored: dict) 
         raise
 
 
-def _link_tree(source: Path, target: Path) -> None:
+@contextmanager
+def commit_reported(directory: str | Path):
+    """Mark what ends an in-place write after its commit point (the rename of the new ``.metadata``)
+    with ``error.written = directory``: the checkpoint holds the new values then, and the command must
+    not say that nothing was written. Told from the disk, not a flag, so that a signal arriving
+    between the rename and the next statement is reported right too."""
+    directory = Path(directory)
+    before = _identity(directory)
+    try:
+        yield
+    except BaseException as error:
+        if _identity(directory) != before:
+            error.written = directory
+        raise
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which file ``directory/.metadata`` is (a rename replaces it with another)."""
+    try:
+        status = (directory / METADATA_FILE).stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _link_tree(source: Path, target: Path) -> dict[Path, int]:
     """``target`` as a copy of ``source`` whose files are hard links (copies across file systems), except
-    ``.metadata``, which is rewritten, so nothing written later can change the original."""
-    for path in source.rglob("*"):
-        relative = path.relative_to(source)
+    ``.metadata``, which is rewritten, so nothing written later can change the original. A symbolic link
+    is copied as what it points to, which must be a directory or regular file inside ``source``
+    (:mod:`quantmap.io.torch_dist.files`): a copy must not be empty or dangling where the original
+    had a link. Returns each file copied (relative path) with its size, for :func:`_check_copy`."""
+    copied: dict[Path, int] = {}
+
+    def copy(relative: Path, ancestors: frozenset) -> None:
+        real = resolve_inside(source, relative)
+        if real.is_dir():
+            if real in ancestors:
+                raise TorchDistError(f"{source / relative}: a symbolic link to a directory that contains it (a "
+                                     f"loop); replace the link with the directory's files")
+            (target / relative).mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(real)):
+                copy(relative / name, ancestors | {real})
+            return
+        real = regular_file(source, relative)
         destination = target / relative
-        if path.is_dir():
-            destination.mkdir(parents=True, exist_ok=True)
-            continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
         if relative == Path(METADATA_FILE):
-            shutil.copy2(path, destination)
-            continue
-        try:
-            os.link(path, destination)
-        except OSError:
-            shutil.copy2(path, destination)
+            shutil.copy2(real, destination)
+        else:
+            try:
+                os.link(real, destination)
+            except OSError:
+                shutil.copy2(real, destination)
+        copied[relative] = real.stat().st_size
+
+    copy(Path(), frozenset())
+    return copied
+
+
+def _check_copy(source: Path, target: Path, copied: dict[Path, int]) -> None:
+    """Every file of the source is in the copy, a regular file of the same size (checked before the new
+    ``.metadata`` is written, whose entries :func:`_verify` checks in turn)."""
+    for relative, size in copied.items():
+        if relative == Path(METADATA_FILE):
+            continue  # rewritten, and read back by _verify
+        if regular_file(target, relative).stat().st_size != size:
+            raise TorchDistError(f"{target / relative}: the copy of {source / relative} has another size; "
+                                 f"nothing was published")
