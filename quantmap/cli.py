@@ -124,8 +124,10 @@ def compile_command(
 
 
 def _table(rules) -> str:
-    """One line per rule: kind, priority, tensor-parallel split, both patterns and the spec line."""
-    lines = [f"{rules.spec.name}: {len(rules)} rules", f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
+    """The spec files read (which file each ``extends`` found), then one line per rule: kind, priority,
+    tensor-parallel split, both patterns and the spec line."""
+    lines = [f"{rules.spec.name}: {len(rules)} rules", "spec files: " + " extends ".join(reversed(rules.spec.files)),
+             f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
     width = max((len(r.megatron.text) for r in rules), default=0)
     for rule in rules:
         place = rule.origin.location

@@ -247,11 +247,10 @@ def _instances(model: SpecFile, blocks: dict[str, tuple[SourcedMapping, ...]], v
 
 
 def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Location) -> ResolvedSpec:
-    # A file name is relative to the extending spec, never to the working directory; a name, or a
-    # file name that is not there, is a shipped spec or base ("base/gqa").
-    relative = path.parent / ref
+    # A file next to the extending spec first, then a shipped spec or base ("base/gqa"); never the
+    # working directory, so that a spec compiles to the same rules wherever it is run.
     try:
-        target = find_spec(relative if ref.endswith((".yaml", ".yml")) and relative.is_file() else ref)
+        target = find_spec(ref, beside=path.parent)
     except SpecError as exc:
         raise SpecError([Diagnostic("QM040", f"'extends: {ref}' names no spec: {d.message}", where, d.hint)
                          for d in exc.diagnostics]) from None
