@@ -8,6 +8,7 @@ a size limit, strict UTF-8. Problems are collected and raised together as one
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,9 @@ import pydantic
 import yaml
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
+from quantmap.limits import MAX_SPEC_BYTES
 from quantmap.spec.library import display_path, find_spec
 from quantmap.spec.schema import BlockUse, Exclusions, Hybrid, KindSource, MappingSpec, Sides, SpecFile, marks
-
-MAX_SPEC_BYTES = 1 << 20
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions,
@@ -87,14 +87,16 @@ def read_spec_file(path: Path) -> tuple[SpecFile, dict[tuple, Location], dict[tu
 
 def _read_text(path: Path, file: str) -> str:
     where = Location(file)
-    try:
-        raw = path.read_bytes()
+    try:  # never more than the limit is read: a huge file is refused by its size, not loaded first
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_SPEC_BYTES + 1)
+            size = max(len(raw), os.fstat(stream.fileno()).st_size)
     except OSError as exc:
         raise SpecError([Diagnostic("QM006", f"cannot read the spec: {exc.strerror}", where)]) from None
-    if len(raw) > MAX_SPEC_BYTES:
+    if size > MAX_SPEC_BYTES:
         raise SpecError([Diagnostic(
-            "QM004", f"the spec is {len(raw)} bytes, over the {MAX_SPEC_BYTES}-byte limit", where,
-            "split it with 'extends', or check that this is the right file",
+            "QM004", f"the spec is {size:,} bytes, over the {MAX_SPEC_BYTES:,}-byte limit (quantmap/limits.py)",
+            where, "split it with 'extends', or check that this is the right file",
         )])
     try:
         text = raw.decode("utf-8")

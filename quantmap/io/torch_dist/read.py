@@ -140,6 +140,9 @@ def _runs(items):
 def _read_range(path: Path, start: int, end: int) -> bytearray:
     try:
         with path.open("rb", buffering=0) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if end > size:  # before allocating: a chunk length from .metadata may be anything (2**40)
+                raise truncated(path, end, size)
             data = bytearray(end - start)
             got = stream.readinto(data) if stream.seek(start) == start else 0
     except FileNotFoundError:
