@@ -9,17 +9,19 @@ directory included; 2 the command line itself is wrong (an unknown option, a mal
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
 from datetime import timedelta
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import typer
 
 from quantmap.diagnostics import SpecError
+from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
 
 app = typer.Typer(
     help="Move quantization calibration state between Megatron-Core and Hugging Face names.",
@@ -159,8 +161,10 @@ def compile_command(
 
 
 def _table(rules) -> str:
-    """One line per rule: kind, priority, tensor-parallel split, both patterns and the spec line."""
-    lines = [f"{rules.spec.name}: {len(rules)} rules", f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
+    """The spec files read (which file each ``extends`` found), then one line per rule: kind, priority,
+    tensor-parallel split, both patterns and the spec line."""
+    lines = [f"{rules.spec.name}: {len(rules)} rules", "spec files: " + " extends ".join(reversed(rules.spec.files)),
+             f"{'kind':<10} {'prio':>4} {'parallel':<10} megatron  ->  hf"]
     width = max((len(r.megatron.text) for r in rules), default=0)
     for rule in rules:
         place = rule.origin.location
@@ -335,11 +339,11 @@ class Side(str, Enum):
 def names(
     spec: str = SpecArg,
     side: Side = typer.Option(..., "--side", help="megatron or hf."),
-    layers: Optional[int] = typer.Option(None, "--layers", min=0, help="Decoder layers of the model (default: "
-                                         "--config's num_hidden_layers)."),
-    experts: Optional[int] = typer.Option(None, "--experts", min=0, help="Routed experts per MoE layer (default: "
-                                          "--config's expert count)."),
-    mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, help="Multi-token-prediction layers."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=0, max=MAX_LAYERS, help="Decoder layers of the model "
+                                         "(default: --config's num_hidden_layers)."),
+    experts: Optional[int] = typer.Option(None, "--experts", min=0, max=MAX_EXPERTS, help="Routed experts per MoE "
+                                          "layer (default: --config's expert count)."),
+    mtp_layers: int = typer.Option(0, "--mtp-layers", min=0, max=MAX_LAYERS, help="Multi-token-prediction layers."),
     dense_layers: Optional[str] = typer.Option(None, "--dense-layers", help="Layers with a dense MLP in an MoE "
                                                "model, e.g. '0-2' or '0,3' (default: those --config makes dense, e.g. "
                                                "DeepSeek's first_k_dense_replace; else none, every layer of a dense spec)."),
@@ -361,7 +365,7 @@ def names(
 ) -> None:
     """Every name a model of this size has on one side, as the spec maps it (weights and quantizer buffers;
     what the spec excludes is not listed): diff it against a real checkpoint's names."""
-    from quantmap.model_names import ModelSize, NamesError, model_names, unlisted
+    from quantmap.model_names import ModelSize, NamesError, iter_model_names, unlisted
 
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     layers, experts = _model_size(layers, experts, config)
@@ -369,19 +373,46 @@ def names(
     dense = _layer_list(dense_layers, layers) if dense_layers is not None else _dense_layers(config, layers)
     size = ModelSize(layers, experts, mtp_layers, te, grouped, dense, kinds)
     try:
-        found = model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
+        found = iter_model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
     except NamesError as error:
         raise typer.BadParameter(str(error), param_hint=error.option) from None
     for pattern in unlisted(rules, omit or ()):
         typer.echo(f"note: {pattern!r} has a '**' capture, names of any depth, which no size enumerates: its "
                    f"names are not listed (check them with 'quantmap check', or --omit {pattern} to leave them out)",
                    err=True)
-    typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))
+    _stream(_json_list(found) if as_json else (name + "\n" for name in found))
+
+
+def _json_list(items) -> Iterator[str]:
+    """The text of ``json.dumps(list(items), indent=2)``, a line at a time."""
+    first = True
+    for item in items:
+        yield ("[\n  " if first else ",\n  ") + json.dumps(item)
+        first = False
+    yield "[]\n" if first else "\n]\n"
+
+
+def _stream(pieces: Iterable[str]) -> None:
+    """Write to stdout as the text is made, so that a large listing starts at once and ``| head`` ends it
+    early; a reader that closes the pipe ends the command quietly (exit 1, as Python's SIGPIPE note has it)."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
+        raise typer.Exit(1) from None
 
 
 def _model_size(layers: Optional[int], experts: Optional[int], config: Optional[str]) -> tuple[int, Optional[int]]:
     """``--layers`` and ``--experts``, each defaulting to what ``--config`` gives."""
     given = config_params(config, {"num_layers", "num_experts"})
+    for name, limit in (("num_layers", MAX_LAYERS), ("num_experts", MAX_EXPERTS)):
+        too_big = over(f"{config}: its {name}", given.get(name, 0), limit)
+        if too_big:
+            typer.echo(f"error: {too_big}; check the file", err=True)
+            raise typer.Exit(1)
     layers = given.get("num_layers") if layers is None else layers
     if layers is None:
         where = f"{config} has no num_hidden_layers; pass --layers N" if config else "pass --layers N (or --config)"
@@ -398,9 +429,9 @@ def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers"
         first, dash, last = item.partition("-")
         if not first.isdigit() or (dash and not last.isdigit()):
             raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint=option)
+        if int(last or first) >= layers:  # checked before the range is enumerated
+            raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
         out += range(int(first), int(last or first) + 1)
-    if any(index >= layers for index in out):
-        raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
     return tuple(out)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
+from quantmap.limits import over, param_limit
 from quantmap.layouts import GROUP_PARTS, INTERLEAVED, TRANSPOSED, Layout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import WEIGHT_QUANTIZER, Derived, fused_expert_buffers, grouped_weight_buffers, with_stages
@@ -119,9 +120,14 @@ def _bind_params(spec: ResolvedSpec, given: dict[str, int]) -> dict[str, int | N
         elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
             problems.append(Diagnostic("QM050", f"parameter {name!r} must be a whole number >= 0, got {value!r}",
                                        Location(spec.files[-1])))
+    bound = {**spec.params, **given}
+    problems += [Diagnostic("QM050", too_big, Location(spec.files[-1]), "check the value (--param, --config or the "
+                            "spec's 'params'); no real model comes near it")
+                 for name, value in bound.items() if isinstance(value, int) and name in spec.params
+                 and (too_big := over(f"parameter {name!r}", value, param_limit(name)))]
     if problems:
         raise SpecError(problems)
-    return {**spec.params, **given}
+    return bound
 
 
 def _parse(text: str, mapping: SourcedMapping, field: str, context: _Context, prefix_length: int) -> Pattern | None:

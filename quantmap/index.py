@@ -47,9 +47,9 @@ class _Entry:
         self.verbatim = verbatim  # the captures whose text the resolver only copies into the names it builds
         self.shadowed_by: tuple[_Entry, ...] = ()
 
-    def try_regex(self, name: str) -> Match | None:
-        found = self.pattern._regex.fullmatch(name)
-        return None if found is None else self.resolve(name, found.groups())
+    def try_pattern(self, name: str) -> Match | None:
+        found = self.pattern.raw(name)
+        return None if found is None else self.resolve(name, found)
 
 
 _WHOLE_SEGMENT_INDEX = r"\.([0-9]+)(?![^.])"
@@ -212,7 +212,7 @@ class _Side:
             if found is not None:
                 return found
         for entry in self.slow:
-            found = entry.try_regex(name)
+            found = entry.try_pattern(name)
             if found is not None:
                 return found
         return None
@@ -236,7 +236,7 @@ def _combined(candidates: tuple[_Entry, ...]) -> Resolver:
     def resolve(name: str, raw: Sequence[str]) -> Match | None:
         for entry in candidates:
             for other in entry.shadowed_by:
-                found = other.try_regex(name)
+                found = other.try_pattern(name)
                 if found is not None:
                     return found
             found = entry.resolve(name, raw)

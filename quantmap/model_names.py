@@ -39,10 +39,11 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from quantmap.compiler import is_grouped
 from quantmap.patterns import ANY, Pattern
@@ -88,6 +89,12 @@ class NamesError(ValueError):
 
 def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None,
                 omit: Iterable[str] = ()) -> list[str]:
+    """:func:`iter_model_names` as a list."""
+    return list(iter_model_names(rules, side, size, buffers, omit))
+
+
+def iter_model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[str] | None = None,
+                     omit: Iterable[str] = ()) -> Iterator[str]:
     """The concrete names on ``side`` (``"megatron"`` or ``"hf"``), each once, in natural order
     (``layers.2`` before ``layers.10``) so that a diff against a sorted checkpoint listing is short.
 
@@ -97,7 +104,11 @@ def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[st
     a form the model's config does not build, which no rule competes with. A grouped-MoE weight
     quantizer is listed in the one form an import writes (rules that are not ``reversible`` are the
     other ModelOpt form of the same quantizer, export-only). A hybrid spec needs ``size.kinds``;
-    :class:`NamesError` says what the size lacks.
+    :class:`NamesError` says what the size lacks, before the first name.
+
+    The names stream out: each pattern's names come in natural order already (its captures count
+    up), so merging the patterns' streams sorts them all while holding one name per pattern, and
+    ``quantmap names --layers 100000 | head`` prints at once.
     """
     wanted = None if buffers is None else set(buffers)
     kept = [r for r in _mapped(rules, omit) if r.reversible and not _any_depth(r) and _built(r, size)
@@ -109,7 +120,8 @@ def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[st
     if dense is None:
         moe = any(_mlp_kind(r) == MOE for r in rules if not marked.get(r.origin.mapping))
         dense = () if moe else tuple(range(size.layers))
-    mlp = [DENSE if i in set(dense) else MOE for i in range(size.layers)]
+    dense = set(dense)
+    mlp = [DENSE if i in dense else MOE for i in range(size.layers)]
     decoder = [r for r in kept if not _of_mtp(r)]
     groups = [([r for r in decoder if _applies(marked.get(r.origin.mapping), r, kind, mlp_kind)],
                [i for i in range(size.layers) if kinds[i] == kind and mlp[i] == mlp_kind])
@@ -117,16 +129,16 @@ def model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterable[st
     # The MTP layers are one layer of their own, whatever the decoder layers' kinds and MLPs: their
     # layouts are chosen among their own mappings (a dense MTP layer under TE fuses its pre-MLP norm).
     groups.append(([r for r in kept if _of_mtp(r)], []))
-    names: dict[str, None] = {}
+    streams = []
     for active, layers in groups:
         dropped = _other_layouts(active, size)
         for rule in active:
             if rule.origin.mapping in dropped:
                 continue
             for pattern in [rule.megatron] if side == MEGATRON else rule.hf:
-                for values in _values(rule, pattern, side, size, layers):
-                    names[pattern.fill(values)] = None
-    return sorted(names, key=_natural)
+                streams.append(map(pattern.fill, _values(rule, pattern, side, size, layers)))
+    merged = heapq.merge(*streams, key=_natural)
+    return (name for name, _ in itertools.groupby(merged))  # a name two rules build, once
 
 
 def unlisted(rules: RuleSet, omit: Iterable[str] = ()) -> list[str]:

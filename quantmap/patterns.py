@@ -17,13 +17,20 @@ A pattern is a dotted weight name in which some parts are captures:
 Captures are positional: the n-th capture of one side of a mapping fills the n-th capture of
 the other, whatever mix of ``*`` and ``**`` the pattern has. Matching is anchored at both
 ends, and ``*`` never matches empty text, a non-ASCII digit or a trailing newline.
+
+Matching takes time linear in the name's length, whatever the pattern: every name of an
+untrusted checkpoint reaches it. A pattern with at most one ``**`` is one anchored regex, which
+can only try each place the ``**`` could end once. Two or more ``**`` would make a backtracking
+regex try every combination of their ends (``a.**.**.**.weight`` took over a minute on a 6 KB
+name), so such a pattern is matched segment by segment instead (:class:`_Segments`), with the
+same captures the regex would give: each ``**`` as long as the rest of the pattern allows.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 DIGITS = "digits"
 ANY = "any"
@@ -65,7 +72,7 @@ class Pattern:
     text: str
     literals: tuple[str, ...]
     captures: tuple[Capture, ...]
-    _regex: re.Pattern = field(repr=False, compare=False, hash=False)
+    raw: Callable[[str], tuple[str, ...] | None] = field(repr=False, compare=False, hash=False)
     choices: tuple[str, ...] = ()  # the text of each alternative-free variant, canonical first
 
     @property
@@ -85,21 +92,21 @@ class Pattern:
             Capture(c.kind, c.label, params[c.offset]) if isinstance(c.offset, str) else c
             for c in self.captures
         )
-        return Pattern(self.text, self.literals, captures, self._regex, self.choices)
+        return Pattern(self.text, self.literals, captures, self.raw, self.choices)
 
     def variants(self) -> tuple[Pattern, ...]:
         """The alternative-free patterns this one stands for, canonical first (itself if none).
         Alternatives are not captures, so every variant has this pattern's captures."""
         if not self.choices:
             return (self,)
-        return tuple(Pattern(v.text, v.literals, self.captures, v._regex) for v in map(parse, self.choices))
+        return tuple(Pattern(v.text, v.literals, self.captures, v.raw) for v in map(parse, self.choices))
 
     def match(self, name: str) -> tuple[str, ...] | None:
         """The captures of ``name``, or ``None`` when the pattern does not match it."""
-        found = self._regex.fullmatch(name)
+        found = self.raw(name)
         if found is None:
             return None
-        return unshift(self.captures, found.groups())
+        return unshift(self.captures, found)
 
     def fill(self, values: Sequence[str]) -> str:
         """The concrete name with ``values`` (one per capture, in order) filled in."""
@@ -150,6 +157,7 @@ def parse(text: str) -> Pattern:
     regex: list[str] = []
     current: list[str] = []  # literal text since the last capture
     choices: list[list[str]] = [[]]  # the text of every variant, segment by segment
+    segments: list[str | None] = []  # each segment's regex; None for '**'
 
     def add_capture(capture: Capture) -> None:
         literals.append("".join(current))
@@ -162,6 +170,7 @@ def parse(text: str) -> Pattern:
         if index:
             current.append(".")
             regex.append(r"\.")
+        written = len(regex)
         if not segment:
             raise PatternError("empty segment: two dots in a row, or a leading or trailing dot", offset)
         braced = _BRACED.fullmatch(segment)
@@ -203,10 +212,79 @@ def parse(text: str) -> Pattern:
         else:
             current.append(segment)
             regex.append(re.escape(segment))
+        segments.append(None if segment == "**" else "".join(regex[written:]))
         offset += len(segment) + 1
     literals.append("".join(current))
     variants = tuple(".".join(segments) for segments in choices) if len(choices) > 1 else ()
-    return Pattern(text, tuple(literals), tuple(captures), re.compile("".join(regex)), variants)
+    if sum(capture.kind == ANY for capture in captures) > 1:
+        raw = _Segments(segments).captures
+    else:
+        raw = _regex_captures(re.compile("".join(regex)))
+    return Pattern(text, tuple(literals), tuple(captures), raw, variants)
+
+
+def _regex_captures(regex: re.Pattern) -> Callable[[str], tuple[str, ...] | None]:
+    fullmatch = regex.fullmatch
+
+    def captures(name: str) -> tuple[str, ...] | None:
+        found = fullmatch(name)
+        return None if found is None else found.groups()
+
+    return captures
+
+
+class _Segments:
+    """A pattern with several ``**``, matched in O(segments x pattern segments) steps.
+
+    Every part of a pattern but ``**`` matches exactly one segment of a name (literals, digit
+    runs and alternatives hold no dot), and ``**`` matches a run of whole segments: the text of
+    one or more, not empty and without a newline (what the regex ``.+`` between dots matches).
+    ``tail[j][i]`` says whether pattern segments ``j:`` match name segments ``i:``; filled from
+    the right, a ``**`` needs only whether some later position works, kept as a running flag. The
+    captures are then read off from the left, each ``**`` taking the longest run that leaves the
+    rest matchable: the choice a backtracking regex makes first.
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, segment_regexes: Sequence[str | None]):
+        # None for '**', else the fullmatch of one name segment (its groups are the captures)
+        self.parts = tuple(None if rx is None else re.compile(rx).fullmatch for rx in segment_regexes)
+
+    def captures(self, name: str) -> tuple[str, ...] | None:
+        if "\n" in name:  # no part of a pattern matches a newline
+            return None
+        words = name.split(".")
+        tail = self._tails(words)
+        if not tail[0][0]:
+            return None
+        out: list[str] = []
+        at = 0
+        for j, part in enumerate(self.parts):
+            if part is None:
+                end = next(k for k in range(len(words), at, -1) if tail[j + 1][k] and (k > at + 1 or words[at]))
+                out.append(".".join(words[at:end]))
+                at = end
+            else:
+                out.extend(part(words[at]).groups())
+                at += 1
+        return tuple(out)
+
+    def _tails(self, words: list[str]) -> list[list[bool]]:
+        n = len(words)
+        tail = [[False] * (n + 1) for _ in range(len(self.parts) + 1)]
+        tail[-1][n] = True
+        for j in range(len(self.parts) - 1, -1, -1):
+            part, here, after = self.parts[j], tail[j], tail[j + 1]
+            if part is None:
+                beyond = False  # some k >= i + 2 with after[k]: a run of two or more segments
+                for i in range(n - 1, -1, -1):
+                    here[i] = beyond or (after[i + 1] and words[i] != "")
+                    beyond = beyond or after[i + 1]
+            else:
+                for i in range(n):
+                    here[i] = after[i + 1] and part(words[i]) is not None
+        return tail
 
 
 def intersects(a: Pattern, b: Pattern) -> bool:

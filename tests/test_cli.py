@@ -201,3 +201,33 @@ def test_check_of_in_memory_names_against_the_in_memory_naming(tmp_path):
     assert fan_in.returncode == 0, fan_in.stdout
     on_disk = run("check", "qwen3_moe", "--hf", str(names), "--strict")
     assert on_disk.returncode == 1 and "QM101" in on_disk.stdout
+
+
+def test_extends_resolves_beside_the_spec_then_the_shipped_library_from_any_working_directory(tmp_path):
+    """``extends: llama.yaml`` means a llama.yaml next to the spec, else the shipped llama; a llama.yaml in
+    the working directory never changes what a spec compiles to (issue 19, item 19)."""
+    user, decoy = tmp_path / "user", tmp_path / "decoy"
+    user.mkdir()
+    decoy.mkdir()
+    (user / "mine.yaml").write_text("name: mine\nextends: llama.yaml\nmappings: []\n")
+    (decoy / "llama.yaml").write_text("name: decoy\nmappings:\n  - {megatron: decoy.weight, hf: decoy.weight}\n")
+
+    def rules(cwd, spec):
+        """The compiled rules, each source file as an absolute path (a user file is named from the cwd)."""
+        result = run("compile", spec, "--format", "json", cwd=cwd, module=True)
+        assert result.returncode == 0, result.stderr
+        files = {file: (REPO if file.startswith("quantmap/specs/") else cwd) / file
+                 for file in {rule["source"]["file"] for rule in json.loads(result.stdout)}}
+        return [{**rule, "source": str(files[rule["source"]["file"]].resolve())} for rule in json.loads(result.stdout)]
+
+    shipped = rules(user, "mine.yaml")
+    assert shipped == rules(decoy, str(user / "mine.yaml"))
+    assert all(not rule["megatron"].startswith("decoy") for rule in shipped)
+    assert {rule["source"] for rule in shipped} >= {str((REPO / "quantmap/specs/llama.yaml").resolve())}
+    table = run("compile", str(user / "mine.yaml"), cwd=decoy, module=True).stdout.splitlines()
+    assert table[1].startswith("spec files: ") and "extends quantmap/specs/llama.yaml" in table[1]
+
+    (user / "llama.yaml").write_text("name: local\nmappings:\n  - {megatron: local.weight, hf: local.weight}\n")
+    beside = rules(decoy, str(user / "mine.yaml"))
+    assert beside == rules(user, "mine.yaml") and {rule["megatron"].split(".")[0] for rule in beside} == {"local"}
+    assert beside[0]["source"] == str((user / "llama.yaml").resolve())

@@ -132,3 +132,88 @@ def test_intersects_separates_disjoint_literals_and_finds_wildcard_overlap():
     assert not intersects(parse("model.layers.*.mlp.weight"), parse("model.layers.*.attn.weight"))
     assert intersects(parse("model.layers.0.mlp"), parse("model.layers.*.mlp"))
     assert not intersects(parse("model.layers.x.mlp"), parse("model.layers.*.mlp"))
+
+
+# Matching is linear in the name: every checkpoint name reaches it (issue 19, item 18).
+
+def _reference_regex(text: str) -> re.Pattern:
+    """The backtracking regex a pattern means, written out independently of the engine."""
+    def segment(word: str) -> str:
+        if word == "**":
+            return "(.+)"
+        if word == "*":
+            return "([0-9]+)"
+        if word.endswith("*"):
+            return re.escape(word[:-1]) + "([0-9]+)"
+        return re.escape(word)
+    return re.compile(r"\.".join(map(segment, text.split("."))))
+
+
+MANY_STARS = st.lists(st.sampled_from(["a", "b", "*", "**", "a*"]), min_size=1, max_size=6).map(".".join)
+NAME_SEGMENTS = st.sampled_from(["a", "b", "1", "a12", "", "x\n", "ab"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(MANY_STARS, st.lists(NAME_SEGMENTS, max_size=12).map(".".join))
+def test_matching_gives_the_captures_of_the_backtracking_regex(text, name):
+    found = _reference_regex(text).fullmatch(name)
+    assert parse(text).match(name) == (None if found is None else found.groups())
+
+
+def _steps(function, *args):
+    """``function(*args)`` and the Python lines it ran inside quantmap/patterns.py: a step count
+    that does not depend on how busy the machine is."""
+    import sys
+
+    import quantmap.patterns as engine
+
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == engine.__file__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        result = function(*args)
+    finally:
+        sys.settrace(previous)
+    return result, count
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(["a", "**", "*", "b"]), min_size=2, max_size=7).map(lambda s: ".".join(s + ["**"])),
+       st.integers(200, 3000), st.sampled_from(["a", "1", "b", "a.1"]))
+def test_several_double_stars_match_long_names_in_linear_steps(text, repeat, unit):
+    pattern = parse(text)
+    name = ".".join([unit] * repeat)
+    segments, parts = name.count(".") + 1, text.count(".") + 1
+    found, steps = _steps(pattern.match, name)
+    assert steps <= 12 * (segments + 1) * (parts + 1)
+    if found is not None:
+        assert pattern.fill(found) == name
+
+
+def test_the_reported_worst_case_is_refused_in_linear_steps():
+    import signal
+
+    def too_slow(signum, frame):
+        raise AssertionError("matching a 7 KB name took over 20 s: it backtracks")
+
+    pattern = parse("a.**.**.**.weight")
+    name = "a." + ".".join(["layers"] * 1000) + ".bias"  # 7 KB, no match: a regex tried every '**' end
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)  # a guard against hanging (the step bound is the assertion): the regex took minutes
+    try:
+        found, steps = _steps(pattern.match, name)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert found is None
+    assert steps <= 12 * 1003 * 6
+    assert pattern.match("a.b.c.d.e.weight") == ("b.c", "d", "e")  # each '**' as long as the rest allows

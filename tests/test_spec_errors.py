@@ -6,7 +6,7 @@ import pytest
 
 import quantmap
 from quantmap.diagnostics import SpecError
-from quantmap.spec.loader import MAX_SPEC_BYTES
+from quantmap.limits import MAX_SPEC_BYTES
 
 GOOD_MAPPING = "  - {megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.*.mlp.down_proj.weight}\n"
 
@@ -185,7 +185,7 @@ def test_yaml_aliases_are_rejected_before_they_can_expand(tmp_path):
 def test_spec_over_the_size_limit(tmp_path):
     path = write(tmp_path, "name: x\n" + "# padding\n" * (MAX_SPEC_BYTES // 10 + 1))
     error = only(path)
-    assert error.code == "QM004" and str(MAX_SPEC_BYTES) in error.message
+    assert error.code == "QM004" and f"{MAX_SPEC_BYTES:,}" in error.message
 
 
 def test_missing_run_time_parameter_says_how_to_give_it(tmp_path):

@@ -345,7 +345,8 @@ def test_compile_table_shows_priority_and_parallel():
 
     out = subprocess.run([sys.executable, "-m", "quantmap", "compile", "llama"], capture_output=True, text=True,
                          check=True).stdout.splitlines()
-    assert out[1].split() == ["kind", "prio", "parallel", "megatron", "->", "hf"]
+    assert out[1].startswith("spec files: quantmap/specs/llama.yaml extends quantmap/specs/base/")
+    assert out[2].split() == ["kind", "prio", "parallel", "megatron", "->", "hf"]
     row = next(line for line in out if "linear_qkv.layer_norm_weight " in line).split()
     assert row[:4] == ["weight", "1", "replicated", "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight"]
     row = next(line for line in out if line.split()[3:4] == ["decoder.layers.*.self_attention.linear_proj.weight"])

@@ -20,11 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_WORLD_SIZE, over
+
 LAYOUT_FILE = "layout.json"
 _SIZES = ("tp", "pp", "dp", "ep", "etp", "cp")
-# The largest world quantmap takes: 2**17 ranks, above the largest published training runs (~100k
-# accelerators). A layout beyond it is a typo (dp: 1000000000), and an import would write a file per rank.
-MAX_WORLD_SIZE = 2**17
 
 
 class LayoutError(ValueError):
@@ -78,6 +77,10 @@ class Layout:
                     for name in _SIZES if not _positive(getattr(self, name))]
         if not isinstance(self.num_layers, int) or self.num_layers < 1:
             problems.append(f"num_layers must be a whole number >= 1, got {self.num_layers!r}")
+        if isinstance(self.num_experts, int):
+            problems.append(over("num_experts", self.num_experts, MAX_EXPERTS))
+        problems.append(over("num_layers", self.num_layers, MAX_LAYERS))
+        problems = [problem for problem in problems if problem]
         if problems:
             return problems
         if self.world_size > MAX_WORLD_SIZE:

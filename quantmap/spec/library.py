@@ -31,16 +31,23 @@ def shipped_bases() -> dict[str, Path]:
     return {f"base/{p.stem}": p for p in sorted((SPEC_DIR / "base").glob("*.yaml"))}
 
 
-def find_spec(spec: str | Path) -> Path:
-    """A spec's file from a path, or from the name of a shipped spec or base (``base/gqa``,
-    ``base/gqa.yaml``)."""
-    path = Path(spec)
+def find_spec(spec: str | Path, beside: Path | None = None) -> Path:
+    """A spec's file: ``spec`` as a path, else the shipped spec or base of that name (``llama``,
+    ``base/gqa``, ``base/gqa.yaml``).
+
+    A path is taken relative to the directory ``beside`` when given (``extends`` names a file next
+    to the spec that extends it), else to the working directory (a command-line argument). Where
+    ``beside`` is given the working directory is never consulted: the same spec must compile to
+    the same rules wherever it is run.
+    """
+    path = Path(spec) if beside is None else beside / spec
     if path.is_file():
         return path
     shipped = {**shipped_specs(), **shipped_bases()}
-    name = spec.removesuffix(".yaml") if isinstance(spec, str) else None
+    name = str(spec).removesuffix(".yaml")
     if name in shipped:
         return shipped[name]
-    close = difflib.get_close_matches(path.stem, list(shipped), n=1)
+    close = difflib.get_close_matches(Path(spec).stem, list(shipped), n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"shipped specs: {', '.join(shipped) or 'none'}"
-    raise SpecError([Diagnostic("QM006", f"no spec file or shipped spec named {str(spec)!r}", Location(str(spec)), hint)])
+    place = f"no file {display_path(path)}" if beside is not None else "no spec file"
+    raise SpecError([Diagnostic("QM006", f"{place} or shipped spec named {str(spec)!r}", Location(str(spec)), hint)])

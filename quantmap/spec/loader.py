@@ -8,6 +8,7 @@ a size limit, strict UTF-8. Problems are collected and raised together as one
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,9 @@ import pydantic
 import yaml
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
+from quantmap.limits import MAX_SPEC_BYTES
 from quantmap.spec.library import display_path, find_spec
 from quantmap.spec.schema import BlockUse, Exclusions, Hybrid, KindSource, MappingSpec, Sides, SpecFile, marks
-
-MAX_SPEC_BYTES = 1 << 20
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MODELS_AT = {(): SpecFile, ("mappings", int): MappingSpec, ("prefix",): Sides, ("exclude",): Exclusions,
@@ -87,14 +87,16 @@ def read_spec_file(path: Path) -> tuple[SpecFile, dict[tuple, Location], dict[tu
 
 def _read_text(path: Path, file: str) -> str:
     where = Location(file)
-    try:
-        raw = path.read_bytes()
+    try:  # never more than the limit is read: a huge file is refused by its size, not loaded first
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_SPEC_BYTES + 1)
+            size = max(len(raw), os.fstat(stream.fileno()).st_size)
     except OSError as exc:
         raise SpecError([Diagnostic("QM006", f"cannot read the spec: {exc.strerror}", where)]) from None
-    if len(raw) > MAX_SPEC_BYTES:
+    if size > MAX_SPEC_BYTES:
         raise SpecError([Diagnostic(
-            "QM004", f"the spec is {len(raw)} bytes, over the {MAX_SPEC_BYTES}-byte limit", where,
-            "split it with 'extends', or check that this is the right file",
+            "QM004", f"the spec is {size:,} bytes, over the {MAX_SPEC_BYTES:,}-byte limit (quantmap/limits.py)",
+            where, "split it with 'extends', or check that this is the right file",
         )])
     try:
         text = raw.decode("utf-8")
@@ -247,11 +249,10 @@ def _instances(model: SpecFile, blocks: dict[str, tuple[SourcedMapping, ...]], v
 
 
 def _resolve_parent(ref: str, path: Path, chain: tuple[Path, ...], where: Location) -> ResolvedSpec:
-    # A file name is relative to the extending spec, never to the working directory; a name, or a
-    # file name that is not there, is a shipped spec or base ("base/gqa").
-    relative = path.parent / ref
+    # A file next to the extending spec first, then a shipped spec or base ("base/gqa"); never the
+    # working directory, so that a spec compiles to the same rules wherever it is run.
     try:
-        target = find_spec(relative if ref.endswith((".yaml", ".yml")) and relative.is_file() else ref)
+        target = find_spec(ref, beside=path.parent)
     except SpecError as exc:
         raise SpecError([Diagnostic("QM040", f"'extends: {ref}' names no spec: {d.message}", where, d.hint)
                          for d in exc.diagnostics]) from None

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.metadata import Entry, TorchDistError
+from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
 
 _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
@@ -134,6 +135,7 @@ def _is_stacked(entry: Entry) -> bool:
     if not entry.shape:
         raise TorchDistError(f"{entry.key}: a stacked-layers key (no layer index) must have the layers on a "
                              f"leading axis, but its shape is []")
+    _bounded(entry.key, "stacked layer", entry.shape[0], MAX_LAYERS)
     return True
 
 
@@ -170,17 +172,25 @@ def _interleaving(entries: dict[str, Entry], entry: Entry, stored: tuple[int, ..
 
 
 def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
-    """``(num_layers, num_experts)`` the checkpoint's keys show (``None``: no experts)."""
+    """``(num_layers, num_experts)`` the checkpoint's keys show (``None``: no experts), each within
+    :mod:`quantmap.limits`: the layers and experts are enumerated next."""
     layers, experts = 0, None
     for key, entry in entries.items():
         found = _LAYER.search(key)
         if found:
-            layers = max(layers, int(found.group(1)) + 1)
+            layers = max(layers, _bounded(key, "layer", int(found.group(1)) + 1, MAX_LAYERS))
         elif _STACKED.search(key) and entry.shape:
-            layers = max(layers, entry.shape[0])
+            layers = max(layers, entry.shape[0])  # bounded by _is_stacked
         expert = _EXPERT.search(key)
         if expert:
-            experts = max(experts or 0, int(expert.group(1) or expert.group(2)) + 1)
+            experts = max(experts or 0, _bounded(key, "expert", int(expert.group(1) or expert.group(2)) + 1, MAX_EXPERTS))
     if not layers:
         raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
     return layers, experts
+
+
+def _bounded(key: str, what: str, count: int, limit: int) -> int:
+    too_big = over(f"the {what} count it implies", count, limit)
+    if too_big:
+        raise TorchDistError(f".metadata key {key!r:.200}: {too_big}; the .metadata is damaged or not a model's")
+    return count

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
+from quantmap.limits import MAX_TRACKER_BYTES, over
 
 TRACKER = "latest_checkpointed_iteration.txt"
 LAYOUT_FILE = "layout.json"  # quantmap's shard directory (quantmap.executor.layout.LAYOUT_FILE)
@@ -41,6 +42,19 @@ def iteration_dir(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
+def _read_tracker(tracker: Path) -> str:
+    """The tracker's text, of which no more than the limit is read (a 100 MB file is refused, not echoed)."""
+    try:
+        with tracker.open("rb") as stream:
+            raw = stream.read(MAX_TRACKER_BYTES + 1)
+    except OSError as error:
+        raise TorchDistError(f"{tracker}: cannot read it: {error.strerror}") from None
+    if len(raw) > MAX_TRACKER_BYTES:
+        raise TorchDistError(f"{tracker}: {over('the file', tracker.stat().st_size, MAX_TRACKER_BYTES)} bytes; it "
+                             f"should hold an iteration number or 'release' (or pass --iteration N)")
+    return raw.decode("utf-8", errors="replace").strip()
+
+
 def locate(path: str | Path, iteration: int | None = None) -> Location:
     """The iteration directory of a save directory (the tracker's, or ``iteration``), or ``path`` itself."""
     path = Path(path)
@@ -61,7 +75,7 @@ def locate(path: str | Path, iteration: int | None = None) -> Location:
             raise TorchDistError(f"{path}: not a Megatron checkpoint: it holds neither {METADATA_FILE} (an iteration "
                                  f"directory) nor {TRACKER} (a save directory) nor {LAYOUT_FILE} (a quantmap shard "
                                  f"directory)")
-        text = tracker.read_text(encoding="utf-8", errors="replace").strip()
+        text = _read_tracker(tracker)
         if text != "release" and not text.isdigit():
             raise TorchDistError(f"{tracker}: says {text!r}; it should hold an iteration number or 'release'")
         named = "release" if text == "release" else int(text)

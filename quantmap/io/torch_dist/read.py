@@ -144,9 +144,11 @@ def _read_range(directory: Path, file: str, start: int, end: int) -> bytearray:
     path = directory / file
     try:
         with open_regular(directory, file, buffering=0) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if end > size:  # before allocating: a chunk length from .metadata may be anything (2**40)
+                raise truncated(path, end, size)
             data = bytearray(end - start)
             got = stream.readinto(data) if stream.seek(start) == start else 0
-            size = os.fstat(stream.fileno()).st_size
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
     if got != end - start:
