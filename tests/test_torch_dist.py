@@ -303,3 +303,74 @@ def test_export_reads_no_weight_bytes_and_never_unpickles_common_pt(tmp_path):
     want = _export("fp8_kv_tp2", tmp_path, "untouched")
     got = Checkpoint(tmp_path / "hf")
     assert sorted(got.names()) == sorted(want) and all(torch.equal(got.get(n), want[n]) for n in want)
+
+
+QKV_AMAX = "decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax"  # [128, 1] in 2 chunks of 64 rows
+
+
+def _drop_second_chunk(metadata) -> None:
+    metadata.state_dict_metadata[QKV_AMAX].chunks.pop(1)
+
+
+def _add_overlapping_chunk(metadata) -> None:
+    """A third chunk, rows 32-95, stored where chunk 0 (rows 0-63) is: the union still covers every row."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    metadata.state_dict_metadata[QKV_AMAX].chunks.append(ChunkStorageMetadata(torch.Size([32, 0]),
+                                                                              torch.Size([64, 1])))
+    first = metadata.storage_data[MetadataIndex(QKV_AMAX, torch.Size([0, 0]))]
+    metadata.storage_data[MetadataIndex(QKV_AMAX, torch.Size([32, 0]))] = first
+
+
+@pytest.mark.parametrize(("edit", "phrase"), [(_drop_second_chunk, "they cover 64 of its 128 elements, leaving a gap"),
+                                              (_add_overlapping_chunk, "chunks 0 and 2 overlap")])
+def test_metadata_chunks_that_do_not_tile_a_tensor_are_refused_before_reading(tmp_path, edit, phrase):
+    """The real int8_tp2 .metadata, rewritten with torch's own classes: a chunk missing (rows no chunk wrote,
+    which would be exported from uninitialised memory) or two chunks over the same rows is one clear error."""
+    import pickle
+
+    from quantmap.io.torch_dist.metadata import load_metadata
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "int8_tp2/ckpt", save)
+    metadata = load_metadata(save / "release", real=True)
+    edit(metadata)
+    (save / "release/.metadata").write_bytes(pickle.dumps(metadata))
+    out = tmp_path / "hf"
+    result = _invoke("export", "llama", "--megatron", save, "--out", out, "--quiet", *SIZE_PARAMS)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    assert f"the chunks of {QKV_AMAX} (global shape [128, 1]) do not tile it: {phrase}" in lines[0], lines[0]
+    assert not out.exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=3).flatmap(
+    lambda shape: st.tuples(st.just(tuple(shape)), st.lists(st.tuples(
+        st.tuples(*[st.integers(0, extent) for extent in shape]),
+        st.tuples(*[st.integers(0, extent) for extent in shape])), max_size=5))))
+def test_chunks_tile_a_shape_exactly_when_every_element_is_covered_once(case):
+    """``tiling_problem`` agrees with counting, element by element, how many chunks cover it."""
+    from quantmap.io.torch_dist.metadata import tiling_problem
+
+    shape, boxes = case
+    count = torch.zeros(shape, dtype=torch.int64)
+    inside = all(o + z <= extent for offsets, sizes in boxes for o, z, extent in zip(offsets, sizes, shape))
+    if inside:
+        for offsets, sizes in boxes:
+            region = count
+            for dim, (o, z) in enumerate(zip(offsets, sizes)):
+                region = region.narrow(dim, o, z)
+            region += 1
+    exact = inside and bool((count == 1).all())
+    assert (tiling_problem(shape, boxes) is None) == exact, (shape, boxes)
+
+
+def test_a_grid_of_chunks_tiles_and_any_one_removed_or_repeated_does_not():
+    from quantmap.io.torch_dist.metadata import tiling_problem
+
+    grid = [((r, c), (2, 3)) for r in (0, 2, 4) for c in (0, 3)]
+    assert tiling_problem((6, 6), grid) is None
+    assert all("gap" in tiling_problem((6, 6), grid[:i] + grid[i + 1:]) for i in range(len(grid)))
+    assert all("overlap" in tiling_problem((6, 6), grid + [box]) for box in grid)
