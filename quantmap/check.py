@@ -7,6 +7,8 @@ Given the Megatron names, the Hugging Face names, or both, :func:`check` reports
 * ``QM103`` HF names that two Megatron names resolve to (say a TE ``layer_norm_weight`` and a
   local ``input_layernorm.weight`` in one checkpoint);
 * ``QM104`` fused groups with some parts present and others missing (``k_proj`` without ``v_proj``);
+* ``QM107`` (a torch_dist checkpoint) a weight the checkpoint saves gated (SwiGLU ``weight_w`` and
+  ``weight_v``) that the spec maps as one ungated tensor, or the reverse;
 * ``QM106`` (both sides given) HF quantizer buffers whose reverse lookup wins a Megatron name the
   Megatron side does not have, although another Megatron name claims them (a TEGroupedMLP model's
   expert buffers resolving to SequentialMLP's ``local_experts``): an import would write them there.
@@ -39,6 +41,7 @@ from quantmap.diagnostics import CODES, Location
 from quantmap.patterns import Pattern, parse
 from quantmap.rules import FAN_IN, MOE_FANOUT, WEIGHT, Match, Rule
 from quantmap.ruleset import RuleSet
+from quantmap.sizes import gating_contradiction
 
 MEGATRON = "megatron"
 HF = "hf"
@@ -129,8 +132,10 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[str] | None = None) -> CheckReport:
-    """Check ``rules`` against the names of a real model, on one side or both."""
+def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[str] | None = None,
+          swiglu: set[str] | None = None) -> CheckReport:
+    """Check ``rules`` against the names of a real model, on one side or both. ``swiglu``: the Megatron
+    weights the checkpoint saves as SwiGLU halves, where the source says (a torch_dist checkpoint)."""
     if megatron is None and hf is None:
         raise ValueError("check needs Megatron names, HF names, or both")
     megatron_names = list(dict.fromkeys(megatron)) if megatron is not None else None
@@ -149,6 +154,10 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
                 if not excluded(name):
                     findings.append(Finding("QM101", MEGATRON, name, "no rule claims this Megatron name"))
                 continue
+            gating = None if swiglu is None or match.kind != WEIGHT else \
+                gating_contradiction(rules, name, name in swiglu)
+            if gating:
+                findings.append(Finding("QM107", MEGATRON, name, gating, match.rule.origin.location))
             targets = _targets(match, hf_present)
             for target in targets:
                 claimed[target].append(name)

@@ -310,7 +310,7 @@ def check(
     reverse lookup the model lacks (QM106); notes list dead rules (QM105). Exit 0 unless --strict finds any."""
     from quantmap.check import check as check_names
     from quantmap.io.names import NamesError, read_names
-    from quantmap.io.torch_dist import TorchDistError, checkpoint_names, is_shard_directory, is_torch_dist
+    from quantmap.io.torch_dist import TorchDistError, is_shard_directory, is_torch_dist, names_and_swiglu
 
     if megatron is None and hf is None:
         raise typer.BadParameter("give --megatron, --hf, or both", param_hint="--megatron/--hf")
@@ -318,10 +318,10 @@ def check(
     try:
         if megatron is not None and Path(megatron).is_dir() and is_torch_dist(megatron) \
                 and not is_shard_directory(megatron):
-            megatron_names = checkpoint_names(megatron, iteration)  # from .metadata alone
+            megatron_names, swiglu = names_and_swiglu(megatron, iteration)  # from .metadata alone
         else:
-            megatron_names = None if megatron is None else read_names(megatron)
-        report = check_names(rules, megatron_names, None if hf is None else read_names(hf))
+            megatron_names, swiglu = None if megatron is None else read_names(megatron), None
+        report = check_names(rules, megatron_names, None if hf is None else read_names(hf), swiglu)
     except (NamesError, TorchDistError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

@@ -47,6 +47,7 @@ CODES: dict[str, str] = {
     "QM104": "fan-out group with a missing part",
     "QM105": "rule that matches no name on either side (a note)",
     "QM106": "reverse lookup that wins a Megatron name the model lacks",
+    "QM107": "a weight the checkpoint saves gated (SwiGLU halves) that the spec maps ungated, or the reverse",
 }
 
 

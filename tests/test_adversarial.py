@@ -86,6 +86,15 @@ def weight_map(change: Callable[[dict], None]) -> Callable[[Workspace], None]:
     return build
 
 
+def first_name_twice(ws: Workspace) -> None:
+    """The index lists its first tensor a second time, at the end (JSON allows it; the last entry would win)."""
+    path = ws.hf / INDEX
+    data = json.loads(path.read_text())
+    pairs = [*data["weight_map"].items(), (next(iter(data["weight_map"])), SHARD)]
+    entries = ", ".join(f"{json.dumps(name)}: {json.dumps(file)}" for name, file in pairs)
+    path.write_text(f'{{"metadata": {json.dumps(data["metadata"])}, "weight_map": {{{entries}}}}}')
+
+
 def first_value(value) -> Callable[[dict], None]:
     return lambda wm: wm.__setitem__(next(iter(wm)), value)
 
@@ -162,6 +171,7 @@ CASES = [
     Case("weight_map value null", weight_map(first_value(None)), IMPORT, 1, "each value must be the name"),
     Case("weight_map escapes --hf", weight_map(first_value("../meg/rank_00000.safetensors")), IMPORT, 1,
          "inside"),
+    Case("weight_map lists a tensor twice", first_name_twice, IMPORT, 1, "is listed twice"),
     Case("weight_map absolute", weight_map(first_value("/etc/passwd")), IMPORT, 1, "inside"),
     Case("5000-digit layer index", weight_map(lambda wm: wm.__setitem__(HUGE_LAYER, SHARD)), IMPORT + ["--strict"],
          1, "no rank of the layout holds"),

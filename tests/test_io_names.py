@@ -67,6 +67,8 @@ def test_a_directory_without_an_index_reads_every_shard_in_order(tmp_path):
     (lambda d: _write(d / "z.safetensors", struct.pack("<Q", 3) + b"{x}"), "header is not JSON"),
     (lambda d: _write(d / "m.safetensors.index.json", b'{"metadata": {}}'), "no 'weight_map'"),
     (lambda d: _write(d / "n.txt", b"\xff\xfe"), "not UTF-8"),
+    (lambda d: _write(d / "t.safetensors.index.json", b'{"weight_map": {"a.weight": "1.st", "a.weight": "2.st"}}'),
+     "'a.weight' is listed twice"),
 ])
 def test_unreadable_sources_raise_names_error_naming_the_file(tmp_path, make, message):
     path = make(tmp_path)

@@ -303,3 +303,142 @@ def test_export_reads_no_weight_bytes_and_never_unpickles_common_pt(tmp_path):
     want = _export("fp8_kv_tp2", tmp_path, "untouched")
     got = Checkpoint(tmp_path / "hf")
     assert sorted(got.names()) == sorted(want) and all(torch.equal(got.get(n), want[n]) for n in want)
+
+
+QKV_AMAX = "decoder.layers.0.self_attention.linear_qkv.weight_quantizer._amax"  # [128, 1] in 2 chunks of 64 rows
+
+
+def _drop_second_chunk(metadata) -> None:
+    metadata.state_dict_metadata[QKV_AMAX].chunks.pop(1)
+
+
+def _add_overlapping_chunk(metadata) -> None:
+    """A third chunk, rows 32-95, stored where chunk 0 (rows 0-63) is: the union still covers every row."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    metadata.state_dict_metadata[QKV_AMAX].chunks.append(ChunkStorageMetadata(torch.Size([32, 0]),
+                                                                              torch.Size([64, 1])))
+    first = metadata.storage_data[MetadataIndex(QKV_AMAX, torch.Size([0, 0]))]
+    metadata.storage_data[MetadataIndex(QKV_AMAX, torch.Size([32, 0]))] = first
+
+
+@pytest.mark.parametrize(("edit", "phrase"), [(_drop_second_chunk, "they cover 64 of its 128 elements, leaving a gap"),
+                                              (_add_overlapping_chunk, "chunks 0 and 2 overlap")])
+def test_metadata_chunks_that_do_not_tile_a_tensor_are_refused_before_reading(tmp_path, edit, phrase):
+    """The real int8_tp2 .metadata, rewritten with torch's own classes: a chunk missing (rows no chunk wrote,
+    which would be exported from uninitialised memory) or two chunks over the same rows is one clear error."""
+    import pickle
+
+    from quantmap.io.torch_dist.metadata import load_metadata
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "int8_tp2/ckpt", save)
+    metadata = load_metadata(save / "release", real=True)
+    edit(metadata)
+    (save / "release/.metadata").write_bytes(pickle.dumps(metadata))
+    out = tmp_path / "hf"
+    result = _invoke("export", "llama", "--megatron", save, "--out", out, "--quiet", *SIZE_PARAMS)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    assert f"the chunks of {QKV_AMAX} (global shape [128, 1]) do not tile it: {phrase}" in lines[0], lines[0]
+    assert not out.exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=3).flatmap(
+    lambda shape: st.tuples(st.just(tuple(shape)), st.lists(st.tuples(
+        st.tuples(*[st.integers(0, extent) for extent in shape]),
+        st.tuples(*[st.integers(0, extent) for extent in shape])), max_size=5))))
+def test_chunks_tile_a_shape_exactly_when_every_element_is_covered_once(case):
+    """``tiling_problem`` agrees with counting, element by element, how many chunks cover it."""
+    from quantmap.io.torch_dist.metadata import tiling_problem
+
+    shape, boxes = case
+    count = torch.zeros(shape, dtype=torch.int64)
+    inside = all(o + z <= extent for offsets, sizes in boxes for o, z, extent in zip(offsets, sizes, shape))
+    if inside:
+        for offsets, sizes in boxes:
+            region = count
+            for dim, (o, z) in enumerate(zip(offsets, sizes)):
+                region = region.narrow(dim, o, z)
+            region += 1
+    exact = inside and bool((count == 1).all())
+    assert (tiling_problem(shape, boxes) is None) == exact, (shape, boxes)
+
+
+def test_a_grid_of_chunks_tiles_and_any_one_removed_or_repeated_does_not():
+    from quantmap.io.torch_dist.metadata import tiling_problem
+
+    grid = [((r, c), (2, 3)) for r in (0, 2, 4) for c in (0, 3)]
+    assert tiling_problem((6, 6), grid) is None
+    assert all("gap" in tiling_problem((6, 6), grid[:i] + grid[i + 1:]) for i in range(len(grid)))
+    assert all("overlap" in tiling_problem((6, 6), grid + [box]) for box in grid)
+
+
+QKV, PROJ = (f"decoder.layers.0.self_attention.{m}.weight" for m in ("linear_qkv", "linear_proj"))
+
+
+@pytest.mark.parametrize(("params", "phrase"), [
+    ({"num_attention_heads": 6, "num_query_groups": 1},  # cuts 128 rows 96 + 16 + 16 without complaint
+     f"give {QKV}'s 128 rows a head dim of 16, so {PROJ} should have 6 x 16 = 96 input columns, but it has 64"),
+    ({**SIZES, "head_dim": 32}, f"with head_dim=32 give {QKV} 8 x 32 = 256 rows, but it has 128"),
+    ({"num_attention_heads": 5, "num_query_groups": 1}, f"but {QKV} has 128 rows, not a multiple of 7"),
+    ({**SIZES, "hidden_size": 32}, f"hidden_size=32 gives the row-parallel {PROJ} 32 output rows, but it has 64"),
+], ids=["heads 6 groups 1", "head_dim 32", "heads 5 groups 1", "hidden_size 32"])
+def test_sizes_the_checkpoint_shapes_contradict_are_refused_on_export_and_import(tmp_path, params, phrase):
+    """int8_tp2's weights are [(heads + 2 x groups) x head_dim, hidden] (linear_qkv) and [hidden, heads x head_dim]
+    (linear_proj) in .metadata: a size that contradicts them is one error naming both numbers and the tensor."""
+    source = DATA / "int8_tp2/ckpt"
+    flags = [arg for name, value in params.items() for arg in ("-p", f"{name}={value}")]
+    exported = _invoke("export", "llama", "--megatron", source, "--out", tmp_path / "hf", "--quiet", *flags)
+    good = _invoke("export", "llama", "--megatron", source, "--out", tmp_path / "good", "--quiet", *SIZE_PARAMS)
+    assert good.exit_code == 0, good.output
+    imported = _invoke("import", "llama", "--hf", tmp_path / "good", "--into", source, "--out", tmp_path / "new",
+                       "--quiet", *flags)
+    for result in (exported, imported):
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {source / 'release/.metadata'}: "), result.output
+        assert phrase in lines[0] and "Traceback" not in result.output, lines[0]
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "new").exists()
+
+
+def test_the_ungated_nemotron_spec_on_a_gated_checkpoint_is_refused_and_check_reports_qm107(tmp_path):
+    """int8_tp2 is SwiGLU (linear_fc1 saved as weight_w and weight_v): nemotron maps linear_fc1 as up_proj
+    alone, so an export would write gate and up together as up_proj. Export and import refuse; check says QM107."""
+    source, fc1 = DATA / "int8_tp2/ckpt", "decoder.layers.0.mlp.linear_fc1.weight"
+    phrase = f"the checkpoint saves {fc1} gated, as SwiGLU halves ({fc1}_w and {fc1}_v), but the spec maps it as one " \
+             f"ungated tensor (model.layers.0.mlp.up_proj.weight)"
+    good = _invoke("export", "llama", "--megatron", source, "--out", tmp_path / "good", "--quiet", *SIZE_PARAMS)
+    assert good.exit_code == 0, good.output
+    for result in (_invoke("export", "nemotron", "--megatron", source, "--out", tmp_path / "hf", "--quiet", *SIZE_PARAMS),
+                   _invoke("import", "nemotron", "--hf", tmp_path / "good", "--into", source, "--out", tmp_path / "new",
+                           "--quiet", *SIZE_PARAMS)):
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], result.output
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "new").exists()
+    checked = _invoke("check", "nemotron", "--megatron", source, "--strict")
+    assert checked.exit_code == 1 and "QM107" in checked.output and phrase in checked.output, checked.output
+    assert _invoke("check", "llama", "--megatron", source, "--strict").exit_code == 0
+
+
+def test_a_gated_spec_on_an_ungated_checkpoint_is_reported_qm107_and_refused(tmp_path):
+    """A torch_dist checkpoint saved as Megatron-Core saves an ungated MLP (one linear_fc1.weight, no halves):
+    llama would cut it into gate and up; nemotron maps it as it is."""
+    directory = tmp_path / "ckpt" / "iter_0000001"
+    state = {"decoder.layers.0.mlp.linear_fc1.weight": torch.ones(128, 64),
+             "decoder.layers.0.mlp.linear_fc2.weight": torch.ones(64, 128),
+             "decoder.layers.0.mlp.linear_fc1.input_quantizer._amax": torch.ones(1),
+             "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax": torch.ones(1)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+    (tmp_path / "ckpt/latest_checkpointed_iteration.txt").write_text("1")
+    fc1 = "decoder.layers.0.mlp.linear_fc1.weight"
+    phrase = f"the checkpoint saves {fc1} as one ungated tensor (no {fc1}_w and {fc1}_v halves), but the spec cuts it"
+    checked = _invoke("check", "llama", "--megatron", tmp_path / "ckpt")
+    assert "QM107" in checked.output and phrase in checked.output, checked.output
+    assert "QM107" not in _invoke("check", "nemotron", "--megatron", tmp_path / "ckpt").output
+    exported = _invoke("export", "llama", "--megatron", tmp_path / "ckpt", "--out", tmp_path / "hf", "--quiet")
+    assert exported.exit_code == 1 and phrase in exported.output and not (tmp_path / "hf").exists(), exported.output
+    assert _invoke("export", "nemotron", "--megatron", tmp_path / "ckpt", "--out", tmp_path / "ok", "--quiet").exit_code == 0

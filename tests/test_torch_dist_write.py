@@ -359,3 +359,26 @@ def test_import_into_reports_the_checkpoint_quantizers_the_hf_side_lacks_and_str
     loose = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", source, "--out", tmp_path / "loose", *sizes)
     assert loose.exit_code == 0, loose.output
     assert f"{len(dropped)} name(s) missing:" in loose.output
+
+
+@pytest.mark.parametrize(("value", "phrase"), [(1e-50, "the float64 value 1e-50 underflows float32"),
+                                               (1e300, "the float64 value 1e+300 overflows float32")])
+def test_an_amax_the_checkpoint_dtype_cannot_hold_is_refused_by_name_and_nothing_changes(tmp_path, value, phrase):
+    """The fp32 checkpoint stores what an fp64 HF amax becomes: 1e-50 would be stored as 0.0 ("uncalibrated") and
+    1e300 as inf, so both are refused, naming the tensor, the value and the dtype, and nothing is written."""
+    save = tmp_path / "ckpt"
+    shutil.copytree(DATA / "fp8_kv_tp1/ckpt", save)
+    assert _invoke("export", "llama", "--megatron", save, "--out", tmp_path / "hf", "--quiet").exit_code == 0
+    hf = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+    tensors = load_file(hf)
+    tensors["model.layers.0.mlp.down_proj.input_quantizer._amax"] = torch.tensor(value, dtype=torch.float64)
+    save_file(tensors, hf)
+    before = _tree_digest(save)
+    for extra in (["--out", tmp_path / "new"], ["--in-place"]):
+        result = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", save, *extra, "--quiet")
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        assert "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax: " + phrase in lines[0], result.output
+        assert "infinite" not in lines[0]
+        assert _tree_digest(save) == before and not (tmp_path / "new").exists()

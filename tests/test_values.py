@@ -5,6 +5,7 @@ tensor-parallel copies are, without adding a collective."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -205,3 +206,34 @@ def test_large_tensors_are_checked_one_by_one_for_nan_inf_sign_and_zero():
     nan_scale[3] = float("nan")
     with pytest.raises(BadValues, match="NaN"):
         check_values([(scale, nan_scale)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False),
+       st.sampled_from([(torch.float64, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                        (torch.float64, torch.bfloat16), (torch.float16, torch.float32)]))
+def test_a_dtype_conversion_is_refused_exactly_when_it_overflows_or_underflows(number, dtypes):
+    """Finite becomes infinite (overflow), or a nonzero normal value becomes zero or subnormal (underflow): the
+    import refuses it by name; any other value converts as a plain ``.to`` converts it."""
+    from quantmap.executor.values import BadValues, converted
+
+    source, target = dtypes
+    value = torch.tensor([number], dtype=source)
+    if not torch.isfinite(value).all():
+        return  # not representable in the source dtype: check_values refuses it before any conversion
+    plain = value.to(target)
+    wide, info = value.double().item(), torch.finfo(target)
+    over = math.isinf(plain.item())
+    normal_in_source = abs(wide) >= torch.finfo(source).tiny  # a subnormal source may stay subnormal
+    under = wide != 0 and (plain.item() == 0 or abs(plain.item()) < info.tiny and normal_in_source)
+    if over or under:
+        with pytest.raises(BadValues, match=rf"^x\._amax: the {str(source)[6:]} value \S+ "
+                                            rf"{'overflows' if over else 'underflows'} {str(target)[6:]}, "):
+            converted("x._amax", value, target)
+    else:
+        assert torch.equal(converted("x._amax", value, target), plain)
+
+
+def test_a_float64_amax_is_checked_in_float64_not_called_infinite():
+    assert check_values([("a._amax", torch.tensor([1e300], dtype=torch.float64)),
+                         ("b._amax", torch.full((5000,), 1e300, dtype=torch.float64))]) == []

@@ -19,12 +19,14 @@ from quantmap.executor.groups import Placement
 from quantmap.executor.layout import Layout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
-from quantmap.io.torch_dist.keys import not_quantizer_state
 from quantmap.gc_pause import paused_gc
+from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
+from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.locks import directory_lock
 from quantmap.io.torch_dist.write import Written, commit_reported, write_into
+from quantmap.sizes import gating_contradiction, size_contradiction
 
 
 def checkpoint_layout(entries, world: int = 1) -> Layout:
@@ -34,26 +36,41 @@ def checkpoint_layout(entries, world: int = 1) -> Layout:
     return Layout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
 
 
-def read_state(location: Location, world: int = 1, rank: int = 0) -> tuple[Layout, dict[str, torch.Tensor]]:
+def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) -> tuple[Layout, dict[str, torch.Tensor]]:
     """The layout ``world`` ranks read the checkpoint as (:func:`checkpoint_layout`), and rank ``rank``'s
-    local quantizer state under it."""
-    layout, state, _ = read_checkpoint(location, world, rank)
+    local quantizer state under it; with ``rules``, their size parameters are checked against the
+    checkpoint's shapes first (:func:`check_sizes`)."""
+    layout, state, _ = read_checkpoint(location, world, rank, rules)
     return layout, state
 
 
-def read_checkpoint(location: Location, world: int = 1,
-                    rank: int = 0) -> tuple[Layout, dict[str, torch.Tensor], tuple[int, int]]:
+def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
+                    rules=None) -> tuple[Layout, dict[str, torch.Tensor], tuple[int, int]]:
     """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
     for the export's report.
 
     The cyclic collector stays off for the whole read, and the 10⁵-10⁶ objects of ``.metadata`` are
     freed before it runs again, so it never scans them (it would cost a fifth of the read)."""
     with paused_gc():
-        return _read_state(location, world, rank)
+        return _read_state(location, world, rank, rules)
 
 
-def _read_state(location: Location, world: int, rank: int):
+def check_sizes(rules, location: Location, entries) -> None:
+    """Refuse size parameters (heads, groups, head_dim, hidden_size) that the checkpoint's own weight shapes
+    contradict, and a spec whose gating (one fc1 tensor, or gate and up) the checkpoint's keys contradict:
+    both decide where the rows of a shaped quantizer go, and a wrong one can cut them cleanly into the
+    wrong pieces (:mod:`quantmap.sizes`)."""
+    shapes, halves = weight_shapes(entries), swiglu_weights(entries)
+    problem = size_contradiction(rules, shapes) or \
+        next(filter(None, (gating_contradiction(rules, name, name in halves) for name in shapes)), None)
+    if problem:
+        raise TorchDistError(f"{location.path / METADATA_FILE}: {problem}")
+
+
+def _read_state(location: Location, world: int, rank: int, rules):
     entries = read_entries(location.path)
+    if rules is not None:
+        check_sizes(rules, location, entries)
     layout = checkpoint_layout(entries, world)
     if world == 1:  # a checkpoint's names are global, and one rank sized from its own keys holds them all as they are
         local = {quantizer.name: quantizer for quantizer in quantizers(entries)}
@@ -74,7 +91,7 @@ def export_offline_from(rules, location: Location, *, out, shard_size: int, prog
                         allow_partial: bool = False):
     from quantmap.executor.export import export_offline
 
-    layout, state, (tensors, entries) = read_checkpoint(location)
+    layout, state, (tensors, entries) = read_checkpoint(location, rules=rules)
     result = export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress, strict=strict,
                             allow_partial=allow_partial)
     result.report.weights, result.report.entries = tensors, entries
@@ -88,7 +105,7 @@ def export_rank(rules, location: Location, *, out, shard_size: int, timeout, pro
 
     from quantmap.executor.export import export
 
-    layout, state, (tensors, entries) = read_checkpoint(location, dist.get_world_size(), dist.get_rank())
+    layout, state, (tensors, entries) = read_checkpoint(location, dist.get_world_size(), dist.get_rank(), rules)
     placement = Placement.from_world(layout)
     result = export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress,
                     strict=strict, allow_partial=allow_partial)
@@ -115,6 +132,7 @@ def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict:
     from quantmap.io.hf import Checkpoint
 
     entries = read_entries(location.path)
+    check_sizes(rules, location, entries)
     layout = checkpoint_layout(entries)
     checkpoint = Checkpoint(hf_dir)
     catalog = Catalog(rules, checkpoint.names(), layout, target=(q.name for q in quantizers(entries)))

@@ -52,7 +52,8 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     zero: set[str] = set()
     for (_, shape), group in by_kind.items():
         with torch.no_grad():  # the values may be a live model's parameters
-            flat = torch.stack([value for _, value in group]).reshape(-1).float()
+            flat = torch.stack([value for _, value in group]).reshape(-1)
+            flat = flat.to(_checked_dtype(flat.dtype))
         # Sign and zero matter for amax only (a pre-quant scale is checked for finiteness alone).
         amax = torch.tensor([name.endswith("amax") for name, _ in group]).repeat_interleave(math.prod(shape))
         if not bool(torch.isfinite(flat).all()) or bool(((flat < 0) & amax).any()):
@@ -72,14 +73,46 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
     return [name for name, _ in tensors if name in zero]
 
 
+def _checked_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype values are checked in: float32 or wider, never narrower than their own (a float64 of
+    1e300 cast to float32 would read as an infinity it is not)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _bad(name: str, value: torch.Tensor) -> str | None:
-    value = value.detach().float()
+    value = value.detach().to(_checked_dtype(value.dtype))
     for what, mask in (("NaN", torch.isnan(value)), ("infinite", torch.isinf(value)),
                        ("negative", (value < 0) if name.endswith("amax") else None)):
         if mask is not None and bool(mask.any()):
             return (f"{name} holds {int(mask.sum())} {what} value(s) of {value.numel()}; an amax must be a finite "
                     f"number >= 0: recalibrate, or fix the tool that wrote it")
     return None
+
+
+def converted(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in ``dtype`` (the dtype the target checkpoint stores the tensor in); raises :class:`BadValues`
+    when the conversion changes what the value means: a finite value that becomes an infinity (overflow), or
+    a nonzero one that becomes zero or loses its precision as a subnormal (underflow). An amax of 0 reads as
+    "uncalibrated" and an infinite one quantizes everything to zero, so neither may appear silently."""
+    out = value.detach().to("cpu", dtype)
+    if out.dtype == value.dtype or not dtype.is_floating_point:
+        return out
+    wide = value.detach().to(_checked_dtype(value.dtype))
+    back = out.to(wide.dtype)
+    info = torch.finfo(dtype)
+    overflow = torch.isinf(back) & torch.isfinite(wide)
+    # A value already subnormal in its own dtype may stay subnormal; it must not become zero.
+    underflow = (wide != 0) & ((back == 0) | ((back.abs() < info.tiny) & (wide.abs() >= torch.finfo(value.dtype).tiny)))
+    target = _dtype(out)
+    for what, mask, bound, stored in (("overflows", overflow, f"largest finite {target}: {info.max:.6g}", "inf"),
+                                      ("underflows", underflow, f"smallest normal {target}: {info.tiny:.6g}",
+                                       "0 or a subnormal")):
+        if bool(mask.any()):
+            first = wide.reshape(-1)[mask.reshape(-1)][0].item()
+            raise BadValues(f"{name}: the {_dtype(value)} value {first:.6g} {what} {target}, the dtype the target "
+                            f"checkpoint stores it in ({bound}; {int(mask.sum())} of {value.numel()} value(s) would "
+                            f"be stored as {stored}): recalibrate, or fix the tool that wrote it")
+    return out
 
 
 def _listing(problems: list[str]) -> str:

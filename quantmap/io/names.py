@@ -58,15 +58,40 @@ def _read_index(path: Path) -> list[str]:
 
 
 def read_weight_map(path: Path) -> dict[str, str]:
-    """A ``*.safetensors.index.json``'s ``weight_map`` (tensor name → shard file)."""
+    """A ``*.safetensors.index.json``'s ``weight_map`` (tensor name → shard file).
+
+    A name listed twice is refused rather than left to ``json`` (where the last entry wins): the two
+    entries may name different shards, and picking one silently would read a tensor from the wrong file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as duplicate:
+        raise NamesError(f"{path}: {duplicate.key!r} is listed twice in one JSON object; an index lists each "
+                         f"tensor once (in weight_map, with the one shard file that holds it): remove the "
+                         f"duplicate entry") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NamesError(f"{path}: cannot read the index: {exc}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise NamesError(f"{path}: not a safetensors index: it has no 'weight_map' object")
     return weight_map
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json``'s ``object_pairs_hook`` that refuses a key written twice in one object."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
 
 
 def _read_header(path: Path) -> list[str]:

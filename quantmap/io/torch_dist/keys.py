@@ -128,6 +128,32 @@ def state_names(entries: dict[str, Entry]) -> list[str]:
 _SWIGLU_HALVES = (".weight_w", ".weight_v")
 
 
+def swiglu_weights(entries: dict[str, Entry]) -> set[str]:
+    """The state_dict names of the weights the checkpoint saves as SwiGLU halves (``weight_w``, ``weight_v``)."""
+    prefix = prefix_of(entries)
+    return {_state_name(key, prefix)[:-2] for key, entry in entries.items()
+            if key.endswith(".weight_w") and entry.dtype is not None}
+
+
+def weight_shapes(entries: dict[str, Entry]) -> dict[str, tuple[int, ...]]:
+    """The state_dict name and global shape of every weight the checkpoint holds one key per layer for
+    (SwiGLU's ``weight_w`` and ``weight_v`` as the one ``weight`` of their summed rows), from ``.metadata``."""
+    prefix = prefix_of(entries)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, entry in entries.items():
+        if entry.dtype is None or is_quantizer(entry) or not key.endswith(("weight",) + _SWIGLU_HALVES) or \
+                _is_stacked(entry):
+            continue
+        name = _state_name(key, prefix)
+        if name.endswith(_SWIGLU_HALVES):
+            name, half = name[:-2], entry.shape
+            other = shapes.get(name)
+            shapes[name] = half if other is None else (other[0] + half[0], *half[1:])
+        else:
+            shapes[name] = entry.shape
+    return shapes
+
+
 def _is_stacked(entry: Entry) -> bool:
     at = entry.key.find("decoder.layers.")
     if at < 0 or entry.key[at + 15: at + 16].isdigit() or not _STACKED.search(entry.key):

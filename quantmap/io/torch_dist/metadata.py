@@ -13,6 +13,7 @@ checkpoint's metadata (:mod:`quantmap.io.torch_dist.write`).
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import NamedTuple
@@ -144,8 +145,12 @@ class Entry:
 
     @property
     def chunks(self) -> tuple[Chunk, ...]:
+        """The chunks, verified to tile the global shape exactly (see :func:`check_tiling`)."""
         if self._chunks is None:
-            self._chunks = self._storage.chunks(self.key, self._record)
+            chunks = self._storage.chunks(self.key, self._record)
+            if self.shape is not None:
+                self._storage.check_tiling(self.key, self.shape, chunks)
+            self._chunks = chunks
         return self._chunks
 
     @property
@@ -169,6 +174,13 @@ class _Storage:
             return (self._chunk(key, None, None),)
         return tuple([self._chunk(key, tuple(c.offsets), tuple(c.sizes)) for c in pieces])
 
+    def check_tiling(self, key: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> None:
+        problem = tiling_problem(shape, [(chunk.offsets, chunk.sizes) for chunk in chunks])
+        if problem:
+            raise TorchDistError(f"{self._directory / METADATA_FILE}: the chunks of {key} (global shape "
+                                 f"{list(shape)}) do not tile it: {problem}; the .metadata is damaged (a tensor "
+                                 f"assembled from it would hold bytes no chunk wrote): copy the checkpoint again")
+
     def _chunk(self, key: str, offsets, sizes) -> Chunk:
         info = self._index.get((key, offsets))
         if info is None:
@@ -185,6 +197,34 @@ class _Storage:
             self._files.add(info.relative_path)
         return Chunk(offsets or (), sizes or (), info.relative_path, info.offset, info.length,
                      bool(info.__dict__.get("transform_descriptors")))
+
+
+def tiling_problem(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> str | None:
+    """What keeps ``boxes`` (offsets, sizes) from covering ``shape`` exactly once, or ``None``.
+
+    Every box inside the shape, no two boxes sharing an element, and their volumes summing to the
+    shape's: together that is an exact tiling. Anything less leaves elements that no chunk wrote (a
+    reader assembling the tensor would return whatever memory held) or that two chunks disagree on."""
+    if len(boxes) == 1 and tuple(boxes[0][1]) == shape and len(boxes[0][0]) == len(shape) and not any(boxes[0][0]):
+        return None  # the usual case, one chunk of the whole tensor: decided without the general walk
+    total = math.prod(shape)
+    for index, (offsets, sizes) in enumerate(boxes):
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or \
+                any(o < 0 or z < 0 or o + z > extent for o, z, extent in zip(offsets, sizes, shape)):
+            return f"chunk {index} (offsets {list(offsets)}, sizes {list(sizes)}) lies outside it"
+    nonempty = [(i, box) for i, box in enumerate(boxes) if math.prod(box[1])]
+    nonempty.sort(key=lambda item: item[1][0])
+    for n, (i, (a_offsets, a_sizes)) in enumerate(nonempty):  # sorted: only later boxes can start inside this one
+        for j, (b_offsets, b_sizes) in nonempty[n + 1:]:
+            if shape and b_offsets[0] >= a_offsets[0] + a_sizes[0]:
+                break
+            if all(bo < ao + az and ao < bo + bz for ao, az, bo, bz in zip(a_offsets, a_sizes, b_offsets, b_sizes)):
+                return (f"chunks {min(i, j)} and {max(i, j)} overlap (offsets {list(a_offsets)} and "
+                        f"{list(b_offsets)})")
+    covered = sum(math.prod(sizes) for _, sizes in boxes)
+    if covered != total:
+        return f"they cover {covered} of its {total} elements, leaving a gap"
+    return None
 
 
 def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:

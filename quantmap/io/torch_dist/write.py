@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from quantmap.executor.values import converted
 from quantmap.io.staging import Staged
 from quantmap.io.torch_dist.files import regular_file, resolve_inside
 from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
@@ -93,7 +94,7 @@ def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, to
                                  f"the HF checkpoint and this Megatron checkpoint are not the same model or config")
         entry = entries.get(quantizer.key)
         dtype = getattr(torch, entry.dtype) if entry is not None else tensor.dtype
-        value = tensor.detach().to("cpu", dtype).reshape(quantizer.stored)
+        value = converted(name, tensor, dtype).reshape(quantizer.stored)
         if quantizer.interleaved > 1:
             value = interleave(value, quantizer.interleaved)
         if quantizer.layer is not None:
