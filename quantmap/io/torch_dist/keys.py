@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.metadata import Entry, TorchDistError
+from quantmap.untrusted import MAX_DIGITS, decimal
 
 _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
@@ -165,12 +166,21 @@ def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
     for key, entry in entries.items():
         found = _LAYER.search(key)
         if found:
-            layers = max(layers, int(found.group(1)) + 1)
+            layers = max(layers, _index(found.group(1), "layer", key) + 1)
         elif _STACKED.search(key) and entry.shape:
             layers = max(layers, entry.shape[0])
         expert = _EXPERT.search(key)
         if expert:
-            experts = max(experts or 0, int(expert.group(1) or expert.group(2)) + 1)
+            experts = max(experts or 0, _index(expert.group(1) or expert.group(2), "expert", key) + 1)
     if not layers:
         raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
     return layers, experts
+
+
+def _index(digits: str, what: str, key: str) -> int:
+    index = decimal(digits)
+    if index is None:
+        shown = key if len(key) <= 200 else f"{key[:100]}...{key[-60:]} ({len(key)} characters)"
+        raise TorchDistError(f"the .metadata key {shown} has a {what} index of {len(digits)} digits, beyond any "
+                             f"model (at most {MAX_DIGITS}); the .metadata is damaged or not a model's checkpoint")
+    return index
