@@ -1,13 +1,16 @@
 """The ``quantmap`` command: a thin shell over the library; each verb is one function.
 
 Exit codes: 0 success; 1 the spec, the names or the checkpoint have problems (each printed as
-``file:line:col: severity CODE: message``); 2 the command line itself is wrong.
+``file:line:col: severity CODE: message``), or the output cannot be written; 2 the command line itself
+is wrong; 141 (128 + SIGPIPE, quietly) when the reader of the output went away.
 ``compile``, ``validate``, ``lookup``, ``check``, ``names``, ``schema`` and ``specs`` never import torch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -18,6 +21,7 @@ from typing import List, Optional
 import typer
 
 from quantmap.diagnostics import SpecError
+from quantmap.untrusted import MAX_DIGITS, decimal
 
 app = typer.Typer(
     help="Move quantization calibration state between Megatron-Core and Hugging Face names.",
@@ -54,9 +58,11 @@ def parse_params(values: Optional[List[str]]) -> dict[str, int]:
     params = {}
     for item in values or []:
         name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip().isdigit():
-            raise typer.BadParameter(f"{item!r} is not NAME=INT, e.g. num_layers=61", param_hint="--param")
-        params[name.strip()] = int(value)
+        number = decimal(value.strip())
+        if not sep or not name.strip() or number is None:
+            raise typer.BadParameter(f"{item!r} is not NAME=INT (INT: at most {MAX_DIGITS} decimal digits), e.g. "
+                                     f"num_layers=61", param_hint="--param")
+        params[name.strip()] = number
     return params
 
 
@@ -84,6 +90,28 @@ def config_params(config: Optional[str], declared) -> dict[str, int]:
         return params_from_config(config, declared)
     except ConfigError as error:
         raise typer.BadParameter(str(error), param_hint="--config") from None
+
+
+def output(text: str, *, flush: bool = True) -> None:
+    """Write ``text`` to standard output (and, with ``flush``, out of the buffer now). A command's result
+    is its output, so a write that fails ends the command: quietly, with 128 + SIGPIPE as a command
+    killed by that signal, when the reader went away (``| head``); else (standard output closed with
+    ``>&-``, a full disk, ``/dev/full``) with one error line on stderr and exit code 1."""
+    stream = sys.stdout
+    try:
+        if stream is None:  # Python's stand-in for a standard output closed before it started
+            raise OSError(errno.EBADF, "it is closed")
+        stream.write(text)
+        if flush:
+            stream.flush()
+    except OSError as error:
+        if stream is not None:  # what is left in the buffer must not fail again at exit, with a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        if isinstance(error, BrokenPipeError):
+            raise typer.Exit(128 + signal.SIGPIPE) from None
+        typer.echo(f"error: cannot write the output to standard output: {error.strerror}; redirect it to a file "
+                   f"with room, or to /dev/null", err=True)
+        raise typer.Exit(1) from None
 
 
 def fail(error: SpecError) -> typer.Exit:
@@ -114,13 +142,13 @@ def compile_command(
     for warning in rules.warnings:
         typer.echo(str(warning), err=True)
     if format is Format.json:
-        typer.echo(json.dumps(rules.to_json(), indent=2))
+        output(json.dumps(rules.to_json(), indent=2) + "\n")
     elif format is Format.yaml:
         import yaml
 
-        typer.echo(yaml.safe_dump(rules.to_json(), sort_keys=False, width=200), nl=False)
+        output(yaml.safe_dump(rules.to_json(), sort_keys=False, width=200))
     else:
-        typer.echo(_table(rules))
+        output(_table(rules) + "\n")
 
 
 def _table(rules) -> str:
@@ -170,7 +198,7 @@ def validate(
         else:
             for warning in warnings:
                 typer.echo(warning, err=True)
-            typer.echo(f"{spec}: ok")
+            output(f"{spec}: ok\n")
     if failed:
         raise typer.Exit(1)
 
@@ -194,21 +222,21 @@ def lookup(
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     resolve = rules.to_megatron if reverse else rules.to_hf
     unmatched = 0
-    out = sys.stdout
     for name in _names(names, from_file):
         match = resolve(name)
         unmatched += match is None
         if as_json:
             record = {"name": name, "match": None} if match is None else match.to_json(name)
-            out.write(json.dumps(record) + "\n")
+            output(json.dumps(record) + "\n", flush=False)
         elif match is None:
-            out.write(f"{name}\t(no match)\n")
+            output(f"{name}\t(no match)\n", flush=False)
         else:
             sources = len(match.expanded) if reverse and match.kind == FAN_IN and match.expanded else None
             extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert),
                                                                  ("sources", sources)) if value is not None)
             targets = ", ".join((match.megatron,) if reverse else match.hf)
-            out.write(f"{name}\t{match.kind}\t{targets}{extra}\n")
+            output(f"{name}\t{match.kind}\t{targets}{extra}\n", flush=False)
+    output("")
     if unmatched:
         raise typer.Exit(1)
 
@@ -273,7 +301,7 @@ def check(
     except (NamesError, TorchDistError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
+    output((json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text()) + "\n")
     if strict and not report.ok:
         raise typer.Exit(1)
 
@@ -326,7 +354,7 @@ def names(
         typer.echo(f"note: {pattern!r} has a '**' capture, names of any depth, which no size enumerates: its "
                    f"names are not listed (check them with 'quantmap check', or --omit {pattern} to leave them out)",
                    err=True)
-    typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(found))
+    output((json.dumps(found, indent=2) if as_json else "\n".join(found)) + "\n")
 
 
 def _model_size(layers: Optional[int], experts: Optional[int], config: Optional[str]) -> tuple[int, Optional[int]]:
@@ -345,10 +373,11 @@ def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers"
         return None
     out: list[int] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        first, dash, last = item.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        head, dash, tail = item.partition("-")
+        first, last = decimal(head.strip()), decimal((tail if dash else head).strip())
+        if first is None or last is None:
             raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint=option)
-        out += range(int(first), int(last or first) + 1)
+        out += range(first, last + 1)
     if any(index >= layers for index in out):
         raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
     return tuple(out)
@@ -507,7 +536,7 @@ def schema() -> None:
     """Print the spec format's JSON Schema (for editors: '# yaml-language-server: $schema=...')."""
     from quantmap.spec.schema import SpecFile
 
-    typer.echo(json.dumps(SpecFile.model_json_schema(), indent=2))
+    output(json.dumps(SpecFile.model_json_schema(), indent=2) + "\n")
 
 
 @app.command()
@@ -517,7 +546,7 @@ def specs() -> None:
 
     for name in shipped_specs():
         resolved = load_spec(name)
-        typer.echo(f"{name:<14} {', '.join(resolved.architectures):<40} {resolved.description}")
+        output(f"{name:<14} {', '.join(resolved.architectures):<40} {resolved.description}\n")
 
 
 def main() -> None:
