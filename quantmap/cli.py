@@ -2,12 +2,14 @@
 
 Exit codes: 0 success; 1 the spec, the names, the checkpoint or another input have problems (each
 printed as ``file:line:col: severity CODE: message`` or ``error: ...``), a missing input file or
-directory included; 2 the command line itself is wrong (an unknown option, a malformed value).
+directory included, or the output cannot be written; 2 the command line itself is wrong (an unknown
+option, a malformed value); 141 (128 + SIGPIPE, quietly) when the reader of the output went away.
 ``compile``, ``validate``, ``lookup``, ``check``, ``names``, ``schema`` and ``specs`` never import torch.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -22,6 +24,7 @@ import typer
 
 from quantmap.diagnostics import SpecError
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
+from quantmap.untrusted import MAX_DIGITS, decimal
 
 app = typer.Typer(
     help="Move quantization calibration state between Megatron-Core and Hugging Face names.",
@@ -91,9 +94,11 @@ def parse_params(values: Optional[List[str]]) -> dict[str, int]:
     params = {}
     for item in values or []:
         name, sep, value = item.partition("=")
-        if not sep or not name.strip() or not value.strip().isdigit():
-            raise typer.BadParameter(f"{item!r} is not NAME=INT, e.g. num_layers=61", param_hint="--param")
-        params[name.strip()] = int(value)
+        number = decimal(value.strip())
+        if not sep or not name.strip() or number is None:
+            raise typer.BadParameter(f"{item!r} is not NAME=INT (INT: at most {MAX_DIGITS} decimal digits), e.g. "
+                                     f"num_layers=61", param_hint="--param")
+        params[name.strip()] = number
     return params
 
 
@@ -121,6 +126,28 @@ def config_params(config: Optional[str], declared) -> dict[str, int]:
         return params_from_config(config, declared)
     except ConfigError as error:
         raise input_error("--config", error) from None
+
+
+def output(text: str, *, flush: bool = True) -> None:
+    """Write ``text`` to standard output (and, with ``flush``, out of the buffer now). A command's result
+    is its output, so a write that fails ends the command: quietly, with 128 + SIGPIPE as a command
+    killed by that signal, when the reader went away (``| head``); else (standard output closed with
+    ``>&-``, a full disk, ``/dev/full``) with one error line on stderr and exit code 1."""
+    stream = sys.stdout
+    try:
+        if stream is None:  # Python's stand-in for a standard output closed before it started
+            raise OSError(errno.EBADF, "it is closed")
+        stream.write(text)
+        if flush:
+            stream.flush()
+    except OSError as error:
+        if stream is not None:  # what is left in the buffer must not fail again at exit, with a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        if isinstance(error, BrokenPipeError):
+            raise typer.Exit(128 + signal.SIGPIPE) from None
+        typer.echo(f"error: cannot write the output to standard output: {error.strerror}; redirect it to a file "
+                   f"with room, or to /dev/null", err=True)
+        raise typer.Exit(1) from None
 
 
 def fail(error: SpecError) -> typer.Exit:
@@ -151,13 +178,13 @@ def compile_command(
     for warning in rules.warnings:
         typer.echo(str(warning), err=True)
     if format is Format.json:
-        typer.echo(json.dumps(rules.to_json(), indent=2))
+        output(json.dumps(rules.to_json(), indent=2) + "\n")
     elif format is Format.yaml:
         import yaml
 
-        typer.echo(yaml.safe_dump(rules.to_json(), sort_keys=False, width=200), nl=False)
+        output(yaml.safe_dump(rules.to_json(), sort_keys=False, width=200))
     else:
-        typer.echo(_table(rules))
+        output(_table(rules) + "\n")
 
 
 def _table(rules) -> str:
@@ -209,7 +236,7 @@ def validate(
         else:
             for warning in warnings:
                 typer.echo(warning, err=True)
-            typer.echo(f"{spec}: ok")
+            output(f"{spec}: ok\n")
     if failed:
         raise typer.Exit(1)
 
@@ -234,22 +261,22 @@ def lookup(
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     resolve = rules.to_megatron if reverse else rules.to_hf
     unmatched = 0
-    out = sys.stdout
     for name in _names(names, from_file):
         match = resolve(name)
         unmatched += match is None
         why = _why_unmapped(rules, name) if match is None and reverse else None
         if as_json:
             record = {"name": name, "match": None} if match is None else match.to_json(name)
-            out.write(json.dumps(record if why is None else {**record, "reason": why}) + "\n")
+            output(json.dumps(record if why is None else {**record, "reason": why}) + "\n", flush=False)
         elif match is None:
-            out.write(f"{name}\t(no match{'' if why is None else ': ' + why})\n")
+            output(f"{name}\t(no match{'' if why is None else ': ' + why})\n", flush=False)
         else:
             sources = len(match.expanded) if reverse and match.kind == FAN_IN and match.expanded else None
             extra = "".join(f" {key}={value}" for key, value in (("part", match.part), ("expert", match.expert),
                                                                  ("sources", sources)) if value is not None)
             targets = ", ".join((match.megatron,) if reverse else match.hf)
-            out.write(f"{name}\t{match.kind}\t{targets}{extra}\n")
+            output(f"{name}\t{match.kind}\t{targets}{extra}\n", flush=False)
+    output("")
     if unmatched:
         raise typer.Exit(1)
 
@@ -325,7 +352,7 @@ def check(
     except (NamesError, TorchDistError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text())
+    output((json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text()) + "\n")
     if strict and not report.ok:
         raise typer.Exit(1)
 
@@ -394,15 +421,10 @@ def _json_list(items) -> Iterator[str]:
 
 def _stream(pieces: Iterable[str]) -> None:
     """Write to stdout as the text is made, so that a large listing starts at once and ``| head`` ends it
-    early; a reader that closes the pipe ends the command quietly (exit 1, as Python's SIGPIPE note has it)."""
-    try:
-        for piece in pieces:
-            sys.stdout.write(piece)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the flush at exit must not fail again
-        raise typer.Exit(1) from None
+    early (:func:`output` ends the command when the reader goes away)."""
+    for piece in pieces:
+        output(piece, flush=False)
+    output("")
 
 
 def _model_size(layers: Optional[int], experts: Optional[int], config: Optional[str]) -> tuple[int, Optional[int]]:
@@ -426,12 +448,13 @@ def _layer_list(text: Optional[str], layers: int, option: str = "--dense-layers"
         return None
     out: list[int] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        first, dash, last = item.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
+        head, dash, tail = item.partition("-")
+        first, last = decimal(head.strip()), decimal((tail if dash else head).strip())
+        if first is None or last is None:
             raise typer.BadParameter(f"{item!r} is not a layer or a range like 0-2", param_hint=option)
-        if int(last or first) >= layers:  # checked before the range is enumerated
+        if last >= layers:  # checked before the range is enumerated
             raise typer.BadParameter(f"{text!r} names a layer >= --layers {layers}", param_hint=option)
-        out += range(int(first), int(last or first) + 1)
+        out += range(first, last + 1)
     return tuple(out)
 
 
@@ -614,7 +637,7 @@ def schema() -> None:
     """Print the spec format's JSON Schema (for editors: '# yaml-language-server: $schema=...')."""
     from quantmap.spec.schema import SpecFile
 
-    typer.echo(json.dumps(SpecFile.model_json_schema(), indent=2))
+    output(json.dumps(SpecFile.model_json_schema(), indent=2) + "\n")
 
 
 @app.command()
@@ -624,7 +647,7 @@ def specs() -> None:
 
     for name in shipped_specs():
         resolved = load_spec(name)
-        typer.echo(f"{name:<14} {', '.join(resolved.architectures):<40} {resolved.description}")
+        output(f"{name:<14} {', '.join(resolved.architectures):<40} {resolved.description}\n")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 from quantmap.patterns import ANY, Pattern, intersects, shift
 from quantmap.rules import MOE_FANOUT, Match, Rule
+from quantmap.untrusted import MAX_DIGITS
 
 Resolver = Callable[[str, Sequence[str]], "Match | None"]
 _new_match = tuple.__new__  # a NamedTuple built without its keyword-handling __new__
@@ -263,15 +264,18 @@ def _concat(pattern: Pattern, sources: Sequence[int | None]) -> str:
     return 'f"' + "".join(pieces) + '"'
 
 
-def _values(pattern: Pattern) -> str:
-    """Source turning the raw captured text ``v`` into values ``w`` (undoing offsets, and
-    rejecting a name whose shifted index would be negative)."""
+def _values(pattern: Pattern, numeric: Iterable[int]) -> str:
+    """Source turning the raw captured text ``v`` into values ``w`` (undoing offsets), rejecting a name
+    whose shifted index would be negative, or whose index in a capture read as a number (``numeric``)
+    is longer than any model's (``int()`` refuses thousands of digits, and names come from files)."""
+    guards = [f"len(v[{i}]) <= {MAX_DIGITS}" for i in sorted(numeric)]
+    guards += [f"int(v[{i}]) >= {c.offset}" for i, c in enumerate(pattern.captures) if c.offset]
+    check = f"    if not ({' and '.join(guards)}):\n        return None\n" if guards else ""
     if not any(c.offset for c in pattern.captures):
-        return "    w = v\n"
-    guards = " and ".join(f"int(v[{i}]) >= {c.offset}" for i, c in enumerate(pattern.captures) if c.offset)
+        return check + "    w = v\n"
     values = "".join(f"str(int(v[{i}]) - {c.offset}), " if c.offset else f"v[{i}], "
                      for i, c in enumerate(pattern.captures))
-    return f"    if not ({guards}):\n        return None\n    w = ({values})\n"
+    return check + f"    w = ({values})\n"
 
 
 def _same(a: Pattern, b: Pattern) -> bool:
@@ -296,11 +300,11 @@ def _forward(rule: Rule) -> _Entry:
         del sources[rule.expert_capture]  # one HF name for every expert: the match says which source this is
         expert = f"int(w[{rule.expert_capture}])"
     targets = "".join(f"{_concat(p, sources)}, " for p in rule.hf)
-    body = _values(rule.megatron) + f"    return _new(Match, (kind, name, ({targets}), rule, None, {expert}, w))\n"
     shifted = {i for i, c in enumerate(rule.megatron.captures) if c.offset}
     shifted |= {source for p in rule.hf for c, source in zip(p.captures, sources) if c.offset and source is not None}
     if rule.fans_in:
         shifted.add(rule.expert_capture)  # read as the source's expert number
+    body = _values(rule.megatron, shifted) + f"    return _new(Match, (kind, name, ({targets}), rule, None, {expert}, w))\n"
     verbatim = frozenset(range(rule.megatron.arity)) - shifted
     return _Entry(rule.megatron, rule, _generated(body, kind=rule.kind, rule=rule), verbatim)
 
@@ -314,7 +318,9 @@ def _reverse(rule: Rule, index: int) -> _Entry:
     megatron = _concat(rule.megatron, kept)
     captures = "(" + "".join(f"w[{i}], " for i in kept if i is not None) + ")"
     expert = "None" if slot is None else f"int(w[{slot}])"
-    body = _values(pattern) + f"    return _new(Match, (kind, {megatron}, (name,), rule, part, {expert}, {captures}))\n"
+    numeric = {i for i, c in enumerate(pattern.captures) if c.offset} | ({slot} if slot is not None else set())
+    numeric |= {source for c, source in zip(rule.megatron.captures, kept) if c.offset and source is not None}
+    body = _values(pattern, numeric) + f"    return _new(Match, (kind, {megatron}, (name,), rule, part, {expert}, {captures}))\n"
     return _Entry(pattern, rule, _generated(body, kind=rule.kind, rule=rule, part=rule.parts[index] or None))
 
 

@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from quantmap.untrusted import MAX_DIGITS
+
 DIGITS = "digits"
 ANY = "any"
 
@@ -130,10 +132,13 @@ def shift(capture: Capture, value: str) -> str:
 
 
 def unshift(captures: Sequence[Capture], raw: Sequence[str]) -> tuple[str, ...] | None:
-    """Values from the text a name holds at each capture; ``None`` if an offset goes negative."""
+    """Values from the text a name holds at each capture; ``None`` if an offset goes negative, or the
+    index is longer than any model's (``int()`` refuses thousands of digits, and names come from files)."""
     values = []
     for capture, text in zip(captures, raw):
         if capture.offset is not None:
+            if len(text) > MAX_DIGITS:
+                return None
             index = int(text) - _int_offset(capture)
             if index < 0:
                 return None

@@ -20,9 +20,9 @@ from typing import Iterable, NamedTuple
 
 from quantmap.executor.naming import expert_span
 from quantmap.rules import AMAX, FANOUT, WEIGHT
+from quantmap.untrusted import MAX_DIGITS
 
 _MIN_RUN = 2
-_MAX_DIGITS = 18  # a longer index is beyond any model (and int() refuses hostile 5000-digit ones)
 
 
 class Run(NamedTuple):
@@ -58,7 +58,7 @@ def expert_groups(names: Iterable[str], experts: int | None) -> tuple[list[list[
             rest.append(name)
             continue
         start, end = span
-        if (name[start] == "0" and end - start > 1) or end - start > _MAX_DIGITS:  # not a name a run rebuilds
+        if (name[start] == "0" and end - start > 1) or end - start > MAX_DIGITS:  # not a name a run rebuilds
             rest.append(name)
             continue
         groups.setdefault((name[:start], name[end:]), {})[int(name[start:end])] = name

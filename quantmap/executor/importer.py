@@ -28,7 +28,7 @@ from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_e
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
-from quantmap.executor.values import check_values
+from quantmap.executor.values import check_dtypes, check_values
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
@@ -102,6 +102,7 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
         if not present:
             continue
         parts = [checkpoint.get(name) for name in present]
+        check_dtypes(list(zip(present, parts)))  # before they are combined: max() has no float8 kernel
         read += zip(present, parts)
         if match.kind == FAN_IN:
             state[local] = copy_to_source(megatron, present[0], parts[0])

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from quantmap.executor.report import ExecutorError, Report
 from quantmap.io import staging
 
 GRACE_S = 5.0  # how long the other workers get to finish once one has failed
+# Open files a gloo worker needs: ~40 of its own (measured: 64 at the peak of a 4-rank export), and a few
+# sockets per rank (the rendezvous store's and gloo's own connections to every other rank).
+_FILES_PER_WORKER, _FILES_PER_RANK = 64, 8
 
 
 class Interrupted(KeyboardInterrupt):
@@ -192,7 +196,7 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
     an interrupt kills every worker. No worker outlives this call."""
     import torch.multiprocessing as mp
 
-    with staging.scratch_directory() as scratch:
+    with staging.scratch_directory() as scratch, _open_files_for(nproc):
         context = mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, str(scratch), timeout,
                                                     staging.current_owner()),
                                      nprocs=nproc, join=False, start_method="spawn")
@@ -208,6 +212,30 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
         return [_outcome(scratch, rank) or ("error", f"worker rank {rank} (pid {process.pid}) had not finished "
                                                      f"{GRACE_S:g} s after another rank failed; it was killed", None)
                 for rank, process in enumerate(context.processes)]
+
+
+@contextmanager
+def _open_files_for(nproc: int):
+    """Workers that may open the files and sockets they need: the soft ``ulimit -n`` raised towards the hard
+    one while they start (they inherit it), or :class:`ExecutorError` before any starts when the hard
+    limit is too low. A worker short of descriptors does not fail: gloo's rendezvous retries its socket
+    until ``--timeout``, and prints hundreds of lines of C++ warnings meanwhile."""
+    import resource
+
+    need = _FILES_PER_WORKER + _FILES_PER_RANK * nproc
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ExecutorError(f"--nproc {nproc} needs about {need} open files per worker (its sockets to the other "
+                            f"ranks, the checkpoint's files), but ulimit -n allows {hard}; raise it (ulimit -n 4096), "
+                            f"or run without --nproc (one process plays every rank). Nothing was written")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _supervise(processes, scratch: Path, timeout: float) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_WORLD_SIZE, over
+from quantmap.untrusted import parse_json
 
 LAYOUT_FILE = "layout.json"
 _SIZES = ("tp", "pp", "dp", "ep", "etp", "cp")
@@ -192,14 +193,14 @@ class Layout:
         if path.exists() and not path.is_file():  # a named pipe or a device would be read forever
             raise LayoutError(f"the layout {path} is not a regular file; give a layout.json (or its directory)")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8"))
         except OSError as error:
             raise LayoutError(f"cannot read the layout {path}: {error.strerror}") from None
         except json.JSONDecodeError as error:
             raise LayoutError(f"{path} is not valid JSON: {error}") from None
         except UnicodeDecodeError:
             raise LayoutError(f"{path} is not UTF-8 text; a layout.json is a JSON object written as UTF-8") from None
-        except ValueError as error:  # e.g. an integer too long to convert
+        except ValueError as error:  # an integer too long to convert, nesting too deep
             raise LayoutError(f"{path} cannot be read as a layout: {error}") from None
         return cls.from_json(data, str(path))
 

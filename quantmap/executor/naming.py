@@ -16,6 +16,7 @@ import re
 from typing import Callable, NamedTuple
 
 from quantmap.executor.layout import Coords, Layout
+from quantmap.untrusted import decimal
 
 _LAYER = re.compile(r"(?:^|(?<=\.))(decoder\.layers\.)(\d+)(?=\.)")
 _EDGE = re.compile(r"(?:^|(?<=\.))(?:(embedding)|output_layer|decoder\.final_layernorm|mtp)\.")
@@ -105,9 +106,9 @@ def holder(name: str, layout: Layout) -> Holder | None:
     beyond ``num_layers``, an expert beyond ``num_experts``): such a name must be reported, not dropped."""
     found = _LAYER.search(name)
     if found:
-        if len(found.group(2)) > 18:  # beyond any model, and int() refuses hostile 5000-digit indexes
+        layer = decimal(found.group(2))
+        if layer is None:  # beyond any model, and int() refuses hostile 5000-digit indexes
             return None
-        layer = int(found.group(2))
         if layer >= layout.num_layers:
             return None
         stage = layout.stage_of_layer(layer)

@@ -97,6 +97,16 @@ def natural(name: str) -> tuple:
     return tuple((len(part), part) if part.isdigit() else part for part in _NUMBER.split(name))
 
 
+def distinct(values: list[float]) -> list[str]:
+    """``values`` as ``:g`` writes them (6 significant digits), or with as many more as it takes for the ones
+    that differ to read differently: float32 copies 1 ulp apart (3.78847 and 3.78847) need 8 or 9."""
+    for digits in range(6, 18):
+        shown = [f"{value:.{digits}g}" for value in values]
+        if len(set(shown)) == len(set(values)):
+            return shown
+    return [repr(value) for value in values]  # NaNs, which never compare equal
+
+
 def describe(error: BaseException) -> str:
     """An error as the one line every rank raises: its own text where that says enough, else with its type."""
     text = str(error)

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from quantmap.executor.report import distinct
 from quantmap.layouts import Layout
 from quantmap.ops import Max, Op, OpError, apply, reverse
 from quantmap.rules import Rule
@@ -80,7 +81,7 @@ def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.T
 
 def copies_shown(labels: list[str], values: list[float], count: int) -> str:
     """Copies that differ as a report shows them: at most four values, labelled (``count``: of how many)."""
-    shown = ", ".join(f"{label}: {value:g}" for label, value in zip(labels[:4], values[:4]))
+    shown = ", ".join(f"{label}: {value}" for label, value in zip(labels[:4], distinct(values[:4])))
     return shown + (", ..." if count > min(len(labels), 4) else "")
 
 

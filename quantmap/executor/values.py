@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from quantmap.executor.naming import is_expert
-from quantmap.executor.report import ExecutorError
+from quantmap.executor.report import ExecutorError, distinct
 
 _LISTED = 8
 _BATCHED = 1 << 12  # elements: tensors up to this size are checked together, larger ones one by one
@@ -37,11 +37,8 @@ def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
 
     One vectorised pass per dtype and shape for small tensors (10^5 scalars cost one ``stack``, not
     10^5 checks), one reduction each for large ones."""
-    problems = [f"{name}: dtype {_dtype(value)} is not a floating-point type; quantizer "
-                f"state is float (was it written by another tool, or cast?)"
-                for name, value in tensors if not value.dtype.is_floating_point]
-    if problems:
-        raise BadValues(_listing(problems))
+    check_dtypes(tensors)
+    problems: list[str] = []
     by_kind: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # (dtype, shape): stacked in one call
     large: list[tuple[str, torch.Tensor]] = []
     for name, value in tensors:
@@ -77,6 +74,25 @@ def _checked_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype values are checked in: float32 or wider, never narrower than their own (a float64 of
     1e300 cast to float32 would read as an infinity it is not)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_dtypes(tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Refuse, listing every one, tensors of a dtype quantizer state never has or that quantmap cannot
+    compute on (max, finiteness): called before copies are combined, as well as by :func:`check_values`."""
+    problems = [problem for name, value in tensors if (problem := _dtype_problem(name, value.dtype))]
+    if problems:
+        raise BadValues(_listing(problems))
+
+
+def _dtype_problem(name: str, dtype: torch.dtype) -> str | None:
+    shown = str(dtype).removeprefix("torch.")
+    if not dtype.is_floating_point:
+        return (f"{name}: dtype {shown} is not a floating-point type; quantizer state is float (was it written "
+                f"by another tool, or cast?)")
+    if dtype.itemsize < 2:  # float8 and smaller: torch has no max, comparison or isfinite for them on CPU
+        return (f"{name}: dtype {shown} is an 8-bit float, which quantmap does not move (torch can neither check "
+                f"it nor take the max of its copies); cast the tensor to float32")
+    return None
 
 
 def _bad(name: str, value: torch.Tensor) -> str | None:
@@ -123,7 +139,7 @@ def _listing(problems: list[str]) -> str:
 def quiet(values: torch.Tensor, amax: bool) -> bool:
     """Whether :func:`check_values` would find nothing in ``values`` (an expert run's, stacked): floating
     point, finite and, for an amax, above zero. Only a run that is not quiet is checked name by name."""
-    if not values.dtype.is_floating_point:
+    if _dtype_problem("", values.dtype):
         return False
     with torch.no_grad():
         return bool(torch.isfinite(values).all()) and (not amax or bool((values > 0).all()))
@@ -165,7 +181,7 @@ def replica_disagreements(metas: Sequence[dict]) -> list[str]:
             if theirs is None:
                 notes[name] = f"{name}: rank {rank} (a data-parallel replica) holds it but rank {owner} does not"
             else:
-                notes[name] = (f"{name}: data-parallel replicas differ ({_shown(owner, theirs)}, {_shown(rank, digest)}); "
+                notes[name] = (f"{name}: data-parallel replicas differ ({_shown((owner, theirs), (rank, digest))}); "
                                f"exported rank {owner}'s copy")
     return [notes[name] for name in sorted(notes)]
 
@@ -192,6 +208,9 @@ def _dtype(value: torch.Tensor) -> str:
     return str(value.dtype).removeprefix("torch.")
 
 
-def _shown(rank: int, digest) -> str:
-    dtype, shape, value = digest
-    return f"rank {rank}: {value:g}" if isinstance(value, float) else f"rank {rank}: {dtype} {list(shape)} #{value}"
+def _shown(*copies: tuple[int, tuple]) -> str:
+    """Each ``(rank, digest)``: a scalar's value, with the digits that tell the copies apart, or a hash."""
+    scalars = [digest[2] for _, digest in copies if isinstance(digest[2], float)]
+    shown = dict(zip(scalars, distinct(scalars)))
+    return ", ".join(f"rank {rank}: {shown[value]}" if isinstance(value, float) else
+                     f"rank {rank}: {dtype} {list(shape)} #{value}" for rank, (dtype, shape, value) in copies)

@@ -9,9 +9,10 @@ the keys of a Megatron ``state_dict`` dumped by a script.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
+
+from quantmap.untrusted import parse_json
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # safetensors itself refuses headers over 100 MB
@@ -63,13 +64,15 @@ def read_weight_map(path: Path) -> dict[str, str]:
     A name listed twice is refused rather than left to ``json`` (where the last entry wins): the two
     entries may name different shards, and picking one silently would read a tensor from the wrong file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        data = parse_json(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as duplicate:
         raise NamesError(f"{path}: {duplicate.key!r} is listed twice in one JSON object; an index lists each "
                          f"tensor once (in weight_map, with the one shard file that holds it): remove the "
                          f"duplicate entry") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NamesError(f"{path}: cannot read the index: {exc}") from None
+    except OSError as exc:
+        raise NamesError(f"{path}: cannot read the index: {exc.strerror}") from None
+    except ValueError as exc:  # not UTF-8, not JSON, an integer too long (total_size), nesting too deep
+        raise NamesError(f"{path}: not a safetensors index: {exc}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise NamesError(f"{path}: not a safetensors index: it has no 'weight_map' object")
@@ -110,10 +113,12 @@ def read_header(path: Path) -> dict:
             (length,) = struct.unpack("<Q", prefix)
             if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
                 raise NamesError(f"{path}: not a safetensors file (header length {length} is impossible)")
-            header = json.loads(stream.read(length).decode("utf-8"))
+            header = parse_json(stream.read(length).decode("utf-8"))
+    except NamesError:
+        raise
     except OSError as exc:
         raise NamesError(f"{path}: cannot read it: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except ValueError:  # not UTF-8, not JSON, an integer too long, nesting too deep
         raise NamesError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise NamesError(f"{path}: not a safetensors file (its header is not a JSON object)")

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from quantmap.executor.layout import Coords, Layout, LayoutError
 from quantmap.io.safetensors_stream import write_state
+from quantmap.untrusted import parse_json
 
 COORDINATES_KEY = "quantmap.coordinates"
 _RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
@@ -102,9 +103,10 @@ class LazyShard(Mapping):
         if COORDINATES_KEY not in recorded:
             return
         try:
-            found = json.loads(recorded[COORDINATES_KEY])
-        except json.JSONDecodeError:
-            raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not JSON; rewrite the file") from None
+            found = parse_json(recorded[COORDINATES_KEY])
+        except ValueError as error:
+            raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not JSON ({error}); rewrite the "
+                             f"file") from None
         expected = coordinates(layout, coords)
         if not isinstance(found, dict) or not all(_is_range(found.get(key)) for key in ("layers", "experts")):
             raise ValueError(f"{self.path}: its {COORDINATES_KEY} metadata is not a JSON object of a rank's "

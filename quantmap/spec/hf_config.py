@@ -8,8 +8,9 @@ hybrid spec's layer kinds (``quantmap names``) are read from the keys its ``hybr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from quantmap.untrusted import parse_json
 
 # spec parameter -> config keys, first present wins (num_local_experts: Mixtral, GPT-OSS;
 # num_experts: Qwen-MoE, OLMoE; n_routed_experts: DeepSeek; moe_num_experts: ERNIE 4.5).
@@ -39,9 +40,14 @@ def params_from_config(path: str | Path, declared) -> dict[str, int]:
     config = _text_config(path)
     values = {}
     for param, keys in _KEYS.items():
-        found = next((config[key] for key in keys if isinstance(config.get(key), int)), None)
-        if found is not None:
-            values[param] = found
+        key = next((key for key in keys if isinstance(config.get(key), int)), None)
+        if key is None:
+            continue
+        if config[key] < 1 and (param in declared or param == "num_attention_heads"):
+            # Every size a spec takes counts something a model has; zero heads would also divide by zero below.
+            raise ConfigError(f"{_config_file(path)}: {key} is {config[key]}; a model has at least 1, so this is not "
+                              f"the model's config.json (or pass --param {param}=N)")
+        values[param] = config[key]
     # Derived the way transformers derives them: multi-head attention has as many KV heads as heads,
     # and head_dim defaults to hidden_size / num_attention_heads.
     if "num_attention_heads" in values:
@@ -121,10 +127,10 @@ def _text_config(path: str | Path) -> dict:
     """The config's JSON object: the decoder's (``text_config``) for a vision-language model."""
     path = _config_file(path)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = parse_json(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"cannot read the config {path}: {error.strerror}; give a Hugging Face config.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # not UTF-8, not JSON, an integer too long, nesting too deep
         raise ConfigError(f"{path} is not a JSON config ({error}); give a Hugging Face config.json") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} is not a Hugging Face config: its top level is not a JSON object")

@@ -121,9 +121,15 @@ def _has_content(text: str) -> bool:
 
 def _compose(text: str, file: str) -> tuple[Any, dict[tuple, Location], dict[tuple, Location]]:
     """YAML nodes → plain data, recording each value's and key's location by path."""
-    loader = _Loader(text)
     try:
+        loader = _Loader(text)
         root = loader.get_single_node()
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow in a file (NUL, other controls)
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise SpecError([Diagnostic("QM001", f"YAML syntax error: control character U+{exc.character:04X}, which "
+                                    f"YAML does not allow in a file", Location(file, line, column),
+                                    "remove it: no tensor name holds one")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file)

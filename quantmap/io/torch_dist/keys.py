@@ -26,6 +26,7 @@ from typing import NamedTuple
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.metadata import Entry, TorchDistError
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
+from quantmap.untrusted import MAX_DIGITS, decimal
 
 _PREFIX = re.compile(r"^(?:(?:model|module)\.)*")
 _STACKED = re.compile(r"(?:^|(?<=\.))decoder\.layers\.(?![0-9]+\.)")
@@ -204,12 +205,13 @@ def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
     for key, entry in entries.items():
         found = _LAYER.search(key)
         if found:
-            layers = max(layers, _bounded(key, "layer", int(found.group(1)) + 1, MAX_LAYERS))
+            layers = max(layers, _bounded(key, "layer", _index(found.group(1), "layer", key) + 1, MAX_LAYERS))
         elif _STACKED.search(key) and entry.shape:
             layers = max(layers, entry.shape[0])  # bounded by _is_stacked
         expert = _EXPERT.search(key)
         if expert:
-            experts = max(experts or 0, _bounded(key, "expert", int(expert.group(1) or expert.group(2)) + 1, MAX_EXPERTS))
+            experts = max(experts or 0, _bounded(key, "expert", _index(expert.group(1) or expert.group(2), "expert", key) + 1,
+                                                 MAX_EXPERTS))
     if not layers:
         raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
     return layers, experts
@@ -220,3 +222,12 @@ def _bounded(key: str, what: str, count: int, limit: int) -> int:
     if too_big:
         raise TorchDistError(f".metadata key {key!r:.200}: {too_big}; the .metadata is damaged or not a model's")
     return count
+
+
+def _index(digits: str, what: str, key: str) -> int:
+    index = decimal(digits)
+    if index is None:
+        shown = key if len(key) <= 200 else f"{key[:100]}...{key[-60:]} ({len(key)} characters)"
+        raise TorchDistError(f"the .metadata key {shown} has a {what} index of {len(digits)} digits, beyond any "
+                             f"model (at most {MAX_DIGITS}); the .metadata is damaged or not a model's checkpoint")
+    return index

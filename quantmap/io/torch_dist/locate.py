@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
 from quantmap.limits import MAX_TRACKER_BYTES, over
+from quantmap.untrusted import MAX_DIGITS, decimal
 
 TRACKER = "latest_checkpointed_iteration.txt"
 LAYOUT_FILE = "layout.json"  # quantmap's shard directory (quantmap.executor.layout.LAYOUT_FILE)
@@ -76,9 +77,11 @@ def locate(path: str | Path, iteration: int | None = None) -> Location:
                                  f"directory) nor {TRACKER} (a save directory) nor {LAYOUT_FILE} (a quantmap shard "
                                  f"directory)")
         text = _read_tracker(tracker)
-        if text != "release" and not text.isdigit():
-            raise TorchDistError(f"{tracker}: says {text!r}; it should hold an iteration number or 'release'")
-        named = "release" if text == "release" else int(text)
+        named = "release" if text == "release" else decimal(text)
+        if named is None:
+            shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text)} characters)"
+            raise TorchDistError(f"{tracker}: says {shown}; it should hold an iteration number (at most "
+                                 f"{MAX_DIGITS} digits) or 'release'")
     else:
         named = iteration
     target = path / iteration_dir(named)

@@ -56,7 +56,7 @@ class _Properties(list):
 
     @property
     def dtype(self):
-        return self[0]
+        return self[0] if self else None
 
 
 def _stand_in(module: str, name: str):
@@ -147,7 +147,7 @@ class Entry:
     def chunks(self) -> tuple[Chunk, ...]:
         """The chunks, verified to tile the global shape exactly (see :func:`check_tiling`)."""
         if self._chunks is None:
-            chunks = self._storage.chunks(self.key, self._record)
+            chunks = self._storage.chunks(self.key, self._record, self.shape)
             if self.shape is not None:
                 self._storage.check_tiling(self.key, self.shape, chunks)
             self._chunks = chunks
@@ -166,13 +166,28 @@ class _Storage:
         self._directory, self._data, self._index = directory, storage_data, None
         self._files: set[str] = set()  # the relative paths checked to lie inside the directory
 
-    def chunks(self, key: str, record) -> tuple[Chunk, ...]:
+    def chunks(self, key: str, record, shape: tuple[int, ...] | None) -> tuple[Chunk, ...]:
         if self._index is None:
-            self._index = {(index.fqn, index.offset): info for index, info in self._data.items()}
+            self._index = {}
+            for index, info in self._data.items():
+                fqn, offset = getattr(index, "fqn", None), getattr(index, "offset", None)
+                if not isinstance(fqn, str) or not (offset is None or _is_shape(offset)):
+                    raise damaged(self._directory, f"a storage_data key is {_shown(index)}, not a MetadataIndex of a "
+                                                   f"key name and a chunk offset")
+                self._index[fqn, offset] = info
         pieces = getattr(record, "chunks", None)
-        if pieces is None:  # BytesStorageMetadata
+        if shape is None:  # BytesStorageMetadata
             return (self._chunk(key, None, None),)
-        return tuple([self._chunk(key, tuple(c.offsets), tuple(c.sizes)) for c in pieces])
+        if not isinstance(pieces, list):
+            raise damaged(self._directory, f"{key}: its chunks are {_shown(pieces)}, not a list")
+        chunks = []
+        for piece in pieces:
+            offsets, sizes = getattr(piece, "offsets", None), getattr(piece, "sizes", None)
+            if not (_is_shape(offsets) and _is_shape(sizes) and len(offsets) == len(sizes) == len(shape)):
+                raise damaged(self._directory, f"{key}: a chunk has offsets {_shown(offsets)} and sizes "
+                                               f"{_shown(sizes)}, not {len(shape)} integers >= 0 each")
+            chunks.append(self._chunk(key, offsets, sizes))
+        return tuple(chunks)
 
     def check_tiling(self, key: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> None:
         problem = tiling_problem(shape, [(chunk.offsets, chunk.sizes) for chunk in chunks])
@@ -186,17 +201,41 @@ class _Storage:
         if info is None:
             raise TorchDistError(f"{self._directory / METADATA_FILE}: {key} (chunk at {list(offsets or [])}) has no "
                                  f"storage record; the .metadata is damaged")
-        if info.relative_path not in self._files:
+        path, start, length = (getattr(info, field, None) for field in ("relative_path", "offset", "length"))
+        if not (isinstance(path, str) and _is_count(start) and _is_count(length)):
+            raise damaged(self._directory, f"{key}: its storage record names file {_shown(path)} at byte offset "
+                                           f"{_shown(start)}, length {_shown(length)}: not a file name and two "
+                                           f"integers >= 0")
+        if path not in self._files:
             from quantmap.io.torch_dist.files import is_relative_inside
 
-            if not is_relative_inside(info.relative_path):
+            if not is_relative_inside(path):
                 raise TorchDistError(f"{self._directory / METADATA_FILE}: {key} is stored in "
-                                     f"{info.relative_path!r}, which is not a file name inside the checkpoint "
+                                     f"{path!r}, which is not a file name inside the checkpoint "
                                      f"directory (absolute, or with '..'); the .metadata is damaged or hostile: "
                                      f"quantmap reads only files inside the checkpoint")
-            self._files.add(info.relative_path)
-        return Chunk(offsets or (), sizes or (), info.relative_path, info.offset, info.length,
-                     bool(info.__dict__.get("transform_descriptors")))
+            self._files.add(path)
+        return Chunk(offsets or (), sizes or (), path, start, length, bool(info.__dict__.get("transform_descriptors")))
+
+
+def damaged(directory: Path, problem: str) -> TorchDistError:
+    """The error for a ``.metadata`` that unpickled (only allowed classes) into the wrong structure."""
+    return TorchDistError(f"{directory / METADATA_FILE}: not a valid PyTorch Distributed Checkpoint .metadata: "
+                          f"{problem}; the checkpoint is damaged or was not written by torch.distributed.checkpoint")
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 0  # not bool, not float: what DCP writes
+
+
+def _is_shape(value) -> bool:
+    """A tuple of integers >= 0 (``torch.Size`` unpickles to a tuple here)."""
+    return type(value) is tuple and all(type(n) is int and n >= 0 for n in value)
+
+
+def _shown(value) -> str:
+    text = repr(value) if not isinstance(value, _Record) else type(value).__name__
+    return text if len(text) <= 60 else f"{text[:60]}..."
 
 
 def tiling_problem(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> str | None:
@@ -259,15 +298,23 @@ def read_entries(directory: str | Path) -> dict[str, Entry]:
 
 
 def _read_entries(directory: Path) -> dict[str, Entry]:
+    """Every field read here, and every chunk's where :class:`_Storage` reads it, is checked for its type:
+    the unpickler admits only DCP's classes, but a hostile file can still put a string where a shape goes."""
     metadata = load_metadata(directory)
+    if not isinstance(metadata.state_dict_metadata, dict):
+        raise damaged(directory, f"state_dict_metadata is {_shown(metadata.state_dict_metadata)}, not a dict")
     storage = _Storage(directory, metadata.storage_data)
     entries = {}
     for key, value in metadata.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise damaged(directory, f"a key is {_shown(key)}, not a name")
         properties = getattr(value, "properties", None)
-        if properties is None:  # BytesStorageMetadata
+        if properties is None and type(value).__name__ == "BytesStorageMetadata":
             entries[key] = Entry(key, None, None, value, storage)
             continue
-        dtype = properties.dtype
-        entries[key] = Entry(key, dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."),
-                             tuple(value.size), value, storage)
+        dtype, size = properties.dtype if isinstance(properties, _Properties) else None, getattr(value, "size", None)
+        if not (isinstance(dtype, str) and dtype in _DTYPES and _is_shape(size)):
+            raise damaged(directory, f"{key}: dtype {_shown(dtype)} and size {_shown(size)}, not a tensor's dtype "
+                                     f"and shape")
+        entries[key] = Entry(key, dtype, size, value, storage)
     return entries

@@ -42,11 +42,30 @@ def quant_cfg(directory: str | Path) -> list[dict] | None:
     except Exception as error:  # noqa: BLE001 - not loadable as plain data: nothing to validate against
         raise TorchDistError(f"{path}: cannot be read with torch.load(weights_only=True) "
                              f"({type(error).__name__}); quantmap reads ModelOpt's state only as plain data") from None
-    for mode, data in state.get("modelopt_state_dict", []) if isinstance(state, dict) else []:
-        config = data.get("config", {}) if isinstance(data, dict) else {}
+    modes = state.get("modelopt_state_dict", []) if isinstance(state, dict) else None
+    if not isinstance(modes, list):
+        raise _malformed(path, f"its {'modelopt_state_dict' if isinstance(state, dict) else 'content'} is "
+                               f"{type(modes if isinstance(state, dict) else state).__name__}")
+    for item in modes:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], dict)
+                and isinstance(item[1].get("config", {}), dict)):
+            raise _malformed(path, f"a mode is {_shown(item)}")
+        mode, data = item
+        config = data.get("config", {})
         if mode == "quantize" and isinstance(config.get("quant_cfg"), list):
             return config["quant_cfg"]
     return None
+
+
+def _malformed(path: Path, problem: str) -> TorchDistError:
+    return TorchDistError(f"{path}: not ModelOpt's saved state: {problem}, where ModelOpt writes a dict whose "
+                          f"modelopt_state_dict is a list of (mode, {{'config': {{...}}}}) pairs; the file is damaged "
+                          f"or not ModelOpt's (remove modelopt_state/ to export without checking against it)")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}..."
 
 
 def per_tensor(quantizer: str, entries: list[dict]) -> bool | None:
