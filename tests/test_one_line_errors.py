@@ -142,7 +142,8 @@ class Case(NamedTuple):
 
 
 CASES = [
-    Case("5000-digit tracker", tracker(HUGE), 1, "latest_checkpointed_iteration.txt: says '1111"),
+    Case("5000-digit tracker", tracker(HUGE), 1, "over quantmap's limit of 64 (quantmap/limits.py) bytes"),
+    Case("19-digit tracker", tracker("1" * 19), 1, "latest_checkpointed_iteration.txt: says '1111"),
     Case("superscript-two tracker", tracker("²"), 1, "latest_checkpointed_iteration.txt: says '²'"),
     Case("5000-digit -p", args("compile", "llama", "-p", f"num_layers={HUGE}"), 2, "is not NAME=INT"),
     Case("superscript-two -p", args("compile", "llama", "-p", "num_layers=²"), 2, "'num_layers=²' is not NAME=INT"),
