@@ -83,6 +83,7 @@ def test_every_tour_command_runs_as_written_against_the_shipped_fixtures(tmp_pat
         assert not filecmp.cmpfiles(directory, copy, files, shallow=False)[1], directory
 
 
+@pytest.mark.slow
 def test_the_python_example_prints_what_its_comments_say(tmp_path):
     (code,) = PYTHON_BLOCKS
     claimed = re.findall(r"# -> (.*)$", code, re.MULTILINE)
