@@ -193,7 +193,8 @@ def staging_left(ws: Workspace) -> list[str]:
     return sorted(p.name for p in ws.root.iterdir() if ".tmp-" in p.name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if "--nproc" in c.argv else c for c in CASES],
+                         ids=[c.id for c in CASES])  # a case that starts gloo workers is slow
 def test_a_hostile_input_gets_one_clear_error_and_leaves_nothing(ws, case):
     case.build(ws)
     argv = [a.format(**ws._asdict()) for a in case.argv]
@@ -237,6 +238,7 @@ def test_a_full_disk_gets_one_clear_error_and_leaves_nothing(ws, tiny_disk, comm
 
 # -- numpy: only torch's object collectives need it ---------------------------------------------
 
+@pytest.mark.slow
 def test_export_and_import_run_without_numpy(ws):
     """quantmap's own code never goes through numpy (torch.distributed's object collectives do, so it
     is a declared dependency): one process exports and imports where importing numpy fails."""
@@ -362,6 +364,7 @@ def assert_nothing_left(ws: Workspace, pids) -> None:
 
 
 @pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
+@pytest.mark.slow
 def test_a_stopped_worker_is_killed_and_named_within_the_timeout(slow, rank):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
@@ -401,6 +404,7 @@ if "--multiprocessing-fork" in sys.argv:
 
 
 @pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
+@pytest.mark.slow
 def test_a_stopped_worker_of_an_import_is_killed_and_named_within_the_timeout(ws, rank):
     command = start(ws, path=with_hook(ws, STOP_AT_IMPORT.format(rank=rank)), command=IMPORT)
     pids = wait_for(lambda: (p := worker_pids(ws)) and len(p) == 2 and p, "the workers")
@@ -409,6 +413,7 @@ def test_a_stopped_worker_of_an_import_is_killed_and_named_within_the_timeout(ws
     assert_nothing_left(ws, pids.values())
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_ends_the_command_with_its_rank_and_leaves_nothing(slow):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
@@ -420,6 +425,7 @@ def test_a_worker_that_dies_ends_the_command_with_its_rank_and_leaves_nothing(sl
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(slow, signum):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
@@ -431,6 +437,7 @@ def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(sl
     assert_nothing_left(slow, pids.values())
 
 
+@pytest.mark.slow
 def test_a_later_run_removes_what_a_killed_command_left_and_only_that(slow):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
@@ -451,6 +458,7 @@ def test_a_later_run_removes_what_a_killed_command_left_and_only_that(slow):
     assert (slow.out / INDEX).is_file() and not (slow.out / ".quantmap-owner").exists()
 
 
+@pytest.mark.slow
 def test_a_worker_failing_at_start_up_gives_one_clear_error(slow):
     """The rendezvous port is taken (by this test) between its choice and its use."""
     import socket
@@ -488,6 +496,7 @@ if "--multiprocessing-fork" in sys.argv:
 
 
 @pytest.mark.parametrize("ending", ["killed after --timeout", "SIGINT"])
+@pytest.mark.slow
 def test_a_command_that_fails_after_its_writer_published_leaves_no_output(ws, ending):
     """"Nothing was written" must stay true when the writer is stopped (or the command interrupted) between
     publishing the output and reporting success: the command removes the output it published."""
@@ -507,6 +516,7 @@ def test_a_command_that_fails_after_its_writer_published_leaves_no_output(ws, en
     assert_nothing_left(ws, pids.values())
 
 
+@pytest.mark.slow
 def test_a_command_that_succeeds_leaves_no_owner_marker_in_its_output(ws):
     for argv in (EXPORT, IMPORT, IMPORT + ["--nproc", "2"]):
         out = ws.root / f"out-{len(list(ws.root.iterdir()))}"

@@ -116,12 +116,14 @@ def names_files(tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow
 def test_cli_check_passes_clean_names_in_strict_mode(names_files):
     result = run("llama", "--megatron", str(names_files["megatron"]), "--hf", str(names_files["hf"]), "--strict")
     assert result.returncode == 0, result.stderr
     assert "no finding" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_check_reports_grouped_findings_and_exits_1_only_when_strict(names_files):
     args = ("llama", "--megatron", str(names_files["megatron"]), "--hf", str(names_files["bad_hf"]))
     lenient, strict = run(*args), run(*args, "--strict")
@@ -130,12 +132,14 @@ def test_cli_check_reports_grouped_findings_and_exits_1_only_when_strict(names_f
     assert "QM104 fan-out group with a missing part: 1" in lenient.stdout
 
 
+@pytest.mark.slow
 def test_cli_check_json_output_is_machine_readable(names_files):
     result = run("llama", "--hf", str(names_files["bad_hf"]), "--format", "json")
     data = json.loads(result.stdout)
     assert data["spec"] == "llama" and data["counts"] == {"QM101": 1, "QM104": 1}
 
 
+@pytest.mark.slow
 def test_cli_check_reads_a_safetensors_file_and_takes_run_time_params():
     fixture = DATA / "hf" / "quant_deepseek_v3_FP8_DEFAULT_CFG_plus_FP8_KV_CFG.safetensors"
     result = run("deepseek_v3", "--hf", str(fixture), "--param", "num_layers=3", "--format", "json")
@@ -146,16 +150,19 @@ def test_cli_check_reads_a_safetensors_file_and_takes_run_time_params():
                for g in data["groups"])
 
 
+@pytest.mark.slow
 def test_cli_check_without_a_needed_param_fails_with_the_param_named(names_files):
     result = run("deepseek_v3", "--hf", str(names_files["hf"]))
     assert result.returncode == 1 and "num_layers" in result.stderr and "QM050" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_check_with_unreadable_names_exits_1_with_the_path(tmp_path):
     result = run("llama", "--hf", str(tmp_path / "missing.txt"))
     assert result.returncode == 1 and "missing.txt: no such file or directory" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_check_without_any_names_is_a_usage_error():
     result = run("llama")
     assert result.returncode == 2 and "--megatron, --hf, or both" in result.stderr

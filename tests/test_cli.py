@@ -26,6 +26,7 @@ def test_compile_prints_a_readable_table_by_default():
     assert any(line.startswith("fanout") and "linear_qkv.weight_quantizer._amax" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_compile_json_is_deterministic_and_has_kind_megatron_hf_and_source():
     first, second = run("compile", "llama", "--format", "json"), run("compile", "llama", "--format", "json")
     assert first.returncode == 0 and first.stdout == second.stdout
@@ -37,6 +38,7 @@ def test_compile_json_is_deterministic_and_has_kind_megatron_hf_and_source():
     assert fanout["source"]["line"] > 0
 
 
+@pytest.mark.slow
 def test_compile_yaml_round_trips_to_the_json_content():
     as_yaml = run("compile", "llama", "-f", "yaml")
     as_json = run("compile", "llama", "-f", "json")
@@ -51,6 +53,7 @@ def test_python_dash_m_behaves_exactly_like_the_command():
         assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr)
 
 
+@pytest.mark.slow
 def test_validate_exit_codes_and_file_line_col_messages(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmappings:\n  - {megatron: a.*.weight, hf: b.weight}\n")
@@ -61,6 +64,7 @@ def test_validate_exit_codes_and_file_line_col_messages(tmp_path):
     assert "QM021" in result.stderr
 
 
+@pytest.mark.slow
 def test_lookup_forward_reverse_and_json_lines():
     result = run("lookup", "llama", "decoder.layers.4.mlp.linear_fc1.weight_quantizer._amax", "--json")
     assert result.returncode == 0
@@ -71,6 +75,7 @@ def test_lookup_forward_reverse_and_json_lines():
     assert record["megatron"] == "decoder.layers.4.mlp.linear_fc1.weight_quantizer._amax" and record["part"] == "up"
 
 
+@pytest.mark.slow
 def test_lookup_from_stdin_reports_unmatched_names_and_exits_1():
     names = "decoder.layers.0.mlp.linear_fc2.weight\nnot.a.name\n"
     result = run("lookup", "llama", "--from-file", "-", "--json", stdin=names)
@@ -80,6 +85,7 @@ def test_lookup_from_stdin_reports_unmatched_names_and_exits_1():
     assert records[0]["hf"] == ["model.layers.0.mlp.down_proj.weight"]
 
 
+@pytest.mark.slow
 def test_schema_is_the_pydantic_json_schema_and_matches_the_shipped_copy():
     result = run("schema")
     schema = json.loads(result.stdout)
@@ -92,11 +98,13 @@ def test_shipped_specs_point_editors_at_the_schema():
         assert spec.read_text().startswith("# yaml-language-server: $schema=schema.json"), spec.name
 
 
+@pytest.mark.slow
 def test_bad_param_syntax_is_a_usage_error():
     result = run("compile", "llama", "--param", "num_layers")
     assert result.returncode == 2 and "NAME=INT" in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_spec_name_suggests_a_shipped_one():
     result = run("compile", "lama")
     assert result.returncode == 1 and "did you mean 'llama'" in result.stderr
@@ -111,6 +119,7 @@ def test_unknown_spec_name_suggests_a_shipped_one():
                                   ("names", "qwen3_5", "--side", "megatron", "--layers", "2", "--layer-kind",
                                    "linear_attention=0", "--layer-kind", "full_attention=1"),
                                   ("names", "qwen2_5_vl", "--side", "hf", "--layers", "1")])
+@pytest.mark.slow
 def test_compile_validate_lookup_and_names_never_import_torch(args):
     code = (
         "import sys\n"
@@ -126,6 +135,7 @@ def test_compile_validate_lookup_and_names_never_import_torch(args):
     assert result.stdout.strip().endswith("clean")
 
 
+@pytest.mark.slow
 def test_help_is_available_for_every_command():
     for command in ("compile", "validate", "lookup", "names", "schema", "specs"):
         result = run(command, "--help")
@@ -140,6 +150,7 @@ def test_diagnostics_doc_lists_every_code_with_its_title():
         assert f"| {code} | {title} |" in text, code
 
 
+@pytest.mark.slow
 def test_lookup_json_of_a_grouped_moe_quantizer_lists_every_expert_when_the_count_is_known():
     name = "decoder.layers.2.mlp.experts.linear_fc2.input_quantizer._amax"
     result = run("lookup", "qwen3_moe", name, "--json", "--param", "num_experts=4")
@@ -151,6 +162,7 @@ def test_lookup_json_of_a_grouped_moe_quantizer_lists_every_expert_when_the_coun
     assert "expanded" not in without_count
 
 
+@pytest.mark.slow
 def test_lookup_reverse_of_a_fan_in_name_shows_every_source_and_json_lists_them_when_the_count_is_known():
     name = "model.layers.2.mlp.experts.down_proj_input_quantizer._amax"
     result = run("lookup", "qwen3_moe", "--hf-naming", "in-memory", "--reverse", name, "--param", "num_experts=4")
@@ -168,6 +180,7 @@ def test_lookup_reverse_of_a_fan_in_name_shows_every_source_and_json_lists_them_
     assert run("lookup", "qwen3_moe", "-r", name).returncode == 1
 
 
+@pytest.mark.slow
 def test_every_spec_command_takes_hf_naming_and_validate_checks_both(tmp_path):
     for command in ("compile", "validate", "lookup", "check", "export", "import"):
         result = run(command, "--help")
@@ -187,6 +200,7 @@ def test_every_spec_command_takes_hf_naming_and_validate_checks_both(tmp_path):
     assert run("validate", str(spec), "--hf-naming", "on-disk").returncode == 0
 
 
+@pytest.mark.slow
 def test_check_of_in_memory_names_against_the_in_memory_naming(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("model.layers.0.mlp.experts.gate_up_proj_weight_quantizers.1._amax\n"

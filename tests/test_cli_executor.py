@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -29,6 +30,7 @@ def _invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_nproc_export_equals_offline_export_and_import_round_trips(tmp_path):
     directory, ranks = _shard_dir(tmp_path)
     assert json.loads((directory / "layout.json").read_text())["ep"] == 2
@@ -65,6 +67,7 @@ def test_strict_import_refuses_missing_names_and_writes_nothing(tmp_path):
     assert not (tmp_path / "strict").exists()
 
 
+@pytest.mark.slow
 def test_a_layout_that_does_not_match_nproc_fails_before_any_process_starts(tmp_path):
     directory, _ = _shard_dir(tmp_path)
     result = _invoke("export", SPEC, "--megatron", directory, "--out", tmp_path / "hf", "--nproc", 2)
@@ -73,6 +76,7 @@ def test_a_layout_that_does_not_match_nproc_fails_before_any_process_starts(tmp_
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_under_torchrun_each_process_is_one_rank_and_the_export_matches_offline(tmp_path):
     import subprocess
     import sys
@@ -91,6 +95,7 @@ def test_under_torchrun_each_process_is_one_rank_and_the_export_matches_offline(
         assert (tmp_path / "torchrun" / name).read_bytes() == (tmp_path / "offline" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_hf_naming_in_memory_exports_fused_expert_names_and_imports_them_into_every_source(tmp_path):
     directory, ranks = _shard_dir(tmp_path)
     naming = ("--hf-naming", "in-memory", "--param", "num_experts=4")

@@ -94,6 +94,7 @@ def _import_dropping_layer_one(tmp: str, strict: bool):
                    strict=strict)
 
 
+@pytest.mark.slow
 def test_a_distributed_import_reports_the_missing_layer_and_strict_refuses_on_every_rank(tmp_path):
     hf, _ = _hf(tmp_path, "seq", 4, 4)
     gone = _amax_names(_drop(hf, lambda name: name.startswith("model.layers.1.")))
@@ -202,6 +203,7 @@ def _export_an_empty_stage(directory: str, out: str, allow_partial: bool):
     return result.report.missing, result.calls
 
 
+@pytest.mark.slow
 def test_a_distributed_export_with_an_empty_stage_fails_on_every_rank_or_reports_it(tmp_path):
     directory = _shards(tmp_path, "dense", Layout(pp=2, num_layers=4),
                         lambda rank, state: state.clear() if rank == 1 else None)
@@ -222,6 +224,7 @@ def test_extra_rank_files_beyond_the_layout_are_refused_before_any_work(tmp_path
         _export(directory, tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_a_layout_far_bigger_than_the_rank_files_fails_at_once_through_the_cli(tmp_path):
     directory = _shards(tmp_path, "dense", Layout(num_layers=2))
     # Within quantmap's bound on world sizes (a larger one is refused as such: tests/test_adversarial.py).
@@ -234,6 +237,7 @@ def test_a_layout_far_bigger_than_the_rank_files_fails_at_once_through_the_cli(t
     assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_an_incomplete_export_and_allow_partial_reports_it(tmp_path):
     layout = Layout(pp=2, num_layers=4)
     directory = _shards(tmp_path, "dense", layout, lambda rank, state: state.clear() if rank == 1 else None)

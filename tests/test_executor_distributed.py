@@ -74,6 +74,7 @@ def _assert_same(got: dict, expected: dict, what: str) -> None:
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{what}: {name} differs"
 
 
+@pytest.mark.slow
 def test_distributed_export_equals_single_process_export_of_the_unsharded_state(world):
     size, tmp, results = world
     for label, form, sizes in SCENARIOS[size]:
@@ -87,6 +88,7 @@ def test_distributed_export_equals_single_process_export_of_the_unsharded_state(
         assert all(r[(label, form)]["exported"] is None for r in results[1:]), "only the writer holds the result"
 
 
+@pytest.mark.slow
 def test_export_then_import_gives_back_every_ranks_quantizer_tensors(world):
     size, _, results = world
     for label, form, sizes in SCENARIOS[size]:
@@ -96,6 +98,7 @@ def test_export_then_import_gives_back_every_ranks_quantizer_tensors(world):
             _assert_same(results[rank][(label, form)]["imported"], quantizers(original[rank]), f"{label} {form} rank {rank}")
 
 
+@pytest.mark.slow
 def test_meshes_and_caller_groups_place_every_rank_in_megatrons_rank_order(world):
     size, _, results = world
     for label, form, _ in SCENARIOS[size]:
@@ -104,6 +107,7 @@ def test_meshes_and_caller_groups_place_every_rank_in_megatrons_rank_order(world
             assert from_mesh == from_groups == from_order, f"{label} {form} rank {rank}"
 
 
+@pytest.mark.slow
 def test_export_makes_a_number_of_collective_calls_independent_of_the_tensor_count(world):
     """3 in memory; 4 plus one per round of shard files with files (one writer per pipeline stage)."""
     size, tmp, results = world

@@ -91,6 +91,7 @@ def failures(tmp_path_factory):
     ("unwritable", ["cannot write the output", "a-file"]),
     ("layout", ["LayoutError", "needs tp*cp*dp*pp", "= 4"]),
 ])
+@pytest.mark.slow
 def test_every_rank_fails_with_the_same_clear_message_and_nothing_is_written(failures, case, words):
     tmp, results = failures
     assert results[0][case] == results[1][case], "ranks disagree on the error"
@@ -101,6 +102,7 @@ def test_every_rank_fails_with_the_same_clear_message_and_nothing_is_written(fai
     assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == [], "a staging directory was left behind"
 
 
+@pytest.mark.slow
 def test_the_group_stays_usable_after_a_failed_export(failures):
     _, results = failures
     assert results[0]["after"] == results[1]["after"] == 3
@@ -133,6 +135,7 @@ def _die_on_rank_1(tmp: str):
     export(rules_for("dense"), state, Placement.from_world(layout), out=Path(tmp) / "hf")
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_stops_the_run_promptly_with_a_clear_error(tmp_path):
     import time
 
@@ -162,6 +165,7 @@ def _killed_between_staging_and_marker(tmp: str):
     export(rules_for("dense"), state, Placement.from_world(layout), out=Path(tmp) / "hf")
 
 
+@pytest.mark.slow
 def test_an_unmarked_staging_directory_of_a_killed_worker_is_removed_by_its_command(tmp_path):
     from quantmap.executor import ExecutorError
     from quantmap.io import staging

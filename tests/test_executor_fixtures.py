@@ -60,6 +60,7 @@ def test_fp8_shards_round_trip_through_hf_files(stem, tmp_path):
             assert torch.equal(back[name], original[name]), name
 
 
+@pytest.mark.slow
 def test_cli_round_trips_real_tp2_shards_on_two_gloo_workers(tmp_path):
     shard_dir = tmp_path / "megatron"
     shard_dir.mkdir()

@@ -134,6 +134,7 @@ def _export_on_ranks(tmp: str):
     return done.is_writer
 
 
+@pytest.mark.slow
 def test_a_distributed_export_with_runs_writes_the_offline_bytes(tmp_path):
     layout = Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
     values_of_every_rank(4, _export_on_ranks, str(tmp_path))

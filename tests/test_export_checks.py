@@ -69,6 +69,7 @@ def _export_with_a_transfer_failure(out: str):
     export(rules_for("dense"), state, placement, out=out, timeout=timedelta(seconds=20))
 
 
+@pytest.mark.slow
 def test_a_rank_failing_after_the_go_ahead_leaves_no_staging_directory(tmp_path):
     outcomes = run_ranks(2, _export_with_a_transfer_failure, str(tmp_path / "hf"))
     assert [outcome[0] for outcome in outcomes] == ["error", "error"]

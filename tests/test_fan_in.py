@@ -99,6 +99,7 @@ def world(request, tmp_path_factory):
     return size, tmp, values_of_every_rank(size, _run_world, SCENARIOS[size], str(tmp))
 
 
+@pytest.mark.slow
 def test_distributed_export_writes_the_max_of_every_fan_in_source_and_maps_the_rest_one_to_one(world):
     size, tmp, results = world
     for label, form, naming, sizes in SCENARIOS[size]:
@@ -124,6 +125,7 @@ def test_distributed_export_writes_the_max_of_every_fan_in_source_and_maps_the_r
             assert torch.equal(written[target], state["decoder.layers.1.mlp.experts.linear_fc1.weight_quantizer.7._amax"])
 
 
+@pytest.mark.slow
 def test_import_copies_each_fan_in_tensor_to_every_source_and_export_again_gives_the_same_file(world):
     size, tmp, results = world
     for label, form, naming, sizes in SCENARIOS[size]:

@@ -146,6 +146,7 @@ def _import_with_a_lost_peer(tmp: str):
     import_(rules_for("dense"), Path(tmp) / "hf", Placement.from_world(Layout(tp=2, num_layers=2)), Path(tmp) / "mg")
 
 
+@pytest.mark.slow
 def test_a_distributed_import_failing_after_staging_leaves_nothing(tmp_path):
     export_offline(rules_for("dense"), [global_state("dense", 2)], Layout(num_layers=2), out=tmp_path / "hf")
     outcomes = run_ranks(2, _import_with_a_lost_peer, str(tmp_path))

@@ -117,6 +117,7 @@ def test_an_expert_capture_needs_the_expert_count():
         model_names(quantmap.compile("mixtral"), HF, ModelSize(2))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_name_per_line_or_json():
     base = [sys.executable, "-m", "quantmap", "names", "llama", "--side", "hf", "--layers", "2", "--weights-only"]
     lines = subprocess.run(base, capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
@@ -130,6 +131,7 @@ def test_cli_prints_one_name_per_line_or_json():
     assert bad.returncode == 2 and ">= --layers 2" in bad.stderr
 
 
+@pytest.mark.slow
 def test_the_size_defaults_to_what_config_json_gives_and_is_asked_for_without_it(tmp_path):
     """--layers and --experts default to the config's num_hidden_layers and expert count; --layers wins."""
     config = tmp_path / "config.json"
@@ -160,6 +162,7 @@ _BUILT = [("phi3", 0, ()), ("gemma2", 0, ()), ("gemma3", 0, ()), ("qwen2_moe", 0
 
 
 @pytest.mark.parametrize("arch, variant, omit", _BUILT, ids=[f"{a}-{v}" for a, v, _ in _BUILT])
+@pytest.mark.slow
 def test_hf_names_of_newer_specs_are_the_on_disk_names_of_their_tiny_model(arch, variant, omit, tmp_path):
     pytest.importorskip("transformers")
     import test_specs_hf as built
@@ -194,6 +197,7 @@ _HYBRID = [("qwen3_5", 0, ()), ("qwen3_5_moe", 0, ()), ("qwen3_next", 0, ()),
 
 
 @pytest.mark.parametrize("arch, variant, omit", _HYBRID, ids=[f"{a}-{v}" for a, v, _ in _HYBRID])
+@pytest.mark.slow
 def test_hf_names_of_a_hybrid_model_read_its_layer_kinds_from_config_json(arch, variant, omit, tmp_path):
     """`names --config` reads each layer's kind from the saved config.json (layer_types, layers_block_type) and
     lists exactly the tiny model's on-disk names, less what the spec excludes and what a '**' mapping matches,
@@ -301,6 +305,7 @@ def test_layer_kinds_a_config_json_cannot_give_are_named(config, problem, tmp_pa
         layer_kinds_from_config(tmp_path, quantmap.load_spec("nemotron_h").hybrid, 4)
 
 
+@pytest.mark.slow
 def test_a_hybrid_spec_needs_each_layers_kind_and_the_cli_takes_them_per_kind(tmp_path):
     with pytest.raises(NamesError, match="--layer-kind KIND=LAYERS") as error:
         model_names(quantmap.compile("qwen3_5"), HF, ModelSize(4))

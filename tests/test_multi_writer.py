@@ -66,6 +66,7 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("n", range(len(CASES)), ids=[f"{c[0]}-{c[1]}-w{c[3]}-s{c[4]}" for c in CASES])
+@pytest.mark.slow
 def test_multi_writer_files_equal_the_offline_export_byte_for_byte(exported, tmp_path, n):
     tmp, calls = exported
     label, form, sizes, writers, shard_size, channels = CASES[n]
@@ -101,6 +102,7 @@ def _keys(path: Path) -> list[str]:
         return list(handle.keys())
 
 
+@pytest.mark.slow
 def test_a_record_larger_than_a_shard_gets_a_file_of_its_own(exported):
     tmp, _ = exported
     from quantmap.io.hf import Checkpoint
@@ -146,6 +148,7 @@ def _fail_on_rank_2(tmp: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_a_writer_failing_mid_file_leaves_nothing_and_every_rank_raises_the_same_error(tmp_path):
     outcomes = run_ranks(4, _fail_on_rank_2, str(tmp_path))
     assert all(o[0] == "ok" for o in outcomes), outcomes

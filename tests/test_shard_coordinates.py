@@ -76,6 +76,7 @@ def _export_files(directory: str, out: str):
     export(rules_for("dense"), LazyShard(rank_file(directory, placement.coords.rank)), placement, out=out)
 
 
+@pytest.mark.slow
 def test_swapped_pipeline_stages_fail_a_distributed_export_on_every_rank(tmp_path):
     directory = _save(tmp_path, "dense", Layout(pp=2, num_layers=4))
     _swap(directory, 0, 1)

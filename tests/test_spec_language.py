@@ -339,6 +339,7 @@ def test_no_kv_cache_warning_for_a_bias_or_other_non_weight_mapping(tmp_path):
     assert [(w.code, w.location.line) for w in rules.warnings] == [("QM061", 5)]  # the weight's only
 
 
+@pytest.mark.slow
 def test_compile_table_shows_priority_and_parallel():
     import subprocess
     import sys

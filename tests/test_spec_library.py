@@ -31,6 +31,7 @@ def test_every_shipped_spec_compiles_by_name_without_warnings(name):
     assert rules.spec.name == name and rules.spec.architectures and rules.warnings == ()
 
 
+@pytest.mark.slow
 def test_quantmap_specs_lists_each_spec_with_its_architectures():
     result = subprocess.run([sys.executable, "-m", "quantmap", "specs"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

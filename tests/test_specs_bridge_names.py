@@ -23,6 +23,8 @@ from test_specs_hf import PARAMS, build, variants
 from test_specs_megatron import _deepseek
 
 transformers = pytest.importorskip("transformers")
+# Every test here builds or reads real transformers models: slow, left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
 
 EXPERTS = 4
 HEAD = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"]

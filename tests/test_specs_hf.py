@@ -23,6 +23,8 @@ from quantmap.rules import WEIGHT
 from quantmap.spec import shipped_specs
 
 transformers = pytest.importorskip("transformers")
+# Every test here builds or reads real transformers models: slow, left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).parent / "data" / "hf"
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -223,6 +223,7 @@ def test_a_metadata_naming_an_arbitrary_class_is_refused_without_running_it(tmp_
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow
 def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline(tmp_path):
     from quantmap.executor.torch_dist import checkpoint_layout
 

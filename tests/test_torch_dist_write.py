@@ -167,6 +167,7 @@ def _load_everything(directory: str) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_the_written_checkpoint_loads_with_plain_torch_at_world_size_1_and_2(tmp_path):
     source = locate(DATA / "fp8_kv_tp2/ckpt")
     state = {name: tensor + 1 for name, tensor in read_state(source)[1].items()}  # something to see

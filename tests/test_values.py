@@ -55,6 +55,7 @@ def _export_with_a_nan_on_rank_one(out: str):
     export(rules_for("dense"), state, placement, out=out)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_of_a_distributed_export_fails_every_rank_with_one_message(tmp_path):
     outcomes = run_ranks(2, _export_with_a_nan_on_rank_one, str(tmp_path / "hf"))
     assert [o[0] for o in outcomes] == ["error", "error"] and outcomes[0][1] == outcomes[1][1]
