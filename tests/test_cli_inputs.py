@@ -63,3 +63,30 @@ def test_stdin_is_not_a_missing_file():
     result = CliRunner().invoke(app, ["lookup", "llama", "--from-file", "-"],
                                 input="decoder.layers.0.self_attention.linear_qkv.weight\n")
     assert result.exit_code == 0 and "q_proj" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["compile", "llama", "--config", "PIPE"],
+                                  ["names", "llama", "--side", "hf", "--config", "DIR"],
+                                  ["check", "llama", "--megatron", "PIPE"]],
+                         ids=["--config pipe", "--config dir holding a pipe", "check --megatron pipe"])
+def test_a_named_pipe_given_as_an_input_file_is_refused_at_once_not_read(tmp_path, args):
+    """Reading a named pipe waits for a writer forever (issue 19 item 15: every file read)."""
+    import os
+    import signal
+
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "dir" / "config.json")
+    os.mkfifo(tmp_path / "pipe")
+    args = [str(tmp_path / "pipe") if a == "PIPE" else str(tmp_path / "dir") if a == "DIR" else a for a in args]
+    def blocked(signum, frame):
+        raise TimeoutError("the command blocked reading a named pipe")
+
+    previous = signal.signal(signal.SIGALRM, blocked)  # on failure the read blocks: fail this test, not the suite
+    signal.alarm(20)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.exit_code == 1, result.output
+    assert "is a named pipe, not a file" in result.stderr and len(result.stderr.splitlines()) == 1, result.output

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from quantmap.untrusted import parse_json
+from quantmap.untrusted import parse_json, special_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # safetensors itself refuses headers over 100 MB
@@ -33,7 +33,9 @@ def read_names(source: str | Path) -> list[str]:
     if path.is_dir():
         names = _read_directory(path)
     elif not path.is_file():
-        raise NamesError(f"{path}: no such file or directory")
+        special = special_file(path)
+        raise NamesError(f"{path}: is {special}, not a file (reading it could block forever); give a names file, "
+                         f"safetensors file, index or directory" if special else f"{path}: no such file or directory")
     elif path.name.endswith(INDEX_SUFFIX):
         names = _read_index(path)
     elif path.suffix == ".safetensors":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantmap.untrusted import parse_json
+from quantmap.untrusted import parse_json, special_file
 
 # spec parameter -> config keys, first present wins (num_local_experts: Mixtral, GPT-OSS;
 # num_experts: Qwen-MoE, OLMoE; n_routed_experts: DeepSeek; moe_num_experts: ERNIE 4.5).
@@ -126,6 +126,10 @@ def _config_file(path: str | Path) -> Path:
 def _text_config(path: str | Path) -> dict:
     """The config's JSON object: the decoder's (``text_config``) for a vision-language model."""
     path = _config_file(path)
+    special = special_file(path)
+    if special:
+        raise ConfigError(f"{path} is {special}, not a file (reading it could block forever); give a Hugging Face "
+                          f"config.json")
     try:
         config = parse_json(path.read_text(encoding="utf-8"))
     except OSError as error:

@@ -17,10 +17,10 @@ that refers to) files elsewhere, nor hang it, so every such path is checked here
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path, PurePosixPath
 
 from quantmap.io.torch_dist.metadata import TorchDistError
+from quantmap.untrusted import describe_special
 
 
 def is_relative_inside(relative) -> bool:
@@ -77,8 +77,7 @@ def open_regular(root: str | Path, relative: str | Path, buffering: int = -1):
 
 
 def _require_regular(path: Path, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else \
-            "a device or socket"
+    kind = describe_special(mode)
+    if kind:
         raise TorchDistError(f"{path}: is {kind}, not a regular file; a checkpoint's files are plain files "
                              f"(reading this one could block forever): replace it with the real file")
