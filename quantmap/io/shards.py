@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from quantmap.executor.layout import Coords, Layout, LayoutError
 from quantmap.io.safetensors_stream import write_state
-from quantmap.untrusted import parse_json
+from quantmap.untrusted import parse_json, special_file
 
 COORDINATES_KEY = "quantmap.coordinates"
 _RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
@@ -119,8 +119,9 @@ class LazyShard(Mapping):
     def _open(self):
         if self._handle is None:
             if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path} does not exist; a shard directory needs one "
-                                        f"rank_NNNNN.safetensors per rank of its layout.json")
+                special = special_file(self.path)
+                raise FileNotFoundError(f"{self.path} {'is ' + special + ', not a file' if special else 'does not exist'}; "
+                                        f"a shard directory needs one rank_NNNNN.safetensors per rank of its layout.json")
             self._handle = safe_open(self.path, "pt")
         return self._handle
 

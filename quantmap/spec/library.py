@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 
 from quantmap.diagnostics import Diagnostic, Location, SpecError
+from quantmap.untrusted import special_file
 
 SPEC_DIR = Path(__file__).resolve().parent.parent / "specs"
 
@@ -43,6 +44,10 @@ def find_spec(spec: str | Path, beside: Path | None = None) -> Path:
     path = Path(spec) if beside is None else beside / spec
     if path.is_file():
         return path
+    special = special_file(path)
+    if special:  # not a spec name either: say what the path is rather than that there is none
+        raise SpecError([Diagnostic("QM006", f"{display_path(path)} is {special}, not a spec file", Location(str(spec)),
+                                    "give a spec file (reading this could block forever) or a shipped spec's name")])
     shipped = {**shipped_specs(), **shipped_bases()}
     name = str(spec).removesuffix(".yaml")
     if name in shipped:
