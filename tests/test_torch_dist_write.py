@@ -205,18 +205,8 @@ def test_a_failed_import_leaves_the_checkpoint_untouched_and_writes_nothing(tmp_
     shutil.copytree(DATA / "fp8_kv_tp2/ckpt", save)
     assert _invoke("export", "llama", "--megatron", save, "--out", tmp_path / "hf", "--quiet").exit_code == 0
     hf = tmp_path / "hf" / "model-00001-of-00001.safetensors"
-    tensors = load_file(hf)
-    name = "model.layers.0.mlp.down_proj.input_quantizer._amax"
-    tensors[name] = torch.ones(3)  # not the checkpoint's shape
-    save_file(tensors, hf)
-    before = _tree_digest(save)
-    for extra in (["--out", tmp_path / "new"], ["--in-place"]):
-        result = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", save, *extra, "--quiet")
-        assert result.exit_code == 1, result.output
-        lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax" in lines[0], result.output
-        assert "shaped [[3]]" in lines[0] and "Traceback" not in result.output
-        assert _tree_digest(save) == before and not (tmp_path / "new").exists()
+    line = _refused_import_of(tmp_path, save, hf, torch.ones(3))  # not the checkpoint's shape
+    assert "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax" in line and "shaped [[3]]" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
 
 
@@ -371,15 +361,23 @@ def test_an_amax_the_checkpoint_dtype_cannot_hold_is_refused_by_name_and_nothing
     shutil.copytree(DATA / "fp8_kv_tp1/ckpt", save)
     assert _invoke("export", "llama", "--megatron", save, "--out", tmp_path / "hf", "--quiet").exit_code == 0
     hf = tmp_path / "hf" / "model-00001-of-00001.safetensors"
+    line = _refused_import_of(tmp_path, save, hf, torch.tensor(value, dtype=torch.float64))
+    assert line.startswith("error: ") and "infinite" not in line
+    assert "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax: " + phrase in line
+
+
+def _refused_import_of(tmp_path, save, hf, amax) -> str:
+    """The one error line of importing ``hf`` with down_proj's input amax replaced by ``amax`` into
+    ``save``, as a copy and in place; each refused with nothing written or changed."""
     tensors = load_file(hf)
-    tensors["model.layers.0.mlp.down_proj.input_quantizer._amax"] = torch.tensor(value, dtype=torch.float64)
+    tensors["model.layers.0.mlp.down_proj.input_quantizer._amax"] = amax
     save_file(tensors, hf)
     before = _tree_digest(save)
+    lines = []
     for extra in (["--out", tmp_path / "new"], ["--in-place"]):
-        result = _invoke("import", "llama", "--hf", tmp_path / "hf", "--into", save, *extra, "--quiet")
-        assert result.exit_code == 1, result.output
-        lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-        assert "decoder.layers.0.mlp.linear_fc2.input_quantizer._amax: " + phrase in lines[0], result.output
-        assert "infinite" not in lines[0]
+        result = _invoke("import", "llama", "--hf", hf.parent, "--into", save, *extra, "--quiet")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        lines += result.output.strip().splitlines()
         assert _tree_digest(save) == before and not (tmp_path / "new").exists()
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    return lines[0]
