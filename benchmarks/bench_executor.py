@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import quantmap
-from quantmap.executor import Layout, Placement, export
+from quantmap.executor import ParallelLayout, Placement, export
 from quantmap.executor.launch import spawn
 from quantmap.executor.naming import is_expert, to_global
 
@@ -45,7 +45,7 @@ def cases(layers: int) -> list[tuple[str, dict]]:
     return [("EP8", dict(dp=8, ep=8)), ("PP2xEP4", dict(pp=2, dp=4, ep=4, layers_per_stage=[first, layers - first]))]
 
 
-def local_state(layout: Layout, rank: int, form: str) -> dict[str, torch.Tensor]:
+def local_state(layout: ParallelLayout, rank: int, form: str) -> dict[str, torch.Tensor]:
     """What rank ``rank`` holds under its local names (Megatron's numbering)."""
     coords = layout.coords(rank)
     generator = torch.Generator().manual_seed(rank)
@@ -178,7 +178,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
 
     rank = dist.get_rank()
     sizes = dict(cases(layers))[label]
-    layout = Layout(num_layers=layers, num_experts=experts, **sizes)
+    layout = ParallelLayout(num_layers=layers, num_experts=experts, **sizes)
     placement = Placement.from_world(layout)
     rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     state = local_state(layout, rank, form)
@@ -201,7 +201,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
                 writer_peak_bytes=peak, output_bytes=_size(out), tensors=_count(out))
 
 
-def _first_rank_of_stage(layout: Layout, stage: int) -> int:
+def _first_rank_of_stage(layout: ParallelLayout, stage: int) -> int:
     return next(r for r in range(layout.world_size) if layout.coords(r).pp == stage)
 
 
@@ -249,7 +249,7 @@ def phases(layers: int, experts: int, form: str) -> dict:
     from quantmap.executor.pack import pack
     from quantmap.executor.plan import Plan
 
-    layout = Layout(num_layers=layers, num_experts=experts, dp=8, ep=8)
+    layout = ParallelLayout(num_layers=layers, num_experts=experts, dp=8, ep=8)
     rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     states = [local_state(layout, rank, form) for rank in range(layout.world_size)]
     start = time.process_time()

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import Layout, export_offline
+from quantmap.executor import ParallelLayout, export_offline
 from quantmap.executor.torch_dist import read_state
 from quantmap.io.hf import Checkpoint
 from quantmap.io.torch_dist import TorchDistError, checkpoint_names, locate, read_entries
@@ -128,7 +128,7 @@ def test_the_tracker_an_iteration_directory_and_iteration_all_locate_the_checkpo
 def _export(fixture_or_state, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     out = tmp_path / name
     if isinstance(fixture_or_state, dict):
-        export_offline(quantmap.compile("llama", **SIZES), [fixture_or_state], Layout(num_layers=2), out=out)
+        export_offline(quantmap.compile("llama", **SIZES), [fixture_or_state], ParallelLayout(num_layers=2), out=out)
     else:
         result = CliRunner().invoke(app, ["export", "llama", "--megatron", str(DATA / fixture_or_state / "ckpt"),
                                           "--out", str(out), "--quiet", *SIZE_PARAMS])

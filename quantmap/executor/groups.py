@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.parallel import Coords, LayoutError, ParallelLayout
 
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
 EXPERT_DIMS = ("pp", "edp", "ep", "etp")
@@ -22,17 +22,17 @@ EXPERT_DIMS = ("pp", "edp", "ep", "etp")
 class Placement:
     """A rank's coordinates plus the group that spans the layout (``None``: one process plays every rank)."""
 
-    layout: Layout
+    layout: ParallelLayout
     coords: Coords
     group: Any = None
     meshes: tuple[Any, Any] | None = None  # (dense, expert) DeviceMesh, when built here
 
     @classmethod
-    def offline(cls, layout: Layout, rank: int) -> "Placement":
+    def offline(cls, layout: ParallelLayout, rank: int) -> "Placement":
         return cls(layout, layout.coords(rank))
 
     @classmethod
-    def from_world(cls, layout: Layout, device_type: str | None = None) -> "Placement":
+    def from_world(cls, layout: ParallelLayout, device_type: str | None = None) -> "Placement":
         """Build both meshes over the default process group (already initialised by the launcher)."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -44,7 +44,7 @@ class Placement:
         return cls.from_meshes(layout, dense, expert)
 
     @classmethod
-    def from_meshes(cls, layout: Layout, dense, expert) -> "Placement":
+    def from_meshes(cls, layout: ParallelLayout, dense, expert) -> "Placement":
         """Coordinates from a dense and an expert ``DeviceMesh`` with the dims named as above."""
         import torch.distributed as dist
 
@@ -56,7 +56,7 @@ class Placement:
         return cls(layout, coords, None, (dense, expert))
 
     @classmethod
-    def from_groups(cls, layout: Layout, *, tp=None, cp=None, dp=None, pp=None, etp=None, ep=None, edp=None,
+    def from_groups(cls, layout: ParallelLayout, *, tp=None, cp=None, dp=None, pp=None, etp=None, ep=None, edp=None,
                     group=None) -> "Placement":
         """Coordinates from a caller's process groups (Megatron's ``parallel_state`` groups); a size-1
         dimension may be left out. ``group`` spans the layout's ranks (default: the world)."""

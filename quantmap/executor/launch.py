@@ -54,7 +54,7 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
                   strict: bool = False, allow_partial: bool = False, iteration: int | None = None) -> Report:
     """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) or a torch_dist
     checkpoint (told apart by their files) to ``out``."""
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
     from quantmap.io.shards import check_rank_files
     from quantmap.io.torch_dist import is_shard_directory
 
@@ -65,7 +65,7 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
         return _with_contents(out, _guarded(out, mode(nproc), lambda: export_checkpoint(
             spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress, timeout=timeout,
             iteration=iteration, strict=strict, allow_partial=allow_partial)))
-    layout = Layout.read(megatron)
+    layout = ParallelLayout.read(megatron)
     check_rank_files(megatron, layout)
     how = _prepare(layout, nproc, out)
     if how == "offline":
@@ -93,9 +93,9 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
                       strict: bool = False, nproc: int | None = None, progress: bool = False,
                       timeout: timedelta = timedelta(minutes=10)) -> Report:
     """Import a Hugging Face checkpoint into a Megatron shard directory for ``layout_path``."""
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
 
-    layout = Layout.read(layout_path)
+    layout = ParallelLayout.read(layout_path)
     how = _prepare(layout, nproc, out)
     if how == "offline":
         import quantmap
@@ -135,10 +135,10 @@ def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, str
     import quantmap
     from quantmap.executor.export import export
     from quantmap.executor.groups import Placement
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
     from quantmap.io.shards import LazyShard, rank_file
 
-    placement = Placement.from_world(Layout.read(megatron))
+    placement = Placement.from_world(ParallelLayout.read(megatron))
     state = LazyShard(rank_file(megatron, placement.coords.rank))
     result = export(quantmap.compile(spec, **params), state, placement, out=out, shard_size=shard_size,
                     timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
@@ -149,9 +149,9 @@ def _import_rank(spec, params, hf, layout_path, out, strict, timeout):
     import quantmap
     from quantmap.executor.groups import Placement
     from quantmap.executor.importer import import_
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
 
-    placement = Placement.from_world(Layout.read(layout_path))
+    placement = Placement.from_world(ParallelLayout.read(layout_path))
     return import_(quantmap.compile(spec, **params), hf, placement, out, strict=strict, timeout=timeout)
 
 

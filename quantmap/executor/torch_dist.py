@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from quantmap.executor.groups import Placement
-from quantmap.executor.layout import Layout
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
@@ -29,14 +29,14 @@ from quantmap.io.torch_dist.write import Written, commit_reported, write_into
 from quantmap.sizes import gating_contradiction, size_contradiction
 
 
-def checkpoint_layout(entries, world: int = 1) -> Layout:
+def checkpoint_layout(entries, world: int = 1) -> ParallelLayout:
     """The layout a checkpoint is read as: one rank, or ``world`` pipeline stages splitting its layers."""
     layers, experts = model_size(entries)
     stages = [layers // world + (stage < layers % world) for stage in range(world)]
-    return Layout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
+    return ParallelLayout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
 
 
-def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) -> tuple[Layout, dict[str, torch.Tensor]]:
+def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:
     """The layout ``world`` ranks read the checkpoint as (:func:`checkpoint_layout`), and rank ``rank``'s
     local quantizer state under it; with ``rules``, their size parameters are checked against the
     checkpoint's shapes first (:func:`check_sizes`)."""
@@ -45,7 +45,7 @@ def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) ->
 
 
 def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
-                    rules=None) -> tuple[Layout, dict[str, torch.Tensor], tuple[int, int]]:
+                    rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor], tuple[int, int]]:
     """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
     for the export's report.
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
 from quantmap.limits import MAX_TRACKER_BYTES, over
+from quantmap.parallel import LAYOUT_FILE
 from quantmap.untrusted import MAX_DIGITS, decimal
 
 TRACKER = "latest_checkpointed_iteration.txt"
-LAYOUT_FILE = "layout.json"  # quantmap's shard directory (quantmap.executor.layout.LAYOUT_FILE)
 
 
 @dataclass(frozen=True)
