@@ -32,6 +32,7 @@ import torch
 
 import quantmap
 from quantmap.executor import ParallelLayout, Placement, export
+from quantmap.executor.placement import device_meshes
 from quantmap.executor.launch import spawn
 from quantmap.executor.naming import is_expert, to_global
 
@@ -136,13 +137,13 @@ class _Counted:
         return out
 
 
-def per_tensor_export(rules, state, placement, out: Path, names_by_stage):
+def per_tensor_export(rules, state, placement, out: Path, names_by_stage, meshes):
     """Per tensor: find the owning stage (object gather over PP), broadcast from it, all-gather experts over EP."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     layout, coords = placement.layout, placement.coords
-    dense, expert = placement.meshes
+    dense, expert = meshes
     pp_group, ep_group = dense["pp"].get_group(), expert["ep"].get_group()
     counted = _Counted()
     writer = dist.get_rank() == 0
@@ -179,7 +180,8 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
     rank = dist.get_rank()
     sizes = dict(cases(layers))[label]
     layout = ParallelLayout(num_layers=layers, num_experts=experts, **sizes)
-    placement = Placement.from_world(layout)
+    meshes = device_meshes(layout)
+    placement = Placement.from_meshes(layout, *meshes)
     rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     state = local_state(layout, rank, form)
     if method == "quantmap":
@@ -188,7 +190,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
         names_by_stage = [list(local_state(layout, _first_rank_of_stage(layout, s), form)) for s in range(layout.pp)]
 
         def run(rules, state, placement, out):
-            return per_tensor_export(rules, state, placement, out, names_by_stage)
+            return per_tensor_export(rules, state, placement, out, names_by_stage, meshes)
 
     out = Path(scratch) / f"{label}-{form}-{method}"
     seconds, calls, moved, peak = _timed(lambda: run(rules, state, placement, out))

@@ -10,7 +10,7 @@ It builds two generators over the same world:
 
 so expert parallelism is carved out of data (and context) parallelism inside each pipeline stage,
 and both views share the pipeline groups. Everything here is pure; meshes live in
-:mod:`quantmap.executor.groups`.
+:mod:`quantmap.executor.placement`.
 """
 
 from __future__ import annotations

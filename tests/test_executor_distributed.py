@@ -35,6 +35,7 @@ def _run_world(scenarios, tmp: str) -> dict:
     import torch.distributed as dist
 
     from quantmap.executor import Placement, export, import_
+    from quantmap.executor.placement import device_meshes
     from quantmap.io.shards import LazyShard, rank_file
 
     rank = dist.get_rank()
@@ -43,8 +44,8 @@ def _run_world(scenarios, tmp: str) -> dict:
         layout = _layout(form, sizes)
         rules = rules_for(form, layout.num_experts)
         state = shard(global_state(form, NUM_LAYERS, layout.num_experts), layout)[rank]
-        placement = Placement.from_world(layout)
-        dense, expert = placement.meshes
+        dense, expert = device_meshes(layout)
+        placement = Placement.from_meshes(layout, dense, expert)
         given = Placement.from_groups(layout, **{dim: dense[dim].get_group() for dim in ("tp", "cp", "dp", "pp")},
                                       **{dim: expert[dim].get_group() for dim in ("etp", "ep", "edp")})
         base = Path(tmp) / f"{label}-{form}"

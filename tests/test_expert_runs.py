@@ -15,7 +15,7 @@ from executor_support import global_state, rules_for, shard, values_of_every_ran
 from quantmap.executor import ExecutorError, ParallelLayout
 from quantmap.executor import expert_runs
 from quantmap.executor.export import export_offline
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.executor.pack import pack
 from quantmap.io.hf import INDEX
 

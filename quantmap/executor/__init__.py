@@ -6,7 +6,7 @@ that plays every rank. Importing this package imports torch.
 """
 
 from quantmap.executor.export import Export, export, export_offline
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.executor.importer import import_, import_offline, import_state
 from quantmap.parallel import Coords, LayoutError, ParallelLayout
 from quantmap.executor.report import ExecutorError, Report

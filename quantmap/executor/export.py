@@ -23,7 +23,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan

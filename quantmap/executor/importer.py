@@ -22,7 +22,7 @@ import torch
 
 from quantmap.executor.completeness import required_names
 from quantmap.executor.fan_in import copy_to_source, sources
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar

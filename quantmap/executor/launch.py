@@ -134,7 +134,7 @@ def _guarded(out, how: str, run):
 def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
     import quantmap
     from quantmap.executor.export import export
-    from quantmap.executor.groups import Placement
+    from quantmap.executor.placement import Placement
     from quantmap.parallel import ParallelLayout
     from quantmap.io.shards import LazyShard, rank_file
 
@@ -147,7 +147,7 @@ def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, str
 
 def _import_rank(spec, params, hf, layout_path, out, strict, timeout):
     import quantmap
-    from quantmap.executor.groups import Placement
+    from quantmap.executor.placement import Placement
     from quantmap.executor.importer import import_
     from quantmap.parallel import ParallelLayout
 

@@ -49,7 +49,7 @@ def globalizer(layout: ParallelLayout, coords: Coords) -> Callable[[str], tuple[
     search_layer, search_expert = _LAYER.search, _EXPERT.search
 
     def globalize(name: str) -> tuple[str, int | None, int | None, tuple | None]:
-        layer = expert = span = None
+        layer = expert = None
         out = name
         found = search_layer(name)
         if found:
@@ -85,13 +85,6 @@ def expert_span(name: str) -> tuple[int, int] | None:
         return None
     digits = found.lastindex  # the matched alternative's digits group
     return found.start(digits), found.end(digits)
-
-
-def placement_experts(layout: ParallelLayout, coords: Coords) -> range | None:
-    """The global experts a rank holds, or ``None`` when the layout has no expert count."""
-    if layout.experts_per_rank is None:
-        return None
-    return range(coords.ep * layout.experts_per_rank, (coords.ep + 1) * layout.experts_per_rank)
 
 
 class Holder(NamedTuple):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
