@@ -545,6 +545,7 @@ def export_command(
 
 @app.command("import")
 def import_command(
+    context: typer.Context,
     spec: str = SpecArg,
     hf: str = typer.Option(..., "--hf", callback=HF_CHECKPOINT,
                              help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
@@ -575,7 +576,8 @@ def import_command(
     if into is not None:
         if (out is None) == (not in_place):
             raise typer.BadParameter("with --into, give --out NEW or --in-place", param_hint="--out/--in-place")
-        from quantmap.executor.torch_dist import import_checkpoint_into
+        _one_process_only(context, nproc)
+        from quantmap.executor.launch import import_checkpoint_into
 
         _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint_into(
             spec, params, hf, into, out=out, in_place=in_place, iteration=iteration, strict=strict))
@@ -588,6 +590,18 @@ def import_command(
     _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint(
         spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
         timeout=timedelta(seconds=timeout)))
+
+
+def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
+    """``import --into`` runs in one process: the checkpoint's names are global and its new ``.metadata`` is
+    written once, so there are no ranks to spawn and no collective to wait for. --nproc and --timeout would
+    change nothing, and are refused rather than silently ignored."""
+    if nproc is not None:
+        raise typer.BadParameter("--into runs in one process (a torch_dist checkpoint's names are global and its "
+                                 ".metadata is written once); drop --nproc", param_hint="--nproc")
+    if context.get_parameter_source("timeout").name != "DEFAULT":  # given on the command line
+        raise typer.BadParameter("--into runs in one process and waits for no other rank, which is all --timeout "
+                                 "bounds; drop --timeout", param_hint="--timeout")
 
 
 def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run,

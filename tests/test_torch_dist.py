@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import quantmap
 from quantmap.cli import app
 from quantmap.executor import ParallelLayout, export_offline
-from quantmap.executor.torch_dist import read_state
+from quantmap.executor.torch_dist_checkpoint import read_state
 from quantmap.io.hf import Checkpoint
 from quantmap.io.torch_dist import TorchDistError, checkpoint_names, locate, read_entries
 from quantmap.io.torch_dist.keys import quantizers
@@ -224,7 +224,7 @@ def test_a_metadata_naming_an_arbitrary_class_is_refused_without_running_it(tmp_
 
 
 def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline(tmp_path):
-    from quantmap.executor.torch_dist import checkpoint_layout
+    from quantmap.executor.torch_dist_checkpoint import checkpoint_layout
 
     location = locate(DATA / "fp8_kv_tp2/ckpt")
     layout = checkpoint_layout(read_entries(location.path), world=2)

@@ -20,7 +20,10 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from quantmap.io.torch_dist.metadata import TorchDistError
+
+
+class TorchDistError(ValueError):
+    """A torch_dist checkpoint that cannot be read or written; the message names the file and the fix."""
 
 
 def is_relative_inside(relative) -> bool:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.limits import MAX_TRACKER_BYTES, over
 from quantmap.parallel import LAYOUT_FILE
 from quantmap.untrusted import MAX_DIGITS, decimal

@@ -20,7 +20,7 @@ import math
 from fnmatch import fnmatch
 from pathlib import Path
 
-from quantmap.io.torch_dist.metadata import TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
 
 STATE_FILE = Path("modelopt_state") / "common.pt"
 

@@ -6,6 +6,7 @@ the ordinary export. Run on several ranks (``torchrun``, ``--nproc N``), rank ``
 stage ``r`` of ``pp=N`` with the layers split as evenly as possible (``layers_per_stage``), reads
 only its stage's quantizer tensors from the checkpoint (names outside the layers on the stage
 Megatron builds them on) and sends them to the writer, so no rank reads what another reads.
+The commands that run these from files (locking, launching, staging) are in :mod:`quantmap.executor.launch`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from quantmap.executor.placement import Placement
+from quantmap.executor.values import converted
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
 from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
-from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.locks import directory_lock
@@ -139,44 +142,7 @@ def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict:
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
     report = finish(catalog, report, strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    written: Written = write_into(location, state, out=out, in_place=in_place, entries=entries)
+    written: Written = write_into(location, state, convert=converted, out=out, in_place=in_place,
+                                  entries=entries)
     report.written = len(state)
     return report, written
-
-
-def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
-                      progress: bool, timeout, iteration: int | None = None, strict: bool = False,
-                      allow_partial: bool = False):
-    """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
-    import quantmap
-    from quantmap.executor.launch import launch_ranks, mode
-
-    location = locate(megatron, iteration)
-    how = mode(nproc)
-    with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
-                                                                purpose="an export"):
-        if how == "offline":
-            return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                                       progress=progress, strict=strict, allow_partial=allow_partial).report
-        args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
-        return launch_ranks(how, nproc, _export_worker, args, timeout)
-
-
-def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
-    import quantmap
-
-    result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                         timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
-    return result.report if result.is_writer else None
-
-
-def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
-                           iteration: int | None = None, strict: bool = False):
-    """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
-    import quantmap
-    from quantmap.io import staging
-
-    with nullcontext() if out is None else staging.command(out):
-        report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
-                                iteration=iteration, strict=strict)
-    return report
