@@ -244,7 +244,8 @@ def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline
 
 
 def test_modelopt_config_is_read_as_plain_data_and_a_per_channel_amax_it_calls_per_tensor_is_refused(tmp_path):
-    from quantmap.io.torch_dist.modelopt import per_tensor, quant_cfg
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+    from quantmap.recipe import per_tensor
 
     fp8 = quant_cfg(DATA / "fp8_kv_tp2/ckpt/release")
     int8 = quant_cfg(DATA / "int8_tp2/ckpt/release")
