@@ -20,7 +20,7 @@ from quantmap.executor.placement import Placement
 from quantmap.executor.values import converted
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
-from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
+from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
 from quantmap.io.torch_dist.files import TorchDistError
@@ -39,7 +39,8 @@ def checkpoint_layout(entries, world: int = 1) -> ParallelLayout:
     return ParallelLayout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
 
 
-def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:
+def read_state(location: CheckpointLocation, world: int = 1, rank: int = 0,
+               rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:
     """The layout ``world`` ranks read the checkpoint as (:func:`checkpoint_layout`), and rank ``rank``'s
     local quantizer state under it; with ``rules``, their size parameters are checked against the
     checkpoint's shapes first (:func:`check_sizes`)."""
@@ -47,7 +48,7 @@ def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) ->
     return layout, state
 
 
-def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
+def read_checkpoint(location: CheckpointLocation, world: int = 1, rank: int = 0,
                     rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor], tuple[int, int]]:
     """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
     for the export's report.
@@ -58,7 +59,7 @@ def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
         return _read_state(location, world, rank, rules)
 
 
-def check_sizes(rules, location: Location, entries) -> None:
+def check_sizes(rules, location: CheckpointLocation, entries) -> None:
     """Refuse size parameters (heads, groups, head_dim, hidden_size) that the checkpoint's own weight shapes
     contradict, and a spec whose gating (one fc1 tensor, or gate and up) the checkpoint's keys contradict:
     both decide where the rows of a shaped quantizer go, and a wrong one can cut them cleanly into the
@@ -70,7 +71,7 @@ def check_sizes(rules, location: Location, entries) -> None:
         raise TorchDistError(f"{location.path / METADATA_FILE}: {problem}")
 
 
-def _read_state(location: Location, world: int, rank: int, rules):
+def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
     entries = read_entries(location.path)
     if rules is not None:
         check_sizes(rules, location, entries)
@@ -90,8 +91,8 @@ def _read_state(location: Location, world: int, rank: int, rules):
     return layout, state, not_quantizer_state(entries)
 
 
-def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool, strict: bool = False,
-                        allow_partial: bool = False):
+def export_offline_from(rules, location: CheckpointLocation, *, out, shard_size: int, progress: bool,
+                        strict: bool = False, allow_partial: bool = False):
     from quantmap.executor.export import export_offline
 
     layout, state, (tensors, entries) = read_checkpoint(location, rules=rules)
@@ -101,8 +102,8 @@ def export_offline_from(rules, location: Location, *, out, shard_size: int, prog
     return result
 
 
-def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool, strict: bool = False,
-                allow_partial: bool = False):
+def export_rank(rules, location: CheckpointLocation, *, out, shard_size: int, timeout, progress: bool,
+                strict: bool = False, allow_partial: bool = False):
     """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
     import torch.distributed as dist
 
@@ -130,7 +131,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
         return _import_into(rules, hf_dir, location, out, in_place, strict)
 
 
-def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict: bool):
+def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: bool, strict: bool):
     from quantmap.executor.importer import Catalog, finish, import_rank
     from quantmap.io.hf import Checkpoint
 

@@ -27,7 +27,7 @@ from quantmap.io.staging import Staged
 from quantmap.io.torch_dist.files import TorchDistError, regular_file, resolve_inside
 from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
                                         quantizers)
-from quantmap.io.torch_dist.locate import TRACKER, Location
+from quantmap.io.torch_dist.locate import TRACKER, CheckpointLocation
 from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, check_files, load_metadata,
                                             read_entries)
 from quantmap.io.torch_dist.read import interleave, read_tensors
@@ -48,7 +48,7 @@ class Written:
 Convert = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
 
 
-def write_into(location: Location, state: dict[str, torch.Tensor], *, convert: Convert,
+def write_into(location: CheckpointLocation, state: dict[str, torch.Tensor], *, convert: Convert,
                out: str | Path | None = None, in_place: bool = False,
                entries: dict[str, Entry] | None = None) -> Written:
     """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``
