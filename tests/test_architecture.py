@@ -172,6 +172,15 @@ def test_the_torch_free_commands_load_no_module_that_imports_torch_at_module_lev
     assert torch_at_load(GRAPH, TORCH_FREE) == []
 
 
+def test_the_design_document_names_every_module():
+    """docs/design.md names each module (by its path, or by its file name in its package's paragraph)."""
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    unnamed = [str(path.relative_to(ROOT)) for path in modules(ROOT, "quantmap").values()
+               if str(path.relative_to(ROOT)) not in design and f"`{path.name}`" not in design
+               and f"{path.name}`" not in design and path.name != "__init__.py"]
+    assert unnamed == []
+
+
 def _plant(tmp_path: Path, files: dict[str, str]) -> dict[str, dict[str, bool]]:
     for name, text in files.items():
         path = tmp_path / "pkg" / name
