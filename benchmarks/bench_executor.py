@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 import quantmap
-from quantmap.executor import Layout, Placement, export
+from quantmap.executor import ParallelLayout, Placement, export
+from quantmap.executor.placement import device_meshes
 from quantmap.executor.launch import spawn
 from quantmap.executor.naming import is_expert, to_global
 
@@ -45,7 +46,7 @@ def cases(layers: int) -> list[tuple[str, dict]]:
     return [("EP8", dict(dp=8, ep=8)), ("PP2xEP4", dict(pp=2, dp=4, ep=4, layers_per_stage=[first, layers - first]))]
 
 
-def local_state(layout: Layout, rank: int, form: str) -> dict[str, torch.Tensor]:
+def local_state(layout: ParallelLayout, rank: int, form: str) -> dict[str, torch.Tensor]:
     """What rank ``rank`` holds under its local names (Megatron's numbering)."""
     coords = layout.coords(rank)
     generator = torch.Generator().manual_seed(rank)
@@ -136,13 +137,13 @@ class _Counted:
         return out
 
 
-def per_tensor_export(rules, state, placement, out: Path, names_by_stage):
+def per_tensor_export(rules, state, placement, out: Path, names_by_stage, meshes):
     """Per tensor: find the owning stage (object gather over PP), broadcast from it, all-gather experts over EP."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     layout, coords = placement.layout, placement.coords
-    dense, expert = placement.meshes
+    dense, expert = meshes
     pp_group, ep_group = dense["pp"].get_group(), expert["ep"].get_group()
     counted = _Counted()
     writer = dist.get_rank() == 0
@@ -178,8 +179,9 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
 
     rank = dist.get_rank()
     sizes = dict(cases(layers))[label]
-    layout = Layout(num_layers=layers, num_experts=experts, **sizes)
-    placement = Placement.from_world(layout)
+    layout = ParallelLayout(num_layers=layers, num_experts=experts, **sizes)
+    meshes = device_meshes(layout)
+    placement = Placement.from_meshes(layout, *meshes)
     rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     state = local_state(layout, rank, form)
     if method == "quantmap":
@@ -188,7 +190,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
         names_by_stage = [list(local_state(layout, _first_rank_of_stage(layout, s), form)) for s in range(layout.pp)]
 
         def run(rules, state, placement, out):
-            return per_tensor_export(rules, state, placement, out, names_by_stage)
+            return per_tensor_export(rules, state, placement, out, names_by_stage, meshes)
 
     out = Path(scratch) / f"{label}-{form}-{method}"
     seconds, calls, moved, peak = _timed(lambda: run(rules, state, placement, out))
@@ -201,7 +203,7 @@ def _bench(layers: int, experts: int, label: str, form: str, method: str, scratc
                 writer_peak_bytes=peak, output_bytes=_size(out), tensors=_count(out))
 
 
-def _first_rank_of_stage(layout: Layout, stage: int) -> int:
+def _first_rank_of_stage(layout: ParallelLayout, stage: int) -> int:
     return next(r for r in range(layout.world_size) if layout.coords(r).pp == stage)
 
 
@@ -249,7 +251,7 @@ def phases(layers: int, experts: int, form: str) -> dict:
     from quantmap.executor.pack import pack
     from quantmap.executor.plan import Plan
 
-    layout = Layout(num_layers=layers, num_experts=experts, dp=8, ep=8)
+    layout = ParallelLayout(num_layers=layers, num_experts=experts, dp=8, ep=8)
     rules = quantmap.compile("deepseek_v3", num_layers=layers, num_experts=experts)
     states = [local_state(layout, rank, form) for rank in range(layout.world_size)]
     start = time.process_time()

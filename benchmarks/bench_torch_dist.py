@@ -87,7 +87,7 @@ def main() -> None:
     import quantmap
     from quantmap.check import check
     from quantmap.executor import export_offline
-    from quantmap.executor.torch_dist import read_state
+    from quantmap.executor.torch_dist_checkpoint import read_state
     from quantmap.io.torch_dist import checkpoint_names, locate
     from quantmap.io.torch_dist.metadata import read_entries
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import quantmap
-from quantmap.executor import Layout, Placement, export
+from quantmap.executor import ParallelLayout, Placement, export
 from quantmap.executor.launch import spawn
 from quantmap.executor.writers import writer_ranks
 from quantmap.io.hf import INDEX
@@ -40,7 +40,7 @@ LAYERS = 32
 BLOCKED = ("linear_q_up_proj", "linear_kv_up_proj")
 
 
-def local_state(layout: Layout, rank: int, rows: int) -> dict[str, torch.Tensor]:
+def local_state(layout: ParallelLayout, rank: int, rows: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s slice: per layer of its stage, each up-projection's block amax (``rows`` values
     over the TP group) and input amax."""
     coords = layout.coords(rank)
@@ -58,7 +58,7 @@ def _bench(rows: int, shard_size: int, writers: int, out: str) -> dict:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    layout = Layout(num_layers=LAYERS, **SIZES)
+    layout = ParallelLayout(num_layers=LAYERS, **SIZES)
     placement = Placement.from_world(layout)
     rules = quantmap.compile("deepseek_v3", num_layers=LAYERS, num_experts=8)
     state = local_state(layout, rank, rows)

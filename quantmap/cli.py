@@ -336,7 +336,7 @@ def check(
     names claimed twice (QM103), fused groups missing a part (QM104), with both sides HF buffers whose
     reverse lookup the model lacks (QM106); notes list dead rules (QM105). Exit 0 unless --strict finds any."""
     from quantmap.check import check as check_names
-    from quantmap.io.names import NamesError, read_names
+    from quantmap.io.names import NamesFileError, read_names
     from quantmap.io.torch_dist import TorchDistError, is_shard_directory, is_torch_dist, names_and_swiglu
 
     if megatron is None and hf is None:
@@ -349,7 +349,7 @@ def check(
         else:
             megatron_names, swiglu = None if megatron is None else read_names(megatron), None
         report = check_names(rules, megatron_names, None if hf is None else read_names(hf), swiglu)
-    except (NamesError, TorchDistError) as error:
+    except (NamesFileError, TorchDistError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     output((json.dumps(report.to_json(), indent=2) if format is CheckFormat.json else report.to_text()) + "\n")
@@ -392,7 +392,7 @@ def names(
 ) -> None:
     """Every name a model of this size has on one side, as the spec maps it (weights and quantizer buffers;
     what the spec excludes is not listed): diff it against a real checkpoint's names."""
-    from quantmap.model_names import ModelSize, NamesError, iter_model_names, unlisted
+    from quantmap.model_names import ModelSize, ModelSizeError, iter_model_names, unlisted
 
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     layers, experts = _model_size(layers, experts, config)
@@ -401,7 +401,7 @@ def names(
     size = ModelSize(layers, experts, mtp_layers, te, grouped, dense, kinds)
     try:
         found = iter_model_names(rules, side.value, size, [] if weights_only else buffer, omit or ())
-    except NamesError as error:
+    except ModelSizeError as error:
         raise typer.BadParameter(str(error), param_hint=error.option) from None
     for pattern in unlisted(rules, omit or ()):
         typer.echo(f"note: {pattern!r} has a '**' capture, names of any depth, which no size enumerates: its "
@@ -545,6 +545,7 @@ def export_command(
 
 @app.command("import")
 def import_command(
+    context: typer.Context,
     spec: str = SpecArg,
     hf: str = typer.Option(..., "--hf", callback=HF_CHECKPOINT,
                              help="Hugging Face checkpoint directory (sharded with an index, or model.safetensors)."),
@@ -575,7 +576,8 @@ def import_command(
     if into is not None:
         if (out is None) == (not in_place):
             raise typer.BadParameter("with --into, give --out NEW or --in-place", param_hint="--out/--in-place")
-        from quantmap.executor.torch_dist import import_checkpoint_into
+        _one_process_only(context, nproc)
+        from quantmap.executor.launch import import_checkpoint_into
 
         _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint_into(
             spec, params, hf, into, out=out, in_place=in_place, iteration=iteration, strict=strict))
@@ -590,6 +592,18 @@ def import_command(
         timeout=timedelta(seconds=timeout)))
 
 
+def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
+    """``import --into`` runs in one process: the checkpoint's names are global and its new ``.metadata`` is
+    written once, so there are no ranks to spawn and no collective to wait for. --nproc and --timeout would
+    change nothing, and are refused rather than silently ignored."""
+    if nproc is not None:
+        raise typer.BadParameter("--into runs in one process (a torch_dist checkpoint's names are global and its "
+                                 ".metadata is written once); drop --nproc", param_hint="--nproc")
+    if context.get_parameter_source("timeout").name != "DEFAULT":  # given on the command line
+        raise typer.BadParameter("--into runs in one process and waits for no other rank, which is all --timeout "
+                                 "bounds; drop --timeout", param_hint="--timeout")
+
+
 def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run,
                   next_step: Optional[str] = None) -> None:
     """Run an export/import after checking the spec; its report on stderr, then ``next_step`` (the
@@ -598,7 +612,7 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.hf import CheckpointError
-    from quantmap.io.names import NamesError
+    from quantmap.io.names import NamesFileError
     from quantmap.io.torch_dist import TorchDistError
 
     from quantmap.executor.launch import Interrupted
@@ -607,7 +621,7 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run({**params, "hf_naming": hf_naming.value})
-    except (ExecutorError, LayoutError, NamingError, NamesError, CheckpointError, TorchDistError, OSError) as error:
+    except (ExecutorError, LayoutError, NamingError, NamesFileError, CheckpointError, TorchDistError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as error:  # Ctrl-C or a terminating signal: abort, never publish

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
 from quantmap.limits import over, param_limit
-from quantmap.layouts import GROUP_PARTS, INTERLEAVED, TRANSPOSED, Layout, derive
+from quantmap.element_layout import GROUP_PARTS, INTERLEAVED, TRANSPOSED, ElementLayout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import WEIGHT_QUANTIZER, Derived, fused_expert_buffers, grouped_weight_buffers, with_stages
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
@@ -406,10 +406,10 @@ def _derive(mapping: SourcedMapping, context: _Context, common: dict, layout, ex
 
 # A grouped-MoE block shares one quantizer among its experts: its per-tensor amax goes to every
 # expert, but a non-scalar one says nothing about which expert owns which element.
-_GROUPED_LAYOUT = Layout(None, None, "one quantizer covers a whole block of experts; its non-scalar state has no "
+_GROUPED_LAYOUT = ElementLayout(None, None, "one quantizer covers a whole block of experts; its non-scalar state has no "
                                      "per-expert layout")
 # Many experts' quantizers meet in one HF tensor: a max of their per-channel state is no one's.
-_FAN_IN_LAYOUT = Layout(None, None, "several Megatron quantizers meet in one HF tensor; only per-tensor amax combines")
+_FAN_IN_LAYOUT = ElementLayout(None, None, "several Megatron quantizers meet in one HF tensor; only per-tensor amax combines")
 
 
 def _derived(text: str, context: _Context) -> Pattern:

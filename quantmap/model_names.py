@@ -78,7 +78,7 @@ class ModelSize:
     kinds: tuple[str, ...] | None = None  # each layer's kind, for a hybrid spec
 
 
-class NamesError(ValueError):
+class ModelSizeError(ValueError):
     """The size does not say enough to generate the names (an expert count, the layers' kinds); ``option``
     is the command-line option that would say it."""
 
@@ -104,7 +104,7 @@ def iter_model_names(rules: RuleSet, side: str, size: ModelSize, buffers: Iterab
     a form the model's config does not build, which no rule competes with. A grouped-MoE weight
     quantizer is listed in the one form an import writes (rules that are not ``reversible`` are the
     other ModelOpt form of the same quantizer, export-only). A hybrid spec needs ``size.kinds``;
-    :class:`NamesError` says what the size lacks, before the first name.
+    :class:`ModelSizeError` says what the size lacks, before the first name.
 
     The names stream out: each pattern's names come in natural order already (its captures count
     up), so merging the patterns' streams sorts them all while holding one name per pattern, and
@@ -172,19 +172,19 @@ def _layer_kinds(spec: str, hybrid, size: ModelSize) -> tuple[str | None, ...]:
     """Each layer's kind: the size's, checked against the spec's declared kinds (``None`` for a spec without)."""
     if hybrid is None:
         if size.kinds is not None:
-            raise NamesError(f"{spec} declares no kinds of layer (no 'hybrid' section): leave out the layer kinds",
+            raise ModelSizeError(f"{spec} declares no kinds of layer (no 'hybrid' section): leave out the layer kinds",
                              "--layer-kind")
         return (None,) * size.layers
     declared = ", ".join(hybrid.kinds)
     if size.kinds is None:
-        raise NamesError(f"{spec}'s decoder layers are of different kinds ({declared}): give the model's config.json "
+        raise ModelSizeError(f"{spec}'s decoder layers are of different kinds ({declared}): give the model's config.json "
                          "(--config) or each layer's kind (--layer-kind KIND=LAYERS)", "--layer-kind")
     if len(size.kinds) != size.layers:
-        raise NamesError(f"{len(size.kinds)} layer kinds for {size.layers} layers: give one kind per layer",
+        raise ModelSizeError(f"{len(size.kinds)} layer kinds for {size.layers} layers: give one kind per layer",
                          "--layer-kind")
     unknown = sorted(set(size.kinds) - set(hybrid.kinds))
     if unknown:
-        raise NamesError(f"{spec} has no layer kind {', '.join(map(repr, unknown))}; its kinds: {declared}",
+        raise ModelSizeError(f"{spec} has no layer kind {', '.join(map(repr, unknown))}; its kinds: {declared}",
                          "--layer-kind")
     return size.kinds
 
@@ -241,7 +241,7 @@ def _values(rule: Rule, pattern: Pattern, side: str, size: ModelSize,
             ranges.append([str(i) for i in range(STAGES)])
         elif kind == "expert":
             if size.experts is None:
-                raise NamesError(f"{pattern.text!r} names an expert: give the expert count (--experts E)", "--experts")
+                raise ModelSizeError(f"{pattern.text!r} names an expert: give the expert count (--experts E)", "--experts")
             ranges.append([str(i) for i in range(size.experts)])
         else:
             ranges.append([str(i) for i in (range(size.mtp_layers) if kind == "mtp" else layers)])

@@ -1,6 +1,6 @@
 """Invertible tensor operations: how a quantizer tensor's elements move between layouts.
 
-A rule's shaped layout is a short pipeline of these values (see :mod:`quantmap.layouts`). Each op
+A rule's shaped layout is a short pipeline of these values (see :mod:`quantmap.element_layout`). Each op
 maps a list of tensors to a list of tensors and knows its exact inverse (:meth:`reverse`), so an
 import is the export run backwards and no model needs code of its own (the idea of transformers
 v5's conversion ops with their ``reverse_op``). The values are plain data: ``compile --format json``

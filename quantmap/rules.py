@@ -16,7 +16,7 @@ A rule pairs one Megatron pattern with the Hugging Face pattern(s) it becomes. T
                 by every expert-parallel rank. Export takes the max of the sources, import copies
                 the HF tensor to every source.
 
-Every kind carries a ``layout`` (:mod:`quantmap.layouts`): how a non-scalar tensor lies over
+Every kind carries a ``layout`` (:mod:`quantmap.element_layout`): how a non-scalar tensor lies over
 tensor-parallel ranks and the invertible tensor ops that cut it into the HF names, so that
 per-channel and per-block state go exactly where their rows go; a ``weight`` rule's layout says the
 same of the weight's elements (a fused-experts tensor's stack, interleave and transpose). New kinds
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from quantmap.diagnostics import Location
-from quantmap.layouts import Layout
+from quantmap.element_layout import ElementLayout
 from quantmap.patterns import Pattern
 
 WEIGHT = "weight"
@@ -64,7 +64,7 @@ class Rule:
     # (None for a fan_in whose sources are one name held by every expert-parallel rank).
     expert_capture: int | None = None
     num_experts: int | None = None  # moe_fanout, fan_in: the model's expert count, when known
-    layout: Layout | None = None  # where a non-scalar tensor's elements go (quantmap.layouts)
+    layout: ElementLayout | None = None  # where a non-scalar tensor's elements go (quantmap.element_layout)
     # False for a rule whose HF names another rule of the same mapping resolves back exactly (ModelOpt
     # <= 0.46's shared grouped weight quantizer, under 0.47's per-expert one): forward lookups only.
     reversible: bool = True

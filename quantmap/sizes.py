@@ -1,7 +1,7 @@
 """The spec's size parameters and gating against the shapes a checkpoint really has.
 
 ``num_attention_heads``, ``num_query_groups``, ``head_dim`` and ``hidden_size`` decide where the rows of
-a shaped quantizer tensor go (:mod:`quantmap.layouts`): the QKV cut, and a row-parallel layer's rows.
+a shaped quantizer tensor go (:mod:`quantmap.element_layout`): the QKV cut, and a row-parallel layer's rows.
 A wrong value does not always fail the cut itself: ``num_attention_heads=6, num_query_groups=1`` cuts
 128 QKV rows into 96 + 16 + 16 as readily as the right ``4, 2`` cuts them into 64 + 32 + 32. The
 weights' global shapes do contradict it (Megatron-Core's ``SelfAttention``: ``linear_qkv.weight`` is
@@ -18,7 +18,7 @@ Torch-free: it reads shapes and names only (``quantmap check`` uses it).
 
 from __future__ import annotations
 
-from quantmap.layouts import ROWS
+from quantmap.element_layout import ROWS
 from quantmap.ops import Split
 from quantmap.rules import WEIGHT
 
@@ -49,7 +49,7 @@ def size_contradiction(rules, shapes: dict[str, tuple[int, ...]]) -> str | None:
 
 
 def _cut_by_heads(rule, heads: int, groups: int) -> bool:
-    """Whether the rule's layout starts with the QKV cut these head counts made (:func:`quantmap.layouts.derive`)."""
+    """Whether the rule's layout starts with the QKV cut these head counts made (:func:`quantmap.element_layout.derive`)."""
     ops = rule.layout.ops if rule.layout is not None else None
     return bool(ops) and isinstance(ops[0], Split) and ops[0].units == (heads // groups, 1, 1) and \
         ops[0].groups == groups

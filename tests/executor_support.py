@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import quantmap
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 from quantmap.executor.launch import spawn
 from quantmap.executor.naming import is_expert, to_local
 
@@ -69,7 +69,7 @@ def global_state(form: str, num_layers: int, num_experts: int | None = None, see
     return state
 
 
-def shard(state: dict[str, torch.Tensor], layout: Layout) -> list[dict[str, torch.Tensor]]:
+def shard(state: dict[str, torch.Tensor], layout: ParallelLayout) -> list[dict[str, torch.Tensor]]:
     """Each global rank's local state, as Megatron holds it: its stage's layers renumbered from 0,
     its expert block renumbered from 0, scalars replicated, per-channel column amax split on dim 0."""
     out = []

@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 
 from executor_support import SPECS, global_state, shard
 from quantmap.cli import app
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 from quantmap.io.hf import INDEX
 from quantmap.io.shards import save_shard
 
 SPEC = str(SPECS / "moe_seq.yaml")
-LAYOUT = Layout(pp=2, num_layers=2, num_experts=2)  # two ranks: --nproc 2
+LAYOUT = ParallelLayout(pp=2, num_layers=2, num_experts=2)  # two ranks: --nproc 2
 SHARD = "model-00001-of-00001.safetensors"
 
 

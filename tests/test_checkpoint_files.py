@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor.torch_dist import read_state
+from quantmap.executor.torch_dist_checkpoint import read_state
 from quantmap.io.torch_dist import locate
 
 DATA = Path(__file__).parent / "data" / "dcp"

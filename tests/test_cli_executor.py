@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from executor_support import SPECS, global_state, quantizers, shard
 from quantmap.cli import app
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard, save_shard
 
 SPEC = str(SPECS / "moe_seq.yaml")
-LAYOUT = Layout(pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
+LAYOUT = ParallelLayout(pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
 
 
 def _shard_dir(tmp_path):
@@ -81,7 +81,7 @@ def test_under_torchrun_each_process_is_one_rank_and_the_export_matches_offline(
     import subprocess
     import sys
 
-    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     directory = tmp_path / "megatron"
     for rank, state in enumerate(shard(global_state("seq", 2, 4), layout)):
         save_shard(state, layout, directory, rank=rank)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from executor_support import SPECS, global_state, quantizers, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, Layout, LayoutError, export_offline, import_offline
+from quantmap.executor import ExecutorError, LayoutError, ParallelLayout, export_offline, import_offline
 from quantmap.executor.completeness import missing_names
 from quantmap.executor.launch import export_shards
 from quantmap.io.shards import save_shard
@@ -28,7 +28,7 @@ def _hf(tmp_path: Path, form: str, layers: int, experts: int | None = None) -> t
     """A real HF checkpoint exported from a complete model, and its tensors."""
     out = tmp_path / f"hf-{form}-{layers}"
     result = export_offline(rules_for(form, experts), [global_state(form, layers, experts)],
-                            Layout(num_layers=layers, num_experts=experts), out=out)
+                            ParallelLayout(num_layers=layers, num_experts=experts), out=out)
     return out, result.state_dict()
 
 
@@ -51,7 +51,7 @@ def _amax_names(names) -> list[str]:
 def test_import_reports_every_name_of_a_layer_removed_from_the_index_and_strict_refuses(tmp_path, pp):
     hf, _ = _hf(tmp_path, "seq", 4, 4)
     gone = _drop(hf, lambda name: name.startswith("model.layers.1."))
-    layout = Layout(pp=pp, dp=2, ep=2, num_layers=4, num_experts=4)
+    layout = ParallelLayout(pp=pp, dp=2, ep=2, num_layers=4, num_experts=4)
     report = import_offline(rules_for("seq"), hf, layout, tmp_path / "loose")
     assert report.missing == _amax_names(gone) and report.problems == len(report.missing)
     with pytest.raises(ExecutorError, match=rf"{len(report.missing)} HF name\(s\) the layout's ranks need but the "
@@ -65,7 +65,7 @@ def test_import_reports_an_expert_removed_entirely(tmp_path, form):
     hf, _ = _hf(tmp_path, form, 2, 4)
     gone = _drop(hf, lambda name: ".experts.3." in name)
     assert gone
-    report = import_offline(rules_for(form, 4), hf, Layout(dp=2, ep=2, num_layers=2, num_experts=4), tmp_path / "mg")
+    report = import_offline(rules_for(form, 4), hf, ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4), tmp_path / "mg")
     assert report.missing == _amax_names(gone)
 
 
@@ -74,7 +74,7 @@ def test_import_of_an_empty_weight_map_is_refused_and_writes_nothing(tmp_path):
     _drop(hf, lambda name: True)
     with pytest.raises(ExecutorError, match=r"the checkpoint holds no quantizer tensor that the spec claims .*"
                                             r"nothing to import"):
-        import_offline(rules_for("dense"), hf, Layout(num_layers=2), tmp_path / "mg")
+        import_offline(rules_for("dense"), hf, ParallelLayout(num_layers=2), tmp_path / "mg")
     assert not (tmp_path / "mg").exists()
 
 
@@ -82,14 +82,14 @@ def test_a_two_layer_checkpoint_imported_into_a_four_layer_layout_reports_layers
     small, _ = _hf(tmp_path, "seq", 2, 4)
     _, full = _hf(tmp_path, "seq", 4, 4)
     expected = _amax_names(n for n in full if n.startswith(("model.layers.2.", "model.layers.3.")))
-    report = import_offline(rules_for("seq"), small, Layout(pp=2, num_layers=4, num_experts=4), tmp_path / "mg")
+    report = import_offline(rules_for("seq"), small, ParallelLayout(pp=2, num_layers=4, num_experts=4), tmp_path / "mg")
     assert report.missing == expected
 
 
 def _import_dropping_layer_one(tmp: str, strict: bool):
     from quantmap.executor import Placement, import_
 
-    layout = Layout(pp=2, num_layers=4, num_experts=4)
+    layout = ParallelLayout(pp=2, num_layers=4, num_experts=4)
     return import_(rules_for("seq"), Path(tmp) / "hf-seq-4", Placement.from_world(layout), Path(tmp) / f"mg-{strict}",
                    strict=strict)
 
@@ -113,9 +113,9 @@ def test_a_complete_import_reports_nothing_missing_even_with_dense_and_moe_layer
     mixed = {name: value for name, value in moe.items() if not name.startswith("decoder.layers.0.mlp.")}
     mixed.update((name, value) for name, value in dense.items()
                  if name.startswith("decoder.layers.0.mlp.") and "q_up" not in name)
-    assert missing_names(quantizers(mixed), Layout(num_layers=3, num_experts=4)) == []
+    assert missing_names(quantizers(mixed), ParallelLayout(num_layers=3, num_experts=4)) == []
     partial = {name: value for name, value in mixed.items() if ".local_experts.1." not in name}
-    assert missing_names(quantizers(partial), Layout(num_layers=3, num_experts=4)) == sorted(
+    assert missing_names(quantizers(partial), ParallelLayout(num_layers=3, num_experts=4)) == sorted(
         set(quantizers(mixed)) - set(partial))
 
 
@@ -125,7 +125,7 @@ def test_whatever_is_removed_from_layers_after_a_complete_first_one_is_exactly_w
     """The law behind both directions: with one complete layer left, the missing set is the removed set."""
     form = data.draw(st.sampled_from(["dense", "seq"]))
     full = sorted(quantizers(global_state(form, 4, 4 if form == "seq" else None)))
-    layout = Layout(num_layers=4, num_experts=4 if form == "seq" else None)
+    layout = ParallelLayout(num_layers=4, num_experts=4 if form == "seq" else None)
     later = [name for name in full if not name.startswith("decoder.layers.0.")]
     whole_layers = data.draw(st.sets(st.sampled_from([1, 2, 3])))
     removed = {name for name in later if any(name.startswith(f"decoder.layers.{layer}.") for layer in whole_layers)}
@@ -134,7 +134,7 @@ def test_whatever_is_removed_from_layers_after_a_complete_first_one_is_exactly_w
 
 
 # -- export (item 2) ----------------------------------------------------------------------------------------
-def _shards(tmp_path: Path, form: str, layout: Layout, edit=None) -> Path:
+def _shards(tmp_path: Path, form: str, layout: ParallelLayout, edit=None) -> Path:
     """A real shard directory (``save_shard`` per rank) of a complete model, after ``edit(rank, state)``."""
     directory = tmp_path / "shards"
     for rank, state in enumerate(shard(global_state(form, layout.num_layers, layout.num_experts), layout)):
@@ -151,7 +151,7 @@ def _export(directory: Path, out: Path, form: str = "dense", experts: int | None
 
 
 def test_an_empty_pipeline_stage_file_is_refused_and_reported_under_allow_partial(tmp_path):
-    layout = Layout(pp=2, num_layers=4)
+    layout = ParallelLayout(pp=2, num_layers=4)
     directory = _shards(tmp_path, "dense", layout, lambda rank, state: state.clear() if rank == 1 else None)
     stage_one = _amax_names(n for n in global_state("dense", 4) if n.startswith(("decoder.layers.2.", "decoder.layers.3.")))
     with pytest.raises(ExecutorError, match=rf"the shards lack {len(stage_one)} quantizer tensor\(s\) that the layout "
@@ -167,7 +167,7 @@ def test_an_empty_pipeline_stage_file_is_refused_and_reported_under_allow_partia
 
 @pytest.mark.parametrize("form", ["seq", "grouped"])
 def test_every_ep_rank_lacking_the_same_local_expert_is_refused(tmp_path, form):
-    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
 
     def drop_local_expert_zero(rank, state):
         for name in [n for n in state if ".local_experts.0." in n or n.endswith("weight0")]:
@@ -184,7 +184,7 @@ def test_every_ep_rank_lacking_the_same_local_expert_is_refused(tmp_path, form):
 
 
 def test_a_pipeline_stage_missing_some_of_its_tensors_is_refused(tmp_path):
-    layout = Layout(pp=2, num_layers=4)
+    layout = ParallelLayout(pp=2, num_layers=4)
     name = "decoder.layers.1.self_attention.linear_proj.input_quantizer._amax"  # stage 1's local layer 1
 
     directory = _shards(tmp_path, "dense", layout, lambda rank, state: state.pop(name) if rank == 1 else None)
@@ -197,7 +197,7 @@ def _export_an_empty_stage(directory: str, out: str, allow_partial: bool):
     from quantmap.executor import Placement, export
     from quantmap.io.shards import LazyShard, rank_file
 
-    placement = Placement.from_world(Layout.read(directory))
+    placement = Placement.from_world(ParallelLayout.read(directory))
     result = export(rules_for("dense"), LazyShard(rank_file(directory, placement.coords.rank)), placement, out=out,
                     allow_partial=allow_partial)
     return result.report.missing, result.calls
@@ -205,7 +205,7 @@ def _export_an_empty_stage(directory: str, out: str, allow_partial: bool):
 
 @pytest.mark.slow
 def test_a_distributed_export_with_an_empty_stage_fails_on_every_rank_or_reports_it(tmp_path):
-    directory = _shards(tmp_path, "dense", Layout(pp=2, num_layers=4),
+    directory = _shards(tmp_path, "dense", ParallelLayout(pp=2, num_layers=4),
                         lambda rank, state: state.clear() if rank == 1 else None)
     outcomes = run_ranks(2, _export_an_empty_stage, str(directory), str(tmp_path / "hf"), False)
     assert [o[0] for o in outcomes] == ["error", "error"] and outcomes[0][1] == outcomes[1][1]
@@ -216,7 +216,7 @@ def test_a_distributed_export_with_an_empty_stage_fails_on_every_rank_or_reports
 
 
 def test_extra_rank_files_beyond_the_layout_are_refused_before_any_work(tmp_path):
-    layout = Layout(tp=2, num_layers=2)
+    layout = ParallelLayout(tp=2, num_layers=2)
     directory = _shards(tmp_path, "dense", layout)
     save_file({"x": torch.ones(1)}, str(directory / "rank_00002.safetensors"))
     with pytest.raises(LayoutError, match=r"holds 1 rank file\(s\) beyond the layout's 2 rank\(s\) \(tp\*cp\*dp\*pp = "
@@ -226,7 +226,7 @@ def test_extra_rank_files_beyond_the_layout_are_refused_before_any_work(tmp_path
 
 @pytest.mark.slow
 def test_a_layout_far_bigger_than_the_rank_files_fails_at_once_through_the_cli(tmp_path):
-    directory = _shards(tmp_path, "dense", Layout(num_layers=2))
+    directory = _shards(tmp_path, "dense", ParallelLayout(num_layers=2))
     # Within quantmap's bound on world sizes (a larger one is refused as such: tests/test_adversarial.py).
     (directory / "layout.json").write_text(json.dumps({"tp": 1, "pp": 1, "dp": 100000, "num_layers": 2}))
     done = subprocess.run([sys.executable, "-m", "quantmap", "export", str(SPECS / "dense_mla.yaml"), "--megatron",
@@ -239,7 +239,7 @@ def test_a_layout_far_bigger_than_the_rank_files_fails_at_once_through_the_cli(t
 
 @pytest.mark.slow
 def test_the_cli_refuses_an_incomplete_export_and_allow_partial_reports_it(tmp_path):
-    layout = Layout(pp=2, num_layers=4)
+    layout = ParallelLayout(pp=2, num_layers=4)
     directory = _shards(tmp_path, "dense", layout, lambda rank, state: state.clear() if rank == 1 else None)
     command = [sys.executable, "-m", "quantmap", "export", str(SPECS / "dense_mla.yaml"), "--megatron", str(directory)]
     refused = subprocess.run(command + ["--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=120)

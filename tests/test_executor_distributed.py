@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
-from quantmap.executor import Layout, export_offline
+from quantmap.executor import ParallelLayout, export_offline
 from quantmap.io.hf import Checkpoint
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
@@ -26,8 +26,8 @@ SCENARIOS = {
 }
 
 
-def _layout(form: str, sizes: dict) -> Layout:
-    return Layout(num_layers=NUM_LAYERS, num_experts=None if form == "dense" else NUM_EXPERTS, **sizes)
+def _layout(form: str, sizes: dict) -> ParallelLayout:
+    return ParallelLayout(num_layers=NUM_LAYERS, num_experts=None if form == "dense" else NUM_EXPERTS, **sizes)
 
 
 def _run_world(scenarios, tmp: str) -> dict:
@@ -35,6 +35,7 @@ def _run_world(scenarios, tmp: str) -> dict:
     import torch.distributed as dist
 
     from quantmap.executor import Placement, export, import_
+    from quantmap.executor.placement import device_meshes
     from quantmap.io.shards import LazyShard, rank_file
 
     rank = dist.get_rank()
@@ -43,8 +44,8 @@ def _run_world(scenarios, tmp: str) -> dict:
         layout = _layout(form, sizes)
         rules = rules_for(form, layout.num_experts)
         state = shard(global_state(form, NUM_LAYERS, layout.num_experts), layout)[rank]
-        placement = Placement.from_world(layout)
-        dense, expert = placement.meshes
+        dense, expert = device_meshes(layout)
+        placement = Placement.from_meshes(layout, dense, expert)
         given = Placement.from_groups(layout, **{dim: dense[dim].get_group() for dim in ("tp", "cp", "dp", "pp")},
                                       **{dim: expert[dim].get_group() for dim in ("etp", "ep", "edp")})
         base = Path(tmp) / f"{label}-{form}"
@@ -80,7 +81,7 @@ def test_distributed_export_equals_single_process_export_of_the_unsharded_state(
     for label, form, sizes in SCENARIOS[size]:
         layout = _layout(form, sizes)
         expected = export_offline(rules_for(form, layout.num_experts), [global_state(form, NUM_LAYERS, layout.num_experts)],
-                                  Layout(num_layers=NUM_LAYERS, num_experts=layout.num_experts)).state_dict()
+                                  ParallelLayout(num_layers=NUM_LAYERS, num_experts=layout.num_experts)).state_dict()
         _assert_same(results[0][(label, form)]["exported"], expected, f"{label} {form} in memory")
         files = Checkpoint(tmp / f"{label}-{form}" / "hf")
         assert len({files.weight_map[n] for n in files.names()}) > 1, "shard_size=256 must give several shards"

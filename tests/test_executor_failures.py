@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 
 LAYOUT = dict(tp=2, num_layers=2)
 
@@ -58,20 +58,20 @@ def _run_failures(tmp: str) -> dict:
     (Path(tmp) / "a-file").write_text("not a directory")
     out = {}
     for case in CASES:
-        layout = Layout(**LAYOUT)
+        layout = ParallelLayout(**LAYOUT)
         state = shard(global_state("dense", 2), layout)[rank]
         state, target = _case(case, state, rank, Path(tmp))
         if case == "unwritable":
             target = Path(tmp) / "a-file" / "hf"
         try:
             if case == "layout":
-                layout = Layout(tp=2, pp=2, num_layers=2)  # needs 4 ranks
+                layout = ParallelLayout(tp=2, pp=2, num_layers=2)  # needs 4 ranks
             export(rules, state, Placement.from_world(layout), out=target)
             out[case] = "no error"
         except Exception as error:  # noqa: BLE001 - the error is what is checked
             out[case] = f"{type(error).__name__}: {error}"
-    out["after"] = export(rules, shard(global_state("dense", 2), Layout(**LAYOUT))[rank],
-                          Placement.from_world(Layout(**LAYOUT))).calls
+    out["after"] = export(rules, shard(global_state("dense", 2), ParallelLayout(**LAYOUT))[rank],
+                          Placement.from_world(ParallelLayout(**LAYOUT))).calls
     return out
 
 
@@ -111,7 +111,7 @@ def test_the_group_stays_usable_after_a_failed_export(failures):
 def test_an_expert_rank_short_of_one_expert_is_named_in_the_error(tmp_path):
     from quantmap.executor import ExecutorError, export_offline
 
-    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     ranks = shard(global_state("seq", 2, 4), layout)
     del ranks[1]["decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.input_quantizer._amax"]
     with pytest.raises(ExecutorError) as raised:
@@ -128,7 +128,7 @@ def _die_on_rank_1(tmp: str):
 
     from quantmap.executor import Placement, export
 
-    layout = Layout(**LAYOUT)
+    layout = ParallelLayout(**LAYOUT)
     state = shard(global_state("dense", 2), layout)[dist.get_rank()]
     if dist.get_rank() == 1:
         os._exit(3)
@@ -158,7 +158,7 @@ def _killed_between_staging_and_marker(tmp: str):
     from quantmap.executor import Placement, export
     from quantmap.io import staging
 
-    layout = Layout(**LAYOUT)
+    layout = ParallelLayout(**LAYOUT)
     state = shard(global_state("dense", 2), layout)[dist.get_rank()]
     if dist.get_rank() == 0:  # the writer dies after making its staging directory, before marking it
         staging.json = types.SimpleNamespace(dumps=lambda owner: os.kill(os.getpid(), signal.SIGKILL))

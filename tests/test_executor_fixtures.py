@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import Layout, export_offline, import_offline
+from quantmap.executor import ParallelLayout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 DATA = Path(__file__).parent / "data" / "megatron"
@@ -29,8 +29,8 @@ def _shards(stem: str) -> list[LazyShard]:
     return [LazyShard(DATA / f"{stem}_tp2pp1ep1_rank{rank}.safetensors") for rank in range(2)]
 
 
-def _layout(stem: str, tp: int) -> Layout:
-    return Layout(tp=tp, num_layers=2, num_experts=4 if "moeseq" in stem else None)
+def _layout(stem: str, tp: int) -> ParallelLayout:
+    return ParallelLayout(tp=tp, num_layers=2, num_experts=4 if "moeseq" in stem else None)
 
 
 @pytest.mark.parametrize("stem", FP8)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from executor_support import global_state, quantizers, rules_for, shard
-from quantmap.executor import Layout, export_offline, import_offline
+from quantmap.executor import ParallelLayout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 
@@ -25,7 +25,7 @@ def layouts(draw):
     num_layers = draw(st.sampled_from([2, 4])) if stages is None else 3
     layers_per_stage = [2, 1] if stages else None
     experts = None if form == "dense" else ep * draw(st.sampled_from([1, 2]))
-    layout = Layout(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, num_layers=num_layers, num_experts=experts,
+    layout = ParallelLayout(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, num_layers=num_layers, num_experts=experts,
                     layers_per_stage=layers_per_stage)
     return form, layout, draw(st.integers(0, 2**16))
 
@@ -36,7 +36,7 @@ def test_export_does_not_depend_on_the_layout_and_import_inverts_it(case):
     form, layout, seed = case
     rules = rules_for(form, layout.num_experts)
     state = global_state(form, layout.num_layers, layout.num_experts, seed=seed)
-    expected = export_offline(rules, [state], Layout(num_layers=layout.num_layers, num_experts=layout.num_experts))
+    expected = export_offline(rules, [state], ParallelLayout(num_layers=layout.num_layers, num_experts=layout.num_experts))
     ranks = shard(state, layout)
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_offline(rules, ranks, layout, out=Path(tmp) / "hf", shard_size=512)
@@ -55,7 +55,7 @@ def test_export_does_not_depend_on_the_layout_and_import_inverts_it(case):
 @settings(max_examples=20, deadline=None)
 @given(values=st.lists(st.sampled_from([0.5, 1.25, 3.0, 7.75]), min_size=2, max_size=2))
 def test_tensor_parallel_copies_combine_by_max_and_disagreement_is_reported(values):
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     rules = rules_for("dense")
     ranks = shard(global_state("dense", 1), layout)
     name = "decoder.layers.0.self_attention.linear_proj.input_quantizer._amax"
@@ -68,10 +68,10 @@ def test_tensor_parallel_copies_combine_by_max_and_disagreement_is_reported(valu
 
 
 def test_import_fans_in_by_max_and_reports_parts_that_disagree(tmp_path):
-    layout = Layout(dp=2, ep=2, num_layers=1, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=1, num_experts=4)
     rules = rules_for("grouped", 4)
     state = global_state("grouped", 1, 4)
-    export_offline(rules, [state], Layout(num_layers=1, num_experts=4), out=tmp_path / "hf")
+    export_offline(rules, [state], ParallelLayout(num_layers=1, num_experts=4), out=tmp_path / "hf")
     from safetensors.torch import load_file, save_file
     shard_file = next((tmp_path / "hf").glob("model-*.safetensors"))
     tensors = load_file(shard_file)
@@ -88,10 +88,10 @@ def test_import_fans_in_by_max_and_reports_parts_that_disagree(tmp_path):
 def test_import_state_builds_one_ranks_local_state_for_load_state_dict(tmp_path):
     from quantmap.executor import Placement, import_state
 
-    layout = Layout(tp=2, pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
+    layout = ParallelLayout(tp=2, pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
     rules = rules_for("seq")
     state = global_state("seq", 4, 4)
-    export_offline(rules, [state], Layout(num_layers=4, num_experts=4), out=tmp_path / "hf")
+    export_offline(rules, [state], ParallelLayout(num_layers=4, num_experts=4), out=tmp_path / "hf")
     ranks = shard(state, layout)
     for rank in (0, 7):
         local, report = import_state(rules, tmp_path / "hf", Placement.offline(layout, rank))
@@ -103,7 +103,7 @@ def test_an_input_side_tensor_of_a_column_parallel_layer_is_whole_on_every_rank_
     """``_pre_quant_scale`` is whole on every column-parallel rank (AWQ searches it per rank):
     concatenating it like the weight amax would write a wrong tensor; it is exported once, as the max
     of the copies, and their disagreement is reported."""
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     ranks = shard(global_state("dense", 1), layout)
     name = "decoder.layers.0.self_attention.linear_q_up_proj.input_quantizer._pre_quant_scale"
     copies = [torch.rand(16) + rank for rank in range(2)]

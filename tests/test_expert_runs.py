@@ -12,15 +12,15 @@ import torch
 
 import quantmap
 from executor_support import global_state, rules_for, shard, values_of_every_rank
-from quantmap.executor import ExecutorError, Layout
+from quantmap.executor import ExecutorError, ParallelLayout
 from quantmap.executor import expert_runs
 from quantmap.executor.export import export_offline
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.executor.pack import pack
 from quantmap.io.hf import INDEX
 
-LAYOUTS = [Layout(ep=2, dp=2, num_layers=2, num_experts=4), Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4),
-           Layout(pp=2, ep=2, dp=2, num_layers=2, num_experts=8)]
+LAYOUTS = [ParallelLayout(ep=2, dp=2, num_layers=2, num_experts=4), ParallelLayout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4),
+           ParallelLayout(pp=2, ep=2, dp=2, num_layers=2, num_experts=8)]
 
 
 def _files(directory) -> dict[str, bytes]:
@@ -49,15 +49,15 @@ def test_an_export_with_runs_writes_the_bytes_of_one_without(form, layout, tmp_p
 def test_the_files_do_not_depend_on_the_layout_nor_on_runs(form, tmp_path):
     """One expert per rank folds nothing, two or four per rank fold: the files are the same bytes."""
     state = global_state(form, 2, 4)
-    for label, layout in [("one", Layout(num_layers=2, num_experts=4)),
-                          ("ep2", Layout(dp=2, ep=2, num_layers=2, num_experts=4)),
-                          ("ep4", Layout(dp=4, ep=4, num_layers=2, num_experts=4))]:
+    for label, layout in [("one", ParallelLayout(num_layers=2, num_experts=4)),
+                          ("ep2", ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)),
+                          ("ep4", ParallelLayout(dp=4, ep=4, num_layers=2, num_experts=4))]:
         export_offline(rules_for(form, num_experts=4), shard(state, layout), layout, out=tmp_path / label)
     assert _files(tmp_path / "one") == _files(tmp_path / "ep2") == _files(tmp_path / "ep4")
 
 
-def _tp2() -> tuple[Layout, list[dict]]:
-    layout = Layout(tp=2, num_layers=1, num_experts=4)
+def _tp2() -> tuple[ParallelLayout, list[dict]]:
+    layout = ParallelLayout(tp=2, num_layers=1, num_experts=4)
     return layout, shard(global_state("seq", 1, 4), layout)
 
 
@@ -107,7 +107,7 @@ def test_a_run_is_folded_only_where_the_index_proves_one_template(case, tmp_path
     spec = tmp_path / f"{case}.yaml"
     spec.write_text(f"name: {case}\nparams: {{shift: 100}}\nmappings:\n{mappings}")
     rules = quantmap.compile(str(spec))
-    layout = Layout(num_layers=2, num_experts=4)
+    layout = ParallelLayout(num_layers=2, num_experts=4)
     states = shard(global_state("seq", 2, 4), layout)
     folded = {run.megatron[1] for run in pack(rules, states[0], Placement.offline(layout, 0)).meta["runs"].values()}
     fc1 = {".linear_fc1.weight_quantizer._amax", ".linear_fc1.input_quantizer._amax"}
@@ -128,7 +128,7 @@ def _export_on_ranks(tmp: str):
 
     from quantmap.executor import Placement as P, export
 
-    layout = Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
     state = shard(global_state("seq", 2, 4), layout)[dist.get_rank()]
     done = export(rules_for("seq"), state, P.from_world(layout), out=f"{tmp}/hf")
     return done.is_writer
@@ -136,7 +136,7 @@ def _export_on_ranks(tmp: str):
 
 @pytest.mark.slow
 def test_a_distributed_export_with_runs_writes_the_offline_bytes(tmp_path):
-    layout = Layout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(tp=2, dp=2, ep=2, num_layers=2, num_experts=4)
     values_of_every_rank(4, _export_on_ranks, str(tmp_path))
     states = shard(global_state("seq", 2, 4), layout)
     export_offline(rules_for("seq"), states, layout, out=tmp_path / "offline")
@@ -147,7 +147,7 @@ def test_a_distributed_export_with_runs_writes_the_offline_bytes(tmp_path):
 def test_a_layer_whose_experts_lost_a_quantizer_is_found_missing_expert_by_expert():
     """The completeness check counts a run as its experts: a layer without the runs the others have
     is missing each of its experts' names."""
-    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     states = shard(global_state("seq", 2, 4), layout)
     for state in states:  # layer 1's fc2 input quantizers, on both EP ranks
         for name in [n for n in state if "layers.1." in n and "linear_fc2.input_quantizer" in n]:

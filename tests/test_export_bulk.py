@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from executor_support import global_state, rules_for, shard
-from quantmap.executor import Layout, export_offline
+from quantmap.executor import ParallelLayout, export_offline
 from quantmap.io.safetensors_stream import each_record
 
 
 def test_bulk_scalar_data_equals_record_by_record_data_and_reports_disagreements_once():
-    layout = Layout(tp=2, num_layers=2)
+    layout = ParallelLayout(tp=2, num_layers=2)
     ranks = shard(global_state("dense", 2), layout)
     ranks[1]["decoder.layers.0.self_attention.linear_proj.input_quantizer._amax"] = torch.tensor(99.0)
     ranks[0]["decoder.layers.1.self_attention.linear_qkv.input_quantizer._amax"] = torch.tensor(0.125)

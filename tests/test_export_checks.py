@@ -12,14 +12,14 @@ import torch
 
 import quantmap
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, Layout, export_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline
 from quantmap.io.shards import LazyShard
 
 
 def test_a_layout_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path):
-    real = Layout(pp=2, num_layers=4)
+    real = ParallelLayout(pp=2, num_layers=4)
     ranks = shard(global_state("dense", 4), real)
-    claimed = Layout(pp=2, num_layers=8)  # would renumber stage 1's layers 0-1 as 4-5
+    claimed = ParallelLayout(pp=2, num_layers=8)  # would renumber stage 1's layers 0-1 as 4-5
     with pytest.raises(ExecutorError, match=r"rank 1 holds local layers 0\.\.1 but the layout puts 4 layer\(s\) "
                                             r"on pipeline stage 1; check num_layers"):
         export_offline(rules_for("dense"), ranks, claimed, out=tmp_path / "hf")
@@ -28,9 +28,9 @@ def test_a_layout_claiming_more_layers_than_the_shards_hold_is_refused(tmp_path)
 
 @pytest.mark.parametrize("form", ["seq", "grouped"])
 def test_a_layout_claiming_more_experts_than_the_shards_hold_is_refused(tmp_path, form):
-    real = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    real = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     ranks = shard(global_state(form, 2, 4), real)
-    claimed = Layout(dp=2, ep=2, num_layers=2, num_experts=8)  # would give experts 2-3 to rank 1's block
+    claimed = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=8)  # would give experts 2-3 to rank 1's block
     with pytest.raises(ExecutorError, match=r"holds local experts 0\.\.1 but the layout gives each of its ep=2 "
                                             r"ranks 4; check num_experts"):
         export_offline(rules_for(form, 8), ranks, claimed, out=tmp_path / "hf")
@@ -44,7 +44,7 @@ def test_an_expert_tensor_without_an_expert_index_on_every_ep_rank_is_refused(tm
         mappings:
           - {megatron: decoder.layers.*.mlp.experts.scale.weight, hf: model.layers.*.mlp.experts.scale.weight}
         """))
-    layout = Layout(dp=2, ep=2, num_layers=1, num_experts=2)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=1, num_experts=2)
     name = "decoder.layers.0.mlp.experts.scale.input_quantizer._amax"
     ranks = [{name: torch.tensor(1.0)}, {name: torch.tensor(2.0)}]  # one copy per EP rank: which is right?
     with pytest.raises(ExecutorError, match=r"held by several ranks of one tensor-parallel position"):
@@ -59,7 +59,7 @@ def _export_with_a_transfer_failure(out: str):
     from quantmap.executor import Placement, export
     from quantmap.executor.comm import Comm
 
-    layout = Layout(tp=2, num_layers=2)
+    layout = ParallelLayout(tp=2, num_layers=2)
     placement = Placement.from_world(layout)
     state = shard(global_state("dense", 2), layout)[placement.coords.rank]
     if dist.get_rank() == 1:
@@ -78,7 +78,7 @@ def test_a_rank_failing_after_the_go_ahead_leaves_no_staging_directory(tmp_path)
 
 
 def test_a_disagreement_is_reported_once_however_often_the_tensors_are_built(tmp_path):
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     ranks = shard(global_state("dense", 1), layout)
     ranks[1]["decoder.layers.0.self_attention.linear_proj.input_quantizer._amax"] = torch.tensor(99.0)
     result = export_offline(rules_for("dense"), ranks, layout, out=tmp_path / "hf")
@@ -93,7 +93,7 @@ def test_a_fan_in_disagreement_names_the_source_that_differs_and_its_value():
     input amax agree, so one expert is raised to 5 on both TP ranks. The report names that expert and
     shows 5 next to the others' value, not the first four copies (experts 0 and 1, all equal)."""
     data = Path(__file__).parent / "data" / "megatron"
-    layout = Layout(tp=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(tp=2, num_layers=2, num_experts=4)
     ranks = [dict(LazyShard(data / f"state_fp8_default_kv_moeseq_tp2pp1ep1_rank{r}.safetensors").items())
              for r in range(2)]
     source = "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.input_quantizer._amax"

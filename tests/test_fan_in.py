@@ -16,7 +16,7 @@ import torch
 
 from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
 import quantmap
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.executor.naming import is_expert, to_global
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard, rank_file
@@ -36,11 +36,11 @@ SCENARIOS = {
 
 
 
-def layout_of(sizes: dict) -> Layout:
-    return Layout(num_layers=NUM_LAYERS, num_experts=NUM_EXPERTS, **sizes)
+def layout_of(sizes: dict) -> ParallelLayout:
+    return ParallelLayout(num_layers=NUM_LAYERS, num_experts=NUM_EXPERTS, **sizes)
 
 
-def rank_states(form: str, layout: Layout) -> list[dict]:
+def rank_states(form: str, layout: ParallelLayout) -> list[dict]:
     """Every rank's local state; a grouped block's shared input quantizer is calibrated per EP rank."""
     states = shard(global_state(form, NUM_LAYERS, NUM_EXPERTS), layout)
     for rank, state in enumerate(states):
@@ -51,7 +51,7 @@ def rank_states(form: str, layout: Layout) -> list[dict]:
     return states
 
 
-def expected_fan_ins(form: str, layout: Layout) -> dict[str, torch.Tensor]:
+def expected_fan_ins(form: str, layout: ParallelLayout) -> dict[str, torch.Tensor]:
     """The HF in-memory input quantizers: the max over their Megatron sources, computed here by hand."""
     state = global_state(form, NUM_LAYERS, NUM_EXPERTS)
     out = {}
@@ -190,7 +190,7 @@ def test_a_fan_in_short_of_an_expert_is_an_error_not_a_max_of_fewer_sources(tmp_
 def test_a_per_channel_expert_weight_quantizer_lands_as_gate_then_up_in_the_fused_in_memory_tensor(tmp_path):
     """transformers v5 concatenates an expert's gate and up into gate_up_proj, so its per-channel weight
     amax is [gate; up]; Megatron's TP rank r holds [gate_r; up_r] (kind: gated_mlp, hf_parts: [gate, up])."""
-    layout = Layout(tp=2, num_layers=1, num_experts=2, ep=1, etp=2)
+    layout = ParallelLayout(tp=2, num_layers=1, num_experts=2, ep=1, etp=2)
     g = torch.Generator().manual_seed(3)
     full = {e: (torch.rand(6, 1, generator=g), torch.rand(6, 1, generator=g)) for e in range(2)}  # (gate, up)
     states = [{} for _ in range(layout.world_size)]
@@ -229,7 +229,7 @@ def _gpt_oss_expert_state(experts: int, shaped: str) -> dict[str, torch.Tensor]:
 def test_a_shaped_gpt_oss_expert_weight_quantizer_is_refused_naming_it_and_the_shared_hf_quantizer(tmp_path):
     """gpt-oss's experts share one HF weight quantizer per projection: per-channel amax of several experts has no
     place in it, whatever the declared element layout of the expert tensors."""
-    layout = Layout(num_layers=1, num_experts=2)
+    layout = ParallelLayout(num_layers=1, num_experts=2)
     shaped = "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight_quantizer._amax"
     with pytest.raises(ExecutorError, match=r"local_experts\.1\.linear_fc1\.weight_quantizer\._amax has shape \[8, 1\]"
                                             r".*gate_up_proj_weight_quantizer\._amax"):
@@ -249,7 +249,7 @@ def test_a_shaped_per_expert_quantizer_of_a_transposed_interleaved_hf_tensor_is_
         "     hf_parts: [gate, up], hf_layout: [interleaved, transposed], parallel: column}\n"
         "  - {megatron: decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight,\n"
         "     hf: model.layers.*.mlp.experts.down_proj, fused_experts: per-expert, parallel: row}\n")
-    layout = Layout(num_layers=1, num_experts=2)
+    layout = ParallelLayout(num_layers=1, num_experts=2)
     shaped = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight_quantizer._amax"
     with pytest.raises(ExecutorError, match=r"local_experts\.0\.linear_fc1\.weight_quantizer\._amax has shape \[8, 1\]"
                                             r".*declared interleaved and transposed"):

@@ -19,7 +19,7 @@ import torch
 
 import quantmap
 from quantmap.diagnostics import SpecError
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 from quantmap.model_names import HF, MEGATRON, ModelSize, model_names
 
@@ -94,7 +94,7 @@ def test_in_proj_scalars_export_to_the_quantized_parts_and_import_back_on_every_
     prefix = "decoder.layers.0.self_attention.in_proj."
     ranks = [{prefix + "weight_quantizer._amax": torch.tensor(2.5), prefix + "input_quantizer._amax": torch.tensor(1.5),
               prefix + "input_quantizer._pre_quant_scale": torch.linspace(0.5, 2.0, 32)} for _ in range(2)]
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     exported = export_offline(rules, ranks, layout, out=tmp_path / "hf")
     state = exported.state_dict()
     assert sorted(state) == sorted(f"model.layers.0.linear_attn.in_proj_{part}.{buffer}" for part in ("qkv", "z")
@@ -113,7 +113,7 @@ def test_a_per_channel_in_proj_weight_amax_is_refused_naming_the_parts_no_hf_ten
     """Its rows cover b and a too, which HF keeps unquantized: no import could rebuild them, so no export."""
     state = {"decoder.layers.0.self_attention.in_proj.weight_quantizer._amax": torch.ones(40, 1)}
     with pytest.raises(ExecutorError) as raised:
-        export_offline(_rules("qwen3_5"), [state], Layout(num_layers=1), out=tmp_path / "hf")
+        export_offline(_rules("qwen3_5"), [state], ParallelLayout(num_layers=1), out=tmp_path / "hf")
     message = str(raised.value)
     assert "in_proj.weight_quantizer._amax has shape [40, 1]" in message and "Nothing was written" in message
     assert "only the parts ['qkv', 'z'] of the group ['qkv', 'z', 'b', 'a'] carry quantizers" in message

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import quantmap
 from executor_support import global_state, rules_for, run_ranks
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.executor.naming import to_local
 from quantmap.io.shards import LazyShard, rank_file
 
@@ -25,10 +25,10 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_layers_beyond_the_layout_are_reported_and_refused_under_strict(tmp_path):
     rules = rules_for("grouped", 4)
-    exported = export_offline(rules, [global_state("grouped", 4, 4)], Layout(num_layers=4, num_experts=4),
+    exported = export_offline(rules, [global_state("grouped", 4, 4)], ParallelLayout(num_layers=4, num_experts=4),
                               out=tmp_path / "hf")
     beyond = sorted(n for n in exported.state_dict() if n.startswith(("model.layers.2.", "model.layers.3.")))
-    small = Layout(num_layers=2, num_experts=4)
+    small = ParallelLayout(num_layers=2, num_experts=4)
     with pytest.raises(ExecutorError) as raised:
         import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", strict=True)
     message = str(raised.value)
@@ -42,11 +42,11 @@ def test_layers_beyond_the_layout_are_reported_and_refused_under_strict(tmp_path
 
 @pytest.mark.parametrize("form", ["seq", "grouped"])
 def test_experts_beyond_the_layout_are_reported_and_refused_under_strict(tmp_path, form):
-    exported = export_offline(rules_for(form, 8), [global_state(form, 2, 8)], Layout(num_layers=2, num_experts=8),
+    exported = export_offline(rules_for(form, 8), [global_state(form, 2, 8)], ParallelLayout(num_layers=2, num_experts=8),
                               out=tmp_path / "hf")
     beyond = sorted(n for n in exported.state_dict() if any(f".experts.{e}." in n for e in range(4, 8)))
     assert beyond
-    rules, small = rules_for(form, 4), Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    rules, small = rules_for(form, 4), ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     with pytest.raises(ExecutorError, match=r"HF name\(s\) no rank of the layout holds .*num_experts in layout\.json"):
         import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", strict=True)
     assert not (tmp_path / "strict").exists()
@@ -55,7 +55,7 @@ def test_experts_beyond_the_layout_are_reported_and_refused_under_strict(tmp_pat
 
 
 def test_names_outside_the_decoder_layers_sit_on_the_stage_megatron_builds_them_on():
-    layout = Layout(pp=3, dp=2, ep=2, num_layers=3, num_experts=4)
+    layout = ParallelLayout(pp=3, dp=2, ep=2, num_layers=3, num_experts=4)
 
     def holders(name: str) -> dict[int, str]:
         held = {c.rank: to_local(name, layout, c) for c in map(layout.coords, range(layout.world_size))}
@@ -81,8 +81,8 @@ def test_mtp_quantizers_are_imported_onto_the_last_stage_only_and_export_back(tm
     mtp = {f"mtp.layers.0.mtp_model_layer.self_attention.linear_proj.{q}_quantizer._amax": torch.tensor(9.0)
            for q in ("weight", "input")}
     state.update(mtp)
-    original = export_offline(rules, [state], Layout(num_layers=2), out=tmp_path / "hf").state_dict()
-    layout = Layout(pp=2, num_layers=2)
+    original = export_offline(rules, [state], ParallelLayout(num_layers=2), out=tmp_path / "hf").state_dict()
+    layout = ParallelLayout(pp=2, num_layers=2)
     import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", strict=True)
     files = [LazyShard(rank_file(tmp_path / "mg", rank)) for rank in range(2)]
     assert not set(mtp) & set(files[0].keys())
@@ -95,7 +95,7 @@ def test_mtp_quantizers_are_imported_onto_the_last_stage_only_and_export_back(tm
 
 def test_the_strict_message_lists_each_kind_of_problem_with_counts_and_examples(tmp_path):
     rules = rules_for("dense")
-    export_offline(rules, [global_state("dense", 2)], Layout(num_layers=2), out=tmp_path / "hf")
+    export_offline(rules, [global_state("dense", 2)], ParallelLayout(num_layers=2), out=tmp_path / "hf")
     index_file = tmp_path / "hf" / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
     shard_name = next(iter(index["weight_map"].values()))
@@ -109,7 +109,7 @@ def test_the_strict_message_lists_each_kind_of_problem_with_counts_and_examples(
     index_file.write_text(json.dumps(index))
     beyond = sorted(n for n in tensors if n.startswith("model.layers.1.") and "_quantizer." in n)
     with pytest.raises(ExecutorError) as raised:
-        import_offline(rules, tmp_path / "hf", Layout(num_layers=1), tmp_path / "mg", strict=True)
+        import_offline(rules, tmp_path / "hf", ParallelLayout(num_layers=1), tmp_path / "mg", strict=True)
     message = str(raised.value)
     assert message.startswith("import refused (--strict): 1 HF name(s) no rule of the spec claims: junk.x; "
                               f"1 HF name(s) the layout's ranks need but the checkpoint lacks: {missing}; "
@@ -122,14 +122,14 @@ def test_an_offline_import_interrupted_after_staging_leaves_nothing(tmp_path, mo
     from quantmap.executor import importer
 
     rules = rules_for("dense")
-    export_offline(rules, [global_state("dense", 2)], Layout(num_layers=2), out=tmp_path / "hf")
+    export_offline(rules, [global_state("dense", 2)], ParallelLayout(num_layers=2), out=tmp_path / "hf")
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(importer, "write_rank", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        import_offline(rules, tmp_path / "hf", Layout(tp=2, num_layers=2), tmp_path / "mg")
+        import_offline(rules, tmp_path / "hf", ParallelLayout(tp=2, num_layers=2), tmp_path / "mg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
@@ -143,12 +143,12 @@ def _import_with_a_lost_peer(tmp: str):
         raise RuntimeError("connection to a peer was lost")
 
     Comm.gather_objects = lost
-    import_(rules_for("dense"), Path(tmp) / "hf", Placement.from_world(Layout(tp=2, num_layers=2)), Path(tmp) / "mg")
+    import_(rules_for("dense"), Path(tmp) / "hf", Placement.from_world(ParallelLayout(tp=2, num_layers=2)), Path(tmp) / "mg")
 
 
 @pytest.mark.slow
 def test_a_distributed_import_failing_after_staging_leaves_nothing(tmp_path):
-    export_offline(rules_for("dense"), [global_state("dense", 2)], Layout(num_layers=2), out=tmp_path / "hf")
+    export_offline(rules_for("dense"), [global_state("dense", 2)], ParallelLayout(num_layers=2), out=tmp_path / "hf")
     outcomes = run_ranks(2, _import_with_a_lost_peer, str(tmp_path))
     assert [o[0] for o in outcomes] == ["error", "error"]
     assert all("connection to a peer was lost" in o[1] for o in outcomes)

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from quantmap.io.names import NamesError, read_names
+from quantmap.io.names import NamesFileError, read_names
 
 
 def write_safetensors(path, names: list[str]) -> None:
@@ -72,7 +72,7 @@ def test_a_directory_without_an_index_reads_every_shard_in_order(tmp_path):
 ])
 def test_unreadable_sources_raise_names_error_naming_the_file(tmp_path, make, message):
     path = make(tmp_path)
-    with pytest.raises(NamesError, match=re.escape(message)) as raised:
+    with pytest.raises(NamesFileError, match=re.escape(message)) as raised:
         read_names(path)
     assert str(path) in str(raised.value)
 

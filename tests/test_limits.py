@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import quantmap
 from quantmap.cli import app
 from quantmap.diagnostics import SpecError
-from quantmap.executor.layout import Layout, LayoutError
+from quantmap.parallel import LayoutError, ParallelLayout
 from quantmap.io.torch_dist import TorchDistError, locate
 from quantmap.io.torch_dist.metadata import METADATA_FILE, load_metadata
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_SPEC_BYTES, MAX_TRACKER_BYTES
@@ -57,7 +57,7 @@ def test_layout_json_with_a_billion_layers_or_experts_is_refused(tmp_path):
         layout = tmp_path / "layout.json"
         layout.write_text(f'{{"tp": 1, "pp": 1, "dp": 1, "num_layers": 4, "{key}": 1000000000}}')
         with pytest.raises(LayoutError, match=f"{key} is 1,000,000,000, over quantmap's limit of {limit:,}"):
-            Layout.read(layout)
+            ParallelLayout.read(layout)
 
 
 def test_a_run_time_parameter_over_its_limit_is_a_spec_error_before_any_rule_is_built():

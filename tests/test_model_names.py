@@ -15,7 +15,7 @@ from test_specs_megatron import _deepseek, _te_llama
 import quantmap
 from quantmap.check import check
 from quantmap.io.names import read_names
-from quantmap.model_names import HF, MEGATRON, ModelSize, NamesError, model_names, unlisted
+from quantmap.model_names import HF, MEGATRON, ModelSize, ModelSizeError, model_names, unlisted
 from quantmap.patterns import parse
 from quantmap.spec.hf_config import ConfigError, layer_kinds_from_config
 
@@ -113,7 +113,7 @@ def test_omit_leaves_out_the_mappings_of_a_form_the_model_does_not_build():
 
 
 def test_an_expert_capture_needs_the_expert_count():
-    with pytest.raises(NamesError, match="--experts"):
+    with pytest.raises(ModelSizeError, match="--experts"):
         model_names(quantmap.compile("mixtral"), HF, ModelSize(2))
 
 
@@ -307,12 +307,12 @@ def test_layer_kinds_a_config_json_cannot_give_are_named(config, problem, tmp_pa
 
 @pytest.mark.slow
 def test_a_hybrid_spec_needs_each_layers_kind_and_the_cli_takes_them_per_kind(tmp_path):
-    with pytest.raises(NamesError, match="--layer-kind KIND=LAYERS") as error:
+    with pytest.raises(ModelSizeError, match="--layer-kind KIND=LAYERS") as error:
         model_names(quantmap.compile("qwen3_5"), HF, ModelSize(4))
     assert "linear_attention, full_attention" in str(error.value)
-    with pytest.raises(NamesError, match="no kinds of layer"):
+    with pytest.raises(ModelSizeError, match="no kinds of layer"):
         model_names(quantmap.compile("llama"), HF, ModelSize(2, kinds=("full_attention",) * 2))
-    with pytest.raises(NamesError, match="no layer kind 'mamba'"):
+    with pytest.raises(ModelSizeError, match="no layer kind 'mamba'"):
         model_names(quantmap.compile("qwen3_5"), HF, ModelSize(1, kinds=("mamba",)))
     base = ["nemotron_h", "--side", "megatron", "--layers", "4", "--experts", "4"]
     by_kind = _names_cli(*base, "--layer-kind", "mamba=0", "--layer-kind", "moe=1", "--layer-kind", "attention=2",

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import Layout, export_offline
+from quantmap.executor import ParallelLayout, export_offline
 from quantmap.executor.writers import schedule, writer_ranks
 from quantmap.io.hf import INDEX
 
@@ -33,11 +33,11 @@ CASES = [
 ]
 
 
-def _layout(form: str, sizes: dict) -> Layout:
-    return Layout(num_layers=NUM_LAYERS, num_experts=None if form == "dense" else NUM_EXPERTS, **sizes)
+def _layout(form: str, sizes: dict) -> ParallelLayout:
+    return ParallelLayout(num_layers=NUM_LAYERS, num_experts=None if form == "dense" else NUM_EXPERTS, **sizes)
 
 
-def _states(form: str, layout: Layout, channels: int = 8) -> list[dict]:
+def _states(form: str, layout: ParallelLayout, channels: int = 8) -> list[dict]:
     return shard(global_state(form, NUM_LAYERS, layout.num_experts, channels=channels), layout)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from quantmap.executor.layout import Layout
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import NamingError, to_global, to_local
 
-LAYOUT = Layout(tp=1, pp=2, dp=4, ep=4, num_layers=4, num_experts=8)
+LAYOUT = ParallelLayout(tp=1, pp=2, dp=4, ep=4, num_layers=4, num_experts=8)
 
 
 def test_pipeline_stage_layers_and_expert_blocks_become_global():
@@ -48,7 +48,7 @@ def test_a_rank_holds_only_its_stage_and_expert_block():
 @given(layer=st.integers(0, 5), expert=st.integers(0, 7), kind=st.sampled_from(["seq", "grouped", "per_expert"]),
        stages=st.sampled_from([(3, 3), (4, 2), (1, 5)]), ep=st.sampled_from([1, 2, 4]))
 def test_local_then_global_gives_back_the_name(layer, expert, kind, stages, ep):
-    layout = Layout(pp=2, dp=4, ep=ep, num_layers=6, num_experts=8, layers_per_stage=stages)
+    layout = ParallelLayout(pp=2, dp=4, ep=ep, num_layers=6, num_experts=8, layers_per_stage=stages)
     tail = {"seq": f"local_experts.{expert}.linear_fc1.weight_quantizer._amax", "grouped": f"linear_fc1.weight{expert}",
             "per_expert": f"linear_fc2.weight_quantizer.{expert}._amax"}[kind]
     name = f"decoder.layers.{layer}.mlp.experts.{tail}"

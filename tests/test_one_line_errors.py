@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from executor_support import SPECS, global_state, shard
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 from quantmap.executor.report import distinct
 from quantmap.io.shards import save_shard
 from quantmap.io.torch_dist.metadata import METADATA_FILE, load_metadata
@@ -230,7 +230,7 @@ def test_a_reader_closing_the_pipe_is_a_quiet_exit(tmp_path):
 # -- the executor's own reports -----------------------------------------------------------------------
 
 def test_copies_one_float32_step_apart_are_shown_with_the_digits_that_differ(tmp_path):
-    layout = Layout(tp=2, num_layers=2, num_experts=2)
+    layout = ParallelLayout(tp=2, num_layers=2, num_experts=2)
     ranks = shard(global_state("seq", 2, 2), layout)
     value = torch.tensor(3.78847, dtype=torch.float32)
     ranks[0][AMAX] = value.clone()
@@ -251,7 +251,7 @@ def test_values_that_differ_are_shown_differently_and_read_back_close(a, b):
 
 
 def test_a_file_limit_too_low_for_the_workers_stops_at_once_in_one_line(tmp_path):
-    layout = Layout(tp=2, num_layers=2, num_experts=2)
+    layout = ParallelLayout(tp=2, num_layers=2, num_experts=2)
     for rank, state in enumerate(shard(global_state("seq", 2, 2), layout)):
         save_shard(state, layout, tmp_path / "meg", rank=rank)
     start = time.monotonic()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from quantmap.layouts import ROWS, TensorParallel, derive
+from quantmap.element_layout import ROWS, TensorParallel, derive
 from quantmap.ops import STRIDED, Concat, Copy, Max, OpError, Select, Split, Stack, Transpose, Unstack, apply, reverse
 
 SETTINGS = settings(max_examples=150, deadline=None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import quantmap
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 DATA = Path(__file__).parent / "data"
@@ -32,8 +32,8 @@ def _rules(stem: str, spec: str | Path | None = None):
     return quantmap.compile(spec or default, **SIZES, weight_block_size=block)
 
 
-def _layout(stem: str, tp: int) -> Layout:
-    return Layout(tp=tp, num_layers=2, num_experts=4 if "moeseq" in stem else None)
+def _layout(stem: str, tp: int) -> ParallelLayout:
+    return ParallelLayout(tp=tp, num_layers=2, num_experts=4 if "moeseq" in stem else None)
 
 
 def _single(stem: str) -> list[LazyShard]:
@@ -169,4 +169,4 @@ def test_grouped_moe_block_quantizer_with_per_channel_state_is_refused():
     rules = quantmap.compile(DATA / "specs" / "moe_grouped.yaml", **SIZES, num_experts=4)
     state = {"decoder.layers.0.mlp.experts.linear_fc1.weight_quantizer._amax": torch.ones(256, 1)}
     with pytest.raises(ExecutorError, match="covers a whole block of experts"):
-        export_offline(rules, [state], Layout(num_layers=1, num_experts=4))
+        export_offline(rules, [state], ParallelLayout(num_layers=1, num_experts=4))

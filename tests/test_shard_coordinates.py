@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from executor_support import SPECS, global_state, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.executor.launch import export_shards
 from quantmap.io.shards import COORDINATES_KEY, LazyShard, coordinates, rank_file, save_shard
 
@@ -23,7 +23,7 @@ def _recorded(path: Path) -> dict:
         return json.loads(handle.metadata()[COORDINATES_KEY])
 
 
-def _save(tmp_path: Path, form: str, layout: Layout) -> Path:
+def _save(tmp_path: Path, form: str, layout: ParallelLayout) -> Path:
     directory = tmp_path / "shards"
     for rank, state in enumerate(shard(global_state(form, layout.num_layers, layout.num_experts), layout)):
         save_shard(state, layout, directory, rank=rank)
@@ -38,7 +38,7 @@ def _swap(directory: Path, a: int, b: int) -> None:
 
 
 def test_save_shard_records_the_rank_coordinates_and_its_layer_and_expert_ranges(tmp_path):
-    layout = Layout(pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
+    layout = ParallelLayout(pp=2, dp=2, ep=2, num_layers=4, num_experts=4)
     directory = _save(tmp_path, "seq", layout)
     assert _recorded(rank_file(directory, 3)) == {"rank": 3, "tp": 0, "cp": 0, "dp": 1, "pp": 1, "etp": 0, "ep": 1,
                                                   "edp": 0, "layers": [2, 4], "experts": [2, 4]}
@@ -46,8 +46,8 @@ def test_save_shard_records_the_rank_coordinates_and_its_layer_and_expert_ranges
 
 
 def test_an_import_records_every_rank_coordinates(tmp_path):
-    layout = Layout(tp=2, pp=2, num_layers=2)
-    export_offline(rules_for("dense"), [global_state("dense", 2)], Layout(num_layers=2), out=tmp_path / "hf")
+    layout = ParallelLayout(tp=2, pp=2, num_layers=2)
+    export_offline(rules_for("dense"), [global_state("dense", 2)], ParallelLayout(num_layers=2), out=tmp_path / "hf")
     import_offline(rules_for("dense"), tmp_path / "hf", layout, tmp_path / "mg")
     for rank in range(layout.world_size):
         assert _recorded(rank_file(tmp_path / "mg", rank)) == coordinates(layout, layout.coords(rank))
@@ -55,7 +55,7 @@ def test_an_import_records_every_rank_coordinates(tmp_path):
 
 
 def test_swapped_expert_parallel_rank_files_are_refused_naming_both(tmp_path):
-    layout = Layout(dp=2, ep=2, num_layers=2, num_experts=4)
+    layout = ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     directory = _save(tmp_path, "seq", layout)
     _swap(directory, 0, 1)
     with pytest.raises(ExecutorError) as raised:
@@ -72,13 +72,13 @@ def test_swapped_expert_parallel_rank_files_are_refused_naming_both(tmp_path):
 def _export_files(directory: str, out: str):
     from quantmap.executor import Placement, export
 
-    placement = Placement.from_world(Layout.read(directory))
+    placement = Placement.from_world(ParallelLayout.read(directory))
     export(rules_for("dense"), LazyShard(rank_file(directory, placement.coords.rank)), placement, out=out)
 
 
 @pytest.mark.slow
 def test_swapped_pipeline_stages_fail_a_distributed_export_on_every_rank(tmp_path):
-    directory = _save(tmp_path, "dense", Layout(pp=2, num_layers=4))
+    directory = _save(tmp_path, "dense", ParallelLayout(pp=2, num_layers=4))
     _swap(directory, 0, 1)
     outcomes = run_ranks(2, _export_files, str(directory), str(tmp_path / "hf"))
     assert [o[0] for o in outcomes] == ["error", "error"] and outcomes[0][1] == outcomes[1][1]
@@ -88,8 +88,8 @@ def test_swapped_pipeline_stages_fail_a_distributed_export_on_every_rank(tmp_pat
 
 def test_files_written_for_another_layout_are_refused(tmp_path):
     """TP=2 files read as DP=2 would export rank 0's half of each per-channel amax as the whole."""
-    directory = _save(tmp_path, "dense", Layout(tp=2, num_layers=2))
-    Layout(dp=2, num_layers=2).write(directory)
+    directory = _save(tmp_path, "dense", ParallelLayout(tp=2, num_layers=2))
+    ParallelLayout(dp=2, num_layers=2).write(directory)
     with pytest.raises(ExecutorError, match=r"rank 1: rank_00001\.safetensors was written for rank 1 \(tp=1 cp=0 dp=0 "
                                             r"pp=0 etp=1 ep=0 edp=0, layers 0\.\.1\) but is read as rank 1 \(tp=0 cp=0 "
                                             r"dp=1 pp=0 etp=0 ep=0 edp=1, layers 0\.\.1\)"):
@@ -97,7 +97,7 @@ def test_files_written_for_another_layout_are_refused(tmp_path):
 
 
 def test_files_without_coordinates_still_export(tmp_path):
-    layout = Layout(tp=2, num_layers=2)
+    layout = ParallelLayout(tp=2, num_layers=2)
     directory = tmp_path / "plain"
     directory.mkdir()
     layout.write(directory)
@@ -109,7 +109,7 @@ def test_files_without_coordinates_still_export(tmp_path):
 
 @pytest.mark.parametrize("recorded", ["[1]", "5", '{"rank": 0, "layers": 5}', '{"rank": 0, "experts": ["a", "b"]}'])
 def test_coordinates_that_are_json_but_not_a_rank_position_are_refused_clearly(tmp_path, recorded):
-    directory = _save(tmp_path, "dense", Layout(tp=2, num_layers=2))
+    directory = _save(tmp_path, "dense", ParallelLayout(tp=2, num_layers=2))
     path = rank_file(directory, 0)
     with safe_open(path, "pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import Layout, export_offline
-from quantmap.executor.torch_dist import read_state
+from quantmap.executor import ParallelLayout, export_offline
+from quantmap.executor.torch_dist_checkpoint import read_state
 from quantmap.io.hf import Checkpoint
 from quantmap.io.torch_dist import TorchDistError, checkpoint_names, locate, read_entries
 from quantmap.io.torch_dist.keys import quantizers
@@ -128,7 +128,7 @@ def test_the_tracker_an_iteration_directory_and_iteration_all_locate_the_checkpo
 def _export(fixture_or_state, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     out = tmp_path / name
     if isinstance(fixture_or_state, dict):
-        export_offline(quantmap.compile("llama", **SIZES), [fixture_or_state], Layout(num_layers=2), out=out)
+        export_offline(quantmap.compile("llama", **SIZES), [fixture_or_state], ParallelLayout(num_layers=2), out=out)
     else:
         result = CliRunner().invoke(app, ["export", "llama", "--megatron", str(DATA / fixture_or_state / "ckpt"),
                                           "--out", str(out), "--quiet", *SIZE_PARAMS])
@@ -225,7 +225,7 @@ def test_a_metadata_naming_an_arbitrary_class_is_refused_without_running_it(tmp_
 
 @pytest.mark.slow
 def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline(tmp_path):
-    from quantmap.executor.torch_dist import checkpoint_layout
+    from quantmap.executor.torch_dist_checkpoint import checkpoint_layout
 
     location = locate(DATA / "fp8_kv_tp2/ckpt")
     layout = checkpoint_layout(read_entries(location.path), world=2)
@@ -245,7 +245,8 @@ def test_each_rank_reads_only_its_pipeline_stage_and_nproc_export_equals_offline
 
 
 def test_modelopt_config_is_read_as_plain_data_and_a_per_channel_amax_it_calls_per_tensor_is_refused(tmp_path):
-    from quantmap.io.torch_dist.modelopt import per_tensor, quant_cfg
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+    from quantmap.recipe import per_tensor
 
     fp8 = quant_cfg(DATA / "fp8_kv_tp2/ckpt/release")
     int8 = quant_cfg(DATA / "int8_tp2/ckpt/release")

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from executor_support import run_ranks
 from quantmap.cli import app
-from quantmap.executor.torch_dist import read_state
+from quantmap.executor.torch_dist_checkpoint import read_state
+from quantmap.executor.values import converted
 from quantmap.io.torch_dist import TorchDistError, locate, read_entries
 from quantmap.io.torch_dist.write import OWN_FILES, write_into
 from quantmap.io.torch_dist.read import read_tensors
@@ -83,7 +84,7 @@ def test_import_into_its_own_checkpoint_gives_identical_quantizers_and_other_byt
 def test_int8_tp2_state_written_back_is_re_interleaved_as_modelopt_saved_it(tmp_path):
     location = locate(DATA / "int8_tp2/ckpt")
     state = read_state(location)[1]  # fc1 rows in [gate; up] order
-    written = write_into(location, state, out=tmp_path / "new")
+    written = write_into(location, state, out=tmp_path / "new", convert=converted)
     assert sorted(written.replaced) == sorted(state) and written.added == [] == written.kept
     old, new = _stored(location.path), _stored(written.path)
     assert torch.equal(_bits(new[FC1]), _bits(old[FC1])) and not torch.equal(new[FC1], state[FC1])
@@ -113,11 +114,11 @@ def test_round_trip_through_a_tp1_checkpoint_and_back_into_the_tp2_one(tmp_path)
     assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
     assert torch.equal(_stored(tp1)[FC1], reference[FC1]), "at TP=1 ModelOpt's rows are in order"
     tp2_state = read_state(locate(DATA / "int8_tp2/ckpt"))[1]
-    into_tp1 = write_into(locate(tp1), tp2_state, out=tmp_path / "tp1-new")
+    into_tp1 = write_into(locate(tp1), tp2_state, out=tmp_path / "tp1-new", convert=converted)
     assert torch.equal(_stored(into_tp1.path)[FC1], tp2_state[FC1])
     back = read_state(locate(into_tp1.path))[1]
     assert all(torch.equal(back[k], tp2_state[k]) for k in tp2_state)
-    into_tp2 = write_into(locate(DATA / "int8_tp2/ckpt"), back, out=tmp_path / "tp2-new")
+    into_tp2 = write_into(locate(DATA / "int8_tp2/ckpt"), back, out=tmp_path / "tp2-new", convert=converted)
     original = _stored(locate(DATA / "int8_tp2/ckpt").path)
     assert all(torch.equal(_bits(_stored(into_tp2.path)[k]), _bits(original[k])) for k in original)
 
@@ -136,7 +137,7 @@ def test_stacked_layers_under_a_nemo_prefix_read_and_write_back(tmp_path):
     read = read_state(locate(directory))[1]
     assert sorted(read) == sorted(reference) and all(torch.equal(read[k], reference[k]) for k in reference)
     changed = {name: tensor * 2 for name, tensor in read.items() if name.startswith("decoder.layers.1.")}
-    written = write_into(locate(directory), changed, out=tmp_path / "nemo-new")
+    written = write_into(locate(directory), changed, out=tmp_path / "nemo-new", convert=converted)
     again = read_state(locate(written.path))[1]
     assert all(torch.equal(again[k], changed.get(k, reference[k])) for k in reference)
     assert read_entries(written.path)["model.module.decoder.layers.mlp.linear_fc2.weight_quantizer._amax"].shape == \
@@ -148,7 +149,7 @@ def test_quantizers_the_checkpoint_lacks_are_added_with_megatrons_shapes(tmp_pat
     lacking = {name: t.reshape(1) for name, t in reference.items() if "_bmm_" not in name and "linear_fc2" not in name}
     directory = tmp_path / "lacking"
     _save(directory, lacking)
-    written = write_into(locate(directory), reference, out=tmp_path / "full")
+    written = write_into(locate(directory), reference, out=tmp_path / "full", convert=converted)
     assert len(written.added) == 8 and len(written.replaced) == 12
     entries = read_entries(written.path)
     assert entries["decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"].shape == ()
@@ -171,7 +172,7 @@ def _load_everything(directory: str) -> dict[str, torch.Tensor]:
 def test_the_written_checkpoint_loads_with_plain_torch_at_world_size_1_and_2(tmp_path):
     source = locate(DATA / "fp8_kv_tp2/ckpt")
     state = {name: tensor + 1 for name, tensor in read_state(source)[1].items()}  # something to see
-    written = write_into(source, state, out=tmp_path / "new")
+    written = write_into(source, state, out=tmp_path / "new", convert=converted)
     want = {**_stored(source.path, quantizers_only=False), **_stored(written.path)}
     assert torch.equal(want["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"],
                        state["decoder.layers.0.mlp.linear_fc1.input_quantizer._amax"].reshape(1))
@@ -189,9 +190,9 @@ def test_in_place_import_replaces_only_the_metadata_and_cleans_up_its_earlier_fi
     location = locate(save)
     originals = {p.name: p.read_bytes() for p in location.path.glob("__*.distcp")}
     state = read_state(location)[1]
-    write_into(location, {k: v * 3 for k, v in state.items()}, in_place=True)
+    write_into(location, {k: v * 3 for k, v in state.items()}, in_place=True, convert=converted)
     first = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
-    write_into(location, state, in_place=True)
+    write_into(location, state, in_place=True, convert=converted)
     second = [p.name for p in location.path.glob(f"{OWN_FILES}*.distcp")]
     assert len(first) == len(second) == 1 and first != second, "the replaced import's file is removed"
     assert all((location.path / n).read_bytes() == b for n, b in originals.items()), "Megatron's files untouched"
@@ -217,7 +218,19 @@ def test_import_into_needs_exactly_one_destination(tmp_path):
                      "--out", tmp_path / "x")
     assert result.exit_code == 2 and not (tmp_path / "x").exists()
     with pytest.raises(TorchDistError, match="either an output directory"):
-        write_into(locate(DATA / "fp8_kv_tp1/ckpt"), {}, out=tmp_path / "x", in_place=True)
+        write_into(locate(DATA / "fp8_kv_tp1/ckpt"), {}, out=tmp_path / "x", in_place=True, convert=converted)
+
+
+@pytest.mark.parametrize("option", [["--nproc", "2"], ["--timeout", "30"], ["--timeout", "600"]])
+def test_import_into_refuses_nproc_and_timeout_which_one_process_cannot_honour(option, tmp_path):
+    """--into runs in one process, so --nproc and --timeout (even at its default value, when given) would be
+    ignored: a usage error naming the option, and nothing written."""
+    source = DATA / "fp8_kv_tp1/ckpt"
+    before = _tree_digest(source)
+    result = _invoke("import", "llama", "--hf", tmp_path, "--into", source, "--out", tmp_path / "new", *option)
+    assert result.exit_code == 2 and f"drop {option[0]}" in result.output
+    assert "one process" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "new").exists() and _tree_digest(source) == before
 
 
 def test_a_failure_while_writing_removes_what_was_written_in_place_and_in_a_new_directory(tmp_path, monkeypatch):
@@ -234,7 +247,7 @@ def test_a_failure_while_writing_removes_what_was_written_in_place_and_in_a_new_
     monkeypatch.setattr(write, "_verify", fail)
     for kwargs in ({"in_place": True}, {"out": tmp_path / "new"}):
         with pytest.raises(TorchDistError, match="injected"):
-            write_into(location, read_state(location)[1], **kwargs)
+            write_into(location, read_state(location)[1], **kwargs, convert=converted)
         assert _tree_digest(save) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -300,7 +313,7 @@ def test_sequential_mlp_experts_read_as_local_experts_and_are_written_as_experts
     assert read and all(".experts.local_experts." in n for n in read if ".experts." in n)
     assert all(torch.equal(read[n], state[n]) and read[n].shape == state[n].shape for n in read)
     assert sorted(state) == sorted([*read, *(n for n in state if ".local_experts.3." in n)])
-    written = write_into(locate(directory), state, out=tmp_path / "new")
+    written = write_into(locate(directory), state, out=tmp_path / "new", convert=converted)
     assert sorted(written.added) == sorted(n for n in state if ".local_experts.3." in n) and len(written.added) == 8
     entries = read_entries(written.path)
     assert all(entries[prefix + key].shape == shape for key, shape in declared.values()), "Megatron's keys and shapes"
@@ -318,7 +331,7 @@ def test_block_amax_reads_flattened_and_is_written_as_rows_by_blocks(tmp_path):
     name = "decoder.layers.0.mlp.linear_fc1.weight_quantizer._amax"
     assert read[name].shape == (512, 1) and read_entries(directory)[name].shape == (256, 2)
     changed = {n: t * 2 for n, t in state.items()}
-    written = write_into(locate(directory), changed, out=tmp_path / "new")
+    written = write_into(locate(directory), changed, out=tmp_path / "new", convert=converted)
     assert written.added == ["decoder.layers.1.mlp.linear_fc1.weight_quantizer._amax"]
     entries = read_entries(written.path)
     assert all(entries[key].shape == shape for key, shape in declared.values()), "Megatron's keys and shapes"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, Layout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
 from quantmap.executor.values import check_values
 
 K_BMM = "decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"
@@ -27,7 +27,7 @@ BAD = {"nan": torch.tensor(float("nan")), "inf": torch.tensor(float("inf")), "ne
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_a_bad_amax_on_one_tensor_parallel_rank_is_refused_not_maxed(tmp_path, case):
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     ranks = shard(global_state("dense", 1), layout)
     ranks[1][K_BMM] = BAD[case]
     what = {"nan": "NaN", "inf": "infinite", "negative": "negative", "bf16 nan": "NaN"}[case]
@@ -38,16 +38,16 @@ def test_a_bad_amax_on_one_tensor_parallel_rank_is_refused_not_maxed(tmp_path, c
 
 
 def test_a_non_float_quantizer_tensor_is_refused(tmp_path):
-    ranks = shard(global_state("dense", 1), Layout(num_layers=1))
+    ranks = shard(global_state("dense", 1), ParallelLayout(num_layers=1))
     ranks[0][K_BMM] = torch.tensor(3, dtype=torch.int32)
     with pytest.raises(ExecutorError, match=rf"{K_BMM}: dtype int32 is not a floating-point type"):
-        export_offline(rules_for("dense"), ranks, Layout(num_layers=1), out=tmp_path / "hf")
+        export_offline(rules_for("dense"), ranks, ParallelLayout(num_layers=1), out=tmp_path / "hf")
 
 
 def _export_with_a_nan_on_rank_one(out: str):
     from quantmap.executor import Placement, export
 
-    layout = Layout(tp=2, num_layers=1)
+    layout = ParallelLayout(tp=2, num_layers=1)
     placement = Placement.from_world(layout)
     state = shard(global_state("dense", 1), layout)[placement.coords.rank]
     if placement.coords.rank == 1:
@@ -63,20 +63,20 @@ def test_a_nan_on_one_rank_of_a_distributed_export_fails_every_rank_with_one_mes
 
 
 def test_a_zero_amax_is_reported_as_uncalibrated_and_strict_refuses_it(tmp_path):
-    ranks = shard(global_state("dense", 1), Layout(num_layers=1))
+    ranks = shard(global_state("dense", 1), ParallelLayout(num_layers=1))
     ranks[0][K_BMM] = torch.tensor(0.0)
-    report = export_offline(rules_for("dense"), ranks, Layout(num_layers=1), out=tmp_path / "hf").report
+    report = export_offline(rules_for("dense"), ranks, ParallelLayout(num_layers=1), out=tmp_path / "hf").report
     assert report.uncalibrated == [K_BMM] and "1 name(s) with a zero amax (uncalibrated):" in report.lines()
     with pytest.raises(ExecutorError, match=rf"export refused \(--strict\): 1 Megatron name\(s\) with a zero amax "
                                             rf"\(uncalibrated\): {K_BMM}"):
-        export_offline(rules_for("dense"), ranks, Layout(num_layers=1), out=tmp_path / "strict", strict=True)
+        export_offline(rules_for("dense"), ranks, ParallelLayout(num_layers=1), out=tmp_path / "strict", strict=True)
     assert not (tmp_path / "strict").exists()
 
 
 def _hf_with(tmp_path: Path, name: str, value: torch.Tensor) -> Path:
     """A real exported HF checkpoint with one tensor replaced in its shard file."""
     hf = tmp_path / "hf"
-    export_offline(rules_for("dense"), [global_state("dense", 1)], Layout(num_layers=1), out=hf)
+    export_offline(rules_for("dense"), [global_state("dense", 1)], ParallelLayout(num_layers=1), out=hf)
     shard_name = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"][name]
     tensors = load_file(hf / shard_name)
     tensors[name] = value
@@ -89,16 +89,16 @@ def _hf_with(tmp_path: Path, name: str, value: torch.Tensor) -> Path:
 def test_import_refuses_a_bad_value_naming_the_hf_tensor(tmp_path, value):
     hf = _hf_with(tmp_path, HF_K, value)
     with pytest.raises(ExecutorError, match=rf"bad quantizer values: {HF_K}"):
-        import_offline(rules_for("dense"), hf, Layout(tp=2, num_layers=1), tmp_path / "mg")
+        import_offline(rules_for("dense"), hf, ParallelLayout(tp=2, num_layers=1), tmp_path / "mg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_import_reports_a_zero_amax_and_strict_refuses_it(tmp_path):
     hf = _hf_with(tmp_path, HF_K, torch.tensor(0.0))
-    report = import_offline(rules_for("dense"), hf, Layout(tp=2, num_layers=1), tmp_path / "mg")
+    report = import_offline(rules_for("dense"), hf, ParallelLayout(tp=2, num_layers=1), tmp_path / "mg")
     assert report.uncalibrated == [HF_K]
     with pytest.raises(ExecutorError, match=rf"1 HF name\(s\) with a zero amax \(uncalibrated\): {HF_K}"):
-        import_offline(rules_for("dense"), hf, Layout(num_layers=1), tmp_path / "strict", strict=True)
+        import_offline(rules_for("dense"), hf, ParallelLayout(num_layers=1), tmp_path / "strict", strict=True)
 
 
 def test_a_pre_quant_scale_may_be_negative_but_not_nan():
@@ -109,12 +109,12 @@ def test_a_pre_quant_scale_may_be_negative_but_not_nan():
 
 
 # -- data-parallel replicas ----------------------------------------------------------------------------------
-def _replicas(layout: Layout, form: str = "dense", experts: int | None = None) -> list[dict]:
+def _replicas(layout: ParallelLayout, form: str = "dense", experts: int | None = None) -> list[dict]:
     return shard(global_state(form, layout.num_layers, experts), layout)
 
 
 def test_a_dp_replica_that_disagrees_is_reported_and_the_first_replica_exported(tmp_path):
-    layout = Layout(dp=2, num_layers=1)
+    layout = ParallelLayout(dp=2, num_layers=1)
     ranks = _replicas(layout)
     ranks[0][K_BMM], ranks[1][K_BMM] = torch.tensor(0.509), torch.tensor(99.0)
     result = export_offline(rules_for("dense"), ranks, layout, out=tmp_path / "hf")
@@ -124,7 +124,7 @@ def test_a_dp_replica_that_disagrees_is_reported_and_the_first_replica_exported(
 
 
 def test_a_per_channel_dp_replica_difference_is_reported_by_digest(tmp_path):
-    layout = Layout(dp=2, num_layers=1)
+    layout = ParallelLayout(dp=2, num_layers=1)
     ranks = _replicas(layout)
     name = "decoder.layers.0.self_attention.linear_q_up_proj.weight_quantizer._amax"
     ranks[1][name] = ranks[1][name].clone()
@@ -134,7 +134,7 @@ def test_a_per_channel_dp_replica_difference_is_reported_by_digest(tmp_path):
 
 
 def test_expert_replicas_are_compared_over_expert_data_parallel_ranks():
-    layout = Layout(dp=4, ep=2, num_layers=1, num_experts=2)  # edp=2: ranks 2 and 3 replicate ranks 0 and 1
+    layout = ParallelLayout(dp=4, ep=2, num_layers=1, num_experts=2)  # edp=2: ranks 2 and 3 replicate ranks 0 and 1
     ranks = _replicas(layout, "seq", 2)
     assert (layout.coords(3).ep, layout.coords(3).edp) == (1, 1)
     local = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.input_quantizer._amax"
@@ -145,7 +145,7 @@ def test_expert_replicas_are_compared_over_expert_data_parallel_ranks():
 
 
 def test_a_nan_on_a_dp_replica_is_refused_although_it_is_not_exported(tmp_path):
-    layout = Layout(dp=2, num_layers=1)
+    layout = ParallelLayout(dp=2, num_layers=1)
     ranks = _replicas(layout)
     ranks[1][K_BMM] = torch.tensor(float("nan"))
     with pytest.raises(ExecutorError, match=rf"rank 1: bad quantizer values: {K_BMM} holds 1 NaN"):
@@ -155,7 +155,7 @@ def test_a_nan_on_a_dp_replica_is_refused_although_it_is_not_exported(tmp_path):
 def _export_with_a_disagreeing_replica(out: str):
     from quantmap.executor import Placement, export
 
-    layout = Layout(dp=2, num_layers=1)
+    layout = ParallelLayout(dp=2, num_layers=1)
     placement = Placement.from_world(layout)
     state = _replicas(layout)[placement.coords.rank]
     state[K_BMM] = torch.tensor(0.509 if placement.coords.rank == 0 else 99.0)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import Layout, export_offline, import_offline
+from quantmap.executor import ParallelLayout, export_offline, import_offline
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard
 from quantmap.io.torch_dist import locate, read_entries
@@ -116,10 +116,10 @@ def test_real_w4a8_checkpoint_exports_every_name_and_both_stages_in_the_single_r
     assert result.exit_code == 0, result.output
     got = _hf(tmp_path / "hf")
     rules = quantmap.compile("llama", **SIZES)
-    from_ranks = export_offline(rules, _rank_shards(), Layout(tp=2, num_layers=2))
+    from_ranks = export_offline(rules, _rank_shards(), ParallelLayout(tp=2, num_layers=2))
     assert from_ranks.report.unclaimed == [] and from_ranks.report.disagreements == []
     ranks = from_ranks.state_dict()
-    single = export_offline(rules, [load_file(W4A8 / "reference_tp1.safetensors")], Layout(num_layers=2)).state_dict()
+    single = export_offline(rules, [load_file(W4A8 / "reference_tp1.safetensors")], ParallelLayout(num_layers=2)).state_dict()
     assert sorted(got) == sorted(ranks) == sorted(single) and len(got) == 2 * 7 * 4  # 7 linears, 4 buffers each
     for name, tensor in got.items():
         assert torch.equal(tensor, ranks[name]), name
@@ -139,7 +139,7 @@ def test_real_w4a8_checkpoint_exports_every_name_and_both_stages_in_the_single_r
 
 
 def test_w4a8_round_trips_to_every_rank_and_into_its_checkpoint_bit_for_bit(tmp_path):
-    rules, layout = quantmap.compile("llama", **SIZES), Layout(tp=2, num_layers=2)
+    rules, layout = quantmap.compile("llama", **SIZES), ParallelLayout(tp=2, num_layers=2)
     export_offline(rules, _rank_shards(), layout, out=tmp_path / "hf")
     report = import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", strict=True)
     assert report.missing == [] and report.disagreements == [] and report.unclaimed == []

@@ -6,10 +6,10 @@ that plays every rank. Importing this package imports torch.
 """
 
 from quantmap.executor.export import Export, export, export_offline
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.executor.importer import import_, import_offline, import_state
-from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.parallel import Coords, LayoutError, ParallelLayout
 from quantmap.executor.report import ExecutorError, Report
 
-__all__ = ["Coords", "ExecutorError", "Export", "Layout", "LayoutError", "Placement", "Report", "export",
+__all__ = ["Coords", "ExecutorError", "Export", "LayoutError", "ParallelLayout", "Placement", "Report", "export",
            "export_offline", "import_", "import_offline", "import_state"]

@@ -26,19 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from quantmap.executor.layout import Layout
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import slot_indices
 
 LAYER_SLOT, EXPERT_SLOT = "\0L", "\0E"
 
 
-def missing_names(names: Iterable[str], layout: Layout) -> list[str]:
+def missing_names(names: Iterable[str], layout: ParallelLayout) -> list[str]:
     """The global Megatron names the layout requires (see the module docstring) that ``names`` lack."""
     present = set(names)
     return missing_parsed(list(map(_kind, present)), layout, lambda: present)
 
 
-def missing_parsed(parsed: list[tuple], layout: Layout, present) -> list[str]:
+def missing_parsed(parsed: list[tuple], layout: ParallelLayout, present) -> list[str]:
     """:func:`missing_names` of names already parsed (:func:`parse`, :func:`parse_run`); ``present()``
     gives the names themselves. Counted first: the names are built only when some are missing (an
     export checks 10^5 names)."""
@@ -48,7 +48,7 @@ def missing_parsed(parsed: list[tuple], layout: Layout, present) -> list[str]:
     return sorted(required.names() - set(present()))
 
 
-def required_names(names: Iterable[str], layout: Layout) -> set[str]:
+def required_names(names: Iterable[str], layout: ParallelLayout) -> set[str]:
     """Every global name the layout requires, given the names present."""
     return _Required(list(map(_kind, set(names))), layout).names()
 
@@ -68,7 +68,7 @@ def parse_run(first_name: str, experts: range) -> tuple[str, str, int | None, ra
 class _Required:
     """The kinds, modules and layer module sets of the names present, and what they imply."""
 
-    def __init__(self, parsed: list[tuple], layout: Layout):
+    def __init__(self, parsed: list[tuple], layout: ParallelLayout):
         self.layout = layout
         # (kind, module, layer, expert); 10^5 names share a few hundred kinds, kept once each. An
         # expert run's expert is a range: it stands for one name per expert.

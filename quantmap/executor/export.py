@@ -23,8 +23,8 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from quantmap.executor.groups import Placement
-from quantmap.executor.layout import Layout
+from quantmap.executor.placement import Placement
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
@@ -290,7 +290,7 @@ def _publish(records: "_Records", statuses: list[dict], bounds: list[range], sta
         return f"writing {staged.target} failed, nothing was written: {describe(error)}"
 
 
-def export_offline(rules, states: Sequence[Mapping], layout: Layout, *, out: str | Path | None = None,
+def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, out: str | Path | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = False, strict: bool = False,
                    allow_partial: bool = False) -> Export:
     """One process plays every rank: ``states[r]`` is global rank ``r``'s local state."""

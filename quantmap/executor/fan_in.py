@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from quantmap.executor.layout import Layout
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_count
 from quantmap.executor.report import ExecutorError, natural
 from quantmap.executor.sharding import is_scalar
 
 
-def sources(match, layout: Layout) -> list[str]:
+def sources(match, layout: ParallelLayout) -> list[str]:
     """The global Megatron names a reverse match stands for: every expert of a fan-in over experts,
     otherwise the match's one name (a grouped block's, held by every expert-parallel rank)."""
     if not (match.rule.fans_in and "*" in match.megatron):

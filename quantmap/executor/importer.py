@@ -22,8 +22,8 @@ import torch
 
 from quantmap.executor.completeness import required_names
 from quantmap.executor.fan_in import copy_to_source, sources
-from quantmap.executor.groups import Placement
-from quantmap.executor.layout import Layout
+from quantmap.executor.placement import Placement
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
@@ -42,7 +42,7 @@ class Catalog:
     ``megatron`` is every name the layout requires (:mod:`quantmap.executor.completeness`), so the
     rank that should hold a layer or expert the checkpoint lacks reports its HF names as missing."""
 
-    def __init__(self, rules, names: list[str], layout: Layout, target: Iterable[str] = ()):
+    def __init__(self, rules, names: list[str], layout: ParallelLayout, target: Iterable[str] = ()):
         self.rules = rules
         self.available = set(names)
         self.report = Report()
@@ -73,7 +73,7 @@ def _is_mapped_quantizer(rules, megatron: str) -> bool:
     return match is not None and match.kind != WEIGHT
 
 
-def _held(match, layout: Layout) -> bool:
+def _held(match, layout: ParallelLayout) -> bool:
     """Whether some rank of the layout holds a reverse match: its layer and expert lie within the layout
     (a grouped block's expert is in the HF name only, so it is checked against the block's size)."""
     if match.kind == MOE_FANOUT:
@@ -116,7 +116,7 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
     return state, report
 
 
-def _fan_in(megatron, match, parts, names, layout: Layout, coords, report: Report) -> torch.Tensor:
+def _fan_in(megatron, match, parts, names, layout: ParallelLayout, coords, report: Report) -> torch.Tensor:
     size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
     shapes = tuple(tuple(p.shape) for p in parts)
     if all(is_scalar(shape) for shape in shapes):
@@ -173,7 +173,7 @@ def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict,
     return state, finish(catalog, report, strict=False)
 
 
-def import_offline(rules, hf_dir: str | Path, layout: Layout, out: str | Path, *, strict: bool = False,
+def import_offline(rules, hf_dir: str | Path, layout: ParallelLayout, out: str | Path, *, strict: bool = False,
                    progress: bool = False) -> Report:
     """One process builds and writes every rank's shard."""
     checkpoint = Checkpoint(hf_dir)

@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,18 +54,16 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
                   strict: bool = False, allow_partial: bool = False, iteration: int | None = None) -> Report:
     """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) or a torch_dist
     checkpoint (told apart by their files) to ``out``."""
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
     from quantmap.io.shards import check_rank_files
     from quantmap.io.torch_dist import is_shard_directory
 
     if iteration is not None or not is_shard_directory(megatron):
-        from quantmap.executor.torch_dist import export_checkpoint
-
         _prepare_output(out)
         return _with_contents(out, _guarded(out, mode(nproc), lambda: export_checkpoint(
             spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress, timeout=timeout,
             iteration=iteration, strict=strict, allow_partial=allow_partial)))
-    layout = Layout.read(megatron)
+    layout = ParallelLayout.read(megatron)
     check_rank_files(megatron, layout)
     how = _prepare(layout, nproc, out)
     if how == "offline":
@@ -93,9 +91,9 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
                       strict: bool = False, nproc: int | None = None, progress: bool = False,
                       timeout: timedelta = timedelta(minutes=10)) -> Report:
     """Import a Hugging Face checkpoint into a Megatron shard directory for ``layout_path``."""
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
 
-    layout = Layout.read(layout_path)
+    layout = ParallelLayout.read(layout_path)
     how = _prepare(layout, nproc, out)
     if how == "offline":
         import quantmap
@@ -105,6 +103,47 @@ def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str 
                                                          strict=strict, progress=progress))
     args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
     return _guarded(out, how, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
+
+
+def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
+                      progress: bool, timeout, iteration: int | None = None, strict: bool = False,
+                      allow_partial: bool = False):
+    """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
+    import quantmap
+    from quantmap.executor.torch_dist_checkpoint import export_offline_from
+    from quantmap.io.locks import directory_lock
+    from quantmap.io.torch_dist import locate
+
+    location = locate(megatron, iteration)
+    how = mode(nproc)
+    with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
+                                                                purpose="an export"):
+        if how == "offline":
+            return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
+                                       progress=progress, strict=strict, allow_partial=allow_partial).report
+        args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
+        return launch_ranks(how, nproc, _export_worker, args, timeout)
+
+
+def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
+    import quantmap
+    from quantmap.executor.torch_dist_checkpoint import export_rank
+
+    result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
+                         timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
+    return result.report if result.is_writer else None
+
+
+def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
+                           iteration: int | None = None, strict: bool = False):
+    """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
+    import quantmap
+    from quantmap.executor.torch_dist_checkpoint import import_into
+
+    with nullcontext() if out is None else staging.command(out):
+        report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
+                                iteration=iteration, strict=strict)
+    return report
 
 
 def _prepare(layout, nproc: int | None, out) -> str:
@@ -134,11 +173,11 @@ def _guarded(out, how: str, run):
 def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
     import quantmap
     from quantmap.executor.export import export
-    from quantmap.executor.groups import Placement
-    from quantmap.executor.layout import Layout
+    from quantmap.executor.placement import Placement
+    from quantmap.parallel import ParallelLayout
     from quantmap.io.shards import LazyShard, rank_file
 
-    placement = Placement.from_world(Layout.read(megatron))
+    placement = Placement.from_world(ParallelLayout.read(megatron))
     state = LazyShard(rank_file(megatron, placement.coords.rank))
     result = export(quantmap.compile(spec, **params), state, placement, out=out, shard_size=shard_size,
                     timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
@@ -147,11 +186,11 @@ def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, str
 
 def _import_rank(spec, params, hf, layout_path, out, strict, timeout):
     import quantmap
-    from quantmap.executor.groups import Placement
+    from quantmap.executor.placement import Placement
     from quantmap.executor.importer import import_
-    from quantmap.executor.layout import Layout
+    from quantmap.parallel import ParallelLayout
 
-    placement = Placement.from_world(Layout.read(layout_path))
+    placement = Placement.from_world(ParallelLayout.read(layout_path))
     return import_(quantmap.compile(spec, **params), hf, placement, out, strict=strict, timeout=timeout)
 
 

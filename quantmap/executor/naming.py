@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
-from quantmap.executor.layout import Coords, Layout
+from quantmap.parallel import Coords, ParallelLayout
 from quantmap.untrusted import decimal
 
 _LAYER = re.compile(r"(?:^|(?<=\.))(decoder\.layers\.)(\d+)(?=\.)")
@@ -33,12 +33,12 @@ def is_expert(name: str) -> bool:
     return ".experts." in name or name.startswith("experts.")
 
 
-def to_global(name: str, layout: Layout, coords: Coords) -> str:
+def to_global(name: str, layout: ParallelLayout, coords: Coords) -> str:
     """The global name of a rank's local tensor name."""
     return globalizer(layout, coords)(name)[0]
 
 
-def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int | None, int | None, tuple | None]]:
+def globalizer(layout: ParallelLayout, coords: Coords) -> Callable[[str], tuple[str, int | None, int | None, tuple | None]]:
     """For one rank: a function from a local tensor name to its global name, the local layer and
     expert index it carries (``None`` where it has none), and where the expert index lies in the
     global name (its characters, or ``None``); found in one pass with the rank's offsets bound once:
@@ -49,7 +49,7 @@ def globalizer(layout: Layout, coords: Coords) -> Callable[[str], tuple[str, int
     search_layer, search_expert = _LAYER.search, _EXPERT.search
 
     def globalize(name: str) -> tuple[str, int | None, int | None, tuple | None]:
-        layer = expert = span = None
+        layer = expert = None
         out = name
         found = search_layer(name)
         if found:
@@ -87,13 +87,6 @@ def expert_span(name: str) -> tuple[int, int] | None:
     return found.start(digits), found.end(digits)
 
 
-def placement_experts(layout: Layout, coords: Coords) -> range | None:
-    """The global experts a rank holds, or ``None`` when the layout has no expert count."""
-    if layout.experts_per_rank is None:
-        return None
-    return range(coords.ep * layout.experts_per_rank, (coords.ep + 1) * layout.experts_per_rank)
-
-
 class Holder(NamedTuple):
     """Where a global name lives: its pipeline stage and expert-parallel rank (``None``: every one)."""
 
@@ -101,7 +94,7 @@ class Holder(NamedTuple):
     ep: int | None
 
 
-def holder(name: str, layout: Layout) -> Holder | None:
+def holder(name: str, layout: ParallelLayout) -> Holder | None:
     """Which stage and EP rank hold a global name, or ``None`` when no rank of the layout does (a layer
     beyond ``num_layers``, an expert beyond ``num_experts``): such a name must be reported, not dropped."""
     found = _LAYER.search(name)
@@ -125,7 +118,7 @@ def holder(name: str, layout: Layout) -> Holder | None:
     return Holder(stage, ranks.pop() if ranks else None)
 
 
-def stage_outside_layers(name: str, layout: Layout) -> int | None:
+def stage_outside_layers(name: str, layout: ParallelLayout) -> int | None:
     """The pipeline stage that holds a name outside ``decoder.layers``, or ``None`` for every stage.
 
     Megatron-Core's ``GPTModel`` builds ``embedding`` only with ``pre_process`` (the first stage) and
@@ -139,7 +132,7 @@ def stage_outside_layers(name: str, layout: Layout) -> int | None:
     return 0 if found.group(1) else layout.pp - 1
 
 
-def to_local(name: str, layout: Layout, coords: Coords) -> str | None:
+def to_local(name: str, layout: ParallelLayout, coords: Coords) -> str | None:
     """The rank's local name for a global name, or ``None`` when the rank does not hold it."""
     held = holder(name, layout)
     if held is None or held.stage not in (None, coords.pp) or held.ep not in (None, coords.ep):
@@ -163,7 +156,7 @@ def _expert_index(found: re.Match) -> tuple[str, int]:
     return found.group(first), int(found.group(first + 1))
 
 
-def expert_count(name: str, rule, layout: Layout) -> int:
+def expert_count(name: str, rule, layout: ParallelLayout) -> int:
     """How many experts a rule over every expert (a grouped block's quantizer, a fan-in) spans: the
     spec's count or the layout's, which must agree when both are given."""
     total = rule.num_experts or layout.num_experts
@@ -176,7 +169,7 @@ def expert_count(name: str, rule, layout: Layout) -> int:
     return total
 
 
-def expert_block(name: str, match, layout: Layout, ep_rank: int) -> range:
+def expert_block(name: str, match, layout: ParallelLayout, ep_rank: int) -> range:
     """The global experts a grouped-MoE quantizer covers on EP rank ``ep_rank``: ``[r*E/ep, (r+1)*E/ep)``."""
     per_rank = expert_count(name, match.rule, layout) // layout.ep
     return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)

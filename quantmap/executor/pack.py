@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-from quantmap.executor.groups import Placement
+from quantmap.executor.placement import Placement
 from quantmap.executor.expert_runs import expert_groups, template
 from quantmap.executor.naming import globalizer, is_expert
 from quantmap.executor.report import ExecutorError

@@ -30,7 +30,7 @@ import torch
 from quantmap.executor.completeness import missing_parsed, parse, parse_run
 from quantmap.executor.expert_runs import Run, entry_names
 from quantmap.executor.fan_in import Gathered, check_scalar
-from quantmap.executor.layout import Layout
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
                                       is_expert, to_local)
 from quantmap.executor.pack import unpack
@@ -147,7 +147,7 @@ class _Items(Sequence):
 class Plan:
     """The checked plan of one export, plus what is needed to build its tensors on the writer."""
 
-    def __init__(self, rules, layout: Layout, metas: list[dict], *, strict: bool = False, allow_partial: bool = False):
+    def __init__(self, rules, layout: ParallelLayout, metas: list[dict], *, strict: bool = False, allow_partial: bool = False):
         self.rules = rules
         self.layout = layout
         self.metas = metas

@@ -1,4 +1,4 @@
-"""The executor's side of :mod:`quantmap.layouts`: the op pipeline that moves one quantizer tensor
+"""The executor's side of :mod:`quantmap.element_layout`: the op pipeline that moves one quantizer tensor
 between tensor-parallel ranks and HF names, in one place for export and import.
 
 Per-tensor amax is a scalar, identical on every rank and copied to every name: it needs no
@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 
 from quantmap.executor.report import distinct
-from quantmap.layouts import Layout
+from quantmap.element_layout import ElementLayout
 from quantmap.ops import Max, Op, OpError, apply, reverse
 from quantmap.rules import Rule
 
@@ -92,7 +92,7 @@ class _Unplaced(Exception):
 # Pipelines depend on the layout, the HF name count, the shapes and the ranks only: a model has few
 # distinct combinations, and building one runs its ops on meta tensors.
 @lru_cache(maxsize=4096)
-def _export_pipeline(layout: Layout | None, count: int, shape: tuple[int, ...], ranks: int):
+def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int):
     layout = _placeable(layout, ranks)
     ops = layout.ops if ranks == 1 else layout.tp.gather(ranks, shape) + layout.ops
     outputs = apply(ops, [torch.empty(shape, device="meta")] * ranks)
@@ -101,7 +101,7 @@ def _export_pipeline(layout: Layout | None, count: int, shape: tuple[int, ...], 
 
 
 @lru_cache(maxsize=4096)
-def _import_pipeline(layout: Layout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int):
+def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int):
     layout = _placeable(layout, ranks)
     _check_count(count, len(shapes))
     ops = reverse(layout.ops)
@@ -113,7 +113,7 @@ def _import_pipeline(layout: Layout | None, count: int, shapes: tuple[tuple[int,
     return ops + scatter, rank
 
 
-def _placeable(layout: Layout | None, ranks: int) -> Layout:
+def _placeable(layout: ElementLayout | None, ranks: int) -> ElementLayout:
     if layout is None or layout.ops is None or (ranks > 1 and layout.tp is None):
         raise _Unplaced(layout.reason if layout is not None and layout.reason else "the rule has no shaped layout")
     return layout

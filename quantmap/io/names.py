@@ -18,7 +18,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # safetensors itself refuses headers over 100 MB
 
 
-class NamesError(ValueError):
+class NamesFileError(ValueError):
     """Names that cannot be read; the message says which file and what to do."""
 
 
@@ -34,7 +34,7 @@ def read_names(source: str | Path) -> list[str]:
         names = _read_directory(path)
     elif not path.is_file():
         special = special_file(path)
-        raise NamesError(f"{path}: is {special}, not a file (reading it could block forever); give a names file, "
+        raise NamesFileError(f"{path}: is {special}, not a file (reading it could block forever); give a names file, "
                          f"safetensors file, index or directory" if special else f"{path}: no such file or directory")
     elif path.name.endswith(INDEX_SUFFIX):
         names = _read_index(path)
@@ -51,7 +51,7 @@ def _read_directory(path: Path) -> list[str]:
         return [name for index in indexes for name in _read_index(index)]
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
-        raise NamesError(f"{path}: the directory holds no *.safetensors file and no *{INDEX_SUFFIX}; "
+        raise NamesFileError(f"{path}: the directory holds no *.safetensors file and no *{INDEX_SUFFIX}; "
                          "point at a checkpoint directory, a safetensors file or a text file of names")
     return [name for shard in shards for name in _read_header(shard)]
 
@@ -68,16 +68,16 @@ def read_weight_map(path: Path) -> dict[str, str]:
     try:
         data = parse_json(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as duplicate:
-        raise NamesError(f"{path}: {duplicate.key!r} is listed twice in one JSON object; an index lists each "
+        raise NamesFileError(f"{path}: {duplicate.key!r} is listed twice in one JSON object; an index lists each "
                          f"tensor once (in weight_map, with the one shard file that holds it): remove the "
                          f"duplicate entry") from None
     except OSError as exc:
-        raise NamesError(f"{path}: cannot read the index: {exc.strerror}") from None
+        raise NamesFileError(f"{path}: cannot read the index: {exc.strerror}") from None
     except ValueError as exc:  # not UTF-8, not JSON, an integer too long (total_size), nesting too deep
-        raise NamesError(f"{path}: not a safetensors index: {exc}") from None
+        raise NamesFileError(f"{path}: not a safetensors index: {exc}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
-        raise NamesError(f"{path}: not a safetensors index: it has no 'weight_map' object")
+        raise NamesFileError(f"{path}: not a safetensors index: it has no 'weight_map' object")
     return weight_map
 
 
@@ -111,19 +111,19 @@ def read_header(path: Path) -> dict:
         with path.open("rb") as stream:
             prefix = stream.read(8)
             if len(prefix) < 8:
-                raise NamesError(f"{path}: too short to be a safetensors file")
+                raise NamesFileError(f"{path}: too short to be a safetensors file")
             (length,) = struct.unpack("<Q", prefix)
             if length > min(MAX_HEADER_BYTES, path.stat().st_size - 8):
-                raise NamesError(f"{path}: not a safetensors file (header length {length} is impossible)")
+                raise NamesFileError(f"{path}: not a safetensors file (header length {length} is impossible)")
             header = parse_json(stream.read(length).decode("utf-8"))
-    except NamesError:
+    except NamesFileError:
         raise
     except OSError as exc:
-        raise NamesError(f"{path}: cannot read it: {exc.strerror}") from None
+        raise NamesFileError(f"{path}: cannot read it: {exc.strerror}") from None
     except ValueError:  # not UTF-8, not JSON, an integer too long, nesting too deep
-        raise NamesError(f"{path}: not a safetensors file (its header is not JSON)") from None
+        raise NamesFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
-        raise NamesError(f"{path}: not a safetensors file (its header is not a JSON object)")
+        raise NamesFileError(f"{path}: not a safetensors file (its header is not a JSON object)")
     return header
 
 
@@ -131,9 +131,9 @@ def _read_text(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise NamesError(f"{path}: not UTF-8 text; give a text file of names, a safetensors file, "
+        raise NamesFileError(f"{path}: not UTF-8 text; give a text file of names, a safetensors file, "
                          f"a *{INDEX_SUFFIX} or a checkpoint directory") from None
     except OSError as exc:
-        raise NamesError(f"{path}: cannot read it: {exc.strerror}") from None
+        raise NamesFileError(f"{path}: cannot read it: {exc.strerror}") from None
     stripped = (line.strip() for line in lines)
     return [name for name in stripped if name and not name.startswith("#")]

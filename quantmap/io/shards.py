@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.parallel import Coords, LayoutError, ParallelLayout
 from quantmap.io.safetensors_stream import write_state
 from quantmap.untrusted import parse_json, special_file
 
@@ -29,7 +29,7 @@ def rank_file(directory: str | Path, rank: int) -> Path:
     return Path(directory) / f"rank_{rank:05d}.safetensors"
 
 
-def check_rank_files(directory: str | Path, layout: Layout) -> None:
+def check_rank_files(directory: str | Path, layout: ParallelLayout) -> None:
     """Every rank of the layout has its file and no file lies beyond the layout's world, checked from the
     directory listing before any work: extra files would never be read (a silently partial export), and a
     layout far bigger than the files (``dp: 1000000000``) would otherwise run for minutes first."""
@@ -65,7 +65,7 @@ def _names(ranks: list[int], total: int | None = None) -> str:
     return shown + (f" and {total - _LISTED} more" if total > _LISTED else "")
 
 
-def coordinates(layout: Layout, coords: Coords) -> dict:
+def coordinates(layout: ParallelLayout, coords: Coords) -> dict:
     """What a rank's file records about where it sits: its position in both views and the global layer
     and expert ranges its local indices stand for (``[start, stop)``; experts ``None`` for a dense model)."""
     start = layout.layer_offset(coords.pp)
@@ -96,7 +96,7 @@ class LazyShard(Mapping):
         self.path = Path(path)
         self._handle = None
 
-    def check_coordinates(self, layout: Layout, coords: Coords) -> None:
+    def check_coordinates(self, layout: ParallelLayout, coords: Coords) -> None:
         """Refuse a file whose recorded coordinates are not the position it is read for (a swapped or
         renamed file, or one written for another layout); files without coordinates pass."""
         recorded = self._open().metadata() or {}
@@ -138,7 +138,7 @@ class LazyShard(Mapping):
         return self._open().keys()
 
 
-def write_rank(directory: str | Path, layout: Layout, coords: Coords, state: Mapping[str, torch.Tensor]) -> Path:
+def write_rank(directory: str | Path, layout: ParallelLayout, coords: Coords, state: Mapping[str, torch.Tensor]) -> Path:
     """Write one rank's tensors with its coordinates (temporary name, then rename)."""
     path = rank_file(directory, coords.rank)
     partial = path.with_suffix(".partial")
@@ -148,7 +148,7 @@ def write_rank(directory: str | Path, layout: Layout, coords: Coords, state: Map
     return path
 
 
-def save_shard(state_dict: Mapping, layout: Layout, directory: str | Path, rank: int | None = None) -> Path:
+def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Path, rank: int | None = None) -> Path:
     """Write this rank's quantizer state from a live model's ``state_dict()``; call it on every rank.
 
     Keeps the tensors whose name contains ``quantizer`` (``_amax``, ``_pre_quant_scale``, ...); rank 0

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import Quantizer, model_size, quantizers, state_names, swiglu_weights
-from quantmap.io.torch_dist.locate import Location, is_shard_directory, is_torch_dist, locate
-from quantmap.io.torch_dist.metadata import Entry, TorchDistError, read_entries
+from quantmap.io.torch_dist.locate import CheckpointLocation, is_shard_directory, is_torch_dist, locate
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import Entry, read_entries
 
-__all__ = ["Entry", "Location", "Quantizer", "TorchDistError", "checkpoint_names", "is_shard_directory",
+__all__ = ["Entry", "CheckpointLocation", "Quantizer", "TorchDistError", "checkpoint_names", "is_shard_directory",
            "is_torch_dist", "locate", "model_size", "names_and_swiglu", "quantizers", "read_entries", "state_names"]
 
 

@@ -19,8 +19,11 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from quantmap.io.torch_dist.metadata import TorchDistError
 from quantmap.untrusted import describe_special
+
+
+class TorchDistError(ValueError):
+    """A torch_dist checkpoint that cannot be read or written; the message names the file and the fix."""
 
 
 def is_relative_inside(relative) -> bool:

@@ -24,7 +24,8 @@ import re
 from typing import NamedTuple
 
 from quantmap.gc_pause import paused_gc
-from quantmap.io.torch_dist.metadata import Entry, TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import Entry
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
 from quantmap.untrusted import MAX_DIGITS, decimal
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.limits import MAX_TRACKER_BYTES, over
+from quantmap.parallel import LAYOUT_FILE
 from quantmap.untrusted import MAX_DIGITS, decimal
 
 TRACKER = "latest_checkpointed_iteration.txt"
-LAYOUT_FILE = "layout.json"  # quantmap's shard directory (quantmap.executor.layout.LAYOUT_FILE)
 
 
 @dataclass(frozen=True)
-class Location:
+class CheckpointLocation:
     """The DCP directory to read, and the save directory and iteration it came from (if any)."""
 
     path: Path
@@ -56,7 +57,7 @@ def _read_tracker(tracker: Path) -> str:
     return raw.decode("utf-8", errors="replace").strip()
 
 
-def locate(path: str | Path, iteration: int | None = None) -> Location:
+def locate(path: str | Path, iteration: int | None = None) -> CheckpointLocation:
     """The iteration directory of a save directory (the tracker's, or ``iteration``), or ``path`` itself."""
     path = Path(path)
     if not path.is_dir():
@@ -69,7 +70,7 @@ def locate(path: str | Path, iteration: int | None = None) -> Location:
         if iteration is not None:
             raise TorchDistError(f"{path} is one iteration's checkpoint already; --iteration picks an iteration of "
                                  f"a save directory (the one holding {TRACKER})")
-        return Location(path)
+        return CheckpointLocation(path)
     tracker = path / TRACKER
     if iteration is None:
         if not tracker.is_file():
@@ -90,4 +91,4 @@ def locate(path: str | Path, iteration: int | None = None) -> Location:
         source = f"--iteration {iteration}" if iteration is not None else f"{tracker} names iteration {named}"
         raise TorchDistError(f"{source}, but {target} holds no checkpoint ({METADATA_FILE} missing); "
                              f"iterations present: {', '.join(have) or 'none'}; pass --iteration N for one of them")
-    return Location(target, path, str(named))
+    return CheckpointLocation(target, path, str(named))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from quantmap.gc_pause import paused_gc
+from quantmap.io.torch_dist.files import TorchDistError, open_regular, regular_file
 
 METADATA_FILE = ".metadata"
 
@@ -36,10 +37,6 @@ _DTYPES = {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16"
 _PATHS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}  # checkpoint_id
 _TORCH = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | \
          {("torch", name) for name in _DTYPES} | _PATHS
-
-
-class TorchDistError(ValueError):
-    """A torch_dist checkpoint that cannot be read or written; the message names the file and the fix."""
 
 
 class _Record:
@@ -96,8 +93,6 @@ class _Unpickler(pickle.Unpickler):
 
 def load_metadata(directory: str | Path, *, real: bool = False):
     """The unpickled ``.metadata`` of a DCP directory (stand-in objects, or torch's with ``real``)."""
-    from quantmap.io.torch_dist.files import open_regular
-
     path = Path(directory) / METADATA_FILE
     if not path.exists() and not path.is_symlink():
         raise TorchDistError(f"{path}: missing; a torch_dist checkpoint directory holds .metadata beside its "
@@ -269,8 +264,6 @@ def tiling_problem(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tu
 def check_files(directory: str | Path, entries: dict[str, Entry]) -> None:
     """Every byte range ``.metadata`` records lies within its file (sizes only, no data read): what an import
     keeps by reference must be there, or it would publish a broken checkpoint."""
-    from quantmap.io.torch_dist.files import regular_file
-
     directory, ends = Path(directory), {}
     for entry in entries.values():
         for chunk in entry.chunks:

@@ -1,14 +1,10 @@
-"""The quantizer configuration a checkpoint's ``modelopt_state/`` records, to catch tensors that contradict it.
+"""The quantizer configuration a checkpoint's ``modelopt_state/`` records, read from the file, to catch
+tensors that contradict it; what the configuration means is :mod:`quantmap.recipe`.
 
 Megatron-LM saves ModelOpt's state as a second, tensor-free DCP checkpoint; its ``common.pt`` loads
 with ``torch.load(weights_only=True)`` and holds ``modelopt_state_dict``: ``[(mode, {"config": ...})]``
 where the ``quantize`` mode's ``config["quant_cfg"]`` is ModelOpt's ordered list of
 ``{"quantizer_name": wildcard, "cfg": {...} | None, "enable": bool, "parent_class": ...}``.
-ModelOpt applies the entries in order (``set_quantizer_by_cfg``, modelopt/torch/quantization/
-conversion.py in 0.47): the wildcard is ``fnmatch``-ed against the quantizer's module name, an
-entry with ``cfg`` replaces all its attributes, one without only toggles ``enable``. Entries restricted
-to a ``parent_class`` are left out: the stock configs use them only to disable quantizers under
-torch classes Megatron-Core's layers are not (``nn.BatchNorm1d``, ``nn.Embedding``, ...).
 
 What is checked: an enabled quantizer whose effective ``cfg`` is per-tensor (``axis`` and
 ``block_sizes`` both ``None``) must have a one-element ``_amax``.
@@ -17,10 +13,10 @@ What is checked: an enabled quantizer whose effective ``cfg`` is per-tensor (``a
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatch
 from pathlib import Path
 
-from quantmap.io.torch_dist.metadata import TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.recipe import per_tensor
 
 STATE_FILE = Path("modelopt_state") / "common.pt"
 
@@ -66,25 +62,6 @@ def _malformed(path: Path, problem: str) -> TorchDistError:
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else f"{text[:60]}..."
-
-
-def per_tensor(quantizer: str, entries: list[dict]) -> bool | None:
-    """Whether ModelOpt's config makes ``quantizer`` (a module name) an enabled per-tensor quantizer;
-    ``None`` when it does not say (disabled, never configured, a sequential cfg)."""
-    attributes, enabled = None, True
-    for entry in entries:
-        if not isinstance(entry, dict) or entry.get("parent_class") or \
-                not fnmatch(quantizer, str(entry.get("quantizer_name", ""))):
-            continue
-        cfg = entry.get("cfg")
-        enabled = bool(entry.get("enable", True))
-        if cfg is not None:
-            if not isinstance(cfg, dict):
-                return None
-            attributes = cfg
-    if attributes is None or not enabled:
-        return None
-    return attributes.get("axis") is None and attributes.get("block_sizes") is None
 
 
 def check_shapes(directory: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -24,9 +24,9 @@ from typing import NamedTuple
 import torch
 
 from quantmap.gc_pause import paused_gc
-from quantmap.io.torch_dist.files import open_regular
+from quantmap.io.torch_dist.files import TorchDistError, open_regular
 from quantmap.io.torch_dist.keys import Quantizer
-from quantmap.io.torch_dist.metadata import Chunk, Entry, TorchDistError, truncated
+from quantmap.io.torch_dist.metadata import Chunk, Entry, truncated
 
 _GAP = 64 << 10  # read across gaps up to this many bytes rather than seek
 _SMALL = 64  # tensors up to this many bytes are copied out in one gather (bigger ones are viewed in place)

@@ -17,18 +17,18 @@ import pickle
 import shutil
 import uuid
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from quantmap.executor.values import converted
 from quantmap.io.staging import Staged
-from quantmap.io.torch_dist.files import regular_file, resolve_inside
+from quantmap.io.torch_dist.files import TorchDistError, regular_file, resolve_inside
 from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
                                         quantizers)
-from quantmap.io.torch_dist.locate import TRACKER, Location
-from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, TorchDistError, check_files, load_metadata,
+from quantmap.io.torch_dist.locate import TRACKER, CheckpointLocation
+from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, check_files, load_metadata,
                                             read_entries)
 from quantmap.io.torch_dist.read import interleave, read_tensors
 
@@ -45,16 +45,23 @@ class Written:
     kept: list[str] = field(default_factory=list)  # checkpoint quantizers the state did not give
 
 
-def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str | Path | None = None,
-               in_place: bool = False, entries: dict[str, Entry] | None = None) -> Written:
+Convert = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
+
+
+def write_into(location: CheckpointLocation, state: dict[str, torch.Tensor], *, convert: Convert,
+               out: str | Path | None = None, in_place: bool = False,
+               entries: dict[str, Entry] | None = None) -> Written:
     """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``
-    (``entries``: its ``.metadata`` as the caller read it already)."""
+    (``entries``: its ``.metadata`` as the caller read it already). ``convert(name, tensor, dtype)`` gives
+    each tensor in the dtype the checkpoint stores it in, or refuses a conversion that changes its value:
+    which values are acceptable is the caller's policy (:func:`quantmap.executor.values.converted`), not
+    the file format's."""
     if (out is None) == (not in_place):
         raise TorchDistError("give either an output directory (--out) or --in-place")
     source = location.path
     entries = read_entries(source) if entries is None else entries
     check_files(source, entries)  # every entry not written is kept by reference
-    stored, written = _stored_tensors(source, entries, state)
+    stored, written = _stored_tensors(source, entries, state, convert)
     if in_place:
         written.path = source
         _publish_in_place(source, entries, stored)
@@ -78,7 +85,7 @@ def write_into(location: Location, state: dict[str, torch.Tensor], *, out: str |
     return written
 
 
-def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, torch.Tensor]):
+def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, torch.Tensor], convert: Convert):
     """Checkpoint key → (global tensor as the checkpoint stores it, chunks) for every key ``state`` touches."""
     by_name = {q.name: q for q in quantizers(entries)}
     prefix = prefix_of(entries)
@@ -94,7 +101,7 @@ def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, to
                                  f"the HF checkpoint and this Megatron checkpoint are not the same model or config")
         entry = entries.get(quantizer.key)
         dtype = getattr(torch, entry.dtype) if entry is not None else tensor.dtype
-        value = converted(name, tensor, dtype).reshape(quantizer.stored)
+        value = convert(name, tensor, dtype).reshape(quantizer.stored)
         if quantizer.interleaved > 1:
             value = interleave(value, quantizer.interleaved)
         if quantizer.layer is not None:

@@ -6,6 +6,7 @@ the ordinary export. Run on several ranks (``torchrun``, ``--nproc N``), rank ``
 stage ``r`` of ``pp=N`` with the layers split as evenly as possible (``layers_per_stage``), reads
 only its stage's quantizer tensors from the checkpoint (names outside the layers on the stage
 Megatron builds them on) and sends them to the writer, so no rank reads what another reads.
+The commands that run these from files (locking, launching, staging) are in :mod:`quantmap.executor.launch`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import torch
 
-from quantmap.executor.groups import Placement
-from quantmap.executor.layout import Layout
+from quantmap.executor.placement import Placement
+from quantmap.executor.values import converted
+from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
-from quantmap.io.torch_dist import Location, locate, model_size, quantizers, read_entries
+from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
-from quantmap.io.torch_dist.metadata import METADATA_FILE, TorchDistError
+from quantmap.io.torch_dist.files import TorchDistError
+from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.locks import directory_lock
@@ -29,14 +32,15 @@ from quantmap.io.torch_dist.write import Written, commit_reported, write_into
 from quantmap.sizes import gating_contradiction, size_contradiction
 
 
-def checkpoint_layout(entries, world: int = 1) -> Layout:
+def checkpoint_layout(entries, world: int = 1) -> ParallelLayout:
     """The layout a checkpoint is read as: one rank, or ``world`` pipeline stages splitting its layers."""
     layers, experts = model_size(entries)
     stages = [layers // world + (stage < layers % world) for stage in range(world)]
-    return Layout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
+    return ParallelLayout(pp=world, num_layers=layers, num_experts=experts, layers_per_stage=stages if world > 1 else None)
 
 
-def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) -> tuple[Layout, dict[str, torch.Tensor]]:
+def read_state(location: CheckpointLocation, world: int = 1, rank: int = 0,
+               rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor]]:
     """The layout ``world`` ranks read the checkpoint as (:func:`checkpoint_layout`), and rank ``rank``'s
     local quantizer state under it; with ``rules``, their size parameters are checked against the
     checkpoint's shapes first (:func:`check_sizes`)."""
@@ -44,8 +48,8 @@ def read_state(location: Location, world: int = 1, rank: int = 0, rules=None) ->
     return layout, state
 
 
-def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
-                    rules=None) -> tuple[Layout, dict[str, torch.Tensor], tuple[int, int]]:
+def read_checkpoint(location: CheckpointLocation, world: int = 1, rank: int = 0,
+                    rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor], tuple[int, int]]:
     """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
     for the export's report.
 
@@ -55,7 +59,7 @@ def read_checkpoint(location: Location, world: int = 1, rank: int = 0,
         return _read_state(location, world, rank, rules)
 
 
-def check_sizes(rules, location: Location, entries) -> None:
+def check_sizes(rules, location: CheckpointLocation, entries) -> None:
     """Refuse size parameters (heads, groups, head_dim, hidden_size) that the checkpoint's own weight shapes
     contradict, and a spec whose gating (one fc1 tensor, or gate and up) the checkpoint's keys contradict:
     both decide where the rows of a shaped quantizer go, and a wrong one can cut them cleanly into the
@@ -67,7 +71,7 @@ def check_sizes(rules, location: Location, entries) -> None:
         raise TorchDistError(f"{location.path / METADATA_FILE}: {problem}")
 
 
-def _read_state(location: Location, world: int, rank: int, rules):
+def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
     entries = read_entries(location.path)
     if rules is not None:
         check_sizes(rules, location, entries)
@@ -87,8 +91,8 @@ def _read_state(location: Location, world: int, rank: int, rules):
     return layout, state, not_quantizer_state(entries)
 
 
-def export_offline_from(rules, location: Location, *, out, shard_size: int, progress: bool, strict: bool = False,
-                        allow_partial: bool = False):
+def export_offline_from(rules, location: CheckpointLocation, *, out, shard_size: int, progress: bool,
+                        strict: bool = False, allow_partial: bool = False):
     from quantmap.executor.export import export_offline
 
     layout, state, (tensors, entries) = read_checkpoint(location, rules=rules)
@@ -98,8 +102,8 @@ def export_offline_from(rules, location: Location, *, out, shard_size: int, prog
     return result
 
 
-def export_rank(rules, location: Location, *, out, shard_size: int, timeout, progress: bool, strict: bool = False,
-                allow_partial: bool = False):
+def export_rank(rules, location: CheckpointLocation, *, out, shard_size: int, timeout, progress: bool,
+                strict: bool = False, allow_partial: bool = False):
     """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
     import torch.distributed as dist
 
@@ -127,7 +131,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
         return _import_into(rules, hf_dir, location, out, in_place, strict)
 
 
-def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict: bool):
+def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: bool, strict: bool):
     from quantmap.executor.importer import Catalog, finish, import_rank
     from quantmap.io.hf import Checkpoint
 
@@ -139,44 +143,7 @@ def _import_into(rules, hf_dir, location: Location, out, in_place: bool, strict:
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
     report = finish(catalog, report, strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    written: Written = write_into(location, state, out=out, in_place=in_place, entries=entries)
+    written: Written = write_into(location, state, convert=converted, out=out, in_place=in_place,
+                                  entries=entries)
     report.written = len(state)
     return report, written
-
-
-def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
-                      progress: bool, timeout, iteration: int | None = None, strict: bool = False,
-                      allow_partial: bool = False):
-    """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
-    import quantmap
-    from quantmap.executor.launch import launch_ranks, mode
-
-    location = locate(megatron, iteration)
-    how = mode(nproc)
-    with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
-                                                                purpose="an export"):
-        if how == "offline":
-            return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                                       progress=progress, strict=strict, allow_partial=allow_partial).report
-        args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
-        return launch_ranks(how, nproc, _export_worker, args, timeout)
-
-
-def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
-    import quantmap
-
-    result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                         timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
-    return result.report if result.is_writer else None
-
-
-def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
-                           iteration: int | None = None, strict: bool = False):
-    """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
-    import quantmap
-    from quantmap.io import staging
-
-    with nullcontext() if out is None else staging.command(out):
-        report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
-                                iteration=iteration, strict=strict)
-    return report

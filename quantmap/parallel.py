@@ -10,7 +10,7 @@ It builds two generators over the same world:
 
 so expert parallelism is carved out of data (and context) parallelism inside each pipeline stage,
 and both views share the pipeline groups. Everything here is pure; meshes live in
-:mod:`quantmap.executor.groups`.
+:mod:`quantmap.executor.placement`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Coords(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParallelLayout:
     """Parallel sizes and how layers and experts split over them.
 
     ``etp`` defaults to ``tp`` (Megatron's default); ``layers_per_stage`` is uniform when absent.
@@ -165,7 +165,7 @@ class Layout:
         return out
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "layout") -> "Layout":
+    def from_json(cls, data: dict, source: str = "layout") -> "ParallelLayout":
         if not isinstance(data, dict):
             raise LayoutError(f"{source}: a layout must be a JSON object such as "
                               f'{{"tp": 2, "pp": 1, "dp": 1, "num_layers": 4}}, got {type(data).__name__} {data!r:.40}')
@@ -186,7 +186,7 @@ class Layout:
             raise LayoutError(f"{source}: {error}") from None
 
     @classmethod
-    def read(cls, path: str | Path) -> "Layout":
+    def read(cls, path: str | Path) -> "ParallelLayout":
         path = Path(path)
         if path.is_dir():
             path = path / LAYOUT_FILE

@@ -15,7 +15,7 @@ where its elements go (facts from Megatron-Core 0.16 + ModelOpt 0.47, ``tests/da
   differ and are reported), split on dim 0 over the ranks of a row-parallel one, and the same for
   every part of a fused group (q, k and v read the same input).
 
-A :class:`Layout` says both things: ``tp`` (how the full Megatron tensor lies over TP ranks) and
+A :class:`ElementLayout` says both things: ``tp`` (how the full Megatron tensor lies over TP ranks) and
 ``ops`` (the :mod:`quantmap.ops` pipeline from the full Megatron tensor to one tensor per HF name).
 Export gathers the ranks, then runs ``ops``; import runs the inverse pipeline, then cuts the rank's
 piece. Where the mapping does not say enough, the part is ``None`` with a ``reason``, and the
@@ -122,7 +122,7 @@ class TensorParallel:
 
 
 @dataclass(frozen=True, slots=True)
-class Layout:
+class ElementLayout:
     """A rule's shaped layout: ``tp`` and ``ops`` (``None`` where unknown, with the ``reason``).
 
     For the weight of a fused-experts tensor, ``tp`` is how each expert's Megatron tensor lies over
@@ -141,7 +141,7 @@ class Layout:
 
 def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str, ...],
            hf_parts: tuple[str, ...] | None, params: dict, hf_layout: tuple[str, ...] = (),
-           experts: int | None = None, quantized: tuple[str, ...] | None = None) -> Layout:
+           experts: int | None = None, quantized: tuple[str, ...] | None = None) -> ElementLayout:
     """The layout of a weight (``buffer`` None) or of one of its quantizer buffers.
 
     ``kind`` and ``parts`` describe the Megatron weight (a fused group's parts in Megatron's order),
@@ -159,7 +159,7 @@ def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str
     elif buffer == "input_quantizer._pre_quant_scale":
         side = "input"
     else:
-        return Layout(None, None, f"{buffer} is per-tensor; a non-scalar one has no known layout")
+        return ElementLayout(None, None, f"{buffer} is per-tensor; a non-scalar one has no known layout")
     tp, tp_reason = _tensor_parallel(side, parallel, kind, params)
     if side != "weight" and quantized is not None:
         ops, ops_reason = _partly_quantized(side, parts, quantized)
@@ -171,7 +171,7 @@ def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str
         ops, ops_reason = _ops(side, kind, parts, hf_parts, params, rows, INTERLEAVED in hf_layout)
         if ops is not None:
             ops, ops_reason = _hf_tensor(ops, rows, TRANSPOSED in hf_layout, experts)
-    return Layout(tp, ops, "; ".join(r for r in (tp_reason, ops_reason) if r) or None)
+    return ElementLayout(tp, ops, "; ".join(r for r in (tp_reason, ops_reason) if r) or None)
 
 
 def _tensor_parallel(side: str, parallel: str | None, kind: str, params: dict):

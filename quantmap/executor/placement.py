@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quantmap.executor.layout import Coords, Layout, LayoutError
+from quantmap.parallel import Coords, LayoutError, ParallelLayout
 
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
 EXPERT_DIMS = ("pp", "edp", "ep", "etp")
@@ -22,29 +22,21 @@ EXPERT_DIMS = ("pp", "edp", "ep", "etp")
 class Placement:
     """A rank's coordinates plus the group that spans the layout (``None``: one process plays every rank)."""
 
-    layout: Layout
+    layout: ParallelLayout
     coords: Coords
     group: Any = None
-    meshes: tuple[Any, Any] | None = None  # (dense, expert) DeviceMesh, when built here
 
     @classmethod
-    def offline(cls, layout: Layout, rank: int) -> "Placement":
+    def offline(cls, layout: ParallelLayout, rank: int) -> "Placement":
         return cls(layout, layout.coords(rank))
 
     @classmethod
-    def from_world(cls, layout: Layout, device_type: str | None = None) -> "Placement":
+    def from_world(cls, layout: ParallelLayout, device_type: str | None = None) -> "Placement":
         """Build both meshes over the default process group (already initialised by the launcher)."""
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-
-        layout.check_world(dist.get_world_size())
-        device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dense = init_device_mesh(device_type, (layout.pp, layout.dp, layout.cp, layout.tp), mesh_dim_names=DENSE_DIMS)
-        expert = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.etp), mesh_dim_names=EXPERT_DIMS)
-        return cls.from_meshes(layout, dense, expert)
+        return cls.from_meshes(layout, *device_meshes(layout, device_type))
 
     @classmethod
-    def from_meshes(cls, layout: Layout, dense, expert) -> "Placement":
+    def from_meshes(cls, layout: ParallelLayout, dense, expert) -> "Placement":
         """Coordinates from a dense and an expert ``DeviceMesh`` with the dims named as above."""
         import torch.distributed as dist
 
@@ -53,10 +45,10 @@ class Placement:
         local = {name: dense.get_local_rank(name) for name in DENSE_DIMS}
         local.update({name: expert.get_local_rank(name) for name in EXPERT_DIMS[1:]})
         coords = Coords(dist.get_rank(), **{k: local[k] for k in Coords._fields[1:]})
-        return cls(layout, coords, None, (dense, expert))
+        return cls(layout, coords)
 
     @classmethod
-    def from_groups(cls, layout: Layout, *, tp=None, cp=None, dp=None, pp=None, etp=None, ep=None, edp=None,
+    def from_groups(cls, layout: ParallelLayout, *, tp=None, cp=None, dp=None, pp=None, etp=None, ep=None, edp=None,
                     group=None) -> "Placement":
         """Coordinates from a caller's process groups (Megatron's ``parallel_state`` groups); a size-1
         dimension may be left out. ``group`` spans the layout's ranks (default: the world)."""
@@ -77,6 +69,19 @@ class Placement:
             local[name] = dist.get_rank(handle)
         layout.check_world(dist.get_world_size(group))
         return cls(layout, Coords(dist.get_rank(group), **local), group)
+
+
+def device_meshes(layout: ParallelLayout, device_type: str | None = None) -> tuple[Any, Any]:
+    """The dense and the expert ``DeviceMesh`` of ``layout`` over the default process group (already
+    initialised by the launcher), with the dims named as above."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    layout.check_world(dist.get_world_size())
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dense = init_device_mesh(device_type, (layout.pp, layout.dp, layout.cp, layout.tp), mesh_dim_names=DENSE_DIMS)
+    expert = init_device_mesh(device_type, (layout.pp, layout.edp, layout.ep, layout.etp), mesh_dim_names=EXPERT_DIMS)
+    return dense, expert
 
 
 def _check_mesh(mesh, names: tuple[str, ...], shape: tuple[int, ...], view: str) -> None:
