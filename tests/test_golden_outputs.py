@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantmap.cli import app
-from quantmap.executor import Layout
+from quantmap.executor import ParallelLayout
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden" / "outputs.json"
@@ -95,7 +95,7 @@ def test_a_shard_directorys_export_and_import_are_unchanged(stem, tp, tmp_path):
     spec, params, experts = SHARD_RUNS[stem]
     shards = tmp_path / "megatron"
     shards.mkdir()
-    Layout(tp=tp, num_layers=2, num_experts=experts).write(shards)
+    ParallelLayout(tp=tp, num_layers=2, num_experts=experts).write(shards)
     names = [f"{stem}_tp1"] if tp == 1 else [f"{stem}_tp2pp1ep1_rank{rank}" for rank in range(2)]
     for rank, name in enumerate(names):
         shutil.copy(DATA / "megatron" / f"{name}.safetensors", shards / f"rank_{rank:05d}.safetensors")
