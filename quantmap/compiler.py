@@ -52,6 +52,24 @@ class _Context:
     unbound: set[str] = field(default_factory=set)  # missing parameters already reported
 
 
+@dataclass(frozen=True)
+class RuleSource:
+    """What a :class:`RuleSet` was compiled from: the resolved spec (plain data: its files already read),
+    the run-time parameters given, and the HF naming.
+
+    A rule set pickles as its source and unpickling compiles it again (:meth:`compile`): the index's
+    lookup functions are generated code, which pickle cannot carry, and a spawned worker must get the
+    very rules its command compiled without reading the spec's files again (they may have changed or
+    gone since the command started)."""
+
+    spec: ResolvedSpec
+    params: dict[str, int]
+    hf_naming: str
+
+    def compile(self) -> RuleSet:
+        return compile_spec(self.spec, self.params, self.hf_naming)
+
+
 HF_NAMINGS = ("on-disk", "in-memory")
 
 
@@ -61,6 +79,7 @@ def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None, hf_na
     live model's quantizers); raises :class:`SpecError` on any error."""
     if hf_naming not in HF_NAMINGS:
         raise ValueError(f"hf_naming must be 'on-disk' or 'in-memory', not {hf_naming!r}")
+    source = RuleSource(spec, dict(params or {}), hf_naming)
     if hf_naming == "in-memory" and spec.in_memory_renames:
         spec = _renamed_in_memory(spec)
     context = _Context(spec, _bind_params(spec, params or {}), [], [])
@@ -76,7 +95,7 @@ def compile_spec(spec: ResolvedSpec, params: dict[str, int] | None = None, hf_na
     _check_conflicts(index, context)
     if context.errors:
         raise SpecError(context.errors)
-    return RuleSet(spec, tuple(rules), index, tuple(context.warnings), context.params)
+    return RuleSet(source, spec, tuple(rules), index, tuple(context.warnings), context.params)
 
 
 def _renamed_in_memory(spec: ResolvedSpec) -> ResolvedSpec:

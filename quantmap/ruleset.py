@@ -8,6 +8,7 @@ from quantmap.diagnostics import Diagnostic
 from quantmap.rules import WEIGHT, Match, Rule
 
 if TYPE_CHECKING:
+    from quantmap.compiler import RuleSource
     from quantmap.index import Index
     from quantmap.spec.loader import ResolvedSpec
 
@@ -21,13 +22,15 @@ class RuleSet:
     a wrapper method would add a call to each. ``to_hf_template(megatron_name, span)`` is the forward
     match of every name that differs from the given one only in the index at ``span``, that index
     left as ``*`` (``None`` where the index cannot prove one match serves them all). Iterating gives the rules in spec order;
-    ``warnings`` lists what the compiler could not derive, and why.
+    ``warnings`` lists what the compiler could not derive, and why. ``source`` is what it was compiled
+    from (and how it pickles); ``hf_naming`` the HF naming its names are in.
     """
 
-    __slots__ = ("spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron")
+    __slots__ = ("source", "spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron")
 
-    def __init__(self, spec: ResolvedSpec, rules: tuple[Rule, ...], index: Index,
+    def __init__(self, source: RuleSource, spec: ResolvedSpec, rules: tuple[Rule, ...], index: Index,
                  warnings: tuple[Diagnostic, ...], params: dict[str, int | None]):
+        self.source = source
         self.spec = spec
         self.rules = rules
         self.warnings = warnings
@@ -49,6 +52,14 @@ class RuleSet:
                 quantized = match.rule.quantized_parts
                 return match if quantized is not None and match.part not in quantized else None
         return None
+
+    @property
+    def hf_naming(self) -> str:
+        return self.source.hf_naming
+
+    def __reduce__(self):
+        # the source's own ``compile`` (quantmap.compiler, which imports this module: never the other way)
+        return type(self.source).compile, (self.source,)
 
     def __iter__(self) -> Iterator[Rule]:
         return iter(self.rules)
