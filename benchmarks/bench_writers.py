@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import quantmap
-from quantmap.executor import ParallelLayout, Placement, export
+from quantmap.executor import ParallelLayout, Placement, RunOptions, export
 from quantmap.executor.launch import spawn
 from quantmap.executor.writers import writer_ranks
 from quantmap.io.hf import INDEX
@@ -65,7 +65,7 @@ def _bench(rows: int, shard_size: int, writers: int, out: str) -> dict:
     dist.barrier()
     before = _peak_reset()
     start = time.perf_counter()
-    result = export(rules, state, placement, out=out, shard_size=shard_size, writers=writers)
+    result = export(rules, state, placement, out=out, writers=writers, options=RunOptions(shard_size=shard_size))
     dist.barrier()
     seconds = time.perf_counter() - start
     return dict(rank=rank, seconds=seconds, calls=result.calls, peak=_status("VmHWM") - before,

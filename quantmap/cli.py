@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, List, Optional
 import typer
 
 from quantmap.diagnostics import SpecError
-from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, over
+from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_TIMEOUT_S, over
 from quantmap.untrusted import MAX_DIGITS, decimal
 
 app = typer.Typer(
@@ -501,7 +501,6 @@ def _layer_kinds(items: Optional[List[str]], layers: int, config: Optional[str],
 NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker processes (one per rank). Under torchrun "
                         "the launcher's ranks are used; otherwise one process plays every rank.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no report.")
-MAX_TIMEOUT_S = 7 * 24 * 3600  # a week; torch.distributed keeps timeouts in milliseconds, and nothing waits longer
 TimeoutOpt = typer.Option(600, "--timeout", min=1, max=MAX_TIMEOUT_S,
                           help="Seconds a collective may wait before every rank fails (at most a week).")
 
@@ -537,10 +536,11 @@ def export_command(
             *(["--iteration", str(iteration)] if iteration is not None else []),
             *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
-    _run_executor(spec, params, hf_naming, quiet, lambda params: export_shards(
-        spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout), strict=strict, allow_partial=allow_partial, iteration=iteration),
-        next_step=f"next: check the export against its source (it must be clean): {check_it}")
+    rules = compile_or_exit(spec, params, hf_naming)
+    options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
+                           quiet=quiet, nproc=nproc)
+    _run_executor(quiet, lambda: export_shards(rules, megatron, out, options, iteration=iteration),
+                  next_step=f"next: check the export against its source (it must be clean): {check_it}")
 
 
 @app.command("import")
@@ -577,19 +577,20 @@ def import_command(
         if (out is None) == (not in_place):
             raise typer.BadParameter("with --into, give --out NEW or --in-place", param_hint="--out/--in-place")
         _one_process_only(context, nproc)
-        from quantmap.executor.launch import import_checkpoint_into
-
-        _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint_into(
-            spec, params, hf, into, out=out, in_place=in_place, iteration=iteration, strict=strict))
-        return
-    if out is None or in_place or iteration is not None:
+    elif out is None or in_place or iteration is not None:
         raise typer.BadParameter("with --layout, give --out (--in-place and --iteration go with --into)",
                                  param_hint="--out")
+    rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
+    options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc)
+    if into is not None:
+        from quantmap.executor.launch import import_checkpoint_into
+
+        _run_executor(quiet, lambda: import_checkpoint_into(rules, hf, into, options, out=out, in_place=in_place,
+                                                            iteration=iteration))
+        return
     from quantmap.executor.launch import import_checkpoint
 
-    _run_executor(spec, spec_params(spec, param, config), hf_naming, quiet, lambda params: import_checkpoint(
-        spec, params, hf, layout, out, strict=strict, nproc=nproc, progress=not quiet,
-        timeout=timedelta(seconds=timeout)))
+    _run_executor(quiet, lambda: import_checkpoint(rules, hf, layout, out, options))
 
 
 def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
@@ -604,11 +605,16 @@ def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
                                  "bounds; drop --timeout", param_hint="--timeout")
 
 
-def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet: bool, run,
-                  next_step: Optional[str] = None) -> None:
-    """Run an export/import after checking the spec; its report on stderr, then ``next_step`` (the
-    command to run next), its failure as one message and exit code 1. ``run`` gets the keyword
-    arguments of ``quantmap.compile``: the spec's run-time parameters and ``hf_naming``."""
+def _run_options(*, timeout: int, quiet: bool, **given):
+    """The run's options from the command's flags (already range-checked by their typer options)."""
+    from quantmap.executor.options import RunOptions
+
+    return RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
+
+
+def _run_executor(quiet: bool, run, next_step: Optional[str] = None) -> None:
+    """Run an export/import (``run()``, given the compiled rules and options); its report on stderr,
+    then ``next_step`` (the command to run next), its failure as one message and exit code 1."""
     from quantmap.executor import ExecutorError, LayoutError
     from quantmap.executor.naming import NamingError
     from quantmap.io.hf import CheckpointError
@@ -617,10 +623,9 @@ def _run_executor(spec: str, params: dict[str, int], hf_naming: HfNaming, quiet:
 
     from quantmap.executor.launch import Interrupted
 
-    compile_or_exit(spec, params, hf_naming)
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        report = run({**params, "hf_naming": hf_naming.value})
+        report = run()
     except (ExecutorError, LayoutError, NamingError, NamesFileError, CheckpointError, TorchDistError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

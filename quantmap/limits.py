@@ -18,6 +18,8 @@ MAX_EXPERTS = 65_536  # routed experts per MoE layer, and so any expert index + 
 MAX_PARAM = 1 << 24  # any other run-time parameter of a spec (hidden size, head counts: thousands)
 MAX_SPEC_BYTES = 1 << 20  # one spec file; the largest shipped spec is a few KB
 MAX_TRACKER_BYTES = 64  # latest_checkpointed_iteration.txt: an iteration number or 'release'
+# --timeout: a week. torch.distributed keeps timeouts in milliseconds, and nothing waits longer.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 PARAM_LIMITS = {"num_layers": MAX_LAYERS, "num_experts": MAX_EXPERTS}
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from executor_support import SPECS, global_state, quantizers, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, LayoutError, ParallelLayout, export_offline, import_offline
+import quantmap
+from quantmap.executor import ExecutorError, ParallelLayout, LayoutError, RunOptions, export_offline, import_offline
 from quantmap.executor.completeness import missing_names
 from quantmap.executor.launch import export_shards
 from quantmap.io.shards import save_shard
@@ -56,7 +57,7 @@ def test_import_reports_every_name_of_a_layer_removed_from_the_index_and_strict_
     assert report.missing == _amax_names(gone) and report.problems == len(report.missing)
     with pytest.raises(ExecutorError, match=rf"{len(report.missing)} HF name\(s\) the layout's ranks need but the "
                                             rf"checkpoint lacks: model\.layers\.1\."):
-        import_offline(rules_for("seq"), hf, layout, tmp_path / "strict", strict=True)
+        import_offline(rules_for("seq"), hf, layout, tmp_path / "strict", options=RunOptions(strict=True))
     assert not (tmp_path / "strict").exists()
 
 
@@ -91,7 +92,7 @@ def _import_dropping_layer_one(tmp: str, strict: bool):
 
     layout = ParallelLayout(pp=2, num_layers=4, num_experts=4)
     return import_(rules_for("seq"), Path(tmp) / "hf-seq-4", Placement.from_world(layout), Path(tmp) / f"mg-{strict}",
-                   strict=strict)
+                   options=RunOptions(strict=strict))
 
 
 @pytest.mark.slow
@@ -147,7 +148,8 @@ def _shards(tmp_path: Path, form: str, layout: ParallelLayout, edit=None) -> Pat
 def _export(directory: Path, out: Path, form: str = "dense", experts: int | None = None, **options):
     """Export a shard directory the way the CLI does offline (one lazily read file per rank)."""
     params = {"num_experts": experts} if form == "grouped" else {}
-    return export_shards(str(SPECS / SPEC_FILES[form]), params, directory, out, shard_size=2**30, **options)
+    return export_shards(quantmap.compile(str(SPECS / SPEC_FILES[form]), **params), directory, out,
+                         RunOptions(shard_size=2**30, **options))
 
 
 def test_an_empty_pipeline_stage_file_is_refused_and_reported_under_allow_partial(tmp_path):
@@ -199,7 +201,7 @@ def _export_an_empty_stage(directory: str, out: str, allow_partial: bool):
 
     placement = Placement.from_world(ParallelLayout.read(directory))
     result = export(rules_for("dense"), LazyShard(rank_file(directory, placement.coords.rank)), placement, out=out,
-                    allow_partial=allow_partial)
+                    options=RunOptions(allow_partial=allow_partial))
     return result.report.missing, result.calls
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from executor_support import global_state, quantizers, rules_for, shard, values_of_every_rank
-from quantmap.executor import ParallelLayout, export_offline
+from quantmap.executor import ParallelLayout, RunOptions, export_offline
 from quantmap.io.hf import Checkpoint
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
@@ -49,7 +49,7 @@ def _run_world(scenarios, tmp: str) -> dict:
         given = Placement.from_groups(layout, **{dim: dense[dim].get_group() for dim in ("tp", "cp", "dp", "pp")},
                                       **{dim: expert[dim].get_group() for dim in ("etp", "ep", "edp")})
         base = Path(tmp) / f"{label}-{form}"
-        written = export(rules, state, placement, out=base / "hf", shard_size=256)
+        written = export(rules, state, placement, out=base / "hf", options=RunOptions(shard_size=256))
         in_memory = export(rules, state, placement)
         import_(rules, base / "hf", placement, base / "mg")
         shard_file = LazyShard(rank_file(base / "mg", rank))

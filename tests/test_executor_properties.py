@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from executor_support import global_state, quantizers, rules_for, shard
-from quantmap.executor import ParallelLayout, export_offline, import_offline
+from quantmap.executor import ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 
@@ -39,7 +39,7 @@ def test_export_does_not_depend_on_the_layout_and_import_inverts_it(case):
     expected = export_offline(rules, [state], ParallelLayout(num_layers=layout.num_layers, num_experts=layout.num_experts))
     ranks = shard(state, layout)
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_offline(rules, ranks, layout, out=Path(tmp) / "hf", shard_size=512)
+        exported = export_offline(rules, ranks, layout, out=Path(tmp) / "hf", options=RunOptions(shard_size=512))
         got = exported.state_dict()
         want = expected.state_dict()
         assert sorted(got) == sorted(want)

@@ -12,7 +12,7 @@ import torch
 
 import quantmap
 from executor_support import global_state, rules_for, shard, values_of_every_rank
-from quantmap.executor import ExecutorError, ParallelLayout
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions
 from quantmap.executor import expert_runs
 from quantmap.executor.export import export_offline
 from quantmap.executor.placement import Placement
@@ -156,6 +156,6 @@ def test_a_layer_whose_experts_lost_a_quantizer_is_found_missing_expert_by_exper
     with pytest.raises(ExecutorError, match="lack 4 quantizer tensor") as raised:
         export_offline(rules_for("seq"), states, layout)
     assert "decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.input_quantizer._amax" in str(raised.value)
-    done = export_offline(rules_for("seq"), states, layout, allow_partial=True)
+    done = export_offline(rules_for("seq"), states, layout, options=RunOptions(allow_partial=True))
     assert sorted(done.report.missing) == [f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc2.input_quantizer"
                                            f"._amax" for e in range(4)]

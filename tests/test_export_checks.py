@@ -12,7 +12,7 @@ import torch
 
 import quantmap
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, ParallelLayout, export_offline
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline
 from quantmap.io.shards import LazyShard
 
 
@@ -66,7 +66,7 @@ def _export_with_a_transfer_failure(out: str):
         def failing(self, sends, receives):
             raise RuntimeError("injected failure during the transfer")
         Comm.exchange = failing
-    export(rules_for("dense"), state, placement, out=out, timeout=timedelta(seconds=20))
+    export(rules_for("dense"), state, placement, out=out, options=RunOptions(timeout=timedelta(seconds=20)))
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import quantmap
 from executor_support import global_state, rules_for, run_ranks
-from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.executor.naming import to_local
 from quantmap.io.shards import LazyShard, rank_file
 
@@ -30,7 +30,7 @@ def test_layers_beyond_the_layout_are_reported_and_refused_under_strict(tmp_path
     beyond = sorted(n for n in exported.state_dict() if n.startswith(("model.layers.2.", "model.layers.3.")))
     small = ParallelLayout(num_layers=2, num_experts=4)
     with pytest.raises(ExecutorError) as raised:
-        import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", strict=True)
+        import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", options=RunOptions(strict=True))
     message = str(raised.value)
     assert f"{len(beyond)} HF name(s) no rank of the layout holds" in message
     assert beyond[0] in message and "check num_layers/num_experts in layout.json" in message
@@ -48,7 +48,7 @@ def test_experts_beyond_the_layout_are_reported_and_refused_under_strict(tmp_pat
     assert beyond
     rules, small = rules_for(form, 4), ParallelLayout(dp=2, ep=2, num_layers=2, num_experts=4)
     with pytest.raises(ExecutorError, match=r"HF name\(s\) no rank of the layout holds .*num_experts in layout\.json"):
-        import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", strict=True)
+        import_offline(rules, tmp_path / "hf", small, tmp_path / "strict", options=RunOptions(strict=True))
     assert not (tmp_path / "strict").exists()
     report = import_offline(rules, tmp_path / "hf", small, tmp_path / "loose")
     assert sorted(report.outside) == beyond and report.missing == []
@@ -83,7 +83,7 @@ def test_mtp_quantizers_are_imported_onto_the_last_stage_only_and_export_back(tm
     state.update(mtp)
     original = export_offline(rules, [state], ParallelLayout(num_layers=2), out=tmp_path / "hf").state_dict()
     layout = ParallelLayout(pp=2, num_layers=2)
-    import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", strict=True)
+    import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", options=RunOptions(strict=True))
     files = [LazyShard(rank_file(tmp_path / "mg", rank)) for rank in range(2)]
     assert not set(mtp) & set(files[0].keys())
     assert set(mtp) <= set(files[1].keys())
@@ -109,7 +109,7 @@ def test_the_strict_message_lists_each_kind_of_problem_with_counts_and_examples(
     index_file.write_text(json.dumps(index))
     beyond = sorted(n for n in tensors if n.startswith("model.layers.1.") and "_quantizer." in n)
     with pytest.raises(ExecutorError) as raised:
-        import_offline(rules, tmp_path / "hf", ParallelLayout(num_layers=1), tmp_path / "mg", strict=True)
+        import_offline(rules, tmp_path / "hf", ParallelLayout(num_layers=1), tmp_path / "mg", options=RunOptions(strict=True))
     message = str(raised.value)
     assert message.startswith("import refused (--strict): 1 HF name(s) no rule of the spec claims: junk.x; "
                               f"1 HF name(s) the layout's ranks need but the checkpoint lacks: {missing}; "

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import ParallelLayout, export_offline
+from quantmap.executor import ParallelLayout, RunOptions, export_offline
 from quantmap.executor.writers import schedule, writer_ranks
 from quantmap.io.hf import INDEX
 
@@ -51,7 +51,7 @@ def _export_cases(tmp: str) -> list[int]:
         layout = _layout(form, sizes)
         state = _states(form, layout, channels)[dist.get_rank()]
         result = export(rules_for(form, layout.num_experts), state, Placement.from_world(layout),
-                        out=Path(tmp) / f"{n}" / "hf", shard_size=shard_size, writers=writers)
+                        out=Path(tmp) / f"{n}" / "hf", writers=writers, options=RunOptions(shard_size=shard_size))
         calls.append(result.calls)
     return calls
 
@@ -73,7 +73,7 @@ def test_multi_writer_files_equal_the_offline_export_byte_for_byte(exported, tmp
     layout = _layout(form, sizes)
     expected = tmp_path / "hf"
     export_offline(rules_for(form, layout.num_experts), _states(form, layout, channels), layout, out=expected,
-                   shard_size=shard_size)
+                   options=RunOptions(shard_size=shard_size))
     got = tmp / f"{n}" / "hf"
     names = sorted(p.name for p in expected.iterdir())
     assert sorted(p.name for p in got.iterdir()) == names
@@ -138,13 +138,14 @@ def _fail_on_rank_2(tmp: str) -> dict:
         safetensors_stream.write = half_then_fail
     out = {}
     try:
-        export(rules, state, Placement.from_world(layout), out=Path(tmp) / "hf", shard_size=100)
+        export(rules, state, Placement.from_world(layout), out=Path(tmp) / "hf", options=RunOptions(shard_size=100))
         out["error"] = "no error"
     except Exception as error:  # noqa: BLE001 - the error is what is checked
         out["error"] = f"{type(error).__name__}: {error}"
     if rank == 2:
         safetensors_stream.write = real
-    out["after"] = export(rules, state, Placement.from_world(layout), out=Path(tmp) / "again", shard_size=100).calls
+    out["after"] = export(rules, state, Placement.from_world(layout), out=Path(tmp) / "again",
+                          options=RunOptions(shard_size=100)).calls
     return out
 
 

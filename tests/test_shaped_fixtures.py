@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import quantmap
-from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.io.shards import LazyShard
 
 DATA = Path(__file__).parent / "data"
@@ -89,7 +89,7 @@ def test_tp2_awq_blocks_export_in_the_single_rank_layout():
 def test_tp2_shaped_state_round_trips_through_hf_files_to_every_rank(stem, tmp_path):
     rules, layout = _rules(stem), _layout(stem, 2)
     export_offline(rules, _sharded(stem), layout, out=tmp_path / "hf")
-    report = import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", strict=True)
+    report = import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", options=RunOptions(strict=True))
     assert report.missing == [] and report.disagreements == []
     for rank, original in enumerate(_sharded(stem)):
         back = LazyShard(tmp_path / "mg" / f"rank_{rank:05d}.safetensors")

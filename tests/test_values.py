@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from executor_support import global_state, rules_for, run_ranks, shard
-from quantmap.executor import ExecutorError, ParallelLayout, export_offline, import_offline
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.executor.values import check_values
 
 K_BMM = "decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"
@@ -69,7 +69,8 @@ def test_a_zero_amax_is_reported_as_uncalibrated_and_strict_refuses_it(tmp_path)
     assert report.uncalibrated == [K_BMM] and "1 name(s) with a zero amax (uncalibrated):" in report.lines()
     with pytest.raises(ExecutorError, match=rf"export refused \(--strict\): 1 Megatron name\(s\) with a zero amax "
                                             rf"\(uncalibrated\): {K_BMM}"):
-        export_offline(rules_for("dense"), ranks, ParallelLayout(num_layers=1), out=tmp_path / "strict", strict=True)
+        export_offline(rules_for("dense"), ranks, ParallelLayout(num_layers=1), out=tmp_path / "strict",
+                       options=RunOptions(strict=True))
     assert not (tmp_path / "strict").exists()
 
 
@@ -98,7 +99,8 @@ def test_import_reports_a_zero_amax_and_strict_refuses_it(tmp_path):
     report = import_offline(rules_for("dense"), hf, ParallelLayout(tp=2, num_layers=1), tmp_path / "mg")
     assert report.uncalibrated == [HF_K]
     with pytest.raises(ExecutorError, match=rf"1 HF name\(s\) with a zero amax \(uncalibrated\): {HF_K}"):
-        import_offline(rules_for("dense"), hf, ParallelLayout(num_layers=1), tmp_path / "strict", strict=True)
+        import_offline(rules_for("dense"), hf, ParallelLayout(num_layers=1), tmp_path / "strict",
+                       options=RunOptions(strict=True))
 
 
 def test_a_pre_quant_scale_may_be_negative_but_not_nan():

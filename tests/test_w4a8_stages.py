@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import quantmap
 from quantmap.cli import app
-from quantmap.executor import ParallelLayout, export_offline, import_offline
+from quantmap.executor import ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard
 from quantmap.io.torch_dist import locate, read_entries
@@ -141,7 +141,7 @@ def test_real_w4a8_checkpoint_exports_every_name_and_both_stages_in_the_single_r
 def test_w4a8_round_trips_to_every_rank_and_into_its_checkpoint_bit_for_bit(tmp_path):
     rules, layout = quantmap.compile("llama", **SIZES), ParallelLayout(tp=2, num_layers=2)
     export_offline(rules, _rank_shards(), layout, out=tmp_path / "hf")
-    report = import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", strict=True)
+    report = import_offline(rules, tmp_path / "hf", layout, tmp_path / "mg", options=RunOptions(strict=True))
     assert report.missing == [] and report.disagreements == [] and report.unclaimed == []
     for rank, original in enumerate(_rank_shards()):
         back = LazyShard(tmp_path / "mg" / f"rank_{rank:05d}.safetensors")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from array import array
-from datetime import timedelta
 from itertools import groupby
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -25,12 +24,13 @@ import torch
 
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
+from quantmap.executor.options import RunOptions
 from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, describe
 from quantmap.executor.writers import schedule, write_rounds, writer_ranks
-from quantmap.io.hf import DEFAULT_SHARD_SIZE, INDEX, shard_name, write_checkpoint, write_index
+from quantmap.io.hf import INDEX, shard_name, write_checkpoint, write_index
 from quantmap.io.safetensors_stream import each_record, raw_bytes
 from quantmap.io.staging import Staged
 
@@ -188,21 +188,19 @@ _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes 
 _RUN = "run"  # a record's lane: an expert run (its values, built by the plan)
 
 
-def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None,
-           shard_size: int = DEFAULT_SHARD_SIZE, writers: int | None = None,
-           timeout: timedelta = timedelta(minutes=10), progress: bool = False, strict: bool = False,
-           allow_partial: bool = False) -> Export:
+def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None, writers: int | None = None,
+           options: RunOptions = RunOptions()) -> Export:
     """Export this rank's ``state`` (local names → tensors); call on every rank of ``placement``'s group.
 
     With ``out`` the HF checkpoint is written there (staged, then renamed into place) by ``writers``
     ranks spread over the group (default: one per pipeline stage); ``out`` must be one directory
     that every writer can reach (a shared file system across nodes). Shards short of what the layout
-    requires are refused unless ``allow_partial`` (then reported); ``strict`` refuses any finding
-    (see :class:`Plan`).
+    requires are refused unless ``options.allow_partial`` (then reported); ``options.strict`` refuses
+    any finding (see :class:`Plan`).
     """
     from quantmap.executor.comm import Comm
 
-    comm = Comm(placement.group, timeout)
+    comm = Comm(placement.group, options.timeout)
     staged = None
     try:
         packed = pack(rules, state, placement)
@@ -214,12 +212,12 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     verdict = plan = records = None
     if comm.is_writer:
         try:
-            plan = Plan(rules, placement.layout, metas, strict=strict, allow_partial=allow_partial)
+            plan = Plan(rules, placement.layout, metas, options)
             verdict = {"sizes": plan.sizes}
             if out is not None:
                 records = _Records(plan, {})
                 ranks = writer_ranks(comm.size, placement.layout.pp if writers is None else writers)
-                verdict.update(schedule=schedule(records, shard_size, ranks), staging=str(staged.path))
+                verdict.update(schedule=schedule(records, options.shard_size, ranks), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
             verdict = {"error": describe(error)}
     verdict = comm.broadcast_object(verdict)
@@ -231,8 +229,7 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         if out is None:
             result = Export(plan, comm.gather_buffers(packed.buffer, verdict["sizes"]))
         else:
-            checks = dict(strict=strict, allow_partial=allow_partial)
-            result = _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress, checks)
+            result = _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, options)
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
@@ -241,17 +238,17 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     return result
 
 
-def _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, progress, checks) -> Export:
+def _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, options: RunOptions) -> Export:
     """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards.
     ``records`` are the planner's (rank 0); another writer builds its own from the same inputs (and
-    the same ``checks``, which passed on rank 0)."""
+    the same ``options``, whose checks passed on rank 0)."""
     spread = verdict["schedule"]
     if records is None and comm.rank in spread.writers:
-        records = _Records(Plan(rules, placement.layout, metas, **checks), {})
+        records = _Records(Plan(rules, placement.layout, metas, options), {})
     plan = records.plan if records is not None else None
     planned = list(plan.report.disagreements) if plan else []  # found from metadata (replicas), before any file
     mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
-    bar = progress_bar(mine, "export", progress and comm.is_writer)
+    bar = progress_bar(mine, "export", options.progress and comm.is_writer)
     try:
         status = write_rounds(comm, packed, spread, Path(verdict["staging"]), metas=metas, records=records,
                               buffers=records.buffers if records else None, report=plan.report if plan else None,
@@ -291,8 +288,7 @@ def _publish(records: "_Records", statuses: list[dict], bounds: list[range], sta
 
 
 def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, out: str | Path | None = None,
-                   shard_size: int = DEFAULT_SHARD_SIZE, progress: bool = False, strict: bool = False,
-                   allow_partial: bool = False) -> Export:
+                   options: RunOptions = RunOptions()) -> Export:
     """One process plays every rank: ``states[r]`` is global rank ``r``'s local state."""
     layout.check_world(len(states))
     staged = Staged(out) if out is not None else None
@@ -306,22 +302,22 @@ def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, 
         metas.append(packed.meta)
         buffers[rank] = packed.buffer
     try:
-        result = Export(Plan(rules, layout, metas, strict=strict, allow_partial=allow_partial), buffers)
+        result = Export(Plan(rules, layout, metas, options), buffers)
     except ExecutorError:
         if staged:
             staged.discard()
         raise
     if staged is not None:
-        status = _write(result, staged, shard_size, progress)
+        status = _write(result, staged, options)
         if status:
             raise ExecutorError(status)
     return result
 
 
-def _write(result: Export, staged: Staged, shard_size: int, progress: bool) -> str | None:
+def _write(result: Export, staged: Staged, options: RunOptions) -> str | None:
     """Write and publish; the error message (for every rank) or ``None``."""
     try:
-        result.write(staged.path, shard_size, progress)
+        result.write(staged.path, options.shard_size, options.progress)
         result.files = [staged.target / f.name for f in result.files]
         staged.publish()
         return None

@@ -15,7 +15,6 @@ on success.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from quantmap.executor.fan_in import copy_to_source, sources
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
+from quantmap.executor.options import RunOptions
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
@@ -173,22 +173,22 @@ def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict,
     return state, finish(catalog, report, strict=False)
 
 
-def import_offline(rules, hf_dir: str | Path, layout: ParallelLayout, out: str | Path, *, strict: bool = False,
-                   progress: bool = False) -> Report:
+def import_offline(rules, hf_dir: str | Path, layout: ParallelLayout, out: str | Path, *,
+                   options: RunOptions = RunOptions()) -> Report:
     """One process builds and writes every rank's shard."""
     checkpoint = Checkpoint(hf_dir)
     catalog = Catalog(rules, checkpoint.names(), layout)
     staged = Staged(out)
     try:
         reports = []
-        bar = progress_bar(layout.world_size, "import", progress)
+        bar = progress_bar(layout.world_size, "import", options.progress)
         for rank in range(layout.world_size):
             state, report = import_rank(catalog, checkpoint, Placement.offline(layout, rank))
             write_rank(staged.path, layout, layout.coords(rank), state)
             reports.append(report)
             bar.update()
         bar.close()
-        report = finish(catalog, merge(reports), strict)
+        report = finish(catalog, merge(reports), options.strict)
         layout.write(staged.path)
         staged.publish()
         return report
@@ -197,12 +197,12 @@ def import_offline(rules, hf_dir: str | Path, layout: ParallelLayout, out: str |
         raise
 
 
-def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *, strict: bool = False,
-            timeout: timedelta = timedelta(minutes=10)) -> Report:
+def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
+            options: RunOptions = RunOptions()) -> Report:
     """Distributed import: every rank writes its own shard; call on every rank of ``placement``'s group."""
     from quantmap.executor.comm import Comm
 
-    comm = Comm(placement.group, timeout)
+    comm = Comm(placement.group, options.timeout)
     staged, opened = None, None
     if comm.is_writer:
         try:
@@ -215,7 +215,7 @@ def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
         if "error" in opened:
             raise ExecutorError(opened["error"])
         staged = staged or Staged(out, opened["path"])
-        return _import_staged(comm, rules, hf_dir, placement, staged, strict)
+        return _import_staged(comm, rules, hf_dir, placement, staged, options)
     except BaseException:
         # Any rank may be the only one to see the failure (an interrupt, a lost peer): each removes
         # the staging directory, a no-op once it is published or gone.
@@ -224,7 +224,7 @@ def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
         raise
 
 
-def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, strict: bool) -> Report:
+def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, options: RunOptions) -> Report:
     """Every rank writes its shard into ``staged``; the writer checks every outcome and publishes."""
     outcome: dict = {}
     try:
@@ -242,7 +242,7 @@ def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, st
         try:
             if errors:
                 raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
-            final = finish(catalog, merge([o["report"] for o in outcomes]), strict)
+            final = finish(catalog, merge([o["report"] for o in outcomes]), options.strict)
             placement.layout.write(staged.path)
             staged.publish()
             status = {"report": final}

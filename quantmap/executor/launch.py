@@ -1,8 +1,9 @@
 """Running an export or import from files: under ``torchrun``, on N gloo workers spawned here, or in
 one process that plays every rank (machines without many cores). The CLI calls these.
 
-``params`` are the keyword arguments of ``quantmap.compile``: the spec's run-time parameters, and
-``hf_naming`` when it is not the default."""
+``rules`` are compiled once, by the caller; spawned workers get them pickled
+(:class:`quantmap.compiler.RuleSource`: compiled again from the resolved spec, never from its files).
+``options`` are the run's :class:`~quantmap.executor.options.RunOptions`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+from quantmap.executor.options import RunOptions
 from quantmap.executor.report import ExecutorError, Report
 from quantmap.io import staging
 
@@ -49,9 +51,8 @@ def mode(nproc: int | None) -> str:
     return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
 
 
-def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path, *, shard_size: int,
-                  nproc: int | None = None, progress: bool = False, timeout: timedelta = timedelta(minutes=10),
-                  strict: bool = False, allow_partial: bool = False, iteration: int | None = None) -> Report:
+def export_shards(rules, megatron: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
+                  iteration: int | None = None) -> Report:
     """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) or a torch_dist
     checkpoint (told apart by their files) to ``out``."""
     from quantmap.parallel import ParallelLayout
@@ -60,23 +61,20 @@ def export_shards(spec: str, params: dict, megatron: str | Path, out: str | Path
 
     if iteration is not None or not is_shard_directory(megatron):
         _prepare_output(out)
-        return _with_contents(out, _guarded(out, mode(nproc), lambda: export_checkpoint(
-            spec, params, megatron, out, shard_size=shard_size, nproc=nproc, progress=progress, timeout=timeout,
-            iteration=iteration, strict=strict, allow_partial=allow_partial)))
+        return _with_contents(out, _guarded(out, mode(options.nproc), lambda: export_checkpoint(
+            rules, megatron, out, options, iteration=iteration)))
     layout = ParallelLayout.read(megatron)
     check_rank_files(megatron, layout)
-    how = _prepare(layout, nproc, out)
+    how = _prepare(layout, options.nproc, out)
     if how == "offline":
-        import quantmap
         from quantmap.executor.export import export_offline
         from quantmap.io.shards import LazyShard, rank_file
 
         states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
         return _with_contents(out, _guarded(out, how, lambda: export_offline(
-            quantmap.compile(spec, **params), states, layout, out=out, shard_size=shard_size, progress=progress,
-            strict=strict, allow_partial=allow_partial).report))
-    args = (spec, params, str(megatron), str(out), shard_size, progress, timeout, strict, allow_partial)
-    return _with_contents(out, _guarded(out, how, lambda: launch_ranks(how, nproc, _export_rank, args, timeout)))
+            rules, states, layout, out=out, options=options).report))
+    args = (rules, str(megatron), str(out), options)
+    return _with_contents(out, _guarded(out, how, lambda: launch_ranks(how, _export_rank, args, options)))
 
 
 def _with_contents(out, report: Report) -> Report:
@@ -87,62 +85,51 @@ def _with_contents(out, report: Report) -> Report:
     return report
 
 
-def import_checkpoint(spec: str, params: dict, hf: str | Path, layout_path: str | Path, out: str | Path, *,
-                      strict: bool = False, nproc: int | None = None, progress: bool = False,
-                      timeout: timedelta = timedelta(minutes=10)) -> Report:
+def import_checkpoint(rules, hf: str | Path, layout_path: str | Path, out: str | Path,
+                      options: RunOptions = RunOptions()) -> Report:
     """Import a Hugging Face checkpoint into a Megatron shard directory for ``layout_path``."""
     from quantmap.parallel import ParallelLayout
 
     layout = ParallelLayout.read(layout_path)
-    how = _prepare(layout, nproc, out)
+    how = _prepare(layout, options.nproc, out)
     if how == "offline":
-        import quantmap
         from quantmap.executor.importer import import_offline
 
-        return _guarded(out, how, lambda: import_offline(quantmap.compile(spec, **params), hf, layout, out,
-                                                         strict=strict, progress=progress))
-    args = (spec, params, str(hf), str(layout_path), str(out), strict, timeout)
-    return _guarded(out, how, lambda: launch_ranks(how, nproc, _import_rank, args, timeout))
+        return _guarded(out, how, lambda: import_offline(rules, hf, layout, out, options=options))
+    args = (rules, str(hf), str(layout_path), str(out), options)
+    return _guarded(out, how, lambda: launch_ranks(how, _import_rank, args, options))
 
 
-def export_checkpoint(spec: str, params: dict, megatron, out, *, shard_size: int, nproc: int | None,
-                      progress: bool, timeout, iteration: int | None = None, strict: bool = False,
-                      allow_partial: bool = False):
+def export_checkpoint(rules, megatron, out, options: RunOptions = RunOptions(), *, iteration: int | None = None):
     """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
-    import quantmap
     from quantmap.executor.torch_dist_checkpoint import export_offline_from
     from quantmap.io.locks import directory_lock
     from quantmap.io.torch_dist import locate
 
     location = locate(megatron, iteration)
-    how = mode(nproc)
+    how = mode(options.nproc)
     with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
                                                                 purpose="an export"):
         if how == "offline":
-            return export_offline_from(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                                       progress=progress, strict=strict, allow_partial=allow_partial).report
-        args = (spec, params, location, str(out), shard_size, progress, timeout, strict, allow_partial)
-        return launch_ranks(how, nproc, _export_worker, args, timeout)
+            return export_offline_from(rules, location, out=out, options=options).report
+        return launch_ranks(how, _export_worker, (rules, location, str(out), options), options)
 
 
-def _export_worker(spec, params, location, out, shard_size, progress, timeout, strict, allow_partial):
-    import quantmap
+def _export_worker(rules, location, out, options: RunOptions):
     from quantmap.executor.torch_dist_checkpoint import export_rank
 
-    result = export_rank(quantmap.compile(spec, **params), location, out=out, shard_size=shard_size,
-                         timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
+    result = export_rank(rules, location, out=out, options=options)
     return result.report if result.is_writer else None
 
 
-def import_checkpoint_into(spec: str, params: dict, hf_dir, into, *, out=None, in_place: bool = False,
-                           iteration: int | None = None, strict: bool = False):
-    """``quantmap import --into CKPT``: one process (the checkpoint's names are global)."""
-    import quantmap
+def import_checkpoint_into(rules, hf_dir, into, options: RunOptions = RunOptions(), *, out=None,
+                           in_place: bool = False, iteration: int | None = None):
+    """``quantmap import --into CKPT``: one process (the checkpoint's names are global; ``options.nproc``
+    and ``options.timeout`` play no part)."""
     from quantmap.executor.torch_dist_checkpoint import import_into
 
     with nullcontext() if out is None else staging.command(out):
-        report, _ = import_into(quantmap.compile(spec, **params), hf_dir, into, out=out, in_place=in_place,
-                                iteration=iteration, strict=strict)
+        report, _ = import_into(rules, hf_dir, into, options, out=out, in_place=in_place, iteration=iteration)
     return report
 
 
@@ -170,8 +157,7 @@ def _guarded(out, how: str, run):
         return run()
 
 
-def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, strict, allow_partial):
-    import quantmap
+def _export_rank(rules, megatron, out, options: RunOptions):
     from quantmap.executor.export import export
     from quantmap.executor.placement import Placement
     from quantmap.parallel import ParallelLayout
@@ -179,23 +165,21 @@ def _export_rank(spec, params, megatron, out, shard_size, progress, timeout, str
 
     placement = Placement.from_world(ParallelLayout.read(megatron))
     state = LazyShard(rank_file(megatron, placement.coords.rank))
-    result = export(quantmap.compile(spec, **params), state, placement, out=out, shard_size=shard_size,
-                    timeout=timeout, progress=progress, strict=strict, allow_partial=allow_partial)
+    result = export(rules, state, placement, out=out, options=options)
     return result.report if result.is_writer else None
 
 
-def _import_rank(spec, params, hf, layout_path, out, strict, timeout):
-    import quantmap
+def _import_rank(rules, hf, layout_path, out, options: RunOptions):
     from quantmap.executor.placement import Placement
     from quantmap.executor.importer import import_
     from quantmap.parallel import ParallelLayout
 
     placement = Placement.from_world(ParallelLayout.read(layout_path))
-    return import_(quantmap.compile(spec, **params), hf, placement, out, strict=strict, timeout=timeout)
+    return import_(rules, hf, placement, out, options=options)
 
 
-def launch_ranks(how: str, nproc: int | None, fn, args, timeout: timedelta) -> Report:
-    """``fn(*args)`` on every rank, under torchrun or on ``nproc`` spawned gloo workers; rank 0's report."""
+def launch_ranks(how: str, fn, args, options: RunOptions) -> Report:
+    """``fn(*args)`` on every rank, under torchrun or on ``options.nproc`` spawned gloo workers; rank 0's report."""
     if how == "torchrun":
         import torch
         import torch.distributed as dist
@@ -203,7 +187,7 @@ def launch_ranks(how: str, nproc: int | None, fn, args, timeout: timedelta) -> R
         owned = not dist.is_initialized()
         if owned:
             try:
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=options.timeout)
             except (RuntimeError, ValueError) as error:
                 raise ExecutorError(f"cannot join the torchrun process group (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, "
                                     f"RANK={os.environ.get('RANK')}): {str(error).splitlines()[0]}; launch with "
@@ -216,7 +200,7 @@ def launch_ranks(how: str, nproc: int | None, fn, args, timeout: timedelta) -> R
         finally:
             if owned:
                 dist.destroy_process_group()
-    outcomes = spawn(nproc, fn, args, timeout)
+    outcomes = spawn(options.nproc, fn, args, options.timeout)
     failed = [o[1] for o in outcomes if o[0] == "error" and o[2] is not None]
     stopped = [o[1] for o in outcomes if o[0] == "error" and o[2] is None]
     if failed or stopped:

@@ -34,6 +34,7 @@ from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
                                       is_expert, to_local)
 from quantmap.executor.pack import unpack
+from quantmap.executor.options import RunOptions
 from quantmap.executor.report import ExecutorError, Report, group_names, natural
 from quantmap.executor.sharding import (LayoutProblem, copies_shown, export_pipeline, is_scalar, max_of_copies,
                                         run)
@@ -147,11 +148,11 @@ class _Items(Sequence):
 class Plan:
     """The checked plan of one export, plus what is needed to build its tensors on the writer."""
 
-    def __init__(self, rules, layout: ParallelLayout, metas: list[dict], *, strict: bool = False, allow_partial: bool = False):
+    def __init__(self, rules, layout: ParallelLayout, metas: list[dict], options: RunOptions = RunOptions()):
         self.rules = rules
         self.layout = layout
         self.metas = metas
-        self.strict, self.allow_partial = strict, allow_partial
+        self.strict, self.allow_partial = options.strict, options.allow_partial
         self.report = Report()
         self.items = _Items()
         self._disagreeing: set[str] = set()

@@ -20,6 +20,7 @@ from quantmap.executor.placement import Placement
 from quantmap.executor.values import converted
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
+from quantmap.executor.options import RunOptions
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
@@ -91,19 +92,16 @@ def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
     return layout, state, not_quantizer_state(entries)
 
 
-def export_offline_from(rules, location: CheckpointLocation, *, out, shard_size: int, progress: bool,
-                        strict: bool = False, allow_partial: bool = False):
+def export_offline_from(rules, location: CheckpointLocation, *, out, options: RunOptions = RunOptions()):
     from quantmap.executor.export import export_offline
 
     layout, state, (tensors, entries) = read_checkpoint(location, rules=rules)
-    result = export_offline(rules, [state], layout, out=out, shard_size=shard_size, progress=progress, strict=strict,
-                            allow_partial=allow_partial)
+    result = export_offline(rules, [state], layout, out=out, options=options)
     result.report.weights, result.report.entries = tensors, entries
     return result
 
 
-def export_rank(rules, location: CheckpointLocation, *, out, shard_size: int, timeout, progress: bool,
-                strict: bool = False, allow_partial: bool = False):
+def export_rank(rules, location: CheckpointLocation, *, out, options: RunOptions = RunOptions()):
     """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
     import torch.distributed as dist
 
@@ -111,14 +109,13 @@ def export_rank(rules, location: CheckpointLocation, *, out, shard_size: int, ti
 
     layout, state, (tensors, entries) = read_checkpoint(location, dist.get_world_size(), dist.get_rank(), rules)
     placement = Placement.from_world(layout)
-    result = export(rules, state, placement, out=out, shard_size=shard_size, timeout=timeout, progress=progress,
-                    strict=strict, allow_partial=allow_partial)
+    result = export(rules, state, placement, out=out, options=options)
     result.report.weights, result.report.entries = tensors, entries  # the whole checkpoint's, said by the writer
     return result
 
 
-def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path | None = None,
-                in_place: bool = False, iteration: int | None = None, strict: bool = False):
+def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions = RunOptions(), *,
+                out: str | Path | None = None, in_place: bool = False, iteration: int | None = None):
     """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place).
 
     The checkpoint is locked from the read of its ``.metadata`` to the end of the write (exclusively in
@@ -128,10 +125,10 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, *, out: str | Path 
     purpose = "an in-place import" if in_place else "a copy into --out"
     with directory_lock(location.path, exclusive=in_place, purpose=purpose), \
             commit_reported(location.path) if in_place else nullcontext():
-        return _import_into(rules, hf_dir, location, out, in_place, strict)
+        return _import_into(rules, hf_dir, location, out, in_place, options)
 
 
-def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: bool, strict: bool):
+def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: bool, options: RunOptions):
     from quantmap.executor.importer import Catalog, finish, import_rank
     from quantmap.io.hf import Checkpoint
 
@@ -141,7 +138,7 @@ def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: boo
     checkpoint = Checkpoint(hf_dir)
     catalog = Catalog(rules, checkpoint.names(), layout, target=(q.name for q in quantizers(entries)))
     state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
-    report = finish(catalog, report, strict)  # refuses under --strict before anything is written
+    report = finish(catalog, report, options.strict)  # refuses under --strict before anything is written
     check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
     written: Written = write_into(location, state, convert=converted, out=out, in_place=in_place,
                                   entries=entries)

@@ -1,0 +1,64 @@
+"""The options of one export or import run, as one value.
+
+The command line and the Python API each build a :class:`RunOptions` once, where the run starts; it is
+checked there, and then travels as one argument through the launch, every rank and the writers (and,
+pickled, to spawned workers). A new option is one field here, not a keyword threaded through a dozen
+signatures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from quantmap.io.hf import DEFAULT_SHARD_SIZE
+from quantmap.limits import MAX_TIMEOUT_S
+
+FORMATS = ("quantizers",)  # output formats; today's output (the quantizer state under HF names) is the only one
+
+
+class OptionsError(ValueError):
+    """A run option out of its range: one line naming it, what it must be, and what it was."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run behaves, apart from what it reads and writes.
+
+    ``strict`` refuses any finding; ``allow_partial`` (export) writes shards short of what the layout
+    requires and reports the rest (under ``strict`` they are refused with the other findings);
+    ``timeout`` bounds every wait of a collective (and of a stopped or hung worker); ``shard_size`` is the
+    largest HF shard file in bytes; ``progress`` shows progress bars; ``nproc`` spawns that many gloo
+    workers (``None``: torchrun's ranks, or one process playing every rank); ``format`` is the output
+    format (``"quantizers"``, the only one today)."""
+
+    strict: bool = False
+    allow_partial: bool = False
+    timeout: timedelta = timedelta(minutes=10)
+    shard_size: int = DEFAULT_SHARD_SIZE
+    progress: bool = False
+    nproc: int | None = None
+    format: str = "quantizers"
+
+    def __post_init__(self) -> None:
+        for name in ("strict", "allow_partial", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _refuse(name, "True or False", getattr(self, name))
+        if not isinstance(self.timeout, timedelta) or not timedelta(0) < self.timeout <= \
+                timedelta(seconds=MAX_TIMEOUT_S):
+            _refuse("timeout", f"a timedelta above 0 and at most {MAX_TIMEOUT_S} s (a week, quantmap/limits.py), "
+                               f"e.g. timedelta(minutes=10)", self.timeout)
+        if not _whole(self.shard_size) or self.shard_size < 1:
+            _refuse("shard_size", "a whole number of bytes >= 1", self.shard_size)
+        if self.nproc is not None and (not _whole(self.nproc) or self.nproc < 1):
+            _refuse("nproc", "a whole number >= 1, or None (torchrun's ranks, or one process)", self.nproc)
+        if self.format not in FORMATS:
+            _refuse("format", " or ".join(map(repr, FORMATS)), self.format)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _refuse(name: str, expected: str, got) -> None:
+    raise OptionsError(f"run option {name} must be {expected}, not {got!r}")
