@@ -126,6 +126,7 @@ def test_a_metadata_path_outside_the_checkpoint_is_refused_for_export_and_import
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "outside"], "nothing was written"
 
 
+@pytest.mark.slow
 def test_a_named_pipe_in_place_of_a_distcp_is_refused_at_once(ckpt, hf, tmp_path):
     (ckpt / ITERATION / QUANTIZERS).unlink()
     os.mkfifo(ckpt / ITERATION / QUANTIZERS)

@@ -217,6 +217,7 @@ def test_check_of_in_memory_names_against_the_in_memory_naming(tmp_path):
     assert on_disk.returncode == 1 and "QM101" in on_disk.stdout
 
 
+@pytest.mark.slow
 def test_extends_resolves_beside_the_spec_then_the_shipped_library_from_any_working_directory(tmp_path):
     """``extends: llama.yaml`` means a llama.yaml next to the spec, else the shipped llama; a llama.yaml in
     the working directory never changes what a spec compiles to (issue 19, item 19)."""

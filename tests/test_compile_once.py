@@ -55,6 +55,7 @@ def _digests(directory: Path) -> dict[str, str]:
             for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.slow
 def test_spawned_workers_export_and_import_with_the_rules_compiled_before_the_spec_file_went(tmp_path):
     """With --nproc 2 every worker used to compile the spec again from its file: gone, they could not."""
     spec = tmp_path / "model.yaml"

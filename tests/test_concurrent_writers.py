@@ -24,6 +24,8 @@ from quantmap.cli import app
 from quantmap.executor.torch_dist_checkpoint import read_state
 from quantmap.io.torch_dist import locate
 
+pytestmark = pytest.mark.slow  # every test races real CLI processes against each other
+
 DATA = Path(__file__).parent / "data" / "dcp"
 SHARD = "model-00001-of-00001.safetensors"
 

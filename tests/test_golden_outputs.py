@@ -30,6 +30,8 @@ RECORD = os.environ.get("QUANTMAP_RECORD_GOLDEN") == "1"
 SIZES = ["-p", "num_attention_heads=4", "-p", "num_query_groups=2", "-p", "head_dim=16", "-p", "hidden_size=64"]
 _TOKEN = re.compile(r"__quantmap_[0-9a-f]{12}")
 _ZEROS = b"__quantmap_" + b"0" * 12
+pytestmark = pytest.mark.slow  # 14 real exports and imports through the CLI
+
 MOE_SPEC = str(DATA / "specs" / "moe_seq.yaml")
 
 # case -> (spec, extra parameters); torch_dist checkpoints under tests/data/dcp

@@ -382,6 +382,7 @@ _DENSE_FROM_CONFIG = [("deepseek_v3", 0, ("self_attention.linear_q_proj.weight",
                       ("qwen3_moe", 0, ()), ("ernie4_5_moe", 0, ())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, variant, omit", _DENSE_FROM_CONFIG, ids=[f"{a}-{v}" for a, v, _ in _DENSE_FROM_CONFIG])
 def test_names_with_config_alone_gives_the_dense_layers_their_mlp_as_the_real_model_has_it(arch, variant, omit,
                                                                                           tmp_path):

@@ -178,6 +178,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_ends_in_one_clear_line(case, tmp_path):
     done = quantmap(*case.build(tmp_path))
@@ -229,6 +230,7 @@ def test_a_reader_closing_the_pipe_is_a_quiet_exit(tmp_path):
 
 # -- the executor's own reports -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_copies_one_float32_step_apart_are_shown_with_the_digits_that_differ(tmp_path):
     layout = ParallelLayout(tp=2, num_layers=2, num_experts=2)
     ranks = shard(global_state("seq", 2, 2), layout)
@@ -250,6 +252,7 @@ def test_values_that_differ_are_shown_differently_and_read_back_close(a, b):
     assert float(shown[0]) == pytest.approx(a, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_file_limit_too_low_for_the_workers_stops_at_once_in_one_line(tmp_path):
     layout = ParallelLayout(tp=2, num_layers=2, num_experts=2)
     for rank, state in enumerate(shard(global_state("seq", 2, 2), layout)):

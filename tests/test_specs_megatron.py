@@ -242,6 +242,7 @@ def _expert_of(match, expert: int) -> bool:
     return all(re.search(rf"[._]{expert}\.", name) for name in match.hf)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("naming", ["on-disk", "in-memory"])
 @pytest.mark.parametrize("spec", EVERY_MOE_SPEC)
 def test_every_moe_spec_maps_both_modelopt_grouped_forms_and_sequential_experts(spec, naming):
@@ -263,6 +264,7 @@ def test_every_moe_spec_maps_both_modelopt_grouped_forms_and_sequential_experts(
     assert per_expert.hf == rules.to_hf(f"{prefix}local_experts.3.linear_fc2.weight_quantizer._amax").hf
 
 
+@pytest.mark.slow
 def test_every_moe_spec_is_every_shipped_spec_with_routed_experts():
     def routed(spec: str) -> bool:
         declared = quantmap.load_spec(spec).params

@@ -49,6 +49,7 @@ def _single_quantizer_names(rules):
         yield rule.megatron.fill(values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("naming", ["on-disk", "in-memory"])
 @pytest.mark.parametrize("spec", sorted(shipped_specs()))
 def test_every_stage_of_every_weight_quantizer_maps_both_ways_in_every_spec(spec, naming):
@@ -110,6 +111,7 @@ def _hf(directory: Path) -> dict[str, torch.Tensor]:
     return {name: checkpoint.get(name) for name in checkpoint.names()}
 
 
+@pytest.mark.slow
 def test_real_w4a8_checkpoint_exports_every_name_and_both_stages_in_the_single_rank_layout(tmp_path):
     result = CliRunner().invoke(app, ["export", "llama", "--megatron", str(W4A8 / "ckpt"), "--out",
                                       str(tmp_path / "hf"), "--strict", *CLI_SIZES])
