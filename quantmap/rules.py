@@ -31,6 +31,7 @@ from typing import NamedTuple
 from quantmap.diagnostics import Location
 from quantmap.element_layout import ElementLayout
 from quantmap.patterns import Pattern
+from quantmap.roles import role_of
 
 WEIGHT = "weight"
 AMAX = "amax"
@@ -80,6 +81,11 @@ class Rule:
         """Whether many Megatron names meet one HF name: a ``fan_in`` rule over experts, or the weight
         rule of a fused-experts tensor. The expert is then a Megatron capture only."""
         return self.kind != MOE_FANOUT and self.expert_capture is not None
+
+    @property
+    def role(self) -> str:
+        """What the rule's tensors are (:mod:`quantmap.roles`): ``weight_amax``, ``norm``, ..."""
+        return role_of(self.buffer, self.hf[0].text)
 
     def to_json(self) -> dict:
         place = self.origin.location
