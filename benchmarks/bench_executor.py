@@ -34,6 +34,7 @@ import quantmap
 from quantmap.executor import ParallelLayout, Placement, export
 from quantmap.executor.placement import device_meshes
 from quantmap.executor.launch import spawn
+from quantmap.io.hf import write_checkpoint
 from quantmap.executor.naming import is_expert, to_global
 
 DENSE_LAYERS = 3
@@ -262,7 +263,8 @@ def phases(layers: int, experts: int, form: str) -> dict:
     plan_seconds = time.process_time() - start
     start = time.process_time()
     with tempfile.TemporaryDirectory(prefix="quantmap-bench-") as scratch:
-        Export(plan, {rank: p.buffer for rank, p in enumerate(packed)}).write(Path(scratch), 5 * 2**30)
+        write_checkpoint(Path(scratch), Export(plan, {rank: p.buffer for rank, p in enumerate(packed)}).records(),
+                         5 * 2**30)
     return dict(naming=form, tensors_per_rank=len(states[0]), records=len(plan.items), pack_per_rank=round(pack_seconds, 3),
                 plan=round(plan_seconds, 3), write=round(time.process_time() - start, 3))
 

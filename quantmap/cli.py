@@ -529,7 +529,7 @@ def export_command(
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
-    from quantmap.executor.launch import export_shards
+    from quantmap.executor.launch import export_from
 
     params = spec_params(spec, param, config)
     same = [spec, *(arg for name, value in params.items() for arg in ("-p", f"{name}={value}")),
@@ -539,7 +539,7 @@ def export_command(
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
                            quiet=quiet, nproc=nproc)
-    _run_executor(quiet, lambda: export_shards(rules, megatron, out, options, iteration=iteration),
+    _run_executor(quiet, lambda: export_from(rules, megatron, out, options, iteration=iteration),
                   next_step=f"next: check the export against its source (it must be clean): {check_it}")
 
 

@@ -14,7 +14,7 @@ import pytest
 import quantmap
 from executor_support import SPECS, global_state, shard
 from quantmap.executor import ParallelLayout, RunOptions
-from quantmap.executor.launch import export_shards, import_checkpoint
+from quantmap.executor.launch import export_from, import_checkpoint
 from quantmap.io.shards import save_shard
 from quantmap.model_names import ModelSize, model_names
 
@@ -67,8 +67,8 @@ def test_spawned_workers_export_and_import_with_the_rules_compiled_before_the_sp
     for rank, state in enumerate(shard(global_state("dense", 2), layout)):
         save_shard(state, layout, directory, rank=rank)
 
-    report = export_shards(rules, directory, tmp_path / "hf", RunOptions(nproc=2))
-    export_shards(rules, directory, tmp_path / "hf-offline", RunOptions())
+    report = export_from(rules, directory, tmp_path / "hf", RunOptions(nproc=2))
+    export_from(rules, directory, tmp_path / "hf-offline", RunOptions())
     assert report.written and _digests(tmp_path / "hf") == _digests(tmp_path / "hf-offline")
 
     import_checkpoint(rules, tmp_path / "hf", directory, tmp_path / "back", RunOptions(nproc=2, strict=True))

@@ -19,7 +19,7 @@ from executor_support import SPECS, global_state, quantizers, rules_for, run_ran
 import quantmap
 from quantmap.executor import ExecutorError, ParallelLayout, LayoutError, RunOptions, export_offline, import_offline
 from quantmap.executor.completeness import missing_names
-from quantmap.executor.launch import export_shards
+from quantmap.executor.launch import export_from
 from quantmap.io.shards import save_shard
 
 SPEC_FILES = {"dense": "dense_mla.yaml", "grouped": "moe_grouped.yaml", "seq": "moe_seq.yaml"}
@@ -148,7 +148,7 @@ def _shards(tmp_path: Path, form: str, layout: ParallelLayout, edit=None) -> Pat
 def _export(directory: Path, out: Path, form: str = "dense", experts: int | None = None, **options):
     """Export a shard directory the way the CLI does offline (one lazily read file per rank)."""
     params = {"num_experts": experts} if form == "grouped" else {}
-    return export_shards(quantmap.compile(str(SPECS / SPEC_FILES[form]), **params), directory, out,
+    return export_from(quantmap.compile(str(SPECS / SPEC_FILES[form]), **params), directory, out,
                          RunOptions(shard_size=2**30, **options))
 
 

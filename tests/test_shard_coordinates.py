@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from executor_support import SPECS, global_state, rules_for, run_ranks, shard
 import quantmap
 from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline, import_offline
-from quantmap.executor.launch import export_shards
+from quantmap.executor.launch import export_from
 from quantmap.io.shards import COORDINATES_KEY, LazyShard, coordinates, rank_file, save_shard
 
 BIG_SHARDS = RunOptions(shard_size=2**30)
@@ -62,7 +62,7 @@ def test_swapped_expert_parallel_rank_files_are_refused_naming_both(tmp_path):
     directory = _save(tmp_path, "seq", layout)
     _swap(directory, 0, 1)
     with pytest.raises(ExecutorError) as raised:
-        export_shards(quantmap.compile(str(SPECS / "moe_seq.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
+        export_from(quantmap.compile(str(SPECS / "moe_seq.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
     message = str(raised.value)
     assert message.startswith("export failed on 2 ranks:")
     assert ("rank 0: rank_00000.safetensors was written for rank 1 (tp=0 cp=0 dp=1 pp=0 etp=0 ep=1 edp=0, "
@@ -96,7 +96,7 @@ def test_files_written_for_another_layout_are_refused(tmp_path):
     with pytest.raises(ExecutorError, match=r"rank 1: rank_00001\.safetensors was written for rank 1 \(tp=1 cp=0 dp=0 "
                                             r"pp=0 etp=1 ep=0 edp=0, layers 0\.\.1\) but is read as rank 1 \(tp=0 cp=0 "
                                             r"dp=1 pp=0 etp=0 ep=0 edp=1, layers 0\.\.1\)"):
-        export_shards(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
+        export_from(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
 
 
 def test_files_without_coordinates_still_export(tmp_path):
@@ -106,7 +106,7 @@ def test_files_without_coordinates_still_export(tmp_path):
     layout.write(directory)
     for rank, state in enumerate(shard(global_state("dense", 2), layout)):
         save_file({n: t.contiguous() for n, t in state.items() if "_quantizer." in n}, str(rank_file(directory, rank)))
-    report = export_shards(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
+    report = export_from(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
     assert report.written > 0 and (tmp_path / "hf").is_dir()
 
 
@@ -118,7 +118,7 @@ def test_coordinates_that_are_json_but_not_a_rank_position_are_refused_clearly(t
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     save_file(tensors, str(path), metadata={"format": "pt", COORDINATES_KEY: recorded})
     with pytest.raises(ExecutorError) as raised:
-        export_shards(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
+        export_from(quantmap.compile(str(SPECS / "dense_mla.yaml")), directory, tmp_path / "hf", BIG_SHARDS)
     message = str(raised.value)
     assert f"rank_00000.safetensors: its {COORDINATES_KEY} metadata is not a JSON object of a rank's coordinates" \
            in message and "rewrite the file" in message and "Error:" not in message, message

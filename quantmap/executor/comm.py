@@ -4,6 +4,10 @@ An export exchanges every rank's metadata, broadcasts the planner's verdict (go,
 rank raises), moves packed byte buffers in batches of point-to-point operations (one batch in all,
 or one per round of shard files), and gathers and broadcasts the final status; see
 :mod:`quantmap.executor.export` for the count.
+
+A process plays one rank of a group (:class:`Comm`) or every rank of a layout (:class:`Offline`, for
+machines without many cores, and the Python API's ``*_offline``): both take and give values keyed by
+the ranks this process plays, so an export or import is one piece of code whichever runs it.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ WRITER = 0
 
 
 class Comm:
-    """Collectives over one group; ``calls`` and ``bytes`` are what this rank did."""
+    """Collectives over one group, for the one rank this process plays; ``calls`` and ``bytes`` are what
+    it did. Values go in as ``{rank: value}`` (:attr:`mine` is that rank)."""
 
     def __init__(self, group=None, timeout: timedelta = timedelta(minutes=10)):
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self.mine = (self.rank,)
+        self.processes = self.size  # the processes that can share the writing
         self.timeout = timeout
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
             else torch.device("cpu")
@@ -37,16 +44,18 @@ class Comm:
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
-    def gather_objects(self, obj) -> list | None:
-        """Every rank's ``obj`` on the writer (``None`` elsewhere)."""
+    def gather_objects(self, objs: dict) -> list | None:
+        """Every rank's object on the writer (``None`` elsewhere)."""
+        obj = objs[self.rank]
         self.calls += 1
         self.bytes += len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         out = [None] * self.size if self.is_writer else None
         dist.gather_object(obj, out, dst=self._global(WRITER), group=self.group)
         return out
 
-    def all_gather_objects(self, obj) -> list:
-        """Every rank's ``obj`` on every rank."""
+    def all_gather_objects(self, objs: dict) -> list:
+        """Every rank's object on every rank."""
+        obj = objs[self.rank]
         self.calls += 1
         self.bytes += len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         out = [None] * self.size
@@ -61,8 +70,9 @@ class Comm:
         self.bytes += len(pickle.dumps(box[0], protocol=pickle.HIGHEST_PROTOCOL))
         return box[0]
 
-    def gather_buffers(self, buffer: torch.Tensor, sizes: list[int]) -> dict[int, torch.Tensor] | None:
+    def gather_buffers(self, buffers: dict[int, torch.Tensor], sizes: list[int]) -> dict[int, torch.Tensor] | None:
         """Byte buffers of the ranks with a non-zero size, on the writer, in one batch."""
+        buffer = buffers[self.rank]
         if self.is_writer:
             received = {rank: self.empty(size) for rank, size in enumerate(sizes) if rank != WRITER and size}
             self.exchange([], list(received.items()))
@@ -90,3 +100,31 @@ class Comm:
             for work in dist.batch_isend_irecv(ops):
                 if not work.wait(self.timeout):
                     raise TimeoutError(f"a tensor transfer did not finish within {self.timeout}")
+
+
+class Offline:
+    """One process playing every rank of a layout: each collective is the identity over the ranks' values
+    (all of them are here), nothing moves and no call is made. The writer is rank 0."""
+
+    processes = 1
+    calls = bytes = 0
+
+    def __init__(self, size: int):
+        self.size = size
+        self.rank = WRITER
+        self.mine = tuple(range(size))
+        self.is_writer = True
+
+    def gather_objects(self, objs: dict) -> list:
+        return [objs[rank] for rank in self.mine]
+
+    all_gather_objects = gather_objects
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def gather_buffers(self, buffers: dict[int, torch.Tensor], sizes: list[int]) -> dict[int, torch.Tensor]:
+        return buffers
+
+    def exchange(self, sends: list, receives: list) -> None:
+        assert not sends and not receives, "one process holds every rank's tensors: nothing moves"

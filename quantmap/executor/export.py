@@ -22,15 +22,16 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from quantmap.executor.comm import WRITER
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.options import RunOptions
-from quantmap.executor.pack import Packed, empty_meta, pack, unpack_scalars
+from quantmap.executor.pack import Packed, empty_meta, pack, rebase, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, describe
 from quantmap.executor.writers import schedule, write_rounds, writer_ranks
-from quantmap.io.hf import INDEX, shard_name, write_checkpoint, write_index
+from quantmap.io.hf import INDEX, shard_name, write_index
 from quantmap.io.safetensors_stream import each_record, raw_bytes
 from quantmap.io.staging import Staged
 
@@ -43,9 +44,11 @@ class Export:
     tensor, so clone before modifying. ``report.disagreements`` fills as tensors are built.
     """
 
-    def __init__(self, plan: Plan | None, buffers: dict[int, torch.Tensor] | None, calls: int = 0, moved: int = 0):
+    def __init__(self, plan: Plan | None, buffers: dict[int, torch.Tensor] | None, calls: int = 0, moved: int = 0,
+                 packs: dict[int, Packed] | None = None):
         self._plan = plan
         self._buffers = buffers
+        self._packs = packs  # every rank's, where one process played them all and wrote files: tensors on demand
         self._records: _Records | None = None
         self.report = plan.report if plan else Report()
         self.calls = calls
@@ -57,6 +60,10 @@ class Export:
         return self._plan is not None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._buffers is None and self._packs is not None:
+            for rank, packed in self._packs.items():  # the writer pointed the offsets into its last file's buffer
+                rebase(self._plan.metas[rank], range(len(packed.values)))
+            self._buffers = {rank: packed.buffer for rank, packed in self._packs.items()}
         if self._plan is not None and self._buffers is None:
             raise ExecutorError("this export wrote its tensors to files with several writers and holds none; "
                                 "export without out= to get them in memory, or read the files")
@@ -72,15 +79,6 @@ class Export:
         if self._records is None:
             self._records = _Records(self._plan, self._buffers)
         return self._records
-
-    def write(self, out: Path, shard_size: int, progress: bool = False) -> list[Path]:
-        records = self.records()
-        bar = progress_bar(len(records), "export", progress)
-        try:
-            self.files = write_checkpoint(out, records, shard_size, on_record=bar.update)
-        finally:
-            bar.close()
-        return self.files
 
 
 class _Records:
@@ -201,24 +199,48 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     from quantmap.executor.comm import Comm
 
     comm = Comm(placement.group, options.timeout)
-    staged = None
-    try:
-        packed = pack(rules, state, placement)
-        if comm.is_writer and out is not None:
-            staged = Staged(out)
-    except Exception as error:  # shared with every rank through the verdict
-        packed = Packed(empty_meta(placement, describe(error)))
-    metas = comm.all_gather_objects(packed.meta)  # the writers build their records from them
+    return run_export(comm, rules, {comm.rank: (state, placement)}, placement.layout, out, writers, options)
+
+
+def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, out: str | Path | None = None,
+                   options: RunOptions = RunOptions()) -> Export:
+    """One process plays every rank: ``states[r]`` is global rank ``r``'s local state."""
+    from quantmap.executor.comm import Offline
+
+    layout.check_world(len(states))
+    ranks = {rank: (state, Placement.offline(layout, rank)) for rank, state in enumerate(states)}
+    return run_export(Offline(len(states)), rules, ranks, layout, out, None, options)
+
+
+def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout: ParallelLayout,
+               out: str | Path | None, writers: int | None, options: RunOptions) -> Export:
+    """The one export path, for the ranks this process plays (``ranks``: group rank → its local state and
+    placement; ``comm``: a :class:`~quantmap.executor.comm.Comm` of one rank, or
+    :class:`~quantmap.executor.comm.Offline` for all): claim and pack each rank's tensors, plan on the
+    writer from everyone's metadata, then gather the tensors (``out=None``) or write the files and publish."""
+    packs, staged = {}, None
+    for rank, (state, placement) in ranks.items():
+        try:
+            packs[rank] = pack(rules, state, placement)
+            if rank == WRITER and out is not None:
+                staged = Staged(out)
+        except Exception as error:  # shared with every rank through the verdict
+            packs[rank] = Packed(empty_meta(placement, describe(error)))
+    metas = comm.all_gather_objects({rank: packed.meta for rank, packed in packs.items()})
     verdict = plan = records = None
     if comm.is_writer:
         try:
-            plan = Plan(rules, placement.layout, metas, options)
+            plan = Plan(rules, layout, metas, options)
             verdict = {"sizes": plan.sizes}
             if out is not None:
                 records = _Records(plan, {})
-                ranks = writer_ranks(comm.size, placement.layout.pp if writers is None else writers)
-                verdict.update(schedule=schedule(records, options.shard_size, ranks), staging=str(staged.path))
+                spread = writer_ranks(comm.processes, layout.pp if writers is None else writers)
+                verdict.update(schedule=schedule(records, options.shard_size, spread), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
+            if len(ranks) == comm.size:  # there is no other rank: as it is
+                if staged:
+                    staged.discard()
+                raise
             verdict = {"error": describe(error)}
     verdict = comm.broadcast_object(verdict)
     if "error" in verdict:
@@ -227,9 +249,9 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
         raise ExecutorError(verdict["error"])
     try:
         if out is None:
-            result = Export(plan, comm.gather_buffers(packed.buffer, verdict["sizes"]))
+            result = Export(plan, comm.gather_buffers({rank: p.buffer for rank, p in packs.items()}, verdict["sizes"]))
         else:
-            result = _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, options)
+            result = _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options)
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
@@ -238,31 +260,31 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     return result
 
 
-def _write_spread(comm, rules, placement, packed, metas, records, verdict, staged, options: RunOptions) -> Export:
+def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options: RunOptions) -> Export:
     """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards.
     ``records`` are the planner's (rank 0); another writer builds its own from the same inputs (and
     the same ``options``, whose checks passed on rank 0)."""
     spread = verdict["schedule"]
     if records is None and comm.rank in spread.writers:
-        records = _Records(Plan(rules, placement.layout, metas, options), {})
+        records = _Records(Plan(rules, layout, metas, options), {})
     plan = records.plan if records is not None else None
     planned = list(plan.report.disagreements) if plan else []  # found from metadata (replicas), before any file
     mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
     bar = progress_bar(mine, "export", options.progress and comm.is_writer)
     try:
-        status = write_rounds(comm, packed, spread, Path(verdict["staging"]), metas=metas, records=records,
+        status = write_rounds(comm, packs, spread, Path(verdict["staging"]), metas=metas, records=records,
                               buffers=records.buffers if records else None, report=plan.report if plan else None,
                               on_shard=bar.update)
     finally:
         bar.close()
-    statuses = comm.gather_objects(status)
+    statuses = comm.gather_objects({rank: status if rank == comm.rank else None for rank in packs})
     final = None
     if comm.is_writer:
         final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged, planned)
     final = comm.broadcast_object(final)
     if final:
         raise ExecutorError(final)
-    result = Export(plan if comm.is_writer else None, None)
+    result = Export(plan if comm.is_writer else None, None, packs=packs if len(packs) == len(metas) else None)
     if comm.is_writer:
         count = len(spread.bounds)
         result.files = [staged.target / shard_name(s, count) for s in range(count)] + [staged.target / INDEX]
@@ -280,45 +302,6 @@ def _publish(records: "_Records", statuses: list[dict], bounds: list[range], sta
         if errors:
             raise ExecutorError(errors[0])
         write_index(staged.path, records, bounds)
-        staged.publish()
-        return None
-    except Exception as error:
-        staged.discard()
-        return f"writing {staged.target} failed, nothing was written: {describe(error)}"
-
-
-def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, out: str | Path | None = None,
-                   options: RunOptions = RunOptions()) -> Export:
-    """One process plays every rank: ``states[r]`` is global rank ``r``'s local state."""
-    layout.check_world(len(states))
-    staged = Staged(out) if out is not None else None
-    metas, buffers = [], {}
-    for rank, state in enumerate(states):
-        placement = Placement.offline(layout, rank)
-        try:
-            packed = pack(rules, state, placement)
-        except Exception as error:
-            packed = Packed(empty_meta(placement, describe(error)))
-        metas.append(packed.meta)
-        buffers[rank] = packed.buffer
-    try:
-        result = Export(Plan(rules, layout, metas, options), buffers)
-    except ExecutorError:
-        if staged:
-            staged.discard()
-        raise
-    if staged is not None:
-        status = _write(result, staged, options)
-        if status:
-            raise ExecutorError(status)
-    return result
-
-
-def _write(result: Export, staged: Staged, options: RunOptions) -> str | None:
-    """Write and publish; the error message (for every rank) or ``None``."""
-    try:
-        result.write(staged.path, options.shard_size, options.progress)
-        result.files = [staged.target / f.name for f in result.files]
         staged.publish()
         return None
     except Exception as error:

@@ -176,25 +176,10 @@ def import_state(rules, hf_dir: str | Path, placement: Placement) -> tuple[dict,
 def import_offline(rules, hf_dir: str | Path, layout: ParallelLayout, out: str | Path, *,
                    options: RunOptions = RunOptions()) -> Report:
     """One process builds and writes every rank's shard."""
-    checkpoint = Checkpoint(hf_dir)
-    catalog = Catalog(rules, checkpoint.names(), layout)
-    staged = Staged(out)
-    try:
-        reports = []
-        bar = progress_bar(layout.world_size, "import", options.progress)
-        for rank in range(layout.world_size):
-            state, report = import_rank(catalog, checkpoint, Placement.offline(layout, rank))
-            write_rank(staged.path, layout, layout.coords(rank), state)
-            reports.append(report)
-            bar.update()
-        bar.close()
-        report = finish(catalog, merge(reports), options.strict)
-        layout.write(staged.path)
-        staged.publish()
-        return report
-    except BaseException:
-        staged.discard()
-        raise
+    from quantmap.executor.comm import Offline
+
+    placements = {rank: Placement.offline(layout, rank) for rank in range(layout.world_size)}
+    return run_import(Offline(layout.world_size), rules, hf_dir, placements, ShardTarget(out, layout), options)
 
 
 def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
@@ -203,39 +188,80 @@ def import_(rules, hf_dir: str | Path, placement: Placement, out: str | Path, *,
     from quantmap.executor.comm import Comm
 
     comm = Comm(placement.group, options.timeout)
-    staged, opened = None, None
+    return run_import(comm, rules, hf_dir, {comm.rank: placement}, ShardTarget(out, placement.layout), options)
+
+
+class ShardTarget:
+    """Where an import writes: a new Megatron shard directory for ``layout``, staged beside ``out`` and
+    renamed into place once every rank's file is written. (The other target, a torch_dist checkpoint, is
+    :class:`quantmap.executor.torch_dist_checkpoint.TorchDistTarget`.)"""
+
+    def __init__(self, out: str | Path, layout: ParallelLayout):
+        self.out, self.layout = out, layout
+        self.staged: Staged | None = None
+        self.holds: tuple[str, ...] = ()  # quantizers the target already holds: none, it is new
+
+    def open(self, path: str | None = None) -> str:
+        """Stage the output (the writer: ``path=None``), or join the writer's staging ``path``; its path."""
+        self.staged = Staged(self.out, path)
+        return str(self.staged.path)
+
+    def write(self, placement: Placement, state: dict) -> None:
+        write_rank(self.staged.path, self.layout, placement.coords, state)
+
+    def publish(self, report: Report) -> None:
+        self.layout.write(self.staged.path)
+        self.staged.publish()
+
+    def discard(self) -> None:
+        if self.staged is not None:
+            self.staged.discard()
+
+
+def run_import(comm, rules, hf_dir: str | Path, placements: dict[int, Placement], target, options: RunOptions) -> Report:
+    """The one import path, for the ranks this process plays (``placements``, by group rank; ``comm``: a
+    :class:`~quantmap.executor.comm.Comm` of one rank or :class:`~quantmap.executor.comm.Offline` for all):
+    the writer opens the target, each rank builds its state from the HF names it needs and writes it, and
+    the writer checks every outcome and publishes, or nothing is left behind."""
+    opened = None
     if comm.is_writer:
         try:
-            staged = Staged(out)
-            opened = {"path": str(staged.path)}
+            opened = {"path": target.open()}
         except OSError as error:
             opened = {"error": str(error)}
     try:
         opened = comm.broadcast_object(opened)
         if "error" in opened:
             raise ExecutorError(opened["error"])
-        staged = staged or Staged(out, opened["path"])
-        return _import_staged(comm, rules, hf_dir, placement, staged, options)
+        if target.staged is None:
+            target.open(opened["path"])
+        return _import_staged(comm, rules, hf_dir, placements, target, options)
     except BaseException:
         # Any rank may be the only one to see the failure (an interrupt, a lost peer): each removes
         # the staging directory, a no-op once it is published or gone.
-        if staged is not None:
-            staged.discard()
+        target.discard()
         raise
 
 
-def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, options: RunOptions) -> Report:
-    """Every rank writes its shard into ``staged``; the writer checks every outcome and publishes."""
-    outcome: dict = {}
-    try:
-        checkpoint = Checkpoint(hf_dir)
-        catalog = Catalog(rules, checkpoint.names(), placement.layout)
-        state, report = import_rank(catalog, checkpoint, placement)
-        write_rank(staged.path, placement.layout, placement.coords, state)
-        outcome["report"] = report
-    except Exception as error:
-        outcome["error"] = f"rank {placement.coords.rank}: {error}"
-    outcomes = comm.gather_objects(outcome)
+def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target, options: RunOptions) -> Report:
+    """Every rank writes its state into the staged ``target``; the writer checks every outcome and publishes."""
+    outcomes: dict[int, dict] = {}
+    every_rank = len(placements) == comm.size  # one process plays them all: its first failure is the run's
+    catalog = None
+    with progress_bar(len(placements), "import", options.progress and comm.is_writer) as bar:
+        for rank, placement in placements.items():
+            try:
+                checkpoint = Checkpoint(hf_dir)
+                catalog = catalog or Catalog(rules, checkpoint.names(), placement.layout, target=target.holds)
+                state, report = import_rank(catalog, checkpoint, placement)
+                target.write(placement, state)
+                outcomes[rank] = {"report": report}
+            except Exception as error:
+                if every_rank:
+                    raise
+                outcomes[rank] = {"error": f"rank {placement.coords.rank}: {error}"}
+            bar.update()
+    outcomes = comm.gather_objects(outcomes)
     status = None
     if comm.is_writer:
         errors = [o["error"] for o in outcomes if "error" in o]
@@ -243,11 +269,12 @@ def _import_staged(comm, rules, hf_dir, placement: Placement, staged: Staged, op
             if errors:
                 raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
             final = finish(catalog, merge([o["report"] for o in outcomes]), options.strict)
-            placement.layout.write(staged.path)
-            staged.publish()
+            target.publish(final)
             status = {"report": final}
         except Exception as error:
-            staged.discard()
+            target.discard()
+            if every_rank:
+                raise
             status = {"error": str(error)}
     status = comm.broadcast_object(status)
     if "error" in status:

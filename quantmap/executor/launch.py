@@ -51,30 +51,33 @@ def mode(nproc: int | None) -> str:
     return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
 
 
-def export_shards(rules, megatron: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
-                  iteration: int | None = None) -> Report:
+def export_from(rules, megatron: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
+                iteration: int | None = None) -> Report:
     """Export a Megatron shard directory (``layout.json`` + ``rank_NNNNN.safetensors``) or a torch_dist
-    checkpoint (told apart by their files) to ``out``."""
-    from quantmap.parallel import ParallelLayout
-    from quantmap.io.shards import check_rank_files
-    from quantmap.io.torch_dist import is_shard_directory
+    checkpoint (told apart by their files, :func:`~quantmap.executor.sources.open_source`) to ``out``:
+    in one process, on ``--nproc`` workers or under torchrun, the same path."""
+    from quantmap.executor.sources import open_source
 
-    if iteration is not None or not is_shard_directory(megatron):
-        _prepare_output(out)
-        return _with_contents(out, _guarded(out, mode(options.nproc), lambda: export_checkpoint(
-            rules, megatron, out, options, iteration=iteration)))
-    layout = ParallelLayout.read(megatron)
-    check_rank_files(megatron, layout)
-    how = _prepare(layout, options.nproc, out)
-    if how == "offline":
+    source = open_source(megatron, iteration)
+    how = mode(options.nproc)
+    world = source.world(options.nproc if how == "spawn" else None)
+    _prepare_output(out)
+    return _with_contents(out, _guarded(out, how, lambda: _export_from(source, world, how, rules, out, options)))
+
+
+def _export_from(source, world: int, how: str, rules, out, options: RunOptions) -> Report:
+    with nullcontext() if how == "torchrun" else source.lock():
+        if how != "offline":
+            return launch_ranks(how, _export_rank, (rules, source, str(out), options), options)
         from quantmap.executor.export import export_offline
-        from quantmap.io.shards import LazyShard, rank_file
 
-        states = [LazyShard(rank_file(megatron, rank)) for rank in range(layout.world_size)]
-        return _with_contents(out, _guarded(out, how, lambda: export_offline(
-            rules, states, layout, out=out, options=options).report))
-    args = (rules, str(megatron), str(out), options)
-    return _with_contents(out, _guarded(out, how, lambda: launch_ranks(how, _export_rank, args, options)))
+        layout, states = None, []
+        for rank in range(world):
+            layout, state = source.read(world, rank, rules)
+            states.append(state)
+        report = export_offline(rules, states, layout, out=out, options=options).report
+        source.annotate(report)
+        return report
 
 
 def _with_contents(out, report: Report) -> Report:
@@ -100,28 +103,6 @@ def import_checkpoint(rules, hf: str | Path, layout_path: str | Path, out: str |
     return _guarded(out, how, lambda: launch_ranks(how, _import_rank, args, options))
 
 
-def export_checkpoint(rules, megatron, out, options: RunOptions = RunOptions(), *, iteration: int | None = None):
-    """``quantmap export --megatron DIR`` for a torch_dist DIR: offline, ``--nproc`` workers or torchrun."""
-    from quantmap.executor.torch_dist_checkpoint import export_offline_from
-    from quantmap.io.locks import directory_lock
-    from quantmap.io.torch_dist import locate
-
-    location = locate(megatron, iteration)
-    how = mode(options.nproc)
-    with nullcontext() if how == "torchrun" else directory_lock(location.path, exclusive=False,
-                                                                purpose="an export"):
-        if how == "offline":
-            return export_offline_from(rules, location, out=out, options=options).report
-        return launch_ranks(how, _export_worker, (rules, location, str(out), options), options)
-
-
-def _export_worker(rules, location, out, options: RunOptions):
-    from quantmap.executor.torch_dist_checkpoint import export_rank
-
-    result = export_rank(rules, location, out=out, options=options)
-    return result.report if result.is_writer else None
-
-
 def import_checkpoint_into(rules, hf_dir, into, options: RunOptions = RunOptions(), *, out=None,
                            in_place: bool = False, iteration: int | None = None):
     """``quantmap import --into CKPT``: one process (the checkpoint's names are global; ``options.nproc``
@@ -129,8 +110,7 @@ def import_checkpoint_into(rules, hf_dir, into, options: RunOptions = RunOptions
     from quantmap.executor.torch_dist_checkpoint import import_into
 
     with nullcontext() if out is None else staging.command(out):
-        report, _ = import_into(rules, hf_dir, into, options, out=out, in_place=in_place, iteration=iteration)
-    return report
+        return import_into(rules, hf_dir, into, options, out=out, in_place=in_place, iteration=iteration)
 
 
 def _prepare(layout, nproc: int | None, out) -> str:
@@ -157,16 +137,19 @@ def _guarded(out, how: str, run):
         return run()
 
 
-def _export_rank(rules, megatron, out, options: RunOptions):
+def _export_rank(rules, source, out, options: RunOptions):
+    """One worker's export: its rank's part of the source, under the layout the source is read as."""
+    import torch.distributed as dist
+
     from quantmap.executor.export import export
     from quantmap.executor.placement import Placement
-    from quantmap.parallel import ParallelLayout
-    from quantmap.io.shards import LazyShard, rank_file
 
-    placement = Placement.from_world(ParallelLayout.read(megatron))
-    state = LazyShard(rank_file(megatron, placement.coords.rank))
-    result = export(rules, state, placement, out=out, options=options)
-    return result.report if result.is_writer else None
+    layout, state = source.read(dist.get_world_size(), dist.get_rank(), rules)
+    result = export(rules, state, Placement.from_world(layout), out=out, options=options)
+    if not result.is_writer:
+        return None
+    source.annotate(result.report)  # the whole source's, said by the writer
+    return result.report
 
 
 def _import_rank(rules, hf, layout_path, out, options: RunOptions):

@@ -21,6 +21,7 @@ from quantmap.executor.values import converted
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import to_local
 from quantmap.executor.options import RunOptions
+from quantmap.executor.report import Report
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
@@ -29,7 +30,7 @@ from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.io.torch_dist.modelopt import check_shapes
 from quantmap.io.torch_dist.read import state_tensors
 from quantmap.io.locks import directory_lock
-from quantmap.io.torch_dist.write import Written, commit_reported, write_into
+from quantmap.io.torch_dist.write import commit_reported, write_into
 from quantmap.sizes import gating_contradiction, size_contradiction
 
 
@@ -92,55 +93,51 @@ def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
     return layout, state, not_quantizer_state(entries)
 
 
-def export_offline_from(rules, location: CheckpointLocation, *, out, options: RunOptions = RunOptions()):
-    from quantmap.executor.export import export_offline
-
-    layout, state, (tensors, entries) = read_checkpoint(location, rules=rules)
-    result = export_offline(rules, [state], layout, out=out, options=options)
-    result.report.weights, result.report.entries = tensors, entries
-    return result
-
-
-def export_rank(rules, location: CheckpointLocation, *, out, options: RunOptions = RunOptions()):
-    """This rank's part of a distributed export of a torch_dist checkpoint (call on every rank)."""
-    import torch.distributed as dist
-
-    from quantmap.executor.export import export
-
-    layout, state, (tensors, entries) = read_checkpoint(location, dist.get_world_size(), dist.get_rank(), rules)
-    placement = Placement.from_world(layout)
-    result = export(rules, state, placement, out=out, options=options)
-    result.report.weights, result.report.entries = tensors, entries  # the whole checkpoint's, said by the writer
-    return result
-
-
 def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions = RunOptions(), *,
-                out: str | Path | None = None, in_place: bool = False, iteration: int | None = None):
+                out: str | Path | None = None, in_place: bool = False, iteration: int | None = None) -> Report:
     """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place).
 
     The checkpoint is locked from the read of its ``.metadata`` to the end of the write (exclusively in
     place, shared for a copy): two in-place imports at once would each rewrite the ``.metadata`` they
     read, and one import would be lost."""
+    from quantmap.executor.comm import Offline
+    from quantmap.executor.importer import run_import
+
     location = locate(into, iteration)
     purpose = "an in-place import" if in_place else "a copy into --out"
     with directory_lock(location.path, exclusive=in_place, purpose=purpose), \
             commit_reported(location.path) if in_place else nullcontext():
-        return _import_into(rules, hf_dir, location, out, in_place, options)
+        target = TorchDistTarget(rules, location, out, in_place)
+        return run_import(Offline(1), rules, hf_dir, {0: Placement.offline(target.layout, 0)}, target, options)
 
 
-def _import_into(rules, hf_dir, location: CheckpointLocation, out, in_place: bool, options: RunOptions):
-    from quantmap.executor.importer import Catalog, finish, import_rank
-    from quantmap.io.hf import Checkpoint
+class TorchDistTarget:
+    """Where an import writes: the quantizer state of a torch_dist checkpoint, in a copy (``out``) or in
+    place. Its names are global, so one rank of a ``tp=1, pp=1`` layout holds all of them; the state is
+    written when the run publishes, after every check has passed (the copy is staged by
+    :func:`~quantmap.io.torch_dist.write.write_into`)."""
 
-    entries = read_entries(location.path)
-    check_sizes(rules, location, entries)
-    layout = checkpoint_layout(entries)
-    checkpoint = Checkpoint(hf_dir)
-    catalog = Catalog(rules, checkpoint.names(), layout, target=(q.name for q in quantizers(entries)))
-    state, report = import_rank(catalog, checkpoint, Placement.offline(layout, 0))
-    report = finish(catalog, report, options.strict)  # refuses under --strict before anything is written
-    check_shapes(location.path, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    written: Written = write_into(location, state, convert=converted, out=out, in_place=in_place,
-                                  entries=entries)
-    report.written = len(state)
-    return report, written
+    def __init__(self, rules, location: CheckpointLocation, out, in_place: bool):
+        self.location, self.out, self.in_place = location, out, in_place
+        self.entries = read_entries(location.path)
+        check_sizes(rules, location, self.entries)
+        self.layout = checkpoint_layout(self.entries)
+        # Each quantizer it holds that the spec maps must get a value, or it would keep its old one silently.
+        self.holds = tuple(quantizer.name for quantizer in quantizers(self.entries))
+        self.staged: str | None = None
+        self.state: dict[str, torch.Tensor] = {}
+
+    def open(self, path: str | None = None) -> str:
+        self.staged = str(self.location.path)
+        return self.staged
+
+    def write(self, placement: Placement, state: dict) -> None:
+        self.state = state
+
+    def publish(self, report) -> None:
+        check_shapes(self.location.path, {name: tuple(tensor.shape) for name, tensor in self.state.items()})
+        write_into(self.location, self.state, convert=converted, out=self.out, in_place=self.in_place,
+                   entries=self.entries)
+
+    def discard(self) -> None:
+        """Nothing to remove: :func:`write_into` stages its copy, and leaves nothing when it fails."""

@@ -63,29 +63,30 @@ def schedule(records, shard_size: int, writers: list[int]) -> Schedule:
     return Schedule(bounds, writers, needs)
 
 
-def write_rounds(comm, packed: Packed, plan: Schedule, directory: Path, *, metas: list[dict] | None = None,
+def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path, *, metas: list | None = None,
                  records=None, buffers: dict | None = None, report: Report | None = None, on_shard=None) -> dict | None:
-    """This rank's part of the write: every round, send the entries each writer needs from it; on a
-    writer (``records`` given, reading ``buffers`` and ``metas``), receive its file's entries and write it.
+    """This process's part of the write: every round, send the entries each writer elsewhere needs from
+    the ranks it plays (``packs``); on a writer (``records`` given, reading ``buffers`` and ``metas``), take
+    its file's entries (received, or from ``packs``) and write it.
 
     A writer that fails keeps taking part in the remaining rounds (so no peer waits on it), writes
     nothing more, and reports. Returns a writer's status, ``{"error": message | None,
     "disagreements": {file: [notes]}}``, and ``None`` elsewhere.
     """
-    rank = comm.rank
     status = {"error": None, "disagreements": {}} if records is not None else None
     for k in range(plan.rounds):
         files = plan.round(k)
-        sends = [(plan.writer(s), piece) for s in files if plan.writer(s) != rank and rank in plan.needs[s]
+        sends = [(plan.writer(s), piece) for s in files if plan.writer(s) not in packs
+                 for rank, packed in packs.items() if rank in plan.needs[s]
                  for piece in packed.pieces(transfer_order(packed.meta, plan.needs[s][rank]))]
-        mine = next((s for s in files if plan.writer(s) == rank), None)
+        mine = next((s for s in files if plan.writer(s) in packs), None)
         receives = []
         if mine is not None:
             for source, entries in plan.needs[mine].items():
                 entries = transfer_order(metas[source], entries)
                 size = rebase(metas[source], entries)
-                if source == rank:
-                    buffers[rank] = packed.take(entries)
+                if source in packs:
+                    buffers[source] = packs[source].take(entries)
                 else:
                     buffers[source] = comm.empty(size)
                     receives += [(source, view) for view in receiving(metas[source], entries, buffers[source])]
@@ -100,7 +101,7 @@ def write_rounds(comm, packed: Packed, plan: Schedule, directory: Path, *, metas
             try:
                 write_shard(directory, records, plan.bounds, mine)
             except Exception as error:  # reported to every rank through the status
-                status["error"] = f"rank {rank} writing {shard_name(mine, len(plan.bounds))}: {describe(error)}"
+                status["error"] = f"rank {comm.rank} writing {shard_name(mine, len(plan.bounds))}: {describe(error)}"
             status["disagreements"][mine] = report.disagreements[before:]
             if on_shard is not None:
                 on_shard(len(plan.bounds[mine]))

@@ -1,0 +1,83 @@
+"""Where an export's tensors come from: a source says how many ranks read it, and gives one rank its layout
+and its local tensors (local names → tensors, read lazily or by byte range). The export that follows is
+the same whatever the source (:func:`quantmap.executor.export.run_export`); a live model's ``state_dict()``
+per rank is the third source, handed straight to :func:`~quantmap.executor.export.export` by its caller.
+
+A source is pickled to each spawned worker, so it holds paths and small values only; what it reads, it
+reads in the process that uses it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Mapping
+
+from quantmap.parallel import ParallelLayout
+
+
+class ShardDirectory:
+    """quantmap's Megatron shard directory: ``layout.json`` and one safetensors file per rank, read as the
+    layout it declares (exactly that many ranks)."""
+
+    def __init__(self, path: str | Path):
+        from quantmap.io.shards import check_rank_files
+
+        self.path = Path(path)
+        self.layout = ParallelLayout.read(path)
+        check_rank_files(path, self.layout)
+
+    def world(self, nproc: int | None) -> int:
+        if nproc is not None:
+            self.layout.check_world(nproc)
+        return self.layout.world_size
+
+    def read(self, world: int, rank: int, rules) -> tuple[ParallelLayout, Mapping]:
+        from quantmap.io.shards import LazyShard, rank_file
+
+        return self.layout, LazyShard(rank_file(self.path, rank))
+
+    def lock(self):
+        return nullcontext()
+
+    def annotate(self, report) -> None:
+        """Nothing to add: every tensor of a shard file is claimed or reported by the export itself."""
+
+
+class TorchDistCheckpoint:
+    """A Megatron ``torch_dist`` checkpoint. Its names are global: one rank reads it as ``tp=1, pp=1``;
+    ``world`` ranks read it as that many pipeline stages, each reading only its stage's tensors
+    (:func:`quantmap.executor.torch_dist_checkpoint.read_checkpoint`). Locked (shared) while it is read."""
+
+    def __init__(self, path: str | Path, iteration: int | None = None):
+        from quantmap.io.torch_dist import locate
+
+        self.location = locate(path, iteration)
+        self.left_out: tuple[int, int] | None = None  # what the read left out, for the report
+
+    def world(self, nproc: int | None) -> int:
+        return nproc or 1
+
+    def read(self, world: int, rank: int, rules) -> tuple[ParallelLayout, Mapping]:
+        from quantmap.executor.torch_dist_checkpoint import read_checkpoint
+
+        layout, state, self.left_out = read_checkpoint(self.location, world, rank, rules)
+        return layout, state
+
+    def lock(self):
+        from quantmap.io.locks import directory_lock
+
+        return directory_lock(self.location.path, exclusive=False, purpose="an export")
+
+    def annotate(self, report) -> None:
+        """The checkpoint's tensors that are not quantizer state (its weights, its optimizer's), counted."""
+        report.weights, report.entries = self.left_out
+
+
+def open_source(path: str | Path, iteration: int | None = None):
+    """The source at ``path``: a shard directory (it has ``layout.json``), else a torch_dist checkpoint."""
+    from quantmap.io.torch_dist import is_shard_directory
+
+    if iteration is None and is_shard_directory(path):
+        return ShardDirectory(path)
+    return TorchDistCheckpoint(path, iteration)
