@@ -203,7 +203,7 @@ def export(rules, state: Mapping, placement: Placement, *, out: str | Path | Non
     comm = Comm(placement.group, options.timeout)
     staged = None
     try:
-        packed = pack(rules, state, placement)
+        packed = pack(rules, state, placement, options.output_format)
         if comm.is_writer and out is not None:
             staged = Staged(out)
     except Exception as error:  # shared with every rank through the verdict
@@ -296,7 +296,7 @@ def export_offline(rules, states: Sequence[Mapping], layout: ParallelLayout, *, 
     for rank, state in enumerate(states):
         placement = Placement.offline(layout, rank)
         try:
-            packed = pack(rules, state, placement)
+            packed = pack(rules, state, placement, options.output_format)
         except Exception as error:
             packed = Packed(empty_meta(placement, describe(error)))
         metas.append(packed.meta)
