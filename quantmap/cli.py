@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, List, Optional
 import typer
 
 from quantmap.diagnostics import SpecError
+from quantmap.formats import DEFAULT, FORMATS
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_TIMEOUT_S, over
 from quantmap.untrusted import MAX_DIGITS, decimal
 
@@ -503,6 +504,9 @@ NprocOpt = typer.Option(None, "--nproc", min=1, help="Spawn N gloo worker proces
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no report.")
 TimeoutOpt = typer.Option(600, "--timeout", min=1, max=MAX_TIMEOUT_S,
                           help="Seconds a collective may wait before every rank fails (at most a week).")
+#: The registered output formats (quantmap.formats), offered as choices.
+OutputFormatName = Enum("OutputFormatName", {name: name for name in FORMATS}, type=str)
+FORMAT_HELP = "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items())
 
 
 @app.command("export")
@@ -515,6 +519,7 @@ def export_command(
     iteration: Optional[int] = typer.Option(None, "--iteration", help="With a torch_dist save directory: this "
                                             "iteration instead of the tracker file's."),
     out: str = typer.Option(..., "--out", "-o", help="Output directory for the Hugging Face checkpoint (must not exist)."),
+    format: OutputFormatName = typer.Option(DEFAULT, "--format", help=f"The output format; {FORMAT_HELP}."),
     shard_size: int = typer.Option(5 * 2**30, "--shard-size", min=1, help="Largest shard, in bytes."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any finding: unclaimed, missing or uncalibrated "
                                 "(zero amax) names."),
@@ -538,7 +543,7 @@ def export_command(
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
-                           quiet=quiet, nproc=nproc)
+                           quiet=quiet, nproc=nproc, format=format.value)
     _run_executor(quiet, lambda: export_from(rules, megatron, out, options, iteration=iteration),
                   next_step=f"next: check the export against its source (it must be clean): {check_it}")
 
@@ -556,6 +561,8 @@ def import_command(
                                        help="Write into this torch_dist checkpoint instead (save or "
                                        "iteration directory): a new copy at --out, or --in-place."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (must not exist)."),
+    format: OutputFormatName = typer.Option(DEFAULT, "--format", help=f"The format --hf holds (what is read back); "
+                                            f"{FORMAT_HELP}."),
     in_place: bool = typer.Option(False, "--in-place", help="With --into: rewrite that checkpoint itself (atomic)."),
     iteration: Optional[int] = typer.Option(None, "--iteration", help="With --into a save directory: this "
                                             "iteration instead of the tracker file's."),
@@ -581,7 +588,7 @@ def import_command(
         raise typer.BadParameter("with --layout, give --out (--in-place and --iteration go with --into)",
                                  param_hint="--out")
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
-    options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc)
+    options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc, format=format.value)
     if into is not None:
         from quantmap.executor.launch import import_checkpoint_into
 

@@ -221,7 +221,7 @@ def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout:
     packs, staged = {}, None
     for rank, (state, placement) in ranks.items():
         try:
-            packs[rank] = pack(rules, state, placement)
+            packs[rank] = pack(rules, state, placement, options.output_format)
             if rank == WRITER and out is not None:
                 staged = Staged(out)
         except Exception as error:  # shared with every rank through the verdict

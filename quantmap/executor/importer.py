@@ -29,29 +29,38 @@ from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
 from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
 from quantmap.executor.values import check_dtypes, check_values
+from quantmap.formats import OutputFormat
+from quantmap.formats.quantizers import QUANTIZERS
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
-from quantmap.rules import FAN_IN, MOE_FANOUT, WEIGHT
+from quantmap.rules import FAN_IN, MOE_FANOUT
 
 
 class Catalog:
     """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import.
 
+    Only the roles ``output_format`` reads back are imported; the others (a model's weights, for the
+    ``quantizers`` format) are counted in the report and never read.
     A name no rank of the layout holds goes to ``outside``: each rank alone would just skip it.
     ``megatron`` is every name the layout requires (:mod:`quantmap.executor.completeness`), so the
     rank that should hold a layer or expert the checkpoint lacks reports its HF names as missing."""
 
-    def __init__(self, rules, names: list[str], layout: ParallelLayout, target: Iterable[str] = ()):
+    def __init__(self, rules, names: list[str], layout: ParallelLayout, target: Iterable[str] = (),
+                 output_format: OutputFormat = QUANTIZERS):
         self.rules = rules
         self.available = set(names)
         self.report = Report()
         claimed: set[str] = set()
+        imported: dict[int, bool] = {}  # id(rule) -> whether the format reads its role back (10^5 names, few rules)
         for name in names:
             match = rules.to_megatron(name)
             if match is None:
                 self.report.unclaimed.append(name)
-            elif match.kind == WEIGHT:
+                continue
+            if id(match.rule) not in imported:
+                imported[id(match.rule)] = output_format.reads_back(match.rule.role)
+            if not imported[id(match.rule)]:
                 self.report.weights += 1
             elif not _held(match, layout):
                 self.report.outside.append(name)
@@ -64,13 +73,15 @@ class Catalog:
                                 f"layout); nothing to import. Check --hf, the spec and layout.json")
         # ``target``: the quantizers an existing checkpoint holds (import --into); each one the spec maps
         # must get its value, or it would keep its old one silently.
-        held = {name for name in target if _is_mapped_quantizer(rules, name) and holder(name, layout) is not None}
+        held = {name for name in target if _is_imported(rules, name, output_format) and
+                holder(name, layout) is not None}
         self.megatron = sorted(required_names(claimed, layout) | held)
 
 
-def _is_mapped_quantizer(rules, megatron: str) -> bool:
+def _is_imported(rules, megatron: str, output_format: OutputFormat) -> bool:
+    """Whether the spec maps ``megatron`` and the format reads its role back."""
     match = rules.to_hf(megatron)
-    return match is not None and match.kind != WEIGHT
+    return match is not None and output_format.reads_back(match.rule.role)
 
 
 def _held(match, layout: ParallelLayout) -> bool:
@@ -252,7 +263,8 @@ def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target
         for rank, placement in placements.items():
             try:
                 checkpoint = Checkpoint(hf_dir)
-                catalog = catalog or Catalog(rules, checkpoint.names(), placement.layout, target=target.holds)
+                catalog = catalog or Catalog(rules, checkpoint.names(), placement.layout, target=target.holds,
+                                             output_format=options.output_format)
                 state, report = import_rank(catalog, checkpoint, placement)
                 target.write(placement, state)
                 outcomes[rank] = {"report": report}

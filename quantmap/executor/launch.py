@@ -73,7 +73,7 @@ def _export_from(source, world: int, how: str, rules, out, options: RunOptions) 
 
         layout, states = None, []
         for rank in range(world):
-            layout, state = source.read(world, rank, rules)
+            layout, state = source.read(world, rank, rules, options.output_format)
             states.append(state)
         report = export_offline(rules, states, layout, out=out, options=options).report
         source.annotate(report)
@@ -144,7 +144,7 @@ def _export_rank(rules, source, out, options: RunOptions):
     from quantmap.executor.export import export
     from quantmap.executor.placement import Placement
 
-    layout, state = source.read(dist.get_world_size(), dist.get_rank(), rules)
+    layout, state = source.read(dist.get_world_size(), dist.get_rank(), rules, options.output_format)
     result = export(rules, state, Placement.from_world(layout), out=out, options=options)
     if not result.is_writer:
         return None

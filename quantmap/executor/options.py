@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from quantmap.formats import DEFAULT, FORMATS, OutputFormat
 from quantmap.io.hf import DEFAULT_SHARD_SIZE
 from quantmap.limits import MAX_TIMEOUT_S
-
-FORMATS = ("quantizers",)  # output formats; today's output (the quantizer state under HF names) is the only one
 
 
 class OptionsError(ValueError):
@@ -29,8 +28,8 @@ class RunOptions:
     requires and reports the rest (under ``strict`` they are refused with the other findings);
     ``timeout`` bounds every wait of a collective (and of a stopped or hung worker); ``shard_size`` is the
     largest HF shard file in bytes; ``progress`` shows progress bars; ``nproc`` spawns that many gloo
-    workers (``None``: torchrun's ranks, or one process playing every rank); ``format`` is the output
-    format (``"quantizers"``, the only one today)."""
+    workers (``None``: torchrun's ranks, or one process playing every rank); ``format`` names the output
+    format (:data:`quantmap.formats.FORMATS`): what an export writes and an import reads back."""
 
     strict: bool = False
     allow_partial: bool = False
@@ -38,7 +37,7 @@ class RunOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     progress: bool = False
     nproc: int | None = None
-    format: str = "quantizers"
+    format: str = DEFAULT
 
     def __post_init__(self) -> None:
         for name in ("strict", "allow_partial", "progress"):
@@ -52,8 +51,16 @@ class RunOptions:
             _refuse("shard_size", "a whole number of bytes >= 1", self.shard_size)
         if self.nproc is not None and (not _whole(self.nproc) or self.nproc < 1):
             _refuse("nproc", "a whole number >= 1, or None (torchrun's ranks, or one process)", self.nproc)
-        if self.format not in FORMATS:
+        if not isinstance(self.format, str) or self.format not in FORMATS:
             _refuse("format", " or ".join(map(repr, FORMATS)), self.format)
+        if not FORMATS[self.format].as_is:
+            _refuse("format", "a format whose every tensor is one source tensor as is, with no added file (the "
+                              "writer computes no other yet)", self.format)
+
+    @property
+    def output_format(self) -> OutputFormat:
+        """The registered format :attr:`format` names."""
+        return FORMATS[self.format]
 
 
 def _whole(value) -> bool:

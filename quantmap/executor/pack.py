@@ -1,7 +1,9 @@
 """The rank-local half of an export: claim, rename and pack this rank's tensors into one buffer.
 
 Only names the rule set claims are packed, under their global names; the rest are listed for the
-report. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
+report. Of those, only the roles the output format reads (:meth:`quantmap.formats.OutputFormat.reads`)
+are read at all: the others (a model's weights, for the ``quantizers`` format) are counted, never
+loaded. Data-parallel replicas hold copies, so only the first replica of each view packs: dense
 tensors on ``dp == cp == 0``, expert tensors on ``edp == 0``; where a view has replicas, every copy's
 digest goes into the metadata for the writer to compare. Every tensor read is checked for values
 that cannot be right (:mod:`quantmap.executor.values`). A buffer is one flat byte tensor
@@ -22,6 +24,8 @@ import torch
 
 from quantmap.executor.placement import Placement
 from quantmap.executor.expert_runs import expert_groups, template
+from quantmap.formats import OutputFormat
+from quantmap.formats.quantizers import QUANTIZERS
 from quantmap.executor.naming import globalizer, is_expert
 from quantmap.executor.report import ExecutorError
 from quantmap.executor.values import check_values, copy_digest, owns, quiet, replicated, scalar_digests
@@ -87,12 +91,13 @@ def empty_meta(placement: Placement, error: str | None = None) -> dict:
             "copies": {}, "uncalibrated": [], "runs": {}}
 
 
-def pack(rules, state: Mapping, placement: Placement) -> Packed:
-    """Claim and pack ``state`` (local names → tensors); exceptions propagate to the caller."""
+def pack(rules, state: Mapping, placement: Placement, output_format: OutputFormat = QUANTIZERS) -> Packed:
+    """Claim and pack the tensors of ``state`` (local names → tensors) that ``output_format`` reads;
+    exceptions propagate to the caller."""
     layout = placement.layout
     if isinstance(state, LazyShard):
         state.check_coordinates(layout, placement.coords)
-    packing = _Packing(rules, state, placement)
+    packing = _Packing(rules, state, placement, output_format)
     with paused_gc():  # 10^4 names and their entries: acyclic, and scanned again and again otherwise
         groups, singles = expert_groups(state.keys(), layout.experts_per_rank)
         for local in singles:
@@ -107,9 +112,10 @@ def pack(rules, state: Mapping, placement: Placement) -> Packed:
 class _Packing:
     """One rank's pack in progress: its metadata, the values it sends, and what it read (to check)."""
 
-    def __init__(self, rules, state: Mapping, placement: Placement):
+    def __init__(self, rules, state: Mapping, placement: Placement, output_format: OutputFormat):
         layout, coords = placement.layout, placement.coords
-        self.rules, self.state = rules, state
+        self.rules, self.state, self.format = rules, state, output_format
+        self.taken: dict[int, bool] = {}  # id(rule) -> whether the format reads its role
         self.owner = {False: owns(coords, expert=False), True: owns(coords, expert=True)}
         self.compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
         self.meta = empty_meta(placement)
@@ -127,7 +133,7 @@ class _Packing:
             meta["unclaimed"].append(name)
             return
         expert = is_expert(name)
-        if match.kind == WEIGHT:
+        if not self._takes(match.rule):
             meta["weights"] += self.owner[expert]
             return
         if not (self.owner[expert] or self.compared[expert]):
@@ -150,8 +156,10 @@ class _Packing:
         if found is None:
             return False
         expert = is_expert(name)
-        if found.kind == WEIGHT:
+        if not self._takes(found.rule):
             meta["weights"] += self.owner[expert] * len(members)
+        elif found.rule.kind == WEIGHT:  # a run folds one-element quantizer state; weights go one by one
+            return False
         elif self.owner[expert] or self.compared[expert]:
             values = [self._value(local) for local in members]
             dtype, shape = values[0].dtype, tuple(values[0].shape)
@@ -172,6 +180,13 @@ class _Packing:
                 meta["experts"] += run.count
         _note_indices(meta, local_layer, len(members) - 1)
         return True
+
+    def _takes(self, rule) -> bool:
+        """Whether the format reads the tensors ``rule`` claims (asked once per rule: 10^5 names share a few)."""
+        taken = self.taken.get(id(rule))
+        if taken is None:
+            taken = self.taken[id(rule)] = self.format.reads(rule.role)
+        return taken
 
     def _value(self, local: str) -> torch.Tensor:
         try:

@@ -32,7 +32,8 @@ class ShardDirectory:
             self.layout.check_world(nproc)
         return self.layout.world_size
 
-    def read(self, world: int, rank: int, rules) -> tuple[ParallelLayout, Mapping]:
+    def read(self, world: int, rank: int, rules, output_format) -> tuple[ParallelLayout, Mapping]:
+        """Rank ``rank``'s file, read lazily: the export reads only the tensors ``output_format`` takes."""
         from quantmap.io.shards import LazyShard, rank_file
 
         return self.layout, LazyShard(rank_file(self.path, rank))
@@ -58,8 +59,13 @@ class TorchDistCheckpoint:
     def world(self, nproc: int | None) -> int:
         return nproc or 1
 
-    def read(self, world: int, rank: int, rules) -> tuple[ParallelLayout, Mapping]:
-        from quantmap.executor.torch_dist_checkpoint import read_checkpoint
+    def read(self, world: int, rank: int, rules, output_format) -> tuple[ParallelLayout, Mapping]:
+        """Rank ``rank``'s quantizer state, read by byte range. A format that takes the model's own tensors is
+        refused: their keys (stacked layers, SwiGLU halves) are not read from a torch_dist checkpoint yet, and
+        leaving them out would be a model without its weights."""
+        from quantmap.executor.torch_dist_checkpoint import read_checkpoint, refuse_model_roles
+
+        refuse_model_roles(output_format, self.location.path)
 
         layout, state, self.left_out = read_checkpoint(self.location, world, rank, rules)
         return layout, state

@@ -24,6 +24,7 @@ from quantmap.executor.options import RunOptions
 from quantmap.executor.report import Report
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
+from quantmap.roles import MODEL_ROLES
 from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
 from quantmap.io.torch_dist.files import TorchDistError
 from quantmap.io.torch_dist.metadata import METADATA_FILE
@@ -93,6 +94,16 @@ def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
     return layout, state, not_quantizer_state(entries)
 
 
+def refuse_model_roles(output_format, path) -> None:
+    """Refuse a format that moves the model's own tensors (weights, norms): only quantizer state is read from,
+    or written into, a torch_dist checkpoint so far."""
+    taken = sorted(role for role in MODEL_ROLES if output_format.reads(role) or output_format.reads_back(role))
+    if taken:
+        raise TorchDistError(f"{path}: format {output_format.name!r} moves the model's {', '.join(taken)} tensors, "
+                             f"but quantmap reads and writes only the quantizer state of a torch_dist checkpoint; "
+                             f"use --format quantizers, or a shard directory")
+
+
 def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions = RunOptions(), *,
                 out: str | Path | None = None, in_place: bool = False, iteration: int | None = None) -> Report:
     """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place).
@@ -107,6 +118,7 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions
     purpose = "an in-place import" if in_place else "a copy into --out"
     with directory_lock(location.path, exclusive=in_place, purpose=purpose), \
             commit_reported(location.path) if in_place else nullcontext():
+        refuse_model_roles(options.output_format, location.path)
         target = TorchDistTarget(rules, location, out, in_place)
         return run_import(Offline(1), rules, hf_dir, {0: Placement.offline(target.layout, 0)}, target, options)
 

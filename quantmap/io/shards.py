@@ -148,10 +148,12 @@ def write_rank(directory: str | Path, layout: ParallelLayout, coords: Coords, st
     return path
 
 
-def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Path, rank: int | None = None) -> Path:
+def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Path, rank: int | None = None, *,
+               quantizers_only: bool = True) -> Path:
     """Write this rank's quantizer state from a live model's ``state_dict()``; call it on every rank.
 
-    Keeps the tensors whose name contains ``quantizer`` (``_amax``, ``_pre_quant_scale``, ...); rank 0
+    Keeps the tensors whose name contains ``quantizer`` (``_amax``, ``_pre_quant_scale``, ...), or, with
+    ``quantizers_only=False``, every tensor (for an output format that reads the model's weights too); rank 0
     also writes ``layout.json``. ``rank`` is this rank's position in Megatron-Core's default order
     (``tp-cp-ep-dp-pp``, the order ``layout.json`` declares); it defaults to the global rank of the
     default process group, which is that position when Megatron built its groups in the default
@@ -165,6 +167,6 @@ def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Pat
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         layout.write(directory)
-    quantizers = {name: value for name, value in state_dict.items()
-                  if "quantizer" in name and isinstance(value, torch.Tensor)}
-    return write_rank(directory, layout, layout.coords(rank), quantizers)
+    kept = {name: value for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and ("quantizer" in name or not quantizers_only)}
+    return write_rank(directory, layout, layout.coords(rank), kept)

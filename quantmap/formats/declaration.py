@@ -1,0 +1,116 @@
+"""What an output format is: per role, the tensors it writes and how import reads them back; the files it adds.
+
+A format knows nothing about names and the rules know nothing about formats (the split of transformers'
+quantizer tables, sqlglot's dialects): the rules say where each Megatron tensor goes and what it is (its
+role, :mod:`quantmap.roles`); a format says what becomes of a role there. Its rows are grouped by Hugging
+Face module (:func:`quantmap.roles.module_of`): a tensor computed from several roles (a scale from a
+weight's amax, a quantized payload from the weight and its amax) takes them from one module, so the
+writer hands it those inputs together. A declaration is plain data plus the functions it names, and
+never imports torch, so the command line lists the formats without it.
+
+Today's writer moves each tensor as it is: it runs the formats whose every row is its one input under
+its own HF name (:attr:`OutputFormat.as_is`), with no file beside the tensors; a row computed from
+other roles, renamed, cast or reshaped, or an added file, is declared here and refused by the run
+(:mod:`quantmap.executor.options`) until the writer computes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from quantmap.roles import MODEL_ROLES, QUANTIZER_ROLES
+
+ROLES = MODEL_ROLES | QUANTIZER_ROLES
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One tensor a format writes for a role, on the role's HF module.
+
+    ``inputs``: the roles (of the same HF module) it is computed from, the role itself among them.
+    ``suffix``: its name, the module's name plus ``.suffix`` (``weight_scale``); ``None``: the HF name the
+    rule gives, as is. ``compute``: the inputs' tensors, in ``inputs`` order, to the tensor (``None``: the
+    one input as is). ``dtype``: its torch dtype's name (``float8_e4m3fn``; ``None``: the first input's).
+    ``shape``: the inputs' shapes to its shape, so that a run is planned from metadata before any tensor
+    moves (``None``: the first input's)."""
+
+    inputs: tuple[str, ...]
+    suffix: str | None = None
+    compute: Callable | None = None
+    dtype: str | None = None
+    shape: Callable | None = None
+
+    @property
+    def as_is(self) -> bool:
+        """The one input under its own name, unchanged."""
+        return len(self.inputs) == 1 and self.suffix is self.compute is self.dtype is self.shape is None
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """How import gets a role back from the HF tensors of its module: ``suffixes`` names them as
+    :attr:`Written.suffix` does (``None``: the rule's own HF name), ``compute`` turns them into the role's
+    tensor (``None``: the one tensor as is)."""
+
+    suffixes: tuple[str | None, ...] = (None,)
+    compute: Callable | None = None
+
+    @property
+    def as_is(self) -> bool:
+        return self.suffixes == (None,) and self.compute is None
+
+
+@dataclass(frozen=True, slots=True)
+class AddedFile:
+    """A file a format writes beside the tensors (``hf_quant_config.json``): its name, and ``build``,
+    from the HF modules written (each with the roles it holds) to the file's bytes."""
+
+    name: str
+    build: Callable[[Mapping[str, frozenset[str]]], bytes]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A registered output format (:data:`quantmap.formats.FORMATS`): ``writes`` maps each role it takes
+    from the source to the tensors it writes for it, ``restores`` each role import reads back to how; a
+    role in neither is skipped both ways and counted in the report."""
+
+    name: str
+    summary: str  # one line, for --help and the docs
+    writes: Mapping[str, tuple[Written, ...]]
+    restores: Mapping[str, Restored]
+    files: tuple[AddedFile, ...] = ()
+    _read: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted((set(self.writes) | set(self.restores)) - ROLES)
+        if unknown:
+            raise ValueError(f"format {self.name!r} declares unknown role(s) {unknown}; roles are {sorted(ROLES)}")
+        read = {role for rows in self.writes.values() for row in rows for role in row.inputs}
+        strays = sorted(read - ROLES)
+        if strays:
+            raise ValueError(f"format {self.name!r} computes a tensor from unknown role(s) {strays}")
+        object.__setattr__(self, "_read", frozenset(read))
+
+    def reads(self, role: str) -> bool:
+        """Whether an export reads tensors of ``role`` from the source: every other role stays unread."""
+        return role in self._read
+
+    def reads_back(self, role: str) -> bool:
+        """Whether an import reads ``role`` back from the HF checkpoint."""
+        return role in self.restores
+
+    @property
+    def as_is(self) -> bool:
+        """Every tensor written is one source tensor under its HF name and every role comes back the same
+        way, with no added file: what today's writer runs."""
+        return (all(row.as_is for rows in self.writes.values() for row in rows)
+                and all(way.as_is for way in self.restores.values()) and not self.files)
+
+
+def unchanged(name: str, summary: str, roles) -> OutputFormat:
+    """A format that moves the tensors of ``roles`` unchanged under the HF names the rules give, both ways."""
+    roles = sorted(roles)
+    return OutputFormat(name, summary, writes={role: (Written((role,)),) for role in roles},
+                        restores={role: Restored() for role in roles})
