@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple
 
 from quantmap.executor.naming import expert_span
-from quantmap.rules import AMAX, FANOUT, WEIGHT
+from quantmap.rules import AMAX, FANOUT, WEIGHT, Rule
 from quantmap.untrusted import MAX_DIGITS
 
 _MIN_RUN = 2
@@ -72,11 +72,15 @@ def expert_groups(names: Iterable[str], experts: int | None) -> tuple[list[list[
 
 
 class Template(NamedTuple):
-    """How every member of a group resolves: its rule's kind and each name around the expert index."""
+    """How every member of a group resolves: its rule and each name around the expert index."""
 
-    kind: str
+    rule: Rule
     megatron: tuple[str, str]
     hf: tuple[tuple[str, str], ...]  # in the rule's part order; empty for a weight
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
 
     def run(self, first: int, count: int, shape: tuple[int, ...]) -> Run:
         return Run(first, count, self.megatron, self.hf, shape)
@@ -93,18 +97,5 @@ def template(rules, name: str, span: tuple[int, int]) -> Template | None:
     around = tuple(tuple(hf.split("*")) for hf in match.hf)
     if match.kind != WEIGHT and any(len(parts) != 2 for parts in around):  # the expert once in each HF name
         return None
-    return Template(match.kind, (name[:start], name[end:]), () if match.kind == WEIGHT else around)
+    return Template(match.rule, (name[:start], name[end:]), () if match.kind == WEIGHT else around)
 
-
-def entry_names(meta: dict) -> list[str]:
-    """Every Megatron name a rank's metadata holds, runs unfolded (in entry order)."""
-    runs = meta["runs"]
-    if not runs:
-        return meta["names"]
-    out = []
-    for entry, name in enumerate(meta["names"]):
-        if entry in runs:
-            out += runs[entry].megatron_names()
-        else:
-            out.append(name)
-    return out
