@@ -22,9 +22,9 @@ class RuleSet:
     a wrapper method would add a call to each. ``to_hf_template(megatron_name, span)`` is the forward
     match of every name that differs from the given one only in the index at ``span``, that index
     left as ``*`` (``None`` where the index cannot prove one match serves them all); ``to_hf_by(number,
-    name)`` the forward match of a name by a rule already chosen (:meth:`number`). Iterating gives the rules in spec order;
-    ``warnings`` lists what the compiler could not derive, and why. ``source`` is what it was compiled
-    from (and how it pickles); ``hf_naming`` the HF naming its names are in.
+    name)`` the forward match of a name by a rule already chosen (:meth:`number`). Iterating gives the
+    rules in spec order; ``warnings`` lists what the compiler could not derive, and why. ``source`` is
+    what it was compiled from (and how it pickles); ``hf_naming`` the HF naming its names are in.
     """
 
     __slots__ = ("source", "spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron",

@@ -203,7 +203,8 @@ def test_large_tensors_are_checked_one_by_one_for_nan_inf_sign_and_zero():
     big = 10_000
     amax = "decoder.layers.0.mlp.linear_fc2.weight_quantizer._amax"
     scale = "decoder.layers.0.mlp.linear_fc2.input_quantizer._pre_quant_scale"
-    assert check_values([(amax, torch.rand(big) + 0.1, WEIGHT_AMAX), (scale, torch.rand(big) - 0.5, PRE_QUANT_SCALE)]) == []
+    assert check_values([(amax, torch.rand(big) + 0.1, WEIGHT_AMAX),
+                         (scale, torch.rand(big) - 0.5, PRE_QUANT_SCALE)]) == []
     assert check_values([(amax, torch.cat([torch.zeros(1), torch.rand(big)]), WEIGHT_AMAX)]) == [amax]
     for bad in (float("nan"), float("inf"), -1.0):
         value = torch.rand(big)

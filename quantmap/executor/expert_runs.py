@@ -98,4 +98,3 @@ def template(rules, name: str, span: tuple[int, int]) -> Template | None:
     if match.kind != WEIGHT and any(len(parts) != 2 for parts in around):  # the expert once in each HF name
         return None
     return Template(match.rule, (name[:start], name[end:]), () if match.kind == WEIGHT else around)
-

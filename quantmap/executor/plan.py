@@ -146,10 +146,6 @@ class _Items(Sequence):
         """:attr:`Item.records` of item ``i``, without building the item."""
         return _records(self._CODES[self._combine[i]], self._count[i])
 
-    def rule(self, i: int) -> int:
-        """Item ``i``'s rule, by its number in the rule set."""
-        return self._rules[i]
-
     def __getitem__(self, i: int) -> Item:
         rule = self._rules[i]
         return Item(self._names[i], self._CODES[self._combine[i]], self.sources(i), self._hf[i], self._count[i],
