@@ -337,5 +337,12 @@ class Index:
 
     def __init__(self, rules: Iterable[Rule]):
         rules = list(rules)
-        self.forward = _Side([v for r in rules for v in _per_variant(_forward(r))])
+        by_rule = [_forward(r) for r in rules]
+        self.forward = _Side([v for entry in by_rule for v in _per_variant(entry)])
+        self._by_rule = tuple(entry.try_pattern for entry in by_rule)
         self.reverse = _Side([v for r in rules if r.reversible for i in range(len(r.hf)) for v in _per_variant(_reverse(r, i))])
+
+    def forward_by(self, number: int, name: str) -> Match | None:
+        """The forward match of ``name`` by rule ``number`` (its position in the rules given), without
+        looking for the rule: the rule's own pattern and resolver, as a lookup that chose it builds it."""
+        return self._by_rule[number](name)

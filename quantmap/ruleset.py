@@ -21,12 +21,14 @@ class RuleSet:
     lookup functions themselves, bound at construction: a lookup runs once per tensor name, and
     a wrapper method would add a call to each. ``to_hf_template(megatron_name, span)`` is the forward
     match of every name that differs from the given one only in the index at ``span``, that index
-    left as ``*`` (``None`` where the index cannot prove one match serves them all). Iterating gives the rules in spec order;
-    ``warnings`` lists what the compiler could not derive, and why. ``source`` is what it was compiled
-    from (and how it pickles); ``hf_naming`` the HF naming its names are in.
+    left as ``*`` (``None`` where the index cannot prove one match serves them all); ``to_hf_by(number,
+    name)`` the forward match of a name by a rule already chosen (:meth:`number`). Iterating gives the
+    rules in spec order; ``warnings`` lists what the compiler could not derive, and why. ``source`` is
+    what it was compiled from (and how it pickles); ``hf_naming`` the HF naming its names are in.
     """
 
-    __slots__ = ("source", "spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron")
+    __slots__ = ("source", "spec", "rules", "warnings", "params", "to_hf", "to_hf_template", "to_megatron",
+                 "to_hf_by", "_numbers", "_roles")
 
     def __init__(self, source: RuleSource, spec: ResolvedSpec, rules: tuple[Rule, ...], index: Index,
                  warnings: tuple[Diagnostic, ...], params: dict[str, int | None]):
@@ -38,6 +40,19 @@ class RuleSet:
         self.to_hf: Callable[[str], Match | None] = index.forward.lookup
         self.to_hf_template: Callable[[str, tuple[int, int]], Match | None] = index.forward.template
         self.to_megatron: Callable[[str], Match | None] = index.reverse.lookup
+        self.to_hf_by: Callable[[int, str], Match | None] = index.forward_by
+        self._numbers = {id(rule): number for number, rule in enumerate(rules)}
+        self._roles = tuple(map(_role, rules))
+
+    def number(self, rule: Rule) -> int:
+        """``rule``'s position in the set: the same on every rank (one spec compiles to the same rules in
+        the same order), so a rank names the rule that claimed a tensor by it, and the writer gets the
+        match back with ``to_hf_by(number, name)``, without looking for the rule again."""
+        return self._numbers[id(rule)]
+
+    def role(self, number: int) -> str | None:
+        """What the tensors of rule ``number`` are (:mod:`quantmap.roles`), decided once per rule."""
+        return self._roles[number]
 
     def unquantized_part(self, hf_name: str) -> Match | None:
         """For an HF quantizer buffer no rule maps: the weight match of its module when that module is a
@@ -72,3 +87,12 @@ class RuleSet:
 
     def __repr__(self) -> str:
         return f"<RuleSet {self.spec.name!r}: {len(self.rules)} rules>"
+
+
+def _role(rule: Rule) -> str | None:
+    """``rule.role``; ``None`` for a quantizer buffer that has none: a spec may list any buffer of a
+    quantizer, whose tensors are then moved as they are, not checked as an amax."""
+    try:
+        return rule.role
+    except ValueError:
+        return None

@@ -33,11 +33,11 @@ def test_an_export_with_runs_writes_the_bytes_of_one_without(form, layout, tmp_p
     rules = rules_for(form, num_experts=layout.num_experts)
     states = shard(global_state(form, layout.num_layers, layout.num_experts), layout)
     folded = pack(rules, states[0], Placement.offline(layout, 0)).meta
-    assert folded["runs"], "precondition: the rank folds its experts"
+    assert folded.runs, "precondition: the rank folds its experts"
     export_offline(rules, states, layout, out=tmp_path / "runs")
     in_memory = export_offline(rules, states, layout).state_dict()
     monkeypatch.setattr(expert_runs, "_MIN_RUN", 10**9)  # every name on its own
-    assert not pack(rules, states[0], Placement.offline(layout, 0)).meta["runs"]
+    assert not pack(rules, states[0], Placement.offline(layout, 0)).meta.runs
     export_offline(rules, states, layout, out=tmp_path / "names")
     assert _files(tmp_path / "runs") == _files(tmp_path / "names")
     one_by_one = export_offline(rules, states, layout).state_dict()
@@ -109,7 +109,7 @@ def test_a_run_is_folded_only_where_the_index_proves_one_template(case, tmp_path
     rules = quantmap.compile(str(spec))
     layout = ParallelLayout(num_layers=2, num_experts=4)
     states = shard(global_state("seq", 2, 4), layout)
-    folded = {run.megatron[1] for run in pack(rules, states[0], Placement.offline(layout, 0)).meta["runs"].values()}
+    folded = {run.megatron[1] for run in pack(rules, states[0], Placement.offline(layout, 0)).meta.runs.values()}
     fc1 = {".linear_fc1.weight_quantizer._amax", ".linear_fc1.input_quantizer._amax"}
     fc2 = {".linear_fc2.weight_quantizer._amax", ".linear_fc2.input_quantizer._amax"}
     assert folded == (fc1 if case == "shadowed" else fc2)
@@ -152,7 +152,7 @@ def test_a_layer_whose_experts_lost_a_quantizer_is_found_missing_expert_by_exper
     for state in states:  # layer 1's fc2 input quantizers, on both EP ranks
         for name in [n for n in state if "layers.1." in n and "linear_fc2.input_quantizer" in n]:
             del state[name]
-    assert pack(rules_for("seq"), states[0], Placement.offline(layout, 0)).meta["runs"], "precondition: runs"
+    assert pack(rules_for("seq"), states[0], Placement.offline(layout, 0)).meta.runs, "precondition: runs"
     with pytest.raises(ExecutorError, match="lack 4 quantizer tensor") as raised:
         export_offline(rules_for("seq"), states, layout)
     assert "decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.input_quantizer._amax" in str(raised.value)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from executor_support import global_state, rules_for, run_ranks, shard
 from quantmap.executor import ExecutorError, ParallelLayout, RunOptions, export_offline, import_offline
 from quantmap.executor.values import check_values
+from quantmap.roles import INPUT_AMAX, PRE_QUANT_SCALE, WEIGHT_AMAX
 
 K_BMM = "decoder.layers.0.self_attention.core_attention.k_bmm_quantizer._amax"
 HF_K = "model.layers.0.self_attn.k_bmm_quantizer._amax"  # where dense_mla maps k_bmm
@@ -105,9 +106,9 @@ def test_import_reports_a_zero_amax_and_strict_refuses_it(tmp_path):
 
 def test_a_pre_quant_scale_may_be_negative_but_not_nan():
     scale = "decoder.layers.0.mlp.linear_fc2.input_quantizer._pre_quant_scale"
-    assert check_values([(scale, torch.tensor([-1.0, 0.0, 2.0]))]) == []
+    assert check_values([(scale, torch.tensor([-1.0, 0.0, 2.0]), PRE_QUANT_SCALE)]) == []
     with pytest.raises(ExecutorError, match=rf"{scale} holds 1 NaN value"):
-        check_values([(scale, torch.tensor([1.0, float("nan")]))])
+        check_values([(scale, torch.tensor([1.0, float("nan")]), PRE_QUANT_SCALE)])
 
 
 # -- data-parallel replicas ----------------------------------------------------------------------------------
@@ -173,13 +174,17 @@ def test_a_distributed_export_compares_replicas_without_extra_collectives(tmp_pa
     assert calls == replica_calls == 5  # 4 + one round of files, replicas or not
 
 
+ROLE = {"a._amax": WEIGHT_AMAX, "b._pre_quant_scale": PRE_QUANT_SCALE}  # what their rules would say
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a._amax", "b._pre_quant_scale"]),
                           st.lists(st.sampled_from([0.0, 0.5, 3.0, -1.0, float("nan"), float("inf")]), min_size=1,
                                    max_size=4),
                           st.sampled_from([torch.float32, torch.bfloat16, torch.float16])), max_size=6))
 def test_values_are_refused_exactly_when_one_is_not_finite_or_a_negative_amax(entries):
-    tensors = [(f"{i}.{name}", torch.tensor(values, dtype=dtype)) for i, (name, values, dtype) in enumerate(entries)]
+    tensors = [(f"{i}.{name}", torch.tensor(values, dtype=dtype), ROLE[name])
+               for i, (name, values, dtype) in enumerate(entries)]
     bad = any(v != v or abs(v) == float("inf") or (v < 0 and name.endswith("amax"))
               for name, values, _ in entries for v in values)
     zero = [f"{i}.{name}" for i, (name, values, _) in enumerate(entries) if name.endswith("amax") and 0.0 in values]
@@ -198,17 +203,18 @@ def test_large_tensors_are_checked_one_by_one_for_nan_inf_sign_and_zero():
     big = 10_000
     amax = "decoder.layers.0.mlp.linear_fc2.weight_quantizer._amax"
     scale = "decoder.layers.0.mlp.linear_fc2.input_quantizer._pre_quant_scale"
-    assert check_values([(amax, torch.rand(big) + 0.1), (scale, torch.rand(big) - 0.5)]) == []
-    assert check_values([(amax, torch.cat([torch.zeros(1), torch.rand(big)]))]) == [amax]
+    assert check_values([(amax, torch.rand(big) + 0.1, WEIGHT_AMAX),
+                         (scale, torch.rand(big) - 0.5, PRE_QUANT_SCALE)]) == []
+    assert check_values([(amax, torch.cat([torch.zeros(1), torch.rand(big)]), WEIGHT_AMAX)]) == [amax]
     for bad in (float("nan"), float("inf"), -1.0):
         value = torch.rand(big)
         value[big // 2] = bad
         with pytest.raises(BadValues, match=re.escape(amax)):
-            check_values([(amax, value)])
+            check_values([(amax, value, WEIGHT_AMAX)])
     nan_scale = torch.rand(big)
     nan_scale[3] = float("nan")
     with pytest.raises(BadValues, match="NaN"):
-        check_values([(scale, nan_scale)])
+        check_values([(scale, nan_scale, PRE_QUANT_SCALE)])
 
 
 @settings(max_examples=200, deadline=None)
@@ -238,5 +244,20 @@ def test_a_dtype_conversion_is_refused_exactly_when_it_overflows_or_underflows(n
 
 
 def test_a_float64_amax_is_checked_in_float64_not_called_infinite():
-    assert check_values([("a._amax", torch.tensor([1e300], dtype=torch.float64)),
-                         ("b._amax", torch.full((5000,), 1e300, dtype=torch.float64))]) == []
+    assert check_values([("a._amax", torch.tensor([1e300], dtype=torch.float64), WEIGHT_AMAX),
+                         ("b._amax", torch.full((5000,), 1e300, dtype=torch.float64), WEIGHT_AMAX)]) == []
+
+
+def test_the_role_not_the_name_decides_what_is_checked():
+    """Sign and zero are checked for an amax role, finiteness for every role: the role comes from the rule
+    that claimed the tensor (no shipped rule's role disagrees with its name, see test_roles)."""
+    from quantmap.executor.values import BadValues, quiet
+
+    assert check_values([("x._amax", torch.tensor([-1.0, 0.0]), PRE_QUANT_SCALE)]) == []
+    with pytest.raises(BadValues, match=r"x\.scale holds 1 negative value"):
+        check_values([("x.scale", torch.tensor([-1.0, 2.0]), INPUT_AMAX)])
+    assert check_values([("x.scale", torch.zeros(3), INPUT_AMAX), ("y.scale", torch.zeros(5000), WEIGHT_AMAX)]) == \
+        ["x.scale", "y.scale"]
+    assert check_values([("x._amax", torch.zeros(5000) - 1, None)]) == []  # a buffer no role is known for
+    assert quiet(torch.tensor([-1.0, 2.0]), PRE_QUANT_SCALE) and not quiet(torch.tensor([-1.0, 2.0]), WEIGHT_AMAX)
+    assert not quiet(torch.tensor([0.0]), INPUT_AMAX) and not quiet(torch.tensor([float("nan")]), PRE_QUANT_SCALE)

@@ -78,6 +78,10 @@ class Template(NamedTuple):
     megatron: tuple[str, str]
     hf: tuple[tuple[str, str], ...]  # in the rule's part order; empty for a weight
 
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
+
     def run(self, first: int, count: int, shape: tuple[int, ...]) -> Run:
         return Run(first, count, self.megatron, self.hf, shape)
 
@@ -94,17 +98,3 @@ def template(rules, name: str, span: tuple[int, int]) -> Template | None:
     if match.kind != WEIGHT and any(len(parts) != 2 for parts in around):  # the expert once in each HF name
         return None
     return Template(match.rule, (name[:start], name[end:]), () if match.kind == WEIGHT else around)
-
-
-def entry_names(meta: dict) -> list[str]:
-    """Every Megatron name a rank's metadata holds, runs unfolded (in entry order)."""
-    runs = meta["runs"]
-    if not runs:
-        return meta["names"]
-    out = []
-    for entry, name in enumerate(meta["names"]):
-        if entry in runs:
-            out += runs[entry].megatron_names()
-        else:
-            out.append(name)
-    return out

@@ -104,7 +104,7 @@ class _Records:
                     self._bulk.append(None)
                 continue
             rank, entry = items.first_source(i)  # every copy has this dtype and shape (checked by the plan)
-            dtype, shape = plan.metas[rank]["dtypes"][entry], plan.metas[rank]["shapes"][entry]
+            dtype, shape = plan.metas[rank].dtypes[entry], plan.metas[rank].shapes[entry]
             expert_run = items.run(i)
             self._item.append(i)
             self._part.append(0)

@@ -114,7 +114,8 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
             continue
         parts = [checkpoint.get(name) for name in present]
         check_dtypes(list(zip(present, parts)))  # before they are combined: max() has no float8 kernel
-        read += zip(present, parts)
+        role = catalog.rules.role(catalog.rules.number(match.rule))
+        read += ((name, part, role) for name, part in zip(present, parts))
         if match.kind == FAN_IN:
             state[local] = copy_to_source(megatron, present[0], parts[0])
             continue

@@ -27,6 +27,7 @@ from quantmap.executor.expert_runs import expert_groups, template
 from quantmap.formats import OutputFormat
 from quantmap.formats.quantizers import QUANTIZERS
 from quantmap.executor.naming import globalizer, is_expert
+from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import ExecutorError
 from quantmap.executor.values import check_values, copy_digest, owns, quiet, replicated, scalar_digests
 from quantmap.gc_pause import paused_gc
@@ -38,12 +39,12 @@ from quantmap.rules import WEIGHT
 class Packed:
     """What one rank sends: ``meta`` (small, to the writer first) and the tensors it describes."""
 
-    meta: dict
+    meta: RankMeta
     values: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def buffer(self) -> torch.Tensor:
-        """Every entry in one byte buffer, at ``meta["offsets"]``."""
+        """Every entry in one byte buffer, at ``meta.offsets``."""
         return self.take(range(len(self.values)))
 
     def take(self, entries) -> torch.Tensor:
@@ -67,7 +68,7 @@ class Packed:
 
     def _scalar_span(self, entries: list[int], at: int) -> int:
         """How many entries from ``entries[at]`` on are one-element tensors of its dtype (0 if it is not one)."""
-        dtypes, shapes = self.meta["dtypes"], self.meta["shapes"]
+        dtypes, shapes = self.meta.dtypes, self.meta.shapes
         dtype, end = dtypes[entries[at]], at
         while end < len(entries) and dtypes[entries[end]] == dtype and math.prod(shapes[entries[end]]) == 1:
             end += 1
@@ -85,10 +86,8 @@ class Packed:
         return ([self.take(small)] if small else []) + [self.flat_bytes(e) for e in entries[len(small):]]
 
 
-def empty_meta(placement: Placement, error: str | None = None) -> dict:
-    return {"coords": placement.coords, "error": error, "names": [], "dtypes": [], "shapes": [], "offsets": array("q"),
-            "size": 0, "unclaimed": [], "weights": 0, "experts": 0, "top_layer": None, "top_expert": None,
-            "copies": {}, "uncalibrated": [], "runs": {}}
+def empty_meta(placement: Placement, error: str | None = None) -> RankMeta:
+    return RankMeta(placement.coords, error)
 
 
 def pack(rules, state: Mapping, placement: Placement, output_format: OutputFormat = QUANTIZERS) -> Packed:
@@ -120,7 +119,7 @@ class _Packing:
         self.compared = {False: replicated(layout, expert=False), True: replicated(layout, expert=True)}
         self.meta = empty_meta(placement)
         self.values: list[torch.Tensor] = []
-        self.read: list[tuple[str, torch.Tensor]] = []  # (name, value) of every tensor read, for check_values
+        self.read: list[tuple[str, torch.Tensor, str | None]] = []  # (name, value, role): for check_values
         self.globalize = globalizer(layout, coords)
 
     def one(self, local: str) -> None:
@@ -130,21 +129,22 @@ class _Packing:
         _note_indices(meta, local_layer, local_expert)
         match = self.rules.to_hf(name)
         if match is None:
-            meta["unclaimed"].append(name)
+            meta.unclaimed.append(name)
             return
         expert = is_expert(name)
         if not self._takes(match.rule):
-            meta["weights"] += self.owner[expert]
+            meta.weights += self.owner[expert]
             return
         if not (self.owner[expert] or self.compared[expert]):
             return
         value = self._value(local)
-        self.read.append((name, value))
+        rule = self.rules.number(match.rule)
+        self.read.append((name, value, self.rules.role(rule)))
         if self.compared[expert]:
-            meta["copies"][name] = copy_digest(value)
+            meta.copies[name] = copy_digest(value)
         if self.owner[expert]:
-            self._append(name, value, value.dtype, tuple(value.shape))
-            meta["experts"] += expert
+            self._append(name, value, value.dtype, tuple(value.shape), rule)
+            meta.experts += expert
 
     def run(self, members: list[str]) -> bool:
         """Claim, read and pack a group of local names (experts ``0..n-1`` of one quantizer, see
@@ -157,7 +157,7 @@ class _Packing:
             return False
         expert = is_expert(name)
         if not self._takes(found.rule):
-            meta["weights"] += self.owner[expert] * len(members)
+            meta.weights += self.owner[expert] * len(members)
         elif found.rule.kind == WEIGHT:  # a run folds one-element quantizer state; weights go one by one
             return False
         elif self.owner[expert] or self.compared[expert]:
@@ -167,17 +167,19 @@ class _Packing:
                 return False
             stacked = torch.stack(values).reshape(len(values))
             run = found.run(int(name[span[0]:span[1]]), len(members), shape)
+            rule = self.rules.number(found.rule)
+            role = self.rules.role(rule)
             names = None
-            if not quiet(stacked, amax=name.endswith("amax")):  # checked one by one: the messages name each
+            if not quiet(stacked, role):  # checked one by one: the messages name each
                 names = run.megatron_names()
-                self.read += zip(names, values)
+                self.read += ((member, value, role) for member, value in zip(names, values))
             if self.compared[expert]:
                 names = names or run.megatron_names()
-                meta["copies"].update(zip(names, scalar_digests(stacked, shape)))
+                meta.copies.update(zip(names, scalar_digests(stacked, shape)))
             if self.owner[expert]:
-                meta["runs"][len(self.values)] = run
-                self._append(name, stacked, dtype, (run.count,))
-                meta["experts"] += run.count
+                meta.runs[len(self.values)] = run
+                self._append(name, stacked, dtype, (run.count,), rule)
+                meta.experts += run.count
         _note_indices(meta, local_layer, len(members) - 1)
         return True
 
@@ -198,83 +200,80 @@ class _Packing:
                             f"or a safetensors shard")
         return value.detach() if value.requires_grad else value  # a live model's parameter
 
-    def _append(self, name: str, value: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-        meta = self.meta
+    def _append(self, name: str, value: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], rule: int) -> None:
         self.values.append(value)
-        meta["names"].append(name)
-        meta["dtypes"].append(dtype)
-        meta["shapes"].append(shape)
+        self.meta.claim(name, dtype, shape, rule)
 
     def packed(self) -> Packed:
         meta = self.meta
-        meta["uncalibrated"] = check_values(self.read)
-        meta["offsets"], meta["size"] = offsets(meta, range(len(self.values)))
+        meta.uncalibrated = check_values(self.read)
+        meta.offsets, meta.size = offsets(meta, range(len(self.values)))
         return Packed(meta, self.values)
 
 
-def offsets(meta: dict, entries) -> tuple[array, int]:
+def offsets(meta: RankMeta, entries) -> tuple[array, int]:
     """Where entries ``entries`` lie in a buffer that holds just them, in that order (each aligned to
     its element size), and the buffer's size. Sender and writer both compute it from ``meta``."""
     starts, offset = array("q"), 0
     for entry in entries:
-        dtype = meta["dtypes"][entry]
+        dtype = meta.dtypes[entry]
         width = dtype.itemsize
         offset = -(-offset // width) * width
         starts.append(offset)
-        offset += math.prod(meta["shapes"][entry]) * width
+        offset += math.prod(meta.shapes[entry]) * width
     return starts, offset
 
 
 LARGE = 1 << 16  # bytes: an entry this large travels from its own tensor, not through a copy
 
 
-def _large(meta: dict, entry: int) -> bool:
-    return math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize >= LARGE
+def _large(meta: RankMeta, entry: int) -> bool:
+    return math.prod(meta.shapes[entry]) * meta.dtypes[entry].itemsize >= LARGE
 
 
-def transfer_order(meta: dict, entries) -> list[int]:
+def transfer_order(meta: RankMeta, entries) -> list[int]:
     """``entries`` as they lie in a transfer buffer: the small ones first, then the large ones (each
     group in the given order)."""
     return [e for e in entries if not _large(meta, e)] + [e for e in entries if _large(meta, e)]
 
 
-def receiving(meta: dict, entries: list[int], buffer: torch.Tensor) -> list[torch.Tensor]:
+def receiving(meta: RankMeta, entries: list[int], buffer: torch.Tensor) -> list[torch.Tensor]:
     """The views of ``buffer`` (laid out for ``entries``, in :func:`transfer_order`) that receive the
     pieces :meth:`Packed.pieces` sends: the small block, then each large entry in its place."""
     starts, _ = offsets(meta, entries)
     small = sum(1 for e in entries if not _large(meta, e))
     views = [buffer[:offsets(meta, entries[:small])[1]]] if small else []
     for start, entry in zip(starts[small:], entries[small:]):
-        views.append(buffer[start:start + math.prod(meta["shapes"][entry]) * meta["dtypes"][entry].itemsize])
+        views.append(buffer[start:start + math.prod(meta.shapes[entry]) * meta.dtypes[entry].itemsize])
     return views
 
 
-def rebase(meta: dict, entries) -> int:
+def rebase(meta: RankMeta, entries) -> int:
     """Point ``meta``'s offsets for ``entries`` into a buffer of just them (as :meth:`Packed.take`
     builds it), so that :func:`unpack` reads them there; the buffer's size. A writer that receives a
     shard's entries does this on its own copy of the metadata."""
     starts, size = offsets(meta, entries)
     for entry, start in zip(entries, starts):
-        meta["offsets"][entry] = start
+        meta.offsets[entry] = start
     return size
 
 
-def _note_indices(meta: dict, layer: int | None, expert: int | None) -> None:
+def _note_indices(meta: RankMeta, layer: int | None, expert: int | None) -> None:
     """Keep the highest local layer and expert index seen: the writer checks them against the layout,
     which would otherwise renumber a model with fewer layers or experts than it says, silently."""
-    if layer is not None and (meta["top_layer"] is None or layer > meta["top_layer"]):
-        meta["top_layer"] = layer
-    if expert is not None and (meta["top_expert"] is None or expert > meta["top_expert"]):
-        meta["top_expert"] = expert
+    if layer is not None and (meta.top_layer is None or layer > meta.top_layer):
+        meta.top_layer = layer
+    if expert is not None and (meta.top_expert is None or expert > meta.top_expert):
+        meta.top_expert = expert
 
 
-def unpack(buffer: torch.Tensor, meta: dict, index: int) -> torch.Tensor:
+def unpack(buffer: torch.Tensor, meta: RankMeta, index: int) -> torch.Tensor:
     """Entry ``index`` of a rank's buffer, as a view with its dtype and shape."""
-    dtype, shape, start = meta["dtypes"][index], meta["shapes"][index], meta["offsets"][index]
+    dtype, shape, start = meta.dtypes[index], meta.shapes[index], meta.offsets[index]
     return buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: torch.Tensor, entries: torch.Tensor,
+def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[RankMeta], ranks: torch.Tensor, entries: torch.Tensor,
                    dtype: torch.dtype) -> torch.Tensor:
     """The values of one-element entries ``entries[k]`` of rank ``ranks[k]`` (all of ``dtype``), in order:
     one gather per rank instead of a view per entry (a SequentialMLP export has 10^5 scalars)."""
@@ -282,7 +281,7 @@ def unpack_scalars(buffers: dict[int, torch.Tensor], metas: list[dict], ranks: t
     out = torch.empty(len(entries), dtype=dtype)
     for rank in ranks.unique().tolist():
         here = (ranks == rank).nonzero().flatten()
-        starts = torch.frombuffer(metas[rank]["offsets"], dtype=torch.int64)[entries[here]]
+        starts = torch.frombuffer(metas[rank].offsets, dtype=torch.int64)[entries[here]]
         buffer = buffers[rank]
         out[here] = buffer[:buffer.numel() // width * width].view(dtype)[starts // width]  # offsets are aligned
     return out

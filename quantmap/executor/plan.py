@@ -28,31 +28,36 @@ from typing import NamedTuple
 import torch
 
 from quantmap.executor.completeness import missing_parsed, parse, parse_run
-from quantmap.executor.expert_runs import Run, entry_names
+from quantmap.executor.expert_runs import Run
 from quantmap.executor.fan_in import Gathered, check_scalar
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
                                       is_expert, to_local)
 from quantmap.executor.pack import unpack
 from quantmap.executor.options import RunOptions
+from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import ExecutorError, Report, group_names, natural
 from quantmap.executor.sharding import (LayoutProblem, copies_shown, export_pipeline, is_scalar, max_of_copies,
                                         run)
 from quantmap.executor.values import replica_disagreements
-from quantmap.rules import FAN_IN, MOE_FANOUT
+from quantmap.roles import module_of
+from quantmap.rules import FAN_IN, MOE_FANOUT, Rule
 
 ONE, MAX, SHAPED = "one", "max", "shaped"
 _MAX_LISTED = 8
 
 
 class Item(NamedTuple):
-    """One combined tensor and the HF names it goes to (a tuple: 10^5 are built in a large export)."""
+    """One combined tensor and the HF names it goes to (a tuple: 10^5 are built in a large export), with
+    the rule that claimed it on its rank and what it is (:mod:`quantmap.roles`)."""
 
     megatron: str
     combine: str
     sources: tuple[tuple[int, int], ...]  # (rank, entry index) in tensor-parallel rank order
     hf: tuple[str, ...] | None  # the HF names; None for a grouped block's, made from ``experts`` when read
     count: int  # how many HF names
+    rule: Rule
+    role: str | None  # the rule's role; None for a quantizer buffer that has none
     experts: range | None = None  # moe_fanout: the experts of this block (an expert run's are its own)
     pipeline: tuple | None = None  # shaped: (ops, the shape of each HF name's tensor)
     run: Run | None = None  # an expert run: one value per expert (:mod:`quantmap.executor.expert_runs`)
@@ -69,12 +74,15 @@ def _records(combine: str, count: int) -> int:
 
 class _Items(Sequence):
     """Items stored column-wise (a large MoE export has 10^5 of them); an :class:`Item` is built when
-    read. A grouped block's HF names (hundreds per item) are not kept but made again when asked for."""
+    read. A grouped block's HF names (hundreds per item) are not kept but made again when asked for;
+    an item's rule is kept as its number in ``rules``."""
 
     _CODES = (ONE, MAX, SHAPED)
     _CODE = {code: number for number, code in enumerate(_CODES)}
 
-    def __init__(self):
+    def __init__(self, rules):
+        self._rule_set = rules
+        self._rules = array("I")
         self._names: list[str] = []
         self._hf: list[tuple[str, ...] | None] = []
         self._combine = bytearray()
@@ -93,6 +101,7 @@ class _Items(Sequence):
         if item.run is not None:
             self._runs[len(self._names)] = item.run
         self._names.append(item.megatron)
+        self._rules.append(self._rule_set.number(item.rule))
         self._hf.append(item.hf)
         self._combine.append(self._CODE[item.combine])
         self._sources.extend([rank << 32 | index for rank, index in item.sources])
@@ -138,8 +147,10 @@ class _Items(Sequence):
         return _records(self._CODES[self._combine[i]], self._count[i])
 
     def __getitem__(self, i: int) -> Item:
+        rule = self._rules[i]
         return Item(self._names[i], self._CODES[self._combine[i]], self.sources(i), self._hf[i], self._count[i],
-                    self._experts.get(i), self._pipelines.get(i), self._runs.get(i))
+                    self._rule_set.rules[rule], self._rule_set.role(rule), self._experts.get(i),
+                    self._pipelines.get(i), self._runs.get(i))
 
     def run(self, i: int) -> Run | None:
         return self._runs.get(i)
@@ -148,13 +159,13 @@ class _Items(Sequence):
 class Plan:
     """The checked plan of one export, plus what is needed to build its tensors on the writer."""
 
-    def __init__(self, rules, layout: ParallelLayout, metas: list[dict], options: RunOptions = RunOptions()):
+    def __init__(self, rules, layout: ParallelLayout, metas: list[RankMeta], options: RunOptions = RunOptions()):
         self.rules = rules
         self.layout = layout
         self.metas = metas
         self.strict, self.allow_partial = options.strict, options.allow_partial
         self.report = Report()
-        self.items = _Items()
+        self.items = _Items(rules)
         self._disagreeing: set[str] = set()
         self._fan_in = Gathered()
         # item name -> (HF target, source count, each copy's label)
@@ -165,19 +176,24 @@ class Plan:
 
     @property
     def sizes(self) -> list[int]:
-        return [meta["size"] for meta in self.metas]
+        return [meta.size for meta in self.metas]
 
     def hf_names(self, item: Item) -> list[str] | tuple[str, ...]:
         if item.hf is not None:
             return item.hf
         if item.run is not None:
             return item.run.hf_names()
-        return expert_hf_names(self.rules.to_hf(item.megatron), item.experts)
+        return expert_hf_names(self.rules.to_hf_by(self.rules.number(item.rule), item.megatron), item.experts)
+
+    def module(self, item: Item, part: int = 0) -> str:
+        """The HF module of the item's ``part``-th HF name (in :meth:`hf_names` order), from its role: what a
+        format that needs a tensor and its scales together groups records by."""
+        return module_of(self.hf_names(item)[part], item.role)
 
     def spec(self, item: Item, part: int = 0) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of the item's tensor (``part``: which HF name's, when shaped), from metadata."""
         rank, index = item.sources[0]
-        dtype, shape = self.metas[rank]["dtypes"][index], self.metas[rank]["shapes"][index]
+        dtype, shape = self.metas[rank].dtypes[index], self.metas[rank].shapes[index]
         if item.combine == SHAPED:
             shape = item.pipeline[1][part]
         if item.run is not None:
@@ -226,28 +242,28 @@ class Plan:
 
     # -- checking -------------------------------------------------------------------------------
     def _build(self) -> None:
-        failed = [f"rank {rank}: {meta['error']}" for rank, meta in enumerate(self.metas) if meta["error"]]
+        failed = [f"rank {rank}: {meta.error}" for rank, meta in enumerate(self.metas) if meta.error]
         if failed:
             raise ExecutorError(_listing("export failed on ", failed, "rank"))
         short = self._short_of_layout()
         if short:
             raise ExecutorError(_listing("the shards do not match the layout: ", short, "rank") +
                                 "\nNothing was written.")
-        self._dense = {(m["coords"].tp, m["coords"].cp, m["coords"].dp, m["coords"].pp): r for r, m in enumerate(self.metas)}
-        self._expert = {(m["coords"].etp, m["coords"].ep, m["coords"].edp, m["coords"].pp): r
+        self._dense = {(m.coords.tp, m.coords.cp, m.coords.dp, m.coords.pp): r for r, m in enumerate(self.metas)}
+        self._expert = {(m.coords.etp, m.coords.ep, m.coords.edp, m.coords.pp): r
                         for r, m in enumerate(self.metas)}
         unclaimed: set[str] = set()
         for meta in self.metas:
-            unclaimed.update(meta["unclaimed"])
-            self.report.weights += meta["weights"]
+            unclaimed.update(meta.unclaimed)
+            self.report.weights += meta.weights
         self.report.unclaimed = sorted(unclaimed, key=natural)
-        self.report.uncalibrated = sorted({name for meta in self.metas for name in meta["uncalibrated"]}, key=natural)
+        self.report.uncalibrated = sorted({name for meta in self.metas for name in meta.uncalibrated}, key=natural)
         self.report.disagreements += replica_disagreements(self.metas)
         # Every name's copies (rank, entry), in name order (experts last, see _order): the order does
         # not depend on the layout, nor on whether a rank moved its experts as runs.
         copies: dict[str, list[tuple[int, int]]] = {}
         for rank, meta in enumerate(self.metas):
-            for index, name in enumerate(meta["names"]):
+            for index, name in enumerate(meta.names):
                 held = copies.get(name)
                 if held is None:
                     copies[name] = [(rank, index)]
@@ -277,10 +293,10 @@ class Plan:
             return ["the shards hold no quantizer tensor that the spec claims; check --megatron and the spec"]
         parsed = []
         for name, sources in copies.items():
-            folded = next((self.metas[r]["runs"][i] for r, i in sources if i in self.metas[r]["runs"]), None)
+            folded = next((self.metas[r].runs[i] for r, i in sources if i in self.metas[r].runs), None)
             parsed.append(parse(name) if folded is None else parse_run(name, range(folded.first,
                                                                                    folded.first + folded.count)))
-        present = lambda: {n for meta in self.metas for n in entry_names(meta)}  # noqa: E731
+        present = lambda: {n for meta in self.metas for n in meta.entry_names()}  # noqa: E731
         missing = missing_parsed(list(dict.fromkeys(parsed)), self.layout, present)
         if not missing or self.allow_partial or self.strict:  # --strict refuses it with the other findings
             self.report.missing = missing
@@ -295,13 +311,13 @@ class Plan:
         that claims more layers or experts than the model has would shift every later index."""
         layout, problems = self.layout, []
         for rank, meta in enumerate(self.metas):
-            stage = meta["coords"].pp
-            if meta["top_layer"] is not None and meta["top_layer"] + 1 != layout.stage_layers[stage]:
-                problems.append(f"rank {rank} holds local layers 0..{meta['top_layer']} but the layout puts "
+            stage = meta.coords.pp
+            if meta.top_layer is not None and meta.top_layer + 1 != layout.stage_layers[stage]:
+                problems.append(f"rank {rank} holds local layers 0..{meta.top_layer} but the layout puts "
                                 f"{layout.stage_layers[stage]} layer(s) on pipeline stage {stage}; check num_layers "
                                 f"and layers_per_stage in layout.json")
-            if meta["top_expert"] is not None and meta["top_expert"] + 1 != layout.experts_per_rank:
-                problems.append(f"rank {rank} holds local experts 0..{meta['top_expert']} but the layout gives each "
+            if meta.top_expert is not None and meta.top_expert + 1 != layout.experts_per_rank:
+                problems.append(f"rank {rank} holds local experts 0..{meta.top_expert} but the layout gives each "
                                 f"of its ep={layout.ep} ranks {layout.experts_per_rank}; check num_experts in layout.json")
         return problems
 
@@ -310,13 +326,13 @@ class Plan:
         of one expert would otherwise just export fewer experts. Counted first, named on a mismatch."""
         counts: dict[int, dict[int, int]] = {}
         for rank, meta in enumerate(self.metas):
-            if meta["coords"].edp == 0:
-                counts.setdefault(meta["coords"].pp, {})[rank] = meta["experts"]
+            if meta.coords.edp == 0:
+                counts.setdefault(meta.coords.pp, {})[rank] = meta.experts
         problems = []
         for stage in sorted(counts):
             if len(set(counts[stage].values())) <= 1:
                 continue
-            local = {rank: {to_local(name, self.layout, self._coords(rank)) for name in entry_names(self.metas[rank])
+            local = {rank: {to_local(name, self.layout, self._coords(rank)) for name in self.metas[rank].entry_names()
                             if is_expert(name)} for rank in counts[stage]}
             held = set().union(*local.values())
             for rank, names in sorted(local.items()):
@@ -327,7 +343,12 @@ class Plan:
         return problems
 
     def _coords(self, rank: int):
-        return self.metas[rank]["coords"]
+        return self.metas[rank].coords
+
+    def _rule(self, source: tuple[int, int]) -> int:
+        """The number of the rule that claimed entry ``source`` (rank, entry) on its rank."""
+        rank, entry = source
+        return self.metas[rank].rules[entry]
 
     def _owned(self, name: str, sources: list[tuple[int, int]]) -> list[tuple[int, int]]:
         stages = sorted({self._coords(rank).pp for rank, _ in sources})
@@ -336,10 +357,11 @@ class Plan:
         return [s for s in sources if self._coords(s[0]).pp == stages[0]]
 
     def _add(self, name: str, sources: list[tuple[int, int]]) -> None:
-        if any(i in self.metas[r]["runs"] for r, i in sources):  # resolved on its rank, member by member
+        if any(i in self.metas[r].runs for r, i in sources):  # resolved on its rank, member by member
             self._add_run(name, sources)
             return
-        match = self.rules.to_hf(name)
+        rule = self._rule(sources[0])  # the rule that claimed the name on its rank (the same on every rank)
+        match, role = self.rules.to_hf_by(rule, name), self.rules.role(rule)
         expert = is_expert(name)
         if match.kind not in (FAN_IN, MOE_FANOUT):
             if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
@@ -348,7 +370,8 @@ class Plan:
                 coords = self._coords(sources[0][0])
                 peers = self._peers(name, sources, expert, coords.pp, coords.ep)
             combine, pipeline = self._combine(name, match, peers)
-            self.items.append(Item(name, combine, tuple(peers), match.hf, len(match.hf), pipeline=pipeline))
+            self.items.append(Item(name, combine, tuple(peers), match.hf, len(match.hf), match.rule, role,
+                                   pipeline=pipeline))
             return
         stage = self._coords(sources[0][0]).pp
         if match.kind == FAN_IN:
@@ -359,19 +382,19 @@ class Plan:
             peers = self._peers(name, block, True, stage, ep)
             experts = expert_block(name, match, self.layout, ep)
             combine, pipeline = self._combine(name, match, peers)
-            self.items.append(Item(name, combine, tuple(peers), None, len(experts) * len(match.rule.hf), experts,
-                                   pipeline))
+            self.items.append(Item(name, combine, tuple(peers), None, len(experts) * len(match.rule.hf), match.rule,
+                                   role, experts, pipeline))
 
     def _add_run(self, name: str, sources: list[tuple[int, int]]) -> None:
         """An expert run: its copies on the expert-tensor-parallel ranks must be the same run; where a
         rank kept the names one by one (it lacks an expert), the experts it lacks are named."""
         coords = self._coords(sources[0][0])
         peers = self._peers(name, sources, True, coords.pp, coords.ep)
-        runs = [self.metas[r]["runs"].get(i) for r, i in peers]
+        runs = [self.metas[r].runs.get(i) for r, i in peers]
         complete = next(r for r in runs if r is not None)
         if any(r is None for r in runs):
             short = next(rank for (rank, _), r in zip(peers, runs) if r is None)
-            held = set(entry_names(self.metas[short]))
+            held = set(self.metas[short].entry_names())
             lacking = [n for n in complete.megatron_names() if n not in held]
             raise _Problem(f"rank {short} has no {', '.join(map(repr, lacking[:3]))}"
                            f"{' ...' if len(lacking) > 3 else ''} but the other tensor-parallel rank(s) of its expert "
@@ -379,12 +402,14 @@ class Plan:
                            f"that each rank's state or shard file is complete")
         if len(set(runs)) > 1:
             raise _Problem(f"{name}: the tensor-parallel ranks {[r for r, _ in peers]} hold different runs of experts")
-        dtypes = {self.metas[r]["dtypes"][i] for r, i in peers}
+        dtypes = {self.metas[r].dtypes[i] for r, i in peers}
         if len(dtypes) > 1:
             raise _Problem(f"{name} has different dtypes across tensor-parallel ranks ({sorted(map(str, dtypes))}); "
                            f"the shards do not come from one model")
+        rule = self._rule(peers[0])
         self.items.append(Item(name, ONE if len(peers) == 1 else MAX, tuple(peers), None,
-                               complete.count * len(complete.hf), run=complete))
+                               complete.count * len(complete.hf), self.rules.rules[rule], self.rules.role(rule),
+                               run=complete))
 
     def _gather_fan_in(self, name: str, match, sources, expert: bool, stage: int) -> None:
         """One source of a fan-in: its copies in tensor-parallel order on each EP rank that holds it (a grouped
@@ -399,7 +424,7 @@ class Plan:
             block = [s for s in sources if self._coords(s[0]).ep == ep] if expert else sources
             peers += self._peers(name, block, expert, stage, ep)
         for rank, index in peers:
-            problem = check_scalar(name, self.metas[rank]["shapes"][index], match.hf[0])
+            problem = check_scalar(name, self.metas[rank].shapes[index], match.hf[0])
             if problem:
                 raise _Problem(problem)
         experts = None if match.rule.expert_capture is None else expert_count(name, match.rule, self.layout)
@@ -412,11 +437,13 @@ class Plan:
             if problem:
                 errors.append(problem)
                 continue
-            dtypes = {self.metas[rank]["dtypes"][index] for rank, index in copies}
+            dtypes = {self.metas[rank].dtypes[index] for rank, index in copies}
             if len(dtypes) > 1:
                 errors.append(f"{target}: its Megatron sources have different dtypes ({sorted(map(str, dtypes))})")
                 continue
-            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), (target,), 1))
+            rule = self._rule(copies[0])
+            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), (target,), 1,
+                                   self.rules.rules[rule], self.rules.role(rule)))
             self._fan_in_targets[names[0]] = (target, len(names), labels)
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
@@ -441,14 +468,14 @@ class Plan:
     def _run_members(self, rank: int) -> set[str]:
         """The names rank ``rank`` holds inside its expert runs (for error messages only)."""
         if rank not in self._members:
-            self._members[rank] = {n for r in self.metas[rank]["runs"].values() for n in r.megatron_names()}
+            self._members[rank] = {n for r in self.metas[rank].runs.values() for n in r.megatron_names()}
         return self._members[rank]
 
     def _combine(self, name: str, match, peers: list[tuple[int, int]]) -> tuple[str, tuple | None]:
-        if len(peers) == 1 and is_scalar(self.metas[peers[0][0]]["shapes"][peers[0][1]]):
+        if len(peers) == 1 and is_scalar(self.metas[peers[0][0]].shapes[peers[0][1]]):
             return ONE, None
-        shapes = [self.metas[r]["shapes"][i] for r, i in peers]
-        dtypes = [self.metas[r]["dtypes"][i] for r, i in peers]
+        shapes = [self.metas[r].shapes[i] for r, i in peers]
+        dtypes = [self.metas[r].dtypes[i] for r, i in peers]
         if len(set(shapes)) > 1 or len(set(dtypes)) > 1:
             listed = ", ".join(f"rank {r}: {list(s)} {d}".replace("torch.", "")
                                for (r, _), s, d in zip(peers, shapes, dtypes))

@@ -22,7 +22,9 @@ from collections.abc import Sequence
 import torch
 
 from quantmap.executor.naming import is_expert
+from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import ExecutorError, distinct
+from quantmap.roles import AMAX_ROLES
 
 _LISTED = 8
 _BATCHED = 1 << 12  # elements: tensors up to this size are checked together, larger ones one by one
@@ -32,42 +34,43 @@ class BadValues(ExecutorError):
     """Quantizer state that must not be moved (NaN, inf, negative amax, a non-float dtype)."""
 
 
-def check_values(tensors: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+def check_values(tensors: Sequence[tuple[str, torch.Tensor, str | None]]) -> list[str]:
     """The names whose amax has a zero (uncalibrated); raises :class:`BadValues` listing every bad tensor.
+    ``tensors``: each name, value and role (:mod:`quantmap.roles`, from the rule that claimed it): sign
+    and zero matter for an amax only, a pre-quant scale is checked for finiteness alone.
 
     One vectorised pass per dtype and shape for small tensors (10^5 scalars cost one ``stack``, not
     10^5 checks), one reduction each for large ones."""
-    check_dtypes(tensors)
+    check_dtypes([(name, value) for name, value, _ in tensors])
     problems: list[str] = []
-    by_kind: dict[tuple, list[tuple[str, torch.Tensor]]] = {}  # (dtype, shape): stacked in one call
-    large: list[tuple[str, torch.Tensor]] = []
-    for name, value in tensors:
+    by_kind: dict[tuple, list[tuple[str, torch.Tensor, bool]]] = {}  # (dtype, shape): stacked in one call
+    large: list[tuple[str, torch.Tensor, bool]] = []
+    for name, value, role in tensors:
         if value.numel() > _BATCHED:
-            large.append((name, value))
+            large.append((name, value, role in AMAX_ROLES))
         else:
-            by_kind.setdefault((value.dtype, value.shape), []).append((name, value))
+            by_kind.setdefault((value.dtype, value.shape), []).append((name, value, role in AMAX_ROLES))
     zero: set[str] = set()
     for (_, shape), group in by_kind.items():
         with torch.no_grad():  # the values may be a live model's parameters
-            flat = torch.stack([value for _, value in group]).reshape(-1)
+            flat = torch.stack([value for _, value, _ in group]).reshape(-1)
             flat = flat.to(_checked_dtype(flat.dtype))
-        # Sign and zero matter for amax only (a pre-quant scale is checked for finiteness alone).
-        amax = torch.tensor([name.endswith("amax") for name, _ in group]).repeat_interleave(math.prod(shape))
+        amax = torch.tensor([amax for _, _, amax in group]).repeat_interleave(math.prod(shape))
         if not bool(torch.isfinite(flat).all()) or bool(((flat < 0) & amax).any()):
-            problems += [problem for name, value in group if (problem := _bad(name, value))]
+            problems += [problem for name, value, amax in group if (problem := _bad(name, value, amax))]
         if bool(((flat == 0) & amax).any()):
-            zero.update(name for name, value in group if name.endswith("amax") and bool((value == 0).any()))
-    for name, value in large:
+            zero.update(name for name, value, amax in group if amax and bool((value == 0).any()))
+    for name, value, amax in large:
         # A block amax can be gigabytes: a min/max reduction allocates nothing and propagates NaN, so
         # it settles finiteness, sign and zero without a copy of the tensor.
         low, high = (float(x) for x in torch.aminmax(value.detach().reshape(-1)))
-        if not (math.isfinite(low) and math.isfinite(high)) or (name.endswith("amax") and low < 0):
-            problems.append(_bad(name, value))
-        elif name.endswith("amax") and low == 0:
+        if not (math.isfinite(low) and math.isfinite(high)) or (amax and low < 0):
+            problems.append(_bad(name, value, amax))
+        elif amax and low == 0:
             zero.add(name)
     if problems:
         raise BadValues(_listing(problems))
-    return [name for name, _ in tensors if name in zero]
+    return [name for name, _, _ in tensors if name in zero]
 
 
 def _checked_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,10 +98,10 @@ def _dtype_problem(name: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _bad(name: str, value: torch.Tensor) -> str | None:
+def _bad(name: str, value: torch.Tensor, amax: bool) -> str | None:
     value = value.detach().to(_checked_dtype(value.dtype))
     for what, mask in (("NaN", torch.isnan(value)), ("infinite", torch.isinf(value)),
-                       ("negative", (value < 0) if name.endswith("amax") else None)):
+                       ("negative", (value < 0) if amax else None)):
         if mask is not None and bool(mask.any()):
             return (f"{name} holds {int(mask.sum())} {what} value(s) of {value.numel()}; an amax must be a finite "
                     f"number >= 0: recalibrate, or fix the tool that wrote it")
@@ -136,13 +139,14 @@ def _listing(problems: list[str]) -> str:
     return "bad quantizer values: " + "; ".join(problems[:_LISTED]) + more
 
 
-def quiet(values: torch.Tensor, amax: bool) -> bool:
-    """Whether :func:`check_values` would find nothing in ``values`` (an expert run's, stacked): floating
-    point, finite and, for an amax, above zero. Only a run that is not quiet is checked name by name."""
+def quiet(values: torch.Tensor, role: str | None) -> bool:
+    """Whether :func:`check_values` would find nothing in ``values`` (an expert run's, stacked, of one
+    role): floating point, finite and, for an amax, above zero. Only a run that is not quiet is checked
+    name by name."""
     if _dtype_problem("", values.dtype):
         return False
     with torch.no_grad():
-        return bool(torch.isfinite(values).all()) and (not amax or bool((values > 0).all()))
+        return bool(torch.isfinite(values).all()) and (role not in AMAX_ROLES or bool((values > 0).all()))
 
 
 def copy_digest(value: torch.Tensor):
@@ -160,22 +164,22 @@ def scalar_digests(values: torch.Tensor, shape: tuple[int, ...]) -> list[tuple]:
     return [(dtype, shape, value) for value in values.detach().cpu().tolist()]
 
 
-def replica_disagreements(metas: Sequence[dict]) -> list[str]:
+def replica_disagreements(metas: Sequence[RankMeta]) -> list[str]:
     """Tensors a data-parallel replica holds differently from the first replica (the copy exported),
     from every rank's ``copies`` (name -> :func:`copy_digest`), one note per tensor."""
     first: dict[tuple, int] = {}
     for rank, meta in enumerate(metas):
         for view in ("dense", "expert"):
-            if _replica(meta["coords"], view) == 0:
-                first[_position(meta["coords"], view)] = rank
+            if _replica(meta.coords, view) == 0:
+                first[_position(meta.coords, view)] = rank
     notes: dict[str, str] = {}
     for rank, meta in enumerate(metas):
-        for name, digest in meta["copies"].items():
+        for name, digest in meta.copies.items():
             view = "expert" if is_expert(name) else "dense"
-            if _replica(meta["coords"], view) == 0:
+            if _replica(meta.coords, view) == 0:
                 continue
-            owner = first[_position(meta["coords"], view)]
-            theirs = metas[owner]["copies"].get(name)
+            owner = first[_position(meta.coords, view)]
+            theirs = metas[owner].copies.get(name)
             if theirs == digest or name in notes:
                 continue
             if theirs is None:

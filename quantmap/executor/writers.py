@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantmap.executor.pack import Packed, rebase, receiving, transfer_order
+from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import Report, describe
 from quantmap.io.hf import shard_bounds, shard_name, write_shard
 
@@ -63,7 +64,7 @@ def schedule(records, shard_size: int, writers: list[int]) -> Schedule:
     return Schedule(bounds, writers, needs)
 
 
-def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path, *, metas: list | None = None,
+def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path, *, metas: list[RankMeta] | None = None,
                  records=None, buffers: dict | None = None, report: Report | None = None, on_shard=None) -> dict | None:
     """This process's part of the write: every round, send the entries each writer elsewhere needs from
     the ranks it plays (``packs``); on a writer (``records`` given, reading ``buffers`` and ``metas``), take
