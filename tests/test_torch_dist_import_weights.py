@@ -168,7 +168,8 @@ def test_changed_weights_land_where_megatron_stores_them_and_the_rest_keep_their
     assert sorted(back) == sorted(want)
     wrong = [key for key in want if not _identical(back[key], want[key])]
     assert not wrong, wrong
-    assert sum(not torch.equal(want[key], megatron[key]) for key in want) == 5  # qkv, weight_w, weight_v, output layer, norm
+    changed = [key for key in want if not torch.equal(want[key], megatron[key])]
+    assert len(changed) == 5, changed  # qkv, weight_w, weight_v, the output layer, a norm
 
 
 def test_only_quantizers_writes_todays_bytes_and_keeps_every_weight(tmp_path):
@@ -242,8 +243,9 @@ def test_a_stacked_checkpoint_gets_each_layer_written_at_its_index(tmp_path):
     assert result.exit_code == 0, result.output
     back = _load(tmp_path / "new")
     want = dict(stacked)
-    want["model.decoder.layers.mlp.linear_fc1.weight_v"] = stacked["model.decoder.layers.mlp.linear_fc1.weight_v"].clone()
-    want["model.decoder.layers.mlp.linear_fc1.weight_v"][1] += 1
+    up = "model.decoder.layers.mlp.linear_fc1.weight_v"
+    want[up] = stacked[up].clone()
+    want[up][1] += 1
     want["model.decoder.layers.self_attention.linear_proj.weight"] = \
         stacked["model.decoder.layers.self_attention.linear_proj.weight"].clone()
     want["model.decoder.layers.self_attention.linear_proj.weight"][0] -= 1
@@ -311,3 +313,25 @@ def test_a_weight_the_checkpoint_dtype_cannot_hold_exactly_is_refused_by_name(tm
     line = _refused(tmp_path, hf)
     assert "decoder.final_layernorm.weight: 64 of 64 float64 value(s) change when stored as float32" in line
     assert "cast the HF model to float32" in line
+
+
+def test_sequential_mlp_expert_weights_go_back_to_their_experts_experts_keys(tmp_path):
+    """SequentialMLP: ``local_experts.{E}`` in state_dict form is ``experts.experts.{E}`` in the checkpoint (under
+    a NeMo prefix here), SwiGLU halves included; an expert not given keeps its bytes."""
+    from quantmap.executor.values import converted
+    from quantmap.io.torch_dist.write import write_into
+
+    saved = {f"module.decoder.layers.0.mlp.experts.experts.{e}.linear_fc1.weight_{half}": torch.randn(6, 4)
+             for e in range(2) for half in "wv"}
+    saved |= {f"module.decoder.layers.0.mlp.experts.experts.{e}.linear_fc2.weight": torch.randn(4, 6) for e in range(2)}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(tmp_path / "moe"), no_dist=True)
+    fc1, fc2 = torch.randn(12, 4), torch.randn(4, 6)
+    state = {"decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight": fc1,
+             "decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight": fc2}
+    written = write_into(locate(tmp_path / "moe"), state, out=tmp_path / "new", convert=converted)
+    assert sorted(written.replaced) == sorted(state)
+    back, prefix = _load(tmp_path / "new"), "module.decoder.layers.0.mlp.experts.experts."
+    assert torch.equal(back[prefix + "1.linear_fc1.weight_w"], fc1[:6])
+    assert torch.equal(back[prefix + "1.linear_fc1.weight_v"], fc1[6:])
+    assert torch.equal(back[prefix + "1.linear_fc2.weight"], fc2)
+    assert all(torch.equal(back[key], saved[key]) for key in saved if ".experts.0." in key)
