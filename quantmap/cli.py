@@ -506,6 +506,8 @@ TimeoutOpt = typer.Option(600, "--timeout", min=1, max=MAX_TIMEOUT_S,
                           help="Seconds a collective may wait before every rank fails (at most a week).")
 #: The registered output formats (quantmap.formats), offered as choices.
 OutputFormatName = Enum("OutputFormatName", {name: name for name in FORMATS}, type=str)
+#: What ``import --into --only`` may restrict an import to.
+OnlyRoles = Enum("OnlyRoles", {"quantizers": "quantizers"}, type=str)
 FORMAT_HELP = "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items())
 
 
@@ -566,8 +568,13 @@ def import_command(
     in_place: bool = typer.Option(False, "--in-place", help="With --into: rewrite that checkpoint itself (atomic)."),
     iteration: Optional[int] = typer.Option(None, "--iteration", help="With --into a save directory: this "
                                             "iteration instead of the tracker file's."),
+    only: Optional[OnlyRoles] = typer.Option(None, "--only", help="With --into: 'quantizers' writes the quantizer "
+                                             "state alone and keeps every weight (without it, the weights the HF "
+                                             "checkpoint holds are written too)."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any unclaimed, missing, out-of-layout or "
                                 "uncalibrated (zero amax) name."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="With --into: keep the checkpoint's weights "
+                                       "the HF checkpoint lacks (and report them); refused by default."),
     nproc: Optional[int] = NprocOpt,
     quiet: bool = QuietOpt,
     timeout: int = TimeoutOpt,
@@ -575,8 +582,9 @@ def import_command(
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
 ) -> None:
-    """Import Hugging Face quantizer state into a Megatron shard directory for a layout, or into an existing
-    torch_dist checkpoint (--into; every other tensor stays byte-identical)."""
+    """Import Hugging Face quantizer state into a Megatron shard directory for a layout, or a Hugging Face model
+    (its weights, and its quantizer_state/) into an existing torch_dist checkpoint (--into; every other tensor
+    stays byte-identical)."""
     if (layout is None) == (into is None):
         raise typer.BadParameter("give --layout (a shard directory) or --into (a torch_dist checkpoint)",
                                  param_hint="--layout/--into")
@@ -584,11 +592,12 @@ def import_command(
         if (out is None) == (not in_place):
             raise typer.BadParameter("with --into, give --out NEW or --in-place", param_hint="--out/--in-place")
         _one_process_only(context, nproc)
-    elif out is None or in_place or iteration is not None:
-        raise typer.BadParameter("with --layout, give --out (--in-place and --iteration go with --into)",
-                                 param_hint="--out")
+    elif out is None or in_place or iteration is not None or only is not None or allow_partial:
+        raise typer.BadParameter("with --layout, give --out (--in-place, --iteration, --only and --allow-partial go "
+                                 "with --into)", param_hint="--out")
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
-    options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc, format=format.value)
+    options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc, format=format.value,
+                           only=only and only.value, allow_partial=allow_partial)
     if into is not None:
         from quantmap.executor.launch import import_checkpoint_into
 

@@ -34,54 +34,78 @@ from quantmap.formats.quantizers import QUANTIZERS
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import write_rank
 from quantmap.io.staging import Staged
+from quantmap.roles import MODEL_ROLES
 from quantmap.rules import FAN_IN, MOE_FANOUT
 
 
 class Catalog:
     """The HF checkpoint's names resolved to global Megatron names, shared by every rank's import.
 
-    Only the roles ``output_format`` reads back are imported; the others (a model's weights, for the
-    ``quantizers`` format) are counted in the report and never read.
+    Only the roles ``output_format`` reads back are imported, and with ``weights`` (a target that takes the
+    model's own tensors, and no ``--only quantizers``) the model roles too, as is under the rules' HF names
+    (weights have one HF form, whatever form the quantizer state is in); the others (a model's weights,
+    for the ``quantizers`` format) are counted in the report and never read.
     A name no rank of the layout holds goes to ``outside``: each rank alone would just skip it.
     ``megatron`` is every name the layout requires (:mod:`quantmap.executor.completeness`), so the
     rank that should hold a layer or expert the checkpoint lacks reports its HF names as missing."""
 
     def __init__(self, rules, names: list[str], layout: ParallelLayout, target: Iterable[str] = (),
-                 output_format: OutputFormat = QUANTIZERS):
+                 output_format: OutputFormat = QUANTIZERS, weights: bool = False):
         self.rules = rules
         self.available = set(names)
         self.report = Report()
+        self._format, self._weights = output_format, weights
         claimed: set[str] = set()
-        imported: dict[int, bool] = {}  # id(rule) -> whether the format reads its role back (10^5 names, few rules)
+        imported: dict[int, bool] = {}  # id(rule) -> whether its role is read back (10^5 names, few rules)
+        supplied: set[bool] = set()  # the kinds the HF checkpoint gives: True, the model's own; False, quantizers
         for name in names:
             match = rules.to_megatron(name)
             if match is None:
                 self.report.unclaimed.append(name)
                 continue
             if id(match.rule) not in imported:
-                imported[id(match.rule)] = output_format.reads_back(match.rule.role)
+                imported[id(match.rule)] = self._reads(match.rule.role)
             if not imported[id(match.rule)]:
                 self.report.weights += 1
             elif not _held(match, layout):
                 self.report.outside.append(name)
             else:
                 claimed.update(sources(match, layout))
+                supplied.add(match.rule.role in MODEL_ROLES)
         if not claimed:
-            raise ExecutorError(f"the checkpoint holds no quantizer tensor that the spec claims for this layout "
+            what = "tensor" if weights else "quantizer tensor"
+            raise ExecutorError(f"the checkpoint holds no {what} that the spec claims for this layout "
                                 f"({len(names)} name(s): {self.report.weights} weight(s), "
                                 f"{len(self.report.unclaimed)} unclaimed, {len(self.report.outside)} beyond the "
                                 f"layout); nothing to import. Check --hf, the spec and layout.json")
-        # ``target``: the quantizers an existing checkpoint holds (import --into); each one the spec maps
-        # must get its value, or it would keep its old one silently.
-        held = {name for name in target if _is_imported(rules, name, output_format) and
-                holder(name, layout) is not None}
+        # ``target``: the tensors an existing checkpoint holds (import --into); each one the spec maps must get
+        # its value, or it would keep its old one silently. A kind the HF checkpoint gives none of (no
+        # weights: a quantizer-state export; no quantizer state: a plain HF model) is kept, and said so.
+        held, kept = set(), {True: 0, False: 0}
+        for name in target:
+            match = rules.to_hf(name)
+            if match is None or not self._reads(match.rule.role) or holder(name, layout) is None:
+                continue
+            model = match.rule.role in MODEL_ROLES
+            if model in supplied:
+                held.add(name)
+            else:
+                kept[model] += 1
+        for model, count in kept.items():
+            if count:
+                self.report.kept.append(f"{count} {'weight' if model else 'quantizer'} tensor(s) of the checkpoint "
+                                        f"kept as they were: the HF checkpoint holds no "
+                                        f"{'weights' if model else 'quantizer state (no quantizer_state/)'}")
         self.megatron = sorted(required_names(claimed, layout) | held)
 
+    def _reads(self, role: str) -> bool:
+        """Whether the import reads ``role`` back."""
+        return self._format.reads_back(role) or (self._weights and role in MODEL_ROLES)
 
-def _is_imported(rules, megatron: str, output_format: OutputFormat) -> bool:
-    """Whether the spec maps ``megatron`` and the format reads its role back."""
-    match = rules.to_hf(megatron)
-    return match is not None and output_format.reads_back(match.rule.role)
+    def is_weight(self, hf_name: str) -> bool:
+        """Whether ``hf_name`` is one of the model's own tensors (a weight, norm, bias) in the spec."""
+        match = self.rules.to_megatron(hf_name)
+        return match is not None and match.rule.role in MODEL_ROLES
 
 
 def _held(match, layout: ParallelLayout) -> bool:
@@ -165,13 +189,25 @@ def merge(reports: list[Report]) -> Report:
     return out
 
 
-def finish(catalog: Catalog, report: Report, strict: bool) -> Report:
-    """The run's report: the ranks' findings with the catalog's; refused under ``strict`` if any."""
+def finish(catalog: Catalog, report: Report, strict: bool, allow_partial: bool = False) -> Report:
+    """The run's report: the ranks' findings with the catalog's; refused under ``strict`` if any, and a
+    weight the target holds but the HF checkpoint lacks refused unless ``allow_partial``: it would keep
+    its old value, a model that is neither the old one nor the new."""
     report.unclaimed = catalog.report.unclaimed
     report.outside = catalog.report.outside
     report.weights = catalog.report.weights
+    report.kept = list(catalog.report.kept)
     if strict and report.problems:
         raise ExecutorError(f"import refused (--strict): {report.refusal()}. Nothing was written.")
+    weights = [name for name in report.missing if catalog.is_weight(name)]
+    if weights and not allow_partial:
+        shown = ", ".join(weights[:3]) + (f", and {len(weights) - 3} more" if len(weights) > 3 else "")
+        raise ExecutorError(f"import refused: {len(weights)} weight(s) the checkpoint holds are missing from the HF "
+                            f"checkpoint: {shown}; they would keep their old values. Give the whole model, or "
+                            f"--allow-partial to import the rest and keep these. Nothing was written.")
+    if weights:
+        report.kept.append(f"{len(weights)} weight(s) missing from the HF checkpoint kept as they were "
+                           f"(--allow-partial)")
     return report
 
 
@@ -211,7 +247,8 @@ class ShardTarget:
     def __init__(self, out: str | Path, layout: ParallelLayout):
         self.out, self.layout = out, layout
         self.staged: Staged | None = None
-        self.holds: tuple[str, ...] = ()  # quantizers the target already holds: none, it is new
+        self.holds: tuple[str, ...] = ()  # tensors the target already holds: none, it is new
+        self.takes_weights = False  # its rank files hold what the format reads back
 
     def open(self, path: str | None = None) -> str:
         """Stage the output (the writer: ``path=None``), or join the writer's staging ``path``; its path."""
@@ -265,7 +302,8 @@ def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target
             try:
                 checkpoint = Checkpoint(hf_dir)
                 catalog = catalog or Catalog(rules, checkpoint.names(), placement.layout, target=target.holds,
-                                             output_format=options.output_format)
+                                             output_format=options.output_format,
+                                             weights=target.takes_weights and options.only != "quantizers")
                 state, report = import_rank(catalog, checkpoint, placement)
                 target.write(placement, state)
                 outcomes[rank] = {"report": report}
@@ -281,7 +319,7 @@ def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target
         try:
             if errors:
                 raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
-            final = finish(catalog, merge([o["report"] for o in outcomes]), options.strict)
+            final = finish(catalog, merge([o["report"] for o in outcomes]), options.strict, options.allow_partial)
             target.publish(final)
             status = {"report": final}
         except Exception as error:

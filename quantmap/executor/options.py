@@ -16,6 +16,9 @@ from quantmap.io.hf import DEFAULT_SHARD_SIZE
 from quantmap.limits import MAX_TIMEOUT_S
 
 
+ONLY = (None, "quantizers")  # what RunOptions.only may be
+
+
 class OptionsError(ValueError):
     """A run option out of its range: one line naming it, what it must be, and what it was."""
 
@@ -26,10 +29,13 @@ class RunOptions:
 
     ``strict`` refuses any finding; ``allow_partial`` (export) writes shards short of what the layout
     requires and reports the rest (under ``strict`` they are refused with the other findings);
+    (import too: a torch_dist checkpoint's weights the HF checkpoint lacks are kept rather than refused);
     ``timeout`` bounds every wait of a collective (and of a stopped or hung worker); ``shard_size`` is the
     largest HF shard file in bytes; ``progress`` shows progress bars; ``nproc`` spawns that many gloo
     workers (``None``: torchrun's ranks, or one process playing every rank); ``format`` names the output
-    format (:data:`quantmap.formats.FORMATS`): what an export writes and an import reads back."""
+    format (:data:`quantmap.formats.FORMATS`): what an export writes and an import reads back; ``only``
+    (import into a torch_dist checkpoint): ``"quantizers"`` reads the quantizer state back and keeps every
+    weight, ``None`` also the model's weights, norms and biases the HF checkpoint holds."""
 
     strict: bool = False
     allow_partial: bool = False
@@ -38,6 +44,7 @@ class RunOptions:
     progress: bool = False
     nproc: int | None = None
     format: str = DEFAULT
+    only: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("strict", "allow_partial", "progress"):
@@ -53,6 +60,8 @@ class RunOptions:
             _refuse("nproc", "a whole number >= 1, or None (torchrun's ranks, or one process)", self.nproc)
         if not isinstance(self.format, str) or self.format not in FORMATS:
             _refuse("format", " or ".join(map(repr, FORMATS)), self.format)
+        if self.only not in ONLY:
+            _refuse("only", " or ".join(map(repr, ONLY)), self.only)
         if not FORMATS[self.format].as_is:
             _refuse("format", "a format whose every tensor is one source tensor as is, with no added file (the "
                               "writer computes no other yet)", self.format)

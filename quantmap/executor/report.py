@@ -30,6 +30,7 @@ class Report:
     uncalibrated: list[str] = field(default_factory=list)  # amax with a zero: ModelOpt's "never calibrated"
     disagreements: list[str] = field(default_factory=list)  # copies that should be equal but were not
     duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
+    kept: list[str] = field(default_factory=list)  # import --into: what of the checkpoint stayed as it was, and why
 
     @property
     def problems(self) -> int:
@@ -62,6 +63,7 @@ class Report:
         if self.entries:
             out.append(f"{self.entries} checkpoint entries that hold no tensor skipped (_extra_state, rng_state): "
                        f"not model state")
+        out += self.kept
         for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing),
                              ("no rank of the layout holds (layer or expert beyond the layout)", self.outside),
                              ("with a zero amax (uncalibrated)", self.uncalibrated)):

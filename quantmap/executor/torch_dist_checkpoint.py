@@ -25,7 +25,7 @@ from quantmap.executor.report import Report
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.roles import MODEL_ROLES
-from quantmap.io.torch_dist.keys import not_quantizer_state, swiglu_weights, weight_shapes
+from quantmap.io.torch_dist.keys import model_tensors, not_quantizer_state, swiglu_weights, weight_shapes
 from quantmap.io.torch_dist.files import TorchDistError
 from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.io.torch_dist.modelopt import check_shapes
@@ -106,7 +106,9 @@ def refuse_model_roles(output_format, path) -> None:
 
 def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions = RunOptions(), *,
                 out: str | Path | None = None, in_place: bool = False, iteration: int | None = None) -> Report:
-    """HF quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in place).
+    """HF weights and quantizer state written into the torch_dist checkpoint ``into`` (a new copy, or in
+    place): the model's own tensors the HF checkpoint holds (unless ``options.only`` says quantizers) and
+    its quantizer state (``quantizer_state/`` of a model directory, or the directory itself).
 
     The checkpoint is locked from the read of its ``.metadata`` to the end of the write (exclusively in
     place, shared for a copy): two in-place imports at once would each rewrite the ``.metadata`` they
@@ -118,24 +120,27 @@ def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions
     purpose = "an in-place import" if in_place else "a copy into --out"
     with directory_lock(location.path, exclusive=in_place, purpose=purpose), \
             commit_reported(location.path) if in_place else nullcontext():
-        refuse_model_roles(options.output_format, location.path)
         target = TorchDistTarget(rules, location, out, in_place)
         return run_import(Offline(1), rules, hf_dir, {0: Placement.offline(target.layout, 0)}, target, options)
 
 
 class TorchDistTarget:
-    """Where an import writes: the quantizer state of a torch_dist checkpoint, in a copy (``out``) or in
-    place. Its names are global, so one rank of a ``tp=1, pp=1`` layout holds all of them; the state is
-    written when the run publishes, after every check has passed (the copy is staged by
+    """Where an import writes: the weights and quantizer state of a torch_dist checkpoint, in a copy (``out``)
+    or in place. Its names are global, so one rank of a ``tp=1, pp=1`` layout holds all of them; the state
+    is written when the run publishes, after every check has passed (the copy is staged by
     :func:`~quantmap.io.torch_dist.write.write_into`)."""
+
+    takes_weights = True
 
     def __init__(self, rules, location: CheckpointLocation, out, in_place: bool):
         self.location, self.out, self.in_place = location, out, in_place
         self.entries = read_entries(location.path)
         check_sizes(rules, location, self.entries)
         self.layout = checkpoint_layout(self.entries)
-        # Each quantizer it holds that the spec maps must get a value, or it would keep its old one silently.
-        self.holds = tuple(quantizer.name for quantizer in quantizers(self.entries))
+        # Each tensor it holds that the spec maps (and the import reads back) must get a value, or it would
+        # keep its old one silently.
+        self.holds = (*(quantizer.name for quantizer in quantizers(self.entries)),
+                      *(tensor.name for tensor in model_tensors(self.entries)))
         self.staged: str | None = None
         self.state: dict[str, torch.Tensor] = {}
 

@@ -108,16 +108,25 @@ def _bad(name: str, value: torch.Tensor, amax: bool) -> str | None:
     return None
 
 
-def converted(name: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def converted(name: str, value: torch.Tensor, dtype: torch.dtype, *, exact: bool = False) -> torch.Tensor:
     """``value`` in ``dtype`` (the dtype the target checkpoint stores the tensor in); raises :class:`BadValues`
     when the conversion changes what the value means: a finite value that becomes an infinity (overflow), or
     a nonzero one that becomes zero or loses its precision as a subnormal (underflow). An amax of 0 reads as
-    "uncalibrated" and an infinite one quantizes everything to zero, so neither may appear silently."""
+    "uncalibrated" and an infinite one quantizes everything to zero, so neither may appear silently.
+    ``exact`` (a model's weights): any value that changes at all is refused, rounding included, since a
+    weight written back must be the weight that was read."""
     out = value.detach().to("cpu", dtype)
     if out.dtype == value.dtype or not dtype.is_floating_point:
         return out
     wide = value.detach().to(_checked_dtype(value.dtype))
     back = out.to(wide.dtype)
+    if exact and not torch.equal(back, wide):
+        changed = back != wide
+        first = wide.reshape(-1)[changed.reshape(-1)][0].item()
+        raise BadValues(f"{name}: {int(changed.sum())} of {value.numel()} {_dtype(value)} value(s) change when "
+                        f"stored as {_dtype(out)}, the dtype the target checkpoint stores it in (e.g. {first!r} "
+                        f"becomes {back.reshape(-1)[changed.reshape(-1)][0].item()!r}); a weight is written back "
+                        f"exactly or not at all: cast the HF model to {_dtype(out)} first if that rounding is meant")
     info = torch.finfo(dtype)
     overflow = torch.isinf(back) & torch.isfinite(wide)
     # A value already subnormal in its own dtype may stay subnormal; it must not become zero.

@@ -16,6 +16,7 @@ from quantmap.io.safetensors_stream import Records, nbytes, quote
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+QUANTIZER_STATE = "quantizer_state"  # a model directory's quantizer state, beside the files from_pretrained loads
 DEFAULT_SHARD_SIZE = 5 * 2**30
 
 
@@ -109,15 +110,18 @@ class CheckpointError(ValueError):
 
 
 class Checkpoint:
-    """A Hugging Face checkpoint directory, read lazily: sharded (with an index) or one file.
+    """A Hugging Face checkpoint directory, read lazily: sharded (with an index) or one file, and with its
+    ``quantizer_state/`` subdirectory when it has one (a model quantmap wrote: the weights where
+    ``from_pretrained`` finds them, the quantizer state beside them), read as one set of names.
 
     Every shard the index names must be a relative path inside the directory (no ``..``, not
     absolute): a hostile index must not make quantmap read files elsewhere."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, nested: bool = True):
         self.directory = Path(directory)
         index = self.directory / INDEX
         self._open: dict[str, object] = {}
+        self.quantizer_state: Checkpoint | None = None
         if index.is_file():
             self.weight_map: dict[str, str] = read_weight_map(index)
             bad = {name: file for name, file in self.weight_map.items() if not _inside(file)}
@@ -131,9 +135,17 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"{self.directory} has neither {INDEX} nor {SINGLE}; point --hf at a Hugging Face "
                                     f"checkpoint directory")
+        if nested and (self.directory / QUANTIZER_STATE).is_dir():
+            self.quantizer_state = Checkpoint(self.directory / QUANTIZER_STATE, nested=False)
+            both = [name for name in self.quantizer_state.weight_map if name in self.weight_map]
+            if both:
+                raise CheckpointError(f"{self.directory}: {len(both)} tensor name(s) are both in the model files and "
+                                      f"in {QUANTIZER_STATE}/ (e.g. {both[0]}); each tensor belongs in one place")
 
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        if self.quantizer_state is None:
+            return list(self.weight_map)
+        return [*self.weight_map, *self.quantizer_state.weight_map]
 
     def _shard(self, file: str):
         """The open shard ``file``, opened on first use."""
@@ -155,6 +167,8 @@ class Checkpoint:
         """One tensor, read from its shard on first use of that shard."""
         from safetensors import SafetensorError
 
+        if self.quantizer_state is not None and name not in self.weight_map:
+            return self.quantizer_state.get(name)
         file = self.weight_map[name]
         try:
             return self._shard(file).get_tensor(name)

@@ -156,6 +156,56 @@ def weight_shapes(entries: dict[str, Entry]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class ModelTensor(NamedTuple):
+    """One of the model's own tensors (a weight, a norm, a bias): its state_dict name and shape, and the
+    checkpoint keys that hold it in row order, each with its index on a stacked checkpoint's leading axis
+    (``None``: one key per layer). SwiGLU's ``linear_fc1.weight`` has two: ``weight_w`` (the gate rows)
+    then ``weight_v`` (the up rows), which is the ``[gate; up]`` the model holds."""
+
+    name: str
+    parts: tuple[tuple[str, int | None], ...]
+    shape: tuple[int, ...]
+
+
+def model_tensors(entries: dict[str, Entry]) -> list[ModelTensor]:
+    """Every tensor of the checkpoint that is not quantizer state, in state_dict form (what an import of
+    the model's weights writes into)."""
+    prefix = _model_prefix(entries)
+    parts: dict[str, list[tuple[str, int | None, tuple[int, ...]]]] = {}
+    for key, entry in entries.items():
+        if entry.dtype is None or is_quantizer(entry):
+            continue
+        name = _state_name(key, prefix)
+        if _is_stacked(entry):
+            named = [(layer_name, layer, entry.shape[1:]) for layer_name, layer in _layer_names(name, entry)]
+        else:
+            named = [(name, None, entry.shape)]
+        for layer_name, layer, shape in named:
+            whole = layer_name[:-2] if layer_name.endswith(_SWIGLU_HALVES) else layer_name
+            parts.setdefault(whole, []).append((key, layer, shape))
+    out = []
+    for name, held in parts.items():
+        held.sort(key=lambda part: part[0].endswith(".weight_v"))  # gate (weight_w) rows first
+        shape = held[0][2] if len(held) == 1 else (sum(part[2][0] for part in held), *held[0][2][1:])
+        out.append(ModelTensor(name, tuple((key, layer) for key, layer, _ in held), shape))
+    return out
+
+
+def _model_prefix(entries: dict[str, Entry]) -> str:
+    """The wrapper prefix of the model's own keys: the one before ``decoder.`` (other keys, such as an
+    optimizer's, are not the model's and do not count)."""
+    prefixes = set()
+    for key, entry in entries.items():
+        if entry.dtype is not None:
+            prefix = _PREFIX.match(key).group(0)
+            if key.startswith("decoder.", len(prefix)):
+                prefixes.add(prefix)
+    if len(prefixes) > 1:
+        raise TorchDistError(f"the checkpoint's decoder keys start with different wrapper prefixes "
+                             f"({', '.join(repr(p) for p in sorted(prefixes))}); expected one model")
+    return prefixes.pop() if prefixes else ""
+
+
 def _is_stacked(entry: Entry) -> bool:
     at = entry.key.find("decoder.layers.")
     if at < 0 or entry.key[at + 15: at + 16].isdigit() or not _STACKED.search(entry.key):

@@ -1,11 +1,15 @@
-"""Writing quantizer tensors into an existing torch_dist checkpoint, leaving everything else as it is.
+"""Writing tensors (quantizer state, and the model's weights) into an existing torch_dist checkpoint,
+leaving everything else as it is.
 
 The original ``*.distcp`` files are kept unchanged (hard-linked into a new directory, or left where
-they are with ``in_place``); the quantizer tensors go into one new ``__quantmap_<id>.distcp`` and a
-new ``.metadata`` points each quantizer key at it, so every other entry keeps its exact bytes. Each
-key keeps the global shape and the chunks it was saved with (a new key gets the shape Megatron +
-ModelOpt declare for it, in one chunk; DCP reshards on load), and a SwiGLU ``linear_fc1`` weight
-amax is written in ModelOpt's own TP-interleaved row order, so that Megatron + ModelOpt load it as
+they are with ``in_place``); the tensors written go into one new ``__quantmap_<id>.distcp`` and a
+new ``.metadata`` points each of their keys at it, so every other entry keeps its exact bytes. Each
+key keeps the global shape, dtype and chunks it was saved with (a new quantizer key gets the shape
+Megatron + ModelOpt declare for it, in one chunk; DCP reshards on load; a weight is never added). A
+weight is stored as the checkpoint stores it: SwiGLU's ``linear_fc1.weight`` as its ``weight_w`` (gate)
+and ``weight_v`` (up) rows, a stacked key's layers at their index on its leading axis, all of a key's
+layers in one write. A SwiGLU ``linear_fc1`` weight amax is written in ModelOpt's own TP-interleaved
+row order, so that Megatron + ModelOpt load it as
 they would their own checkpoint. The result is read back and compared before it is published:
 ``.metadata`` is replaced by a rename (in place), or the whole directory is (new output).
 """
@@ -25,8 +29,8 @@ import torch
 
 from quantmap.io.staging import Staged
 from quantmap.io.torch_dist.files import TorchDistError, regular_file, resolve_inside
-from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, prefix_of,
-                                        quantizers)
+from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, ModelTensor, Quantizer,
+                                        model_tensors, prefix_of, quantizers)
 from quantmap.io.torch_dist.locate import TRACKER, CheckpointLocation
 from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, check_files, load_metadata,
                                             read_entries)
@@ -45,17 +49,17 @@ class Written:
     kept: list[str] = field(default_factory=list)  # checkpoint quantizers the state did not give
 
 
-Convert = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
+Convert = Callable[..., torch.Tensor]  # (name, tensor, dtype, *, exact=False) -> the tensor in dtype
 
 
 def write_into(location: CheckpointLocation, state: dict[str, torch.Tensor], *, convert: Convert,
                out: str | Path | None = None, in_place: bool = False,
                entries: dict[str, Entry] | None = None) -> Written:
     """Write ``state`` (global state_dict names → tensors) into the checkpoint at ``location``
-    (``entries``: its ``.metadata`` as the caller read it already). ``convert(name, tensor, dtype)`` gives
-    each tensor in the dtype the checkpoint stores it in, or refuses a conversion that changes its value:
-    which values are acceptable is the caller's policy (:func:`quantmap.executor.values.converted`), not
-    the file format's."""
+    (``entries``: its ``.metadata`` as the caller read it already). ``convert(name, tensor, dtype, exact=...)``
+    gives each tensor in the dtype the checkpoint stores it in, or refuses a conversion that changes its
+    value (``exact``, asked for weights: any value at all): which values are acceptable is the caller's
+    policy (:func:`quantmap.executor.values.converted`), not the file format's."""
     if (out is None) == (not in_place):
         raise TorchDistError("give either an output directory (--out) or --in-place")
     source = location.path
@@ -88,12 +92,21 @@ def write_into(location: CheckpointLocation, state: dict[str, torch.Tensor], *, 
 def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, torch.Tensor], convert: Convert):
     """Checkpoint key → (global tensor as the checkpoint stores it, chunks) for every key ``state`` touches."""
     by_name = {q.name: q for q in quantizers(entries)}
+    model = {t.name: t for t in model_tensors(entries)}
     prefix = prefix_of(entries)
     written = Written(source)
-    stacked = {q.key for q in by_name.values() if q.layer is not None and q.name in state}
-    current = read_tensors(source, entries, sorted(stacked)) if stacked else {}
-    stored: dict[str, tuple[torch.Tensor, list]] = {}
+    pieces: dict[str, torch.Tensor] = {}  # checkpoint key → its stored value; a stacked key's layers gathered
+    layers: dict[str, dict[int, torch.Tensor]] = {}  # stacked key → its layers written
     for name, tensor in state.items():
+        if name in model:
+            for key, layer, value in _weight_pieces(source, model[name], tensor, entries, convert):
+                _place(pieces, layers, key, layer, value)
+            written.replaced.append(name)
+            continue
+        if "quantizer" not in name:
+            raise TorchDistError(f"{name}: the checkpoint {source} holds no such tensor, and an import adds "
+                                 f"quantizer state only, never a weight; the HF model and this Megatron checkpoint "
+                                 f"are not the same model (tied embeddings on one side only?)")
         quantizer = by_name.get(name) or _new_quantizer(name, prefix, entries, tensor)
         if tuple(tensor.shape) != quantizer.shape:
             raise TorchDistError(f"{name}: the imported tensor has shape {list(tensor.shape)}, but the checkpoint "
@@ -104,16 +117,62 @@ def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, to
         value = convert(name, tensor, dtype).reshape(quantizer.stored)
         if quantizer.interleaved > 1:
             value = interleave(value, quantizer.interleaved)
-        if quantizer.layer is not None:
-            whole = stored.get(quantizer.key, (current[quantizer.key].clone(), None))[0]
-            whole[quantizer.layer] = value
-            value = whole
-        chunks = [(c.offsets, c.sizes) for c in entry.chunks] if entry is not None else \
-            [((0,) * value.dim(), tuple(value.shape))]
-        stored[quantizer.key] = (value.contiguous(), chunks)
+        _place(pieces, layers, quantizer.key, quantizer.layer, value)
         (written.replaced if entry is not None else written.added).append(name)
     written.kept = [name for name in by_name if name not in state]
+    _fill_stacked(source, entries, pieces, layers)
+    stored = {}
+    for key, value in pieces.items():
+        entry = entries.get(key)
+        chunks = [(c.offsets, c.sizes) for c in entry.chunks] if entry is not None else \
+            [((0,) * value.dim(), tuple(value.shape))]
+        stored[key] = (value.contiguous(), chunks)
     return stored, written
+
+
+def _weight_pieces(source: Path, held: ModelTensor, tensor: torch.Tensor, entries: dict[str, Entry],
+                   convert: Convert):
+    """``(key, layer, value)`` for each checkpoint key holding the weight ``held``, its rows cut out of
+    ``tensor`` (SwiGLU: the gate rows into ``weight_w``, the up rows into ``weight_v``) in the stored dtype,
+    which must hold every value exactly."""
+    if tuple(tensor.shape) != held.shape:
+        raise TorchDistError(f"{held.name}: the imported tensor has shape {list(tensor.shape)}, but the checkpoint "
+                             f"{source} holds it as {list(held.shape)}; the HF checkpoint and this Megatron "
+                             f"checkpoint are not the same model or config")
+    dtype = getattr(torch, entries[held.parts[0][0]].dtype)
+    value = convert(held.name, tensor, dtype, exact=True)
+    if len(held.parts) == 1:
+        yield *held.parts[0], value
+        return
+    row = 0
+    for key, layer in held.parts:
+        rows = entries[key].shape[0 if layer is None else 1]
+        yield key, layer, value.narrow(0, row, rows)
+        row += rows
+
+
+def _place(pieces: dict[str, torch.Tensor], layers: dict[str, dict[int, torch.Tensor]], key: str, layer: int | None,
+           value: torch.Tensor) -> None:
+    """``value`` as key ``key``'s stored value, or as its layer ``layer`` on a stacked key's leading axis."""
+    if layer is None:
+        pieces[key] = value
+        return
+    layers.setdefault(key, {})[layer] = value
+
+
+def _fill_stacked(source: Path, entries: dict[str, Entry], pieces: dict[str, torch.Tensor],
+                  layers: dict[str, dict[int, torch.Tensor]]) -> None:
+    """Each stacked key written as one tensor: its layers given, the others as the checkpoint holds them
+    (read only when some layer is not given)."""
+    partial = [key for key, given in layers.items() if len(given) < entries[key].shape[0]]
+    current = read_tensors(source, entries, partial) if partial else {}
+    for key, given in layers.items():
+        entry = entries[key]
+        first = next(iter(given.values()))
+        whole = current[key].clone() if key in current else torch.empty(entry.shape, dtype=first.dtype)
+        for layer, value in given.items():
+            whole[layer] = value
+        pieces[key] = whole
 
 
 def _new_quantizer(name: str, prefix: str, entries: dict[str, Entry], tensor: torch.Tensor) -> Quantizer:
