@@ -558,7 +558,7 @@ def export_command(
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
     next_step = f"next: check the export against its source (it must be clean): {check_it}"
     if model:
-        load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({out!r})"
+        load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})"
         next_step = f"next: load the model: {shlex.join(['python', '-c', load])}\n{next_step}"
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,

@@ -9,9 +9,8 @@ the quantizer state, when the checkpoint has any, exactly as the ``quantizers`` 
 from __future__ import annotations
 
 from quantmap.formats.declaration import OutputFormat, Restored, Written
+from quantmap.io.names import QUANTIZER_STATE
 from quantmap.roles import MODEL_ROLES, QUANTIZER_ROLES
-
-QUANTIZER_STATE = "quantizer_state"
 
 HF = OutputFormat(
     "hf", "a Hugging Face model directory (weights, config and tokenizer files from --like or --config), the "
