@@ -147,7 +147,7 @@ def check(rules: RuleSet, megatron: Iterable[str] | None = None, hf: Iterable[st
     claimed: dict[str, list[str]] = defaultdict(list)  # HF name -> the Megatron names resolving to it
     fanned_in: set[str] = set()  # HF names many Megatron names resolve to by design (fan-in rules)
     if megatron_names is not None:
-        excluded = _Excluded(rules.spec.exclude_megatron, rules.params)
+        excluded = Excluded(rules.spec.exclude_megatron, rules.params)
         for name in megatron_names:
             match = rules.to_hf(name)
             if match is None:
@@ -239,7 +239,7 @@ def _missing_targets(name: str, match: Match, targets: list[str], present: _Pres
 
 def _check_hf(rules: RuleSet, names: list[str], present: _Present, claimed: dict[str, list[str]],
               megatron_names: list[str] | None, megatron_state_only: bool = False) -> list[Finding]:
-    excluded = _Excluded(rules.spec.exclude_hf, rules.params)
+    excluded = Excluded(rules.spec.exclude_hf, rules.params)
     findings: list[Finding] = []
     groups_seen: set[str] = set()
     for name in names:
@@ -299,7 +299,7 @@ class _Present:
         return [n for n in self._by_shape.get(_INDEX.sub("*", pattern.text), ()) if pattern.match(n) is not None]
 
 
-class _Excluded:
+class Excluded:
     """Whether a name matches one of the spec's ``exclude`` patterns."""
 
     def __init__(self, patterns: Iterable[str], params: dict[str, int | None]):

@@ -65,6 +65,7 @@ MEGATRON_CHECKPOINT = existing("a Megatron checkpoint (a torch_dist save directo
                                "directory, or a shard directory with layout.json)")
 HF_CHECKPOINT = existing("a Hugging Face checkpoint directory (sharded with an index, or model.safetensors)")
 LAYOUT_FILE = existing("a layout.json or the directory holding one")
+LIKE_MODEL = existing("a Hugging Face model directory holding config.json")
 INTO_CHECKPOINT = existing("a torch_dist checkpoint (a save or iteration directory)")
 
 SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (see 'quantmap specs').")
@@ -509,6 +510,8 @@ OutputFormatName = Enum("OutputFormatName", {name: name for name in FORMATS}, ty
 #: What ``import --into --only`` may restrict an import to.
 OnlyRoles = Enum("OnlyRoles", {"quantizers": "quantizers"}, type=str)
 FORMAT_HELP = "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items())
+#: ``--dtype`` choices: the casts a model export offers (quantmap.executor.options.CASTS).
+CastName = Enum("CastName", {name: name for name in ("bf16", "fp16", "fp32")}, type=str)
 
 
 @app.command("export")
@@ -534,20 +537,53 @@ def export_command(
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
+    like: Optional[str] = typer.Option(None, "--like", callback=LIKE_MODEL, help="With --format hf: the Hugging Face "
+                                       "model the Megatron run started from; its config.json (which also gives the "
+                                       "spec's parameters, as --config does), generation config and tokenizer files "
+                                       "are copied beside the weights (or give --config config.json alone)."),
+    dtype: Optional[CastName] = typer.Option(None, "--dtype", help="With --format hf: the dtype of the weights "
+                                             "written (default: the checkpoint's); quantizer state keeps its own."),
 ) -> None:
-    """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index)."""
+    """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index), or with
+    --format hf the whole model: a directory that transformers' from_pretrained loads."""
     from quantmap.executor.launch import export_from
 
-    params = spec_params(spec, param, config)
+    model = FORMATS[format.value].model
+    if like is not None and (config is not None or not model):
+        raise typer.BadParameter("--like goes with --format hf, without --config (the config.json it names is "
+                                 "--like's)", param_hint="--like")
+    like_config = Path(like or ".") / "config.json"
+    params = spec_params(spec, param, config or (str(like_config) if like and like_config.is_file() else None))
     same = [spec, *(arg for name, value in params.items() for arg in ("-p", f"{name}={value}")),
             *(["--iteration", str(iteration)] if iteration is not None else []),
             *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
+    next_step = f"next: check the export against its source (it must be clean): {check_it}"
+    if model:
+        load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})"
+        next_step = f"next: load the model: {shlex.join(['python', '-c', load])}\n{next_step}"
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
-                           quiet=quiet, nproc=nproc, format=format.value)
+                           quiet=quiet, nproc=nproc, format=format.value, dtype=dtype and dtype.value,
+                           model_files=_model_files(like, config) if model else ())
     _run_executor(quiet, lambda: export_from(rules, megatron, out, options, iteration=iteration),
-                  next_step=f"next: check the export against its source (it must be clean): {check_it}")
+                  next_step=next_step)
+
+
+def _model_files(like: Optional[str], config: Optional[str]) -> tuple:
+    """The files a model export copies beside its weights, from --like or --config (none without either: the
+    run options refuse that, saying how to give them)."""
+    from quantmap.io.hf import CheckpointError, model_files
+
+    if like is None and config is None:
+        return ()
+    if config is not None and Path(config).is_dir():
+        config = str(Path(config) / "config.json")
+    try:
+        return model_files(like=like, config=config)
+    except CheckpointError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("import")
@@ -622,10 +658,15 @@ def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
 
 
 def _run_options(*, timeout: int, quiet: bool, **given):
-    """The run's options from the command's flags (already range-checked by their typer options)."""
-    from quantmap.executor.options import RunOptions
+    """The run's options from the command's flags (already range-checked by their typer options); flags that do
+    not go together (a model format without its config) are one ``error:`` line before any work."""
+    from quantmap.executor.options import OptionsError, RunOptions
 
-    return RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
+    try:
+        return RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
+    except OptionsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _run_executor(quiet: bool, run, next_step: Optional[str] = None) -> None:

@@ -178,7 +178,9 @@ def _tensor_parallel(side: str, parallel: str | None, kind: str, params: dict):
     if parallel == "replicated":
         return TensorParallel(REPLICATED), None
     if parallel is None:
-        return None, "the mapping does not declare 'parallel', so the tensor-parallel split is unknown"
+        return None, ("the mapping does not declare 'parallel', so the tensor-parallel split is unknown; declare it in "
+                      "the spec, as Megatron splits this tensor (parallel: column for output rows, e.g. a "
+                      "vocab-parallel embedding; row for input columns; replicated for a whole copy on every rank)")
     column = parallel == "column"
     if side == "input":
         return (TensorParallel(REPLICATED) if column else TensorParallel(SPLIT, 0)), None

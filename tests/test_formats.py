@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import quantmap
+from megatron_layout import write_shards as write_layout
 from quantmap.executor import ExecutorError, OptionsError, ParallelLayout, RunOptions
 from quantmap.executor.export import export_offline
 from quantmap.executor.launch import export_from, import_checkpoint
-from quantmap.executor.naming import to_local
 from quantmap.formats import DEFAULT, FORMATS, Written, unchanged
 from quantmap.formats.declaration import OutputFormat, Restored
 from quantmap.io.hf import Checkpoint
-from quantmap.io.shards import LazyShard, rank_file, save_shard
+from quantmap.io.shards import LazyShard, rank_file
 from quantmap.io.torch_dist import TorchDistError
 from quantmap.roles import INPUT_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, WEIGHT, WEIGHT_AMAX
 
@@ -61,30 +61,8 @@ def global_model(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def tp_piece(name: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """Megatron's tensor-parallel shard, written out by hand: column-parallel layers split their output
-    rows (``linear_fc1`` within each of gate and up: rank r holds ``[gate_r; up_r]``), row-parallel ones
-    their input columns; norms and scalars are whole on every rank."""
-    if tensor.dim() == 0 or "layer_norm" in name or "final_layernorm" in name or (
-            "_quantizer" in name and tensor.numel() == 1):
-        return tensor
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return tensor.chunk(tp, dim=1)[rank]
-    if name.endswith("linear_fc1.weight"):
-        gate, up = tensor.chunk(2)
-        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
-    return tensor.chunk(tp)[rank]  # linear_qkv (whole query groups per rank) and output_layer rows
-
-
 def write_shards(directory, state: dict[str, torch.Tensor], quantizers_only: bool = False) -> None:
-    for rank in range(LAYOUT.world_size):
-        coords = LAYOUT.coords(rank)
-        local = {}
-        for name, tensor in state.items():
-            local_name = to_local(name, LAYOUT, coords)
-            if local_name is not None:
-                local[local_name] = tp_piece(name, tensor, LAYOUT.tp, coords.tp).contiguous()
-        save_shard(local, LAYOUT, directory, rank=rank, quantizers_only=quantizers_only)
+    write_layout(directory, state, LAYOUT, quantizers_only)
 
 
 def hf_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

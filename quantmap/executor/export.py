@@ -25,13 +25,13 @@ import torch
 from quantmap.executor.comm import WRITER
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
-from quantmap.executor.options import RunOptions
+from quantmap.executor.options import CASTS, RunOptions
 from quantmap.executor.pack import Packed, empty_meta, pack, rebase, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, describe
-from quantmap.executor.writers import schedule, write_rounds, writer_ranks
-from quantmap.io.hf import INDEX, shard_name, write_index
+from quantmap.executor.writers import file_bytes, schedule, write_rounds, writer_ranks
+from quantmap.io.hf import INDEX, copy_model_files, write_index
 from quantmap.io.safetensors_stream import each_record, raw_bytes
 from quantmap.io.staging import Staged
 
@@ -93,28 +93,49 @@ class _Records:
         # built once. Names are the plan's items' (a grouped block's made again), never copied here.
         self._specs: list[tuple] = []
         self._bulk: list = []  # per record: the dtype of a scalar built in bulk, _RUN, or None (one by one)
-        items = self._items
-        for i in range(len(items)):
-            if items.combine(i) == SHAPED:
-                item = items[i]
-                for part in range(item.records):
-                    self._item.append(i)
-                    self._part.append(part)
-                    self._specs.append((1, *plan.spec(item, part)))
-                    self._bulk.append(None)
-                continue
-            rank, entry = items.first_source(i)  # every copy has this dtype and shape (checked by the plan)
-            dtype, shape = plan.metas[rank].dtypes[entry], plan.metas[rank].shapes[entry]
-            expert_run = items.run(i)
-            self._item.append(i)
-            self._part.append(0)
-            if expert_run is not None:  # one record of distinct values, one per name
-                self._specs.append((items.count(i), dtype, expert_run.shape))
-                self._bulk.append(_RUN)
-                continue
-            self._specs.append((items.count(i), dtype, shape))
-            self._bulk.append(dtype if math.prod(shape) == 1 and dtype in _BULK else None)
+        self._casting = bytearray()  # per record: whether its tensor is cast to its spec's dtype when built
+        self._folders: list[tuple[str, range]] = []  # each directory the format writes to, and its records
+        fmt = plan.options.output_format if plan else None
+        cast = getattr(torch, CASTS[plan.options.dtype]) if plan and plan.options.dtype else None
+        groups = _by_directory(self._items, fmt)
+        for directory, indices in groups:
+            start = len(self._specs)
+            for i in indices:
+                self._add(i, cast if fmt.casts(self._items.role(i)) else None)
+            if len(self._specs) > start or len(groups) == 1:  # a directory with nothing to write has no files
+                self._folders.append((directory, range(start, len(self._specs))))
         self._built: tuple[int, list] | None = None  # the last item's tensors: its parts are written in a row
+
+    def _add(self, i: int, cast: torch.dtype | None) -> None:
+        """Item ``i``'s records; ``cast``: the dtype its tensors are written in, where the run casts them."""
+        items, plan = self._items, self.plan
+        if items.combine(i) == SHAPED:
+            item = items[i]
+            for part in range(item.records):
+                self._item.append(i)
+                self._part.append(part)
+                dtype, shape = plan.spec(item, part)
+                self._specs.append((1, cast or dtype, shape))
+                self._bulk.append(None)
+                self._casting.append(cast is not None and cast != dtype)
+            return
+        rank, entry = items.first_source(i)  # every copy has this dtype and shape (checked by the plan)
+        dtype, shape = plan.metas[rank].dtypes[entry], plan.metas[rank].shapes[entry]
+        expert_run = items.run(i)
+        self._item.append(i)
+        self._part.append(0)
+        casting = cast is not None and cast != dtype
+        self._casting.append(casting)
+        if expert_run is not None:  # one record of distinct values, one per name
+            self._specs.append((items.count(i), dtype, expert_run.shape))
+            self._bulk.append(_RUN)
+            return
+        self._specs.append((items.count(i), cast or dtype, shape))
+        self._bulk.append(dtype if math.prod(shape) == 1 and dtype in _BULK and not casting else None)
+
+    def destinations(self) -> list[tuple[str, range]]:
+        """Each directory the records go to (relative to the output) and its records, which lie together."""
+        return self._folders
 
     def __len__(self) -> int:
         return len(self._item)
@@ -150,7 +171,8 @@ class _Records:
         if self._built is None or self._built[0] != index:
             self._built = None  # drop the last item's tensors before building the next
             self._built = index, self.plan.tensors(self._items[index], self.buffers)
-        return self._built[1][self._part[i]]
+        tensor = self._built[1][self._part[i]]
+        return tensor.to(self._specs[i][1]) if self._casting[i] else tensor
 
     def sources(self, i: int):
         """The (rank, entry) pairs record ``i`` is built from (every part of a shaped item needs all of
@@ -184,6 +206,17 @@ class _Records:
 
 _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of
 _RUN = "run"  # a record's lane: an expert run (its values, built by the plan)
+
+
+def _by_directory(items, fmt) -> list[tuple[str, range | list[int]]]:
+    """The items of each directory ``fmt`` writes to, in its order (each in plan order): one directory
+    holding every item where the format writes to one, as ``quantizers`` does."""
+    if fmt is None or len(fmt.directories) == 1:
+        return [(fmt.directories[0] if fmt else "", range(len(items)))]
+    grouped: dict[str, list[int]] = {directory: [] for directory in fmt.directories}
+    for i in range(len(items)):
+        grouped[fmt.directory(items.role(i))].append(i)
+    return list(grouped.items())
 
 
 def export(rules, state: Mapping, placement: Placement, *, out: str | Path | None = None, writers: int | None = None,
@@ -269,8 +302,9 @@ def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, o
         records = _Records(Plan(rules, layout, metas, options), {})
     plan = records.plan if records is not None else None
     planned = list(plan.report.disagreements) if plan else []  # found from metadata (replicas), before any file
-    mine = sum(len(spread.bounds[s]) for s in range(len(spread.bounds)) if spread.writer(s) == comm.rank)
-    bar = progress_bar(mine, "export", options.progress and comm.is_writer)
+    mine = sum(file_bytes(records, spread.bounds[s]) for s in range(len(spread.bounds))
+               if spread.writer(s) == comm.rank) if records is not None else 0
+    bar = progress_bar(mine, "export", options.progress and comm.is_writer, unit="B")
     try:
         status = write_rounds(comm, packs, spread, Path(verdict["staging"]), metas=metas, records=records,
                               buffers=records.buffers if records else None, report=plan.report if plan else None,
@@ -280,28 +314,33 @@ def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, o
     statuses = comm.gather_objects({rank: status if rank == comm.rank else None for rank in packs})
     final = None
     if comm.is_writer:
-        final = _publish(records, [s for s in statuses if s is not None], spread.bounds, staged, planned)
+        final = _publish(records, [s for s in statuses if s is not None], spread, staged, planned, options)
     final = comm.broadcast_object(final)
     if final:
         raise ExecutorError(final)
     result = Export(plan if comm.is_writer else None, None, packs=packs if len(packs) == len(metas) else None)
     if comm.is_writer:
-        count = len(spread.bounds)
-        result.files = [staged.target / shard_name(s, count) for s in range(count)] + [staged.target / INDEX]
+        result.files = ([staged.target / spread.path(s) for s in range(len(spread.bounds))] +
+                        [staged.target / directory / INDEX for directory, _ in spread.directories] +
+                        [staged.target / name for name in plan.report.copied])
     return result
 
 
-def _publish(records: "_Records", statuses: list[dict], bounds: list[range], staged: Staged,
-             planned: list[str]) -> str | None:
-    """After every writer: the index, then the one rename; or the first error, with nothing left behind.
-    The report lists the plan's findings (``planned``), then what the writers found, in file order."""
+def _publish(records: "_Records", statuses: list[dict], spread, staged: Staged, planned: list[str],
+             options: RunOptions) -> str | None:
+    """After every writer: each directory's index and the model's files (``options.model_files``), then the
+    one rename; or the first error, with nothing left behind. The report lists the plan's findings
+    (``planned``), then what the writers found, in file order."""
     errors = [s["error"] for s in statuses if s["error"]]
     notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
-    records.plan.report.disagreements[:] = planned + [note for shard in sorted(notes) for note in notes[shard]]
+    report = records.plan.report
+    report.disagreements[:] = planned + [note for shard in sorted(notes) for note in notes[shard]]
     try:
         if errors:
             raise ExecutorError(errors[0])
-        write_index(staged.path, records, bounds)
+        for directory, files in spread.directories:
+            write_index(staged.path / directory, records, [spread.bounds[s] for s in files])
+        report.copied = copy_model_files(options.model_files, staged.path)
         staged.publish()
         return None
     except Exception as error:

@@ -81,10 +81,14 @@ def _export_from(source, world: int, how: str, rules, out, options: RunOptions) 
 
 
 def _with_contents(out, report: Report) -> Report:
-    """The report, with what the published output holds read back from its files."""
+    """The report, with what the published output holds read back from its files (and its quantizer state
+    from its own directory, where the format writes one: ``hf``)."""
+    from quantmap.formats.hf import QUANTIZER_STATE
     from quantmap.io.hf import contents
 
     report.output = contents(out)
+    if (Path(out) / QUANTIZER_STATE).is_dir():
+        report.quantizer_output = contents(Path(out) / QUANTIZER_STATE)
     return report
 
 

@@ -15,6 +15,9 @@ from quantmap.formats import DEFAULT, FORMATS, OutputFormat
 from quantmap.io.hf import DEFAULT_SHARD_SIZE
 from quantmap.limits import MAX_TIMEOUT_S
 
+#: ``--dtype`` names and the torch dtype each casts to (by name: this module imports no torch for it).
+CASTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
 
 ONLY = (None, "quantizers")  # what RunOptions.only may be
 
@@ -35,7 +38,11 @@ class RunOptions:
     workers (``None``: torchrun's ranks, or one process playing every rank); ``format`` names the output
     format (:data:`quantmap.formats.FORMATS`): what an export writes and an import reads back; ``only``
     (import into a torch_dist checkpoint): ``"quantizers"`` reads the quantizer state back and keeps every
-    weight, ``None`` also the model's weights, norms and biases the HF checkpoint holds."""
+    weight, ``None`` also the model's weights, norms and biases the HF checkpoint holds; ``dtype``
+    (``bf16``, ``fp16``, ``fp32``; ``None``: the checkpoint's) is what an export casts the tensors the format
+    lets it cast to (the model's weights, never quantizer state); ``model_files``: for a format that writes
+    a whole model, the files copied beside its weights, each ``(source path, name in the output)``
+    (:func:`quantmap.io.hf.model_files`), ``config.json`` among them."""
 
     strict: bool = False
     allow_partial: bool = False
@@ -45,6 +52,8 @@ class RunOptions:
     nproc: int | None = None
     format: str = DEFAULT
     only: str | None = None
+    dtype: str | None = None
+    model_files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("strict", "allow_partial", "progress"):
@@ -65,6 +74,30 @@ class RunOptions:
         if not FORMATS[self.format].as_is:
             _refuse("format", "a format whose every tensor is one source tensor as is, with no added file (the "
                               "writer computes no other yet)", self.format)
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """``dtype`` and ``model_files`` against the format: what it casts, whether it is a whole model."""
+        fmt = self.output_format
+        if self.dtype is not None:
+            if self.dtype not in CASTS:
+                _refuse("dtype", " or ".join(map(repr, CASTS)) + " or None (the checkpoint's dtype)", self.dtype)
+            if not any(fmt.casts(role) for role in fmt.writes):
+                _refuse("dtype", f"None with format {fmt.name!r}, which writes no tensor that --dtype casts (it "
+                                 f"casts a model's weights: --format hf)", self.dtype)
+        if not isinstance(self.model_files, tuple) or not all(
+                isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+                and pair[1] and "/" not in pair[1] for pair in self.model_files):
+            _refuse("model_files", "a tuple of (source path, file name) pairs", self.model_files)
+        if self.model_files and not fmt.model:
+            _refuse("model_files", f"() with format {fmt.name!r}, which writes no model beside which to copy them",
+                    self.model_files)
+        if fmt.model and "config.json" not in {name for _, name in self.model_files}:
+            raise OptionsError(f"format {fmt.name!r} writes a whole Hugging Face model, which needs its config.json: "
+                               f"pass --like HF_DIR (the Hugging Face model the Megatron run started from: its config, "
+                               f"generation and tokenizer files are copied beside the weights) or --config "
+                               f"config.json (model_files=quantmap.io.hf.model_files(like=..., config=...) from "
+                               f"Python). Nothing was written")
 
     @property
     def output_format(self) -> OutputFormat:

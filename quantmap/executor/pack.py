@@ -11,6 +11,15 @@ that cannot be right (:mod:`quantmap.executor.values`). A buffer is one flat byt
 Packing copies nothing but an expert run's scalars (stacked into one entry,
 :mod:`quantmap.executor.expert_runs`): a buffer is built when it is sent, of all entries (one
 writer) or of the entries one HF shard file needs (several writers, shard by shard).
+
+The model's own tensors (weights, norms: :data:`quantmap.roles.MODEL_ROLES`) are not even read here: a
+rank's weights are gigabytes. Their entry is planned from their dtype and shape alone (a state that
+knows them without reading the data says so with ``tensor_spec(name)``, as
+:class:`~quantmap.io.shards.LazyShard` does from the file's header), and holds a :class:`Deferred` read,
+made when the buffer of the output file that needs it is built and dropped once copied there. So a
+process holds at most the tensors of the file being written. Their values are not checked (quantizer
+state is: an amax has a meaning a weight's values do not) and data-parallel replicas of them are not
+compared: only the first replica's are read.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 
@@ -32,7 +41,15 @@ from quantmap.executor.report import ExecutorError
 from quantmap.executor.values import check_values, copy_digest, owns, quiet, replicated, scalar_digests
 from quantmap.gc_pause import paused_gc
 from quantmap.io.shards import LazyShard
+from quantmap.roles import MODEL_ROLES
 from quantmap.rules import WEIGHT
+
+
+class Deferred(NamedTuple):
+    """A packed entry read from its state only when its bytes are needed (:meth:`Packed.value`)."""
+
+    state: Mapping
+    local: str
 
 
 @dataclass
@@ -57,7 +74,7 @@ class Packed:
         while at < len(entries):
             span = self._scalar_span(entries, at)
             if span > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
-                scalars = [self.values[e] for e in entries[at:at + span]]  # detached when packed
+                scalars = [self.value(e) for e in entries[at:at + span]]  # detached when read
                 values = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in scalars])
                 flat = values.cpu().view(torch.uint8)
             else:
@@ -76,7 +93,21 @@ class Packed:
 
     def flat_bytes(self, entry: int) -> torch.Tensor:
         """Entry ``entry``'s bytes, a view of its tensor (a copy only if it is not contiguous)."""
-        return self.values[entry].reshape(-1).contiguous().cpu().view(torch.uint8)
+        return self.value(entry).reshape(-1).contiguous().cpu().view(torch.uint8)
+
+    def value(self, entry: int) -> torch.Tensor:
+        """Entry ``entry``'s tensor; a :class:`Deferred` one read now (and not kept), and checked against the
+        dtype and shape it was planned with."""
+        value = self.values[entry]
+        if not isinstance(value, Deferred):
+            return value
+        tensor = read_tensor(value.state, value.local)
+        planned = self.meta.dtypes[entry], self.meta.shapes[entry]
+        if (tensor.dtype, tuple(tensor.shape)) != planned:
+            raise ValueError(f"{value.local!r} reads as {tensor.dtype} {list(tensor.shape)} but was planned as "
+                             f"{planned[0]} {list(planned[1])} from its metadata; the checkpoint changed while it was "
+                             f"exported, or its header is wrong".replace("torch.", ""))
+        return tensor
 
     def pieces(self, entries: list[int]) -> list[torch.Tensor]:
         """Entries ``entries`` (in :func:`transfer_order`) as the pieces of their transfer: the small
@@ -135,11 +166,18 @@ class _Packing:
         if not self._takes(match.rule):
             meta.weights += self.owner[expert]
             return
+        rule = self.rules.number(match.rule)
+        role = self.rules.role(rule)
+        if role in MODEL_ROLES:  # read when its output file is written, never here (see the module's docstring)
+            if self.owner[expert]:
+                dtype, shape = self._spec(local)
+                self._append(name, Deferred(self.state, local), dtype, shape, rule)
+                meta.experts += expert
+            return
         if not (self.owner[expert] or self.compared[expert]):
             return
         value = self._value(local)
-        rule = self.rules.number(match.rule)
-        self.read.append((name, value, self.rules.role(rule)))
+        self.read.append((name, value, role))
         if self.compared[expert]:
             meta.copies[name] = copy_digest(value)
         if self.owner[expert]:
@@ -191,14 +229,20 @@ class _Packing:
         return taken
 
     def _value(self, local: str) -> torch.Tensor:
+        return read_tensor(self.state, local)
+
+    def _spec(self, local: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A model tensor's dtype and shape: from the state's ``tensor_spec`` where it has one (no data
+        read), else from the tensor itself, which is dropped again (a live state holds it anyway)."""
+        spec = getattr(self.state, "tensor_spec", None)
+        if spec is None:
+            value = self._value(local)
+            return value.dtype, tuple(value.shape)
         try:
-            value = self.state[local]
+            dtype, shape = spec(local)
         except Exception as error:
             raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
-                            f"or a safetensors shard")
-        return value.detach() if value.requires_grad else value  # a live model's parameter
+        return dtype, tuple(shape)
 
     def _append(self, name: str, value: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], rule: int) -> None:
         self.values.append(value)
@@ -209,6 +253,18 @@ class _Packing:
         meta.uncalibrated = check_values(self.read)
         meta.offsets, meta.size = offsets(meta, range(len(self.values)))
         return Packed(meta, self.values)
+
+
+def read_tensor(state: Mapping, local: str) -> torch.Tensor:
+    """``state[local]``, detached; a failing read or a value that is no tensor is an error naming it."""
+    try:
+        value = state[local]
+    except Exception as error:
+        raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
+                        f"or a safetensors shard")
+    return value.detach() if value.requires_grad else value  # a live model's parameter
 
 
 def offsets(meta: RankMeta, entries) -> tuple[array, int]:

@@ -30,6 +30,7 @@ import torch
 from quantmap.executor.completeness import missing_parsed, parse, parse_run
 from quantmap.executor.expert_runs import Run
 from quantmap.executor.fan_in import Gathered, check_scalar
+from quantmap.executor.whole_model import whole_model
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
                                       is_expert, to_local)
@@ -155,6 +156,10 @@ class _Items(Sequence):
     def run(self, i: int) -> Run | None:
         return self._runs.get(i)
 
+    def role(self, i: int) -> str | None:
+        """Item ``i``'s role (:mod:`quantmap.roles`), without building the item."""
+        return self._rule_set.role(self._rules[i])
+
 
 class Plan:
     """The checked plan of one export, plus what is needed to build its tensors on the writer."""
@@ -163,8 +168,9 @@ class Plan:
         self.rules = rules
         self.layout = layout
         self.metas = metas
+        self.options = options
         self.strict, self.allow_partial = options.strict, options.allow_partial
-        self.report = Report()
+        self.report = Report(model=options.output_format.model)
         self.items = _Items(rules)
         self._disagreeing: set[str] = set()
         self._fan_in = Gathered()
@@ -270,6 +276,9 @@ class Plan:
                 else:
                     held.append((rank, index))
         errors = self._expert_blocks() + self._incomplete(copies)
+        if self.options.output_format.model:
+            roles = {name: self.rules.role(self._rule(sources[0])) for name, sources in copies.items()}
+            errors = whole_model(self.rules, roles, self.report, self.options) + errors
         for name in sorted(copies, key=_order):
             sources = copies[name]
             try:

@@ -20,6 +20,9 @@ class Report:
 
     written: int = 0
     output: object = None  # an export's written files, read back (quantmap.io.hf.Contents); None in memory
+    model: bool = False  # the export wrote a whole model (a format with ``model``: hf)
+    quantizer_output: object = None  # a model export's quantizer state, read back from its own directory
+    copied: list[str] = field(default_factory=list)  # a model export's files copied from --like / --config
     unclaimed: list[str] = field(default_factory=list)  # names no rule claims
     weights: int = 0  # tensors in the input that are not quantizer state (weights), which quantmap does not move
     entries: int = 0  # torch_dist entries that are no tensor (_extra_state, rng_state): not model state
@@ -64,7 +67,9 @@ class Report:
             out.append(f"{self.entries} checkpoint entries that hold no tensor skipped (_extra_state, rng_state): "
                        f"not model state")
         out += self.kept
-        for title, names in (("unclaimed by any rule", self.unclaimed), ("missing", self.missing),
+        unclaimed = ("left out of the model: no rule of the spec claims them (--allow-partial)" if self.model
+                     else "unclaimed by any rule")
+        for title, names in ((unclaimed, self.unclaimed), ("missing", self.missing),
                              ("no rank of the layout holds (layer or expert beyond the layout)", self.outside),
                              ("with a zero amax (uncalibrated)", self.uncalibrated)):
             if names:
@@ -79,13 +84,37 @@ class Report:
         return out
 
     def _written(self) -> str:
-        """How many tensors, and for files where, how many bytes in which dtypes (read back from the files)."""
+        """How many tensors, and for files where, how many bytes in which dtypes (read back from the files);
+        for a model, its quantizer state and the files copied beside it."""
         if self.output is None:
             return f"{self.written} tensor(s) written"
         found = self.output
-        dtypes = ", ".join(f"{count} {dtype}" for dtype, count in found.dtypes.items())
-        return (f"{found.tensors} tensor(s) written to {found.path}: {found.bytes} bytes of data ({dtypes}) in "
-                f"{found.files} safetensors file(s) and the index")
+        if not self.model:
+            dtypes = ", ".join(f"{count} {dtype}" for dtype, count in found.dtypes.items())
+            return (f"{found.tensors} tensor(s) written to {found.path}: {found.bytes} bytes of data ({dtypes}) in "
+                    f"{found.files} safetensors file(s) and the index")
+        lines = [_files(found, "model tensor(s) written to")]
+        if self.quantizer_output is not None:
+            lines.append(_files(self.quantizer_output, "quantizer tensor(s) written to"))
+        if self.copied:
+            lines.append(f"copied beside the weights: {', '.join(self.copied)}")
+        return "\n".join(lines)
+
+
+def _files(found, what: str) -> str:
+    dtypes = ", ".join(f"{count} {dtype}" for dtype, count in found.dtypes.items())
+    return (f"{found.tensors} {what} {found.path}: {found.bytes} bytes of data ({_human(found.bytes)}; {dtypes}) "
+            f"in {found.files} safetensors file(s) and the index")
+
+
+def _human(size: float) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size /= 1024
+    return f"{size:.4g} {unit}"
 
 
 def group_names(names: list[str]) -> list[tuple[str, int]]:

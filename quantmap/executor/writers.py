@@ -10,6 +10,8 @@ large ones straight from their tensors into their place in the writer's buffer; 
 point-to-point transfers for the whole group per round), the writer builds the file's records one
 at a time and streams them out, then drops the round's buffers. A writer thus holds one file's
 inputs at a time, plus the record being built. The planner writes the index after every writer is done.
+A format that writes to several directories (``hf``: the model, and ``quantizer_state/``) has each cut into
+its own files and index (:func:`quantmap.io.hf.directories`); the files of all of them are dealt alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from quantmap.executor.pack import Packed, rebase, receiving, transfer_order
 from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import Report, describe
-from quantmap.io.hf import shard_bounds, shard_name, write_shard
+from quantmap.io.hf import directories, record_bytes, shard_bounds, shard_name, write_shard
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,23 @@ class Schedule:
     bounds: list[range]  # the records of each shard file
     writers: list[int]  # group ranks; file ``s`` goes to ``writers[s % len(writers)]``
     needs: list[dict[int, list[int]]]  # per file: source rank -> its entries, in first-use order
+    folders: list[tuple[str, range]] | None = None  # each directory and its files (None: all in the output)
 
     def writer(self, shard: int) -> int:
         return self.writers[shard % len(self.writers)]
+
+    @property
+    def directories(self) -> list[tuple[str, range]]:
+        """Each directory (relative to the output; ``""`` the output itself) and the numbers of its files."""
+        return self.folders if self.folders is not None else [("", range(len(self.bounds)))]
+
+    def path(self, shard: int) -> str:
+        """File ``shard``'s path relative to the output: ``model-0000K-of-0000N.safetensors`` in its directory."""
+        for directory, files in self.directories:
+            if shard in files:
+                name = shard_name(shard - files.start, len(files))
+                return f"{directory}/{name}" if directory else name
+        raise IndexError(shard)
 
     @property
     def rounds(self) -> int:
@@ -53,7 +69,11 @@ def writer_ranks(size: int, count: int) -> list[int]:
 
 def schedule(records, shard_size: int, writers: list[int]) -> Schedule:
     """The plan of a multi-writer write, from the records' sizes and sources alone."""
-    bounds = shard_bounds(records, shard_size)
+    bounds, folders = [], []
+    for directory, indices in directories(records):
+        cut = shard_bounds(records, shard_size, indices)
+        folders.append((directory, range(len(bounds), len(bounds) + len(cut))))
+        bounds += cut
     needs = []
     for indices in bounds:
         by_rank: dict[int, dict[int, None]] = {}  # dicts keep first-use order and drop repeats
@@ -61,7 +81,12 @@ def schedule(records, shard_size: int, writers: list[int]) -> Schedule:
             for rank, entry in records.sources(i):
                 by_rank.setdefault(rank, {})[entry] = None
         needs.append({rank: list(entries) for rank, entries in sorted(by_rank.items())})
-    return Schedule(bounds, writers, needs)
+    return Schedule(bounds, writers, needs, folders)
+
+
+def file_bytes(records, indices: range) -> int:
+    """Data bytes of the shard file of records ``indices`` (what a progress bar over bytes counts)."""
+    return sum(record_bytes(records, i) for i in indices)
 
 
 def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path, *, metas: list[RankMeta] | None = None,
@@ -100,11 +125,13 @@ def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path
         if status["error"] is None:
             before = len(report.disagreements)
             try:
-                write_shard(directory, records, plan.bounds, mine)
+                path = directory / plan.path(mine)
+                path.parent.mkdir(exist_ok=True)
+                write_shard(path, records, plan.bounds[mine])
             except Exception as error:  # reported to every rank through the status
-                status["error"] = f"rank {comm.rank} writing {shard_name(mine, len(plan.bounds))}: {describe(error)}"
+                status["error"] = f"rank {comm.rank} writing {plan.path(mine)}: {describe(error)}"
             status["disagreements"][mine] = report.disagreements[before:]
             if on_shard is not None:
-                on_shard(len(plan.bounds[mine]))
+                on_shard(file_bytes(records, plan.bounds[mine]))
         buffers.clear()
     return status

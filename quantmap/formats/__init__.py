@@ -7,10 +7,11 @@ names; ``quantmap export/import --format`` offers the names registered here. Tor
 from __future__ import annotations
 
 from quantmap.formats.declaration import AddedFile, OutputFormat, Restored, Written, unchanged
+from quantmap.formats.hf import HF
 from quantmap.formats.quantizers import QUANTIZERS
 
 __all__ = ["AddedFile", "DEFAULT", "FORMATS", "OutputFormat", "Restored", "Written", "unchanged"]
 
 #: Every output format by name, in the order ``--help`` lists them.
-FORMATS: dict[str, OutputFormat] = {fmt.name: fmt for fmt in (QUANTIZERS,)}
+FORMATS: dict[str, OutputFormat] = {fmt.name: fmt for fmt in (QUANTIZERS, HF)}
 DEFAULT = QUANTIZERS.name

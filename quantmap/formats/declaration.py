@@ -10,8 +10,12 @@ never imports torch, so the command line lists the formats without it.
 
 Today's writer moves each tensor as it is: it runs the formats whose every row is its one input under
 its own HF name (:attr:`OutputFormat.as_is`), with no file beside the tensors; a row computed from
-other roles, renamed, cast or reshaped, or an added file, is declared here and refused by the run
-(:mod:`quantmap.executor.options`) until the writer computes them.
+other roles, renamed, given a fixed dtype or reshaped, or an added file, is declared here and refused
+by the run (:mod:`quantmap.executor.options`) until the writer computes them. What it does run: a row's
+``directory`` (where under the output its tensors go: ``hf`` puts the quantizer state in
+``quantizer_state/`` beside the model) and ``cast`` (whether ``--dtype`` casts it: the model's own
+tensors, never quantizer state), and a format that is a whole ``model`` (its config and tokenizer files
+copied beside the weights).
 """
 
 from __future__ import annotations
@@ -33,17 +37,20 @@ class Written:
     rule gives, as is. ``compute``: the inputs' tensors, in ``inputs`` order, to the tensor (``None``: the
     one input as is). ``dtype``: its torch dtype's name (``float8_e4m3fn``; ``None``: the first input's).
     ``shape``: the inputs' shapes to its shape, so that a run is planned from metadata before any tensor
-    moves (``None``: the first input's)."""
+    moves (``None``: the first input's). ``directory``: where under the output it is written, with its own
+    shard files and index (``""``: the output itself). ``cast``: whether the run's ``--dtype`` casts it."""
 
     inputs: tuple[str, ...]
     suffix: str | None = None
     compute: Callable | None = None
     dtype: str | None = None
     shape: Callable | None = None
+    directory: str = ""
+    cast: bool = False
 
     @property
     def as_is(self) -> bool:
-        """The one input under its own name, unchanged."""
+        """The one input under its own name, unchanged (apart from the run's ``--dtype``, where it casts)."""
         return len(self.inputs) == 1 and self.suffix is self.compute is self.dtype is self.shape is None
 
 
@@ -51,10 +58,12 @@ class Written:
 class Restored:
     """How import gets a role back from the HF tensors of its module: ``suffixes`` names them as
     :attr:`Written.suffix` does (``None``: the rule's own HF name), ``compute`` turns them into the role's
-    tensor (``None``: the one tensor as is)."""
+    tensor (``None``: the one tensor as is); ``directory``: where under the HF checkpoint they lie, as
+    :attr:`Written.directory` says."""
 
     suffixes: tuple[str | None, ...] = (None,)
     compute: Callable | None = None
+    directory: str = ""
 
     @property
     def as_is(self) -> bool:
@@ -74,13 +83,16 @@ class AddedFile:
 class OutputFormat:
     """A registered output format (:data:`quantmap.formats.FORMATS`): ``writes`` maps each role it takes
     from the source to the tensors it writes for it, ``restores`` each role import reads back to how; a
-    role in neither is skipped both ways and counted in the report."""
+    role in neither is skipped both ways and counted in the report. ``model``: the output is a whole
+    Hugging Face model directory, which needs the model's ``config.json`` (``--like`` or ``--config``, copied
+    beside the weights), and takes every tensor of the source: one that no rule claims is refused."""
 
     name: str
     summary: str  # one line, for --help and the docs
     writes: Mapping[str, tuple[Written, ...]]
     restores: Mapping[str, Restored]
     files: tuple[AddedFile, ...] = ()
+    model: bool = False
     _read: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -91,11 +103,28 @@ class OutputFormat:
         strays = sorted(read - ROLES)
         if strays:
             raise ValueError(f"format {self.name!r} computes a tensor from unknown role(s) {strays}")
+        for role, rows in self.writes.items():
+            if len({row.directory for row in rows}) > 1 or any(not _plain(row.directory) for row in rows):
+                raise ValueError(f"format {self.name!r} writes role {role!r} to {[row.directory for row in rows]}; a "
+                                 f"role's tensors go to one directory, a plain name under the output (or \"\")")
         object.__setattr__(self, "_read", frozenset(read))
 
     def reads(self, role: str) -> bool:
         """Whether an export reads tensors of ``role`` from the source: every other role stays unread."""
         return role in self._read
+
+    def directory(self, role: str) -> str:
+        """Where under the output the tensors of ``role`` are written (``""``: the output itself)."""
+        return self.writes[role][0].directory
+
+    def casts(self, role: str) -> bool:
+        """Whether the run's ``--dtype`` casts the tensors written for ``role``."""
+        return any(row.cast for row in self.writes.get(role, ()))
+
+    @property
+    def directories(self) -> tuple[str, ...]:
+        """Every directory the format writes tensors to, in the order its rows first name them."""
+        return tuple(dict.fromkeys(row.directory for rows in self.writes.values() for row in rows))
 
     def reads_back(self, role: str) -> bool:
         """Whether an import reads ``role`` back from the HF checkpoint."""
@@ -107,6 +136,10 @@ class OutputFormat:
         way, with no added file: what today's writer runs."""
         return (all(row.as_is for rows in self.writes.values() for row in rows)
                 and all(way.as_is for way in self.restores.values()) and not self.files)
+
+
+def _plain(directory: str) -> bool:
+    return directory == "" or (directory.isidentifier() and directory.isascii())
 
 
 def unchanged(name: str, summary: str, roles) -> OutputFormat:

@@ -11,12 +11,11 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 from quantmap.io import safetensors_stream
-from quantmap.io.names import read_header, read_weight_map
+from quantmap.io.names import QUANTIZER_STATE, read_header, read_weight_map
 from quantmap.io.safetensors_stream import Records, nbytes, quote
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-QUANTIZER_STATE = "quantizer_state"  # a model directory's quantizer state, beside the files from_pretrained loads
 DEFAULT_SHARD_SIZE = 5 * 2**30
 
 
@@ -24,20 +23,30 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def shard_bounds(records: Records, shard_size: int) -> list[range]:
+def shard_bounds(records: Records, shard_size: int, indices: range | None = None) -> list[range]:
     """The records of each shard file, in order: a shard takes records while its data stays within
-    ``shard_size`` bytes; a record is never split (one larger than ``shard_size`` gets a shard of its own)."""
+    ``shard_size`` bytes; a record is never split (one larger than ``shard_size`` gets a shard of its own).
+    ``indices``: the records of one directory (default: all of them)."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1 byte, got {shard_size}")
-    bounds, start, filled = [], 0, 0
-    for i in range(len(records)):
+    indices = range(len(records)) if indices is None else indices
+    bounds, start, filled = [], indices.start, 0
+    for i in indices:
         size = record_bytes(records, i)
         if i > start and filled + size > shard_size:
             bounds.append(range(start, i))
             start, filled = i, 0
         filled += size
-    bounds.append(range(start, len(records)))
+    bounds.append(range(start, indices.stop))
     return bounds
+
+
+def directories(records: Records) -> list[tuple[str, range]]:
+    """Each directory the records go to (relative to the output; ``""``: the output itself) with its
+    records, which lie together. Records that say nothing of it (``destinations()``) all go to the output."""
+    if hasattr(records, "destinations"):
+        return records.destinations()
+    return [("", range(len(records)))]
 
 
 def record_bytes(records: Records, i: int) -> int:
@@ -46,17 +55,16 @@ def record_bytes(records: Records, i: int) -> int:
     return nbytes(dtype, shape) * count
 
 
-def write_shard(directory: str | Path, records: Records, bounds: list[range], shard: int) -> Path:
-    """Write shard file ``shard`` of ``bounds`` into ``directory``."""
-    path = Path(directory) / shard_name(shard, len(bounds))
-    safetensors_stream.write(path, records, bounds[shard])
-    return path
+def write_shard(path: str | Path, records: Records, indices: range) -> Path:
+    """Write the shard file ``path`` of records ``indices``."""
+    safetensors_stream.write(path, records, indices)
+    return Path(path)
 
 
 def write_index(directory: str | Path, records: Records, bounds: list[range]) -> Path:
     """``model.safetensors.index.json`` for shards ``bounds``, from the records' names alone, streamed."""
     path = Path(directory) / INDEX
-    total = sum(record_bytes(records, i) for i in range(len(records)))
+    total = sum(record_bytes(records, i) for indices in bounds for i in indices)
     with open(path, "w", encoding="utf-8") as index:
         index.write(f'{{\n  "metadata": {{\n    "total_size": {total}\n  }},\n  "weight_map": {{')
         separator = "\n    "
@@ -78,10 +86,45 @@ def write_checkpoint(directory: str | Path, records: Records, shard_size: int = 
     bounds = shard_bounds(records, shard_size)
     files = []
     for shard in range(len(bounds)):
-        files.append(write_shard(directory, records, bounds, shard))
+        files.append(write_shard(Path(directory) / shard_name(shard, len(bounds)), records, bounds[shard]))
         if on_record is not None:
             on_record(len(bounds[shard]))
     return files + [write_index(directory, records, bounds)]
+
+
+#: What ``--like`` never copies: the weights (quantmap writes its own) and what lies in subdirectories.
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+CONFIG = "config.json"
+
+
+def model_files(like: str | Path | None = None, config: str | Path | None = None) -> tuple[tuple[str, str], ...]:
+    """The files a model export copies beside its weights, each ``(source path, name in the output)``: every
+    regular file of the Hugging Face model directory ``like`` that is not a weight file (config, generation
+    config, tokenizer files, chat template, ...; not its subdirectories), or ``config`` alone as ``config.json``."""
+    if (like is None) == (config is None):
+        raise ValueError("give the Hugging Face model directory (--like) or its config.json (--config), one of them")
+    if config is not None:
+        return ((str(config), CONFIG),)
+    like = Path(like)
+    if not like.is_dir():
+        raise CheckpointError(f"--like {like} is not a directory; point it at the Hugging Face model the Megatron "
+                              f"run started from (a directory holding config.json)")
+    files = tuple((str(path), path.name) for path in sorted(like.iterdir())
+                  if path.is_file() and not path.name.endswith(WEIGHT_FILES))
+    if CONFIG not in {name for _, name in files}:
+        raise CheckpointError(f"--like {like} holds no {CONFIG}; point it at a Hugging Face model directory, or "
+                              f"pass --config config.json")
+    return files
+
+
+def copy_model_files(files: tuple[tuple[str, str], ...], directory: str | Path) -> list[str]:
+    """Copy :func:`model_files` into ``directory`` (a staging directory: published with the weights or not
+    at all); the names copied."""
+    import shutil
+
+    for source, name in files:
+        shutil.copyfile(source, Path(directory) / name)  # a hub cache's symbolic link: its target's bytes
+    return [name for _, name in files]
 
 
 class Contents(NamedTuple):

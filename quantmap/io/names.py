@@ -45,8 +45,14 @@ def read_names(source: str | Path) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+#: Where a model directory exported with ``--format hf`` keeps its quantizer state (quantmap.formats.hf).
+QUANTIZER_STATE = "quantizer_state"
+
+
 def _read_directory(path: Path) -> list[str]:
-    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    """The names of a checkpoint directory, and of its quantizer state where it keeps that beside the model
+    (``quantizer_state/``, as ``quantmap export --format hf`` writes it)."""
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}")) + sorted((path / QUANTIZER_STATE).glob(f"*{INDEX_SUFFIX}"))
     if indexes:
         return [name for index in indexes for name in _read_index(index)]
     shards = sorted(path.glob("*.safetensors"))

@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 
 from quantmap.parallel import Coords, LayoutError, ParallelLayout
-from quantmap.io.safetensors_stream import write_state
+from quantmap.io.safetensors_stream import DTYPES, write_state
 from quantmap.untrusted import parse_json, special_file
 
 COORDINATES_KEY = "quantmap.coordinates"
+_TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 _RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
 _LISTED = 5
 
@@ -127,6 +128,12 @@ class LazyShard(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._open().get_tensor(name)
+
+    def tensor_spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """Tensor ``name``'s dtype and shape, from the file's header alone: an export that writes it later
+        plans it from these, and reads its data only when its output file is written."""
+        piece = self._open().get_slice(name)
+        return _TORCH_DTYPES[piece.get_dtype()], tuple(piece.get_shape())
 
     def __iter__(self):
         return iter(self._open().keys())

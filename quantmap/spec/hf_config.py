@@ -57,6 +57,13 @@ def params_from_config(path: str | Path, declared) -> dict[str, int]:
     return {name: value for name, value in values.items() if name in declared}
 
 
+def tied_embeddings(path: str | Path) -> bool | None:
+    """What the config at ``path`` says of the output head: its ``tie_word_embeddings`` (the text model's,
+    for a vision-language model); ``None`` where it does not say (the model class's default then decides)."""
+    value = _text_config(path).get("tie_word_embeddings")
+    return value if isinstance(value, bool) else None
+
+
 def dense_layers_from_config(path: str | Path, layers: int) -> tuple[int, ...] | None:
     """The decoder layers of an MoE model that have a dense MLP, decided from the config the way
     transformers builds each layer (transformers 5.x modeling code): DeepSeek-V2/V3, Kimi K2 and
