@@ -33,8 +33,8 @@ def weights_format(monkeypatch):
     return RunOptions(format=WEIGHTS.name)
 
 
-def llama_rules():
-    return quantmap.compile("llama", num_attention_heads=HEADS, num_query_groups=GROUPS, head_dim=HEAD_DIM,
+def llama_rules(spec="llama"):
+    return quantmap.compile(spec, num_attention_heads=HEADS, num_query_groups=GROUPS, head_dim=HEAD_DIM,
                             hidden_size=HIDDEN)
 
 
@@ -188,14 +188,15 @@ def test_a_format_that_takes_weights_imports_them_back_into_each_rank(tmp_path, 
 
 
 def test_a_weight_whose_tensor_parallel_split_is_unknown_is_refused_by_name(tmp_path, weights_format):
-    """The spec maps the embedding without ``parallel``: at TP=2 its halves cannot be joined, so the
+    """A spec that maps the embedding without ``parallel``: at TP=2 its halves cannot be joined, so the
     export stops naming it, never writing one rank's half as the embedding."""
     state = global_model()
     state["embedding.word_embeddings.weight"] = torch.randn(VOCAB, HIDDEN)
     write_shards(tmp_path / "meg", state)
     with pytest.raises(ExecutorError, match=r"embedding\.word_embeddings\.weight has shape \[5, 8\] on each of 2 "
                                             r"tensor-parallel rank\(s\).*does not declare 'parallel'"):
-        export_from(llama_rules(), tmp_path / "meg", tmp_path / "hf", weights_format)
+        export_from(llama_rules(DATA / "specs" / "llama_unsplit_embedding.yaml"), tmp_path / "meg", tmp_path / "hf",
+                    weights_format)
     assert not (tmp_path / "hf").exists()
 
 

@@ -27,8 +27,8 @@ LAYOUT = ParallelLayout(tp=2, pp=2, num_layers=LAYERS)
 LIKE_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "generation_config.json": '{"do_sample": false}\n'}
 
 
-def rules(spec: str = "llama_vocab_parallel.yaml"):
-    return quantmap.compile(SPECS / spec, num_attention_heads=HEADS, num_query_groups=GROUPS,
+def rules(spec: str = "llama"):
+    return quantmap.compile(spec if spec == "llama" else SPECS / spec, num_attention_heads=HEADS, num_query_groups=GROUPS,
                             head_dim=HIDDEN // HEADS, hidden_size=HIDDEN)
 
 
@@ -131,7 +131,7 @@ def test_a_lazy_shard_export_reads_each_weight_when_its_file_is_written(llama, t
 
 # -- refusals: each before anything is written ------------------------------------------------------
 
-def refused(llama, tmp_path, match, state=None, spec="llama_vocab_parallel.yaml", **given):
+def refused(llama, tmp_path, match, state=None, spec="llama", **given):
     model, like = llama
     write_shards(tmp_path / "meg", state if state is not None else megatron(model), LAYOUT)
     with pytest.raises(ExecutorError, match=match):
@@ -149,7 +149,7 @@ def test_a_model_without_a_config_is_refused_before_any_work_saying_how_to_give_
     from quantmap.cli import app
 
     write_shards(tmp_path / "meg", megatron(llama[0]), LAYOUT)
-    run = CliRunner().invoke(app, ["export", str(SPECS / "llama_vocab_parallel.yaml"), "--megatron",
+    run = CliRunner().invoke(app, ["export", "llama", "--megatron",
                                    str(tmp_path / "meg"), "--out", str(tmp_path / "hf"), "--format", "hf"])
     assert run.exit_code == 1 and "needs its config.json: pass --like HF_DIR" in run.output, run.output
     assert not (tmp_path / "hf").exists()
@@ -204,14 +204,12 @@ def test_a_config_whose_tie_word_embeddings_contradicts_the_checkpoint_is_refuse
 
 
 def test_a_weight_whose_tensor_parallel_split_is_unknown_is_refused_saying_how_to_fix_it(llama, tmp_path):
-    """The shipped llama spec declares no ``parallel`` for the embedding: at TP=2 its halves cannot be joined."""
+    """A spec that declares no ``parallel`` for the embedding: at TP=2 its halves cannot be joined."""
     model, like = llama
     write_shards(tmp_path / "meg", megatron(model), LAYOUT)
     with pytest.raises(ExecutorError, match=r"embedding\.word_embeddings\.weight .*does not declare 'parallel'.*"
                                             r"declare it in the spec"):
-        export_from(quantmap.compile("llama", num_attention_heads=HEADS, num_query_groups=GROUPS,
-                                     head_dim=HIDDEN // HEADS, hidden_size=HIDDEN),
-                    tmp_path / "meg", tmp_path / "hf", options(like))
+        export_from(rules("llama_unsplit_embedding.yaml"), tmp_path / "meg", tmp_path / "hf", options(like))
     assert not (tmp_path / "hf").exists()
 
 
@@ -224,7 +222,7 @@ def test_the_command_line_exports_a_model_like_its_hf_directory_and_says_what_to
 
     model, like = llama
     write_shards(tmp_path / "meg", megatron(model), ParallelLayout(tp=2, num_layers=LAYERS))
-    spec, out = str(SPECS / "llama_vocab_parallel.yaml"), tmp_path / "hf"
+    spec, out = "llama", tmp_path / "hf"
     run = CliRunner().invoke(app, ["export", spec, "--megatron", str(tmp_path / "meg"), "--out", str(out), "--format",
                                    "hf", "--like", str(like), "--dtype", "fp16"])  # sizes from --like's config.json
     assert run.exit_code == 0, run.output
