@@ -259,13 +259,16 @@ def test_export_and_import_take_a_registered_format_and_default_to_quantizers(tm
     assert wrong.exit_code == 2 and "'deployable' is not one of 'quantizers'" in wrong.output
 
 
-def test_a_torch_dist_checkpoint_refuses_a_format_that_takes_weights_both_ways(tmp_path, weights_format):
-    """Only the quantizer state of a torch_dist checkpoint is read or written: a format that takes the
-    model's weights is refused by name, never run without them."""
+def test_a_torch_dist_checkpoint_exports_a_format_that_takes_weights_and_refuses_importing_one(tmp_path,
+                                                                                               weights_format):
+    """A torch_dist checkpoint's weights are read for export (tests/test_torch_dist_weights.py checks their
+    values); only its quantizer state is written back: a format that takes the model's weights is refused
+    by name on import, never run without them."""
     checkpoint = DATA / "dcp" / "fp8_kv_tp1" / "ckpt"
     rules = quantmap.compile("llama")
-    with pytest.raises(TorchDistError, match="test-weights.*norm, weight.*--format quantizers"):
-        export_from(rules, checkpoint, tmp_path / "hf", weights_format)
+    sized = quantmap.compile("llama", num_attention_heads=4, num_query_groups=2, head_dim=16)  # the QKV cut
+    export_from(sized, checkpoint, tmp_path / "weights", weights_format)
+    assert "model.layers.1.mlp.gate_proj.weight" in Checkpoint(tmp_path / "weights").names()
     export_from(rules, checkpoint, tmp_path / "hf", RunOptions())
     with pytest.raises(TorchDistError, match="test-weights.*--format quantizers"):
         import_checkpoint_into(rules, tmp_path / "hf", checkpoint, weights_format, out=tmp_path / "copy")
