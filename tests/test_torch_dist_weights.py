@@ -281,3 +281,20 @@ def test_export_of_fp8_kv_tp1_with_a_format_taking_weights_gives_the_hand_conver
     assert set(want) <= names and all(name.endswith("_amax") for name in names - set(want))
     for name, tensor in want.items():
         assert _bits(exported.get(name)) == _bits(tensor.contiguous()), name
+
+
+def test_experts_per_key_and_on_stacked_axes_read_as_sequential_mlp_names(tmp_path):
+    """SequentialMLP or grouped experts: one key per expert (``experts.experts.{E}``, SwiGLU halves), or on a
+    leading axis of their own, after the layers' (``mlp.experts.linear_fc1.weight`` ``[L, E, ...]``, Megatron's
+    stacked form for both) or alone (``decoder.layers.{L}.mlp.experts...`` ``[E, ...]``, non-homogeneous layers)."""
+    g = torch.Generator().manual_seed(0)
+    fc1, fc2, single = torch.randn(2, 3, 4, 2, generator=g), torch.randn(3, 2, 2, generator=g), torch.randn(2, 2, generator=g)
+    _, state, _ = read_checkpoint(locate(_save(tmp_path, {
+        "decoder.layers.mlp.experts.linear_fc1.weight": fc1, "decoder.layers.0.mlp.experts.linear_fc2.weight": fc2,
+        "decoder.layers.1.mlp.experts.experts.4.linear_fc1.weight_w": single,
+        "decoder.layers.1.mlp.experts.experts.4.linear_fc1.weight_v": single + 1})), weights=True)
+    want = {f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.linear_fc1.weight": fc1[layer, expert]
+            for layer in range(2) for expert in range(3)}
+    want |= {f"decoder.layers.0.mlp.experts.local_experts.{expert}.linear_fc2.weight": fc2[expert] for expert in range(3)}
+    want["decoder.layers.1.mlp.experts.local_experts.4.linear_fc1.weight"] = torch.cat([single, single + 1])
+    assert sorted(state) == sorted(want) and all(torch.equal(state[name], tensor) for name, tensor in want.items())

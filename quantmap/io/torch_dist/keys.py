@@ -311,6 +311,10 @@ def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
         if expert:
             experts = max(experts or 0, _bounded(key, "expert", _index(expert.group(1) or expert.group(2), "expert", key) + 1,
                                                  MAX_EXPERTS))
+        elif ".experts.linear_fc" in key and entry.shape and _EXPERT_AXIS.search(key) and not is_optimizer(key):
+            axis = 0 if found else 1  # experts stacked on a leading axis of their own, after the layers' if stacked
+            if len(entry.shape) > axis:
+                experts = max(experts or 0, _bounded(key, "expert", entry.shape[axis], MAX_EXPERTS))
     if not layers:
         raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
     return layers, experts
