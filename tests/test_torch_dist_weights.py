@@ -298,3 +298,17 @@ def test_experts_per_key_and_on_stacked_axes_read_as_sequential_mlp_names(tmp_pa
     want |= {f"decoder.layers.0.mlp.experts.local_experts.{expert}.linear_fc2.weight": fc2[expert] for expert in range(3)}
     want["decoder.layers.1.mlp.experts.local_experts.4.linear_fc1.weight"] = torch.cat([single, single + 1])
     assert sorted(state) == sorted(want) and all(torch.equal(state[name], tensor) for name, tensor in want.items())
+
+
+def test_a_chunk_of_several_layers_whose_archive_is_damaged_is_refused_naming_the_key(tmp_path):
+    """The byte-range slice reads a chunk's zip directory first; a damaged one falls back to reading the chunk
+    whole, whose bytes then fail as any chunk's do, with the key named."""
+    directory = _save(tmp_path, {"decoder.layers.mlp.linear_fc2.weight": torch.ones(2, 4, 4)})
+    chunk = read_entries(directory)["decoder.layers.mlp.linear_fc2.weight"].chunks[0]
+    with open(directory / chunk.file, "r+b") as stream:
+        stream.seek(chunk.offset + chunk.length - 22)
+        stream.write(b"\x00" * 22)  # the end-of-directory record
+    _, state, _ = read_checkpoint(locate(directory), weights=True)
+    with pytest.raises(TorchDistError, match=r"^decoder\.layers\.1\.mlp\.linear_fc2\.weight \(checkpoint key "
+                                             r"decoder\.layers\.mlp\.linear_fc2\.weight\): .*not a saved tensor"):
+        state["decoder.layers.1.mlp.linear_fc2.weight"]

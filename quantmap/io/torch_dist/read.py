@@ -122,6 +122,7 @@ class Stored(NamedTuple):
     objects, which are freed after the read of the quantizer state)."""
 
     key: str
+    dtype: str
     shape: tuple[int, ...]
     chunks: tuple[Chunk, ...]
 
@@ -144,7 +145,7 @@ def stored_keys(directory: str | Path, entries: dict[str, Entry], weights: list[
                         raise TorchDistError(f"{directory / chunk.file}: cannot read it: {error.strerror}") from None
                 if chunk.offset + chunk.length > sizes[chunk.file]:
                     raise TorchDistError(f"{part.key}: {truncated(directory / chunk.file, chunk.offset + chunk.length, sizes[chunk.file])}")
-            out[part.key] = Stored(part.key, entry.shape, entry.chunks)
+            out[part.key] = Stored(part.key, entry.dtype, entry.shape, entry.chunks)
     return out
 
 
@@ -174,7 +175,7 @@ def _read_part(directory: Path, stored: Stored, part: Part) -> torch.Tensor:
         for dim, (offset, size) in enumerate(zip(chunk.offsets[axes:], chunk.sizes[axes:])):
             region = region.narrow(dim, offset, size)
         region.copy_(piece)
-    return out
+    return out if out is not None else torch.empty(part.shape, dtype=getattr(torch, stored.dtype))  # no elements
 
 
 def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str) -> torch.Tensor:
@@ -205,7 +206,20 @@ def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str)
 
 def _archive(directory: Path, chunk: Chunk) -> _Plain | None:
     """Where a chunk's ``torch.save`` archive keeps its tensor (:class:`_Plain`, ``start`` from the archive's
-    first byte), read from its zip directory and ``data.pkl`` alone, not its data; ``None`` if not plain."""
+    first byte), read from its zip directory and ``data.pkl`` alone, not its data; ``None`` if not plain
+    (then the chunk is read whole, and anything wrong with it is reported as for any chunk)."""
+    try:
+        found = _archive_directory(directory, chunk)
+    except TorchDistError:
+        raise  # the file itself cannot be read
+    except (struct.error, IndexError, ValueError):  # a damaged or odd zip directory
+        return None
+    if found is None or found.start + found.numel * found.dtype.itemsize > chunk.length:
+        return None
+    return found
+
+
+def _archive_directory(directory: Path, chunk: Chunk) -> _Plain | None:
     end = chunk.offset + chunk.length
     base = max(chunk.offset, end - _TAIL)
     tail = memoryview(_read_range(directory, chunk.file, base, end))
@@ -232,13 +246,17 @@ def _archive(directory: Path, chunk: Chunk) -> _Plain | None:
     for member in (b"/data.pkl", b"/data/0", b"/byteorder"):
         if member in members:
             local, size = members[member]
+            if local + 30 > chunk.length:
+                return None
             header = _read_range(directory, chunk.file, chunk.offset + local, chunk.offset + local + 30)
             if header[:4] != b"PK\x03\x04":
                 return None
             starts[member] = local + 30 + sum(struct.unpack_from("<HH", header, 26))
     def member_bytes(member):
-        start = chunk.offset + starts[member]
-        return bytes(_read_range(directory, chunk.file, start, start + members[member][1]))
+        start = starts[member]
+        if start + members[member][1] > chunk.length:
+            raise ValueError("a member beyond its archive")
+        return bytes(_read_range(directory, chunk.file, chunk.offset + start, chunk.offset + start + members[member][1]))
     if b"/byteorder" in members and member_bytes(b"/byteorder") != b"little":
         return None
     description = _describe(member_bytes(b"/data.pkl"))
