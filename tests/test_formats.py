@@ -17,7 +17,6 @@ from quantmap.formats import DEFAULT, FORMATS, Written, unchanged
 from quantmap.formats.declaration import OutputFormat, Restored
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard, rank_file
-from quantmap.io.torch_dist import TorchDistError
 from quantmap.roles import INPUT_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, WEIGHT, WEIGHT_AMAX
 
 DATA = Path(__file__).parent / "data"
@@ -238,11 +237,10 @@ def test_export_and_import_take_a_registered_format_and_default_to_quantizers(tm
     assert wrong.exit_code == 2 and "'deployable' is not one of 'quantizers'" in wrong.output
 
 
-def test_a_torch_dist_checkpoint_refuses_a_format_that_takes_weights_on_export(tmp_path, weights_format):
-    """Only the quantizer state of a torch_dist checkpoint is read: a format that takes the model's weights
-    is refused by name, never run without them."""
+def test_a_torch_dist_checkpoint_exports_a_format_that_takes_weights(tmp_path, weights_format):
+    """A torch_dist checkpoint's weights are read for export (tests/test_torch_dist_weights.py checks their
+    values; tests/test_torch_dist_import_weights.py writes them back)."""
     checkpoint = DATA / "dcp" / "fp8_kv_tp1" / "ckpt"
-    rules = quantmap.compile("llama")
-    with pytest.raises(TorchDistError, match="test-weights.*norm, weight.*--format quantizers"):
-        export_from(rules, checkpoint, tmp_path / "hf", weights_format)
-    # The import writes weights into a torch_dist checkpoint: tests/test_torch_dist_import_weights.py.
+    sized = quantmap.compile("llama", num_attention_heads=4, num_query_groups=2, head_dim=16)  # the QKV cut
+    export_from(sized, checkpoint, tmp_path / "weights", weights_format)
+    assert "model.layers.1.mlp.gate_proj.weight" in Checkpoint(tmp_path / "weights").names()

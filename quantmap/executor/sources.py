@@ -60,14 +60,13 @@ class TorchDistCheckpoint:
         return nproc or 1
 
     def read(self, world: int, rank: int, rules, output_format) -> tuple[ParallelLayout, Mapping]:
-        """Rank ``rank``'s quantizer state, read by byte range. A format that takes the model's own tensors is
-        refused: their keys (stacked layers, SwiGLU halves) are not read from a torch_dist checkpoint yet, and
-        leaving them out would be a model without its weights."""
-        from quantmap.executor.torch_dist_checkpoint import read_checkpoint, refuse_model_roles
+        """Rank ``rank``'s quantizer state, read by byte range, and where ``output_format`` takes any of the
+        model's roles, its weights too, each read when the export asks for it."""
+        from quantmap.executor.torch_dist_checkpoint import read_checkpoint
+        from quantmap.roles import MODEL_ROLES
 
-        refuse_model_roles(output_format, self.location.path)
-
-        layout, state, self.left_out = read_checkpoint(self.location, world, rank, rules)
+        weights = any(output_format.reads(role) for role in MODEL_ROLES)
+        layout, state, self.left_out = read_checkpoint(self.location, world, rank, rules, weights)
         return layout, state
 
     def lock(self):
@@ -76,7 +75,8 @@ class TorchDistCheckpoint:
         return directory_lock(self.location.path, exclusive=False, purpose="an export")
 
     def annotate(self, report) -> None:
-        """The checkpoint's tensors that are not quantizer state (its weights, its optimizer's), counted."""
+        """The checkpoint's tensors the export did not read (its weights, or with them its optimizer's), and its
+        entries that hold no tensor, counted."""
         report.weights, report.entries = self.left_out
 
 

@@ -1,8 +1,9 @@
 """Export from and import into Megatron ``torch_dist`` checkpoints, on top of the existing executor.
 
-A torch_dist checkpoint holds GLOBAL names, so its normalised quantizer state
-(:mod:`quantmap.io.torch_dist`) is what one rank of a ``tp=1, pp=1`` layout holds, and goes through
-the ordinary export. Run on several ranks (``torchrun``, ``--nproc N``), rank ``r`` plays pipeline
+A torch_dist checkpoint holds GLOBAL names, so its normalised state (:mod:`quantmap.io.torch_dist`)
+is what one rank of a ``tp=1, pp=1`` layout holds, and goes through the ordinary export: its
+quantizer state read in one batch, and, for a format that takes the model's tensors, its weights as
+a :class:`CheckpointState` that reads each one only when the export asks for it. Run on several ranks (``torchrun``, ``--nproc N``), rank ``r`` plays pipeline
 stage ``r`` of ``pp=N`` with the layers split as evenly as possible (``layers_per_stage``), reads
 only its stage's quantizer tensors from the checkpoint (names outside the layers on the stage
 Megatron builds them on) and sends them to the writer, so no rank reads what another reads.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+
+from collections.abc import Mapping
 
 import torch
 
@@ -25,11 +28,11 @@ from quantmap.executor.report import Report
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
 from quantmap.roles import MODEL_ROLES
-from quantmap.io.torch_dist.keys import model_tensors, not_quantizer_state, swiglu_weights, weight_shapes
+from quantmap.io.torch_dist.keys import model_weights, not_quantizer_state, swiglu_weights, weight_shapes
 from quantmap.io.torch_dist.files import TorchDistError
 from quantmap.io.torch_dist.metadata import METADATA_FILE
 from quantmap.io.torch_dist.modelopt import check_shapes
-from quantmap.io.torch_dist.read import state_tensors
+from quantmap.io.torch_dist.read import read_weight, state_tensors, stored_keys
 from quantmap.io.locks import directory_lock
 from quantmap.io.torch_dist.write import commit_reported, write_into
 from quantmap.sizes import gating_contradiction, size_contradiction
@@ -51,15 +54,16 @@ def read_state(location: CheckpointLocation, world: int = 1, rank: int = 0,
     return layout, state
 
 
-def read_checkpoint(location: CheckpointLocation, world: int = 1, rank: int = 0,
-                    rules=None) -> tuple[ParallelLayout, dict[str, torch.Tensor], tuple[int, int]]:
+def read_checkpoint(location: CheckpointLocation, world: int = 1, rank: int = 0, rules=None,
+                    weights: bool = False) -> tuple[ParallelLayout, Mapping, tuple[int, int]]:
     """:func:`read_state`, and what it left out (:func:`~quantmap.io.torch_dist.keys.not_quantizer_state`)
-    for the export's report.
+    for the export's report. With ``weights``, the state also holds the model's tensors (a
+    :class:`CheckpointState`, each read when asked for); without, it is the quantizer state alone.
 
     The cyclic collector stays off for the whole read, and the 10⁵-10⁶ objects of ``.metadata`` are
     freed before it runs again, so it never scans them (it would cost a fifth of the read)."""
     with paused_gc():
-        return _read_state(location, world, rank, rules)
+        return _read_state(location, world, rank, rules, weights)
 
 
 def check_sizes(rules, location: CheckpointLocation, entries) -> None:
@@ -74,24 +78,57 @@ def check_sizes(rules, location: CheckpointLocation, entries) -> None:
         raise TorchDistError(f"{location.path / METADATA_FILE}: {problem}")
 
 
-def _read_state(location: CheckpointLocation, world: int, rank: int, rules):
+def _read_state(location: CheckpointLocation, world: int, rank: int, rules, weights: bool):
     entries = read_entries(location.path)
     if rules is not None:
         check_sizes(rules, location, entries)
     layout = checkpoint_layout(entries, world)
-    if world == 1:  # a checkpoint's names are global, and one rank sized from its own keys holds them all as they are
-        local = {quantizer.name: quantizer for quantizer in quantizers(entries)}
-    else:
-        coords = layout.coords(rank)
-        local = {}
-        for quantizer in quantizers(entries):
-            name = to_local(quantizer.name, layout, coords)
-            if name is not None:
-                local[name] = quantizer
+    local = _local(quantizers(entries), layout, world, rank)
     check_shapes(location.path, {quantizer.name: quantizer.shape for quantizer in local.values()})
     tensors = state_tensors(location.path, entries, list(local.values()))
     state = {name: tensors[quantizer.name] for name, quantizer in local.items()}
-    return layout, state, not_quantizer_state(entries)
+    if weights:
+        held = _local(model_weights(entries, layout.num_layers), layout, world, rank)
+        state = CheckpointState(location.path, state, held, stored_keys(location.path, entries, list(held.values())))
+    return layout, state, not_quantizer_state(entries, weights)
+
+
+def _local(tensors: list, layout: ParallelLayout, world: int, rank: int) -> dict:
+    """Local name → each of ``tensors`` (named globally) that rank ``rank`` holds: all of them on one rank,
+    where a checkpoint's global names are the local ones; a pipeline stage's otherwise."""
+    if world == 1:
+        return {tensor.name: tensor for tensor in tensors}
+    coords, local = layout.coords(rank), {}
+    for tensor in tensors:
+        name = to_local(tensor.name, layout, coords)
+        if name is not None:
+            local[name] = tensor
+    return local
+
+
+class CheckpointState(Mapping):
+    """One rank's state of a torch_dist checkpoint: its quantizer tensors, read already (10⁵ scalars are read
+    in one batch), and its model weights, each read from its own byte ranges when it is asked for and not
+    kept, so that a process holds only the weights the export has in flight. Its names come without a read."""
+
+    def __init__(self, directory, quantizer_state: dict[str, torch.Tensor], weights: dict, stored: dict):
+        self.directory, self.quantizers, self.weights, self.stored = directory, quantizer_state, weights, stored
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self.quantizers.get(name)
+        if tensor is not None:
+            return tensor
+        return read_weight(self.directory, self.stored, self.weights[name])
+
+    def __iter__(self):
+        yield from self.quantizers
+        yield from self.weights
+
+    def __len__(self) -> int:
+        return len(self.quantizers) + len(self.weights)
+
+    def __contains__(self, name) -> bool:
+        return name in self.quantizers or name in self.weights
 
 
 def refuse_model_roles(output_format, path) -> None:
@@ -140,7 +177,7 @@ class TorchDistTarget:
         # Each tensor it holds that the spec maps (and the import reads back) must get a value, or it would
         # keep its old one silently.
         self.holds = (*(quantizer.name for quantizer in quantizers(self.entries)),
-                      *(tensor.name for tensor in model_tensors(self.entries)))
+                      *(weight.name for weight in model_weights(self.entries, self.layout.num_layers)))
         self.staged: str | None = None
         self.state: dict[str, torch.Tensor] = {}
 

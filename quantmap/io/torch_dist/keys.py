@@ -8,7 +8,14 @@ single-rank model's ``state_dict()`` holds (facts from tests/data/dcp, see docs/
 * per-tensor amax is ``[1]`` (``k_bmm``/``v_bmm`` amax ``[]``); ``state_dict()`` holds ``[]``;
 * block amax is ``[rows, nblocks]``; ``state_dict()`` holds it flattened, ``[rows * nblocks, 1]``;
 * NeMo wraps the model: keys may start with ``model.`` or ``module.`` (any repetition of them);
-* old checkpoints stack every layer on a leading axis: ``decoder.layers.self_attention...`` ``[L, ...]``;
+* an unquantized Megatron-Core save (``singleton_local_shards`` off, Megatron-LM's default) stacks every
+  layer on a leading axis, ``decoder.layers.self_attention...`` ``[L, ...]`` (one chunk per layer: PP stages
+  are offsets on it), SequentialMLP or grouped experts on a second one, ``mlp.experts.linear_fc1.weight``
+  ``[L, E, ...]``, and keeps a SwiGLU ``linear_fc1.weight`` whole (``[gate; up]``); with
+  ``singleton_local_shards`` on (the fixtures, ModelOpt's saves) every layer and expert has its own key and
+  ``linear_fc1`` is saved as two halves, ``weight_w`` (gate) and ``weight_v`` (up);
+* optimizer state (``optimizer.*``) and bytes entries (``_extra_state``, ``rng_state``, 0.19's
+  ``common_state``) are not the model's;
 * ModelOpt saves the per-channel or block weight amax of a SwiGLU ``linear_fc1`` (W4A8: its stage 0) TP-interleaved
   (``[gate_0; up_0; gate_1; up_1; ...]``, one ``[gate_r; up_r]`` per saving TP rank) instead of
   ``[gate; up]``: its gate/up split (the weight's ``weight_w``/``weight_v``) is never applied to the
@@ -57,25 +64,116 @@ class Quantizer(NamedTuple):  # a tuple: 10⁵ of them are built per read
     interleaved: int  # ModelOpt's TP-interleaved linear_fc1 rows: the saving TP size (1: in order)
 
 
-def not_quantizer_state(entries: dict[str, Entry]) -> tuple[int, int]:
+class Part(NamedTuple):
+    """One stored piece of a model tensor: a key, and its indices on the key's stacked leading axes."""
+
+    key: str
+    index: tuple[int, ...]  # (layer,), (layer, expert) or (expert,) on a stacked key; () for a key of its own
+    shape: tuple[int, ...]  # the piece's shape (the key's, without the stacked axes)
+
+
+class Weight(NamedTuple):
+    """A model tensor (weight, bias, norm, any parameter) in state_dict form and where its bytes are: one
+    part, or SwiGLU's gate and up halves, concatenated along dim 0."""
+
+    name: str  # global state_dict name
+    parts: tuple[Part, ...]
+    shape: tuple[int, ...]  # state_dict shape
+    dtype: str
+
+
+_FLOATS = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2"}
+_OPTIMIZER = re.compile(r"^(?:(?:model|module)\.)*optimizer\.")
+_EXPERT_AXIS = re.compile(r"\.experts\.(?=linear_fc[0-9]+\.(?:weight|bias)(?:_[wv])?$)")
+_HALF = re.compile(r"(?<=\.linear_fc1)\.(weight|bias)_([wv])$")
+
+
+def is_optimizer(key: str) -> bool:
+    """Optimizer state (Megatron's ``optimizer.state.exp_avg.<param>``, ``optimizer.distributed...``)."""
+    return key.startswith("optimizer.") or _OPTIMIZER.match(key) is not None
+
+
+def _is_model_tensor(entry: Entry) -> bool:
+    return entry.dtype is not None and not is_optimizer(entry.key)
+
+
+def model_weights(entries: dict[str, Entry], num_layers: int) -> list[Weight]:
+    """Every tensor of the model that is not quantizer state, in state_dict form, from ``.metadata`` alone:
+    stacked keys cut into one name per layer (and per expert, on a second stacked axis), SwiGLU halves
+    joined, ``experts.experts`` renamed. Refused with the key named: a non-float weight, halves of
+    different shapes or one half alone, a stacked key whose leading axis is not ``num_layers`` long."""
+    prefix = prefix_of(entries, among=_is_model_tensor)
+    halves: dict[str, dict[str, Part]] = {}
+    out: dict[str, Weight] = {}
+    for key, entry in entries.items():
+        if not _is_model_tensor(entry) or is_quantizer(entry):
+            continue
+        if entry.dtype not in _FLOATS:
+            raise TorchDistError(f"{key}: a model tensor of dtype {entry.dtype}; quantmap moves floating-point "
+                                 f"weights only (is this key the model's, or a counter saved beside it?)")
+        for name, part in _parts(key, _state_name(key, prefix), entry, num_layers):
+            half = _HALF.search(name)
+            if half:
+                halves.setdefault(name[:half.start()] + "." + half.group(1), {})[half.group(2)] = part
+            else:
+                out[name] = Weight(name, (part,), part.shape, entry.dtype)
+    for name, pair in halves.items():
+        if set(pair) != {"w", "v"}:
+            present = "".join(pair)
+            raise TorchDistError(f"{pair[present].key}: a SwiGLU half without its {'v' if present == 'w' else 'w'} "
+                                 f"half; the checkpoint is incomplete")
+        gate, up = pair["w"], pair["v"]
+        if gate.shape != up.shape:
+            raise TorchDistError(f"{gate.key} and {up.key}: SwiGLU halves of shapes {list(gate.shape)} and "
+                                 f"{list(up.shape)}; gate and up must have the same shape")
+        out[name] = Weight(name, (gate, up), (gate.shape[0] * 2, *gate.shape[1:]) if gate.shape else (),
+                           entries[gate.key].dtype)
+    return list(out.values())
+
+
+def _parts(key: str, name: str, entry: Entry, num_layers: int):
+    """(state_dict name, part) for each layer and expert a key holds on its stacked leading axes."""
+    shape, layers = entry.shape, [None]
+    if _is_stacked(entry):
+        if shape[0] != num_layers:
+            raise TorchDistError(f"{key}: a stacked-layers key of {shape[0]} layers (its leading axis), but the "
+                                 f"checkpoint has {num_layers} layers; the .metadata is damaged or mixes models")
+        layers, shape = range(num_layers), shape[1:]
+    experts = [None]
+    if _EXPERT_AXIS.search(name):  # SequentialMLP or grouped experts stacked on an axis of their own
+        if not shape:
+            raise TorchDistError(f"{key}: experts stacked on a leading axis, but its shape is {list(entry.shape)}")
+        experts, shape = range(shape[0]), shape[1:]
+    for layer in layers:
+        named = name if layer is None else _STACKED.sub(f"decoder.layers.{layer}.", name, count=1)
+        for expert in experts:
+            index = tuple(i for i in (layer, expert) if i is not None)
+            yield (named if expert is None else _EXPERT_AXIS.sub(f".experts.local_experts.{expert}.", named, count=1),
+                   Part(key, index, shape))
+
+
+def not_quantizer_state(entries: dict[str, Entry], weights: bool = False) -> tuple[int, int]:
     """What an export of the checkpoint leaves out: (tensors that are not quantizer state, such as
-    weights and norms; entries that hold no tensor, such as ``_extra_state`` and ``rng_state``)."""
-    tensors = sum(entry.dtype is not None and not is_quantizer(entry) for entry in entries.values())
+    weights and norms, or with ``weights`` read too, the optimizer's; entries that hold no tensor, such as
+    ``_extra_state`` and ``rng_state``)."""
+    tensors = sum(entry.dtype is not None and not is_quantizer(entry) and (not weights or is_optimizer(key))
+                  for key, entry in entries.items())
     return tensors, sum(entry.dtype is None for entry in entries.values())
 
 
-def prefix_of(entries: dict[str, Entry]) -> str:
-    """The NeMo-style wrapper prefix (``model.``, ``module.``) the checkpoint's quantizer keys share."""
+def prefix_of(entries: dict[str, Entry], among=is_quantizer) -> str:
+    """The NeMo-style wrapper prefix (``model.``, ``module.``) the checkpoint's quantizer keys (or the
+    entries ``among`` picks) share."""
     prefixes, known = set(), None
     for key, entry in entries.items():
-        if not is_quantizer(entry):
+        if not among(entry):
             continue
         if known is not None and key.startswith(known) and not key.startswith(_WRAPPERS, len(known)):
             continue  # the prefix seen last, checked without a regex
         known = _PREFIX.match(key).group(0)
         prefixes.add(known)
     if len(prefixes) > 1:
-        raise TorchDistError(f"the checkpoint's quantizer keys start with different wrapper prefixes "
+        raise TorchDistError(f"the checkpoint's model keys start with different wrapper prefixes "
                              f"({', '.join(repr(p) for p in sorted(prefixes))}); expected one model")
     return prefixes.pop() if prefixes else ""
 
@@ -156,56 +254,6 @@ def weight_shapes(entries: dict[str, Entry]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class ModelTensor(NamedTuple):
-    """One of the model's own tensors (a weight, a norm, a bias): its state_dict name and shape, and the
-    checkpoint keys that hold it in row order, each with its index on a stacked checkpoint's leading axis
-    (``None``: one key per layer). SwiGLU's ``linear_fc1.weight`` has two: ``weight_w`` (the gate rows)
-    then ``weight_v`` (the up rows), which is the ``[gate; up]`` the model holds."""
-
-    name: str
-    parts: tuple[tuple[str, int | None], ...]
-    shape: tuple[int, ...]
-
-
-def model_tensors(entries: dict[str, Entry]) -> list[ModelTensor]:
-    """Every tensor of the checkpoint that is not quantizer state, in state_dict form (what an import of
-    the model's weights writes into)."""
-    prefix = _model_prefix(entries)
-    parts: dict[str, list[tuple[str, int | None, tuple[int, ...]]]] = {}
-    for key, entry in entries.items():
-        if entry.dtype is None or is_quantizer(entry):
-            continue
-        name = _state_name(key, prefix)
-        if _is_stacked(entry):
-            named = [(layer_name, layer, entry.shape[1:]) for layer_name, layer in _layer_names(name, entry)]
-        else:
-            named = [(name, None, entry.shape)]
-        for layer_name, layer, shape in named:
-            whole = layer_name[:-2] if layer_name.endswith(_SWIGLU_HALVES) else layer_name
-            parts.setdefault(whole, []).append((key, layer, shape))
-    out = []
-    for name, held in parts.items():
-        held.sort(key=lambda part: part[0].endswith(".weight_v"))  # gate (weight_w) rows first
-        shape = held[0][2] if len(held) == 1 else (sum(part[2][0] for part in held), *held[0][2][1:])
-        out.append(ModelTensor(name, tuple((key, layer) for key, layer, _ in held), shape))
-    return out
-
-
-def _model_prefix(entries: dict[str, Entry]) -> str:
-    """The wrapper prefix of the model's own keys: the one before ``decoder.`` (other keys, such as an
-    optimizer's, are not the model's and do not count)."""
-    prefixes = set()
-    for key, entry in entries.items():
-        if entry.dtype is not None:
-            prefix = _PREFIX.match(key).group(0)
-            if key.startswith("decoder.", len(prefix)):
-                prefixes.add(prefix)
-    if len(prefixes) > 1:
-        raise TorchDistError(f"the checkpoint's decoder keys start with different wrapper prefixes "
-                             f"({', '.join(repr(p) for p in sorted(prefixes))}); expected one model")
-    return prefixes.pop() if prefixes else ""
-
-
 def _is_stacked(entry: Entry) -> bool:
     at = entry.key.find("decoder.layers.")
     if at < 0 or entry.key[at + 15: at + 16].isdigit() or not _STACKED.search(entry.key):
@@ -263,6 +311,10 @@ def model_size(entries: dict[str, Entry]) -> tuple[int, int | None]:
         if expert:
             experts = max(experts or 0, _bounded(key, "expert", _index(expert.group(1) or expert.group(2), "expert", key) + 1,
                                                  MAX_EXPERTS))
+        elif ".experts.linear_fc" in key and entry.shape and _EXPERT_AXIS.search(key) and not is_optimizer(key):
+            axis = 0 if found else 1  # experts stacked on a leading axis of their own, after the layers' if stacked
+            if len(entry.shape) > axis:
+                experts = max(experts or 0, _bounded(key, "expert", entry.shape[axis], MAX_EXPERTS))
     if not layers:
         raise TorchDistError("the checkpoint holds no decoder.layers.* key; is it a GPT model's checkpoint?")
     return layers, experts

@@ -1,4 +1,4 @@
-"""Reading a torch_dist checkpoint's quantizer tensors, and only those.
+"""Reading a torch_dist checkpoint's tensors: quantizer state in one batch, model weights one at a time.
 
 Each chunk DCP saves is a ``torch.save`` archive (a zip) at a byte range ``.metadata`` records.
 ``torch.load`` of one costs ~0.2 ms, so 10⁵ quantizer keys would take 20 s; instead the ranges are
@@ -8,6 +8,12 @@ and each archive's tensor is found in its stored ``data/0`` member, as its ``dat
 layout): small tensors (scalar amax) are copied out with one gather per dtype and shape, bigger ones
 are viewed in place. An archive that is not the plain form (compressed, big-endian, a DCP stream
 extension, another pickle) goes through ``torch.load(weights_only=True)``, as torch's reader does.
+
+A model weight is read when it is asked for (:func:`read_weight`), by the byte ranges of its own chunks
+only: a TP-sharded save's chunks assembled into the global tensor, SwiGLU's halves concatenated, a
+stacked key's one layer (and expert) taken from the chunks that hold it. Megatron saves a stacked key in
+one chunk per layer, so that is a plain read; a chunk holding several layers (another writer) is sliced
+by byte range when its archive is plain, else read whole and cut.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import NamedTuple
 import torch
 
 from quantmap.gc_pause import paused_gc
-from quantmap.io.torch_dist.files import TorchDistError, open_regular
-from quantmap.io.torch_dist.keys import Quantizer
+from quantmap.io.torch_dist.files import TorchDistError, open_regular, regular_file
+from quantmap.io.torch_dist.keys import Part, Quantizer, Weight
 from quantmap.io.torch_dist.metadata import Chunk, Entry, truncated
 
+_TAIL = 4 << 10  # bytes read from an archive's end to find its zip directory (a tensor archive's is ~0.6 KiB)
 _GAP = 64 << 10  # read across gaps up to this many bytes rather than seek
 _SMALL = 64  # tensors up to this many bytes are copied out in one gather (bigger ones are viewed in place)
 _STORAGES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
@@ -108,6 +115,158 @@ def _state_tensors(directory, entries: dict[str, Entry], quantizers: list[Quanti
             tensor = tensor.reshape(quantizer.shape)
         state[quantizer.name] = tensor
     return state
+
+
+class Stored(NamedTuple):
+    """A model tensor's checkpoint key as :func:`read_weight` needs it (kept instead of the ``.metadata``
+    objects, which are freed after the read of the quantizer state)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+def stored_keys(directory: str | Path, entries: dict[str, Entry], weights: list[Weight]) -> dict[str, Stored]:
+    """The keys ``weights`` are read from, each checked now rather than when it is read: its chunks tile it
+    (:attr:`Entry.chunks`) and lie within their files, so that a missing chunk or a truncated file is refused,
+    naming the key, before anything is written."""
+    directory, sizes, out = Path(directory), {}, {}
+    for weight in weights:
+        for part in weight.parts:
+            if part.key in out:
+                continue
+            entry = entries[part.key]
+            for chunk in entry.chunks:
+                if chunk.file not in sizes:
+                    try:
+                        sizes[chunk.file] = regular_file(directory, chunk.file).stat().st_size
+                    except OSError as error:
+                        raise TorchDistError(f"{directory / chunk.file}: cannot read it: {error.strerror}") from None
+                if chunk.offset + chunk.length > sizes[chunk.file]:
+                    raise TorchDistError(f"{part.key}: {truncated(directory / chunk.file, chunk.offset + chunk.length, sizes[chunk.file])}")
+            out[part.key] = Stored(part.key, entry.dtype, entry.shape, entry.chunks)
+    return out
+
+
+def read_weight(directory: str | Path, stored: dict[str, Stored], weight: Weight) -> torch.Tensor:
+    """``weight`` in state_dict form, read from its chunks' byte ranges only; an error names the key."""
+    directory, pieces = Path(directory), []
+    for part in weight.parts:
+        try:
+            pieces.append(_read_part(directory, stored[part.key], part))
+        except TorchDistError as error:
+            raise TorchDistError(f"{weight.name} (checkpoint key {part.key}): {error}") from None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _read_part(directory: Path, stored: Stored, part: Part) -> torch.Tensor:
+    axes = len(part.index)
+    chunks = [chunk for chunk in stored.chunks
+              if all(o <= i < o + z for i, o, z in zip(part.index, chunk.offsets, chunk.sizes))]
+    out = None
+    for chunk in chunks:
+        piece = _chunk_part(directory, chunk, part.index, stored.key)
+        if len(chunks) == 1:  # the chunks tile the key, so one chunk holding this part holds all of it
+            return piece
+        if out is None:
+            out = torch.empty(part.shape, dtype=piece.dtype)
+        region = out
+        for dim, (offset, size) in enumerate(zip(chunk.offsets[axes:], chunk.sizes[axes:])):
+            region = region.narrow(dim, offset, size)
+        region.copy_(piece)
+    return out if out is not None else torch.empty(part.shape, dtype=getattr(torch, stored.dtype))  # no elements
+
+
+def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str) -> torch.Tensor:
+    """The piece of ``chunk`` at ``index`` on its stacked leading axes (all of it when it has none)."""
+    axes, path = len(index), directory / chunk.file
+    within = [i - o for i, o in zip(index, chunk.offsets)]
+    if any(chunk.sizes[a] > 1 for a in range(axes)) and not chunk.transformed:
+        found = _archive(directory, chunk)
+        if found is not None and found.size != chunk.sizes:
+            raise TorchDistError(f"{path}: the bytes recorded for {key} hold a tensor of shape {list(found.size)}, "
+                                 f"but .metadata says {list(chunk.sizes)}; this .metadata belongs to another checkpoint")
+        if found is not None and found.contiguous:
+            size = chunk.sizes[axes:]
+            width = math.prod(size) * found.dtype.itemsize
+            first = chunk.offset + found.start + sum(i * math.prod(chunk.sizes[a + 1:]) for a, i in
+                                                     enumerate(within)) * found.dtype.itemsize
+            data = _read_range(directory, chunk.file, first, first + width)
+            return torch.frombuffer(data, dtype=found.dtype).view(size) if width else \
+                torch.empty(size, dtype=found.dtype)
+    data = _read_range(directory, chunk.file, chunk.offset, chunk.offset + chunk.length)
+    view = memoryview(data)
+    tensor = _decode(view, data, 0, chunk, None if chunk.transformed else _plain(view, {}), path, key)
+    if not axes:
+        return tensor
+    piece = tensor[tuple(within)]
+    return piece if all(z == 1 for z in chunk.sizes[:axes]) else piece.clone()  # not the other layers' bytes
+
+
+def _archive(directory: Path, chunk: Chunk) -> _Plain | None:
+    """Where a chunk's ``torch.save`` archive keeps its tensor (:class:`_Plain`, ``start`` from the archive's
+    first byte), read from its zip directory and ``data.pkl`` alone, not its data; ``None`` if not plain
+    (then the chunk is read whole, and anything wrong with it is reported as for any chunk)."""
+    try:
+        found = _archive_directory(directory, chunk)
+    except TorchDistError:
+        raise  # the file itself cannot be read
+    except (struct.error, IndexError, ValueError):  # a damaged or odd zip directory
+        return None
+    if found is None or found.start + found.numel * found.dtype.itemsize > chunk.length:
+        return None
+    return found
+
+
+def _archive_directory(directory: Path, chunk: Chunk) -> _Plain | None:
+    end = chunk.offset + chunk.length
+    base = max(chunk.offset, end - _TAIL)
+    tail = memoryview(_read_range(directory, chunk.file, base, end))
+    at = len(tail) - 22
+    if at < 0 or tail[at:at + 4] != b"PK\x05\x06":
+        return None
+    count, _size, position = struct.unpack_from("<HII", tail, at + 10)
+    position -= base - chunk.offset
+    members = {}
+    for _ in range(count):
+        if position < 0 or tail[position:position + 4] != b"PK\x01\x02":
+            return None
+        method, size = struct.unpack_from("<H", tail, position + 10)[0], struct.unpack_from("<I", tail, position + 24)[0]
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", tail, position + 28)
+        local = struct.unpack_from("<I", tail, position + 42)[0]
+        name = bytes(tail[position + 46:position + 46 + name_length])
+        if method != 0 or size == 0xFFFFFFFF:
+            return None
+        members[next((s for s in (b"/data.pkl", b"/data/0", b"/byteorder") if name.endswith(s)), name)] = (local, size)
+        position += 46 + name_length + extra_length + comment_length
+    if b"/data.pkl" not in members or b"/data/0" not in members:
+        return None
+    starts = {}
+    for member in (b"/data.pkl", b"/data/0", b"/byteorder"):
+        if member in members:
+            local, size = members[member]
+            if local + 30 > chunk.length:
+                return None
+            header = _read_range(directory, chunk.file, chunk.offset + local, chunk.offset + local + 30)
+            if header[:4] != b"PK\x03\x04":
+                return None
+            starts[member] = local + 30 + sum(struct.unpack_from("<HH", header, 26))
+    def member_bytes(member):
+        start = starts[member]
+        if start + members[member][1] > chunk.length:
+            raise ValueError("a member beyond its archive")
+        return bytes(_read_range(directory, chunk.file, chunk.offset + start, chunk.offset + start + members[member][1]))
+    if b"/byteorder" in members and member_bytes(b"/byteorder") != b"little":
+        return None
+    description = _describe(member_bytes(b"/data.pkl"))
+    if description is None:
+        return None
+    dtype, numel, storage_offset, size, stride = description
+    if members[b"/data/0"][1] != numel * dtype.itemsize:
+        return None
+    contiguous = storage_offset == 0 and numel == math.prod(size) and stride == _contiguous_strides(size)
+    return _Plain(dtype, starts[b"/data/0"], numel, storage_offset, size, stride, contiguous)
 
 
 def deinterleave(tensor: torch.Tensor, tp: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ they would their own checkpoint. The result is read back and compared before it 
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -29,8 +30,8 @@ import torch
 
 from quantmap.io.staging import Staged
 from quantmap.io.torch_dist.files import TorchDistError, regular_file, resolve_inside
-from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, ModelTensor, Quantizer,
-                                        model_tensors, prefix_of, quantizers)
+from quantmap.io.torch_dist.keys import (CHECKPOINT_EXPERTS, FC1_WEIGHT_AMAX, STATE_EXPERTS, Quantizer, Weight,
+                                        model_size, model_weights, prefix_of, quantizers)
 from quantmap.io.torch_dist.locate import TRACKER, CheckpointLocation
 from quantmap.io.torch_dist.metadata import (METADATA_FILE, Entry, check_files, load_metadata,
                                             read_entries)
@@ -92,15 +93,15 @@ def write_into(location: CheckpointLocation, state: dict[str, torch.Tensor], *, 
 def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, torch.Tensor], convert: Convert):
     """Checkpoint key → (global tensor as the checkpoint stores it, chunks) for every key ``state`` touches."""
     by_name = {q.name: q for q in quantizers(entries)}
-    model = {t.name: t for t in model_tensors(entries)}
+    model = {w.name: w for w in model_weights(entries, model_size(entries)[0])}
     prefix = prefix_of(entries)
     written = Written(source)
     pieces: dict[str, torch.Tensor] = {}  # checkpoint key → its stored value; a stacked key's layers gathered
-    layers: dict[str, dict[int, torch.Tensor]] = {}  # stacked key → its layers written
+    layers: dict[str, dict[tuple, torch.Tensor]] = {}  # stacked key → its pieces written, by stacked index
     for name, tensor in state.items():
         if name in model:
-            for key, layer, value in _weight_pieces(source, model[name], tensor, entries, convert):
-                _place(pieces, layers, key, layer, value)
+            for key, index, value in _weight_pieces(source, model[name], tensor, convert):
+                _place(pieces, layers, key, index, value)
             written.replaced.append(name)
             continue
         if "quantizer" not in name:
@@ -117,7 +118,7 @@ def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, to
         value = convert(name, tensor, dtype).reshape(quantizer.stored)
         if quantizer.interleaved > 1:
             value = interleave(value, quantizer.interleaved)
-        _place(pieces, layers, quantizer.key, quantizer.layer, value)
+        _place(pieces, layers, quantizer.key, () if quantizer.layer is None else (quantizer.layer,), value)
         (written.replaced if entry is not None else written.added).append(name)
     written.kept = [name for name in by_name if name not in state]
     _fill_stacked(source, entries, pieces, layers)
@@ -130,48 +131,47 @@ def _stored_tensors(source: Path, entries: dict[str, Entry], state: dict[str, to
     return stored, written
 
 
-def _weight_pieces(source: Path, held: ModelTensor, tensor: torch.Tensor, entries: dict[str, Entry],
-                   convert: Convert):
-    """``(key, layer, value)`` for each checkpoint key holding the weight ``held``, its rows cut out of
-    ``tensor`` (SwiGLU: the gate rows into ``weight_w``, the up rows into ``weight_v``) in the stored dtype,
-    which must hold every value exactly."""
+def _weight_pieces(source: Path, held: Weight, tensor: torch.Tensor, convert: Convert):
+    """``(key, index, value)`` for each stored part of the weight ``held`` (its key, its index on the key's
+    stacked axes), its rows cut out of ``tensor`` (SwiGLU: the gate rows into ``weight_w``, the up rows into
+    ``weight_v``) in the stored dtype, which must hold every value exactly."""
     if tuple(tensor.shape) != held.shape:
         raise TorchDistError(f"{held.name}: the imported tensor has shape {list(tensor.shape)}, but the checkpoint "
                              f"{source} holds it as {list(held.shape)}; the HF checkpoint and this Megatron "
                              f"checkpoint are not the same model or config")
-    dtype = getattr(torch, entries[held.parts[0][0]].dtype)
-    value = convert(held.name, tensor, dtype, exact=True)
+    value = convert(held.name, tensor, getattr(torch, held.dtype), exact=True)
     if len(held.parts) == 1:
-        yield *held.parts[0], value
+        yield held.parts[0].key, held.parts[0].index, value
         return
     row = 0
-    for key, layer in held.parts:
-        rows = entries[key].shape[0 if layer is None else 1]
-        yield key, layer, value.narrow(0, row, rows)
-        row += rows
+    for part in held.parts:
+        yield part.key, part.index, value.narrow(0, row, part.shape[0])
+        row += part.shape[0]
 
 
-def _place(pieces: dict[str, torch.Tensor], layers: dict[str, dict[int, torch.Tensor]], key: str, layer: int | None,
+def _place(pieces: dict[str, torch.Tensor], stacked: dict[str, dict[tuple, torch.Tensor]], key: str, index: tuple,
            value: torch.Tensor) -> None:
-    """``value`` as key ``key``'s stored value, or as its layer ``layer`` on a stacked key's leading axis."""
-    if layer is None:
+    """``value`` as key ``key``'s stored value, or (``index`` given) as its piece at ``index`` on a stacked key's
+    leading axes (a layer, or a layer and an expert)."""
+    if not index:
         pieces[key] = value
         return
-    layers.setdefault(key, {})[layer] = value
+    stacked.setdefault(key, {})[index] = value
 
 
 def _fill_stacked(source: Path, entries: dict[str, Entry], pieces: dict[str, torch.Tensor],
-                  layers: dict[str, dict[int, torch.Tensor]]) -> None:
-    """Each stacked key written as one tensor: its layers given, the others as the checkpoint holds them
-    (read only when some layer is not given)."""
-    partial = [key for key, given in layers.items() if len(given) < entries[key].shape[0]]
+                  stacked: dict[str, dict[tuple, torch.Tensor]]) -> None:
+    """Each stacked key written as one tensor: its pieces given, the others as the checkpoint holds them
+    (read only when some piece is not given)."""
+    partial = [key for key, given in stacked.items()
+               if len(given) < math.prod(entries[key].shape[:len(next(iter(given)))])]
     current = read_tensors(source, entries, partial) if partial else {}
-    for key, given in layers.items():
+    for key, given in stacked.items():
         entry = entries[key]
         first = next(iter(given.values()))
         whole = current[key].clone() if key in current else torch.empty(entry.shape, dtype=first.dtype)
-        for layer, value in given.items():
-            whole[layer] = value
+        for index, value in given.items():
+            whole[index] = value
         pieces[key] = whole
 
 
