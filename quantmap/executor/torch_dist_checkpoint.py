@@ -27,7 +27,6 @@ from quantmap.executor.options import RunOptions
 from quantmap.executor.report import Report
 from quantmap.io.torch_dist import CheckpointLocation, locate, model_size, quantizers, read_entries
 from quantmap.gc_pause import paused_gc
-from quantmap.roles import MODEL_ROLES
 from quantmap.io.torch_dist.keys import model_weights, not_quantizer_state, swiglu_weights, weight_shapes
 from quantmap.io.torch_dist.files import TorchDistError
 from quantmap.io.torch_dist.metadata import METADATA_FILE
@@ -120,6 +119,12 @@ class CheckpointState(Mapping):
             return tensor
         return read_weight(self.directory, self.stored, self.weights[name])
 
+    def tensor_spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A weight's dtype and shape from ``.metadata`` alone: the export plans it from these and reads it
+        only when its output file is written."""
+        weight = self.weights[name]
+        return getattr(torch, weight.dtype), weight.shape
+
     def __iter__(self):
         yield from self.quantizers
         yield from self.weights
@@ -129,16 +134,6 @@ class CheckpointState(Mapping):
 
     def __contains__(self, name) -> bool:
         return name in self.quantizers or name in self.weights
-
-
-def refuse_model_roles(output_format, path) -> None:
-    """Refuse a format that moves the model's own tensors (weights, norms): only quantizer state is read from,
-    or written into, a torch_dist checkpoint so far."""
-    taken = sorted(role for role in MODEL_ROLES if output_format.reads(role) or output_format.reads_back(role))
-    if taken:
-        raise TorchDistError(f"{path}: format {output_format.name!r} moves the model's {', '.join(taken)} tensors, "
-                             f"but quantmap reads and writes only the quantizer state of a torch_dist checkpoint; "
-                             f"use --format quantizers, or a shard directory")
 
 
 def import_into(rules, hf_dir: str | Path, into: str | Path, options: RunOptions = RunOptions(), *,

@@ -1,0 +1,111 @@
+"""Whole models from real Megatron-Core torch_dist checkpoints: ``quantmap export --format hf`` writes a
+directory that transformers loads with nothing missing and nothing unexpected, whose weights are the
+Megatron weights converted by hand (from plain ``torch.distributed.checkpoint.load``, not quantmap's ops),
+whose logits are Megatron-Core's own on the fixtures' token batch, and which is the same bytes from every
+saving layout of the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from quantmap.cli import app
+from quantmap.io.hf import Checkpoint
+from quantmap.io.torch_dist import locate, read_entries
+
+transformers = pytest.importorskip("transformers")
+
+DATA = Path(__file__).parent / "data" / "dcp"
+CONFIG = DATA / "reference" / "hf_config_dense.json"
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16  # hf_config_dense.json; q heads per group, then k, then v (Megatron's QKV)
+
+
+def export(tmp_path: Path, fixture: str, *extra: str) -> Path:
+    out = tmp_path / fixture
+    run = CliRunner().invoke(app, ["export", "llama", "--megatron", str(DATA / fixture / "ckpt"), "--out", str(out),
+                                   "--format", "hf", "--config", str(CONFIG), "--quiet", *extra])
+    assert run.exit_code == 0, run.output
+    return out
+
+
+def megatron_by_hand(fixture: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights in LlamaForCausalLM's names, converted here from the documented layout."""
+    directory = locate(DATA / fixture / "ckpt").path
+    entries = read_entries(directory)
+    raw = {key: torch.empty(entry.shape, dtype=getattr(torch, entry.dtype)) for key, entry in entries.items()
+           if entry.dtype is not None and "quantizer" not in key}
+    dcp.load(raw, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    hf = {"model.embed_tokens.weight": raw["embedding.word_embeddings.weight"],
+          "lm_head.weight": raw["output_layer.weight"], "model.norm.weight": raw["decoder.final_layernorm.weight"]}
+    for layer in range(2):
+        m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        qkv = raw[m + "self_attention.linear_qkv.weight"]
+        groups = qkv.view(GROUPS, (HEADS // GROUPS + 2) * HEAD_DIM, -1)
+        q_rows = HEADS // GROUPS * HEAD_DIM
+        hf[h + "self_attn.q_proj.weight"] = groups[:, :q_rows].reshape(-1, qkv.shape[1])
+        hf[h + "self_attn.k_proj.weight"] = groups[:, q_rows:q_rows + HEAD_DIM].reshape(-1, qkv.shape[1])
+        hf[h + "self_attn.v_proj.weight"] = groups[:, q_rows + HEAD_DIM:].reshape(-1, qkv.shape[1])
+        hf[h + "self_attn.o_proj.weight"] = raw[m + "self_attention.linear_proj.weight"]
+        hf[h + "input_layernorm.weight"] = raw[m + "self_attention.linear_qkv.layer_norm_weight"]
+        hf[h + "post_attention_layernorm.weight"] = raw[m + "mlp.linear_fc1.layer_norm_weight"]
+        hf[h + "mlp.gate_proj.weight"] = raw[m + "mlp.linear_fc1.weight_w"]
+        hf[h + "mlp.up_proj.weight"] = raw[m + "mlp.linear_fc1.weight_v"]
+        hf[h + "mlp.down_proj.weight"] = raw[m + "mlp.linear_fc2.weight"]
+    return hf
+
+
+def bits(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("fixture", ["fp8_kv_tp1", "fp8_kv_tp2", "int8_tp2"])
+def test_the_model_weights_are_the_megatron_weights_converted_by_hand(tmp_path, fixture):
+    out = export(tmp_path, fixture)
+    model = Checkpoint(out, nested=False)
+    want = megatron_by_hand(fixture)
+    assert sorted(model.names()) == sorted(want)
+    for name, tensor in want.items():
+        assert model.get(name).dtype == tensor.dtype == torch.float32 and bits(model.get(name)) == bits(tensor), name
+    assert json.loads((out / "config.json").read_text()) == json.loads(CONFIG.read_text())
+    assert sorted(Checkpoint(out / "quantizer_state").names())  # the quantizer state, beside the model
+
+
+def test_transformers_loads_it_whole_and_its_logits_are_megatron_cores(tmp_path):
+    out = export(tmp_path, "fp8_kv_tp1")
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
+                                                                    dtype=torch.float32)
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"] and not info["mismatched_keys"], info
+    reference = load_file(DATA / "reference" / "logits_fp8_kv_dense_L2.safetensors")
+    with torch.no_grad():
+        logits = model(reference["input_ids"]).logits
+    unquantized = reference["logits_unquantized"]
+    assert (logits - unquantized).abs().max() <= 1e-5
+    # A scale or weight silently lost would move them: the fake-quantized model's logits are far away.
+    assert (reference["logits"] - unquantized).abs().max() > 1e-3
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def test_every_saving_layout_of_the_model_exports_the_same_bytes(tmp_path):
+    """fp8_kv_tp1 and fp8_kv_tp2 are one model saved at TP=1 and TP=2 (its quantizer state differs by layout)."""
+    tp1, tp2 = export(tmp_path, "fp8_kv_tp1"), export(tmp_path, "fp8_kv_tp2")
+    assert _digests(tp1) == _digests(tp2) and _digests(tp1)
+
+
+def test_dtype_casts_the_weights_and_leaves_the_quantizer_state(tmp_path):
+    out = export(tmp_path, "fp8_kv_tp1", "--dtype", "bf16")
+    model, state = Checkpoint(out, nested=False), Checkpoint(out / "quantizer_state")
+    want = megatron_by_hand("fp8_kv_tp1")
+    for name in model.names():
+        assert torch.equal(model.get(name), want[name].to(torch.bfloat16)), name
+    assert {state.get(name).dtype for name in state.names()} == {torch.float32}
