@@ -565,7 +565,7 @@ def export_command(
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
                            quiet=quiet, nproc=nproc, format=format.value, dtype=dtype and dtype.value,
-                           model_files=_model_files(like, config) if model else ())
+                           model_files=_model_files(like, config) if model else (), export=True)
     _run_executor(quiet, lambda: export_from(rules, megatron, out, options, iteration=iteration),
                   next_step=next_step)
 
@@ -657,13 +657,16 @@ def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
                                  "bounds; drop --timeout", param_hint="--timeout")
 
 
-def _run_options(*, timeout: int, quiet: bool, **given):
+def _run_options(*, timeout: int, quiet: bool, export: bool = False, **given):
     """The run's options from the command's flags (already range-checked by their typer options); flags that do
-    not go together (a model format without its config) are one ``error:`` line before any work."""
+    not go together (an export of a model format without its config) are one ``error:`` line before any work."""
     from quantmap.executor.options import OptionsError, RunOptions
 
     try:
-        return RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
+        options = RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
+        if export:
+            options.check_export()
+        return options
     except OptionsError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

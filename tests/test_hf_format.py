@@ -141,14 +141,17 @@ def refused(llama, tmp_path, match, state=None, spec="llama", **given):
 
 def test_a_model_without_a_config_is_refused_before_any_work_saying_how_to_give_one(llama, tmp_path):
     with pytest.raises(OptionsError, match="needs its config.json: pass --like HF_DIR.*or --config config.json"):
-        RunOptions(format="hf")
+        RunOptions(format="hf").check_export()  # an import reads such a model back without one
+    write_shards(tmp_path / "meg", megatron(llama[0]), LAYOUT)
+    with pytest.raises(ExecutorError, match="needs its config.json"):
+        export_from(rules(), tmp_path / "meg", tmp_path / "hf", RunOptions(format="hf"))
+    assert not (tmp_path / "hf").exists()
     with pytest.raises(OptionsError, match="dtype must be None with format 'quantizers'"):
         RunOptions(dtype="bf16")
     from typer.testing import CliRunner
 
     from quantmap.cli import app
 
-    write_shards(tmp_path / "meg", megatron(llama[0]), LAYOUT)
     run = CliRunner().invoke(app, ["export", "llama", "--megatron",
                                    str(tmp_path / "meg"), "--out", str(tmp_path / "hf"), "--format", "hf"])
     assert run.exit_code == 1 and "needs its config.json: pass --like HF_DIR" in run.output, run.output

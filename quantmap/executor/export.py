@@ -25,7 +25,7 @@ import torch
 from quantmap.executor.comm import WRITER
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
-from quantmap.executor.options import CASTS, RunOptions
+from quantmap.executor.options import CASTS, OptionsError, RunOptions
 from quantmap.executor.pack import Packed, empty_meta, pack, rebase, unpack_scalars
 from quantmap.executor.plan import SHAPED, Plan
 from quantmap.executor.progress import bar as progress_bar
@@ -251,6 +251,10 @@ def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout:
     placement; ``comm``: a :class:`~quantmap.executor.comm.Comm` of one rank, or
     :class:`~quantmap.executor.comm.Offline` for all): claim and pack each rank's tensors, plan on the
     writer from everyone's metadata, then gather the tensors (``out=None``) or write the files and publish."""
+    try:
+        options.check_export()
+    except OptionsError as error:
+        raise ExecutorError(str(error)) from None
     packs, staged = {}, None
     for rank, (state, placement) in ranks.items():
         try:

@@ -92,8 +92,11 @@ class RunOptions:
         if self.model_files and not fmt.model:
             _refuse("model_files", f"() with format {fmt.name!r}, which writes no model beside which to copy them",
                     self.model_files)
-        if fmt.model and "config.json" not in {name for _, name in self.model_files}:
-            raise OptionsError(f"format {fmt.name!r} writes a whole Hugging Face model, which needs its config.json: "
+    def check_export(self) -> None:
+        """What only an export needs: a format that writes a whole model has the ``config.json`` to write beside
+        it (an import reads such a model back without one)."""
+        if self.output_format.model and "config.json" not in {name for _, name in self.model_files}:
+            raise OptionsError(f"format {self.format!r} writes a whole Hugging Face model, which needs its config.json: "
                                f"pass --like HF_DIR (the Hugging Face model the Megatron run started from: its config, "
                                f"generation and tokenizer files are copied beside the weights) or --config "
                                f"config.json (model_files=quantmap.io.hf.model_files(like=..., config=...) from "

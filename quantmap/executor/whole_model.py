@@ -41,35 +41,35 @@ def whole_model(rules, roles: dict[str, str | None], report, options) -> list[st
 
 
 def _head(rules, has_head: bool, options) -> list[str]:
-    """The output head as the spec, the checkpoint and the config.json see it: tied (none of its own) or not."""
+    """The output head as the spec, the checkpoint and the config.json see it: tied (none of its own) or not.
+    A spec that maps the head serves a tied model too when its config.json says so (exaone4's spec serves
+    both); without that word, a checkpoint without a head through it is refused."""
     mapped = rules.to_hf(HEAD)
-    problems = []
+    config = next((source for source, name in options.model_files if name == "config.json"), None)
+    tied, problems = _config_tie(config) if config is not None else (None, [])
     if has_head and mapped is None:
         problems.append(f"the checkpoint holds {HEAD} (untied embeddings: an output layer of its own) but the spec "
                         f"maps no {HEAD} (tied embeddings: it writes no lm_head.weight, and transformers would tie "
                         f"lm_head to the embedding); export it with a spec that maps {HEAD} to lm_head.weight")
-    if not has_head and mapped is not None:
+    if not has_head and mapped is not None and tied is not True:
         problems.append(f"the spec maps {HEAD} to {', '.join(mapped.hf)} (untied embeddings) but the checkpoint holds "
-                        f"no {HEAD} (tied embeddings: Megatron's share_embeddings_and_output_weights); export it with "
-                        f"a spec for tied embeddings, one that drops {HEAD} and excludes lm_head.** as gemma2's does")
-    config = next((source for source, name in options.model_files if name == "config.json"), None)
-    if config is not None:
-        problems += _config_tie(config, has_head)
+                        f"no {HEAD} (tied embeddings: Megatron's share_embeddings_and_output_weights) and the "
+                        f"config.json does not say tie_word_embeddings: true; export it with a spec for tied "
+                        f"embeddings (one that drops {HEAD} and excludes lm_head.** as gemma2's does), or with the "
+                        f"model's own config.json")
+    if tied is not None and tied != (not has_head):
+        held = f"holds {HEAD} (untied)" if has_head else f"holds no {HEAD} (tied)"
+        problems.append(f"{config} says tie_word_embeddings: {str(tied).lower()} but the checkpoint {held}; "
+                        f"transformers would {'replace lm_head.weight by the embedding' if tied else 'leave lm_head.weight missing (random)'}: "
+                        f"fix tie_word_embeddings in the config.json, or check that --like names this model")
     return problems
 
 
-def _config_tie(config: str, has_head: bool) -> list[str]:
+def _config_tie(config: str) -> tuple[bool | None, list[str]]:
+    """What ``config`` says of tie_word_embeddings (``None``: nothing), and the problem reading it, if any."""
     from quantmap.spec.hf_config import ConfigError, tied_embeddings
 
     try:
-        tied = tied_embeddings(config)
+        return tied_embeddings(config), []
     except ConfigError as error:
-        return [str(error)]
-    if tied is None or tied != has_head:
-        return []
-    held = f"holds {HEAD} (untied)" if has_head else f"holds no {HEAD} (tied)"
-    return [f"{config} says tie_word_embeddings: {str(tied).lower()} but the checkpoint {held}; transformers would "
-            f"{'replace lm_head.weight by the embedding' if tied else 'leave lm_head.weight missing (random)'}: "
-            f"fix tie_word_embeddings in the config.json, or check that --like names this model"]
-
-
+        return None, [str(error)]
