@@ -72,7 +72,7 @@ SpecArg = typer.Argument(..., help="A spec file, or the name of a shipped spec (
 ParamOpt = typer.Option(None, "--param", "-p", help="A run-time parameter of the spec, NAME=INT; repeatable.")
 ConfigOpt = typer.Option(None, "--config", callback=CONFIG_FILE, help="A Hugging Face config.json (or its directory) "
                          "giving the spec's parameters it knows: layers, head counts, hidden size, experts. "
-                         "--param wins.")
+                         "--param wins. import reads the --hf model directory's own config.json without it.")
 
 
 class HfNaming(str, Enum):
@@ -631,6 +631,8 @@ def import_command(
     elif out is None or in_place or iteration is not None or only is not None or allow_partial:
         raise typer.BadParameter("with --layout, give --out (--in-place, --iteration, --only and --allow-partial go "
                                  "with --into)", param_hint="--out")
+    if config is None and (Path(hf) / "config.json").is_file():
+        config = str(Path(hf) / "config.json")  # a model directory says its own sizes
     rules = compile_or_exit(spec, spec_params(spec, param, config), hf_naming)
     options = _run_options(strict=strict, timeout=timeout, quiet=quiet, nproc=nproc, format=format.value,
                            only=only and only.value, allow_partial=allow_partial)
