@@ -31,6 +31,8 @@ def name_set(rules, expert_naming: str) -> tuple[list[str], list[str]]:
         if rule.buffer is not None and not rule.buffer.endswith("._amax"):
             continue
         ranges = ([range(LAYERS)] + [range(EXPERTS)] * rule.megatron.arity)[:rule.megatron.arity]
+        if rule.staged:  # W4A8's sequential weight quantizer: the last capture is its stage, 0 or 1
+            ranges[-1] = range(2)
         megatron.extend(rule.megatron.fill([str(i) for i in values]) for values in itertools.product(*ranges))
     megatron = sorted(set(megatron))
     hf = set()
