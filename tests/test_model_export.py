@@ -109,3 +109,29 @@ def test_dtype_casts_the_weights_and_leaves_the_quantizer_state(tmp_path):
     for name in model.names():
         assert torch.equal(model.get(name), want[name].to(torch.bfloat16)), name
     assert {state.get(name).dtype for name in state.names()} == {torch.float32}
+
+
+def test_a_megatron_core_0_19_save_exports_the_same_model(tmp_path):
+    """Megatron-Core 0.19 writes no common.pt: its common state is a bytes entry of the checkpoint itself
+    (``common_state/shard_0_1``), and its metadata.json names the sharded backend only. The same model saved
+    that way (every tensor, quantizer state included, with plain ``dcp.save``) exports the same files."""
+    import io
+
+    directory = locate(DATA / "fp8_kv_tp1" / "ckpt").path
+    entries = read_entries(directory)
+    state = {key: torch.empty(entry.shape, dtype=getattr(torch, entry.dtype)) for key, entry in entries.items()
+             if entry.dtype is not None}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    saved = tmp_path / "v019" / "iter_0000001"
+    dcp.save({**state, "common_state/shard_0_1": io.BytesIO(b"\x80\x04N.")},
+             storage_writer=dcp.FileSystemWriter(saved), no_dist=True)
+    (saved / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1}')
+    (tmp_path / "v019" / "latest_checkpointed_iteration.txt").write_text("1")
+    assert not (saved / "common.pt").exists()
+    reference = export(tmp_path, "fp8_kv_tp1")
+    out = tmp_path / "from_019"
+    run = CliRunner().invoke(app, ["export", "llama", "--megatron", str(tmp_path / "v019"), "--out", str(out),
+                                   "--format", "hf", "--config", str(CONFIG), "--quiet"])
+    assert run.exit_code == 0, run.output
+    assert _digests(out) == _digests(reference)
+    assert _digests(out / "quantizer_state") == _digests(reference / "quantizer_state")
