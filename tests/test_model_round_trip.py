@@ -62,16 +62,30 @@ def test_a_tiny_model_goes_to_megatron_tp2_and_back_bit_for_bit(arch, variant, t
         shard = LazyShard(rank_file(meg, rank))
         for local in shard:
             pieces.setdefault(to_global(local, layout, layout.coords(rank)), []).append(shard.tensor_spec(local)[1])
-    assert set(pieces) == {rules.to_megatron(name).megatron for name in original}
+    # A fused-experts HF tensor (gpt-oss's gate_up_proj) stands for one Megatron tensor per expert.
+    expected = set()
+    for name in original:
+        match = rules.to_megatron(name)
+        expected.update(match.source_names(range(layout.num_experts)) if match.rule.fans_in else (match.megatron,))
+    assert set(pieces) == expected
     for name, shapes in pieces.items():
         match = rules.to_hf(name)
         assert match is not None and match.kind == "weight", name
-        if match.rule.expert_capture is not None or len(set(shapes)) != 1:
-            continue  # an expert's stack or a replicated copy: the round trip above checks it
+        if len(set(shapes)) != 1:
+            continue  # a replicated copy: the round trip above checks it
         split = {"column": 0, "row": 1}.get(match.rule.parallel)
         whole = list(shapes[0])
-        if split is not None and layout.tp > 1 and len(shapes) == layout.tp * layout.dp:
+        ranks = layout.etp * layout.edp if match.rule.expert_capture is not None else layout.tp * layout.dp
+        if split is not None and len(whole) > split and layout.tp > 1 and len(shapes) == ranks:
             whole[split] *= layout.tp
+        if match.rule.expert_capture is not None:
+            # One expert of the stack: the HF tensor's shape past its expert axis, [in, out] where the spec
+            # declares the HF tensor transposed (hf_layout: [transposed]).
+            (stacked,) = [original[hf_name].shape for hf_name in match.hf]
+            transposed = any(op.to_json()["op"] == "transpose" for op in match.rule.layout.ops)
+            assert stacked[0] == layout.num_experts and whole == list(stacked[1:])[::-1 if transposed else 1], (
+                name, whole, stacked)
+            continue
         parts = [original[hf_name].shape for hf_name in match.hf if hf_name in original]
         if len(parts) == len(match.hf) and all(len(p) == len(parts[0]) for p in parts) and parts[0]:
             assert whole == [sum(p[0] for p in parts), *parts[0][1:]] or whole == list(parts[0]), (name, whole, parts)
