@@ -131,7 +131,7 @@ class _Unplaced(Exception):
     pass
 
 
-# Pipelines depend on the layout, the HF name count, the shapes and the ranks only: a model has few
+# Pipelines depend on the layout, the HF name count, the shapes, the ranks and experts only: a model has few
 # distinct combinations, and building one runs its ops on meta tensors.
 @lru_cache(maxsize=4096)
 def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int, experts: int):
