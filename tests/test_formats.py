@@ -199,16 +199,37 @@ def test_a_weight_whose_tensor_parallel_split_is_unknown_is_refused_by_name(tmp_
     assert not (tmp_path / "hf").exists()
 
 
-def test_fused_experts_weights_are_refused_by_name_until_the_plan_stacks_them(weights_format):
-    """transformers v5's fused ``gate_up_proj`` stacks every expert's weight: one HF tensor from E Megatron
-    names, which the plan does not gather yet; each expert's weight is named, none written alone."""
-    experts = 2
+def test_fused_experts_weights_are_stacked_into_one_hf_tensor_from_every_expert_and_rank(weights_format):
+    """transformers v5's in-memory ``gate_up_proj [E, 2I, H]`` stacks every expert's ``[gate; up]``, and
+    ``down_proj [E, H, I]`` every expert's ``linear_fc2``: one HF tensor from E Megatron names, each split
+    over two tensor-parallel ranks (``linear_fc1`` rank ``r`` holds ``[gate_r; up_r]``, ``linear_fc2`` its
+    ``I / 2`` input columns), gathered by hand here."""
+    experts = 3
     rules = quantmap.compile("qwen3_moe", "in-memory", num_experts=experts, num_attention_heads=HEADS,
                              num_query_groups=GROUPS, head_dim=HEAD_DIM, hidden_size=HIDDEN)
-    state = {f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight": torch.randn(2 * FFN, HIDDEN)
-             for e in range(experts)}
-    with pytest.raises(ExecutorError, match=r"local_experts\.0\.linear_fc1\.weight has shape \[12, 8\].*cannot "
-                                            r"place: stack of 2 experts got 1 tensor"):
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(2, experts, FFN, HIDDEN, generator=g)
+    down = torch.randn(experts, HIDDEN, FFN, generator=g)
+    half = FFN // 2
+    prefix = "decoder.layers.0.mlp.experts.local_experts"
+    states = [{**{f"{prefix}.{e}.linear_fc1.weight": torch.cat([gate[e, r * half:(r + 1) * half],
+                                                                up[e, r * half:(r + 1) * half]])
+                  for e in range(experts)},
+               **{f"{prefix}.{e}.linear_fc2.weight": down[e, :, r * half:(r + 1) * half].contiguous()
+                  for e in range(experts)}} for r in range(2)]
+    out = export_offline(rules, states, ParallelLayout(tp=2, num_layers=1, num_experts=experts),
+                         options=weights_format).state_dict()
+    assert sorted(out) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj"], torch.cat([gate, up], dim=1))
+    assert torch.equal(out["model.layers.0.mlp.experts.down_proj"], down)
+
+
+def test_a_fused_experts_tensor_short_of_an_expert_is_refused_by_name(weights_format):
+    experts = 2
+    rules = quantmap.compile("qwen3_moe", "in-memory", num_experts=experts, hidden_size=HIDDEN)
+    state = {"decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight": torch.randn(HIDDEN, FFN)}
+    with pytest.raises(ExecutorError, match=r"model\.layers\.0\.mlp\.experts\.down_proj stacks the weights of 2 "
+                                            r"experts but the shards hold 1 of them \(lacking expert\(s\) 0\)"):
         export_offline(rules, [state], ParallelLayout(num_layers=1, num_experts=experts), options=weights_format)
 
 

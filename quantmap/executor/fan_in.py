@@ -7,6 +7,10 @@ tensor, across experts and EP ranks, into one plan item combined by ``max``; the
 reported once per HF tensor. Import copies the HF tensor to every source a rank holds. Only
 per-tensor (scalar) amax is combined: a max over per-channel or block state of different experts is
 not the model's tensor, so such a tensor is refused.
+
+The weight of a fused-experts HF tensor (``gate_up_proj``: every expert's weight stacked) is gathered
+the same way, one source per expert, and refused by name when an expert is missing; the plan stacks
+it as its rule's layout says (:mod:`quantmap.executor.sharding`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_count
 from quantmap.executor.report import ExecutorError, natural
-from quantmap.executor.sharding import is_scalar
+from quantmap.executor.sharding import is_scalar, stacks_experts
 
 
 def sources(match, layout: ParallelLayout) -> list[str]:
@@ -40,12 +44,15 @@ class Gathered:
     def __init__(self):
         self._by_target: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
         self._expected: dict[str, int | None] = {}
+        self._stacked: dict[str, list[int]] = {}  # a fused-experts weight's target: the experts gathered
 
     def add(self, name: str, match, peers: list[tuple[int, int]], experts: int | None) -> None:
         """One source name and its (rank, entry) copies; ``experts``: how many source names to expect."""
         target = match.hf[0]
         self._by_target.setdefault(target, []).append((name, peers))
         self._expected[target] = experts
+        if stacks_experts(match.rule):
+            self._stacked.setdefault(target, []).append(match.expert)
 
     def targets(self) -> list[tuple[str, list[str], list[tuple[int, int]], tuple[str, ...]]]:
         """Per HF tensor, in name order: its target, its source names, every copy of them and each
@@ -63,6 +70,11 @@ class Gathered:
         expected = self._expected[target]
         if expected is None or len(names) == expected:
             return None
+        if target in self._stacked:
+            lacking = sorted(set(range(expected)) - set(self._stacked[target]))
+            return (f"{target} stacks the weights of {expected} experts but the shards hold {len(names)} of them "
+                    f"(lacking expert(s) {', '.join(map(str, lacking[:8]))}{', ...' if len(lacking) > 8 else ''}); "
+                    f"check that every expert-parallel rank's state is complete")
         return (f"{target} is the max over {expected} experts' quantizers but the shards hold {len(names)} of them "
                 f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); check that every rank's state is complete")
 

@@ -8,7 +8,8 @@ experts; parts that disagree are reported. A fan-in HF tensor (one for many Mega
 copied to every source (:mod:`quantmap.executor.fan_in`). Scalars are replicated on every
 tensor-parallel rank; any other tensor runs its rule's layout backwards
 (:mod:`quantmap.executor.sharding`): the HF parts are joined into the full Megatron tensor and the
-rank's piece is cut out. Nothing talks to other ranks except to agree on the output directory and
+rank's piece is cut out; an expert of a fused-experts weight takes its own slice of the HF tensor
+first. Nothing talks to other ranks except to agree on the output directory and
 on success.
 """
 
@@ -27,7 +28,8 @@ from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_e
 from quantmap.executor.options import RunOptions
 from quantmap.executor.progress import bar as progress_bar
 from quantmap.executor.report import ExecutorError, Report, natural
-from quantmap.executor.sharding import LayoutProblem, import_pipeline, is_scalar, max_of_copies, run
+from quantmap.executor.sharding import (LayoutProblem, import_pipeline, is_scalar, max_of_copies, run,
+                                        stacks_experts)
 from quantmap.executor.values import check_dtypes, check_values
 from quantmap.formats import OutputFormat
 from quantmap.formats.quantizers import QUANTIZERS
@@ -136,15 +138,18 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
         report.missing += [name for name in expected if name not in catalog.available]
         if not present:
             continue
-        parts = [checkpoint.get(name) for name in present]
+        # One expert of a fused-experts weight reads its own slice of the HF tensor, never the whole of it.
+        expert = match.expert if stacks_experts(match.rule) else None
+        parts = [checkpoint.get(name, expert) for name in present]
         check_dtypes(list(zip(present, parts)))  # before they are combined: max() has no float8 kernel
         role = catalog.rules.role(catalog.rules.number(match.rule))
         read += ((name, part, role) for name, part in zip(present, parts))
         if match.kind == FAN_IN:
             state[local] = copy_to_source(megatron, present[0], parts[0])
             continue
+        shapes = tuple(tuple(p.shape) if expert is None else checkpoint.shape(name) for name, p in zip(present, parts))
         try:
-            state[local] = _fan_in(megatron, match, parts, present, layout, coords, report)
+            state[local] = _fan_in(megatron, match, parts, shapes, present, layout, coords, report)
         except _Incomplete:
             continue
     report.uncalibrated = check_values(read)
@@ -152,9 +157,10 @@ def import_rank(catalog: Catalog, checkpoint: Checkpoint, placement: Placement) 
     return state, report
 
 
-def _fan_in(megatron, match, parts, names, layout: ParallelLayout, coords, report: Report) -> torch.Tensor:
+def _fan_in(megatron, match, parts, shapes, names, layout: ParallelLayout, coords, report: Report) -> torch.Tensor:
+    """The rank's tensor of ``megatron`` from its HF ``parts`` (``shapes``: the HF tensors' whole shapes,
+    of which ``parts`` are one expert's slice for a fused-experts weight)."""
     size, rank = (layout.etp, coords.etp) if is_expert(megatron) else (layout.tp, coords.tp)
-    shapes = tuple(tuple(p.shape) for p in parts)
     if all(is_scalar(shape) for shape in shapes):
         if len(set(shapes)) > 1:
             raise ExecutorError(f"the HF parts of {megatron} have different shapes "

@@ -16,7 +16,9 @@ Combining, per global Megatron name:
 * expert parallel: a grouped block's amax from EP rank ``r`` goes to experts
   ``[r*E/ep, (r+1)*E/ep)``; SequentialMLP experts were already renamed to global indices;
 * fan-in (:mod:`quantmap.executor.fan_in`): every source of one HF tensor, over experts and EP
-  ranks, becomes one item combined by ``max``.
+  ranks, becomes one item combined by ``max``; the weight of a fused-experts HF tensor is gathered
+  the same way, every expert's (expert-)tensor-parallel pieces in expert order, into one item whose
+  pipeline joins each expert's pieces and stacks the experts as its rule's layout says.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from quantmap.executor.options import RunOptions
 from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import ExecutorError, Report, group_names, natural
 from quantmap.executor.sharding import (LayoutProblem, copies_shown, export_pipeline, is_scalar, max_of_copies,
-                                        run)
+                                        run, stacks_experts)
 from quantmap.executor.values import replica_disagreements
 from quantmap.roles import module_of
 from quantmap.rules import FAN_IN, MOE_FANOUT, Rule
@@ -243,6 +245,8 @@ class Plan:
     def _disagreement(self, item: Item, spread: str) -> str:
         if item.megatron in self._fan_in_targets:
             target, count, _ = self._fan_in_targets[item.megatron]
+            if item.combine == SHAPED:  # a fused-experts weight: an expert's tensor-parallel copies
+                return f"{target}: the tensor-parallel copies of an expert's weight differ ({spread}); exported the max"
             return f"{target}: its {count} Megatron source(s) differ ({spread}); exported the max"
         return f"{item.megatron}: tensor-parallel copies differ ({spread}); exported the max"
 
@@ -372,6 +376,9 @@ class Plan:
         rule = self._rule(sources[0])  # the rule that claimed the name on its rank (the same on every rank)
         match, role = self.rules.to_hf_by(rule, name), self.rules.role(rule)
         expert = is_expert(name)
+        if stacks_experts(match.rule):
+            self._gather_expert_weight(name, match, sources)
+            return
         if match.kind not in (FAN_IN, MOE_FANOUT):
             if len(sources) == 1 and (self.layout.etp if expert else self.layout.tp) == 1:
                 peers = sources  # no tensor parallelism: the one copy is the tensor
@@ -439,9 +446,18 @@ class Plan:
         experts = None if match.rule.expert_capture is None else expert_count(name, match.rule, self.layout)
         self._fan_in.add(name, match, peers, experts)
 
+    def _gather_expert_weight(self, name: str, match, sources) -> None:
+        """One expert's weight of a fused-experts HF tensor: its copies in expert-tensor-parallel order on
+        the EP rank that holds it, gathered by HF target like a fan-in's sources."""
+        coords = self._coords(sources[0][0])
+        peers = self._peers(name, sources, True, coords.pp, coords.ep)
+        self._fan_in.add(name, match, peers, expert_count(name, match.rule, self.layout))
+
     def _add_fan_ins(self, errors: list[str]) -> None:
         """One item per fan-in HF tensor, once every name's sources are gathered."""
         for target, names, copies, labels in self._fan_in.targets():
+            rule = self._rule(copies[0])
+            stacked = stacks_experts(self.rules.rules[rule])
             problem = self._fan_in.short(target, names)
             if problem:
                 errors.append(problem)
@@ -450,10 +466,31 @@ class Plan:
             if len(dtypes) > 1:
                 errors.append(f"{target}: its Megatron sources have different dtypes ({sorted(map(str, dtypes))})")
                 continue
-            rule = self._rule(copies[0])
-            self.items.append(Item(names[0], ONE if len(copies) == 1 else MAX, tuple(copies), (target,), 1,
-                                   self.rules.rules[rule], self.rules.role(rule)))
+            if stacked:
+                try:
+                    combine, pipeline = SHAPED, self._stacked(target, names, copies)
+                except _Problem as problem:
+                    errors.append(str(problem))
+                    continue
+            else:
+                combine, pipeline = ONE if len(copies) == 1 else MAX, None
+            self.items.append(Item(names[0], combine, tuple(copies), (target,), 1, self.rules.rules[rule],
+                                   self.rules.role(rule), pipeline=pipeline))
             self._fan_in_targets[names[0]] = (target, len(names), labels)
+
+    def _stacked(self, target: str, names: list[str], copies: list[tuple[int, int]]) -> tuple:
+        """The pipeline that stacks every expert's weight (``copies``: each expert's ranks in turn) into
+        ``target``; every piece must have one shape, as the experts of one layer do."""
+        shapes = {self.metas[rank].shapes[index] for rank, index in copies}
+        if len(shapes) > 1:
+            raise _Problem(f"{target} stacks the weights of {len(names)} experts, but their pieces have different "
+                           f"shapes ({', '.join(str(list(shape)) for shape in sorted(shapes))}); the shards do not "
+                           f"come from one model")
+        try:
+            return export_pipeline(names[0], self.rules.rules[self._rule(copies[0])], shapes.pop(),
+                                   len(copies) // len(names), len(names))
+        except LayoutProblem as problem:
+            raise _Problem(str(problem)) from None
 
     def _peers(self, name, sources, expert: bool, stage: int, ep: int) -> list[tuple[int, int]]:
         """The sources in (expert-)tensor-parallel rank order, or a problem naming the ranks that lack it."""

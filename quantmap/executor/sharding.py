@@ -8,6 +8,11 @@ the HF names are joined by the inverse ops and the rank's piece is cut out. A pi
 on ``meta`` tensors before any data moves, so a shape the layout cannot place stops the run with
 an error naming the tensor, its shape and the rule, and nothing written. Pipelines depend only on
 the rule, the shapes and the rank count, so they are built once per distinct combination.
+
+The weight of a fused-experts tensor (:attr:`~quantmap.rules.Rule.fans_in`) is many Megatron tensors,
+one per expert, for one HF tensor: export gathers each expert's ranks in turn (:class:`EachExpert`),
+then stacks them as the layout says; import runs the layout backwards on one expert's slice of the HF
+tensor, so an import never holds more than that expert of it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import torch
 
 from quantmap.executor.report import distinct
 from quantmap.element_layout import ElementLayout
-from quantmap.ops import Max, Op, OpError, apply, reverse
-from quantmap.rules import Rule
+from dataclasses import dataclass
+
+from quantmap.ops import Max, Op, OpError, Stack, apply, reverse
+from quantmap.rules import WEIGHT, Rule
 
 
 class LayoutProblem(ValueError):
@@ -31,22 +38,33 @@ def is_scalar(shape) -> bool:
     return math.prod(shape) == 1
 
 
-def export_pipeline(name: str, rule: Rule, shape: tuple[int, ...], ranks: int) -> tuple[tuple[Op, ...], tuple]:
+def stacks_experts(rule: Rule) -> bool:
+    """Whether ``rule`` is the weight of a fused-experts tensor: its HF tensor stacks every expert's."""
+    return rule.kind == WEIGHT and rule.fans_in
+
+
+def export_pipeline(name: str, rule: Rule, shape: tuple[int, ...], ranks: int, experts: int = 1
+                    ) -> tuple[tuple[Op, ...], tuple]:
     """The ops from ``ranks`` tensor-parallel copies of ``shape`` to one tensor per HF name, and the
-    shapes of those tensors."""
+    shapes of those tensors; for the weight of a fused-experts tensor, from ``experts`` experts' copies,
+    each expert's ``ranks`` in turn."""
     try:
-        return _export_pipeline(rule.layout, len(rule.hf), tuple(shape), ranks)
+        return _export_pipeline(rule.layout, len(rule.hf), tuple(shape), ranks, experts)
     except (OpError, _Unplaced) as problem:
-        raise LayoutProblem(_describe(name, f"shape {list(shape)} on each of {ranks} tensor-parallel rank(s)",
+        what = f"shape {list(shape)} on each of {ranks} tensor-parallel rank(s)"
+        raise LayoutProblem(_describe(name, what + (f" for each of {experts} experts" if experts > 1 else ""),
                                       rule, problem)) from None
 
 
 def import_pipeline(name: str, rule: Rule, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int
                     ) -> tuple[tuple[Op, ...], int | None]:
     """The ops from the HF names' tensors (of ``shapes``, in the rule's order) to the tensor of
-    tensor-parallel rank ``rank`` of ``ranks``, and which output is that rank's (``None``: the only one)."""
+    tensor-parallel rank ``rank`` of ``ranks``, and which output is that rank's (``None``: the only one).
+    For the weight of a fused-experts tensor (:func:`stacks_experts`), ``shapes`` are the whole HF
+    tensors' and the ops take one expert's slice of each (``[e:e + 1]`` on the expert axis)."""
     try:
-        return _import_pipeline(rule.layout, len(rule.hf), tuple(map(tuple, shapes)), ranks, rank)
+        return _import_pipeline(rule.layout, len(rule.hf), tuple(map(tuple, shapes)), ranks, rank,
+                                stacks_experts(rule))
     except (OpError, _Unplaced) as problem:
         raise LayoutProblem(_describe(name, f"HF parts shaped {[list(s) for s in shapes]}", rule, problem)) from None
 
@@ -58,9 +76,33 @@ def run(ops: tuple[Op, ...], tensors: list, labels: list[str]) -> tuple[list, st
         if isinstance(op, Max):
             out, spread = max_of_copies(tensors, labels)
             tensors = [out]
+        elif isinstance(op, EachExpert):
+            tensors, spread = op.run(tensors, labels)
         else:
             tensors = op(tensors)
     return tensors, spread
+
+
+@dataclass(frozen=True, slots=True)
+class EachExpert:
+    """Export of a fused-experts weight: ``ops`` (the tensor-parallel gather) on each expert's ``ranks``
+    copies in turn, one full tensor per expert, in expert order. Not an op of the rules: it says how the
+    executor lays out an item's sources, not where a tensor's elements go."""
+
+    ranks: int
+    ops: tuple[Op, ...]
+
+    def __call__(self, tensors: list) -> list:
+        return [out for start in range(0, len(tensors), self.ranks)
+                for out in apply(self.ops, tensors[start:start + self.ranks])]
+
+    def run(self, tensors: list, labels: list[str]) -> tuple[list, str | None]:
+        out, spread = [], None
+        for start in range(0, len(tensors), self.ranks):
+            gathered, differ = run(self.ops, tensors[start:start + self.ranks], labels[start:start + self.ranks])
+            out += gathered
+            spread = spread or differ
+        return out, spread
 
 
 def max_of_copies(parts: list[torch.Tensor], labels: list[str]) -> tuple[torch.Tensor, str | None]:
@@ -89,28 +131,45 @@ class _Unplaced(Exception):
     pass
 
 
-# Pipelines depend on the layout, the HF name count, the shapes and the ranks only: a model has few
+# Pipelines depend on the layout, the HF name count, the shapes, the ranks and experts only: a model has few
 # distinct combinations, and building one runs its ops on meta tensors.
 @lru_cache(maxsize=4096)
-def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int):
+def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int, experts: int):
     layout = _placeable(layout, ranks)
-    ops = layout.ops if ranks == 1 else layout.tp.gather(ranks, shape) + layout.ops
-    outputs = apply(ops, [torch.empty(shape, device="meta")] * ranks)
+    gather = () if ranks == 1 else layout.tp.gather(ranks, shape)
+    ops = (EachExpert(ranks, gather),) + layout.ops if experts > 1 and gather else gather + layout.ops
+    outputs = apply(ops, [torch.empty(shape, device="meta")] * (ranks * experts))
     _check_count(count, len(outputs))
     return ops, tuple(tuple(t.shape) for t in outputs)
 
 
 @lru_cache(maxsize=4096)
-def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int):
+def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int,
+                     rank: int, per_expert: bool):
     layout = _placeable(layout, ranks)
     _check_count(count, len(shapes))
     ops = reverse(layout.ops)
-    (full,) = apply(ops, [torch.empty(s, device="meta") for s in shapes])
+    outputs = apply(ops, [torch.empty(s, device="meta") for s in shapes])  # the whole HF tensors: checks their shapes
+    if per_expert:
+        ops = reverse(_one_expert(layout.ops))
+        outputs = outputs[:1]
+    if len(outputs) != 1:
+        raise _Unplaced(f"the layout makes {len(outputs)} Megatron tensors of the HF name(s), not one")
+    (full,) = outputs
     scatter = None if ranks == 1 else layout.tp.scatter(ranks, tuple(full.shape))
     if scatter is None:
         return ops, None
     apply(scatter, [full])  # checks that the full tensor cuts into the ranks' pieces
     return ops + scatter, rank
+
+
+def _one_expert(ops: tuple[Op, ...]) -> tuple[Op, ...]:
+    """A fused-experts weight's ops for one expert's slice of the HF tensor: the stack of one. The ops after
+    the stack work on each expert alone (the expert axis stays dim 0), so the slice takes them unchanged."""
+    first, *rest = ops
+    if not isinstance(first, Stack):
+        raise _Unplaced("a fused-experts weight's layout does not start with the stack of its experts")
+    return (Stack(first.dim, 1), *rest)
 
 
 def _placeable(layout: ElementLayout | None, ranks: int) -> ElementLayout:

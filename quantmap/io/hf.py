@@ -206,15 +206,27 @@ class Checkpoint:
                                       f"truncated: download or copy it again") from None
         return self._open[file]
 
-    def get(self, name: str):
-        """One tensor, read from its shard on first use of that shard."""
+    def get(self, name: str, expert: int | None = None):
+        """One tensor, read from its shard on first use of that shard; with ``expert``, only that slice
+        ``[expert:expert + 1]`` of its dim 0 (one expert of a fused-experts tensor, read alone)."""
+        if self.quantizer_state is not None and name not in self.weight_map:
+            return self.quantizer_state.get(name, expert)
+        if expert is None:
+            return self._read(name, lambda shard: shard.get_tensor(name))
+        return self._read(name, lambda shard: shard.get_slice(name)[expert:expert + 1])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its shard's header alone."""
+        if self.quantizer_state is not None and name not in self.weight_map:
+            return self.quantizer_state.shape(name)
+        return tuple(self._read(name, lambda shard: shard.get_slice(name).get_shape()))
+
+    def _read(self, name: str, read):
         from safetensors import SafetensorError
 
-        if self.quantizer_state is not None and name not in self.weight_map:
-            return self.quantizer_state.get(name)
         file = self.weight_map[name]
         try:
-            return self._shard(file).get_tensor(name)
+            return read(self._shard(file))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{self.directory / file}: cannot read {name} ({error}); the shard is corrupt or "
                                   f"truncated: download or copy it again") from None
