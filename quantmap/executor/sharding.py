@@ -94,10 +94,13 @@ class _Unplaced(Exception):
 @lru_cache(maxsize=4096)
 def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int):
     layout = _placeable(layout, ranks)
-    ops = layout.ops if ranks == 1 else layout.tp.gather(ranks, shape) + layout.ops
-    outputs = apply(ops, [torch.empty(shape, device="meta")] * ranks)
+    gather = () if ranks == 1 else layout.tp.gather(ranks, shape)
+    full = apply(gather, [torch.empty(shape, device="meta")] * ranks)
+    if len(full) == 1:
+        layout.check_rows(tuple(full[0].shape))
+    outputs = apply(layout.ops, full)
     _check_count(count, len(outputs))
-    return ops, tuple(tuple(t.shape) for t in outputs)
+    return gather + layout.ops, tuple(tuple(t.shape) for t in outputs)
 
 
 @lru_cache(maxsize=4096)
@@ -106,6 +109,7 @@ def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tup
     _check_count(count, len(shapes))
     ops = reverse(layout.ops)
     (full,) = apply(ops, [torch.empty(s, device="meta") for s in shapes])
+    layout.check_rows(tuple(full.shape))
     scatter = None if ranks == 1 else layout.tp.scatter(ranks, tuple(full.shape))
     if scatter is None:
         return ops, None
