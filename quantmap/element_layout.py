@@ -166,6 +166,8 @@ class ElementLayout:
     #: A weight whose cut takes sizes from the spec's parameters: its full Megatron tensor's rows (dim 0)
     #: as they give them, and which values gave them. The cut is in proportions, so a wrong size could
     #: still cut cleanly, into the wrong pieces: the executor checks the rows first (:meth:`check_rows`).
+    #: Such a layout splits its rows over the TP ranks and keeps them on dim 0 (the HF parts hold them
+    #: between them).
     rows: int | None = None
     rows_from: str | None = None
 

@@ -94,22 +94,22 @@ class _Unplaced(Exception):
 @lru_cache(maxsize=4096)
 def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int):
     layout = _placeable(layout, ranks)
-    gather = () if ranks == 1 else layout.tp.gather(ranks, shape)
-    full = apply(gather, [torch.empty(shape, device="meta")] * ranks)
-    if len(full) == 1:
-        layout.check_rows(tuple(full[0].shape))
-    outputs = apply(layout.ops, full)
+    if layout.rows is not None and shape:  # a layout with rows splits them over the ranks
+        layout.check_rows((shape[0] * ranks, *shape[1:]))
+    ops = layout.ops if ranks == 1 else layout.tp.gather(ranks, shape) + layout.ops
+    outputs = apply(ops, [torch.empty(shape, device="meta")] * ranks)
     _check_count(count, len(outputs))
-    return gather + layout.ops, tuple(tuple(t.shape) for t in outputs)
+    return ops, tuple(tuple(t.shape) for t in outputs)
 
 
 @lru_cache(maxsize=4096)
 def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tuple[int, ...], ...], ranks: int, rank: int):
     layout = _placeable(layout, ranks)
     _check_count(count, len(shapes))
+    if layout.rows is not None and shapes and all(shapes):  # the parts hold the full tensor's rows between them
+        layout.check_rows((sum(s[0] for s in shapes), *shapes[0][1:]))
     ops = reverse(layout.ops)
     (full,) = apply(ops, [torch.empty(s, device="meta") for s in shapes])
-    layout.check_rows(tuple(full.shape))
     scatter = None if ranks == 1 else layout.tp.scatter(ranks, tuple(full.shape))
     if scatter is None:
         return ops, None
