@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
 from quantmap.limits import over, param_limit
-from quantmap.element_layout import GROUP_PARTS, INTERLEAVED, TRANSPOSED, ElementLayout, derive
+from quantmap.element_layout import GDN_CONV1D, GROUP_PARTS, INTERLEAVED, TRANSPOSED, ElementLayout, derive
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import WEIGHT_QUANTIZER, Derived, fused_expert_buffers, grouped_weight_buffers, with_stages
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
@@ -319,6 +319,8 @@ def _check_kind_has_effect(mapping: SourcedMapping, context: _Context) -> bool:
     leaf = mapping.megatron.split(".")
     if len(leaf) >= 2 and leaf[-2] in _FUSED_MODULES and leaf[-1].rstrip("*") in ("weight", "bias"):
         return True
+    if given == GDN_CONV1D:
+        return True  # it says how the channels lie over TP ranks
     hint = ("remove 'kind': a single HF name is a plain mapping" if given == "plain" else
             "for separate HF tensors write 'hf' as a group {part: name, ...}; for one HF tensor holding the "
             "parts give 'hf_parts'; for KV-cache rules set 'kv_cache: true'")

@@ -16,6 +16,9 @@ prints them, and building them never imports torch; only applying them does.
 * ``groups=0``: as many groups as fit, one element per unit (a strided interleave, ``x[0::2]`` and
   ``x[1::2]``).
 
+``Each`` runs one op per run of consecutive parts (Gated DeltaNet's in_proj: six row components into two
+HF tensors; tensor-parallel ranks that each hold a slice of every component).
+
 Sizes are proportions, never element counts, so one op serves a per-channel ``[out, 1]`` and a
 flattened per-block ``[out * blocks, 1]`` amax alike (row-major flattening keeps a row's blocks
 together). Tensor-parallel ranks are parts too: the ranks' shards of a ``[gate; up]`` tensor
@@ -68,6 +71,10 @@ class Split:
         return [piece.reshape(shape[:self.dim] + (groups * u * unit,) + shape[self.dim + 1:])
                 for piece, u in zip(pieces, self.units)]
 
+    @property
+    def takes(self) -> int:
+        return 1
+
     def reverse(self) -> "Concat":
         return Concat(self.dim, self.units, self.groups, self.multiple)
 
@@ -103,6 +110,10 @@ class Concat:
         grouped = [t.reshape(lead + (groups, u * unit) + tail) for t, u in zip(tensors, self.units)]
         return [torch.cat(grouped, dim=self.dim + 1).reshape(lead + (size,) + tail)]
 
+    @property
+    def takes(self) -> int:
+        return len(self.units)
+
     def reverse(self) -> Split:
         return Split(self.dim, self.units, self.groups, self.multiple)
 
@@ -123,6 +134,10 @@ class Select:
             raise OpError(f"select of {len(self.order)} parts got {len(tensors)} tensor(s)")
         return [tensors[i] for i in self.order]
 
+    @property
+    def takes(self) -> int:
+        return len(self.order)
+
     def reverse(self) -> "Select":
         inverse = [0] * len(self.order)
         for position, source in enumerate(self.order):
@@ -142,6 +157,10 @@ class Transpose:
 
     def __call__(self, tensors: list) -> list:
         return [t.transpose(self.dim0, self.dim1).contiguous() for t in tensors]
+
+    @property
+    def takes(self) -> int:
+        return 1  # any number, one at a time; inside :class:`Each`, one
 
     def reverse(self) -> "Transpose":
         return self
@@ -164,6 +183,10 @@ class Stack:
             raise OpError(f"stack of {self.count} experts got {len(tensors)} tensor(s)")
         return [torch.stack(list(tensors), dim=self.dim)]
 
+    @property
+    def takes(self) -> int:
+        return self.count
+
     def reverse(self) -> "Unstack":
         return Unstack(self.dim, self.count)
 
@@ -184,6 +207,10 @@ class Unstack:
             raise OpError(f"unstack: axis {self.dim} of shape {list(tensor.shape)} does not hold {self.count} experts")
         return [t.contiguous() for t in tensor.unbind(self.dim)]
 
+    @property
+    def takes(self) -> int:
+        return 1
+
     def reverse(self) -> Stack:
         return Stack(self.dim, self.count)
 
@@ -201,6 +228,10 @@ class Copy:
     def __call__(self, tensors: list) -> list:
         (tensor,) = tensors
         return [tensor] * self.count
+
+    @property
+    def takes(self) -> int:
+        return 1
 
     def reverse(self) -> "Max":
         return Max(self.count)
@@ -226,6 +257,10 @@ class Max:
             raise OpError(f"copies that should be equal have different shapes {sorted(map(list, shapes))}")
         return [torch.stack(list(tensors)).amax(0)]
 
+    @property
+    def takes(self) -> int:
+        return self.count
+
     def reverse(self) -> Copy:
         return Copy(self.count)
 
@@ -233,7 +268,37 @@ class Max:
         return {"op": "max", "count": self.count}
 
 
-Op = Union[Split, Concat, Select, Transpose, Stack, Unstack, Copy, Max]
+@dataclass(frozen=True, slots=True)
+class Each:
+    """Runs of consecutive parts, each through its own op: ``ops[0]`` takes the first ``ops[0].takes``
+    parts, ``ops[1]`` the next, and so on, their outputs in order. Gated DeltaNet's in_proj needs it twice:
+    its six row components join into two HF tensors (Qwen3-Next's ``[q k v z]`` and ``[b a]`` per key
+    head), and each tensor-parallel rank holds a slice of every component, so the ranks are cut into
+    components and the slices of each joined (:meth:`quantmap.element_layout.TensorParallel.gather`)."""
+
+    ops: tuple["Op", ...]
+
+    def __call__(self, tensors: list) -> list:
+        if len(tensors) != self.takes:
+            raise OpError(f"each of {len(self.ops)} op(s) over {self.takes} parts got {len(tensors)} tensor(s)")
+        out, at = [], 0
+        for op in self.ops:
+            out += op(tensors[at:at + op.takes])
+            at += op.takes
+        return out
+
+    @property
+    def takes(self) -> int:
+        return sum(op.takes for op in self.ops)
+
+    def reverse(self) -> "Each":
+        return Each(tuple(op.reverse() for op in self.ops))
+
+    def to_json(self) -> dict:
+        return {"op": "each", "ops": [op.to_json() for op in self.ops]}
+
+
+Op = Union[Split, Concat, Select, Transpose, Stack, Unstack, Copy, Max, Each]
 
 
 def apply(ops: Sequence[Op], tensors: list) -> list:

@@ -30,14 +30,19 @@ def size_contradiction(rules, shapes: dict[str, tuple[int, ...]]) -> str | None:
     shape), as a sentence naming the parameter, the tensor and both numbers; ``None`` when they agree."""
     params = rules.params
     heads, groups, head_dim = (params.get(p) or 0 for p in ("num_attention_heads", "num_query_groups", "head_dim"))
+    gated = bool(params.get("attention_output_gate"))
     for name, shape in shapes.items():
-        if len(shape) != 2:
-            continue
         match = rules.to_hf(name)
         if match is None or match.kind != WEIGHT:
             continue
-        if heads and groups and _cut_by_heads(match.rule, heads, groups):
-            problem = _qkv(name, shape, heads, groups, head_dim, shapes)
+        layout = match.rule.layout
+        if layout is not None and layout.rows is not None and shape and shape[0] != layout.rows:
+            return f"{layout.rows_from} give {name} {layout.rows} rows, but it has {shape[0]} (shape {list(shape)}): " \
+                   f"pass the model's sizes with --param (or --config)"
+        if len(shape) != 2:
+            continue
+        if heads and groups and _cut_by_heads(match.rule, heads, groups, gated):
+            problem = _qkv(name, shape, heads, groups, head_dim, shapes, gated)
             if problem:
                 return problem
         quantizer = rules.to_hf(name[: -len("weight")] + "weight_quantizer._amax")
@@ -48,21 +53,23 @@ def size_contradiction(rules, shapes: dict[str, tuple[int, ...]]) -> str | None:
     return None
 
 
-def _cut_by_heads(rule, heads: int, groups: int) -> bool:
-    """Whether the rule's layout starts with the QKV cut these head counts made (:func:`quantmap.element_layout.derive`)."""
+def _cut_by_heads(rule, heads: int, groups: int, gated: bool) -> bool:
+    """Whether the rule's layout starts with the QKV cut these head counts made (:func:`quantmap.element_layout.derive`;
+    ``gated``: with each group's gate heads after its query heads)."""
     ops = rule.layout.ops if rule.layout is not None else None
-    return bool(ops) and isinstance(ops[0], Split) and ops[0].units == (heads // groups, 1, 1) and \
+    per_group = (heads // groups,) * (2 if gated else 1)
+    return bool(ops) and isinstance(ops[0], Split) and ops[0].units == (*per_group, 1, 1) and \
         ops[0].groups == groups
 
 
 def _qkv(name: str, shape: tuple[int, ...], heads: int, groups: int, head_dim: int,
-         shapes: dict[str, tuple[int, ...]]) -> str | None:
-    rows, units = shape[0], heads + 2 * groups
-    given = f"num_attention_heads={heads} and num_query_groups={groups}"
+         shapes: dict[str, tuple[int, ...]], gated: bool) -> str | None:
+    rows, units = shape[0], heads * (2 if gated else 1) + 2 * groups
+    given = f"num_attention_heads={heads} and num_query_groups={groups}" + (" with gated attention" if gated else "")
     fix = "pass the model's --param num_attention_heads, num_query_groups and head_dim (or --config)"
     if rows % units:
-        return (f"{given} make linear_qkv (heads + 2 x groups) = {units} heads of rows, but {name} has {rows} "
-                f"rows, not a multiple of {units}: {fix}")
+        return (f"{given} make linear_qkv ({'2 x heads' if gated else 'heads'} + 2 x groups) = {units} heads of rows, "
+                f"but {name} has {rows} rows, not a multiple of {units}: {fix}")
     implied = rows // units
     if head_dim and head_dim != implied:
         return (f"{given} with head_dim={head_dim} give {name} {units} x {head_dim} = {units * head_dim} rows, but "

@@ -1,4 +1,6 @@
-"""Gated DeltaNet ``in_proj``: one quantized Megatron linear against HF parts of which ModelOpt quantizes some.
+"""Gated DeltaNet ``in_proj``: one quantized Megatron linear against HF parts of which ModelOpt quantizes some;
+and the rows of the GDN weights (and of the gated attention's ``linear_qkv``) on each TP rank, as Megatron-Core
+lays them out.
 
 ModelOpt 0.47 quantizes Megatron's ``self_attention.in_proj`` and HF's ``in_proj_qkv`` + ``in_proj_z``
 (Qwen3.5) / ``in_proj_qkvz`` (Qwen3-Next), and disables ``*linear_attn.in_proj_a*`` /
@@ -142,3 +144,113 @@ def test_quantized_parts_of_a_single_hf_name_is_qm029(tmp_path):
     with pytest.raises(SpecError) as raised:
         quantmap.compile(path)
     assert [d.code for d in raised.value.diagnostics] == ["QM029"]
+
+
+# A hand-built GDN layer: 2 key heads of dim 2, 4 value heads of dim 2 (2 per key head), hidden 3.
+GDN = {"linear_num_key_heads": 2, "linear_key_head_dim": 2, "linear_num_value_heads": 4, "linear_value_head_dim": 2}
+IN_PROJ, CONV1D = "decoder.layers.0.self_attention.in_proj.weight", "decoder.layers.0.self_attention.conv1d.weight"
+
+
+def _tagged(rows: int, tag: int, *rest: int) -> torch.Tensor:
+    """Row i of the tensor holds tag * 100 + i in every element, so a row tells where it came from."""
+    return (tag * 100 + torch.arange(rows, dtype=torch.float32)).reshape(rows, *[1] * len(rest)).expand(rows, *rest) \
+        .contiguous()
+
+
+def _rows(tensor: torch.Tensor) -> list[int]:
+    return [int(v) for v in tensor.reshape(tensor.shape[0], -1)[:, 0]]
+
+
+def _span(tag: int, start: int, count: int) -> list[int]:
+    return [tag * 100 + i for i in range(start, start + count)]
+
+
+def _model_options(folder: Path):
+    """Whole-model runs (format hf) of a GDN layer alone: the rest of the model absent, and no output head."""
+    from quantmap.executor.options import RunOptions
+    from quantmap.io.hf import model_files
+
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**GDN, "tie_word_embeddings": True}))
+    return RunOptions(format="hf", allow_partial=True, model_files=model_files(config=str(folder / "config.json")))
+
+
+# What each rank of TP=2 holds, written out from Megatron-Core 0.16.1 ssm/gated_delta_net.py: in_proj's rows
+# are [q; k; v; z; b; a] (q, k: key heads x key dim = 4 rows; v, z: value heads x value dim = 8; b, a: value
+# heads = 4), conv1d's [q; k; v], and rank r holds [q_r; k_r; v_r; z_r; b_r; a_r] (its forward cuts its rows
+# by qk_dim // tp, ..., num_value_heads // tp): here key head r and value heads 2r, 2r + 1.
+# Qwen3.5 (in_proj_qkv = [q; k; v] whole, tag 1; in_proj_z 2, in_proj_b 3, in_proj_a 4; conv1d 5):
+QWEN3_5 = {rank: {IN_PROJ: _span(1, 2 * rank, 2) + _span(1, 4 + 2 * rank, 2) + _span(1, 8 + 4 * rank, 4)
+                  + _span(2, 4 * rank, 4) + _span(3, 2 * rank, 2) + _span(4, 2 * rank, 2),
+                  CONV1D: _span(5, 2 * rank, 2) + _span(5, 4 + 2 * rank, 2) + _span(5, 8 + 4 * rank, 4)}
+           for rank in range(2)}
+# Qwen3-Next (in_proj_qkvz, tag 1: per key head g, [q_g (2) k_g (2) v_g (4) z_g (4)]; in_proj_ba, tag 2: per key
+# head [b_g (2) a_g (2)]): rank r holds key head r, so its in_proj is key head r's qkvz block, then its ba block.
+QWEN3_NEXT = {rank: {IN_PROJ: _span(1, 12 * rank, 12) + _span(2, 4 * rank, 4),
+                     CONV1D: QWEN3_5[rank][CONV1D]} for rank in range(2)}
+
+
+@pytest.mark.parametrize(("arch", "hf", "expected"), [
+    ("qwen3_5", {"in_proj_qkv": _tagged(16, 1, 3), "in_proj_z": _tagged(8, 2, 3), "in_proj_b": _tagged(4, 3, 3),
+                 "in_proj_a": _tagged(4, 4, 3)}, QWEN3_5),
+    ("qwen3_next", {"in_proj_qkvz": _tagged(24, 1, 3), "in_proj_ba": _tagged(8, 2, 3)}, QWEN3_NEXT),
+])
+def test_each_tp_rank_holds_the_in_proj_and_conv1d_rows_megatron_core_gives_it_and_they_export_back(
+        tmp_path, arch, hf, expected):
+    from safetensors.torch import save_file
+
+    source = {f"model.layers.0.linear_attn.{name}.weight": tensor for name, tensor in hf.items()}
+    source["model.layers.0.linear_attn.conv1d.weight"] = _tagged(16, 5, 1, 4)
+    layout, options = ParallelLayout(tp=2, num_layers=1), _model_options(tmp_path / "hf")
+    save_file(source, tmp_path / "hf" / "model.safetensors")
+    rules = quantmap.compile(arch, **GDN, **({} if arch == "qwen3_5" else {"num_experts": 2}))
+    import_offline(rules, tmp_path / "hf", layout, tmp_path / "megatron", options=options)
+    for rank in range(2):
+        shard = LazyShard(tmp_path / "megatron" / f"rank_{rank:05d}.safetensors")
+        assert sorted(shard.keys()) == [CONV1D, IN_PROJ]
+        assert {name: _rows(shard[name]) for name in shard.keys()} == expected[rank], rank
+    states = [{name: shard[name] for name in shard.keys()}
+              for shard in (LazyShard(tmp_path / "megatron" / f"rank_{rank:05d}.safetensors") for rank in range(2))]
+    back = export_offline(rules, states, layout, options=options).state_dict()
+    assert sorted(back) == sorted(source) and all(torch.equal(back[name], source[name]) for name in source)
+
+
+@pytest.mark.parametrize("direction", ["import", "export"])
+def test_gdn_sizes_that_contradict_the_rows_are_refused_naming_both_numbers(tmp_path, direction):
+    """linear_num_key_heads=1 gives in_proj 2 x 2 + 2 x 8 + 2 x 4 = 28 rows; the tensor has 32."""
+    from safetensors.torch import save_file
+
+    rules = quantmap.compile("qwen3_5", **{**GDN, "linear_num_key_heads": 1})
+    layout, options = ParallelLayout(tp=2, num_layers=1), _model_options(tmp_path / "hf")
+    with pytest.raises(ExecutorError) as raised:
+        if direction == "import":
+            parts = {"qkv": 16, "z": 8, "b": 4, "a": 4}
+            save_file({f"model.layers.0.linear_attn.in_proj_{part}.weight": torch.zeros(rows, 3)
+                       for part, rows in parts.items()}, tmp_path / "hf" / "model.safetensors")
+            import_offline(rules, tmp_path / "hf", layout, tmp_path / "megatron", options=options)
+        else:
+            export_offline(rules, [{IN_PROJ: torch.zeros(16, 3)}] * 2, layout, options=options)
+    message = str(raised.value)
+    assert "linear_num_key_heads=1, linear_key_head_dim=2, linear_num_value_heads=4, linear_value_head_dim=2 give 28 " \
+           "rows, but the tensor has 32" in message, message
+
+
+def test_each_tp_rank_holds_its_query_groups_gated_attention_rows(tmp_path):
+    """The full-attention layers' linear_qkv with Megatron-Core's attention_output_gate (attention.py
+    get_query_key_value_tensors): each query group is [its query heads; their gate heads; k; v], and TP ranks
+    hold whole groups. HF q_proj holds each head's query then its gate (2 x head_dim rows per head). With 4 heads
+    in 2 groups of head dim 2, rank r holds group r: heads 2r and 2r + 1."""
+    from safetensors.torch import save_file
+
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    source = {f"model.layers.0.self_attn.{name}.weight": _tagged(rows, tag, 3)
+              for name, rows, tag in (("q_proj", 16, 1), ("k_proj", 4, 2), ("v_proj", 4, 3))}
+    layout, options = ParallelLayout(tp=2, num_layers=1), _model_options(tmp_path / "hf")
+    save_file(source, tmp_path / "hf" / "model.safetensors")
+    rules = quantmap.compile("qwen3_5", num_attention_heads=4, num_query_groups=2, head_dim=2)
+    import_offline(rules, tmp_path / "hf", layout, tmp_path / "megatron", options=options)
+    for rank in range(2):
+        shard = LazyShard(tmp_path / "megatron" / f"rank_{rank:05d}.safetensors")
+        query = _span(1, 8 * rank, 2) + _span(1, 8 * rank + 4, 2)  # heads 2r, 2r + 1: rows 4h, 4h + 1
+        gate = _span(1, 8 * rank + 2, 2) + _span(1, 8 * rank + 6, 2)  # rows 4h + 2, 4h + 3
+        assert _rows(shard[qkv]) == query + gate + _span(2, 2 * rank, 2) + _span(3, 2 * rank, 2), rank

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from quantmap.element_layout import ROWS, TensorParallel, derive
-from quantmap.ops import STRIDED, Concat, Copy, Max, OpError, Select, Split, Stack, Transpose, Unstack, apply, reverse
+from quantmap.ops import (STRIDED, Concat, Copy, Each, Max, OpError, Select, Split, Stack, Transpose, Unstack, apply,
+                          reverse)
 
 SETTINGS = settings(max_examples=150, deadline=None)
 
@@ -202,3 +203,30 @@ def test_qkv_head_counts_that_cannot_interleave_say_which(heads, groups, words):
     layout = derive("weight_quantizer._amax", "column", "qkv", ("q", "k", "v"), None,
                     dict(num_attention_heads=heads, num_query_groups=groups, head_dim=16))
     assert layout.ops is None and words in layout.reason
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=6), st.integers(1, 4), st.integers(1, 3))
+def test_sectioned_tp_ranks_hold_a_slice_of_every_component_and_gather_back_exactly(sections, ranks, width):
+    """``tp: split`` with ``sections`` (Gated DeltaNet's in_proj, conv1d): rank r holds the r-th slice of each
+    component in turn; gathering the ranks gives the full tensor back, and scattering it gives the ranks."""
+    sections = tuple(size * ranks for size in sections)
+    full = _tensor((sum(sections), width))
+    components = full.split(list(sections))
+    shards = [torch.cat([c.chunk(ranks)[rank] for c in components]) for rank in range(ranks)]
+    tp = TensorParallel("split", 0, sections=sections)
+    (gathered,) = apply(tp.gather(ranks, tuple(shards[0].shape)), shards)
+    assert torch.equal(gathered, full)
+    scatter = tp.scatter(ranks, tuple(full.shape))
+    scattered = [full] if scatter is None else apply(scatter, [full])
+    assert all(torch.equal(a, b) for a, b in zip(scattered, shards)) and len(scattered) == ranks
+
+
+def test_each_runs_one_op_per_run_of_parts_and_its_reverse_undoes_it():
+    parts = [_tensor((2, 1)), _tensor((4, 1)) + 10, _tensor((3, 1)) + 20]
+    op = Each((Concat(0, (1, 2)), Select((0,))))
+    joined = op(parts)
+    assert [t.shape[0] for t in joined] == [6, 3] and op.takes == 3 and op.reverse().takes == 2
+    assert all(torch.equal(a, b) for a, b in zip(op.reverse()(joined), parts))
+    with pytest.raises(OpError, match="got 2 tensor"):
+        op(parts[:2])

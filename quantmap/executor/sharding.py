@@ -136,6 +136,8 @@ class _Unplaced(Exception):
 @lru_cache(maxsize=4096)
 def _export_pipeline(layout: ElementLayout | None, count: int, shape: tuple[int, ...], ranks: int, experts: int):
     layout = _placeable(layout, ranks)
+    if layout.rows is not None and shape:  # a layout with rows splits them over the ranks
+        layout.check_rows((shape[0] * ranks, *shape[1:]))
     gather = () if ranks == 1 else layout.tp.gather(ranks, shape)
     ops = (EachExpert(ranks, gather),) + layout.ops if experts > 1 and gather else gather + layout.ops
     outputs = apply(ops, [torch.empty(shape, device="meta")] * (ranks * experts))
@@ -148,6 +150,8 @@ def _import_pipeline(layout: ElementLayout | None, count: int, shapes: tuple[tup
                      rank: int, per_expert: bool):
     layout = _placeable(layout, ranks)
     _check_count(count, len(shapes))
+    if layout.rows is not None and shapes and all(shapes):  # the parts hold the full tensor's rows between them
+        layout.check_rows((sum(s[0] for s in shapes), *shapes[0][1:]))
     ops = reverse(layout.ops)
     outputs = apply(ops, [torch.empty(s, device="meta") for s in shapes])  # the whole HF tensors: checks their shapes
     if per_expert:

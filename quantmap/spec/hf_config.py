@@ -21,6 +21,11 @@ _KEYS = {
     "num_query_groups": ("num_key_value_heads",),
     "head_dim": ("head_dim",),
     "num_experts": ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
+    # Gated DeltaNet (Qwen3-Next, Qwen3.5): transformers and Megatron-Core name them alike.
+    "linear_num_key_heads": ("linear_num_key_heads",),
+    "linear_key_head_dim": ("linear_key_head_dim",),
+    "linear_num_value_heads": ("linear_num_value_heads",),
+    "linear_value_head_dim": ("linear_value_head_dim",),
 }
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_QUANTIZERS = ("weight_quantizer._amax", "input_quantizer._amax")
 DEFAULT_KV_SKIP_SEGMENTS = ("mtp", "mtp_layers", "mtp_model_layer", "draft", "draft_layers", "draft_model_layer")
 
-Kind = Literal["plain", "qkv", "kv", "gated_mlp", "fused"]
+Kind = Literal["plain", "qkv", "kv", "gated_mlp", "fused", "gdn_in_proj", "gdn_conv1d"]
 
 
 class _Strict(BaseModel):
@@ -48,7 +48,10 @@ class MappingSpec(_Strict):
     )
     kind: Kind | None = Field(
         None,
-        description="plain, qkv, kv, gated_mlp or fused. Inferred from the group's part names when omitted.",
+        description="plain, qkv, kv, gated_mlp or fused. Inferred from the group's part names when omitted. "
+        "gdn_in_proj / gdn_conv1d: a Gated DeltaNet in_proj ([q; k; v; z; b; a] rows) or conv1d ([q; k; v]), "
+        "each component split over TP ranks on its own; sized by the spec parameters linear_num_key_heads, "
+        "linear_key_head_dim, linear_num_value_heads, linear_value_head_dim.",
     )
     hf_parts: list[str] | None = Field(
         None,
