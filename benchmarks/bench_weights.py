@@ -32,7 +32,10 @@ Each export runs as its own ``python -m quantmap export`` subprocess, with ``--n
   (not timed) before the floor's write and before the export, so that each starts with no dirty pages.
 
 Targets (issue 16): export <= 2x the floor (read + write); each process's peak <= 2x the largest
-output shard + 256 MiB. Page-cache state (``fincore``) and the load average are printed: the machine
+output shard + 256 MiB. With the CLI's default ``--shard-size`` (5 GiB) either model is one file, so one
+process writes it all and the peak bound is loose; ``--shard-size 1073741824`` (four files, four writers
+at ``--nproc 4``) tests the streaming. The export's time includes starting Python, torch and (``--nproc``)
+the gloo workers: ``--tiny`` shows that fixed part. Page-cache state (``fincore``) and the load average are printed: the machine
 may be shared. The checkpoints stay in ``--dir`` (reused when present); each output is removed
 after its run.
 
