@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, replace
 from quantmap.diagnostics import Diagnostic, Location, SpecError
 from quantmap.index import Index
 from quantmap.limits import over, param_limit
-from quantmap.element_layout import GDN_CONV1D, GROUP_PARTS, INTERLEAVED, TRANSPOSED, ElementLayout, derive
+from quantmap.element_layout import (GDN_CONV1D, GROUP_PARTS, INTERLEAVED, TRANSPOSED, ZERO_CENTERED, ElementLayout,
+                                     derive)
 from quantmap.patterns import PatternError, Pattern, parse
 from quantmap.moe_rules import WEIGHT_QUANTIZER, Derived, fused_expert_buffers, grouped_weight_buffers, with_stages
 from quantmap.rules import AMAX, FAN_IN, FANOUT, MOE_FANOUT, WEIGHT, Origin, Rule
@@ -270,7 +271,7 @@ def _check_quantized_parts(mapping: SourcedMapping, context: _Context) -> bool:
 def _check_hf_layout(mapping: SourcedMapping, kind: str, context: _Context) -> bool:
     """``hf_layout`` says how one HF tensor's elements lie: each entry once, ``interleaved`` only for the
     parts of a gate/up tensor (equal halves, one row of each in turn), ``transposed`` only for a weight
-    (a bias has one dimension)."""
+    (a bias has one dimension), ``zero_centered`` only for a norm (no quantizers)."""
     declared = mapping.spec.hf_layout
     twice = sorted({entry for entry in declared if declared.count(entry) > 1})
     problem = hint = None
@@ -284,6 +285,10 @@ def _check_hf_layout(mapping: SourcedMapping, kind: str, context: _Context) -> b
     elif TRANSPOSED in declared and mapping.megatron.rsplit(".", 1)[-1].rstrip("*") != "weight":
         problem = f"hf_layout 'transposed' swaps a weight's [out, in], but {mapping.megatron!r} is not a weight"
         hint = "drop 'transposed' for a bias or other one-dimensional tensor"
+    elif ZERO_CENTERED in declared and mapping.spec.quantizers != []:
+        problem = (f"hf_layout 'zero_centered' shifts a norm's weight by 1, but {mapping.megatron!r} may carry "
+                   f"quantizers, as a linear does")
+        hint = "a norm has none: add 'quantizers: []', or drop 'zero_centered'"
     if problem:
         context.errors.append(Diagnostic("QM028", problem, mapping.where("hf_layout"), hint))
     return problem is None

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantmap.ops import STRIDED, Concat, Copy, Each, Max, Op, OpError, Select, Split, Stack, Transpose, reverse
+from quantmap.ops import STRIDED, Concat, Copy, Each, Max, Offset, Op, OpError, Select, Split, Stack, Transpose, reverse
 from quantmap.spec.hf_config import config_hint
 
 REPLICATED, SPLIT, ROWS = "replicated", "split", "rows"
 #: What a mapping's ``hf_layout`` may say about the HF tensor (see the module docstring).
-INTERLEAVED, TRANSPOSED = "interleaved", "transposed"
+INTERLEAVED, TRANSPOSED, ZERO_CENTERED = "interleaved", "transposed", "zero_centered"
 
 #: The parts of a fused group, in Megatron's order, for the kinds whose cut is known.
 GROUP_PARTS = {"qkv": ("q", "k", "v"), "gated_mlp": ("gate", "up")}
@@ -221,6 +221,8 @@ def derive(buffer: str | None, parallel: str | None, kind: str, parts: tuple[str
         ops, ops_reason = _ops(side, kind, parts, hf_parts, params, rows, INTERLEAVED in hf_layout)
         if ops is not None:
             ops, ops_reason = _hf_tensor(ops, rows, TRANSPOSED in hf_layout, experts)
+        if ops is not None and ZERO_CENTERED in hf_layout:
+            ops += (Offset(1.0),)  # HF's weight is Megatron's zero-centred one plus 1
     return ElementLayout(tp, ops, "; ".join(r for r in (tp_reason, ops_reason) if r) or None)
 
 

@@ -170,6 +170,28 @@ class Transpose:
 
 
 @dataclass(frozen=True, slots=True)
+class Offset:
+    """Add ``value`` to every element: a norm weight Megatron stores zero-centred (``w - 1``,
+    ``layernorm_zero_centered_gamma``) and Hugging Face plainly (``w``). Its inverse subtracts it; the sum is
+    rounded in the tensor's dtype, so only values that hold it exactly come back bit for bit."""
+
+    value: float
+
+    def __call__(self, tensors: list) -> list:
+        return [t + self.value for t in tensors]
+
+    @property
+    def takes(self) -> int:
+        return 1  # any number, one at a time; inside :class:`Each`, one
+
+    def reverse(self) -> "Offset":
+        return Offset(-self.value)
+
+    def to_json(self) -> dict:
+        return {"op": "offset", "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
 class Stack:
     """``count`` tensors (one per expert) → one tensor with the experts on axis ``dim``."""
 
@@ -298,7 +320,7 @@ class Each:
         return {"op": "each", "ops": [op.to_json() for op in self.ops]}
 
 
-Op = Union[Split, Concat, Select, Transpose, Stack, Unstack, Copy, Max, Each]
+Op = Union[Split, Concat, Select, Transpose, Offset, Stack, Unstack, Copy, Max, Each]
 
 
 def apply(ops: Sequence[Op], tensors: list) -> list:

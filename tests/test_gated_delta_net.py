@@ -254,3 +254,45 @@ def test_each_tp_rank_holds_its_query_groups_gated_attention_rows(tmp_path):
         query = _span(1, 8 * rank, 2) + _span(1, 8 * rank + 4, 2)  # heads 2r, 2r + 1: rows 4h, 4h + 1
         gate = _span(1, 8 * rank + 2, 2) + _span(1, 8 * rank + 6, 2)  # rows 4h + 2, 4h + 3
         assert _rows(shard[qkv]) == query + gate + _span(2, 2 * rank, 2) + _span(3, 2 * rank, 2), rank
+
+
+def test_the_zero_centred_out_norm_is_hf_minus_one_in_megatron_and_comes_back_bit_for_bit(tmp_path):
+    """Megatron-Core's GDN out_norm is zero-centred (layernorm_zero_centered_gamma: it stores w - 1), HF's
+    linear_attn.norm plain (w): Megatron-Bridge's RMSNorm2ZeroCenteredRMSNormMapping. Values in [0.5, 2]
+    (where w - 1 is exact in fp32) go there and back bit for bit."""
+    import torch
+    from typer.testing import CliRunner
+
+    from quantmap.cli import app
+    from quantmap.executor.naming import to_global
+    from quantmap.io.shards import LazyShard, rank_file
+    from quantmap.parallel import ParallelLayout
+    from test_specs_hf import build, variants
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build("qwen3_next", variants("qwen3_next")[0])
+    norms = {name: p for name, p in model.named_parameters() if name.endswith("linear_attn.norm.weight")}
+    assert norms
+    with torch.no_grad():
+        for p in norms.values():
+            p.copy_(torch.rand(p.shape) * 1.5 + 0.5)
+    model.save_pretrained(tmp_path / "hf")
+    ParallelLayout(tp=2, num_layers=model.config.num_hidden_layers, num_experts=4).write(tmp_path)
+    for args in (["import", "qwen3_next", "--hf", str(tmp_path / "hf"), "--layout", str(tmp_path / "layout.json"),
+                  "--out", str(tmp_path / "meg"), "--format", "hf"],
+                 ["export", "qwen3_next", "--megatron", str(tmp_path / "meg"), "--out", str(tmp_path / "back"),
+                  "--format", "hf", "--like", str(tmp_path / "hf")]):
+        run = CliRunner().invoke(app, [*args, "-p", "num_experts=4", "--quiet"])
+        assert run.exit_code == 0, run.output
+    layout = ParallelLayout.read(tmp_path)
+    for rank in range(layout.world_size):
+        shard = LazyShard(rank_file(tmp_path / "meg", rank))
+        for local in shard:
+            if local.endswith("self_attention.out_norm.weight"):
+                name = to_global(local, layout, layout.coords(rank))
+                hf = norms[name.replace("decoder.layers", "model.layers").replace("self_attention.out_norm",
+                                                                                  "linear_attn.norm")]
+                assert torch.equal(shard[local], hf.detach() - 1), name
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    assert all(torch.equal(back[name], p.detach()) for name, p in norms.items())

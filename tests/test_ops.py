@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from quantmap.element_layout import ROWS, TensorParallel, derive
-from quantmap.ops import (STRIDED, Concat, Copy, Each, Max, OpError, Select, Split, Stack, Transpose, Unstack, apply,
+from quantmap.ops import (STRIDED, Concat, Copy, Each, Max, Offset, OpError, Select, Split, Stack, Transpose, Unstack, apply,
                           reverse)
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -230,3 +230,12 @@ def test_each_runs_one_op_per_run_of_parts_and_its_reverse_undoes_it():
     assert all(torch.equal(a, b) for a, b in zip(op.reverse()(joined), parts))
     with pytest.raises(OpError, match="got 2 tensor"):
         op(parts[:2])
+
+
+def test_offset_adds_its_value_and_its_reverse_takes_it_away_exactly_where_the_dtype_holds_both():
+    """A zero-centred norm (Megatron ``w - 1``) is HF's ``w``: values in [0.5, 2] come back bit for bit."""
+    hf = torch.tensor([0.5, 0.75, 1.0, 1.3125, 2.0, 1.0 + 2 ** -20])
+    megatron = apply((Offset(1.0).reverse(),), [hf])[0]
+    assert torch.equal(megatron, torch.tensor([-0.5, -0.25, 0.0, 0.3125, 1.0, 2 ** -20]))
+    assert torch.equal(apply((Offset(1.0),), [megatron])[0], hf)
+    assert Offset(1.0).reverse() == Offset(-1.0) and Offset(1.0).to_json() == {"op": "offset", "value": 1.0}

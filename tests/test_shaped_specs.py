@@ -136,6 +136,8 @@ FC1 = "decoder.layers.*.mlp.experts.local_experts.*.linear_fc1"
      "needs 'kind: gated_mlp' and 'hf_parts' (got kind 'fused', no hf_parts)"),
     (f"{{megatron: {FC1}.bias, hf: a.*.gate_up_bias, fused_experts: shared, kind: gated_mlp, hf_parts: [gate, up], "
      f"hf_layout: [interleaved, transposed]}}", "is not a weight"),
+    ("{megatron: decoder.layers.*.mlp.linear_fc2.weight, hf: model.layers.*.mlp.down_proj.weight, parallel: row, "
+     "hf_layout: [zero_centered]}", "may carry quantizers, as a linear does"),
 ])
 def test_an_hf_layout_that_does_not_fit_the_mapping_is_qm028_at_its_line(tmp_path, mapping, says):
     error = _only_error(_spec(tmp_path, mapping))
@@ -145,7 +147,7 @@ def test_an_hf_layout_that_does_not_fit_the_mapping_is_qm028_at_its_line(tmp_pat
 def test_an_unknown_hf_layout_entry_is_a_schema_error_naming_the_allowed_ones(tmp_path):
     error = _only_error(_spec(tmp_path, f"{{megatron: {FC1}.weight, hf: a.*.gate_up, fused_experts: shared, "
                                         f"kind: plain, hf_layout: [swapped]}}"))
-    assert error.code == "QM011" and "hf_layout.0" in error.message and "'interleaved' or 'transposed'" in error.message
+    assert error.code == "QM011" and "hf_layout.0" in error.message and "'interleaved', 'transposed' or 'zero_centered'" in error.message
     assert error.location.line == 4 and "swapped" in error.hint
 
 

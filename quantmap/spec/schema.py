@@ -58,12 +58,13 @@ class MappingSpec(_Strict):
         description="The HF tensor is itself fused: it holds these parts of the Megatron group (kind qkv or "
         "gated_mlp) concatenated on dim 0 in this order, e.g. [q, k, v] for Phi-3's qkv_proj.",
     )
-    hf_layout: list[Literal["interleaved", "transposed"]] | None = Field(
+    hf_layout: list[Literal["interleaved", "transposed", "zero_centered"]] | None = Field(
         None,
         description="How the HF tensor's elements lie besides its parts' order: 'interleaved' (the hf_parts of a "
         "gated_mlp alternate row by row, even rows gate and odd rows up, instead of [gate; up]) and/or "
         "'transposed' (the HF weight is [in, out], Megatron's [out, in] swapped), e.g. [interleaved, transposed] "
-        "for gpt-oss's mlp.experts.gate_up_proj.",
+        "for gpt-oss's mlp.experts.gate_up_proj; 'zero_centered' (a norm weight Megatron stores as w - 1, "
+        "layernorm_zero_centered_gamma, and HF as w: HF = Megatron + 1), e.g. Gated DeltaNet's out_norm.",
     )
     quantizers: list[str] | None = Field(
         None,
