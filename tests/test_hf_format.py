@@ -129,6 +129,28 @@ def test_a_lazy_shard_export_reads_each_weight_when_its_file_is_written(llama, t
     assert len(read) == weights == 30 and counts["peak"] == 1, counts
 
 
+def test_a_written_files_buffers_are_freed_before_the_next_files_are_built(tmp_path, monkeypatch):
+    """The writer holds one file's inputs at a time: when a file is written, no tensor built for the one before
+    it is kept (a record of a single-rank checkpoint is a view into its file's buffer, which it would keep
+    alive), so a process peaks near one shard, not two."""
+    from quantmap.executor import writers
+
+    checkpoint = Path(__file__).parent / "data" / "dcp" / "fp8_kv_tp1" / "ckpt"
+    config = Path(__file__).parent / "data" / "dcp" / "reference" / "hf_config_dense.json"
+    written = []
+
+    def watched(path, records, indices):
+        assert records._built is None, f"{path.name}: a tensor built for the file before is still held"
+        written.append(path.name)
+        return write_shard(path, records, indices)
+
+    write_shard = writers.write_shard
+    monkeypatch.setattr(writers, "write_shard", watched)
+    export_from(quantmap.compile("llama", num_attention_heads=4, num_query_groups=2, head_dim=16), checkpoint,
+                tmp_path / "hf", RunOptions(format="hf", model_files=model_files(config=config), shard_size=4096))
+    assert len(written) > 3
+
+
 # -- refusals: each before anything is written ------------------------------------------------------
 
 def refused(llama, tmp_path, match, state=None, spec="llama", **given):

@@ -166,6 +166,11 @@ class _Records:
         combined = self.plan.tensors(self._items[index], self.buffers)[0]
         return combined.unsqueeze(1).expand(-1, len(self._items.run(index).hf)).reshape(-1)
 
+    def release(self) -> None:
+        """Drop the last item's tensors: views into the buffers of the file just written, which they would keep
+        alive while the next file's buffers are built (a second shard file's worth of memory)."""
+        self._built = None
+
     def tensor(self, i: int) -> torch.Tensor:
         index = self._item[i]
         if self._built is None or self._built[0] != index:

@@ -133,5 +133,6 @@ def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path
             status["disagreements"][mine] = report.disagreements[before:]
             if on_shard is not None:
                 on_shard(file_bytes(records, plan.bounds[mine]))
+        records.release()
         buffers.clear()
     return status
