@@ -135,3 +135,18 @@ def test_a_megatron_core_0_19_save_exports_the_same_model(tmp_path):
     assert run.exit_code == 0, run.output
     assert _digests(out) == _digests(reference)
     assert _digests(out / "quantizer_state") == _digests(reference / "quantizer_state")
+
+
+@pytest.mark.parametrize("layout", [{"tp": 1, "pp": 2, "dp": 1}, {"tp": 2, "pp": 2, "dp": 1}, {"tp": 2, "pp": 1, "dp": 2}])
+def test_the_model_laid_out_as_shard_directories_exports_the_same_bytes(tmp_path, layout):
+    """The fixture's model laid out as Megatron ranks (PP, TP×PP, DP replicas) by quantmap's import, then
+    exported from that shard directory: the same model files as the torch_dist checkpoint's own export."""
+    reference = export(tmp_path, "fp8_kv_tp1")
+    (tmp_path / "layout.json").write_text(json.dumps({**layout, "num_layers": 2}))
+    for args in (["import", "llama", "--hf", str(reference), "--layout", str(tmp_path / "layout.json"),
+                  "--out", str(tmp_path / "shards"), "--format", "hf"],
+                 ["export", "llama", "--megatron", str(tmp_path / "shards"), "--out", str(tmp_path / "again"),
+                  "--format", "hf", "--config", str(CONFIG)]):
+        run = CliRunner().invoke(app, [*args, "--quiet"])
+        assert run.exit_code == 0, run.output
+    assert _digests(tmp_path / "again") == _digests(reference)
