@@ -77,6 +77,24 @@ def test_tp1_and_tp2_saves_of_one_model_read_to_the_same_weights():
     assert sorted(tp1) == sorted(tp2) and all(_bits(tp1[name]) == _bits(tp2[name]) for name in tp1)
 
 
+def test_a_weight_read_into_a_slice_of_a_buffer_equals_the_plain_read_and_touches_nothing_else():
+    """``read_into`` (what the export's writer uses: the weight's bytes straight into the output file's buffer)
+    gives the plain read's bits for TP=2 chunks split on either axis and SwiGLU's halves, and leaves the
+    bytes around the slice as they were."""
+    _, state, _ = read_checkpoint(locate(DATA / "fp8_kv_tp2/ckpt"), weights=True)
+    split = [name for name, weight in state.weights.items() if len(state.stored[weight.parts[0].key].chunks) > 1]
+    halves = [name for name, weight in state.weights.items() if len(weight.parts) == 2]
+    assert {"decoder.layers.1.self_attention.linear_qkv.weight", "decoder.layers.1.mlp.linear_fc2.weight",
+            "decoder.layers.1.mlp.linear_fc1.weight"} <= set(split) and "decoder.layers.1.mlp.linear_fc1.weight" in halves
+    for name in split + halves:
+        plain = state[name]
+        width = plain.numel() * plain.element_size()
+        buffer = torch.full((width + 64,), 0xA5, dtype=torch.uint8)
+        state.read_into(name, buffer[32:32 + width].view(plain.dtype).view(plain.shape))
+        assert _bits(buffer[32:32 + width]) == _bits(plain), name
+        assert bool((buffer[:32] == 0xA5).all()) and bool((buffer[32 + width:] == 0xA5).all()), name
+
+
 def test_each_pipeline_stage_holds_only_its_layers_under_local_names():
     whole = weights_of(DATA / "fp8_kv_tp2/ckpt")
     first, last = weights_of(DATA / "fp8_kv_tp2/ckpt", 2, 0), weights_of(DATA / "fp8_kv_tp2/ckpt", 2, 1)
@@ -146,9 +164,9 @@ def _count_reads(monkeypatch) -> list[int]:
     sizes = []
     real = read_module._read_range
 
-    def counting(directory, file, start, end):
+    def counting(directory, file, start, end, *args, **kwargs):
         sizes.append(end - start)
-        return real(directory, file, start, end)
+        return real(directory, file, start, end, *args, **kwargs)
 
     monkeypatch.setattr(read_module, "_read_range", counting)
     return sizes

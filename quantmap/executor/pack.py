@@ -16,7 +16,8 @@ The model's own tensors (weights, norms: :data:`quantmap.roles.MODEL_ROLES`) are
 rank's weights are gigabytes. Their entry is planned from their dtype and shape alone (a state that
 knows them without reading the data says so with ``tensor_spec(name)``, as
 :class:`~quantmap.io.shards.LazyShard` does from the file's header), and holds a :class:`Deferred` read,
-made when the buffer of the output file that needs it is built and dropped once copied there. So a
+made when the buffer of the output file that needs it is built and dropped once copied there (a state
+with ``read_into(name, out)`` reads it straight into its place in that buffer, no tensor in between). So a
 process holds at most the tensors of the file being written. Their values are not checked (quantizer
 state is: an amax has a meaning a weight's values do not) and data-parallel replicas of them are not
 compared: only the first replica's are read.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple
 
@@ -73,6 +75,9 @@ class Packed:
         at = 0
         while at < len(entries):
             span = self._scalar_span(entries, at)
+            if span <= 1 and self._read_into(entries[at], buffer, starts[at]):
+                at += 1
+                continue
             if span > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
                 scalars = [self.value(e) for e in entries[at:at + span]]  # detached when read
                 values = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in scalars])
@@ -82,6 +87,22 @@ class Packed:
             buffer[starts[at]:starts[at] + flat.numel()] = flat
             at += max(span, 1)
         return buffer
+
+    def _read_into(self, entry: int, buffer: torch.Tensor, start: int) -> bool:
+        """Read a :class:`Deferred` entry straight into its place in ``buffer``, where its state can
+        (``read_into(name, out)``, as :class:`~quantmap.executor.torch_dist_checkpoint.CheckpointState`
+        has): its bytes are then copied once, from the file into the buffer; ``False`` where it cannot."""
+        value = self.values[entry]
+        read_into = getattr(value.state, "read_into", None) if isinstance(value, Deferred) else None
+        if read_into is None:
+            return False
+        dtype, shape = self.meta.dtypes[entry], self.meta.shapes[entry]
+        with reading(value.local):
+            spec = value.state.tensor_spec(value.local)
+        self._check_planned(entry, value.local, spec[0], tuple(spec[1]))
+        with reading(value.local):
+            read_into(value.local, buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+        return True
 
     def _scalar_span(self, entries: list[int], at: int) -> int:
         """How many entries from ``entries[at]`` on are one-element tensors of its dtype (0 if it is not one)."""
@@ -102,12 +123,15 @@ class Packed:
         if not isinstance(value, Deferred):
             return value
         tensor = read_tensor(value.state, value.local)
+        self._check_planned(entry, value.local, tensor.dtype, tuple(tensor.shape))
+        return tensor
+
+    def _check_planned(self, entry: int, local: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         planned = self.meta.dtypes[entry], self.meta.shapes[entry]
-        if (tensor.dtype, tuple(tensor.shape)) != planned:
-            raise ValueError(f"{value.local!r} reads as {tensor.dtype} {list(tensor.shape)} but was planned as "
+        if (dtype, shape) != planned:
+            raise ValueError(f"{local!r} reads as {dtype} {list(shape)} but was planned as "
                              f"{planned[0]} {list(planned[1])} from its metadata; the checkpoint changed while it was "
                              f"exported, or its header is wrong".replace("torch.", ""))
-        return tensor
 
     def pieces(self, entries: list[int]) -> list[torch.Tensor]:
         """Entries ``entries`` (in :func:`transfer_order`) as the pieces of their transfer: the small
@@ -238,10 +262,8 @@ class _Packing:
         if spec is None:
             value = self._value(local)
             return value.dtype, tuple(value.shape)
-        try:
+        with reading(local):
             dtype, shape = spec(local)
-        except Exception as error:
-            raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
         return dtype, tuple(shape)
 
     def _append(self, name: str, value: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], rule: int) -> None:
@@ -257,14 +279,21 @@ class _Packing:
 
 def read_tensor(state: Mapping, local: str) -> torch.Tensor:
     """``state[local]``, detached; a failing read or a value that is no tensor is an error naming it."""
-    try:
+    with reading(local):
         value = state[local]
-    except Exception as error:
-        raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{local!r} is a {type(value).__name__}, not a tensor; pass the model's state_dict() "
                         f"or a safetensors shard")
     return value.detach() if value.requires_grad else value  # a live model's parameter
+
+
+@contextmanager
+def reading(local: str):
+    """Any failure of reading ``local`` from its state as one error naming it."""
+    try:
+        yield
+    except Exception as error:
+        raise ExecutorError(f"reading {local!r} failed: {type(error).__name__}: {error}") from error
 
 
 def offsets(meta: RankMeta, entries) -> tuple[array, int]:

@@ -119,6 +119,11 @@ class CheckpointState(Mapping):
             return tensor
         return read_weight(self.directory, self.stored, self.weights[name])
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Weight ``name`` read straight into ``out`` (of its dtype and shape: a slice of the buffer of the
+        output file that holds it), with no tensor of its own in between (:func:`read_weight`)."""
+        read_weight(self.directory, self.stored, self.weights[name], out)
+
     def tensor_spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """A weight's dtype and shape from ``.metadata`` alone: the export plans it from these and reads it
         only when its output file is written."""

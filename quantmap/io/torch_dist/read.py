@@ -18,6 +18,7 @@ by byte range when its archive is plain, else read whole and cut.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import os
@@ -149,53 +150,119 @@ def stored_keys(directory: str | Path, entries: dict[str, Entry], weights: list[
     return out
 
 
-def read_weight(directory: str | Path, stored: dict[str, Stored], weight: Weight) -> torch.Tensor:
-    """``weight`` in state_dict form, read from its chunks' byte ranges only; an error names the key."""
-    directory, pieces = Path(directory), []
-    for part in weight.parts:
-        try:
-            pieces.append(_read_part(directory, stored[part.key], part))
-        except TorchDistError as error:
-            raise TorchDistError(f"{weight.name} (checkpoint key {part.key}): {error}") from None
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+def read_weight(directory: str | Path, stored: dict[str, Stored], weight: Weight,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` in state_dict form, read from its chunks' byte ranges only; an error names the key.
+
+    With ``out`` (its dtype and shape, any memory: a slice of an output file's buffer), the weight is read
+    into it and nothing else is allocated: each part into its rows of ``out`` (SwiGLU's gate, then up), each
+    chunk into its region, and a plain archive's bytes straight from the file into that region's memory
+    where it is contiguous (the common case: a whole chunk, or TP's row split), so a weight's bytes are
+    copied once on their way to the output instead of up to three times (read, assembled, concatenated).
+    Each file is opened once per call (and closed by its end)."""
+    directory = Path(directory)
+    if out is not None and (out.dtype, tuple(out.shape)) != (getattr(torch, weight.dtype), weight.shape):
+        raise ValueError(f"{weight.name}: read into a {out.dtype} {list(out.shape)} tensor, but it is "
+                         f"{weight.dtype} {list(weight.shape)}".replace("torch.", ""))
+    own = out is None and len(weight.parts) == 1  # one part, no assembly: the read's own tensor
+    if out is None and not own:
+        out = torch.empty(weight.shape, dtype=getattr(torch, weight.dtype))
+    row = 0
+    with _OpenFiles(directory) as files:
+        for part in weight.parts:
+            try:
+                if own:
+                    return _read_part(directory, stored[part.key], part, None, files)
+                region = out.narrow(0, row, part.shape[0]) if len(weight.parts) > 1 else out
+                row += region.shape[0] if len(weight.parts) > 1 else 0
+                if tuple(region.shape) != part.shape:
+                    raise TorchDistError(f"its shape {list(part.shape)} does not fit {weight.name}'s "
+                                         f"{list(weight.shape)}")
+                _read_part(directory, stored[part.key], part, region, files)
+            except TorchDistError as error:
+                raise TorchDistError(f"{weight.name} (checkpoint key {part.key}): {error}") from None
+    return out
 
 
-def _read_part(directory: Path, stored: Stored, part: Part) -> torch.Tensor:
+def _read_part(directory: Path, stored: Stored, part: Part, out: torch.Tensor | None,
+               files: _OpenFiles) -> torch.Tensor:
+    """Part ``part`` of a weight, into ``out`` (of its shape) when given, else as a new tensor."""
     axes = len(part.index)
     chunks = [chunk for chunk in stored.chunks
               if all(o <= i < o + z for i, o, z in zip(part.index, chunk.offsets, chunk.sizes))]
-    out = None
+    if out is None and len(chunks) == 1:  # the chunks tile the key, so one chunk holding this part holds all of it
+        return _chunk_part(directory, chunks[0], part.index, stored.key, files)
     for chunk in chunks:
-        piece = _chunk_part(directory, chunk, part.index, stored.key)
-        if len(chunks) == 1:  # the chunks tile the key, so one chunk holding this part holds all of it
-            return piece
-        if out is None:
-            out = torch.empty(part.shape, dtype=piece.dtype)
-        region = out
-        for dim, (offset, size) in enumerate(zip(chunk.offsets[axes:], chunk.sizes[axes:])):
-            region = region.narrow(dim, offset, size)
-        region.copy_(piece)
+        if out is None:  # the first chunk's dtype, as torch.load would give it
+            first = _chunk_part(directory, chunk, part.index, stored.key, files)
+            out = torch.empty(part.shape, dtype=first.dtype)
+            _region(out, chunk, axes).copy_(first)
+            continue
+        _chunk_into(directory, chunk, part.index, stored.key, _region(out, chunk, axes), files)
     return out if out is not None else torch.empty(part.shape, dtype=getattr(torch, stored.dtype))  # no elements
 
 
-def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str) -> torch.Tensor:
+def _region(out: torch.Tensor, chunk: Chunk, axes: int) -> torch.Tensor:
+    """The region of a part's tensor ``out`` that ``chunk`` holds (its offsets past the stacked axes)."""
+    for dim, (offset, size) in enumerate(zip(chunk.offsets[axes:], chunk.sizes[axes:])):
+        out = out.narrow(dim, offset, size)
+    return out
+
+
+def _chunk_into(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str, region: torch.Tensor,
+                files: _OpenFiles) -> None:
+    """The piece of ``chunk`` at ``index`` (see :func:`_chunk_part`) written into ``region``: read straight
+    into its memory when the archive is plain and the region contiguous, else read and copied."""
+    path = directory / chunk.file
+    found = None if chunk.transformed or not region.is_contiguous() else _archive(directory, chunk, files)
+    if found is not None and found.size != chunk.sizes:
+        raise TorchDistError(f"{path}: the bytes recorded for {key} hold a tensor of shape {list(found.size)}, "
+                             f"but .metadata says {list(chunk.sizes)}; this .metadata belongs to another checkpoint")
+    if found is not None and found.contiguous:
+        _same_dtype(found.dtype, region.dtype, path, key)
+        first, width = _piece_range(chunk, index, found)
+        if width:
+            memory = (ctypes.c_ubyte * width).from_address(region.data_ptr())
+            _read_range(directory, chunk.file, first, first + width, into=memory, files=files)
+        return
+    piece = _chunk_part(directory, chunk, index, key, files)
+    _same_dtype(piece.dtype, region.dtype, path, key)
+    region.copy_(piece)
+
+
+def _same_dtype(stored: torch.dtype, wanted: torch.dtype, path: Path, key: str) -> None:
+    if stored != wanted:
+        raise TorchDistError(f"{path}: the bytes recorded for {key} hold a {stored} tensor, but .metadata says "
+                             f"{wanted}; this .metadata belongs to another checkpoint".replace("torch.", ""))
+
+
+def _piece_range(chunk: Chunk, index: tuple[int, ...], found: _Plain) -> tuple[int, int]:
+    """Where in its file the piece of a contiguous plain chunk at ``index`` (stacked axes) lies: first byte, length."""
+    axes = len(index)
+    within = [i - o for i, o in zip(index, chunk.offsets)]
+    width = math.prod(chunk.sizes[axes:]) * found.dtype.itemsize
+    first = chunk.offset + found.start + sum(i * math.prod(chunk.sizes[a + 1:]) for a, i in
+                                             enumerate(within)) * found.dtype.itemsize
+    return first, width
+
+
+def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str,
+                files: _OpenFiles | None = None) -> torch.Tensor:
     """The piece of ``chunk`` at ``index`` on its stacked leading axes (all of it when it has none)."""
     axes, path = len(index), directory / chunk.file
     within = [i - o for i, o in zip(index, chunk.offsets)]
     if any(chunk.sizes[a] > 1 for a in range(axes)) and not chunk.transformed:
-        found = _archive(directory, chunk)
+        found = _archive(directory, chunk, files)
         if found is not None and found.size != chunk.sizes:
             raise TorchDistError(f"{path}: the bytes recorded for {key} hold a tensor of shape {list(found.size)}, "
                                  f"but .metadata says {list(chunk.sizes)}; this .metadata belongs to another checkpoint")
         if found is not None and found.contiguous:
             size = chunk.sizes[axes:]
-            width = math.prod(size) * found.dtype.itemsize
-            first = chunk.offset + found.start + sum(i * math.prod(chunk.sizes[a + 1:]) for a, i in
-                                                     enumerate(within)) * found.dtype.itemsize
-            data = _read_range(directory, chunk.file, first, first + width)
+            first, width = _piece_range(chunk, index, found)
+            data = _read_range(directory, chunk.file, first, first + width, files=files)
             return torch.frombuffer(data, dtype=found.dtype).view(size) if width else \
                 torch.empty(size, dtype=found.dtype)
-    data = _read_range(directory, chunk.file, chunk.offset, chunk.offset + chunk.length)
+    data = _read_range(directory, chunk.file, chunk.offset, chunk.offset + chunk.length, files=files)
     view = memoryview(data)
     tensor = _decode(view, data, 0, chunk, None if chunk.transformed else _plain(view, {}), path, key)
     if not axes:
@@ -204,12 +271,12 @@ def _chunk_part(directory: Path, chunk: Chunk, index: tuple[int, ...], key: str)
     return piece if all(z == 1 for z in chunk.sizes[:axes]) else piece.clone()  # not the other layers' bytes
 
 
-def _archive(directory: Path, chunk: Chunk) -> _Plain | None:
+def _archive(directory: Path, chunk: Chunk, files: _OpenFiles | None = None) -> _Plain | None:
     """Where a chunk's ``torch.save`` archive keeps its tensor (:class:`_Plain`, ``start`` from the archive's
     first byte), read from its zip directory and ``data.pkl`` alone, not its data; ``None`` if not plain
     (then the chunk is read whole, and anything wrong with it is reported as for any chunk)."""
     try:
-        found = _archive_directory(directory, chunk)
+        found = _archive_directory(directory, chunk, files)
     except TorchDistError:
         raise  # the file itself cannot be read
     except (struct.error, IndexError, ValueError):  # a damaged or odd zip directory
@@ -219,10 +286,10 @@ def _archive(directory: Path, chunk: Chunk) -> _Plain | None:
     return found
 
 
-def _archive_directory(directory: Path, chunk: Chunk) -> _Plain | None:
+def _archive_directory(directory: Path, chunk: Chunk, files: _OpenFiles | None) -> _Plain | None:
     end = chunk.offset + chunk.length
     base = max(chunk.offset, end - _TAIL)
-    tail = memoryview(_read_range(directory, chunk.file, base, end))
+    tail = memoryview(_read_range(directory, chunk.file, base, end, files=files))
     at = len(tail) - 22
     if at < 0 or tail[at:at + 4] != b"PK\x05\x06":
         return None
@@ -248,7 +315,7 @@ def _archive_directory(directory: Path, chunk: Chunk) -> _Plain | None:
             local, size = members[member]
             if local + 30 > chunk.length:
                 return None
-            header = _read_range(directory, chunk.file, chunk.offset + local, chunk.offset + local + 30)
+            header = _read_range(directory, chunk.file, chunk.offset + local, chunk.offset + local + 30, files=files)
             if header[:4] != b"PK\x03\x04":
                 return None
             starts[member] = local + 30 + sum(struct.unpack_from("<HH", header, 26))
@@ -256,7 +323,8 @@ def _archive_directory(directory: Path, chunk: Chunk) -> _Plain | None:
         start = starts[member]
         if start + members[member][1] > chunk.length:
             raise ValueError("a member beyond its archive")
-        return bytes(_read_range(directory, chunk.file, chunk.offset + start, chunk.offset + start + members[member][1]))
+        return bytes(_read_range(directory, chunk.file, chunk.offset + start, chunk.offset + start + members[member][1],
+                                 files=files))
     if b"/byteorder" in members and member_bytes(b"/byteorder") != b"little":
         return None
     description = _describe(member_bytes(b"/data.pkl"))
@@ -297,22 +365,52 @@ def _runs(items):
         yield start, end, group
 
 
-def _read_range(directory: Path, file: str, start: int, end: int) -> bytearray:
+def _read_range(directory: Path, file: str, start: int, end: int, into=None,
+                files: _OpenFiles | None = None) -> bytearray:
     """Bytes ``start:end`` of the checkpoint file ``file`` (a regular file inside ``directory``: see
-    :mod:`quantmap.io.torch_dist.files`)."""
+    :mod:`quantmap.io.torch_dist.files`), read into ``into`` (a writable buffer of that length) when given,
+    else into a new bytearray; through ``files``' open descriptor of it when given."""
     path = directory / file
     try:
+        if files is not None:
+            return _read_from(files.stream(file), path, start, end, into)
         with open_regular(directory, file, buffering=0) as stream:
-            size = os.fstat(stream.fileno()).st_size
-            if end > size:  # before allocating: a chunk length from .metadata may be anything (2**40)
-                raise truncated(path, end, size)
-            data = bytearray(end - start)
-            got = stream.readinto(data) if stream.seek(start) == start else 0
+            return _read_from(stream, path, start, end, into)
     except OSError as error:
         raise TorchDistError(f"{path}: cannot read it: {error.strerror}") from None
+
+
+def _read_from(stream, path: Path, start: int, end: int, into):
+    size = os.fstat(stream.fileno()).st_size
+    if end > size:  # before allocating: a chunk length from .metadata may be anything (2**40)
+        raise truncated(path, end, size)
+    data = bytearray(end - start) if into is None else into
+    got = stream.readinto(data) if stream.seek(start) == start else 0
     if got != end - start:
         raise truncated(path, end, size)
     return data
+
+
+class _OpenFiles:
+    """A checkpoint's files opened once each for the reads of one weight (a chunk's archive directory, its
+    header and its data are several reads of one file), closed when the ``with`` block ends."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.streams = directory, {}
+
+    def stream(self, file: str):
+        stream = self.streams.get(file)
+        if stream is None:
+            stream = self.streams[file] = open_regular(self.directory, file, buffering=0)
+        return stream
+
+    def __enter__(self) -> _OpenFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        self.streams.clear()
 
 
 def _gather(data: bytearray, dtype: torch.dtype, size: tuple[int, ...], shape: tuple[int, ...],
