@@ -256,6 +256,7 @@ def test_each_tp_rank_holds_its_query_groups_gated_attention_rows(tmp_path):
         assert _rows(shard[qkv]) == query + gate + _span(2, 2 * rank, 2) + _span(3, 2 * rank, 2), rank
 
 
+@pytest.mark.slow
 def test_the_zero_centred_out_norm_is_hf_minus_one_in_megatron_and_comes_back_bit_for_bit(tmp_path):
     """Megatron-Core's GDN out_norm is zero-centred (layernorm_zero_centered_gamma: it stores w - 1), HF's
     linear_attn.norm plain (w): Megatron-Bridge's RMSNorm2ZeroCenteredRMSNormMapping. Values in [0.5, 2]

@@ -77,6 +77,7 @@ def test_the_model_weights_are_the_megatron_weights_converted_by_hand(tmp_path, 
     assert sorted(Checkpoint(out / "quantizer_state").names())  # the quantizer state, beside the model
 
 
+@pytest.mark.slow
 def test_transformers_loads_it_whole_and_its_logits_are_megatron_cores(tmp_path):
     out = export(tmp_path, "fp8_kv_tp1")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True,
@@ -137,6 +138,7 @@ def test_a_megatron_core_0_19_save_exports_the_same_model(tmp_path):
     assert _digests(out / "quantizer_state") == _digests(reference / "quantizer_state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [{"tp": 1, "pp": 2, "dp": 1}, {"tp": 2, "pp": 2, "dp": 1}, {"tp": 2, "pp": 1, "dp": 2}])
 def test_the_model_laid_out_as_shard_directories_exports_the_same_bytes(tmp_path, layout):
     """The fixture's model laid out as Megatron ranks (PP, TP×PP, DP replicas) by quantmap's import, then

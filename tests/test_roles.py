@@ -46,6 +46,7 @@ def test_module_of(name, role, module):
     assert module_of(name, role) == module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", sorted(shipped_specs()))
 def test_every_rule_of_every_spec_has_a_role_its_kind_allows(spec):
     params = {"num_layers": 3} if spec in ("deepseek_v3", "glm4_moe") else {}
