@@ -59,3 +59,30 @@ def megatron_llama(hf: dict[str, torch.Tensor], layers: int, heads: int, groups:
                 m + "mlp.linear_fc1.layer_norm_weight": hf[h + "post_attention_layernorm.weight"],
                 m + "mlp.linear_fc2.weight": hf[h + "mlp.down_proj.weight"]}
     return out
+
+
+def llama_hf_by_hand(state: dict[str, torch.Tensor], layers: int, heads: int, groups: int,
+                     head_dim: int) -> dict[str, torch.Tensor]:
+    """A Llama's weights in transformers' names, from Megatron-Core's single-rank state_dict form, written out
+    from the documented layout: q/k/v cut from each query group's ``[q heads of the group; k; v]`` rows of
+    ``linear_qkv``, gate/up the two halves of ``linear_fc1``, the TE-fused norms to the layer norms. (The
+    embedding and output layer are renamed where ``state`` holds them.)"""
+    per_group = heads // groups * head_dim
+    renamed = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+               "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
+    out = {hf: state[megatron] for megatron, hf in renamed.items() if megatron in state}
+    for layer in range(layers):
+        m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        qkv = state[m + "self_attention.linear_qkv.weight"]
+        grouped = qkv.reshape(groups, per_group + 2 * head_dim, qkv.shape[1])
+        q, k, v = grouped.split([per_group, head_dim, head_dim], dim=1)
+        gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2)
+        out |= {h + "self_attn.q_proj.weight": q.reshape(-1, qkv.shape[1]),
+                h + "self_attn.k_proj.weight": k.reshape(-1, qkv.shape[1]),
+                h + "self_attn.v_proj.weight": v.reshape(-1, qkv.shape[1]),
+                h + "self_attn.o_proj.weight": state[m + "self_attention.linear_proj.weight"],
+                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
+                h + "mlp.down_proj.weight": state[m + "mlp.linear_fc2.weight"],
+                h + "input_layernorm.weight": state[m + "self_attention.linear_qkv.layer_norm_weight"],
+                h + "post_attention_layernorm.weight": state[m + "mlp.linear_fc1.layer_norm_weight"]}
+    return out

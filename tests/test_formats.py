@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import quantmap
-from megatron_layout import write_shards as write_layout
+from megatron_layout import llama_hf_by_hand, write_shards as write_layout
 from quantmap.executor import ExecutorError, OptionsError, ParallelLayout, RunOptions
 from quantmap.executor.export import export_offline
 from quantmap.executor.launch import export_from, import_checkpoint
@@ -65,26 +65,15 @@ def write_shards(directory, state: dict[str, torch.Tensor], quantizers_only: boo
 
 
 def hf_reference(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The Hugging Face tensors, by hand: q/k/v cut from each query group's ``[q heads, k, v]``, gate/up
-    the halves of ``linear_fc1``, quantizer state renamed (scalars copied to every part)."""
-    out = {"model.norm.weight": state["decoder.final_layernorm.weight"],
-           "lm_head.weight": state["output_layer.weight"]}
+    """The Hugging Face tensors, by hand: the weights as tests/megatron_layout.py converts them, the per-channel
+    q/k/v weight amax cut like their rows, the other quantizer state renamed (scalars copied to every part)."""
+    out = llama_hf_by_hand(state, LAYOUT.num_layers, HEADS, GROUPS, HEAD_DIM)
     per_group = HEADS // GROUPS * HEAD_DIM
     for layer in range(LAYOUT.num_layers):
         m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        grouped = state[m + "self_attention.linear_qkv.weight"].reshape(GROUPS, per_group + 2 * HEAD_DIM, HIDDEN)
-        q, k, v = grouped.split([per_group, HEAD_DIM, HEAD_DIM], dim=1)
-        gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2)
         amax = state[m + "self_attention.linear_qkv.weight_quantizer._amax"].reshape(GROUPS, -1, 1)
         q_amax, k_amax, v_amax = amax.split([per_group, HEAD_DIM, HEAD_DIM], dim=1)
-        out |= {h + "self_attn.q_proj.weight": q.reshape(-1, HIDDEN), h + "self_attn.k_proj.weight": k.reshape(-1, HIDDEN),
-                h + "self_attn.v_proj.weight": v.reshape(-1, HIDDEN),
-                h + "self_attn.o_proj.weight": state[m + "self_attention.linear_proj.weight"],
-                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
-                h + "mlp.down_proj.weight": state[m + "mlp.linear_fc2.weight"],
-                h + "input_layernorm.weight": state[m + "self_attention.linear_qkv.layer_norm_weight"],
-                h + "post_attention_layernorm.weight": state[m + "mlp.linear_fc1.layer_norm_weight"],
-                h + "self_attn.q_proj.weight_quantizer._amax": q_amax.reshape(-1, 1),
+        out |= {h + "self_attn.q_proj.weight_quantizer._amax": q_amax.reshape(-1, 1),
                 h + "self_attn.k_proj.weight_quantizer._amax": k_amax.reshape(-1, 1),
                 h + "self_attn.v_proj.weight_quantizer._amax": v_amax.reshape(-1, 1)}
         for megatron, parts in (("self_attention.linear_qkv", ("self_attn.q_proj", "self_attn.k_proj",

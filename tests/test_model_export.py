@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from megatron_layout import llama_hf_by_hand
 from quantmap.cli import app
 from quantmap.io.hf import Checkpoint
 from quantmap.io.torch_dist import locate, read_entries
@@ -24,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 DATA = Path(__file__).parent / "data" / "dcp"
 CONFIG = DATA / "reference" / "hf_config_dense.json"
-HEADS, GROUPS, HEAD_DIM = 4, 2, 16  # hf_config_dense.json; q heads per group, then k, then v (Megatron's QKV)
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16  # hf_config_dense.json
 
 
 def export(tmp_path: Path, fixture: str, *extra: str) -> Path:
@@ -36,29 +37,17 @@ def export(tmp_path: Path, fixture: str, *extra: str) -> Path:
 
 
 def megatron_by_hand(fixture: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights in LlamaForCausalLM's names, converted here from the documented layout."""
+    """The checkpoint's weights in LlamaForCausalLM's names, from plain ``dcp.load``: SwiGLU's saved halves
+    joined into Megatron's ``[gate; up]``, then converted from the documented layout (tests/megatron_layout.py)."""
     directory = locate(DATA / fixture / "ckpt").path
     entries = read_entries(directory)
     raw = {key: torch.empty(entry.shape, dtype=getattr(torch, entry.dtype)) for key, entry in entries.items()
            if entry.dtype is not None and "quantizer" not in key}
     dcp.load(raw, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
-    hf = {"model.embed_tokens.weight": raw["embedding.word_embeddings.weight"],
-          "lm_head.weight": raw["output_layer.weight"], "model.norm.weight": raw["decoder.final_layernorm.weight"]}
     for layer in range(2):
-        m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        qkv = raw[m + "self_attention.linear_qkv.weight"]
-        groups = qkv.view(GROUPS, (HEADS // GROUPS + 2) * HEAD_DIM, -1)
-        q_rows = HEADS // GROUPS * HEAD_DIM
-        hf[h + "self_attn.q_proj.weight"] = groups[:, :q_rows].reshape(-1, qkv.shape[1])
-        hf[h + "self_attn.k_proj.weight"] = groups[:, q_rows:q_rows + HEAD_DIM].reshape(-1, qkv.shape[1])
-        hf[h + "self_attn.v_proj.weight"] = groups[:, q_rows + HEAD_DIM:].reshape(-1, qkv.shape[1])
-        hf[h + "self_attn.o_proj.weight"] = raw[m + "self_attention.linear_proj.weight"]
-        hf[h + "input_layernorm.weight"] = raw[m + "self_attention.linear_qkv.layer_norm_weight"]
-        hf[h + "post_attention_layernorm.weight"] = raw[m + "mlp.linear_fc1.layer_norm_weight"]
-        hf[h + "mlp.gate_proj.weight"] = raw[m + "mlp.linear_fc1.weight_w"]
-        hf[h + "mlp.up_proj.weight"] = raw[m + "mlp.linear_fc1.weight_v"]
-        hf[h + "mlp.down_proj.weight"] = raw[m + "mlp.linear_fc2.weight"]
-    return hf
+        fc1 = f"decoder.layers.{layer}.mlp.linear_fc1."
+        raw[fc1 + "weight"] = torch.cat([raw.pop(fc1 + "weight_w"), raw.pop(fc1 + "weight_v")])
+    return llama_hf_by_hand(raw, 2, HEADS, GROUPS, HEAD_DIM)
 
 
 def bits(tensor: torch.Tensor) -> bytes:

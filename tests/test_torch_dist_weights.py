@@ -13,6 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import quantmap
+from megatron_layout import llama_hf_by_hand
 from quantmap.executor import RunOptions
 from quantmap.executor.launch import export_from
 from quantmap.executor.torch_dist_checkpoint import CheckpointState, read_checkpoint
@@ -267,24 +268,7 @@ WEIGHTS = unchanged("test-weights", "weights, norms and the quantizer state, as 
 
 
 def hf_by_hand(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF Llama weights from Megatron's state_dict form: q/k/v cut from each query group's ``[q heads, k, v]``
-    rows, gate/up the halves of ``linear_fc1``, TE norm names to the layer norms."""
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"], "lm_head.weight": state["output_layer.weight"]}
-    per_group = HEADS // GROUPS * HEAD_DIM
-    for layer in range(LAYERS):
-        m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        grouped = state[m + "self_attention.linear_qkv.weight"].reshape(GROUPS, per_group + 2 * HEAD_DIM, HIDDEN)
-        q, k, v = grouped.split([per_group, HEAD_DIM, HEAD_DIM], dim=1)
-        gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2)
-        out |= {h + "self_attn.q_proj.weight": q.reshape(-1, HIDDEN), h + "self_attn.k_proj.weight": k.reshape(-1, HIDDEN),
-                h + "self_attn.v_proj.weight": v.reshape(-1, HIDDEN),
-                h + "self_attn.o_proj.weight": state[m + "self_attention.linear_proj.weight"],
-                h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up,
-                h + "mlp.down_proj.weight": state[m + "mlp.linear_fc2.weight"],
-                h + "input_layernorm.weight": state[m + "self_attention.linear_qkv.layer_norm_weight"],
-                h + "post_attention_layernorm.weight": state[m + "mlp.linear_fc1.layer_norm_weight"]}
-    return out
+    return llama_hf_by_hand(state, LAYERS, HEADS, GROUPS, HEAD_DIM)
 
 
 def test_export_of_fp8_kv_tp1_with_a_format_taking_weights_gives_the_hand_converted_hf_weights(tmp_path, monkeypatch):
