@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from quantmap.executor.comm import WRITER
+from quantmap.executor.module_records import ModuleRecords
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.options import CASTS, OptionsError, RunOptions
@@ -77,7 +78,7 @@ class Export:
     def records(self) -> "_Records":
         """The combined tensors as the file writer's records (empty except on the writer)."""
         if self._records is None:
-            self._records = _Records(self._plan, self._buffers)
+            self._records = records_of(self._plan, self._buffers)
         return self._records
 
 
@@ -166,6 +167,16 @@ class _Records:
         combined = self.plan.tensors(self._items[index], self.buffers)[0]
         return combined.unsqueeze(1).expand(-1, len(self._items.run(index).hf)).reshape(-1)
 
+    def item(self, i: int) -> int:
+        """The plan item record ``i`` comes from."""
+        return self._item[i]
+
+    def named_tensor(self, i: int, position: int) -> torch.Tensor:
+        """The tensor of record ``i``'s ``position``-th name (its one tensor, except in an expert run)."""
+        if self._bulk[i] is _RUN:
+            return self._run_values(i).reshape(len(self.names(i)), *self._specs[i][2])[position]
+        return self.tensor(i)
+
     def release(self) -> None:
         """Drop the last item's tensors: views into the buffers of the file just written, which they would keep
         alive while the next file's buffers are built (a second shard file's worth of memory)."""
@@ -211,6 +222,15 @@ class _Records:
 
 _BULK = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # dtypes scatter_reduce takes the max of
 _RUN = "run"  # a record's lane: an expert run (its values, built by the plan)
+
+
+def records_of(plan: Plan | None, buffers):
+    """The records an export writes: the plan's tensors under their HF names, or, for a format that computes
+    its tensors per module, those (:class:`~quantmap.executor.module_records.ModuleRecords`)."""
+    records = _Records(plan, buffers)
+    if plan is not None and plan.options.output_format.modules is not None:
+        return ModuleRecords(records, plan.options)
+    return records
 
 
 def _by_directory(items, fmt) -> list[tuple[str, range | list[int]]]:
@@ -275,7 +295,7 @@ def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout:
             plan = Plan(rules, layout, metas, options)
             verdict = {"sizes": plan.sizes}
             if out is not None:
-                records = _Records(plan, {})
+                records = records_of(plan, {})
                 spread = writer_ranks(comm.processes, layout.pp if writers is None else writers)
                 verdict.update(schedule=schedule(records, options.shard_size, spread), staging=str(staged.path))
         except Exception as error:  # any failure here must reach every rank, not leave them waiting
@@ -308,7 +328,7 @@ def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, o
     the same ``options``, whose checks passed on rank 0)."""
     spread = verdict["schedule"]
     if records is None and comm.rank in spread.writers:
-        records = _Records(Plan(rules, layout, metas, options), {})
+        records = records_of(Plan(rules, layout, metas, options), {})
     plan = records.plan if records is not None else None
     planned = list(plan.report.disagreements) if plan else []  # found from metadata (replicas), before any file
     mine = sum(file_bytes(records, spread.bounds[s]) for s in range(len(spread.bounds))
@@ -337,9 +357,10 @@ def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, o
 
 def _publish(records: "_Records", statuses: list[dict], spread, staged: Staged, planned: list[str],
              options: RunOptions) -> str | None:
-    """After every writer: each directory's index and the model's files (``options.model_files``), then the
-    one rename; or the first error, with nothing left behind. The report lists the plan's findings
-    (``planned``), then what the writers found, in file order."""
+    """After every writer: each directory's index, the model's files (``options.model_files``) and the format's
+    own (``config.json`` rewritten where the format adds to it), then the one rename; or the first error, with
+    nothing left behind. The report lists the plan's findings (``planned``), then what the writers found, in
+    file order."""
     errors = [s["error"] for s in statuses if s["error"]]
     notes = {shard: found for s in statuses for shard, found in s["disagreements"].items()}
     report = records.plan.report
@@ -350,6 +371,9 @@ def _publish(records: "_Records", statuses: list[dict], spread, staged: Staged, 
         for directory, files in spread.directories:
             write_index(staged.path / directory, records, [spread.bounds[s] for s in files])
         report.copied = copy_model_files(options.model_files, staged.path)
+        for added in options.output_format.files:  # the format's own files: a module-wise format's records say
+            path = staged.path / added.name     # what it wrote of each module
+            path.write_bytes(added.build(records.facts, path.read_bytes() if path.exists() else None))
         staged.publish()
         return None
     except Exception as error:

@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def export_from(rules, megatron: str | Path, out: str | Path, options: RunOption
     from quantmap.executor.sources import open_source
 
     source = open_source(megatron, iteration)
+    if options.output_format.modules is not None and options.recipe is None:
+        options = replace(options, recipe=source.recipe())
     how = mode(options.nproc)
     world = source.world(options.nproc if how == "spawn" else None)
     _prepare_output(out)

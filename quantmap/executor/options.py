@@ -42,7 +42,10 @@ class RunOptions:
     (``bf16``, ``fp16``, ``fp32``; ``None``: the checkpoint's) is what an export casts the tensors the format
     lets it cast to (the model's weights, never quantizer state); ``model_files``: for a format that writes
     a whole model, the files copied beside its weights, each ``(source path, name in the output)``
-    (:func:`quantmap.io.hf.model_files`), ``config.json`` among them."""
+    (:func:`quantmap.io.hf.model_files`), ``config.json`` among them; ``recipe``: the quantization recipe the
+    source records (ModelOpt's ``quant_cfg`` list, read from the checkpoint where the run starts,
+    :meth:`~quantmap.executor.sources.TorchDistCheckpoint.recipe`), which a format that computes its tensors
+    per module follows; ``None`` where the source records none."""
 
     strict: bool = False
     allow_partial: bool = False
@@ -54,6 +57,7 @@ class RunOptions:
     only: str | None = None
     dtype: str | None = None
     model_files: tuple[tuple[str, str], ...] = ()
+    recipe: list | None = None
 
     def __post_init__(self) -> None:
         for name in ("strict", "allow_partial", "progress"):
@@ -71,9 +75,12 @@ class RunOptions:
             _refuse("format", " or ".join(map(repr, FORMATS)), self.format)
         if self.only not in ONLY:
             _refuse("only", " or ".join(map(repr, ONLY)), self.only)
-        if not FORMATS[self.format].as_is:
-            _refuse("format", "a format whose every tensor is one source tensor as is, with no added file (the "
-                              "writer computes no other yet)", self.format)
+        if not FORMATS[self.format].runnable:
+            _refuse("format", "a format whose every tensor is one source tensor as is, or one computed per module "
+                              "(the writer computes no other)", self.format)
+        if self.recipe is not None and not (isinstance(self.recipe, list) and all(isinstance(entry, dict)
+                                                                                  for entry in self.recipe)):
+            _refuse("recipe", "None or ModelOpt's quant_cfg, a list of dicts", self.recipe)
         self._check_model()
 
     def _check_model(self) -> None:
@@ -82,7 +89,7 @@ class RunOptions:
         if self.dtype is not None:
             if self.dtype not in CASTS:
                 _refuse("dtype", " or ".join(map(repr, CASTS)) + " or None (the checkpoint's dtype)", self.dtype)
-            if not any(fmt.casts(role) for role in fmt.writes):
+            if not fmt.takes_dtype:
                 _refuse("dtype", f"None with format {fmt.name!r}, which writes no tensor that --dtype casts (it "
                                  f"casts a model's weights: --format hf)", self.dtype)
         if not isinstance(self.model_files, tuple) or not all(

@@ -41,6 +41,11 @@ class ShardDirectory:
     def lock(self):
         return nullcontext()
 
+    def recipe(self) -> list | None:
+        """The quantization recipe the directory records: none (a shard directory keeps the quantizer state,
+        not ModelOpt's configuration)."""
+        return None
+
     def annotate(self, report) -> None:
         """Nothing to add: every tensor of a shard file is claimed or reported by the export itself."""
 
@@ -68,6 +73,13 @@ class TorchDistCheckpoint:
         weights = any(output_format.reads(role) for role in MODEL_ROLES)
         layout, state, self.left_out = read_checkpoint(self.location, world, rank, rules, weights)
         return layout, state
+
+    def recipe(self) -> list | None:
+        """ModelOpt's ``quant_cfg`` as the checkpoint's ``modelopt_state/`` records it (read as plain data), or
+        ``None`` without one."""
+        from quantmap.io.torch_dist.modelopt import quant_cfg
+
+        return quant_cfg(self.location.path)
 
     def lock(self):
         from quantmap.io.locks import directory_lock

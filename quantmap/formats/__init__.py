@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from quantmap.formats.declaration import AddedFile, OutputFormat, Restored, Written, unchanged
 from quantmap.formats.hf import HF
+from quantmap.formats.modelopt import MODELOPT
 from quantmap.formats.quantizers import QUANTIZERS
 
 __all__ = ["AddedFile", "DEFAULT", "FORMATS", "OutputFormat", "Restored", "Written", "unchanged"]
 
 #: Every output format by name, in the order ``--help`` lists them.
-FORMATS: dict[str, OutputFormat] = {fmt.name: fmt for fmt in (QUANTIZERS, HF)}
+FORMATS: dict[str, OutputFormat] = {fmt.name: fmt for fmt in (QUANTIZERS, HF, MODELOPT)}
 DEFAULT = QUANTIZERS.name

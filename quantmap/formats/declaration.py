@@ -72,11 +72,58 @@ class Restored:
 
 @dataclass(frozen=True, slots=True)
 class AddedFile:
-    """A file a format writes beside the tensors (``hf_quant_config.json``): its name, and ``build``,
-    from the HF modules written (each with the roles it holds) to the file's bytes."""
+    """A file a format writes beside the tensors (``hf_quant_config.json``), or rewrites (``config.json``,
+    copied from ``--like``, gains its ``quantization_config``): its name, and ``build``, from what the
+    module-wise format said of each HF module it wrote (:attr:`ModuleOutput.facts`, by module name) and the
+    file's bytes as copied (``None`` where nothing was) to the file's bytes."""
 
     name: str
-    build: Callable[[Mapping[str, frozenset[str]]], bytes]
+    build: Callable[[Mapping[str, Mapping[str, object]], bytes | None], bytes]
+
+
+class FormatError(ValueError):
+    """What a format cannot write from what the source holds (a recipe it does not know, a missing amax): one
+    message naming the tensor or module, what was expected, and the fix. The run reports it as its error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleView:
+    """What a module-wise format (:attr:`OutputFormat.modules`) sees of one Hugging Face module, from metadata
+    alone, before any tensor is read: ``name`` (``model.layers.0.self_attn.q_proj``); ``buffers``, each
+    tensor the source has for it by its name under the module (``weight``, ``weight_quantizer._amax``,
+    ``k_bmm_quantizer._amax``), with its torch dtype's name and shape; ``roles`` (:mod:`quantmap.roles`) and
+    ``megatron`` (the global Megatron name it comes from) of each; ``dtype``: the run's ``--dtype`` as a torch
+    dtype name (``None``: each tensor's own); ``recipe``: the quantization recipe the checkpoint records
+    (ModelOpt's ``quant_cfg``; ``None`` where it records none)."""
+
+    name: str
+    buffers: Mapping[str, tuple[str, tuple[int, ...]]]
+    roles: Mapping[str, str]
+    megatron: Mapping[str, str]
+    dtype: str | None
+    recipe: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """One tensor a module-wise format writes: its full HF ``name``; ``inputs``, the module's buffers it is
+    computed from (names under the module, as :attr:`ModuleView.buffers`); ``compute``, those tensors in
+    ``inputs`` order to it; its torch ``dtype``'s name and ``shape``, known before any tensor is read."""
+
+    name: str
+    inputs: tuple[str, ...]
+    compute: Callable
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleOutput:
+    """What a module-wise format writes for one HF module: its ``tensors``, and ``facts`` about it for the
+    format's added files (its quantization algorithm, the KV cache's; empty for a module written as is)."""
+
+    tensors: tuple[Derived, ...]
+    facts: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,7 +132,11 @@ class OutputFormat:
     from the source to the tensors it writes for it, ``restores`` each role import reads back to how; a
     role in neither is skipped both ways and counted in the report. ``model``: the output is a whole
     Hugging Face model directory, which needs the model's ``config.json`` (``--like`` or ``--config``, copied
-    beside the weights), and takes every tensor of the source: one that no rule claims is refused."""
+    beside the weights), and takes every tensor of the source: one that no rule claims is refused.
+    ``modules``: the format computes what it writes per HF module (a deployable checkpoint: a quantized
+    weight from the weight and its amax, scales from amax), from what the source has for the module
+    (:class:`ModuleView`) to the tensors it writes (:class:`ModuleOutput`); its ``writes`` then say only which
+    roles it reads. ``files``: what it adds beside the tensors, built after they are written."""
 
     name: str
     summary: str  # one line, for --help and the docs
@@ -93,6 +144,7 @@ class OutputFormat:
     restores: Mapping[str, Restored]
     files: tuple[AddedFile, ...] = ()
     model: bool = False
+    modules: Callable[[ModuleView], ModuleOutput] | None = None
     _read: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,9 +185,21 @@ class OutputFormat:
     @property
     def as_is(self) -> bool:
         """Every tensor written is one source tensor under its HF name and every role comes back the same
-        way, with no added file: what today's writer runs."""
+        way, with no added file."""
         return (all(row.as_is for rows in self.writes.values() for row in rows)
-                and all(way.as_is for way in self.restores.values()) and not self.files)
+                and all(way.as_is for way in self.restores.values()) and not self.files and self.modules is None)
+
+    @property
+    def runnable(self) -> bool:
+        """What the writer runs: a format that moves each tensor as is, or one that computes its tensors per
+        module (:attr:`modules`); a row computed per role is declared, and refused by the run."""
+        return self.modules is not None or self.as_is
+
+    @property
+    def takes_dtype(self) -> bool:
+        """Whether ``--dtype`` means anything to the format: it casts some role, or computes its tensors per
+        module in the model's dtype."""
+        return self.modules is not None or any(self.casts(role) for role in self.writes)
 
 
 def _plain(directory: str) -> bool:
