@@ -537,12 +537,14 @@ def export_command(
     param: Optional[List[str]] = ParamOpt,
     config: Optional[str] = ConfigOpt,
     hf_naming: HfNaming = HfNamingOpt,
-    like: Optional[str] = typer.Option(None, "--like", callback=LIKE_MODEL, help="With --format hf: the Hugging Face "
-                                       "model the Megatron run started from; its config.json (which also gives the "
+    like: Optional[str] = typer.Option(None, "--like", callback=LIKE_MODEL, help="With --format hf or modelopt: the "
+                                       "Hugging Face model the Megatron run started from; its config.json (which also gives the "
                                        "spec's parameters, as --config does), generation config and tokenizer files "
                                        "are copied beside the weights (or give --config config.json alone)."),
-    dtype: Optional[CastName] = typer.Option(None, "--dtype", help="With --format hf: the dtype of the weights "
-                                             "written (default: the checkpoint's); quantizer state keeps its own."),
+    dtype: Optional[CastName] = typer.Option(None, "--dtype", help="With --format hf or modelopt: the dtype of the "
+                                             "weights written and, for modelopt, the one a quantized weight is "
+                                             "divided by its scale in (default: the checkpoint's; ModelOpt's own "
+                                             "exporter uses bf16); quantizer state keeps its own."),
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index), or with
     --format hf the whole model: a directory that transformers' from_pretrained loads."""
@@ -559,9 +561,15 @@ def export_command(
             *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
     next_step = f"next: check the export against its source (it must be clean): {check_it}"
-    if model:
+    if FORMATS[format.value].modules is not None:
+        next_step = (f"next: serve it: {shlex.join(['vllm', 'serve', out])} (FP8, NVFP4), or build a TensorRT-LLM "
+                     f"engine from it (INT8 SmoothQuant, INT4 AWQ, W4A8); see docs/deployment.md")
+    elif model:
         load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})"
-        next_step = f"next: load the model: {shlex.join(['python', '-c', load])}\n{next_step}"
+        deploy = shlex.join(["quantmap", "export", *same, "--megatron", megatron, "--out", f"{out}-deploy",
+                             "--format", "modelopt", *(["--like", like] if like else ["--config", config or ""])])
+        next_step = (f"next: load the model: {shlex.join(['python', '-c', load])}\n{next_step}\n"
+                     f"next: or a deployable quantized checkpoint: {deploy}")
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
                            quiet=quiet, nproc=nproc, format=format.value, dtype=dtype and dtype.value,

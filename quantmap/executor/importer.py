@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from quantmap.executor.completeness import required_names
+from quantmap.executor.deployed import DeployedCheckpoint
 from quantmap.executor.fan_in import copy_to_source, sources
 from quantmap.executor.placement import Placement
 from quantmap.parallel import ParallelLayout
@@ -298,6 +299,13 @@ def run_import(comm, rules, hf_dir: str | Path, placements: dict[int, Placement]
         raise
 
 
+def _open_hf(hf_dir, fmt: OutputFormat):
+    """The HF checkpoint, read as the names the ``hf`` format has: as it is, or a deployable checkpoint's
+    tensors computed back per module (:class:`~quantmap.executor.deployed.DeployedCheckpoint`)."""
+    checkpoint = Checkpoint(hf_dir)
+    return checkpoint if fmt.restore_modules is None else DeployedCheckpoint(checkpoint, fmt)
+
+
 def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target, options: RunOptions) -> Report:
     """Every rank writes its state into the staged ``target``; the writer checks every outcome and publishes."""
     outcomes: dict[int, dict] = {}
@@ -306,7 +314,7 @@ def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target
     with progress_bar(len(placements), "import", options.progress and comm.is_writer) as bar:
         for rank, placement in placements.items():
             try:
-                checkpoint = Checkpoint(hf_dir)
+                checkpoint = _open_hf(hf_dir, options.output_format)
                 catalog = catalog or Catalog(rules, checkpoint.names(), placement.layout, target=target.holds,
                                              output_format=options.output_format,
                                              weights=target.takes_weights and options.only != "quantizers")
@@ -326,6 +334,7 @@ def _import_staged(comm, rules, hf_dir, placements: dict[int, Placement], target
             if errors:
                 raise ExecutorError("import failed on " + "; ".join(errors) + ". Nothing was written.")
             final = finish(catalog, merge([o["report"] for o in outcomes]), options.strict, options.allow_partial)
+            final.restored = checkpoint.notes if isinstance(checkpoint, DeployedCheckpoint) else []
             target.publish(final)
             status = {"report": final}
         except Exception as error:

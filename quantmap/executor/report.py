@@ -34,6 +34,7 @@ class Report:
     disagreements: list[str] = field(default_factory=list)  # copies that should be equal but were not
     duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
     kept: list[str] = field(default_factory=list)  # import --into: what of the checkpoint stayed as it was, and why
+    restored: list[str] = field(default_factory=list)  # import: values computed back from a deployable checkpoint
 
     @property
     def problems(self) -> int:
@@ -66,7 +67,7 @@ class Report:
         if self.entries:
             out.append(f"{self.entries} checkpoint entries that hold no tensor skipped (_extra_state, rng_state): "
                        f"not model state")
-        out += self.kept
+        out += self.kept + self.restored
         unclaimed = ("left out of the model: no rule of the spec claims them (--allow-partial)" if self.model
                      else "unclaimed by any rule")
         for title, names in ((unclaimed, self.unclaimed), ("missing", self.missing),

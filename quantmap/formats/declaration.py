@@ -108,13 +108,15 @@ class ModuleView:
 class Derived:
     """One tensor a module-wise format writes: its full HF ``name``; ``inputs``, the module's buffers it is
     computed from (names under the module, as :attr:`ModuleView.buffers`); ``compute``, those tensors in
-    ``inputs`` order to it; its torch ``dtype``'s name and ``shape``, known before any tensor is read."""
+    ``inputs`` order to it; its torch ``dtype``'s name and ``shape``, known before any tensor is read; ``note``:
+    where a tensor computed back from a deployable checkpoint is not the source's bit for bit, what it is."""
 
     name: str
     inputs: tuple[str, ...]
     compute: Callable
     dtype: str
     shape: tuple[int, ...]
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,10 @@ class OutputFormat:
     ``modules``: the format computes what it writes per HF module (a deployable checkpoint: a quantized
     weight from the weight and its amax, scales from amax), from what the source has for the module
     (:class:`ModuleView`) to the tensors it writes (:class:`ModuleOutput`); its ``writes`` then say only which
-    roles it reads. ``files``: what it adds beside the tensors, built after they are written."""
+    roles it reads. ``restore_modules``: the way back, per module of a checkpoint in the format (its tensors
+    by name under the module, in :attr:`ModuleView.buffers`) to the tensors the ``hf`` format would hold for
+    it (the weight, ``weight_quantizer._amax``, ...), which import then reads as it reads ``hf``.
+    ``files``: what it adds beside the tensors, built after they are written."""
 
     name: str
     summary: str  # one line, for --help and the docs
@@ -145,6 +150,7 @@ class OutputFormat:
     files: tuple[AddedFile, ...] = ()
     model: bool = False
     modules: Callable[[ModuleView], ModuleOutput] | None = None
+    restore_modules: Callable[[ModuleView], tuple[Derived, ...]] | None = None
     _read: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ import json
 from functools import partial
 
 from quantmap.formats.declaration import AddedFile, Derived, FormatError, ModuleOutput, ModuleView, OutputFormat, \
-    Written
+    Restored, Written
 from quantmap.roles import K_AMAX, MODEL_ROLES, QUANTIZER_ROLES, V_AMAX, WEIGHT
 
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # vLLM reads hf_quant_config.json only from "modelopt"
@@ -119,6 +119,46 @@ def _kv(amax):
     return _scale(E4M3_MAX, (1,), amax).clamp(min=1.0)
 
 
+def restore_module(view: ModuleView) -> tuple[Derived, ...]:
+    """One module of a ModelOpt checkpoint as the ``hf`` format holds it: a quantized weight dequantized
+    (``payload × weight_scale``, in float32), each amax as its scale × the scale's divisor, the rest as it is."""
+    name, leaves, out = view.name, view.buffers, []
+    for leaf, (dtype, shape) in leaves.items():
+        if leaf == "weight" and dtype == "float8_e4m3fn":
+            if "weight_scale" not in leaves:
+                raise FormatError(f"{name}.weight is FP8 but the module has no weight_scale; a ModelOpt checkpoint "
+                                  f"keeps one beside every quantized weight")
+            out += [Derived(f"{name}.weight", ("weight", "weight_scale"), _dequantized, FP32, shape,
+                            note="dequantized from FP8 (QAT resumes from the quantized values)"),
+                    Derived(f"{name}.weight_quantizer._amax", ("weight_scale",), partial(_amax, E4M3_MAX), FP32, (),
+                            note=_FROM_SCALE)]
+        elif leaf == "input_scale":
+            out.append(Derived(f"{name}.input_quantizer._amax", (leaf,), partial(_amax, E4M3_MAX), FP32, (),
+                               note=_FROM_SCALE))
+        elif leaf in ("k_scale", "v_scale"):
+            out.append(Derived(f"{name}.{leaf[0]}_bmm_quantizer._amax", (leaf,), partial(_amax, E4M3_MAX), FP32, (),
+                               note="KV-cache amax computed back from k_scale / v_scale (a scale of exactly 1.0 may "
+                                    "be ModelOpt's clamp: its amax, 448, is then an upper bound)"))
+        elif leaf != "weight_scale":
+            out.append(Derived(f"{name}.{leaf}", (leaf,), _same, dtype, shape))
+    return tuple(out)
+
+
+_FROM_SCALE = "amax computed back from its scale (scale × divisor: the calibrated amax, or one ulp from it)"
+
+
+def _same(tensor):
+    return tensor
+
+
+def _dequantized(payload, scale):
+    return payload.float() * scale.float()
+
+
+def _amax(bound: float, scale):
+    return (scale.float() * bound).reshape(())
+
+
 def _quantization(facts) -> dict:
     algos = {fact["quant_algo"] for fact in facts.values() if "quant_algo" in fact}
     kv = {fact["kv_cache_quant_algo"] for fact in facts.values() if "kv_cache_quant_algo" in fact}
@@ -149,6 +189,6 @@ MODELOPT = OutputFormat(
     "modelopt", "ModelOpt's unified Hugging Face checkpoint for vLLM, TensorRT-LLM and SGLang: quantized weights "
                 "and their scales, hf_quant_config.json (the recipe is the checkpoint's own)",
     writes={role: (Written((role,)),) for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
-    restores={},
+    restores={role: Restored() for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     files=(AddedFile("hf_quant_config.json", _hf_quant_config), AddedFile("config.json", _config)),
-    model=True, modules=module_output)
+    model=True, modules=module_output, restore_modules=restore_module)

@@ -221,6 +221,12 @@ class Checkpoint:
             return self.quantizer_state.shape(name)
         return tuple(self._read(name, lambda shard: shard.get_slice(name).get_shape()))
 
+    def dtype(self, name: str) -> str:
+        """A tensor's safetensors dtype code (``F8_E4M3``), from its shard's header alone."""
+        if self.quantizer_state is not None and name not in self.weight_map:
+            return self.quantizer_state.dtype(name)
+        return self._read(name, lambda shard: shard.get_slice(name).get_dtype())
+
     def _read(self, name: str, read):
         from safetensors import SafetensorError
 
