@@ -123,7 +123,8 @@ def test_a_toggle_keeps_the_attributes_a_later_cfg_replaces_them_and_expert_list
     assert quantizer("decoder.layers.1.self_attention.linear_qkv.weight_quantizer", entries).enabled is False
     assert quantizer("decoder.layers.1.mlp.linear_fc1.weight_quantizer", entries) == Quantizer(True, (Stage((4, 3)),))
     assert module_format_in("decoder.layers.0.mlp.linear_fc2", entries) == ModuleFormat("W4A8_AWQ", 8)
-    assert quantizer("model.layers.2.mlp.experts.gate_up_proj_weight_quantizers.3", entries).stages[0].num_bits == (4, 3)
+    expert = quantizer("model.layers.2.mlp.experts.gate_up_proj_weight_quantizers.3", entries)
+    assert expert.stages[0].num_bits == (4, 3)  # matched as "...gate_up_proj_weight_quantizer"
     assert not quantizer("decoder.layers.0.mlp.linear_fc2.input_quantizer", entries).configured
 
 
@@ -146,6 +147,16 @@ def test_module_format_follows_get_quantization_format_branch_by_branch(weight, 
     if input_ is not None:
         entries.append({"quantizer_name": "*input_quantizer", "cfg": input_})
     assert module_format_in("decoder.layers.0.mlp.linear_fc1", entries) == algo
+
+
+def test_an_nvfp4_input_quantizer_with_a_pre_quant_scale_makes_nvfp4_awq():
+    # quant_utils.py:565-566: the checkpoint's tensors, not the recipe, say whether _pre_quant_scale is there
+    entries = quant_cfg(ITERATION["nvfp4_kv_tp2"])
+    assert module_format_in("decoder.layers.0.mlp.linear_fc2", entries, pre_quant_scale=True) == \
+        ModuleFormat("NVFP4_AWQ", 16)
+    built = hf_quant_config({"model.layers.0.mlp.down_proj": ModuleFormat("NVFP4_AWQ", 16)}, None)
+    assert built["quantization"] == {"quant_algo": "NVFP4_AWQ", "kv_cache_quant_algo": None, "group_size": 16,
+                                     "has_zero_point": False, "pre_quant_scale": True, "exclude_modules": []}
 
 
 def test_what_the_recipe_cannot_name_is_refused():

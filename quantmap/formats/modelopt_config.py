@@ -18,6 +18,10 @@ What each piece follows in ModelOpt 0.47.0:
 * ``kv_cache_quant_algo``: only FP8 and NVFP4 are recorded by the Megatron exporter (``:1769``);
 * ``config.json``'s block: ``convert_hf_quant_config_format`` (export/convert_hf_config.py:130), whose
   ``kv_cache_scheme`` is a compressed-tensors dict for FP8 but the bare string for anything else (``"NVFP4"``).
+
+One departure: the Megatron exporter writes no config at all unless the first quantized module it finds is
+FP8, NVFP4, W4A16_NVFP4 or block FP8 (unified_export_megatron.py:315-327, :380), and refuses SmoothQuant and AWQ
+outright (``:1106``); these functions describe every format the same way, as ModelOpt's HF exporter does.
 """
 
 from __future__ import annotations
