@@ -50,6 +50,7 @@ NVFP4_MIN_BLOCK_SCALE = 2.0 ** -9
 
 _E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_VALUES = _E2M1_GRID + tuple(0.0 - v for v in _E2M1_GRID)  # by code; 0x8 (negative zero) reads as +0.0
 _E2M1_SIGN = 0x8
 _INT4_OFFSET = 8
 
@@ -71,8 +72,8 @@ def sanitize_amax(amax: torch.Tensor, maxbound: float) -> tuple[torch.Tensor, to
 def scale_from_amax(amax: torch.Tensor, divisor: float, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """``amax / divisor`` in float32, reshaped to ``shape`` when given (``()``, ``(1,)``, ``(out,)`` from a
     ``[out, 1]`` amax, ``(out, in // block)`` from a ``[out * blocks, 1]`` one): ModelOpt's
-    ``get_scaling_factor``. The divisor is a Python float, as in ModelOpt, so torch rounds the quotient once
-    to float32 (on CPU; CUDA multiplies by the reciprocal of a Python scalar, as ModelOpt on a GPU does)."""
+    ``get_scaling_factor``. The divisor is a Python float, as in ModelOpt, and the quotient is rounded once to
+    float32 (checked on CPU; a CUDA kernel may multiply by the reciprocal instead, as it would in ModelOpt)."""
     scale = amax.float() / divisor
     return scale if shape is None else scale.reshape(shape)
 
@@ -206,10 +207,9 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    """The float32 values of FP4 (E2M1) codes."""
-    grid = torch.tensor(_E2M1_GRID, device=codes.device)
-    magnitude = grid[(codes & 0x7).long()]
-    return torch.where((codes & _E2M1_SIGN) != 0, -magnitude, magnitude)
+    """The float32 values of FP4 (E2M1) codes; code 0x8 is +0.0, as in ModelOpt's ``NVFP4QTensor.dequantize``
+    (compressed-tensors would give -0.0: equal values, different bytes)."""
+    return torch.tensor(_E2M1_VALUES, device=codes.device)[codes.long()]
 
 
 def pack_fp4_columns(codes: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ def test_e2m1_rounds_to_nearest_with_ties_to_even_and_saturates(value, code):
 def test_e2m1_values_by_hand():
     codes = torch.tensor([0x0, 0x1, 0x3, 0x5, 0x7, 0x9, 0xB, 0xF], dtype=torch.uint8)
     assert q.e2m1_values(codes).tolist() == [0.0, 0.5, 1.5, 3.0, 6.0, -0.5, -1.5, -6.0]
+    assert_same_bytes(q.e2m1_values(torch.tensor([0x8], dtype=torch.uint8)), torch.tensor([0.0]))  # not -0.0
 
 
 @given(st.lists(st.integers(0, 15).filter(lambda c: c != 0x8), min_size=1, max_size=64))
