@@ -33,18 +33,17 @@ from quantmap.recipe import (
 )
 
 DATA = Path(__file__).parent / "data"
-#: Each fixture's iteration directory (the one holding modelopt_state/): whole checkpoints in dcp/, the
-#: ModelOpt state alone (copied from the session's shared/fixtures/dcp) in modelopt_state/.
+#: Each fixture's iteration directory (the one holding modelopt_state/).
 ITERATION = {
     "fp8_kv_tp1": DATA / "dcp/fp8_kv_tp1/ckpt/iter_0000001",
     "fp8_kv_tp2": DATA / "dcp/fp8_kv_tp2/ckpt/release",
     "int8_tp2": DATA / "dcp/int8_tp2/ckpt/release",
     "w4a8_awq_bs32_tp2": DATA / "dcp/w4a8_awq_bs32_tp2/ckpt/release",
-    "nvfp4_kv_tp2": DATA / "modelopt_state/nvfp4_kv_tp2",
-    "int8_sq_tp2": DATA / "modelopt_state/int8_sq_tp2",
-    "int4_awq_bs32_tp2": DATA / "modelopt_state/int4_awq_bs32_tp2",
+    "nvfp4_kv_tp2": DATA / "dcp/nvfp4_kv_tp2/ckpt/release",
+    "int8_sq_tp2": DATA / "dcp/int8_sq_tp2/ckpt/release",
+    "int4_awq_bs32_tp2": DATA / "dcp/int4_awq_bs32_tp2/ckpt/release",
 }
-MODELOPT_EXPORT = DATA / "modelopt_export" / "fp8_kv_tp1"
+MODELOPT_EXPORT = DATA / "dcp" / "fp8_kv_tp1" / "modelopt_export"
 
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 #: Megatron linear module → the HF modules it becomes in a Llama (FORMATS.md 4.1).

@@ -40,8 +40,14 @@ class ModuleRecords:
                 module = module_of(name, role)
                 modules.setdefault(module, {})[name[len(module) + 1:]] = (i, position)
                 roles.setdefault(module, {})[name[len(module) + 1:]] = role
+        self._names: dict[str, tuple[int, int]] = {}  # every HF name -> (base record, position)
+        self._megatron: dict[str, str] = {}  # every global Megatron name -> its first HF name
+        for module, buffers in modules.items():
+            for buffer, source in buffers.items():
+                self._names[f"{module}.{buffer}"] = source
+                self._megatron.setdefault(base.plan.items[base.item(source[0])].megatron, f"{module}.{buffer}")
         self.facts: dict[str, dict] = {}  # what the format said of each module, for its added files
-        placed: list[tuple[tuple[int, int], int, Derived, tuple[tuple[int, int], ...]]] = []
+        placed: list[tuple[tuple[int, int], int, Derived, tuple]] = []
         for module, buffers in modules.items():
             try:
                 output = fmt.modules(self._view(module, buffers, roles[module], options))
@@ -50,11 +56,14 @@ class ModuleRecords:
             self.facts[module] = dict(output.facts)
             for derived in output.tensors:
                 inputs = tuple(self._input(module, buffers, buffer, derived) for buffer in derived.inputs)
-                placed.append((inputs[0], len(placed), derived, inputs))
+                anchor = next((source for source in inputs if not isinstance(source, float)),
+                              next(iter(buffers.values())))
+                placed.append((anchor, len(placed), derived, inputs))
         placed.sort(key=lambda entry: entry[:2])
         self._derived = [entry[2] for entry in placed]
         self._inputs = [entry[3] for entry in placed]
         self._kept: dict[tuple[int, int], torch.Tensor] = {}  # small inputs (not the model's tensors) of this file
+        self._refuse_uncalibrated(options)
 
     def _view(self, module: str, buffers: dict[str, tuple[int, int]], roles: dict[str, str], options) -> ModuleView:
         base, specs, megatron = self.base, {}, {}
@@ -62,14 +71,30 @@ class ModuleRecords:
             _, dtype, shape = base.spec(i)
             specs[buffer] = (str(dtype).removeprefix("torch."), tuple(shape))
             megatron[buffer] = base.plan.items[base.item(i)].megatron
-        return ModuleView(module, specs, roles, megatron, CASTS[options.dtype] if options.dtype else None, options.recipe)
+        return ModuleView(module, specs, roles, megatron, CASTS[options.dtype] if options.dtype else None,
+                          options.recipe, options.kv_scales, self._megatron.get)
 
-    @staticmethod
-    def _input(module: str, buffers, buffer: str, derived: Derived) -> tuple[int, int]:
-        if buffer not in buffers:
+    def _input(self, module: str, buffers, buffer: str, derived: Derived) -> tuple[int, int] | float:
+        """Where input ``buffer`` of ``derived`` comes from: a buffer of the module, a full HF name of another
+        module's, or a constant (``=value``)."""
+        if buffer.startswith("="):
+            return float(buffer[1:])
+        source = buffers.get(buffer) or self._names.get(buffer)
+        if source is None:
             raise ExecutorError(f"{derived.name}: computed from {module}.{buffer}, which the checkpoint does not "
                                 f"have (it has {sorted(buffers)})")
-        return buffers[buffer]
+        return source
+
+    def _refuse_uncalibrated(self, options) -> None:
+        """Quantizers the format wrote with a bound for lack of an amax: reported as uncalibrated, refused under
+        ``--strict`` before anything is written."""
+        missing = [name for facts in self.facts.values() for name in facts.get("uncalibrated", ())]
+        if missing and options.strict:
+            shown = ", ".join(missing[:3]) + (f", and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ExecutorError(f"export refused (--strict): {len(missing)} quantizer(s) the recipe enables hold no "
+                                f"amax (uncalibrated): {shown}; ModelOpt would export them with its maximum bound. "
+                                f"Calibrate them, or drop --strict. Nothing was written.")
+        self.plan.report.uncalibrated += missing
 
     @property
     def plan(self):
@@ -98,7 +123,9 @@ class ModuleRecords:
                                 f"{self.plan.options.format!r}, please report it")
         return tensor
 
-    def _tensor(self, source: tuple[int, int]) -> torch.Tensor:
+    def _tensor(self, source: tuple[int, int] | float) -> torch.Tensor:
+        if isinstance(source, float):
+            return torch.tensor(source)
         record, position = source
         if source in self._kept:
             return self._kept[source]
@@ -112,7 +139,8 @@ class ModuleRecords:
 
     def sources(self, i: int):
         """The (rank, entry) pairs record ``i``'s inputs are built from: what its writer must receive."""
-        return tuple(dict.fromkeys(pair for record, _ in self._inputs[i] for pair in self.base.sources(record)))
+        return tuple(dict.fromkeys(pair for source in self._inputs[i] if not isinstance(source, float)
+                                   for pair in self.base.sources(source[0])))
 
     def destinations(self) -> list[tuple[str, range]]:
         return [("", range(len(self)))]

@@ -20,6 +20,7 @@ CASTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 ONLY = (None, "quantizers")  # what RunOptions.only may be
+KV_SCALES = ("megatron", "hf")  # what RunOptions.kv_scales may be: ModelOpt's two exporters' conventions
 
 
 class OptionsError(ValueError):
@@ -45,7 +46,9 @@ class RunOptions:
     (:func:`quantmap.io.hf.model_files`), ``config.json`` among them; ``recipe``: the quantization recipe the
     source records (ModelOpt's ``quant_cfg`` list, read from the checkpoint where the run starts,
     :meth:`~quantmap.executor.sources.TorchDistCheckpoint.recipe`), which a format that computes its tensors
-    per module follows; ``None`` where the source records none."""
+    per module follows; ``None`` where the source records none; ``kv_scales`` (``--format modelopt``): the
+    KV-cache scales as ModelOpt's Megatron exporter writes them (``megatron``: ``self_attn.k_scale``, FP8
+    clamped at 1.0) or its Hugging Face exporter (``hf``: ``self_attn.k_proj.k_scale``, ``amax / 448``)."""
 
     strict: bool = False
     allow_partial: bool = False
@@ -58,6 +61,7 @@ class RunOptions:
     dtype: str | None = None
     model_files: tuple[tuple[str, str], ...] = ()
     recipe: list | None = None
+    kv_scales: str = "megatron"
 
     def __post_init__(self) -> None:
         for name in ("strict", "allow_partial", "progress"):
@@ -73,6 +77,8 @@ class RunOptions:
             _refuse("nproc", "a whole number >= 1, or None (torchrun's ranks, or one process)", self.nproc)
         if not isinstance(self.format, str) or self.format not in FORMATS:
             _refuse("format", " or ".join(map(repr, FORMATS)), self.format)
+        if self.kv_scales not in KV_SCALES:
+            _refuse("kv_scales", " or ".join(map(repr, KV_SCALES)), self.kv_scales)
         if self.only not in ONLY:
             _refuse("only", " or ".join(map(repr, ONLY)), self.only)
         if not FORMATS[self.format].runnable:

@@ -94,7 +94,13 @@ class ModuleView:
     ``k_bmm_quantizer._amax``), with its torch dtype's name and shape; ``roles`` (:mod:`quantmap.roles`) and
     ``megatron`` (the global Megatron name it comes from) of each; ``dtype``: the run's ``--dtype`` as a torch
     dtype name (``None``: each tensor's own); ``recipe``: the quantization recipe the checkpoint records
-    (ModelOpt's ``quant_cfg``; ``None`` where it records none)."""
+    (ModelOpt's ``quant_cfg``; ``None`` where it records none); ``kv_scales``: the run's KV-scale convention
+    (``megatron`` or ``hf``, as ModelOpt's two exporters write them); ``lookup``: the full HF name that holds a
+    global Megatron name (``None`` where none does), for a tensor computed from another module's (a norm with
+    the ``pre_quant_scale`` of the linear it feeds folded in) — a :class:`Derived` input may be such a name.
+
+    An input of a :class:`Derived` that starts with ``=`` is a constant (``=448.0``: a float32 scalar), for a
+    value the checkpoint lacks and the format knows (ModelOpt's maximum bound for an uncalibrated amax)."""
 
     name: str
     buffers: Mapping[str, tuple[str, tuple[int, ...]]]
@@ -102,6 +108,8 @@ class ModuleView:
     megatron: Mapping[str, str]
     dtype: str | None
     recipe: object = None
+    kv_scales: str = "megatron"
+    lookup: Callable[[str], str | None] = lambda megatron: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +130,9 @@ class Derived:
 @dataclass(frozen=True, slots=True)
 class ModuleOutput:
     """What a module-wise format writes for one HF module: its ``tensors``, and ``facts`` about it for the
-    format's added files (its quantization algorithm, the KV cache's; empty for a module written as is)."""
+    format's added files (its quantization algorithm, the KV cache's; empty for a module written as is).
+    ``facts["uncalibrated"]``, where present, lists its quantizers the checkpoint holds no amax for, written
+    with a bound instead: the run reports them, and ``--strict`` refuses them."""
 
     tensors: tuple[Derived, ...]
     facts: Mapping[str, object] = field(default_factory=dict)

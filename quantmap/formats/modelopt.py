@@ -1,17 +1,22 @@
 """The ``modelopt`` format: ModelOpt's unified Hugging Face checkpoint, what vLLM, TensorRT-LLM and SGLang deploy.
 
-Per Hugging Face module, from the weight and its quantizer state (``../shared/FORMATS.md`` §1, ModelOpt
-0.47.0's Megatron exporter, ``export_mcore_gpt_to_hf``):
+Per Hugging Face module, from the weight and its quantizer state (``../shared/FORMATS.md`` §1; ModelOpt
+0.47.0's Megatron exporter, ``export_mcore_gpt_to_hf``, for names, shapes and dtypes):
 
-* a quantized linear (its weight quantizer enabled in the checkpoint's recipe): the quantized payload
-  under ``weight``, and its scales (``weight_scale``, ``input_scale``, ...) computed from the amax;
+* a quantized linear (as the checkpoint's recipe says, :func:`quantmap.recipe.module_format_in`): the
+  quantized payload under ``weight`` and its scales, computed by :mod:`quantmap.quantize`;
 * the KV cache of an attention module: ``self_attn.k_scale`` / ``v_scale`` (the Megatron exporter's names,
-  clamped at 1.0);
-* everything else (embeddings, norms, the router, excluded layers): as it is, in the model's dtype;
+  FP8 clamped at 1.0), or with ``kv_scales="hf"`` the HF exporter's ``k_proj.k_scale`` / ``v_proj.v_scale``
+  (divided by 448, never clamped);
+* AWQ-style formats (INT4 AWQ, W4A8) fold the ``pre_quant_scale`` of q/k/v and gate/up into the norm that
+  feeds them, as TensorRT-LLM expects, and write it for o_proj and down_proj; SmoothQuant writes it for every
+  linear (FORMATS.md §1);
+* everything else (embeddings, norms, routers, excluded layers): as it is, in the model's dtype;
 
-plus ``hf_quant_config.json`` and ``config.json``'s ``quantization_config``. The recipe is the checkpoint's
-own (:attr:`~quantmap.executor.options.RunOptions.recipe`): a quantized module whose quantizer the recipe
-does not describe is refused, never guessed.
+plus ``hf_quant_config.json`` and ``config.json``'s ``quantization_config`` (:mod:`quantmap.formats.modelopt_config`).
+Where ModelOpt breaks, this is correct: every TP shard and EP rank is in the plan's tensors already, experts
+are written one by one, and SmoothQuant, AWQ and W4A8 are written at all. An uncalibrated amax (zero) is
+ModelOpt's maximum bound, as ModelOpt exports it; the run reports it, and ``--strict`` refuses it.
 """
 
 from __future__ import annotations
@@ -21,76 +26,289 @@ from functools import partial
 
 from quantmap.formats.declaration import AddedFile, Derived, FormatError, ModuleOutput, ModuleView, OutputFormat, \
     Restored, Written
-from quantmap.roles import K_AMAX, MODEL_ROLES, QUANTIZER_ROLES, V_AMAX, WEIGHT
+from quantmap.formats.modelopt_config import HF_QUANT_CONFIG, ModelOptConfigError, file_text, hf_quant_config, \
+    quantization_config
+from quantmap.recipe import ModuleFormat, RecipeError, kv_cache_algo_in, module_format_in
+from quantmap.roles import K_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, V_AMAX, WEIGHT
 
-PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # vLLM reads hf_quant_config.json only from "modelopt"
-E4M3_MAX = 448.0
 FP32 = "float32"
+WEIGHT_AMAX, STAGE0_AMAX, STAGE1_AMAX = "weight_quantizer._amax", "weight_quantizer.0._amax", "weight_quantizer.1._amax"
+INPUT_AMAX, PQS = "input_quantizer._amax", "input_quantizer._pre_quant_scale"
+#: Formats whose q/k/v and gate/up ``pre_quant_scale`` go into the preceding norm (TensorRT-LLM's AWQ loaders
+#: read it only for o_proj and down_proj; FORMATS.md §3).
+FOLDED = frozenset({"W4A16_AWQ", "W4A8_AWQ", "NVFP4_AWQ"})
+#: Megatron modules ModelOpt never exports quantized whatever the recipe says (an embedding's quantizers, which
+#: Megatron-Core's layers carry, never see data: its input is token ids).
+_NEVER_QUANTIZED = frozenset({"word_embeddings", "position_embeddings"})
 
 
 def module_output(view: ModuleView) -> ModuleOutput:
     """What the checkpoint holds for one HF module, as ModelOpt's Megatron exporter writes it."""
-    tensors, facts = [], {}
-    for buffer, role in view.roles.items():
-        if role in (K_AMAX, V_AMAX):
-            tensors.append(_kv_scale(view, buffer, "k" if role == K_AMAX else "v"))
-            facts["kv_cache_quant_algo"] = "FP8"
-    algo = _algo(view) if "weight_quantizer._amax" in view.buffers and "weight" in view.buffers else None
-    if algo == "FP8":
-        tensors += _fp8(view)
-        facts["quant_algo"] = algo
+    tensors, facts = _kv_cache(view), {}
+    if tensors:
+        facts["kv_cache"] = _kv_algo(view)
+    role = view.roles.get("weight")
+    fmt = _format(view) if role == WEIGHT else None
+    if role == WEIGHT:
+        facts["format"] = fmt
+    if fmt is not None:
+        uncalibrated: list[str] = []
+        tensors += _WRITERS[fmt.quant_algo](view, fmt, uncalibrated)
+        facts["uncalibrated"] = uncalibrated
+        tensors += [_as_is(view, buffer) for buffer, role in view.roles.items()
+                    if role in MODEL_ROLES and buffer != "weight"]
     else:
-        tensors += [_as_is(view, buffer) for buffer, role in view.roles.items() if role in MODEL_ROLES]
-        if view.roles.get("weight") == WEIGHT:
-            facts["excluded"] = True
+        folded = _folded_norm(view) if role == NORM else None
+        tensors += [folded] if folded else []
+        tensors += [_as_is(view, buffer) for buffer, role in view.roles.items()
+                    if role in MODEL_ROLES and not (folded and buffer == "weight")]
     return ModuleOutput(tuple(tensors), facts)
 
 
-def _algo(view: ModuleView) -> str | None:
-    """The module's ModelOpt ``quant_algo`` under the checkpoint's recipe, from its weight quantizer's settings."""
-    quantizer = view.megatron["weight_quantizer._amax"].removesuffix("._amax")
-    cfg = _cfg(view.recipe, quantizer)
-    if cfg is None:
+def _megatron_module(view: ModuleView) -> str:
+    return view.megatron["weight"].rpartition(".")[0]
+
+
+def _recipe(view: ModuleView) -> list:
+    if view.recipe is None:
+        raise FormatError(f"{view.name}: the checkpoint records no quantization recipe (modelopt_state/), so which "
+                          f"format its amax stands for is unknown; export a checkpoint that keeps ModelOpt's "
+                          f"modelopt_state/ beside its weights")
+    return view.recipe
+
+
+def _format(view: ModuleView) -> ModuleFormat | None:
+    """The module's format under the checkpoint's recipe; one the exporter cannot write is refused by name."""
+    module = _megatron_module(view)
+    if module.rpartition(".")[2] in _NEVER_QUANTIZED:  # ModelOpt's exporters write embeddings as they are
         return None
-    if list(cfg.get("num_bits") or ()) == [4, 3] and cfg.get("axis") is None and cfg.get("block_sizes") is None:
-        return "FP8"
-    raise FormatError(f"{view.name}: its weight quantizer ({quantizer}) is {cfg}, which the modelopt format does "
-                      f"not write yet")
+    try:
+        fmt = module_format_in(module, _recipe(view), pre_quant_scale=PQS in view.buffers)
+    except RecipeError as error:
+        raise FormatError(f"{view.name}: {error}") from None
+    if fmt is not None and fmt.quant_algo not in _WRITERS:
+        raise FormatError(f"{view.name}: the recipe quantizes it as {fmt.quant_algo}, which the modelopt format does "
+                          f"not write yet (it writes {', '.join(sorted(_WRITERS))})")
+    return fmt
 
 
-def _cfg(recipe, quantizer: str) -> dict | None:
-    from fnmatch import fnmatch
-
-    if recipe is None:
-        raise FormatError(f"{quantizer}: the checkpoint records no quantization recipe (modelopt_state/), so which "
-                          f"format its amax stands for is unknown")
-    attributes, enabled = None, True
-    for entry in recipe:
-        if entry.get("parent_class") or not fnmatch(quantizer, str(entry.get("quantizer_name", ""))):
-            continue
-        enabled = bool(entry.get("enable", True))
-        if entry.get("cfg") is not None:
-            attributes = entry["cfg"]
-    return attributes if attributes is not None and enabled else None
+def _amax_of(view: ModuleView, buffer: str, kind: str, uncalibrated: list[str]) -> str:
+    """The input naming ``buffer``'s amax: the buffer, or where the checkpoint lacks it (a quantizer that never
+    saw data and kept no amax), ModelOpt's maximum bound, which its exporter writes in that case; the name is
+    listed in ``uncalibrated`` for the report (and ``--strict``)."""
+    if buffer in view.buffers:
+        return buffer
+    uncalibrated.append(f"{view.name}.{buffer}")
+    return f"={_MAXBOUND[kind]}"
 
 
-def _fp8(view: ModuleView) -> list[Derived]:
-    """FP8 per-tensor: ``weight`` e4m3 of the weight in the model's dtype over ``weight_scale`` (``amax/448``,
-    0-d), ``input_scale`` (``amax/448``, ``[1]``)."""
-    name, (dtype, shape) = view.name, view.buffers["weight"]
-    model = view.dtype or dtype
-    out = [Derived(f"{name}.weight", ("weight", "weight_quantizer._amax"), partial(_fp8_weight, model),
-                   "float8_e4m3fn", shape),
-           Derived(f"{name}.weight_scale", ("weight_quantizer._amax",), partial(_scale, E4M3_MAX, ()), FP32, ())]
-    if "input_quantizer._amax" in view.buffers:
-        out.append(Derived(f"{name}.input_scale", ("input_quantizer._amax",), partial(_scale, E4M3_MAX, (1,)),
-                           FP32, (1,)))
-    out += [_as_is(view, buffer) for buffer, role in view.roles.items() if role in MODEL_ROLES and buffer != "weight"]
+_MAXBOUND = {"fp8": 448.0, "int8": 127.0, "int4": 7.0, "nvfp4": 6.0}  # quantize.MAXBOUND, without torch
+
+
+def _model_dtype(view: ModuleView) -> str:
+    return view.dtype or view.buffers["weight"][0]
+
+
+def _fp8(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list[Derived]:
+    """FP8 per tensor: ``weight`` e4m3 of the weight in the model's dtype over ``weight_scale`` (``amax/448``,
+    0-d); ``input_scale`` ``amax/448``, ``[1]`` as the Megatron exporter writes it. FP8_PER_CHANNEL_PER_TOKEN:
+    ``weight_scale`` per output row ``[out]``, inputs scaled per token at run time (no ``input_scale``)."""
+    amax = _amax_of(view, WEIGHT_AMAX, "fp8", uncalibrated)
+    name, (_, shape) = view.name, view.buffers["weight"]
+    per_channel = fmt.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
+    scale_shape = (shape[0],) if per_channel else ()
+    out = [Derived(f"{name}.weight", ("weight", amax),
+                   partial(_payload, "fp8_quantize", "fp8", scale_shape, _model_dtype(view)), "float8_e4m3fn", shape),
+           Derived(f"{name}.weight_scale", (amax,), partial(_scale, "fp8", scale_shape), FP32, scale_shape)]
+    if not per_channel:
+        out += _input_scale(view, "fp8", (1,), uncalibrated)
     return out
 
 
-def _kv_scale(view: ModuleView, buffer: str, which: str) -> Derived:
-    return Derived(f"{view.name}.{which}_scale", (buffer,), _kv, FP32, (1,))
+def _nvfp4(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list[Derived]:
+    """NVFP4: ``weight_scale_2`` = ``amax/2688`` (the raw amax, as ModelOpt), per-16-block ``weight_scale`` (E4M3,
+    from the checkpoint's own, full-precision weight), the packed E2M1 ``weight`` (from the weight in the
+    model's dtype), ``input_scale`` = ``amax_in/2688``."""
+    amax = _amax_of(view, WEIGHT_AMAX, "nvfp4", uncalibrated)
+    name, (_, (rows, columns)) = view.name, view.buffers["weight"]
+    blocks = (rows, columns // fmt.group_size)
+    return [Derived(f"{name}.weight", ("weight", amax), partial(_nvfp4_payload, _model_dtype(view), fmt.group_size),
+                    "uint8", (rows, columns // 2)),
+            Derived(f"{name}.weight_scale", ("weight", amax), partial(_nvfp4_blocks, fmt.group_size),
+                    "float8_e4m3fn", blocks),
+            Derived(f"{name}.weight_scale_2", (amax,), _nvfp4_global, FP32, ()),
+            *_input_scale(view, "nvfp4", (), uncalibrated)]
+
+
+def _int8_sq(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list[Derived]:
+    """INT8 (SmoothQuant, or plain per-channel INT8, which ModelOpt names the same): ``weight`` int8 over the
+    per-channel ``weight_scale`` (``amax/127``, ``[out]``), ``input_scale`` ``amax_in/127``, and where the
+    checkpoint was smoothed, the ``pre_quant_scale`` in the model's dtype (every linear)."""
+    amax = _amax_of(view, WEIGHT_AMAX, "int8", uncalibrated)
+    name, (_, shape) = view.name, view.buffers["weight"]
+    rows = (shape[0],)
+    return [Derived(f"{name}.weight", ("weight", amax),
+                    partial(_payload, "int8_quantize", "int8", rows, _model_dtype(view)), "int8", shape),
+            Derived(f"{name}.weight_scale", (amax,), partial(_scale, "int8", rows), FP32, rows),
+            *_input_scale(view, "int8", (), uncalibrated), *(_pre_quant_scale(view, fmt) if PQS in view.buffers else ())]
+
+
+def _int4_awq(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list[Derived]:
+    """INT4 AWQ (W4A16) and W4A8 AWQ: per-block ``weight_scale`` (``amax/7``, ``[out, in/block]``), the INT4
+    ``weight`` packed two output rows per byte; W4A8 adds ``weight_scale_2`` (the FP8 stage's ``amax/448``) and
+    ``input_scale`` (``amax_in/448``); the ``pre_quant_scale`` of o_proj / down_proj (the others are folded)."""
+    w4a8 = fmt.quant_algo == "W4A8_AWQ"
+    blocks_amax = STAGE0_AMAX if w4a8 else WEIGHT_AMAX
+    if blocks_amax not in view.buffers:  # one maximum bound for every block: not a scale ModelOpt could write
+        raise FormatError(f"{view.name}: the recipe quantizes it as {fmt.quant_algo}, but the checkpoint has no "
+                          f"{blocks_amax} for it (its blocks were never calibrated); calibrate it, or leave the "
+                          f"layer out of the recipe")
+    name, (_, (rows, columns)) = view.name, view.buffers["weight"]
+    blocks = (rows, columns // fmt.group_size)
+    out = [Derived(f"{name}.weight", ("weight", blocks_amax), partial(_int4_payload, _model_dtype(view), blocks),
+                   "uint8", (rows // 2, columns)),
+           Derived(f"{name}.weight_scale", (blocks_amax,), partial(_scale, "int4", blocks), FP32, blocks)]
+    if w4a8:
+        stage1 = _amax_of(view, STAGE1_AMAX, "fp8", uncalibrated)
+        out += [Derived(f"{name}.weight_scale_2", (stage1,), partial(_scale, "fp8", ()), FP32, ()),
+                *_input_scale(view, "fp8", (), uncalibrated)]
+    if not _fed_by_norm(_megatron_module(view)):
+        out += _pre_quant_scale(view, fmt)
+    return out
+
+
+_WRITERS = {"FP8": _fp8, "FP8_PER_CHANNEL_PER_TOKEN": _fp8, "NVFP4": _nvfp4, "W8A8_SQ_PER_CHANNEL": _int8_sq,
+            "W4A16_AWQ": _int4_awq, "W4A8_AWQ": _int4_awq}
+
+
+def _input_scale(view: ModuleView, kind: str, shape: tuple[int, ...], uncalibrated: list[str]) -> list[Derived]:
+    amax = _amax_of(view, INPUT_AMAX, kind, uncalibrated)
+    return [Derived(f"{view.name}.input_scale", (amax,), partial(_scale, kind, shape), FP32, shape)]
+
+
+def _pre_quant_scale(view: ModuleView, fmt: ModuleFormat) -> list[Derived]:
+    if PQS not in view.buffers:
+        raise FormatError(f"{view.name}: the recipe quantizes it as {fmt.quant_algo}, whose checkpoint keeps the "
+                          f"weight divided by its input's pre_quant_scale, but the checkpoint has no {PQS} for it; "
+                          f"without it the weights would be deployed wrong")
+    dtype = _model_dtype(view)
+    return [Derived(f"{view.name}.pre_quant_scale", (PQS,), partial(_cast, dtype), dtype, view.buffers[PQS][1])]
+
+
+def _kv_cache(view: ModuleView) -> list[Derived]:
+    """``k_scale`` / ``v_scale`` of an attention module holding the KV-cache amax."""
+    out = []
+    for buffer, role in view.roles.items():
+        if role not in (K_AMAX, V_AMAX):
+            continue
+        which = "k" if role == K_AMAX else "v"
+        if view.kv_scales == "hf":  # the HF exporter: under the projection, amax / 448 for FP8 and NVFP4 alike
+            out.append(Derived(f"{view.name}.{which}_proj.{which}_scale", (buffer,), partial(_kv, "fp8", False, ()),
+                               FP32, ()))
+        elif _kv_algo(view) == "NVFP4":  # the Megatron exporter: NVFP4's divisor, no clamp
+            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(_kv, "nvfp4", False, ()), FP32, ()))
+        else:
+            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(_kv, "fp8", True, (1,)), FP32, (1,)))
+    return out
+
+
+def _kv_algo(view: ModuleView) -> str | None:
+    amax = next(buffer for buffer, role in view.roles.items() if role in (K_AMAX, V_AMAX))
+    attention = view.megatron[amax].rsplit(".core_attention.", 1)[0]
+    algo = kv_cache_algo_in(attention, _recipe(view))
+    if algo not in ("FP8", "NVFP4"):
+        raise FormatError(f"{view.name}: the recipe quantizes its KV cache as {algo}, which ModelOpt's format "
+                          f"does not record (FP8 or NVFP4)")
+    return algo
+
+
+#: The norm before each Megatron linear whose input it feeds alone, where it is not fused into the linear
+#: (Transformer Engine's ``linear_qkv.layer_norm_weight``): Megatron-Core's ``TransformerLayer``.
+_NORM_FEEDS = {"input_layernorm": "self_attention.linear_qkv", "pre_mlp_layernorm": "mlp.linear_fc1"}
+
+
+def _fed_by_norm(linear: str) -> bool:
+    """Whether a dense norm feeds the Megatron linear ``linear`` alone (q/k/v, gate/up), so its
+    ``pre_quant_scale`` can go into the norm."""
+    return linear.endswith(tuple(f".{fed}" for fed in _NORM_FEEDS.values()))
+
+
+def _folded_norm(view: ModuleView) -> Derived | None:
+    """The norm's weight with its linear's ``pre_quant_scale`` folded in (``w · pqs``, FORMATS.md §3:
+    ``fuse_prequant_layernorm``), where the linear it feeds is in an AWQ-style format."""
+    megatron = view.megatron["weight"]
+    owner, _, leaf = megatron.rpartition(".")
+    if leaf == "layer_norm_weight":
+        linear = owner
+    else:
+        layer, _, norm = owner.rpartition(".")
+        if norm not in _NORM_FEEDS or leaf != "weight":
+            return None
+        linear = f"{layer}.{_NORM_FEEDS[norm]}"
+    if not _fed_by_norm(linear) or view.recipe is None:
+        return None
+    pqs = view.lookup(f"{linear}.{PQS}")
+    if pqs is None:
+        return None
+    fmt = module_format_in(linear, view.recipe, pre_quant_scale=True)
+    if fmt is None or fmt.quant_algo not in FOLDED:
+        return None
+    dtype, shape = view.buffers["weight"]
+    model = view.dtype or dtype
+    return Derived(f"{view.name}.weight", ("weight", pqs), partial(_fold, model), model, shape)
+
+
+# -- the tensors, computed (torch imported only here) -------------------------------------------------
+
+def _quantize():
+    from quantmap import quantize
+
+    return quantize
+
+
+def _sane(amax, kind: str):
+    q = _quantize()
+    return q.sanitize_amax(amax.float(), q.MAXBOUND[kind])[0]
+
+
+def _scale(kind: str, shape: tuple[int, ...], amax):
+    q = _quantize()
+    return q.scale_from_amax(_sane(amax, kind), q.DIVISOR[kind], shape)
+
+
+def _payload(function: str, kind: str, scale_shape: tuple[int, ...], dtype: str, weight, amax):
+    import torch
+
+    return getattr(_quantize(), function)(weight, _scale(kind, scale_shape, amax), getattr(torch, dtype))
+
+
+def _int4_payload(dtype: str, blocks: tuple[int, int], weight, amax):
+    import torch
+
+    q = _quantize()
+    return q.pack_int4_rows(q.int4_quantize(weight, _scale("int4", blocks, amax), getattr(torch, dtype)))
+
+
+def _nvfp4_global(amax):
+    q = _quantize()
+    return q.scale_from_amax(amax, q.DIVISOR["nvfp4"], ())
+
+
+def _nvfp4_blocks(block: int, weight, amax):
+    return _quantize().nvfp4_block_scale(weight, _nvfp4_global(amax), block)
+
+
+def _nvfp4_payload(dtype: str, block: int, weight, amax):
+    import torch
+
+    global_scale = _nvfp4_global(amax)
+    blocks = _quantize().nvfp4_block_scale(weight, global_scale, block)
+    return _quantize().nvfp4_quantize(weight, blocks, global_scale, getattr(torch, dtype))
+
+
+def _kv(kind: str, clamp: bool, shape: tuple[int, ...], amax):
+    q = _quantize()
+    return q.kv_cache_scale(_sane(amax, kind), q.DIVISOR[kind], clamp, shape)
 
 
 def _as_is(view: ModuleView, buffer: str) -> Derived:
@@ -105,19 +323,13 @@ def _cast(dtype: str, tensor):
     return tensor.to(getattr(torch, dtype))
 
 
-def _scale(bound: float, shape: tuple[int, ...], amax):
-    return (amax.float() / bound).reshape(shape)
-
-
-def _fp8_weight(dtype: str, weight, amax):
+def _fold(dtype: str, weight, pqs):
     import torch
 
-    return (weight.to(getattr(torch, dtype)) / _scale(E4M3_MAX, (), amax)).to(torch.float8_e4m3fn)
+    return (weight.float() * pqs.float()).to(getattr(torch, dtype))
 
 
-def _kv(amax):
-    return _scale(E4M3_MAX, (1,), amax).clamp(min=1.0)
-
+# -- the way back --------------------------------------------------------------------------------------
 
 def restore_module(view: ModuleView) -> tuple[Derived, ...]:
     """One module of a ModelOpt checkpoint as the ``hf`` format holds it: a quantized weight dequantized
@@ -125,18 +337,20 @@ def restore_module(view: ModuleView) -> tuple[Derived, ...]:
     name, leaves, out = view.name, view.buffers, []
     for leaf, (dtype, shape) in leaves.items():
         if leaf == "weight" and dtype == "float8_e4m3fn":
-            if "weight_scale" not in leaves:
-                raise FormatError(f"{name}.weight is FP8 but the module has no weight_scale; a ModelOpt checkpoint "
-                                  f"keeps one beside every quantized weight")
+            if "weight_scale" not in leaves or leaves["weight_scale"][1] != ():
+                raise FormatError(f"{name}.weight is FP8 but the module has no per-tensor weight_scale; quantmap reads "
+                                  f"back ModelOpt's FP8 per-tensor checkpoints")
             out += [Derived(f"{name}.weight", ("weight", "weight_scale"), _dequantized, FP32, shape,
                             note="dequantized from FP8 (QAT resumes from the quantized values)"),
-                    Derived(f"{name}.weight_quantizer._amax", ("weight_scale",), partial(_amax, E4M3_MAX), FP32, (),
+                    Derived(f"{name}.{WEIGHT_AMAX}", ("weight_scale",), partial(_amax, 448.0), FP32, (),
                             note=_FROM_SCALE)]
+        elif leaf == "weight" and dtype in ("uint8", "int8"):
+            raise FormatError(f"{name}.weight is {dtype}: quantmap reads back ModelOpt's FP8 checkpoints (NVFP4, INT8 "
+                              f"and INT4 ones are not read back yet)")
         elif leaf == "input_scale":
-            out.append(Derived(f"{name}.input_quantizer._amax", (leaf,), partial(_amax, E4M3_MAX), FP32, (),
-                               note=_FROM_SCALE))
+            out.append(Derived(f"{name}.{INPUT_AMAX}", (leaf,), partial(_amax, 448.0), FP32, (), note=_FROM_SCALE))
         elif leaf in ("k_scale", "v_scale"):
-            out.append(Derived(f"{name}.{leaf[0]}_bmm_quantizer._amax", (leaf,), partial(_amax, E4M3_MAX), FP32, (),
+            out.append(Derived(f"{name}.{leaf[0]}_bmm_quantizer._amax", (leaf,), partial(_amax, 448.0), FP32, (),
                                note="KV-cache amax computed back from k_scale / v_scale (a scale of exactly 1.0 may "
                                     "be ModelOpt's clamp: its amax, 448, is then an upper bound)"))
         elif leaf != "weight_scale":
@@ -152,37 +366,37 @@ def _same(tensor):
 
 
 def _dequantized(payload, scale):
-    return payload.float() * scale.float()
+    return _quantize().dequantize(payload, scale)
 
 
 def _amax(bound: float, scale):
-    return (scale.float() * bound).reshape(())
+    return _quantize().amax_from_scale(scale, bound).reshape(())
 
 
-def _quantization(facts) -> dict:
-    algos = {fact["quant_algo"] for fact in facts.values() if "quant_algo" in fact}
-    kv = {fact["kv_cache_quant_algo"] for fact in facts.values() if "kv_cache_quant_algo" in fact}
-    quantization = {"quant_algo": algos.pop() if len(algos) == 1 else None}
-    if kv:
-        quantization["kv_cache_quant_algo"] = kv.pop()
-    quantization["exclude_modules"] = sorted(module for module, fact in facts.items() if fact.get("excluded"))
-    return quantization
+# -- the files beside the tensors ----------------------------------------------------------------------
+
+def _hf_quant(facts) -> dict:
+    """``hf_quant_config.json`` for what the modules said: each linear's format (``None``: left unquantized),
+    and the KV cache's (one for the model)."""
+    modules = {module: fact["format"] for module, fact in facts.items() if "format" in fact}
+    kv = {fact["kv_cache"] for fact in facts.values() if "kv_cache" in fact}
+    if len(kv) > 1:
+        raise FormatError(f"the KV cache is quantized as {sorted(kv)} in different layers; ModelOpt's format records "
+                          f"one KV-cache format for the model")
+    try:
+        return hf_quant_config(modules, kv.pop() if kv else None)
+    except ModelOptConfigError as error:
+        raise FormatError(str(error)) from None
 
 
-def _hf_quant_config(facts, _existing) -> bytes:
-    return json.dumps({"producer": PRODUCER, "quantization": _quantization(facts)}, indent=4).encode()
+def _hf_quant_config(facts, _copied) -> bytes:
+    return file_text(_hf_quant(facts)).encode()
 
 
-def _config(facts, existing: bytes | None) -> bytes:
-    config = json.loads(existing)
-    quantization = _quantization(facts)
-    group = {"dynamic": False, "num_bits": 8, "type": "float"}
-    config["quantization_config"] = {
-        "config_groups": {"group_0": {"input_activations": group, "weights": group, "targets": ["Linear"]}},
-        "ignore": quantization["exclude_modules"], "quant_algo": quantization["quant_algo"],
-        **({"kv_cache_scheme": group} if "kv_cache_quant_algo" in quantization else {}),
-        "producer": PRODUCER, "quant_method": "modelopt"}
-    return json.dumps(config, indent=2).encode()
+def _config(facts, copied: bytes | None) -> bytes:
+    config = json.loads(copied)
+    config["quantization_config"] = quantization_config(_hf_quant(facts))
+    return (json.dumps(config, indent=2) + "\n").encode()
 
 
 MODELOPT = OutputFormat(
@@ -190,5 +404,5 @@ MODELOPT = OutputFormat(
                 "and their scales, hf_quant_config.json (the recipe is the checkpoint's own)",
     writes={role: (Written((role,)),) for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     restores={role: Restored() for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
-    files=(AddedFile("hf_quant_config.json", _hf_quant_config), AddedFile("config.json", _config)),
+    files=(AddedFile(HF_QUANT_CONFIG, _hf_quant_config), AddedFile("config.json", _config)),
     model=True, modules=module_output, restore_modules=restore_module)
