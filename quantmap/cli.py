@@ -25,7 +25,7 @@ import typer
 from quantmap.diagnostics import SpecError
 from quantmap.formats import DEFAULT, FORMATS
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_TIMEOUT_S, over
-from quantmap.untrusted import MAX_DIGITS, decimal
+from quantmap.untrusted import MAX_DIGITS, decimal, parse_json
 
 app = typer.Typer(
     help="Move quantization calibration state between Megatron-Core and Hugging Face names.",
@@ -510,6 +510,8 @@ OutputFormatName = Enum("OutputFormatName", {name: name for name in FORMATS}, ty
 #: What ``import --into --only`` may restrict an import to.
 OnlyRoles = Enum("OnlyRoles", {"quantizers": "quantizers"}, type=str)
 FORMAT_HELP = "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items())
+#: ``--kv-scales`` choices (quantmap.executor.options.KV_SCALES).
+KvScales = Enum("KvScales", {name: name for name in ("megatron", "hf")}, type=str)
 #: ``--dtype`` choices: the casts a model export offers (quantmap.executor.options.CASTS).
 CastName = Enum("CastName", {name: name for name in ("bf16", "fp16", "fp32")}, type=str)
 
@@ -541,6 +543,13 @@ def export_command(
                                        "Hugging Face model the Megatron run started from; its config.json (which also gives the "
                                        "spec's parameters, as --config does), generation config and tokenizer files "
                                        "are copied beside the weights (or give --config config.json alone)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="With --format modelopt: ModelOpt's quant_cfg as "
+                                         "JSON (a list, or {\"quant_cfg\": [...]}), for a checkpoint that records "
+                                         "none; one that records its own must agree with it."),
+    kv_scales: KvScales = typer.Option(KvScales.megatron, "--kv-scales", help="With --format modelopt: KV-cache "
+                                       "scales as ModelOpt's Megatron exporter writes them (self_attn.k_scale, FP8 "
+                                       "clamped at 1.0) or its Hugging Face exporter (hf: self_attn.k_proj.k_scale, "
+                                       "amax / 448)."),
     dtype: Optional[CastName] = typer.Option(None, "--dtype", help="With --format hf or modelopt: the dtype of the "
                                              "weights written and, for modelopt, the one a quantized weight is "
                                              "divided by its scale in (default: the checkpoint's; ModelOpt's own "
@@ -573,9 +582,27 @@ def export_command(
     rules = compile_or_exit(spec, params, hf_naming)
     options = _run_options(strict=strict, allow_partial=allow_partial, timeout=timeout, shard_size=shard_size,
                            quiet=quiet, nproc=nproc, format=format.value, dtype=dtype and dtype.value,
-                           model_files=_model_files(like, config) if model else (), export=True)
+                           model_files=_model_files(like, config) if model else (), export=True,
+                           recipe=_read_recipe(recipe), kv_scales=kv_scales.value)
     _run_executor(quiet, lambda: export_from(rules, megatron, out, options, iteration=iteration),
                   next_step=next_step)
+
+
+def _read_recipe(path: Optional[str]) -> Optional[list]:
+    """``--recipe``'s quant_cfg, or one ``error:`` line naming the file and what it must hold."""
+    if path is None:
+        return None
+    try:
+        data = parse_json(Path(path).read_bytes())
+    except (OSError, ValueError) as error:
+        typer.echo(f"error: --recipe {path}: cannot be read as JSON ({error})", err=True)
+        raise typer.Exit(1) from None
+    cfg = data.get("quant_cfg") if isinstance(data, dict) else data
+    if not (isinstance(cfg, list) and all(isinstance(entry, dict) for entry in cfg)):
+        typer.echo(f"error: --recipe {path}: expected ModelOpt's quant_cfg, a list of {{\"quantizer_name\": ..., "
+                   f"\"cfg\": ..., \"enable\": ...}} (or an object holding it under \"quant_cfg\")", err=True)
+        raise typer.Exit(1) from None
+    return cfg
 
 
 def _model_files(like: Optional[str], config: Optional[str]) -> tuple:

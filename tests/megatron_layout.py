@@ -28,8 +28,9 @@ def tp_piece(name: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tenso
 
 
 def write_shards(directory, state: dict[str, torch.Tensor], layout: ParallelLayout,
-                 quantizers_only: bool = False) -> None:
-    """``state`` (global names, unsharded) as a shard directory of ``layout``: each rank's local names and pieces."""
+                 quantizers_only: bool = False, recipe: list | None = None) -> None:
+    """``state`` (global names, unsharded) as a shard directory of ``layout``: each rank's local names and pieces
+    (and ``recipe``, ModelOpt's quant_cfg, recorded beside them)."""
     for rank in range(layout.world_size):
         coords = layout.coords(rank)
         local = {}
@@ -37,7 +38,7 @@ def write_shards(directory, state: dict[str, torch.Tensor], layout: ParallelLayo
             local_name = to_local(name, layout, coords)
             if local_name is not None:
                 local[local_name] = tp_piece(name, tensor, layout.tp, coords.tp).contiguous()
-        save_shard(local, layout, directory, rank=rank, quantizers_only=quantizers_only)
+        save_shard(local, layout, directory, rank=rank, quantizers_only=quantizers_only, recipe=recipe)
 
 
 def megatron_llama(hf: dict[str, torch.Tensor], layers: int, heads: int, groups: int) -> dict[str, torch.Tensor]:

@@ -160,3 +160,47 @@ def export_fp32(tmp_path: Path, checkpoint: Path, config: Path) -> Path:
                                    "modelopt", "--config", str(config), "--quiet"])
     assert run.exit_code == 0, run.output
     return out
+
+
+def state_dict_form(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A torch_dist checkpoint's tensors as one Megatron-Core rank's ``state_dict()`` holds them: SwiGLU's saved
+    halves joined into ``linear_fc1.weight``, per-tensor amax 0-d (``[1]`` in the checkpoint)."""
+    state = {key: value.reshape(()) if key.endswith("_amax") else value
+             for key, value in megatron_state(checkpoint).items() if "_extra_state" not in key}
+    for layer in range(2):
+        fc1 = f"decoder.layers.{layer}.mlp.linear_fc1."
+        state[fc1 + "weight"] = torch.cat([state.pop(fc1 + "weight_w"), state.pop(fc1 + "weight_v")])
+    return state
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_shard_directories_of_other_layouts_write_the_same_bytes(tmp_path, tp, pp):
+    """The same model laid out by hand as PP2 and TP2×PP2 shard directories, its recipe recorded beside them
+    (``recipe.json``), exports what the TP1 torch_dist checkpoint does."""
+    from megatron_layout import write_shards
+
+    from quantmap.executor import ParallelLayout
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+
+    source = DATA / "fp8_kv_tp1" / "ckpt"
+    state = state_dict_form(source)
+    shards = tmp_path / "shards"
+    write_shards(shards, state, ParallelLayout(tp=tp, pp=pp, dp=1, num_layers=2), recipe=quant_cfg(
+        source / "iter_0000001"))
+    assert differing(tensors(export(tmp_path, source, "tp1")), tensors(export(tmp_path, shards, "from_shards"))) == []
+
+
+def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_path):
+    from megatron_layout import write_shards
+
+    from quantmap.executor import ParallelLayout
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+
+    source = DATA / "fp8_kv_tp1" / "ckpt"
+    state = state_dict_form(source)
+    shards = tmp_path / "shards"
+    write_shards(shards, state, ParallelLayout(tp=2, pp=1, dp=1, num_layers=2))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"quant_cfg": quant_cfg(source / "iter_0000001")}))
+    assert differing(tensors(export(tmp_path, source, "tp1")),
+                     tensors(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []

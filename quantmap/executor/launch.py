@@ -60,12 +60,23 @@ def export_from(rules, megatron: str | Path, out: str | Path, options: RunOption
     from quantmap.executor.sources import open_source
 
     source = open_source(megatron, iteration)
-    if options.output_format.modules is not None and options.recipe is None:
-        options = replace(options, recipe=source.recipe())
+    if options.output_format.modules is not None:
+        options = replace(options, recipe=_recipe(source, options.recipe))
     how = mode(options.nproc)
     world = source.world(options.nproc if how == "spawn" else None)
     _prepare_output(out)
     return _with_contents(out, _guarded(out, how, lambda: _export_from(source, world, how, rules, out, options)))
+
+
+def _recipe(source, given: list | None) -> list | None:
+    """The recipe a deployable export follows: the one the source records, or the one given (``--recipe``)
+    where it records none; both, differing, is an error (the amax were calibrated for the recorded one)."""
+    recorded = source.recipe()
+    if given is not None and recorded is not None and given != recorded:
+        raise ExecutorError("the recipe given (--recipe) differs from the one the checkpoint records (ModelOpt's "
+                            "quant_cfg in its modelopt_state/ or recipe.json), for which its amax were calibrated; "
+                            "drop --recipe to export with the checkpoint's own")
+    return recorded if recorded is not None else given
 
 
 def _export_from(source, world: int, how: str, rules, out, options: RunOptions) -> Report:

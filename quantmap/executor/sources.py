@@ -42,9 +42,10 @@ class ShardDirectory:
         return nullcontext()
 
     def recipe(self) -> list | None:
-        """The quantization recipe the directory records: none (a shard directory keeps the quantizer state,
-        not ModelOpt's configuration)."""
-        return None
+        """The ModelOpt ``quant_cfg`` the directory records (``recipe.json``), or ``None`` without one."""
+        from quantmap.io.shards import read_recipe
+
+        return read_recipe(self.path)
 
     def annotate(self, report) -> None:
         """Nothing to add: every tensor of a shard file is claimed or reported by the export itself."""

@@ -1,5 +1,6 @@
 """The Megatron shard directory: ``layout.json`` plus ``rank_{global_rank:05d}.safetensors`` per rank,
-each holding that rank's quantizer tensors under its LOCAL names (what its ``state_dict()`` says).
+each holding that rank's quantizer tensors under its LOCAL names (what its ``state_dict()`` says), and where
+the run recorded it, ``recipe.json``: the ModelOpt ``quant_cfg`` the state was calibrated with.
 
 Local names carry no position (every stage has a ``decoder.layers.0``), so a renamed or swapped file
 would export a wrong model silently. quantmap therefore writes each rank's coordinates into the file's
@@ -24,6 +25,7 @@ COORDINATES_KEY = "quantmap.coordinates"
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 _RANK_FILE = re.compile(r"rank_(\d+)\.safetensors")
 _LISTED = 5
+RECIPE_FILE = "recipe.json"  # the ModelOpt quant_cfg the shards were calibrated with, where save_shard was given it
 
 
 def rank_file(directory: str | Path, rank: int) -> Path:
@@ -156,12 +158,13 @@ def write_rank(directory: str | Path, layout: ParallelLayout, coords: Coords, st
 
 
 def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Path, rank: int | None = None, *,
-               quantizers_only: bool = True) -> Path:
+               quantizers_only: bool = True, recipe: list | None = None) -> Path:
     """Write this rank's quantizer state from a live model's ``state_dict()``; call it on every rank.
 
     Keeps the tensors whose name contains ``quantizer`` (``_amax``, ``_pre_quant_scale``, ...), or, with
     ``quantizers_only=False``, every tensor (for an output format that reads the model's weights too); rank 0
-    also writes ``layout.json``. ``rank`` is this rank's position in Megatron-Core's default order
+    also writes ``layout.json``, and with ``recipe`` (ModelOpt's ``quant_cfg``, the ``quant_cfg`` of
+    ``mtq.quantize``'s config) ``recipe.json``, which a deployable export follows (:func:`read_recipe`). ``rank`` is this rank's position in Megatron-Core's default order
     (``tp-cp-ep-dp-pp``, the order ``layout.json`` declares); it defaults to the global rank of the
     default process group, which is that position when Megatron built its groups in the default
     order. A run with another order must pass the position, or export renumbers the wrong ranks.
@@ -174,6 +177,26 @@ def save_shard(state_dict: Mapping, layout: ParallelLayout, directory: str | Pat
     directory.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         layout.write(directory)
+        if recipe is not None:
+            (directory / RECIPE_FILE).write_text(json.dumps({"quant_cfg": recipe}, indent=2) + "\n", encoding="utf-8")
     kept = {name: value for name, value in state_dict.items()
             if isinstance(value, torch.Tensor) and ("quantizer" in name or not quantizers_only)}
     return write_rank(directory, layout, layout.coords(rank), kept)
+
+
+def read_recipe(directory: str | Path) -> list | None:
+    """The ModelOpt ``quant_cfg`` a shard directory records (``recipe.json``, written by :func:`save_shard`), or
+    ``None`` without one."""
+    path = Path(directory) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = parse_json(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise LayoutError(f"{path} cannot be read as JSON ({error}); write it again with save_shard(..., "
+                         f"recipe=quant_cfg) or remove it") from None
+    cfg = data.get("quant_cfg") if isinstance(data, dict) else None
+    if not (isinstance(cfg, list) and all(isinstance(entry, dict) for entry in cfg)):
+        raise LayoutError(f'{path}: expected {{"quant_cfg": [{{"quantizer_name": ..., "cfg": ..., "enable": ...}}, '
+                         f'...]}}, ModelOpt\'s quant_cfg list; write it again with save_shard(..., recipe=quant_cfg)')
+    return cfg
