@@ -14,9 +14,9 @@ from quantmap.io.shards import save_shard
 def tp_piece(name: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     """Megatron's tensor-parallel shard, written out by hand: column-parallel layers split their output
     rows (``linear_fc1`` within each of gate and up: rank r holds ``[gate_r; up_r]``; the vocab-parallel
-    embedding and output layer their vocabulary rows), row-parallel ones their input columns; norms and
-    scalars are whole on every rank."""
-    if tensor.dim() == 0 or "layer_norm" in name or "final_layernorm" in name or (
+    embedding and output layer their vocabulary rows), row-parallel ones their input columns; norms (TE-fused
+    ``layer_norm_weight`` or the local spec's ``*_layernorm``), the MoE router and scalars are whole on every rank."""
+    if tensor.dim() == 0 or "layer_norm" in name or "layernorm" in name or ".router." in name or (
             "_quantizer" in name and tensor.numel() == 1):
         return tensor
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):

@@ -19,6 +19,8 @@ from quantmap.cli import app
 DATA = Path(__file__).parent / "data" / "dcp"
 QUANTIZED = re.compile(r"\.linear_(qkv|proj|fc1|fc2)\.weight(_w|_v)?$")  # the FP8 linears' weights
 MODELOPT = DATA / "fp8_kv_tp1" / "modelopt_export"
+MEGATRON = Path(__file__).parent / "data" / "megatron"
+MIXTRAL = DATA / "reference" / "hf_config_moe_mixtral.json"
 
 
 def config_without_quantization(tmp_path: Path) -> Path:
@@ -204,3 +206,46 @@ def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_
     recipe.write_text(json.dumps({"quant_cfg": quant_cfg(source / "iter_0000001")}))
     assert differing(tensors(export(tmp_path, source, "tp1")),
                      tensors(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []
+
+
+def moe_state() -> tuple[dict[str, torch.Tensor], list]:
+    """A SequentialMLP MoE (Mixtral-like: 2 layers, 4 experts) as one Megatron-Core rank holds it: the real FP8 +
+    KV quantizer state ModelOpt calibrated (tests/data/megatron), seeded random weights of the model's shapes,
+    and the recipe it was quantized with."""
+    record = json.loads((MEGATRON / "state_fp8_default_kv_moeseq_tp1.json").read_text())
+    generator = torch.Generator().manual_seed(0)
+    state = {name: torch.randn(shape, generator=generator) / 8 for name, shape in record["parameters"].items()}
+    return state | load_file(MEGATRON / "state_fp8_default_kv_moeseq_tp1.safetensors"), record["quant_cfg"]["quant_cfg"]
+
+
+@pytest.mark.parametrize("tp,dp,ep", [(2, 1, 1), (1, 2, 2), (2, 2, 2)])
+def test_moe_experts_are_written_one_by_one_and_every_expert_parallel_layout_agrees(tmp_path, tp, dp, ep):
+    """Every expert of every EP rank, under its own global number and per-expert names (as vLLM's MoE loaders
+    read them), never packed; the router left unquantized; EP2 and TP2 give the TP1 bytes."""
+    from megatron_layout import write_shards
+
+    from quantmap.executor import ParallelLayout
+
+    state, recipe = moe_state()
+    written = {}
+    for name, layout in (("one", ParallelLayout(tp=1, pp=1, dp=1, num_layers=2, num_experts=4)),
+                         ("spread", ParallelLayout(tp=tp, pp=1, dp=dp, ep=ep, num_layers=2, num_experts=4))):
+        write_shards(tmp_path / f"{name}-shards", state, layout, recipe=recipe)
+        out = tmp_path / name
+        run = CliRunner().invoke(app, ["export", "mixtral", "--megatron", str(tmp_path / f"{name}-shards"), "--out",
+                                       str(out), "--format", "modelopt", "--config", str(MIXTRAL), "--quiet"])
+        assert run.exit_code == 0, run.output
+        written[name] = tensors(out)
+    assert differing(written["one"], written["spread"]) == []
+    names = written["one"]
+    for layer in range(2):
+        for expert in range(4):
+            for w in ("w1", "w2", "w3"):
+                prefix = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}."
+                assert names[prefix + "weight"].dtype == torch.float8_e4m3fn
+                assert names[prefix + "weight_scale"].shape == () and names[prefix + "input_scale"].shape == (1,)
+        assert names[f"model.layers.{layer}.block_sparse_moe.gate.weight"].dtype == torch.float32
+    quantization = json.loads((tmp_path / "one" / "hf_quant_config.json").read_text())["quantization"]
+    assert quantization["quant_algo"] == "FP8" and quantization["kv_cache_quant_algo"] == "FP8"
+    assert quantization["exclude_modules"] == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe.gate",
+                                               "model.layers.1.block_sparse_moe.gate"]
