@@ -249,3 +249,62 @@ def test_moe_experts_are_written_one_by_one_and_every_expert_parallel_layout_agr
     assert quantization["quant_algo"] == "FP8" and quantization["kv_cache_quant_algo"] == "FP8"
     assert quantization["exclude_modules"] == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe.gate",
                                                "model.layers.1.block_sparse_moe.gate"]
+
+
+def fp8_shards(tmp_path: Path, state: dict[str, torch.Tensor], recipe: list) -> Path:
+    from megatron_layout import write_shards
+
+    from quantmap.executor import ParallelLayout
+
+    shards = tmp_path / "shards"
+    write_shards(shards, state, ParallelLayout(tp=1, pp=1, dp=1, num_layers=2), recipe=recipe)
+    return shards
+
+
+def run_export(tmp_path: Path, shards: Path, *extra: str):
+    return CliRunner().invoke(app, ["export", "llama", "--megatron", str(shards), "--out", str(tmp_path / "out"),
+                                    "--format", "modelopt", "--config", str(config_without_quantization(tmp_path)),
+                                    *extra])
+
+
+def recipe_quantizing_the_output_layer() -> list:
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+
+    return [entry for entry in quant_cfg(DATA / "fp8_kv_tp1" / "ckpt" / "iter_0000001")
+            if entry["quantizer_name"] not in ("*output_layer*", "*lm_head*")]
+
+
+def test_a_quantized_output_layer_is_written_quantized(tmp_path):
+    state = state_dict_form(DATA / "fp8_kv_tp1" / "ckpt")
+    state["output_layer.weight_quantizer._amax"] = state["output_layer.weight"].abs().amax()
+    state["output_layer.input_quantizer._amax"] = torch.tensor(3.0)
+    run = run_export(tmp_path, fp8_shards(tmp_path, state, recipe_quantizing_the_output_layer()), "--strict")
+    assert run.exit_code == 0, run.output
+    written = tensors(tmp_path / "out")
+    assert written["lm_head.weight"].dtype == torch.float8_e4m3fn
+    assert bits(written["lm_head.weight_scale"]) == bits(state["output_layer.weight_quantizer._amax"] / 448)
+    quantization = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert quantization["exclude_modules"] == ["model.embed_tokens"]
+
+
+def test_an_uncalibrated_quantizer_is_written_as_modelopt_does_reported_and_refused_under_strict(tmp_path):
+    """A zero amax, and a quantizer the recipe enables that holds no amax at all, both become ModelOpt's maximum
+    bound (scale 1); the export says so, and ``--strict`` refuses it with nothing written."""
+    state = state_dict_form(DATA / "fp8_kv_tp1" / "ckpt")
+    shards = fp8_shards(tmp_path, state, recipe_quantizing_the_output_layer())  # no output_layer amax in the state
+    refused = run_export(tmp_path, shards, "--strict")
+    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "refused (--strict): 2 quantizer(s) the recipe enables hold no amax (uncalibrated): " \
+           "lm_head.weight_quantizer._amax, lm_head.input_quantizer._amax" in refused.output
+    state["decoder.layers.0.mlp.linear_fc2.weight_quantizer._amax"] = torch.tensor(0.0)
+    shutil.rmtree(shards)
+    shards = fp8_shards(tmp_path, state, recipe_quantizing_the_output_layer())
+    refused = run_export(tmp_path, shards, "--strict")
+    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "zero amax (uncalibrated): decoder.layers.0.mlp.linear_fc2.weight_quantizer._amax" in refused.output
+    run = run_export(tmp_path, shards)
+    assert run.exit_code == 0, run.output
+    assert "uncalibrated" in run.output and "lm_head.weight_quantizer._amax" in run.output
+    written = tensors(tmp_path / "out")
+    for name in ("model.layers.0.mlp.down_proj.weight_scale", "lm_head.weight_scale", "lm_head.input_scale"):
+        assert written[name].float().flatten().tolist() == [1.0], name
