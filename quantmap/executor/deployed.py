@@ -11,6 +11,7 @@ reads it as it reads any other; each tensor is computed when the import asks for
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from quantmap.formats.declaration import Derived, FormatError, ModuleView
 from quantmap.io.hf import Checkpoint
 from quantmap.io.safetensors_stream import DTYPES
 from quantmap.executor.report import ExecutorError
+from quantmap.untrusted import parse_json
 
 _TORCH_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in DTYPES.items()}
 
@@ -32,10 +34,11 @@ class DeployedCheckpoint:
             module, _, leaf = name.rpartition(".")
             code = checkpoint.dtype(name)
             modules.setdefault(module, {})[leaf] = (_TORCH_NAMES.get(code, code), checkpoint.shape(name))
+        quantization = _quantization(checkpoint.directory)
         self._restored: dict[str, tuple[str, Derived]] = {}  # HF name -> (its module, how it is computed)
         for module, leaves in modules.items():
             try:
-                restored = fmt.restore_modules(ModuleView(module, leaves, {}, {}, None))
+                restored = fmt.restore_modules(ModuleView(module, leaves, {}, {}, None, quantization))
             except FormatError as error:
                 raise ExecutorError(f"{checkpoint.directory} (format {fmt.name!r}): {error}") from None
             for derived in restored:
@@ -54,3 +57,19 @@ class DeployedCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._restored[name][1].shape
+
+
+def _quantization(directory: Path) -> dict | None:
+    """The checkpoint's own account of its format: ``hf_quant_config.json``'s ``quantization`` block, or
+    ``config.json``'s ``quantization_config``; ``None`` where it has neither."""
+    for name, key in (("hf_quant_config.json", "quantization"), ("config.json", "quantization_config")):
+        path = directory / name
+        if path.is_file():
+            try:
+                found = parse_json(path.read_bytes())
+            except ValueError as error:
+                raise ExecutorError(f"{path} cannot be read as JSON ({error}); a deployable checkpoint's config "
+                                    f"files are JSON objects") from None
+            if isinstance(found, dict) and isinstance(found.get(key), dict):
+                return found[key]
+    return None

@@ -332,30 +332,81 @@ def _fold(dtype: str, weight, pqs):
 # -- the way back --------------------------------------------------------------------------------------
 
 def restore_module(view: ModuleView) -> tuple[Derived, ...]:
-    """One module of a ModelOpt checkpoint as the ``hf`` format holds it: a quantized weight dequantized
-    (``payload × weight_scale``, in float32), each amax as its scale × the scale's divisor, the rest as it is."""
-    name, leaves, out = view.name, view.buffers, []
-    for leaf, (dtype, shape) in leaves.items():
-        if leaf == "weight" and dtype == "float8_e4m3fn":
-            if "weight_scale" not in leaves or leaves["weight_scale"][1] != ():
-                raise FormatError(f"{name}.weight is FP8 but the module has no per-tensor weight_scale; quantmap reads "
-                                  f"back ModelOpt's FP8 per-tensor checkpoints")
-            out += [Derived(f"{name}.weight", ("weight", "weight_scale"), _dequantized, FP32, shape,
-                            note="dequantized from FP8 (QAT resumes from the quantized values)"),
-                    Derived(f"{name}.{WEIGHT_AMAX}", ("weight_scale",), partial(_amax, 448.0), FP32, (),
-                            note=_FROM_SCALE)]
-        elif leaf == "weight" and dtype in ("uint8", "int8"):
-            raise FormatError(f"{name}.weight is {dtype}: quantmap reads back ModelOpt's FP8 checkpoints (NVFP4, INT8 "
-                              f"and INT4 ones are not read back yet)")
-        elif leaf == "input_scale":
-            out.append(Derived(f"{name}.{INPUT_AMAX}", (leaf,), partial(_amax, 448.0), FP32, (), note=_FROM_SCALE))
-        elif leaf in ("k_scale", "v_scale"):
-            out.append(Derived(f"{name}.{leaf[0]}_bmm_quantizer._amax", (leaf,), partial(_amax, 448.0), FP32, (),
-                               note="KV-cache amax computed back from k_scale / v_scale (a scale of exactly 1.0 may "
-                                    "be ModelOpt's clamp: its amax, 448, is then an upper bound)"))
-        elif leaf != "weight_scale":
-            out.append(Derived(f"{name}.{leaf}", (leaf,), _same, dtype, shape))
+    """One module of a ModelOpt checkpoint as the ``hf`` format holds it: a quantized weight dequantized (in
+    float32), each amax its scale × the scale's divisor, a ``pre_quant_scale`` back on its input quantizer, the
+    rest as it is. ``view.recipe`` is the checkpoint's ``quantization`` block (``hf_quant_config.json``), which
+    says the KV cache's format. FP8 (per tensor or per channel), NVFP4 and INT8 are read back; INT4 AWQ and W4A8
+    are refused: their q/k/v and gate/up ``pre_quant_scale`` went into the norms and cannot be taken out."""
+    name, leaves = view.name, view.buffers
+    dtype = leaves.get("weight", ("", ()))[0]
+    if "weight_scale_2" in leaves and leaves.get("weight_scale", ("",))[0] == "float8_e4m3fn":
+        out, kind = _restored_nvfp4(view), "nvfp4"
+    elif dtype == "float8_e4m3fn":
+        out, kind = _restored_scaled(view, "fp8"), "fp8"
+    elif dtype == "int8":
+        out, kind = _restored_scaled(view, "int8"), "int8"
+    elif dtype == "uint8":
+        raise FormatError(f"{name}.weight is packed INT4 (INT4 AWQ or W4A8): its q/k/v and gate/up pre_quant_scale "
+                          f"were folded into the norms when it was written, so the Megatron weights and scales "
+                          f"cannot be told apart again; quantmap reads back FP8, NVFP4 and INT8 checkpoints")
+    else:
+        out, kind = [], None
+    done = {"weight", "weight_scale", "weight_scale_2", "input_scale"} if kind else set()
+    for leaf, (leaf_dtype, shape) in leaves.items():
+        if leaf in done:
+            continue
+        if leaf in ("k_scale", "v_scale"):
+            out.append(_restored_kv(view, leaf))
+        elif leaf == "pre_quant_scale":
+            out.append(Derived(f"{name}.{PQS}", (leaf,), _same, leaf_dtype, shape))
+        else:
+            out.append(Derived(f"{name}.{leaf}", (leaf,), _same, leaf_dtype, shape))
     return tuple(out)
+
+
+def _restored_scaled(view: ModuleView, kind: str) -> list[Derived]:
+    """FP8 or INT8: the payload times its ``weight_scale`` (per tensor ``[]`` or per channel ``[out]``, whose amax
+    is ``[out, 1]``), the amax from the scales."""
+    name, (_, shape) = view.name, view.buffers["weight"]
+    scale_shape = view.buffers.get("weight_scale", (None, None))[1]
+    if scale_shape not in ((), (shape[0],)):
+        raise FormatError(f"{name}.weight_scale has shape {scale_shape}; a ModelOpt {kind.upper()} weight has a "
+                          f"per-tensor [] or per-channel [{shape[0]}] weight_scale beside it")
+    amax_shape = () if scale_shape == () else (shape[0], 1)
+    out = [Derived(f"{name}.weight", ("weight", "weight_scale"), _dequantized, FP32, shape,
+                   note=f"dequantized from {kind.upper()} (QAT resumes from the quantized values)"),
+           Derived(f"{name}.{WEIGHT_AMAX}", ("weight_scale",), partial(_amax, kind, amax_shape), FP32, amax_shape,
+                   note=_FROM_SCALE)]
+    return out + _restored_input(view, kind)
+
+
+def _restored_nvfp4(view: ModuleView) -> list[Derived]:
+    name, (_, (rows, half)) = view.name, view.buffers["weight"]
+    return [Derived(f"{name}.weight", ("weight", "weight_scale", "weight_scale_2"), _nvfp4_dequantized, FP32,
+                    (rows, half * 2), note="dequantized from NVFP4 (QAT resumes from the quantized values)"),
+            Derived(f"{name}.{WEIGHT_AMAX}", ("weight_scale_2",), partial(_amax, "nvfp4", ()), FP32, (),
+                    note=_FROM_SCALE),
+            *_restored_input(view, "nvfp4")]
+
+
+def _restored_input(view: ModuleView, kind: str) -> list[Derived]:
+    if "input_scale" not in view.buffers:
+        return []
+    return [Derived(f"{view.name}.{INPUT_AMAX}", ("input_scale",), partial(_amax, kind, ()), FP32, (),
+                    note=_FROM_SCALE)]
+
+
+def _restored_kv(view: ModuleView, leaf: str) -> Derived:
+    """A KV scale's amax: under the attention module (the Megatron exporter's ``self_attn.k_scale``: FP8 clamped
+    at 1.0, NVFP4 over 2688) or under the projection (the HF exporter's ``k_proj.k_scale``: over 448)."""
+    which = leaf[0]
+    attention, projection = view.name, view.name.endswith(f".{which}_proj")
+    if projection:
+        attention = view.name.rpartition(".")[0]
+    nvfp4 = not projection and (view.recipe or {}).get("kv_cache_quant_algo") == "NVFP4"
+    return Derived(f"{attention}.{which}_bmm_quantizer._amax", (leaf,), partial(_amax, "nvfp4" if nvfp4 else "fp8", ()),
+                   FP32, (), note="KV-cache amax computed back from k_scale / v_scale (an FP8 scale of exactly 1.0 "
+                                  "may be ModelOpt's clamp: its amax, 448, is then an upper bound)")
 
 
 _FROM_SCALE = "amax computed back from its scale (scale × divisor: the calibrated amax, or one ulp from it)"
@@ -369,8 +420,13 @@ def _dequantized(payload, scale):
     return _quantize().dequantize(payload, scale)
 
 
-def _amax(bound: float, scale):
-    return _quantize().amax_from_scale(scale, bound).reshape(())
+def _nvfp4_dequantized(packed, block_scale, global_scale):
+    return _quantize().nvfp4_dequantize(packed, block_scale, global_scale)
+
+
+def _amax(kind: str, shape: tuple[int, ...], scale):
+    q = _quantize()
+    return q.amax_from_scale(scale, q.DIVISOR[kind]).reshape(shape)
 
 
 # -- the files beside the tensors ----------------------------------------------------------------------
