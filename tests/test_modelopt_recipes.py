@@ -109,16 +109,16 @@ def hf_quantizers(fixture: str) -> dict[str, dict[str, torch.Tensor]]:
     for layer in range(LAYERS):
         for linear, (parent, projections) in LINEARS.items():
             prefix = f"decoder.layers.{layer}.{linear}."
-            buffers = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix) and "_quantizer" in key}
-            for projection in projections:
-                out[f"model.layers.{layer}.{parent}.{projection}"] = {}
-            for buffer, tensor in buffers.items():
-                if tensor.dim() == 2 and len(projections) > 1:  # per channel / per block: rows belong to one projection
+            modules = {p: out.setdefault(f"model.layers.{layer}.{parent}.{p}", {}) for p in projections}
+            for key, tensor in state.items():
+                if not (key.startswith(prefix) and "_quantizer" in key):
+                    continue
+                if tensor.dim() == 2 and len(projections) > 1:  # per channel / block: each row is one projection's
                     rows = (qkv_rows if linear.endswith("qkv") else fc1_amax_rows)(tensor)
-                else:
+                else:  # per tensor, or a pre_quant_scale over the shared input
                     rows = dict.fromkeys(projections, tensor)
-                for projection in projections:
-                    out[f"model.layers.{layer}.{parent}.{projection}"][buffer] = rows[projection]
+                for projection, quantizer in modules.items():
+                    quantizer[key[len(prefix):]] = rows[projection]
     return out
 
 
@@ -151,10 +151,13 @@ def pack_two_rows_per_byte(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def signed_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    return torch.where(nibbles >= 8, nibbles.int() - 16, nibbles.int())
+
+
 def unpack_two_rows_per_byte(packed: torch.Tensor) -> torch.Tensor:
-    signed = lambda nibbles: torch.where(nibbles >= 8, nibbles.int() - 16, nibbles.int())  # noqa: E731
     values = torch.empty(packed.shape[0] * 2, packed.shape[1], dtype=torch.int32)
-    values[0::2], values[1::2] = signed(packed & 0xF), signed(packed >> 4)
+    values[0::2], values[1::2] = signed_nibbles(packed & 0xF), signed_nibbles(packed >> 4)
     return values
 
 
@@ -433,3 +436,94 @@ def test_a_written_scale_one_ulp_off_is_reported_by_name(exported, tmp_path, fix
             tensors[nudged] = flat.reshape(tensors[nudged].shape)
             save_file(tensors, path, metadata={"format": "pt"})
     assert differences(expected(fixture), written(copy)) == [nudged]
+
+
+# -- the reference itself, by hand (no fixture has a tie or an all-zero block to exercise these) ---------------
+
+def test_e2m1_reference_rounds_to_the_nearest_with_ties_to_the_even_code_and_saturates():
+    values = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, 0.26, 2.6, -0.1, -0.0, -6.0])
+    assert e2m1_codes(values).tolist() == [0, 2, 2, 4, 4, 6, 6, 7, 1, 5, 8, 0, 15]
+
+
+def test_int4_reference_packs_two_output_rows_per_byte():
+    values = torch.tensor([[-8, 7, -1], [1, -2, 0]], dtype=torch.int8)
+    packed = pack_two_rows_per_byte(values)
+    assert packed.tolist() == [[0x18, 0xE7, 0x0F]]
+    assert torch.equal(unpack_two_rows_per_byte(packed), values.int())
+
+
+def test_nvfp4_reference_block_scale_clamps_and_maps_zero_to_one():
+    weight = torch.zeros(1, 48)
+    weight[0, 16:32], weight[0, 32] = 1e-6, 1e4  # a zero block, one below 2^-9, one above 448
+    assert nvfp4_block_scale(weight, torch.tensor(1.0), 16).float().tolist() == [[1.0, 2.0 ** -9, 448.0]]
+
+
+# -- uncalibrated quantizers --------------------------------------------------------------------------
+
+PROJ_INPUT = "decoder.layers.{}.self_attention.linear_proj.input_quantizer._amax"
+
+
+def resaved(tmp_path: Path, fixture: str, edit) -> Path:
+    """A copy of ``fixture``'s checkpoint (modelopt_state and all) whose tensors are ``edit(state)``, saved again
+    with plain ``dcp.save``."""
+    source = checkpoint_directory(fixture)
+    shutil.copytree(source.parent, tmp_path / "ckpt")
+    directory = tmp_path / "ckpt" / source.name
+    for path in [*directory.glob("*.distcp"), directory / ".metadata"]:
+        path.unlink()
+    dcp.save(edit(dict(saved(fixture))), storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+    return tmp_path / "ckpt"
+
+
+def export_modelopt(checkpoint: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["export", "llama", "--megatron", str(checkpoint), "--out", str(out), "--format",
+                                    "modelopt", "--config", str(CONFIG), *extra])
+
+
+def test_a_zero_amax_is_written_with_modelopts_bound_reported_and_refused_under_strict(tmp_path):
+    """FORMATS.md §1: ``_sanitize_export_amax`` turns a zero amax into maxbound, so the FP8 scale is 448/448."""
+    checkpoint = resaved(tmp_path, "fp8_kv_tp1", lambda state: state | {PROJ_INPUT.format(1): torch.zeros(1)})
+    run = export_modelopt(checkpoint, tmp_path / "out")
+    assert run.exit_code == 0, run.output
+    assert "with a zero amax (uncalibrated)" in run.output
+    got = written(tmp_path / "out")
+    assert bits(got["model.layers.1.self_attn.o_proj.input_scale"]) == bits(torch.ones(1))
+    calibrated = scale(saved("fp8_kv_tp1")[PROJ_INPUT.format(0)], 448.0, (1,))
+    assert bits(got["model.layers.0.self_attn.o_proj.input_scale"]) == bits(calibrated)
+    strict = export_modelopt(checkpoint, tmp_path / "strict", "--strict")
+    assert strict.exit_code != 0 and PROJ_INPUT.format(1) in strict.output and "Traceback" not in strict.output
+    assert not (tmp_path / "strict").exists()
+
+
+def test_strict_refuses_a_quantizer_the_recipe_enables_without_an_amax(tmp_path):
+    """The recipe (modelopt_state) enables o_proj's input quantizer in both layers; the checkpoint has no amax
+    for it: ``--strict`` refuses by name and writes nothing; without it the export reports both."""
+    checkpoint = resaved(tmp_path, "fp8_kv_tp1", lambda state: {key: tensor for key, tensor in state.items()
+                                                  if key not in (PROJ_INPUT.format(0), PROJ_INPUT.format(1))})
+    strict = export_modelopt(checkpoint, tmp_path / "strict", "--strict")
+    assert strict.exit_code != 0 and "Traceback" not in strict.output
+    assert "hold no amax" in strict.output and "model.layers.1.self_attn.o_proj.input_quantizer._amax" in strict.output
+    assert not (tmp_path / "strict").exists()
+    lenient = export_modelopt(checkpoint, tmp_path / "out")
+    assert lenient.exit_code == 0 and "2 x model.layers.*.self_attn.o_proj.input_quantizer._amax" in lenient.output
+
+
+def test_the_folded_norm_is_rounded_once_to_the_model_dtype(tmp_path):
+    """The fixtures' norms are all 1.0, which hides how the fold rounds: with other norm weights, the written
+    norm is ``(norm_w · pqs)`` in fp32 rounded once to bf16 (not the product of the two bf16 roundings)."""
+    generator = torch.Generator().manual_seed(0)
+    norms = {key: 1 + 0.3 * torch.randn(tensor.shape, generator=generator)
+             for key, tensor in saved("w4a8_awq_bs32_tp2").items() if key.endswith(".layer_norm_weight")}
+    checkpoint = resaved(tmp_path, "w4a8_awq_bs32_tp2", lambda state: state | norms)
+    run = export_modelopt(checkpoint, tmp_path / "out", "--dtype", "bf16")
+    assert run.exit_code == 0, run.output
+    got, rounded_twice_differs = written(tmp_path / "out"), 0
+    for layer in range(LAYERS):
+        for norm, linear in (("input_layernorm", "self_attention.linear_qkv"),
+                             ("post_attention_layernorm", "mlp.linear_fc1")):
+            weight = norms[f"decoder.layers.{layer}.{linear}.layer_norm_weight"]
+            pqs = saved("w4a8_awq_bs32_tp2")[f"decoder.layers.{layer}.{linear}.{PQS}"]
+            folded = (weight * pqs).to(BF16)
+            assert bits(got[f"model.layers.{layer}.{norm}.weight"]) == bits(folded), (layer, norm)
+            rounded_twice_differs += not torch.equal(weight.to(BF16) * pqs.to(BF16), folded)
+    assert rounded_twice_differs  # this check tells the two apart
