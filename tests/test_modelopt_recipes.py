@@ -1,6 +1,7 @@
-"""``quantmap export --format modelopt`` for the recipes ModelOpt's own exporter cannot check (NVFP4 + NVFP4 KV,
-plain INT8, SmoothQuant, INT4 AWQ, W4A8 AWQ: it refuses or corrupts the last three): every tensor written is
-the formula of ``../shared/FORMATS.md`` §1 applied to the checkpoint, computed here independently.
+"""``quantmap export --format modelopt`` for the fixtures' recipes that have no ModelOpt export to compare with
+(NVFP4 + NVFP4 KV, plain INT8, SmoothQuant, INT4 AWQ, W4A8 AWQ; ModelOpt's Megatron exporter refuses SmoothQuant
+and W4A8 and writes INT4 AWQ wrong): every tensor written is the formula of ``../shared/FORMATS.md`` §1 applied
+to the checkpoint, computed here independently; and the uncalibrated cases (zero or missing amax, ``--strict``).
 
 Nothing here comes from quantmap's own code: the checkpoint is read with plain ``torch.distributed.checkpoint``,
 the weights converted by the documented layout (``tests/megatron_layout.py``), the quantizer rows cut by hand
