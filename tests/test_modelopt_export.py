@@ -308,3 +308,55 @@ def test_an_uncalibrated_quantizer_is_written_as_modelopt_does_reported_and_refu
     written = tensors(tmp_path / "out")
     for name in ("model.layers.0.mlp.down_proj.weight_scale", "lm_head.weight_scale", "lm_head.input_scale"):
         assert written[name].float().flatten().tolist() == [1.0], name
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def nvfp4_by_hand(packed: torch.Tensor, blocks: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """An NVFP4 payload's values: the low nibble is the even column, each code an E2M1 value, times its block's
+    scale times the global one."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    return E2M1[codes] * (blocks.float() * global_scale).repeat_interleave(16, dim=1)
+
+
+@pytest.mark.parametrize("fixture,again", [("int8_sq_tp2", True), ("int8_tp2", True), ("nvfp4_kv_tp2", False)])
+def test_nvfp4_and_int8_checkpoints_read_back(tmp_path, fixture, again):
+    """Deployed INT8 (SmoothQuant or plain) and NVFP4 go back into the Megatron checkpoint: every amax from its
+    scale within one ulp, the pre-quant scales as they were, the weights the deployed values. INT8 re-exports
+    the same bytes; NVFP4 does not (its block scales are recomputed from the dequantized weights), but the
+    dequantized weights are exactly what the deployed payload says."""
+    source = DATA / fixture / "ckpt"
+    config = config_without_quantization(tmp_path)
+    deployed = tmp_path / "deployed"
+    for command in (["export", "llama", "--megatron", str(source), "--out", str(deployed), "--config", str(config)],
+                    ["import", "llama", "--hf", str(deployed), "--into", str(source), "--out", str(tmp_path / "back")]):
+        run = CliRunner().invoke(app, [*command, "--format", "modelopt", "--quiet"])
+        assert run.exit_code == 0, run.output
+    before, after = megatron_state(source), megatron_state(tmp_path / "back")
+    for key, value in before.items():
+        if key.endswith("_amax"):
+            assert torch.equal(after[key], value) or torch.equal(after[key], torch.nextafter(value, after[key])), key
+        elif key.endswith("_pre_quant_scale"):
+            assert torch.equal(after[key], value), key
+    files = tensors(deployed)
+    proj = "model.layers.1.self_attn.o_proj."
+    dequantized = after["decoder.layers.1.self_attention.linear_proj.weight"]
+    if fixture.startswith("nvfp4"):
+        expected = nvfp4_by_hand(files[proj + "weight"], files[proj + "weight_scale"], files[proj + "weight_scale_2"])
+    else:
+        expected = files[proj + "weight"].float() * files[proj + "weight_scale"][:, None]
+    assert torch.equal(dequantized, expected)
+    if again:
+        assert differing(files, tensors(export_fp32(tmp_path, tmp_path / "back", config))) == []
+
+
+def test_a_deployed_int4_awq_checkpoint_is_refused_with_the_reason(tmp_path):
+    deployed = tmp_path / "deployed"
+    source = DATA / "int4_awq_bs32_tp2" / "ckpt"
+    run = CliRunner().invoke(app, ["export", "llama", "--megatron", str(source), "--out", str(deployed), "--format",
+                                   "modelopt", "--config", str(config_without_quantization(tmp_path)), "--quiet"])
+    assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(app, ["import", "llama", "--hf", str(deployed), "--into", str(source), "--out",
+                                   str(tmp_path / "back"), "--format", "modelopt"])
+    assert run.exit_code == 1 and "folded into the norms" in run.output and not (tmp_path / "back").exists()
