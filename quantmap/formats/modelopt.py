@@ -15,8 +15,9 @@ Per Hugging Face module, from the weight and its quantizer state (``../shared/FO
 
 plus ``hf_quant_config.json`` and ``config.json``'s ``quantization_config`` (:mod:`quantmap.formats.modelopt_config`).
 Where ModelOpt breaks, this is correct: every TP shard and EP rank is in the plan's tensors already, experts
-are written one by one, and SmoothQuant, AWQ and W4A8 are written at all. An uncalibrated amax (zero) is
-ModelOpt's maximum bound, as ModelOpt exports it; the run reports it, and ``--strict`` refuses it.
+are written one by one, and SmoothQuant, AWQ and W4A8 are written at all. An uncalibrated amax (zero, or
+none) is ModelOpt's maximum bound, as ModelOpt exports a zero one; the run reports it, and ``--strict``
+refuses it.
 """
 
 from __future__ import annotations
@@ -94,8 +95,9 @@ def _format(view: ModuleView) -> ModuleFormat | None:
 
 def _amax_of(view: ModuleView, buffer: str, kind: str, uncalibrated: list[str]) -> str:
     """The input naming ``buffer``'s amax: the buffer, or where the checkpoint lacks it (a quantizer that never
-    saw data and kept no amax), ModelOpt's maximum bound, which its exporter writes in that case; the name is
-    listed in ``uncalibrated`` for the report (and ``--strict``)."""
+    saw data and kept no amax), ModelOpt's maximum bound, what its export makes of a zero amax (for a missing
+    one ModelOpt 0.47 writes no scale at all, which no engine loads as the recipe says); the name is listed in
+    ``uncalibrated`` for the report (and ``--strict``)."""
     if buffer in view.buffers:
         return buffer
     uncalibrated.append(f"{view.name}.{buffer}")
