@@ -360,3 +360,36 @@ def test_a_deployed_int4_awq_checkpoint_is_refused_with_the_reason(tmp_path):
     run = CliRunner().invoke(app, ["import", "llama", "--hf", str(deployed), "--into", str(source), "--out",
                                    str(tmp_path / "back"), "--format", "modelopt"])
     assert run.exit_code == 1 and "folded into the norms" in run.output and not (tmp_path / "back").exists()
+
+
+def test_a_mixed_recipe_writes_mixed_precision_per_layer(tmp_path):
+    """Layer 1's down_proj in INT8 per channel, its o_proj left out, the rest FP8: each linear is written in its
+    own format, and the configs say MIXED_PRECISION with one entry per quantized layer, as ModelOpt does."""
+    from quantmap.io.torch_dist.modelopt import quant_cfg
+
+    state = state_dict_form(DATA / "fp8_kv_tp1" / "ckpt")
+    fc2 = "decoder.layers.1.mlp.linear_fc2."
+    state[fc2 + "weight_quantizer._amax"] = state[fc2 + "weight"].abs().amax(dim=1, keepdim=True)
+    int8 = {"num_bits": 8, "axis": 0}
+    recipe = quant_cfg(DATA / "fp8_kv_tp1" / "ckpt" / "iter_0000001") + [
+        {"quantizer_name": "*layers.1.mlp.linear_fc2.weight_quantizer", "cfg": int8, "enable": True},
+        {"quantizer_name": "*layers.1.mlp.linear_fc2.input_quantizer", "cfg": {"num_bits": 8, "axis": None},
+         "enable": True},
+        {"quantizer_name": "*layers.1.self_attention.linear_proj.*", "enable": False}]
+    run = run_export(tmp_path, fp8_shards(tmp_path, state, recipe), "--quiet")
+    assert run.exit_code == 0, run.output
+    written = tensors(tmp_path / "out")
+    down = "model.layers.1.mlp.down_proj."
+    assert written[down + "weight"].dtype == torch.int8 and written[down + "weight_scale"].shape == (64,)
+    assert bits(written[down + "weight_scale"]) == bits(state[fc2 + "weight_quantizer._amax"].reshape(-1) / 127)
+    assert written["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float32
+    assert "model.layers.1.self_attn.o_proj.weight_scale" not in written
+    assert written["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    quantization = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert quantization["quant_algo"] == "MIXED_PRECISION"
+    layers = quantization["quantized_layers"]
+    assert layers[down[:-1]] == {"quant_algo": "W8A8_SQ_PER_CHANNEL"}
+    assert layers["model.layers.0.self_attn.q_proj"] == {"quant_algo": "FP8"} and len(layers) == 13
+    assert "model.layers.1.self_attn.o_proj" in quantization["exclude_modules"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["quant_algo"] == "MIXED_PRECISION" and config["quantized_layers"] == layers
