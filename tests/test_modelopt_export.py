@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
+from written_files import bits, differences, written
 
 from quantmap.cli import app
 
@@ -41,28 +42,10 @@ def export(tmp_path: Path, checkpoint: Path, name: str, *extra: str) -> Path:
     return out
 
 
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(path))
-    return found
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def differing(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """The names whose dtype, shape or bytes differ; a name on one side only is a difference too."""
-    assert sorted(got) == sorted(expected)
-    return sorted(name for name, tensor in expected.items()
-                  if (got[name].dtype, got[name].shape, bits(got[name])) != (tensor.dtype, tensor.shape, bits(tensor)))
-
-
 def test_fp8_with_kv_is_modelopts_own_export_bit_for_bit(tmp_path):
     out = export(tmp_path, DATA / "fp8_kv_tp1" / "ckpt", "fp8")
-    expected = tensors(MODELOPT)
-    assert len(expected) == 53 and differing(expected, tensors(out)) == []
+    expected = written(MODELOPT)
+    assert len(expected) == 53 and differences(expected, written(out)) == []
     for name in ("hf_quant_config.json", "config.json"):
         assert json.loads((out / name).read_text()) == json.loads((MODELOPT / name).read_text()), name
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -71,24 +54,24 @@ def test_fp8_with_kv_is_modelopts_own_export_bit_for_bit(tmp_path):
 
 def test_a_scale_one_ulp_off_is_a_difference():
     """The comparison above notices the smallest change: one weight_scale moved by one ulp."""
-    expected = tensors(MODELOPT)
+    expected = written(MODELOPT)
     name = "model.layers.1.mlp.down_proj.weight_scale"
     nudged = dict(expected, **{name: torch.nextafter(expected[name], torch.tensor(float("inf")))})
-    assert differing(expected, nudged) == [name]
+    assert differences(expected, nudged) == [name]
 
 
 def test_every_layout_and_process_count_writes_the_same_bytes(tmp_path):
     """TP2 saves of the same model differ only where calibration itself differed: a row-parallel layer's input
     amax is the max over its TP ranks' shards of the activations, which rounds differently from TP1's; those
     scales are each the formula applied to the TP2 checkpoint's own amax."""
-    tp1 = tensors(export(tmp_path, DATA / "fp8_kv_tp1" / "ckpt", "tp1"))
-    spread = tensors(export(tmp_path, DATA / "fp8_kv_tp1" / "ckpt", "nproc2", "--nproc", "2", "--shard-size", "20000"))
-    assert differing(tp1, spread) == []
-    tp2 = tensors(export(tmp_path, DATA / "fp8_kv_tp2" / "ckpt", "tp2"))
+    tp1 = written(export(tmp_path, DATA / "fp8_kv_tp1" / "ckpt", "tp1"))
+    spread = written(export(tmp_path, DATA / "fp8_kv_tp1" / "ckpt", "nproc2", "--nproc", "2", "--shard-size", "20000"))
+    assert differences(tp1, spread) == []
+    tp2 = written(export(tmp_path, DATA / "fp8_kv_tp2" / "ckpt", "tp2"))
     calibrated_apart = {"model.layers.0.mlp.down_proj.input_scale": "decoder.layers.0.mlp.linear_fc2",
                         "model.layers.1.mlp.down_proj.input_scale": "decoder.layers.1.mlp.linear_fc2",
                         "model.layers.1.self_attn.o_proj.input_scale": "decoder.layers.1.self_attention.linear_proj"}
-    assert differing(tp1, tp2) == sorted(calibrated_apart)
+    assert differences(tp1, tp2) == sorted(calibrated_apart)
     amax = load_file(DATA / "fp8_kv_tp2" / "globals_read_with_torch.safetensors")
     for name, module in calibrated_apart.items():
         formula = (amax[f"{module}.input_quantizer._amax"].float() / 448).reshape(1)
@@ -135,7 +118,7 @@ def test_import_reads_a_deployed_checkpoint_back_into_a_copy_of_the_megatron_che
     assert "14 tensor(s) dequantized from FP8" in run.output
     before, after = megatron_state(source), megatron_state(tmp_path / "back")
     assert sorted(after) == sorted(before)
-    files = tensors(deployed)
+    files = written(deployed)
     ulp = []
     for key, value in before.items():
         if key.endswith("_bmm_quantizer._amax"):
@@ -149,8 +132,8 @@ def test_import_reads_a_deployed_checkpoint_back_into_a_copy_of_the_megatron_che
         else:
             assert bits(after[key]) == bits(value), key
     assert 0 < len(ulp) < 16  # this fixture: 4 of the 16 linear amax are one ulp off, the rest exact
-    again = tensors(export_fp32(tmp_path, tmp_path / "back", config))
-    assert differing(files, again) == []
+    again = written(export_fp32(tmp_path, tmp_path / "back", config))
+    assert differences(files, again) == []
     proj = "model.layers.0.self_attn.o_proj."
     dequantized = after["decoder.layers.0.self_attention.linear_proj.weight"]
     assert torch.equal(dequantized, files[proj + "weight"].float() * files[proj + "weight_scale"])
@@ -189,7 +172,7 @@ def test_shard_directories_of_other_layouts_write_the_same_bytes(tmp_path, tp, p
     shards = tmp_path / "shards"
     write_shards(shards, state, ParallelLayout(tp=tp, pp=pp, dp=1, num_layers=2), recipe=quant_cfg(
         source / "iter_0000001"))
-    assert differing(tensors(export(tmp_path, source, "tp1")), tensors(export(tmp_path, shards, "from_shards"))) == []
+    assert differences(written(export(tmp_path, source, "tp1")), written(export(tmp_path, shards, "from_shards"))) == []
 
 
 def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_path):
@@ -204,8 +187,8 @@ def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_
     write_shards(shards, state, ParallelLayout(tp=2, pp=1, dp=1, num_layers=2))
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"quant_cfg": quant_cfg(source / "iter_0000001")}))
-    assert differing(tensors(export(tmp_path, source, "tp1")),
-                     tensors(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []
+    assert differences(written(export(tmp_path, source, "tp1")),
+                     written(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []
 
 
 def moe_state() -> tuple[dict[str, torch.Tensor], list]:
@@ -227,7 +210,7 @@ def test_moe_experts_are_written_one_by_one_and_every_expert_parallel_layout_agr
     from quantmap.executor import ParallelLayout
 
     state, recipe = moe_state()
-    written = {}
+    files = {}
     for name, layout in (("one", ParallelLayout(tp=1, pp=1, dp=1, num_layers=2, num_experts=4)),
                          ("spread", ParallelLayout(tp=tp, pp=1, dp=dp, ep=ep, num_layers=2, num_experts=4))):
         write_shards(tmp_path / f"{name}-shards", state, layout, recipe=recipe)
@@ -235,9 +218,9 @@ def test_moe_experts_are_written_one_by_one_and_every_expert_parallel_layout_agr
         run = CliRunner().invoke(app, ["export", "mixtral", "--megatron", str(tmp_path / f"{name}-shards"), "--out",
                                        str(out), "--format", "modelopt", "--config", str(MIXTRAL), "--quiet"])
         assert run.exit_code == 0, run.output
-        written[name] = tensors(out)
-    assert differing(written["one"], written["spread"]) == []
-    names = written["one"]
+        files[name] = written(out)
+    assert differences(files["one"], files["spread"]) == []
+    names = files["one"]
     for layer in range(2):
         for expert in range(4):
             for w in ("w1", "w2", "w3"):
@@ -280,9 +263,9 @@ def test_a_quantized_output_layer_is_written_quantized(tmp_path):
     state["output_layer.input_quantizer._amax"] = torch.tensor(3.0)
     run = run_export(tmp_path, fp8_shards(tmp_path, state, recipe_quantizing_the_output_layer()), "--strict")
     assert run.exit_code == 0, run.output
-    written = tensors(tmp_path / "out")
-    assert written["lm_head.weight"].dtype == torch.float8_e4m3fn
-    assert bits(written["lm_head.weight_scale"]) == bits(state["output_layer.weight_quantizer._amax"] / 448)
+    files = written(tmp_path / "out")
+    assert files["lm_head.weight"].dtype == torch.float8_e4m3fn
+    assert bits(files["lm_head.weight_scale"]) == bits(state["output_layer.weight_quantizer._amax"] / 448)
     quantization = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
     assert quantization["exclude_modules"] == ["model.embed_tokens"]
 
@@ -305,9 +288,9 @@ def test_an_uncalibrated_quantizer_is_written_as_modelopt_does_reported_and_refu
     run = run_export(tmp_path, shards)
     assert run.exit_code == 0, run.output
     assert "uncalibrated" in run.output and "lm_head.weight_quantizer._amax" in run.output
-    written = tensors(tmp_path / "out")
+    files = written(tmp_path / "out")
     for name in ("model.layers.0.mlp.down_proj.weight_scale", "lm_head.weight_scale", "lm_head.input_scale"):
-        assert written[name].float().flatten().tolist() == [1.0], name
+        assert files[name].float().flatten().tolist() == [1.0], name
 
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -339,7 +322,7 @@ def test_nvfp4_and_int8_checkpoints_read_back(tmp_path, fixture, again):
             assert torch.equal(after[key], value) or torch.equal(after[key], torch.nextafter(value, after[key])), key
         elif key.endswith("_pre_quant_scale"):
             assert torch.equal(after[key], value), key
-    files = tensors(deployed)
+    files = written(deployed)
     proj = "model.layers.1.self_attn.o_proj."
     dequantized = after["decoder.layers.1.self_attention.linear_proj.weight"]
     if fixture.startswith("nvfp4"):
@@ -348,7 +331,7 @@ def test_nvfp4_and_int8_checkpoints_read_back(tmp_path, fixture, again):
         expected = files[proj + "weight"].float() * files[proj + "weight_scale"][:, None]
     assert torch.equal(dequantized, expected)
     if again:
-        assert differing(files, tensors(export_fp32(tmp_path, tmp_path / "back", config))) == []
+        assert differences(files, written(export_fp32(tmp_path, tmp_path / "back", config))) == []
 
 
 def test_a_deployed_int4_awq_checkpoint_is_refused_with_the_reason(tmp_path):
@@ -378,13 +361,13 @@ def test_a_mixed_recipe_writes_mixed_precision_per_layer(tmp_path):
         {"quantizer_name": "*layers.1.self_attention.linear_proj.*", "enable": False}]
     run = run_export(tmp_path, fp8_shards(tmp_path, state, recipe), "--quiet")
     assert run.exit_code == 0, run.output
-    written = tensors(tmp_path / "out")
+    files = written(tmp_path / "out")
     down = "model.layers.1.mlp.down_proj."
-    assert written[down + "weight"].dtype == torch.int8 and written[down + "weight_scale"].shape == (64,)
-    assert bits(written[down + "weight_scale"]) == bits(state[fc2 + "weight_quantizer._amax"].reshape(-1) / 127)
-    assert written["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float32
-    assert "model.layers.1.self_attn.o_proj.weight_scale" not in written
-    assert written["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert files[down + "weight"].dtype == torch.int8 and files[down + "weight_scale"].shape == (64,)
+    assert bits(files[down + "weight_scale"]) == bits(state[fc2 + "weight_quantizer._amax"].reshape(-1) / 127)
+    assert files["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float32
+    assert "model.layers.1.self_attn.o_proj.weight_scale" not in files
+    assert files["model.layers.0.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
     quantization = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
     assert quantization["quant_algo"] == "MIXED_PRECISION"
     layers = quantization["quantized_layers"]

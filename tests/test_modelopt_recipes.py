@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from typer.testing import CliRunner
 
 from megatron_layout import llama_hf_by_hand
+from written_files import bits, differences, written
 from quantmap.cli import app
 
 DATA = Path(__file__).parent / "data" / "dcp"
@@ -274,26 +275,6 @@ def exported(tmp_path_factory):
         return done[fixture]
 
     return export
-
-
-def written(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(path))
-    return found
-
-
-def bits(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def differences(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
-    """Every name whose dtype, shape or bytes differ, or that only one side has (``+name``: written, not
-    expected; ``-name``: expected, not written)."""
-    out = [f"+{name}" for name in got if name not in want] + [f"-{name}" for name in want if name not in got]
-    out += [name for name, tensor in want.items() if name in got
-            and (got[name].dtype, got[name].shape, bits(got[name])) != (tensor.dtype, tensor.shape, bits(tensor))]
-    return sorted(out)
 
 
 # -- the tests ----------------------------------------------------------------------------------------
