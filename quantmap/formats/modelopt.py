@@ -252,4 +252,6 @@ MODELOPT = OutputFormat(
     writes={role: (Written((role,)),) for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     restores={role: Restored() for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     files=(AddedFile(HF_QUANT_CONFIG, _hf_quant_config), AddedFile("config.json", _config)),
-    model=True, modules=module_output, restore_modules=restore_module)
+    model=True, modules=module_output, restore_modules=restore_module,
+    next_step="next: serve it: vllm serve {out} (FP8, NVFP4), or build a TensorRT-LLM engine from it (INT8 SmoothQuant, "
+              "INT4 AWQ, W4A8); see docs/deployment.md")
