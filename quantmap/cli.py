@@ -668,13 +668,16 @@ def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
 
 def _run_options(*, timeout: int, quiet: bool, export: bool = False, **given):
     """The run's options from the command's flags (already range-checked by their typer options); flags that do
-    not go together (an export of a model format without its config) are one ``error:`` line before any work."""
+    not go together (an export of a model format without its config, an import of a format never read back) are one
+    ``error:`` line before any work."""
     from quantmap.executor.options import OptionsError, RunOptions
 
     try:
         options = RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
         if export:
             options.check_export()
+        else:
+            options.check_import()
         return options
     except OptionsError as error:
         typer.echo(f"error: {error}", err=True)

@@ -383,6 +383,10 @@ _WHAT = {"FP8": "FP8 weights and static inputs, one scale per tensor",
          "NVFP4": "NVFP4 weights and inputs (FP4 in blocks of {group}, E4M3 block scales, a global scale)"}
 
 
+_KV_NOTE = {"FP8": "self_attn.k_scale / v_scale, which vLLM reads",
+            "NVFP4": "self_attn.k_global_scale / v_global_scale; no engine's reading of it was checked"}
+
+
 def summarize(facts) -> list[str]:
     """What a user gets: the format, the scheme per group of layers, what was left out, and who loads it."""
     from quantmap.executor.report import group_names
@@ -393,7 +397,7 @@ def summarize(facts) -> list[str]:
     lines = [f"format {NAME} ({SCHEMES[fmt.quant_algo][0]}, quantization_config in config.json): "
              f"{_WHAT[fmt.quant_algo].format(group=fmt.group_size)} in {len(quantized)} linear(s): {groups}"]
     kv = sorted({fact["kv_cache"] for fact in facts.values() if "kv_cache" in fact})
-    lines.append(f"KV cache: {kv[0]} (kv_cache_scheme; transformers 5.25 does not apply it, vLLM does)" if kv
+    lines.append(f"KV cache: {kv[0]} ({_KV_NOTE[kv[0]]}; transformers 5.25 applies no KV-cache scheme)" if kv
                  else "KV cache: not quantized")
     ignored = _ignored(facts)
     lines.append(f"left unquantized (ignore): {', '.join(f'{s} ({n})' for s, n in group_names(ignored))}" if ignored
