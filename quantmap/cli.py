@@ -570,9 +570,8 @@ def export_command(
             *(["--hf-naming", hf_naming.value] if hf_naming is not HfNaming.on_disk else [])]
     check_it = shlex.join(["quantmap", "check", *same, "--megatron", megatron, "--hf", out, "--strict"])
     next_step = f"next: check the export against its source (it must be clean): {check_it}"
-    if FORMATS[format.value].modules is not None:
-        next_step = (f"next: serve it: {shlex.join(['vllm', 'serve', out])} (FP8, NVFP4), or build a TensorRT-LLM "
-                     f"engine from it (INT8 SmoothQuant, INT4 AWQ, W4A8); see docs/deployment.md")
+    if FORMATS[format.value].next_step:
+        next_step = FORMATS[format.value].next_step.format(out=shlex.quote(out), out_py=json.dumps(str(out)))
     elif model:
         load = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({json.dumps(str(out))})"
         deploy = shlex.join(["quantmap", "export", *same, "--megatron", megatron, "--out", f"{out}-deploy",
@@ -696,13 +695,16 @@ def _one_process_only(context: typer.Context, nproc: Optional[int]) -> None:
 
 def _run_options(*, timeout: int, quiet: bool, export: bool = False, **given):
     """The run's options from the command's flags (already range-checked by their typer options); flags that do
-    not go together (an export of a model format without its config) are one ``error:`` line before any work."""
+    not go together (an export of a model format without its config, an import of a format never read back) are one
+    ``error:`` line before any work."""
     from quantmap.executor.options import OptionsError, RunOptions
 
     try:
         options = RunOptions(timeout=timedelta(seconds=timeout), progress=not quiet, **given)
         if export:
             options.check_export()
+        else:
+            options.check_import()
         return options
     except OptionsError as error:
         typer.echo(f"error: {error}", err=True)

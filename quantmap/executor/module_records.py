@@ -16,6 +16,8 @@ so the records built from one fused weight's parts follow each other and the pla
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -41,11 +43,13 @@ class ModuleRecords:
                 modules.setdefault(module, {})[name[len(module) + 1:]] = (i, position)
                 roles.setdefault(module, {})[name[len(module) + 1:]] = role
         self._names: dict[str, tuple[int, int]] = {}  # every HF name -> (base record, position)
-        self._megatron: dict[str, str] = {}  # every global Megatron name -> its first HF name
+        self._holders: dict[str, tuple[str, ...]] = {}  # every global Megatron name -> its HF names, first first
         for module, buffers in modules.items():
             for buffer, source in buffers.items():
                 self._names[f"{module}.{buffer}"] = source
-                self._megatron.setdefault(base.plan.items[base.item(source[0])].megatron, f"{module}.{buffer}")
+                megatron = base.plan.items[base.item(source[0])].megatron
+                self._holders[megatron] = self._holders.get(megatron, ()) + (f"{module}.{buffer}",)
+        self._config = _model_config(options)
         self.facts: dict[str, dict] = {}  # what the format said of each module, for its added files
         placed: list[tuple[tuple[int, int], int, Derived, tuple]] = []
         for module, buffers in modules.items():
@@ -59,6 +63,11 @@ class ModuleRecords:
                 anchor = next((source for source in inputs if not isinstance(source, float)),
                               next(iter(buffers.values())))
                 placed.append((anchor, len(placed), derived, inputs))
+        if fmt.summarize is not None:
+            try:
+                self.plan.report.deployed = fmt.summarize(self.facts)
+            except FormatError as error:
+                raise ExecutorError(f"format {fmt.name!r}: {error}") from None
         placed.sort(key=lambda entry: entry[:2])
         self._derived = [entry[2] for entry in placed]
         self._inputs = [entry[3] for entry in placed]
@@ -72,7 +81,13 @@ class ModuleRecords:
             specs[buffer] = (str(dtype).removeprefix("torch."), tuple(shape))
             megatron[buffer] = base.plan.items[base.item(i)].megatron
         return ModuleView(module, specs, roles, megatron, CASTS[options.dtype] if options.dtype else None,
-                          options.recipe, options.kv_scales, self._megatron.get)
+                          options.recipe, options.kv_scales, self._first_holder, self._all_holders, self._config)
+
+    def _first_holder(self, megatron: str) -> str | None:
+        return self._holders.get(megatron, (None,))[0]
+
+    def _all_holders(self, megatron: str) -> tuple[str, ...]:
+        return self._holders.get(megatron, ())
 
     def _input(self, module: str, buffers, buffer: str, derived: Derived) -> tuple[int, int] | float:
         """Where input ``buffer`` of ``derived`` comes from: a buffer of the module, a full HF name of another
@@ -149,3 +164,9 @@ class ModuleRecords:
         """Drop the tensors kept for the file just written (see :meth:`_Records.release`)."""
         self.base.release()
         self._kept.clear()
+
+
+def _model_config(options) -> dict | None:
+    """The ``config.json`` a model export copies beside its weights, read once for every module's view."""
+    source = next((path for path, name in options.model_files if name == "config.json"), None)
+    return None if source is None else json.loads(Path(source).read_text(encoding="utf-8"))

@@ -115,6 +115,13 @@ class RunOptions:
                                f"config.json (model_files=quantmap.io.hf.model_files(like=..., config=...) from "
                                f"Python). Nothing was written")
 
+    def check_import(self) -> None:
+        """What only an import needs: a format it reads back (a deployable one may be written only)."""
+        if not self.output_format.restores and self.output_format.restore_modules is None:
+            readable = " or ".join(repr(name) for name, fmt in FORMATS.items() if fmt.restores or fmt.restore_modules)
+            raise OptionsError(f"format {self.format!r} is written by export but not read back by import yet (import "
+                               f"reads {readable}). Nothing was written")
+
     @property
     def output_format(self) -> OutputFormat:
         """The registered format :attr:`format` names."""

@@ -35,6 +35,7 @@ class Report:
     duplicates: list[str] = field(default_factory=list)  # pipeline stages other than the owner holding a name
     kept: list[str] = field(default_factory=list)  # import --into: what of the checkpoint stayed as it was, and why
     restored: list[str] = field(default_factory=list)  # import: values computed back from a deployable checkpoint
+    deployed: list[str] = field(default_factory=list)  # export: what a deployable format wrote (its summarize)
 
     @property
     def problems(self) -> int:
@@ -60,6 +61,7 @@ class Report:
     def lines(self, limit: int = 5) -> list[str]:
         """Human-readable summary: each category grouped by name shape, with counts."""
         out = [self._written()] if self.written else []
+        out += self.deployed
         if self.weights:
             out.append(f"{self.weights} tensor(s) that are not quantizer state skipped (weights, norms, "
                        f"embeddings; a shard directory's counted per tensor-parallel rank): quantmap moves "

@@ -97,7 +97,11 @@ class ModuleView:
     (ModelOpt's ``quant_cfg``; ``None`` where it records none); ``kv_scales``: the run's KV-scale convention
     (``megatron`` or ``hf``, as ModelOpt's two exporters write them); ``lookup``: the full HF name that holds a
     global Megatron name (``None`` where none does), for a tensor computed from another module's (a norm with
-    the ``pre_quant_scale`` of the linear it feeds folded in) — a :class:`Derived` input may be such a name.
+    the ``pre_quant_scale`` of the linear it feeds folded in) — a :class:`Derived` input may be such a name;
+    ``holders``: every full HF name that holds a global Megatron name (the q, k and v parts of one fused weight),
+    for a format that must know which module another's tensor goes into; ``config``: the model's ``config.json``
+    as the run copies it (``None`` where it copies none), for what the tensors do not say (the attention's head
+    size, which decides which query heads share one value head).
 
     An input of a :class:`Derived` that starts with ``=`` is a constant (``=448.0``: a float32 scalar), for a
     value the checkpoint lacks and the format knows (ModelOpt's maximum bound for an uncalibrated amax)."""
@@ -110,6 +114,8 @@ class ModuleView:
     recipe: object = None
     kv_scales: str = "megatron"
     lookup: Callable[[str], str | None] = lambda megatron: None
+    holders: Callable[[str], tuple[str, ...]] = lambda megatron: ()
+    config: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,10 @@ class OutputFormat:
     roles it reads. ``restore_modules``: the way back, per module of a checkpoint in the format (its tensors
     by name under the module, in :attr:`ModuleView.buffers`) to the tensors the ``hf`` format would hold for
     it (the weight, ``weight_quantizer._amax``, ...), which import then reads as it reads ``hf``.
-    ``files``: what it adds beside the tensors, built after they are written."""
+    ``files``: what it adds beside the tensors, built after they are written. ``summarize``: for a module-wise
+    format, the lines the closing report gives of what a user gets, from what each module said
+    (:attr:`ModuleOutput.facts`, by module name); ``next_step``: the line that says what to do with the output,
+    ``{out}`` standing for its path quoted for a shell and ``{out_py}`` as a Python string."""
 
     name: str
     summary: str  # one line, for --help and the docs
@@ -161,6 +170,8 @@ class OutputFormat:
     model: bool = False
     modules: Callable[[ModuleView], ModuleOutput] | None = None
     restore_modules: Callable[[ModuleView], tuple[Derived, ...]] | None = None
+    summarize: Callable[[Mapping[str, Mapping[str, object]]], list[str]] | None = None
+    next_step: str = ""
     _read: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

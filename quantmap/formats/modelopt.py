@@ -25,22 +25,19 @@ from __future__ import annotations
 import json
 from functools import partial
 
+from quantmap.formats import deployable as shared
 from quantmap.formats.declaration import AddedFile, Derived, FormatError, ModuleOutput, ModuleView, OutputFormat, \
     Restored, Written
+from quantmap.formats.deployable import FP32, INPUT_AMAX, PQS, STAGE0_AMAX, STAGE1_AMAX, WEIGHT_AMAX, amax_input, \
+    as_is, fed_by_norm, folded_norm, megatron_module, model_dtype
 from quantmap.formats.modelopt_config import HF_QUANT_CONFIG, ModelOptConfigError, file_text, hf_quant_config, \
     quantization_config
-from quantmap.recipe import ModuleFormat, RecipeError, kv_cache_algo_in, module_format_in
+from quantmap.recipe import ModuleFormat
 from quantmap.roles import K_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, V_AMAX, WEIGHT
 
-FP32 = "float32"
-WEIGHT_AMAX, STAGE0_AMAX, STAGE1_AMAX = "weight_quantizer._amax", "weight_quantizer.0._amax", "weight_quantizer.1._amax"
-INPUT_AMAX, PQS = "input_quantizer._amax", "input_quantizer._pre_quant_scale"
 #: Formats whose q/k/v and gate/up ``pre_quant_scale`` go into the preceding norm (TensorRT-LLM's AWQ loaders
 #: read it only for o_proj and down_proj; FORMATS.md §3).
 FOLDED = frozenset({"W4A16_AWQ", "W4A8_AWQ", "NVFP4_AWQ"})
-#: Megatron modules ModelOpt never exports quantized whatever the recipe says (an embedding's quantizers, which
-#: Megatron-Core's layers carry, never see data: its input is token ids).
-_NEVER_QUANTIZED = frozenset({"word_embeddings", "position_embeddings"})
 
 
 def module_output(view: ModuleView) -> ModuleOutput:
@@ -49,79 +46,35 @@ def module_output(view: ModuleView) -> ModuleOutput:
     if tensors:
         facts["kv_cache"] = _kv_algo(view)
     role = view.roles.get("weight")
-    fmt = _format(view) if role == WEIGHT else None
+    fmt = shared.scheme_of(view, _WRITERS, "modelopt") if role == WEIGHT else None
     if role == WEIGHT:
         facts["format"] = fmt
     if fmt is not None:
         uncalibrated: list[str] = []
         tensors += _WRITERS[fmt.quant_algo](view, fmt, uncalibrated)
         facts["uncalibrated"] = uncalibrated
-        tensors += [_as_is(view, buffer) for buffer, role in view.roles.items()
+        tensors += [as_is(view, buffer) for buffer, role in view.roles.items()
                     if role in MODEL_ROLES and buffer != "weight"]
     else:
-        folded = _folded_norm(view) if role == NORM else None
+        folded = folded_norm(view, lambda fmt: fmt.quant_algo in FOLDED) if role == NORM else None
         tensors += [folded] if folded else []
-        tensors += [_as_is(view, buffer) for buffer, role in view.roles.items()
+        tensors += [as_is(view, buffer) for buffer, role in view.roles.items()
                     if role in MODEL_ROLES and not (folded and buffer == "weight")]
     return ModuleOutput(tuple(tensors), facts)
-
-
-def _megatron_module(view: ModuleView) -> str:
-    return view.megatron["weight"].rpartition(".")[0]
-
-
-def _recipe(view: ModuleView) -> list:
-    if view.recipe is None:
-        raise FormatError(f"{view.name}: the checkpoint records no quantization recipe (modelopt_state/), so which "
-                          f"format its amax stands for is unknown; export a checkpoint that keeps ModelOpt's "
-                          f"modelopt_state/ beside its weights")
-    return view.recipe
-
-
-def _format(view: ModuleView) -> ModuleFormat | None:
-    """The module's format under the checkpoint's recipe; one the exporter cannot write is refused by name."""
-    module = _megatron_module(view)
-    if module.rpartition(".")[2] in _NEVER_QUANTIZED:  # ModelOpt's exporters write embeddings as they are
-        return None
-    try:
-        fmt = module_format_in(module, _recipe(view), pre_quant_scale=PQS in view.buffers)
-    except RecipeError as error:
-        raise FormatError(f"{view.name}: {error}") from None
-    if fmt is not None and fmt.quant_algo not in _WRITERS:
-        raise FormatError(f"{view.name}: the recipe quantizes it as {fmt.quant_algo}, which the modelopt format does "
-                          f"not write yet (it writes {', '.join(sorted(_WRITERS))})")
-    return fmt
-
-
-def _amax_of(view: ModuleView, buffer: str, kind: str, uncalibrated: list[str]) -> str:
-    """The input naming ``buffer``'s amax: the buffer, or where the checkpoint lacks it (a quantizer that never
-    saw data and kept no amax), ModelOpt's maximum bound, what its export makes of a zero amax (for a missing
-    one ModelOpt 0.47 writes no scale at all, which no engine loads as the recipe says); the name is listed in
-    ``uncalibrated`` for the report (and ``--strict``)."""
-    if buffer in view.buffers:
-        return buffer
-    uncalibrated.append(f"{view.name}.{buffer}")
-    return f"={_MAXBOUND[kind]}"
-
-
-_MAXBOUND = {"fp8": 448.0, "int8": 127.0, "int4": 7.0, "nvfp4": 6.0}  # quantize.MAXBOUND, without torch
-
-
-def _model_dtype(view: ModuleView) -> str:
-    return view.dtype or view.buffers["weight"][0]
 
 
 def _fp8(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list[Derived]:
     """FP8 per tensor: ``weight`` e4m3 of the weight in the model's dtype over ``weight_scale`` (``amax/448``,
     0-d); ``input_scale`` ``amax/448``, ``[1]`` as the Megatron exporter writes it. FP8_PER_CHANNEL_PER_TOKEN:
     ``weight_scale`` per output row ``[out]``, inputs scaled per token at run time (no ``input_scale``)."""
-    amax = _amax_of(view, WEIGHT_AMAX, "fp8", uncalibrated)
+    amax = amax_input(view, WEIGHT_AMAX, "fp8", uncalibrated)
     name, (_, shape) = view.name, view.buffers["weight"]
     per_channel = fmt.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"
     scale_shape = (shape[0],) if per_channel else ()
     out = [Derived(f"{name}.weight", ("weight", amax),
-                   partial(_payload, "fp8_quantize", "fp8", scale_shape, _model_dtype(view)), "float8_e4m3fn", shape),
-           Derived(f"{name}.weight_scale", (amax,), partial(_scale, "fp8", scale_shape), FP32, scale_shape)]
+                   partial(shared.payload, "fp8_quantize", "fp8", scale_shape, model_dtype(view)), "float8_e4m3fn",
+                   shape),
+           Derived(f"{name}.weight_scale", (amax,), partial(shared.scale, "fp8", scale_shape), FP32, scale_shape)]
     if not per_channel:
         out += _input_scale(view, "fp8", (1,), uncalibrated)
     return out
@@ -131,14 +84,14 @@ def _nvfp4(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list
     """NVFP4: ``weight_scale_2`` = ``amax/2688`` (the raw amax, as ModelOpt), per-16-block ``weight_scale`` (E4M3,
     from the checkpoint's own, full-precision weight), the packed E2M1 ``weight`` (from the weight in the
     model's dtype), ``input_scale`` = ``amax_in/2688``."""
-    amax = _amax_of(view, WEIGHT_AMAX, "nvfp4", uncalibrated)
+    amax = amax_input(view, WEIGHT_AMAX, "nvfp4", uncalibrated)
     name, (_, (rows, columns)) = view.name, view.buffers["weight"]
     blocks = (rows, columns // fmt.group_size)
-    return [Derived(f"{name}.weight", ("weight", amax), partial(_nvfp4_payload, _model_dtype(view), fmt.group_size),
-                    "uint8", (rows, columns // 2)),
-            Derived(f"{name}.weight_scale", ("weight", amax), partial(_nvfp4_blocks, fmt.group_size),
+    return [Derived(f"{name}.weight", ("weight", amax),
+                    partial(shared.nvfp4_payload, model_dtype(view), fmt.group_size), "uint8", (rows, columns // 2)),
+            Derived(f"{name}.weight_scale", ("weight", amax), partial(shared.nvfp4_blocks, fmt.group_size),
                     "float8_e4m3fn", blocks),
-            Derived(f"{name}.weight_scale_2", (amax,), _nvfp4_global, FP32, ()),
+            Derived(f"{name}.weight_scale_2", (amax,), shared.nvfp4_global, FP32, ()),
             *_input_scale(view, "nvfp4", (), uncalibrated)]
 
 
@@ -146,12 +99,12 @@ def _int8_sq(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> li
     """INT8 (SmoothQuant, or plain per-channel INT8, which ModelOpt names the same): ``weight`` int8 over the
     per-channel ``weight_scale`` (``amax/127``, ``[out]``), ``input_scale`` ``amax_in/127``, and where the
     checkpoint was smoothed, the ``pre_quant_scale`` in the model's dtype (every linear)."""
-    amax = _amax_of(view, WEIGHT_AMAX, "int8", uncalibrated)
+    amax = amax_input(view, WEIGHT_AMAX, "int8", uncalibrated)
     name, (_, shape) = view.name, view.buffers["weight"]
     rows = (shape[0],)
     return [Derived(f"{name}.weight", ("weight", amax),
-                    partial(_payload, "int8_quantize", "int8", rows, _model_dtype(view)), "int8", shape),
-            Derived(f"{name}.weight_scale", (amax,), partial(_scale, "int8", rows), FP32, rows),
+                    partial(shared.payload, "int8_quantize", "int8", rows, model_dtype(view)), "int8", shape),
+            Derived(f"{name}.weight_scale", (amax,), partial(shared.scale, "int8", rows), FP32, rows),
             *_input_scale(view, "int8", (), uncalibrated), *(_pre_quant_scale(view, fmt) if PQS in view.buffers else ())]
 
 
@@ -167,14 +120,14 @@ def _int4_awq(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> l
                           f"layer out of the recipe")
     name, (_, (rows, columns)) = view.name, view.buffers["weight"]
     blocks = (rows, columns // fmt.group_size)
-    out = [Derived(f"{name}.weight", ("weight", blocks_amax), partial(_int4_payload, _model_dtype(view), blocks),
+    out = [Derived(f"{name}.weight", ("weight", blocks_amax), partial(_int4_payload, model_dtype(view), blocks),
                    "uint8", (rows // 2, columns)),
-           Derived(f"{name}.weight_scale", (blocks_amax,), partial(_scale, "int4", blocks), FP32, blocks)]
+           Derived(f"{name}.weight_scale", (blocks_amax,), partial(shared.scale, "int4", blocks), FP32, blocks)]
     if w4a8:
-        stage1 = _amax_of(view, STAGE1_AMAX, "fp8", uncalibrated)
-        out += [Derived(f"{name}.weight_scale_2", (stage1,), partial(_scale, "fp8", ()), FP32, ()),
+        stage1 = amax_input(view, STAGE1_AMAX, "fp8", uncalibrated)
+        out += [Derived(f"{name}.weight_scale_2", (stage1,), partial(shared.scale, "fp8", ()), FP32, ()),
                 *_input_scale(view, "fp8", (), uncalibrated)]
-    if not _fed_by_norm(_megatron_module(view)):
+    if not fed_by_norm(megatron_module(view)):
         out += _pre_quant_scale(view, fmt)
     return out
 
@@ -184,8 +137,8 @@ _WRITERS = {"FP8": _fp8, "FP8_PER_CHANNEL_PER_TOKEN": _fp8, "NVFP4": _nvfp4, "W8
 
 
 def _input_scale(view: ModuleView, kind: str, shape: tuple[int, ...], uncalibrated: list[str]) -> list[Derived]:
-    amax = _amax_of(view, INPUT_AMAX, kind, uncalibrated)
-    return [Derived(f"{view.name}.input_scale", (amax,), partial(_scale, kind, shape), FP32, shape)]
+    amax = amax_input(view, INPUT_AMAX, kind, uncalibrated)
+    return [Derived(f"{view.name}.input_scale", (amax,), partial(shared.scale, kind, shape), FP32, shape)]
 
 
 def _pre_quant_scale(view: ModuleView, fmt: ModuleFormat) -> list[Derived]:
@@ -193,8 +146,8 @@ def _pre_quant_scale(view: ModuleView, fmt: ModuleFormat) -> list[Derived]:
         raise FormatError(f"{view.name}: the recipe quantizes it as {fmt.quant_algo}, whose checkpoint keeps the "
                           f"weight divided by its input's pre_quant_scale, but the checkpoint has no {PQS} for it; "
                           f"without it the weights would be deployed wrong")
-    dtype = _model_dtype(view)
-    return [Derived(f"{view.name}.pre_quant_scale", (PQS,), partial(_cast, dtype), dtype, view.buffers[PQS][1])]
+    dtype = model_dtype(view)
+    return [Derived(f"{view.name}.pre_quant_scale", (PQS,), partial(shared.cast, dtype), dtype, view.buffers[PQS][1])]
 
 
 def _kv_cache(view: ModuleView) -> list[Derived]:
@@ -205,130 +158,23 @@ def _kv_cache(view: ModuleView) -> list[Derived]:
             continue
         which = "k" if role == K_AMAX else "v"
         if view.kv_scales == "hf":  # the HF exporter: under the projection, amax / 448 for FP8 and NVFP4 alike
-            out.append(Derived(f"{view.name}.{which}_proj.{which}_scale", (buffer,), partial(_kv, "fp8", False, ()),
-                               FP32, ()))
+            out.append(Derived(f"{view.name}.{which}_proj.{which}_scale", (buffer,),
+                               partial(shared.kv, "fp8", False, ()), FP32, ()))
         elif _kv_algo(view) == "NVFP4":  # the Megatron exporter: NVFP4's divisor, no clamp
-            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(_kv, "nvfp4", False, ()), FP32, ()))
+            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(shared.kv, "nvfp4", False, ()), FP32,
+                               ()))
         else:
-            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(_kv, "fp8", True, (1,)), FP32, (1,)))
+            out.append(Derived(f"{view.name}.{which}_scale", (buffer,), partial(shared.kv, "fp8", True, (1,)), FP32,
+                               (1,)))
     return out
 
 
-def _kv_algo(view: ModuleView) -> str | None:
-    amax = next(buffer for buffer, role in view.roles.items() if role in (K_AMAX, V_AMAX))
-    attention = view.megatron[amax].rsplit(".core_attention.", 1)[0]
-    algo = kv_cache_algo_in(attention, _recipe(view))
-    if algo not in ("FP8", "NVFP4"):
-        raise FormatError(f"{view.name}: the recipe quantizes its KV cache as {algo}, which ModelOpt's format "
-                          f"does not record (FP8 or NVFP4)")
-    return algo
-
-
-#: The norm before each Megatron linear whose input it feeds alone, where it is not fused into the linear
-#: (Transformer Engine's ``linear_qkv.layer_norm_weight``): Megatron-Core's ``TransformerLayer``.
-_NORM_FEEDS = {"input_layernorm": "self_attention.linear_qkv", "pre_mlp_layernorm": "mlp.linear_fc1"}
-
-
-def _fed_by_norm(linear: str) -> bool:
-    """Whether a dense norm feeds the Megatron linear ``linear`` alone (q/k/v, gate/up), so its
-    ``pre_quant_scale`` can go into the norm."""
-    return linear.endswith(tuple(f".{fed}" for fed in _NORM_FEEDS.values()))
-
-
-def _folded_norm(view: ModuleView) -> Derived | None:
-    """The norm's weight with its linear's ``pre_quant_scale`` folded in (``w · pqs``, FORMATS.md §3:
-    ``fuse_prequant_layernorm``), where the linear it feeds is in an AWQ-style format."""
-    megatron = view.megatron["weight"]
-    owner, _, leaf = megatron.rpartition(".")
-    if leaf == "layer_norm_weight":
-        linear = owner
-    else:
-        layer, _, norm = owner.rpartition(".")
-        if norm not in _NORM_FEEDS or leaf != "weight":
-            return None
-        linear = f"{layer}.{_NORM_FEEDS[norm]}"
-    if not _fed_by_norm(linear) or view.recipe is None:
-        return None
-    pqs = view.lookup(f"{linear}.{PQS}")
-    if pqs is None:
-        return None
-    fmt = module_format_in(linear, view.recipe, pre_quant_scale=True)
-    if fmt is None or fmt.quant_algo not in FOLDED:
-        return None
-    dtype, shape = view.buffers["weight"]
-    model = view.dtype or dtype
-    return Derived(f"{view.name}.weight", ("weight", pqs), partial(_fold, model), model, shape)
-
-
-# -- the tensors, computed (torch imported only here) -------------------------------------------------
-
-def _quantize():
-    from quantmap import quantize
-
-    return quantize
-
-
-def _sane(amax, kind: str):
-    q = _quantize()
-    return q.sanitize_amax(amax.float(), q.MAXBOUND[kind])[0]
-
-
-def _scale(kind: str, shape: tuple[int, ...], amax):
-    q = _quantize()
-    return q.scale_from_amax(_sane(amax, kind), q.DIVISOR[kind], shape)
-
-
-def _payload(function: str, kind: str, scale_shape: tuple[int, ...], dtype: str, weight, amax):
-    import torch
-
-    return getattr(_quantize(), function)(weight, _scale(kind, scale_shape, amax), getattr(torch, dtype))
+def _kv_algo(view: ModuleView) -> str:
+    return shared.kv_algo(view, ("FP8", "NVFP4"), "modelopt")
 
 
 def _int4_payload(dtype: str, blocks: tuple[int, int], weight, amax):
-    import torch
-
-    q = _quantize()
-    return q.pack_int4_rows(q.int4_quantize(weight, _scale("int4", blocks, amax), getattr(torch, dtype)))
-
-
-def _nvfp4_global(amax):
-    q = _quantize()
-    return q.scale_from_amax(amax, q.DIVISOR["nvfp4"], ())
-
-
-def _nvfp4_blocks(block: int, weight, amax):
-    return _quantize().nvfp4_block_scale(weight, _nvfp4_global(amax), block)
-
-
-def _nvfp4_payload(dtype: str, block: int, weight, amax):
-    import torch
-
-    global_scale = _nvfp4_global(amax)
-    blocks = _quantize().nvfp4_block_scale(weight, global_scale, block)
-    return _quantize().nvfp4_quantize(weight, blocks, global_scale, getattr(torch, dtype))
-
-
-def _kv(kind: str, clamp: bool, shape: tuple[int, ...], amax):
-    q = _quantize()
-    return q.kv_cache_scale(_sane(amax, kind), q.DIVISOR[kind], clamp, shape)
-
-
-def _as_is(view: ModuleView, buffer: str) -> Derived:
-    dtype, shape = view.buffers[buffer]
-    model = view.dtype or dtype
-    return Derived(f"{view.name}.{buffer}", (buffer,), partial(_cast, model), model, shape)
-
-
-def _cast(dtype: str, tensor):
-    import torch
-
-    return tensor.to(getattr(torch, dtype))
-
-
-def _fold(dtype: str, weight, pqs):
-    import torch
-
-    return (weight.float() * pqs.float()).to(getattr(torch, dtype))
+    return shared.formulas().pack_int4_rows(shared.int4_values(dtype, blocks, weight, amax))
 
 
 # -- the way back --------------------------------------------------------------------------------------
@@ -419,15 +265,15 @@ def _same(tensor):
 
 
 def _dequantized(payload, scale):
-    return _quantize().dequantize(payload, scale)
+    return shared.formulas().dequantize(payload, scale)
 
 
 def _nvfp4_dequantized(packed, block_scale, global_scale):
-    return _quantize().nvfp4_dequantize(packed, block_scale, global_scale)
+    return shared.formulas().nvfp4_dequantize(packed, block_scale, global_scale)
 
 
 def _amax(kind: str, shape: tuple[int, ...], scale):
-    q = _quantize()
+    q = shared.formulas()
     return q.amax_from_scale(scale, q.DIVISOR[kind]).reshape(shape)
 
 
@@ -463,4 +309,6 @@ MODELOPT = OutputFormat(
     writes={role: (Written((role,)),) for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     restores={role: Restored() for role in sorted(MODEL_ROLES | QUANTIZER_ROLES)},
     files=(AddedFile(HF_QUANT_CONFIG, _hf_quant_config), AddedFile("config.json", _config)),
-    model=True, modules=module_output, restore_modules=restore_module)
+    model=True, modules=module_output, restore_modules=restore_module,
+    next_step="next: serve it: vllm serve {out} (FP8, NVFP4), or build a TensorRT-LLM engine from it (INT8 SmoothQuant, "
+              "INT4 AWQ, W4A8); see docs/deployment.md")
