@@ -19,7 +19,8 @@ import torch
 
 from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_count
-from quantmap.executor.report import ExecutorError, natural
+from quantmap.executor.report import ExecutorError
+from quantmap.name_groups import natural
 from quantmap.executor.sharding import is_scalar, stacks_experts
 
 

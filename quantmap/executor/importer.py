@@ -28,7 +28,8 @@ from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import expert_block, expert_hf_names, holder, is_expert, to_local
 from quantmap.executor.options import RunOptions
 from quantmap.executor.progress import bar as progress_bar
-from quantmap.executor.report import ExecutorError, Report, natural
+from quantmap.executor.report import ExecutorError, Report
+from quantmap.name_groups import natural
 from quantmap.executor.sharding import (LayoutProblem, import_pipeline, is_scalar, max_of_copies, run,
                                         stacks_experts)
 from quantmap.executor.values import check_dtypes, check_values

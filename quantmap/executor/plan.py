@@ -39,7 +39,8 @@ from quantmap.executor.naming import (NamingError, expert_block, expert_count, e
 from quantmap.executor.pack import unpack
 from quantmap.executor.options import RunOptions
 from quantmap.executor.rank_meta import RankMeta
-from quantmap.executor.report import ExecutorError, Report, group_names, natural
+from quantmap.executor.report import ExecutorError, Report
+from quantmap.name_groups import group_names, natural
 from quantmap.executor.sharding import (LayoutProblem, copies_shown, export_pipeline, is_scalar, max_of_copies,
                                         run, stacks_experts)
 from quantmap.executor.values import replica_disagreements

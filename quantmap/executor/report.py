@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 
-_NUMBER = re.compile(r"(\d+)")
-_DIGITS = re.compile(r"(?<=\.)\d+(?=\.|$)|(?<=weight)\d+|(?<=bias)\d+")
+from quantmap.name_groups import group_names, natural
+
 
 
 class ExecutorError(RuntimeError):
@@ -118,17 +116,6 @@ def _human(size: float) -> str:
             break
         size /= 1024
     return f"{size:.4g} {unit}"
-
-
-def group_names(names: list[str]) -> list[tuple[str, int]]:
-    """``decoder.layers.3.x`` and ``decoder.layers.7.x`` → ``("decoder.layers.*.x", 2)``, most common first."""
-    return Counter(_DIGITS.sub("*", name) for name in names).most_common()
-
-
-def natural(name: str) -> tuple:
-    """Sort key that puts layer 10 after layer 9 (for lists people read); numbers compare by length,
-    then digits, so a hostile 5000-digit index sorts without ``int()`` (which refuses it)."""
-    return tuple((len(part), part) if part.isdigit() else part for part in _NUMBER.split(name))
 
 
 def distinct(values: list[float]) -> list[str]:

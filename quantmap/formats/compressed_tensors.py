@@ -40,6 +40,7 @@ from quantmap.formats.declaration import AddedFile, Derived, FormatError, Module
     Written
 from quantmap.formats.deployable import FP32, INPUT_AMAX, NEVER_QUANTIZED, PQS, WEIGHT_AMAX, amax_input, as_is, \
     fed_by_norm, folded_norm, megatron_module, model_dtype
+from quantmap.name_groups import group_names
 from quantmap.recipe import ModuleFormat, kv_cache_algo_in
 from quantmap.roles import K_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, V_AMAX, WEIGHT
 
@@ -389,7 +390,6 @@ _KV_NOTE = {"FP8": "self_attn.k_scale / v_scale, which vLLM reads",
 
 def summarize(facts) -> list[str]:
     """What a user gets: the format, the scheme per group of layers, what was left out, and who loads it."""
-    from quantmap.executor.report import group_names
 
     fmt = _one_scheme(facts)
     quantized = [module for module, fact in facts.items() if fact.get("scheme") is not None]
