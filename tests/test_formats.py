@@ -10,14 +10,14 @@ import torch
 
 import quantmap
 from megatron_layout import llama_hf_by_hand, write_shards as write_layout
-from quantmap.executor import ExecutorError, OptionsError, ParallelLayout, RunOptions
+from quantmap.executor import ExecutorError, ParallelLayout, RunOptions
 from quantmap.executor.export import export_offline
 from quantmap.executor.launch import export_from, import_checkpoint
 from quantmap.formats import DEFAULT, FORMATS, Written, unchanged
-from quantmap.formats.declaration import OutputFormat, Restored
+from quantmap.formats.declaration import OutputFormat
 from quantmap.io.hf import Checkpoint
 from quantmap.io.shards import LazyShard, rank_file
-from quantmap.roles import INPUT_AMAX, MODEL_ROLES, NORM, QUANTIZER_ROLES, WEIGHT, WEIGHT_AMAX
+from quantmap.roles import MODEL_ROLES, NORM, QUANTIZER_ROLES, WEIGHT, WEIGHT_AMAX
 
 DATA = Path(__file__).parent / "data"
 HEADS, GROUPS, HEAD_DIM, HIDDEN, FFN, VOCAB = 4, 2, 2, 8, 6, 10
@@ -101,24 +101,13 @@ def test_quantizers_is_the_default_and_reads_exactly_the_quantizer_roles():
     assert DEFAULT == "quantizers" == RunOptions().format and RunOptions().output_format is quantizers
     assert all(quantizers.reads(role) and quantizers.reads_back(role) for role in QUANTIZER_ROLES)
     assert not any(quantizers.reads(role) or quantizers.reads_back(role) for role in MODEL_ROLES)
-    assert quantizers.as_is and not quantizers.files
-
-
-def test_a_format_the_writer_cannot_run_yet_is_refused_by_the_options_in_one_line(monkeypatch):
-    scale = OutputFormat("scales", "weight_scale = amax / 448", writes={WEIGHT_AMAX: (
-        Written((WEIGHT_AMAX,), suffix="weight_scale", compute=lambda amax: amax / 448),)},
-        restores={WEIGHT_AMAX: Restored(("weight_scale",), compute=lambda scale: scale * 448)})
-    monkeypatch.setitem(FORMATS, scale.name, scale)
-    assert scale.reads(WEIGHT_AMAX) and not scale.reads(INPUT_AMAX) and not scale.as_is
-    with pytest.raises(OptionsError, match="^run option format must be a format whose every tensor is one source "
-                                           "tensor as is.*not 'scales'$"):
-        RunOptions(format="scales")
+    assert not quantizers.files and quantizers.modules is None
 
 
 def test_a_declaration_naming_an_unknown_role_is_refused():
     with pytest.raises(ValueError, match="unknown role"):
         unchanged("typo", "", {"wieght"})
-    with pytest.raises(ValueError, match=r"computes a tensor from unknown role\(s\) \['amax'\]"):
+    with pytest.raises(ValueError, match=r"reads unknown role\(s\) \['amax'\]"):
         OutputFormat("typo", "", writes={WEIGHT_AMAX: (Written(("amax",)),)}, restores={})
 
 

@@ -81,9 +81,6 @@ class RunOptions:
             _refuse("kv_scales", " or ".join(map(repr, KV_SCALES)), self.kv_scales)
         if self.only not in ONLY:
             _refuse("only", " or ".join(map(repr, ONLY)), self.only)
-        if not FORMATS[self.format].runnable:
-            _refuse("format", "a format whose every tensor is one source tensor as is, or one computed per module "
-                              "(the writer computes no other)", self.format)
         if self.recipe is not None and not (isinstance(self.recipe, list) and all(isinstance(entry, dict)
                                                                                   for entry in self.recipe)):
             _refuse("recipe", "None or ModelOpt's quant_cfg, a list of dicts", self.recipe)

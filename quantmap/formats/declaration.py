@@ -2,20 +2,16 @@
 
 A format knows nothing about names and the rules know nothing about formats (the split of transformers'
 quantizer tables, sqlglot's dialects): the rules say where each Megatron tensor goes and what it is (its
-role, :mod:`quantmap.roles`); a format says what becomes of a role there. Its rows are grouped by Hugging
-Face module (:func:`quantmap.roles.module_of`): a tensor computed from several roles (a scale from a
-weight's amax, a quantized payload from the weight and its amax) takes them from one module, so the
-writer hands it those inputs together. A declaration is plain data plus the functions it names, and
-never imports torch, so the command line lists the formats without it.
+role, :mod:`quantmap.roles`); a format says what becomes of a role there. A declaration is plain data plus
+the functions it names, and never imports torch, so the command line lists the formats without it.
 
-Today's writer moves each tensor as it is: it runs the formats whose every row is its one input under
-its own HF name (:attr:`OutputFormat.as_is`), with no file beside the tensors; a row computed from
-other roles, renamed, given a fixed dtype or reshaped, or an added file, is declared here and refused
-by the run (:mod:`quantmap.executor.options`) until the writer computes them. What it does run: a row's
-``directory`` (where under the output its tensors go: ``hf`` puts the quantizer state in
-``quantizer_state/`` beside the model) and ``cast`` (whether ``--dtype`` casts it: the model's own
-tensors, never quantizer state), and a format that is a whole ``model`` (its config and tokenizer files
-copied beside the weights).
+Two kinds. A format of rows moves each tensor of the roles it reads as it is, under the HF name the rule
+gives: a row says where under the output it goes (``directory``: ``hf`` puts the quantizer state in
+``quantizer_state/`` beside the model) and whether ``--dtype`` casts it (the model's own tensors, never
+quantizer state). A format computed per module (a deployable checkpoint) writes other tensors, each
+computed from several of one HF module's (a quantized weight from the weight and its amax): it declares
+:attr:`OutputFormat.modules` (and :attr:`OutputFormat.restore_modules` for the way back), and its rows say
+only which roles it reads.
 """
 
 from __future__ import annotations
@@ -30,44 +26,21 @@ ROLES = MODEL_ROLES | QUANTIZER_ROLES
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """One tensor a format writes for a role, on the role's HF module.
-
-    ``inputs``: the roles (of the same HF module) it is computed from, the role itself among them.
-    ``suffix``: its name, the module's name plus ``.suffix`` (``weight_scale``); ``None``: the HF name the
-    rule gives, as is. ``compute``: the inputs' tensors, in ``inputs`` order, to the tensor (``None``: the
-    one input as is). ``dtype``: its torch dtype's name (``float8_e4m3fn``; ``None``: the first input's).
-    ``shape``: the inputs' shapes to its shape, so that a run is planned from metadata before any tensor
-    moves (``None``: the first input's). ``directory``: where under the output it is written, with its own
-    shard files and index (``""``: the output itself). ``cast``: whether the run's ``--dtype`` casts it."""
+    """A role's tensors as a format writes them, each under the HF name the rule gives, as it is: ``inputs``,
+    the roles it reads (the role itself); ``directory``, where under the output they go, with their own shard
+    files and index (``""``: the output itself); ``cast``, whether the run's ``--dtype`` casts them."""
 
     inputs: tuple[str, ...]
-    suffix: str | None = None
-    compute: Callable | None = None
-    dtype: str | None = None
-    shape: Callable | None = None
     directory: str = ""
     cast: bool = False
-
-    @property
-    def as_is(self) -> bool:
-        """The one input under its own name, unchanged (apart from the run's ``--dtype``, where it casts)."""
-        return len(self.inputs) == 1 and self.suffix is self.compute is self.dtype is self.shape is None
 
 
 @dataclass(frozen=True, slots=True)
 class Restored:
-    """How import gets a role back from the HF tensors of its module: ``suffixes`` names them as
-    :attr:`Written.suffix` does (``None``: the rule's own HF name), ``compute`` turns them into the role's
-    tensor (``None``: the one tensor as is); ``directory``: where under the HF checkpoint they lie, as
-    :attr:`Written.directory` says."""
+    """How import reads a role back: its tensors under the HF names the rules give, in ``directory`` under the
+    HF checkpoint (as :attr:`Written.directory` says)."""
 
-    suffixes: tuple[str | None, ...] = (None,)
-    compute: Callable | None = None
     directory: str = ""
-
-    @property
-    def as_is(self) -> bool:
-        return self.suffixes == (None,) and self.compute is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +154,7 @@ class OutputFormat:
         read = {role for rows in self.writes.values() for row in rows for role in row.inputs}
         strays = sorted(read - ROLES)
         if strays:
-            raise ValueError(f"format {self.name!r} computes a tensor from unknown role(s) {strays}")
+            raise ValueError(f"format {self.name!r} reads unknown role(s) {strays}")
         for role, rows in self.writes.items():
             if len({row.directory for row in rows}) > 1 or any(not _plain(row.directory) for row in rows):
                 raise ValueError(f"format {self.name!r} writes role {role!r} to {[row.directory for row in rows]}; a "
@@ -208,19 +181,6 @@ class OutputFormat:
     def reads_back(self, role: str) -> bool:
         """Whether an import reads ``role`` back from the HF checkpoint."""
         return role in self.restores
-
-    @property
-    def as_is(self) -> bool:
-        """Every tensor written is one source tensor under its HF name and every role comes back the same
-        way, with no added file."""
-        return (all(row.as_is for rows in self.writes.values() for row in rows)
-                and all(way.as_is for way in self.restores.values()) and not self.files and self.modules is None)
-
-    @property
-    def runnable(self) -> bool:
-        """What the writer runs: a format that moves each tensor as is, or one that computes its tensors per
-        module (:attr:`modules`); a row computed per role is declared, and refused by the run."""
-        return self.modules is not None or self.as_is
 
     @property
     def takes_dtype(self) -> bool:
