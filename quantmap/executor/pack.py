@@ -18,7 +18,11 @@ knows them without reading the data says so with ``tensor_spec(name)``, as
 :class:`~quantmap.io.shards.LazyShard` does from the file's header), and holds a :class:`Deferred` read,
 made when the buffer of the output file that needs it is built and dropped once copied there (a state
 with ``read_into(name, out)`` reads it straight into its place in that buffer, no tensor in between). So a
-process holds at most the tensors of the file being written. Their values are not checked (quantizer
+process holds at most the tensors of the file being written. A state whose weights every process of the
+run can read (a torch_dist checkpoint's: ``shared_name(name)``, ``read_shared(name, out)``) marks them
+*shared* in the metadata (``meta.shared``): the writer of another rank's file reads them itself
+(:func:`read_shared`), and the rank never sends them (:func:`sent`); a shard file's and a live model's
+tensors are sent. Their values are not checked (quantizer
 state is: an amax has a meaning a weight's values do not) and data-parallel replicas of them are not
 compared: only the first replica's are read.
 """
@@ -176,6 +180,7 @@ class _Packing:
         self.values: list[torch.Tensor] = []
         self.read: list[tuple[str, torch.Tensor, str | None]] = []  # (name, value, role): for check_values
         self.globalize = globalizer(layout, coords)
+        self.shared_name = getattr(state, "shared_name", None)  # a state whose weights every process can read
 
     def one(self, local: str) -> None:
         """Claim, read and pack one local name."""
@@ -195,6 +200,8 @@ class _Packing:
         if role in MODEL_ROLES:  # read when its output file is written, never here (see the module's docstring)
             if self.owner[expert]:
                 dtype, shape = self._spec(local)
+                if self.shared_name is not None:
+                    meta.shared[len(self.values)] = self.shared_name(local)
                 self._append(name, Deferred(self.state, local), dtype, shape, rule)
                 meta.experts += expert
             return
@@ -331,6 +338,23 @@ def receiving(meta: RankMeta, entries: list[int], buffer: torch.Tensor) -> list[
     for start, entry in zip(starts[small:], entries[small:]):
         views.append(buffer[start:start + math.prod(meta.shapes[entry]) * meta.dtypes[entry].itemsize])
     return views
+
+
+def sent(meta: RankMeta, entries) -> list[int]:
+    """Of ``entries``, those that travel to a writer: all but the shared ones (``meta.shared``), which the
+    writer reads itself (:func:`read_shared`)."""
+    return [e for e in entries if e not in meta.shared] if meta.shared else list(entries)
+
+
+def read_shared(state, meta: RankMeta, entries, buffer: torch.Tensor) -> None:
+    """Another rank's shared entries ``entries`` read by this process's own ``state`` of the same source (its
+    ``read_shared(name, out)``), each straight into its place in ``buffer`` (laid out by :func:`rebase`)."""
+    if entries and getattr(state, "read_shared", None) is None:
+        raise ExecutorError(f"{meta.names[entries[0]]!r} is to be read by its writer, whose state cannot read "
+                            f"another rank's tensors; every rank must export the same source")
+    for entry in entries:
+        with reading(meta.shared[entry]):
+            state.read_shared(meta.shared[entry], unpack(buffer, meta, entry))
 
 
 def rebase(meta: RankMeta, entries) -> int:
