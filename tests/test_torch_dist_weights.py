@@ -317,9 +317,9 @@ def test_a_chunk_of_several_layers_whose_archive_is_damaged_is_refused_naming_th
         state["decoder.layers.1.mlp.linear_fc2.weight"]
 
 
-def _export_counting_bytes(checkpoint: Path, out: Path, options: RunOptions) -> int:
+def _export_counting_bytes(checkpoint: Path, out: Path, options: RunOptions, failing: int | None = None) -> int:
     """One gloo rank's export of a torch_dist checkpoint (as ``quantmap export --nproc`` runs it): the bytes
-    it moved (sent and received, metadata included)."""
+    it moved (sent and received, metadata included). On rank ``failing``, every read of another rank's weight fails."""
     import torch.distributed as dist
 
     from quantmap.executor.export import export
@@ -329,6 +329,10 @@ def _export_counting_bytes(checkpoint: Path, out: Path, options: RunOptions) -> 
     rules = quantmap.compile("llama", **SIZES)
     layout, state = TorchDistCheckpoint(checkpoint).read(dist.get_world_size(), dist.get_rank(), rules,
                                                          options.output_format)
+    if dist.get_rank() == failing:
+        def read_shared(name, out):
+            raise OSError("disk read failed")
+        state.read_shared = read_shared
     return export(rules, state, Placement.from_world(layout), out=out, options=options).bytes
 
 
@@ -355,3 +359,17 @@ def test_at_two_ranks_each_writer_reads_the_weights_itself_and_only_quantizer_st
     for moved in (outcome[1] for outcome in outcomes):
         # metadata and quantizer state (2.7 kB of 362 kB): before, every weight of the other stage came too
         assert moved < quantizer_state + 10_000 < weights / 20, (moved, quantizer_state, weights)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_writer_whose_read_of_another_stages_weight_fails_fails_every_rank_and_writes_nothing(tmp_path, failing):
+    """Every rank raises the failing writer's error, naming the weight; no rank waits on a transfer; no output."""
+    config = model_files(config=DATA / "reference" / "hf_config_dense.json")
+    options = RunOptions(format="hf", shard_size=64 << 10, model_files=config)
+    outcomes = run_ranks(2, _export_counting_bytes, DATA / "fp8_kv_tp2" / "ckpt", tmp_path / "hf", options, failing)
+    assert [outcome[0] for outcome in outcomes] == ["error", "error"], outcomes
+    assert outcomes[0][1] == outcomes[1][1], "ranks disagree on the error"
+    message = outcomes[0][1]
+    assert f"rank {failing} writing" in message and "OSError: disk read failed" in message, message
+    assert "reading 'decoder." in message and "nothing was written" in message, message
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
