@@ -5,8 +5,8 @@ broadcasts its verdict (1 call). In memory, the packed buffers then go to rank 0
 (1 call: 3 in all). With files, several writers write the HF shard files, each file's entries
 moved to its writer in one round of transfers (:mod:`quantmap.executor.writers`; one call per
 round, ``ceil(files / writers)`` rounds; a torch_dist checkpoint's weights are not moved: each writer
-reads those its file needs from the checkpoint itself), then the writers' statuses are gathered and the final
-status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
+reads those its file needs from the checkpoint itself), then the writers' statuses are gathered and
+the final status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
 anywhere (a rank whose state cannot be read, a layout mistake, an unwritable output, a writer that
 fails mid-file) reaches every rank through the verdict or the status, so all ranks raise the same
 :class:`ExecutorError` and none hangs. Offline, one process plays every rank with the same plan

@@ -18,13 +18,15 @@ knows them without reading the data says so with ``tensor_spec(name)``, as
 :class:`~quantmap.io.shards.LazyShard` does from the file's header), and holds a :class:`Deferred` read,
 made when the buffer of the output file that needs it is built and dropped once copied there (a state
 with ``read_into(name, out)`` reads it straight into its place in that buffer, no tensor in between). So a
-process holds at most the tensors of the file being written. A state whose weights every process of the
-run can read (a torch_dist checkpoint's: ``shared_name(name)``, ``read_shared(name, out)``) marks them
-*shared* in the metadata (``meta.shared``): the writer of another rank's file reads them itself
-(:func:`read_shared`), and the rank never sends them (:func:`sent`); a shard file's and a live model's
-tensors are sent. Their values are not checked (quantizer
+process holds at most the tensors of the file being written. Their values are not checked (quantizer
 state is: an amax has a meaning a weight's values do not) and data-parallel replicas of them are not
 compared: only the first replica's are read.
+
+Where every process of the run can read a state's weights (a torch_dist checkpoint's files, which the
+state reads by global name: ``shared_name(name)``, ``read_shared(name, out)``), the rank marks them
+*shared* in its metadata (``meta.shared``): the writer of a file that needs them reads them itself
+(:func:`read_shared`) and the rank never sends them (:func:`sent`). A shard file's tensors and a live
+model's are sent.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ point-to-point transfers for the whole group per round), but for the *shared* on
 a torch_dist checkpoint's weights, whose files every process can read), which the writer reads itself,
 straight into their place (:func:`quantmap.executor.pack.read_shared`): of a whole model's export, only
 the quantizer state and the metadata travel. The writer builds the file's records one at a time and
-streams them out, then drops the round's buffers. A writer thus holds one file's
-inputs at a time, plus the record being built. The planner writes the index after every writer is done.
+streams them out, then drops the round's buffers. A writer thus holds one file's inputs at a time,
+plus the record being built. The planner writes the index after every writer is done.
 A format that writes to several directories (``hf``: the model, and ``quantizer_state/``) has each cut into
 its own files and index (:func:`quantmap.io.hf.directories`); the files of all of them are dealt alike.
 """
@@ -104,8 +104,8 @@ def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path
     A writer reads its file's entries (its own, and the shared ones) after the round's transfers, so a
     read that fails is its error, reported in its status, not a transfer its peers wait on. A writer that
     fails keeps taking part in the remaining rounds (so no peer waits on it), writes nothing more, and
-    reports. Returns a writer's status, ``{"error": message | None,
-    "disagreements": {file: [notes]}}``, and ``None`` elsewhere.
+    reports. Returns a writer's status, ``{"error": message | None, "disagreements": {file: [notes]}}``,
+    and ``None`` elsewhere.
     """
     status = {"error": None, "disagreements": {}} if records is not None else None
     for k in range(plan.rounds):
