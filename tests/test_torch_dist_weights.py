@@ -13,12 +13,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import quantmap
+from executor_support import run_ranks
 from megatron_layout import llama_hf_by_hand
 from quantmap.executor import RunOptions
 from quantmap.executor.launch import export_from
 from quantmap.executor.torch_dist_checkpoint import CheckpointState, read_checkpoint
 from quantmap.formats import FORMATS, unchanged
-from quantmap.io.hf import Checkpoint
+from quantmap.io.hf import Checkpoint, model_files
 from quantmap.io.torch_dist import TorchDistError, locate, read_entries
 from quantmap.io.torch_dist import read as read_module
 from quantmap.roles import NORM, QUANTIZER_ROLES, WEIGHT
@@ -314,3 +315,61 @@ def test_a_chunk_of_several_layers_whose_archive_is_damaged_is_refused_naming_th
     with pytest.raises(TorchDistError, match=r"^decoder\.layers\.1\.mlp\.linear_fc2\.weight \(checkpoint key "
                                              r"decoder\.layers\.mlp\.linear_fc2\.weight\): .*not a saved tensor"):
         state["decoder.layers.1.mlp.linear_fc2.weight"]
+
+
+def _export_counting_bytes(checkpoint: Path, out: Path, options: RunOptions, failing: int | None = None) -> int:
+    """One gloo rank's export of a torch_dist checkpoint (as ``quantmap export --nproc`` runs it): the bytes
+    it moved (sent and received, metadata included). On rank ``failing``, every read of another rank's weight fails."""
+    import torch.distributed as dist
+
+    from quantmap.executor.export import export
+    from quantmap.executor.placement import Placement
+    from quantmap.executor.sources import TorchDistCheckpoint
+
+    rules = quantmap.compile("llama", **SIZES)
+    layout, state = TorchDistCheckpoint(checkpoint).read(dist.get_world_size(), dist.get_rank(), rules,
+                                                         options.output_format)
+    if dist.get_rank() == failing:
+        def read_shared(name, out):
+            raise OSError("disk read failed")
+        state.read_shared = read_shared
+    return export(rules, state, Placement.from_world(layout), out=out, options=options).bytes
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*"))
+            if path.is_file()}
+
+
+def test_at_two_ranks_each_writer_reads_the_weights_itself_and_only_quantizer_state_moves(tmp_path):
+    """The checkpoint's files are every process's to read: a writer reads the weights its file needs from
+    them, whichever stage holds them, and no weight byte crosses gloo; the files are the one-process export's."""
+    checkpoint = DATA / "fp8_kv_tp2" / "ckpt"
+    config = model_files(config=DATA / "reference" / "hf_config_dense.json")
+    options = RunOptions(format="hf", shard_size=64 << 10, model_files=config)  # several files, both ranks write
+    export_from(quantmap.compile("llama", **SIZES), checkpoint, tmp_path / "one", options)
+    outcomes = run_ranks(2, _export_counting_bytes, checkpoint, tmp_path / "two", options)
+    assert all(outcome[0] == "ok" for outcome in outcomes), outcomes
+    one = _files(tmp_path / "one")
+    assert _files(tmp_path / "two") == one
+    model = Checkpoint(tmp_path / "one", nested=False)
+    weights = sum(model.get(name).nbytes for name in model.names())
+    quantizer_state = sum(len(data) for name, data in one.items() if name.startswith("quantizer_state/"))
+    assert len([name for name in one if name.startswith("model-")]) >= 4 and weights > 200_000
+    for moved in (outcome[1] for outcome in outcomes):
+        # metadata and quantizer state (2.7 kB of 362 kB): before, every weight of the other stage came too
+        assert moved < quantizer_state + 10_000 < weights / 20, (moved, quantizer_state, weights)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_writer_whose_read_of_another_stages_weight_fails_fails_every_rank_and_writes_nothing(tmp_path, failing):
+    """Every rank raises the failing writer's error, naming the weight; no rank waits on a transfer; no output."""
+    config = model_files(config=DATA / "reference" / "hf_config_dense.json")
+    options = RunOptions(format="hf", shard_size=64 << 10, model_files=config)
+    outcomes = run_ranks(2, _export_counting_bytes, DATA / "fp8_kv_tp2" / "ckpt", tmp_path / "hf", options, failing)
+    assert [outcome[0] for outcome in outcomes] == ["error", "error"], outcomes
+    assert outcomes[0][1] == outcomes[1][1], "ranks disagree on the error"
+    message = outcomes[0][1]
+    assert f"rank {failing} writing" in message and "OSError: disk read failed" in message, message
+    assert "reading 'decoder." in message and "nothing was written" in message, message
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []

@@ -4,8 +4,9 @@ Distributed, every rank's metadata goes to every rank (1 call) and the planner (
 broadcasts its verdict (1 call). In memory, the packed buffers then go to rank 0 in one batch
 (1 call: 3 in all). With files, several writers write the HF shard files, each file's entries
 moved to its writer in one round of transfers (:mod:`quantmap.executor.writers`; one call per
-round, ``ceil(files / writers)`` rounds), then the writers' statuses are gathered and the final
-status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
+round, ``ceil(files / writers)`` rounds; a torch_dist checkpoint's weights are not moved: each writer
+reads those its file needs from the checkpoint itself), then the writers' statuses are gathered and
+the final status broadcast (2 calls: ``4 + rounds`` in all, whatever the number of tensors). A failure
 anywhere (a rank whose state cannot be read, a layout mistake, an unwritable output, a writer that
 fails mid-file) reaches every rank through the verdict or the status, so all ranks raise the same
 :class:`ExecutorError` and none hangs. Offline, one process plays every rank with the same plan
@@ -313,7 +314,8 @@ def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout:
         if out is None:
             result = Export(plan, comm.gather_buffers({rank: p.buffer for rank, p in packs.items()}, verdict["sizes"]))
         else:
-            result = _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options)
+            result = _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options,
+                                   ranks[comm.rank][0])
     except BaseException:  # a peer that died mid-transfer, a timeout: leave no staging directory behind
         if staged:
             staged.discard()
@@ -322,10 +324,12 @@ def run_export(comm, rules, ranks: dict[int, tuple[Mapping, Placement]], layout:
     return result
 
 
-def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options: RunOptions) -> Export:
+def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, options: RunOptions,
+                  state: Mapping) -> Export:
     """The files, by the schedule's writers; then rank 0 writes the index and publishes, or discards.
     ``records`` are the planner's (rank 0); another writer builds its own from the same inputs (and
-    the same ``options``, whose checks passed on rank 0)."""
+    the same ``options``, whose checks passed on rank 0). ``state`` is the state of the rank this process
+    plays (offline, rank 0's): a writer reads the other ranks' shared entries with it."""
     spread = verdict["schedule"]
     if records is None and comm.rank in spread.writers:
         records = records_of(Plan(rules, layout, metas, options), {})
@@ -337,7 +341,7 @@ def _write_spread(comm, rules, layout, packs, metas, records, verdict, staged, o
     try:
         status = write_rounds(comm, packs, spread, Path(verdict["staging"]), metas=metas, records=records,
                               buffers=records.buffers if records else None, report=plan.report if plan else None,
-                              on_shard=bar.update)
+                              state=state, on_shard=bar.update)
     finally:
         bar.close()
     statuses = comm.gather_objects({rank: status if rank == comm.rank else None for rank in packs})

@@ -21,6 +21,12 @@ with ``read_into(name, out)`` reads it straight into its place in that buffer, n
 process holds at most the tensors of the file being written. Their values are not checked (quantizer
 state is: an amax has a meaning a weight's values do not) and data-parallel replicas of them are not
 compared: only the first replica's are read.
+
+Where every process of the run can read a state's weights (a torch_dist checkpoint's files, which the
+state reads by global name: ``shared_name(name)``, ``read_shared(name, out)``), the rank marks them
+*shared* in its metadata (``meta.shared``): the writer of a file that needs them reads them itself
+(:func:`read_shared`) and the rank never sends them (:func:`sent`). A shard file's tensors and a live
+model's are sent.
 """
 
 from __future__ import annotations
@@ -176,6 +182,7 @@ class _Packing:
         self.values: list[torch.Tensor] = []
         self.read: list[tuple[str, torch.Tensor, str | None]] = []  # (name, value, role): for check_values
         self.globalize = globalizer(layout, coords)
+        self.shared_name = getattr(state, "shared_name", None)  # a state whose weights every process can read
 
     def one(self, local: str) -> None:
         """Claim, read and pack one local name."""
@@ -195,6 +202,8 @@ class _Packing:
         if role in MODEL_ROLES:  # read when its output file is written, never here (see the module's docstring)
             if self.owner[expert]:
                 dtype, shape = self._spec(local)
+                if self.shared_name is not None:
+                    meta.shared[len(self.values)] = self.shared_name(local)
                 self._append(name, Deferred(self.state, local), dtype, shape, rule)
                 meta.experts += expert
             return
@@ -331,6 +340,23 @@ def receiving(meta: RankMeta, entries: list[int], buffer: torch.Tensor) -> list[
     for start, entry in zip(starts[small:], entries[small:]):
         views.append(buffer[start:start + math.prod(meta.shapes[entry]) * meta.dtypes[entry].itemsize])
     return views
+
+
+def sent(meta: RankMeta, entries) -> list[int]:
+    """Of ``entries``, those that travel to a writer: all but the shared ones (``meta.shared``), which the
+    writer reads itself (:func:`read_shared`)."""
+    return [e for e in entries if e not in meta.shared] if meta.shared else list(entries)
+
+
+def read_shared(state, meta: RankMeta, entries, buffer: torch.Tensor) -> None:
+    """Another rank's shared entries ``entries`` read by this process's own ``state`` of the same source (its
+    ``read_shared(name, out)``), each straight into its place in ``buffer`` (laid out by :func:`rebase`)."""
+    if entries and getattr(state, "read_shared", None) is None:
+        raise ExecutorError(f"{meta.names[entries[0]]!r} is to be read by its writer, whose state cannot read "
+                            f"another rank's tensors; every rank must export the same source")
+    for entry in entries:
+        with reading(meta.shared[entry]):
+            state.read_shared(meta.shared[entry], unpack(buffer, meta, entry))
 
 
 def rebase(meta: RankMeta, entries) -> int:

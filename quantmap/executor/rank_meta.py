@@ -38,6 +38,8 @@ class RankMeta:
     rules: array = field(default_factory=lambda: array("I"))  # the number of the rule that claimed each
     offsets: array = field(default_factory=lambda: array("q"))  # bytes into the rank's buffer
     runs: dict[int, Run] = field(default_factory=dict)  # entry -> the expert run it folds
+    # entry -> the name any process of the run reads it by (a torch_dist weight): a writer reads it, no rank sends it
+    shared: dict[int, str] = field(default_factory=dict)
     # -- the rank's buffer and findings
     size: int = 0  # bytes of the buffer of every entry
     unclaimed: list[str] = field(default_factory=list)  # names no rule claims, for the report

@@ -6,7 +6,9 @@ quantizer state read in one batch, and, for a format that takes the model's tens
 a :class:`CheckpointState` that reads each one only when the export asks for it. Run on several ranks (``torchrun``, ``--nproc N``), rank ``r`` plays pipeline
 stage ``r`` of ``pp=N`` with the layers split as evenly as possible (``layers_per_stage``), reads
 only its stage's quantizer tensors from the checkpoint (names outside the layers on the stage
-Megatron builds them on) and sends them to the writer, so no rank reads what another reads.
+Megatron builds them on) and sends them to the writer, so no rank reads what another reads. The weights
+are not sent: each writer reads those its output file needs, whichever stage holds them, from the
+checkpoint's files (:meth:`CheckpointState.read_shared`).
 The commands that run these from files (locking, launching, staging) are in :mod:`quantmap.executor.launch`.
 """
 
@@ -87,8 +89,10 @@ def _read_state(location: CheckpointLocation, world: int, rank: int, rules, weig
     tensors = state_tensors(location.path, entries, list(local.values()))
     state = {name: tensors[quantizer.name] for name, quantizer in local.items()}
     if weights:
-        held = _local(model_weights(entries, layout.num_layers), layout, world, rank)
-        state = CheckpointState(location.path, state, held, stored_keys(location.path, entries, list(held.values())))
+        every = model_weights(entries, layout.num_layers)
+        held = _local(every, layout, world, rank)
+        state = CheckpointState(location.path, state, held, stored_keys(location.path, entries, every),
+                                {weight.name: weight for weight in every})
     return layout, state, not_quantizer_state(entries, weights)
 
 
@@ -108,10 +112,18 @@ def _local(tensors: list, layout: ParallelLayout, world: int, rank: int) -> dict
 class CheckpointState(Mapping):
     """One rank's state of a torch_dist checkpoint: its quantizer tensors, read already (10⁵ scalars are read
     in one batch), and its model weights, each read from its own byte ranges when it is asked for and not
-    kept, so that a process holds only the weights the export has in flight. Its names come without a read."""
+    kept, so that a process holds only the weights the export has in flight. Its names come without a read.
 
-    def __init__(self, directory, quantizer_state: dict[str, torch.Tensor], weights: dict, stored: dict):
+    Its weights are *shared*: the checkpoint's files are there for every process of the run, so each state
+    also indexes the whole checkpoint's weights (``checkpoint``: global name → weight, from ``.metadata``
+    alone) and reads any of them by its global name (:meth:`read_shared`). A writer of several thus reads
+    the weights its file needs, whichever stage holds them, instead of receiving them from that stage
+    (:mod:`quantmap.executor.writers`)."""
+
+    def __init__(self, directory, quantizer_state: dict[str, torch.Tensor], weights: dict, stored: dict,
+                 checkpoint: dict):
         self.directory, self.quantizers, self.weights, self.stored = directory, quantizer_state, weights, stored
+        self.checkpoint = checkpoint
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.quantizers.get(name)
@@ -123,6 +135,15 @@ class CheckpointState(Mapping):
         """Weight ``name`` read straight into ``out`` (of its dtype and shape: a slice of the buffer of the
         output file that holds it), with no tensor of its own in between (:func:`read_weight`)."""
         read_weight(self.directory, self.stored, self.weights[name], out)
+
+    def shared_name(self, name: str) -> str:
+        """The global name any process's state of this checkpoint reads weight ``name`` (local) by."""
+        return self.weights[name].name
+
+    def read_shared(self, name: str, out: torch.Tensor) -> None:
+        """The checkpoint's weight of global name ``name`` (any stage's) read straight into ``out``, as
+        :meth:`read_into` reads one of this state's own."""
+        read_weight(self.directory, self.stored, self.checkpoint[name], out)
 
     def tensor_spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """A weight's dtype and shape from ``.metadata`` alone: the export plans it from these and reads it

@@ -7,9 +7,12 @@ the files round-robin to the writers, and lists for each file the packed entries
 that its records are built from (``Records.sources``). In round ``k`` writer ``w`` writes file
 ``k*W + w``: every source rank sends it just that file's entries (small ones copied into one block,
 large ones straight from their tensors into their place in the writer's buffer; one batch of
-point-to-point transfers for the whole group per round), the writer builds the file's records one
-at a time and streams them out, then drops the round's buffers. A writer thus holds one file's
-inputs at a time, plus the record being built. The planner writes the index after every writer is done.
+point-to-point transfers for the whole group per round), but for the *shared* ones (``RankMeta.shared``:
+a torch_dist checkpoint's weights, whose files every process can read), which the writer reads itself,
+straight into their place (:func:`quantmap.executor.pack.read_shared`): of a whole model's export, only
+the quantizer state and the metadata travel. The writer builds the file's records one at a time and
+streams them out, then drops the round's buffers. A writer thus holds one file's inputs at a time,
+plus the record being built. The planner writes the index after every writer is done.
 A format that writes to several directories (``hf``: the model, and ``quantizer_state/``) has each cut into
 its own files and index (:func:`quantmap.io.hf.directories`); the files of all of them are dealt alike.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantmap.executor.pack import Packed, rebase, receiving, transfer_order
+from quantmap.executor.pack import Packed, read_shared, rebase, receiving, sent, transfer_order
 from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import Report, describe
 from quantmap.io.hf import directories, record_bytes, shard_bounds, shard_name, write_shard
@@ -90,32 +93,38 @@ def file_bytes(records, indices: range) -> int:
 
 
 def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path, *, metas: list[RankMeta] | None = None,
-                 records=None, buffers: dict | None = None, report: Report | None = None, on_shard=None) -> dict | None:
+                 records=None, buffers: dict | None = None, report: Report | None = None, state=None,
+                 on_shard=None) -> dict | None:
     """This process's part of the write: every round, send the entries each writer elsewhere needs from
-    the ranks it plays (``packs``); on a writer (``records`` given, reading ``buffers`` and ``metas``), take
-    its file's entries (received, or from ``packs``) and write it.
+    the ranks it plays (``packs``), but for the shared ones (:func:`~quantmap.executor.pack.sent`); on a
+    writer (``records`` given, reading ``buffers`` and ``metas``), receive its file's entries, then take
+    those of the ranks it plays from ``packs``, read the shared ones with its own ``state`` (the one it
+    packed), and write the file.
 
-    A writer that fails keeps taking part in the remaining rounds (so no peer waits on it), writes
-    nothing more, and reports. Returns a writer's status, ``{"error": message | None,
-    "disagreements": {file: [notes]}}``, and ``None`` elsewhere.
+    A writer reads its file's entries (its own, and the shared ones) after the round's transfers, so a
+    read that fails is its error, reported in its status, not a transfer its peers wait on. A writer that
+    fails keeps taking part in the remaining rounds (so no peer waits on it), writes nothing more, and
+    reports. Returns a writer's status, ``{"error": message | None, "disagreements": {file: [notes]}}``,
+    and ``None`` elsewhere.
     """
     status = {"error": None, "disagreements": {}} if records is not None else None
     for k in range(plan.rounds):
         files = plan.round(k)
         sends = [(plan.writer(s), piece) for s in files if plan.writer(s) not in packs
                  for rank, packed in packs.items() if rank in plan.needs[s]
-                 for piece in packed.pieces(transfer_order(packed.meta, plan.needs[s][rank]))]
+                 for piece in packed.pieces(transfer_order(packed.meta, sent(packed.meta, plan.needs[s][rank])))]
         mine = next((s for s in files if plan.writer(s) in packs), None)
-        receives = []
+        receives, layouts = [], {}
         if mine is not None:
             for source, entries in plan.needs[mine].items():
-                entries = transfer_order(metas[source], entries)
-                size = rebase(metas[source], entries)
-                if source in packs:
-                    buffers[source] = packs[source].take(entries)
-                else:
+                meta, own = metas[source], source in packs
+                moved = transfer_order(meta, entries if own else sent(meta, entries))
+                shared = [] if own else [e for e in entries if e in meta.shared]
+                size = rebase(meta, moved + shared)  # the shared ones after those received
+                layouts[source] = moved, shared
+                if not own:
                     buffers[source] = comm.empty(size)
-                    receives += [(source, view) for view in receiving(metas[source], entries, buffers[source])]
+                    receives += [(source, view) for view in receiving(meta, moved, buffers[source])]
         comm.exchange(sends, receives)
         del sends, receives
         if mine is None:
@@ -125,6 +134,11 @@ def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path
         if status["error"] is None:
             before = len(report.disagreements)
             try:
+                for source, (moved, shared) in layouts.items():
+                    if source in packs:
+                        buffers[source] = packs[source].take(moved)
+                    else:
+                        read_shared(state, metas[source], shared, buffers[source])
                 path = directory / plan.path(mine)
                 path.parent.mkdir(exist_ok=True)
                 write_shard(path, records, plan.bounds[mine])
