@@ -120,10 +120,43 @@ def _per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _per_element(scale: torch.Tensor, columns: int) -> torch.Tensor:
     """An ``[out, in / block]`` block scale repeated along the input dimension to ``[out, in]``."""
+    _check_blocks(scale, columns)
+    return scale.repeat_interleave(columns // scale.shape[1], dim=1)
+
+
+def _check_blocks(scale: torch.Tensor, columns: int) -> None:
     if scale.dim() != 2 or columns % scale.shape[1]:
         raise ValueError(f"a block scale of shape {list(scale.shape)} does not divide {columns} input columns "
                          "into whole blocks")
-    return scale.repeat_interleave(columns // scale.shape[1], dim=1)
+
+
+def _over_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight / scale`` for an ``[rows, in / block]`` block scale, each block's elements divided by its
+    scale (the quotients :func:`_per_element` would give, without repeating the scale to every element)."""
+    rows, columns = weight.shape
+    return (weight.reshape(rows, scale.shape[1], -1) / scale[..., None]).reshape(rows, columns)
+
+
+def _rows_of(scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The part of a 0-d or ``[out, 1]`` divisor that applies to ``rows``."""
+    return scale if scale.dim() == 0 else scale[rows]
+
+
+#: Elements of a weight computed on at once: the temporaries of a quantization (a float32 copy, quotients,
+#: codes) are a few times this many bytes, however large the weight; fewer passes over cache-cold memory.
+_CHUNK = 1 << 21
+
+
+def _by_rows(weight: torch.Tensor, dtype: torch.dtype, compute, columns: int | None = None) -> torch.Tensor:
+    """``compute(rows, weight[rows])`` for consecutive row slices of ``weight``, written into one ``dtype``
+    tensor of ``columns`` columns (default: the weight's)."""
+    out = torch.empty(weight.shape[0], weight.shape[1] if columns is None else columns, dtype=dtype,
+                      device=weight.device)
+    step = max(1, _CHUNK // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = compute(rows, weight[rows])
+    return out
 
 
 def fp8_quantize(weight: torch.Tensor, scale: torch.Tensor,
@@ -134,16 +167,18 @@ def fp8_quantize(weight: torch.Tensor, scale: torch.Tensor,
     ModelOpt's bytes depend on; ``[out]`` (per channel): the quotient is fp32. Values beyond ±448 saturate,
     which is what torch ≥ 2.13's E4M3 cast (used by ModelOpt, which does not clamp) does; older torch casts
     them to NaN, so the clamp is explicit here. NaN stays NaN."""
-    quotient = weight.to(weight_dtype) / _per_row(scale, weight.shape[0])
-    return quotient.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    scale = _per_row(scale, weight.shape[0])
+    return _by_rows(weight, torch.float8_e4m3fn, lambda rows, w: (w.to(weight_dtype) / _rows_of(scale, rows)).clamp_(
+        -FP8_E4M3_MAX, FP8_E4M3_MAX))
 
 
 def int8_quantize(weight: torch.Tensor, scale: torch.Tensor,
                   weight_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The INT8 payload ``round(weight / scale[:, None]).clamp(-128, 127)`` for a per-channel ``[out]``
     scale (SmoothQuant); the division is fp32, rounding half to even."""
-    quotient = weight.to(weight_dtype) / _per_row(scale, weight.shape[0])
-    return quotient.round().clamp(-128, 127).to(torch.int8)
+    scale = _per_row(scale, weight.shape[0])
+    return _by_rows(weight, torch.int8, lambda rows, w: (w.to(weight_dtype) / _rows_of(scale, rows)).round_().clamp_(
+        -128, 127))
 
 
 def int4_quantize(weight: torch.Tensor, block_scale: torch.Tensor,
@@ -151,8 +186,9 @@ def int4_quantize(weight: torch.Tensor, block_scale: torch.Tensor,
     """Signed INT4 values in int8, ``round(weight / block_scale).clamp(-8, 7)``, for an ``[out, in / block]``
     fp32 scale (``pack_int4_in_uint8``'s arithmetic; the division is fp32). For W4A8 AWQ ModelOpt divides by
     the INT4 stage's scale only, not by ``weight_scale_2``."""
-    quotient = weight.to(weight_dtype) / _per_element(block_scale, weight.shape[1])
-    return quotient.round().clamp(-8, 7).to(torch.int8)
+    _check_blocks(block_scale, weight.shape[1])
+    return _by_rows(weight, torch.int8, lambda rows, w: _over_blocks(w.to(weight_dtype), block_scale[rows])
+                    .round_().clamp_(-8, 7))
 
 
 def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
@@ -197,13 +233,23 @@ def unpack_int4_int32(packed: torch.Tensor, columns: int) -> torch.Tensor:
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """FP4 (E2M1) codes, uint8 0..15: the magnitude rounded to the nearest of 0, .5, 1, 1.5, 2, 3, 4, 6 (ties
     to the even code, beyond 6 saturating) in bits 0-2, the sign in bit 3 — set for every negative value,
-    also one that rounds to 0, never for -0.0 (ModelOpt's ``_cast_fp4``; NaN codes as 6)."""
-    magnitude = values.float().abs().contiguous()
-    midpoints = torch.tensor(_E2M1_MIDPOINTS, device=values.device)
-    below = torch.searchsorted(midpoints, magnitude)  # a magnitude on a midpoint gets the code below it
-    on_midpoint = midpoints[below.clamp(max=len(_E2M1_MIDPOINTS) - 1)] == magnitude
-    code = below + (on_midpoint & (below % 2 == 1))  # odd codes have mantissa 1: their ties go up
-    return (code + (values < 0) * _E2M1_SIGN).to(torch.uint8)
+    also one that rounds to 0, never for -0.0 (ModelOpt's ``_cast_fp4``; NaN codes as 6).
+
+    On the float32 bits, a few integer passes (a search over the grid is 5x slower): from 1 up, the E2M1
+    code is the float's exponent and its mantissa rounded to one bit, half to even (``(bits >> 22) - 252``,
+    saturating at 7); below 1 it is 0, 1 or 2 by the ties at 0.25 (down, to 0) and 0.75 (up, to 1.0)."""
+    floats = values.float()
+    magnitude = floats.view(torch.int32) & 0x7FFFFFFF
+    rounded = ((magnitude >> 22) & 1).add_(magnitude).add_(_HALF_BELOW_ONE_BIT)
+    code = rounded.bitwise_right_shift_(22).sub_(_CODE_OF_ONE_BITS).clamp_(max=7)
+    below_one = (magnitude > _QUARTER_BITS).to(torch.int32).add_(magnitude >= _THREE_QUARTERS_BITS)
+    code = torch.where(magnitude >= _ONE_BITS, code, below_one)
+    return code.add_((floats < 0).to(torch.int32) << 3).to(torch.uint8)
+
+
+_ONE_BITS, _QUARTER_BITS, _THREE_QUARTERS_BITS = 0x3F800000, 0x3E800000, 0x3F400000  # 1.0, 0.25, 0.75 in float32
+_HALF_BELOW_ONE_BIT = (1 << 21) - 1  # added with the kept bit: rounds the 22 dropped mantissa bits half to even
+_CODE_OF_ONE_BITS = (127 << 1) - 2  # (1.0's bits >> 22) - this = 2, the code of 1.0
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
@@ -236,10 +282,15 @@ def nvfp4_block_scale(weight: torch.Tensor, weight_scale_2: torch.Tensor,
     rows, columns = weight.shape
     if columns % block_size:
         raise ValueError(f"NVFP4 needs whole blocks: {columns} input columns are not a multiple of {block_size}")
-    block_amax = weight.float().abs().reshape(rows, columns // block_size, block_size).amax(dim=-1)
-    scale = block_amax / (E2M1_MAX * weight_scale_2.float())
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale.clamp(NVFP4_MIN_BLOCK_SCALE, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    divisor = E2M1_MAX * weight_scale_2.float()
+    return _by_rows(weight, torch.float8_e4m3fn, lambda _, w: _block_scale(w, block_size, divisor),
+                    columns=columns // block_size)
+
+
+def _block_scale(weight: torch.Tensor, block_size: int, divisor: torch.Tensor) -> torch.Tensor:
+    rows, columns = weight.shape
+    scale = weight.abs().float().reshape(rows, columns // block_size, block_size).amax(dim=-1) / divisor
+    return scale.masked_fill_(scale == 0, 1.0).clamp_(NVFP4_MIN_BLOCK_SCALE, FP8_E4M3_MAX)
 
 
 def nvfp4_quantize(weight: torch.Tensor, block_scale: torch.Tensor, weight_scale_2: torch.Tensor,
@@ -248,7 +299,9 @@ def nvfp4_quantize(weight: torch.Tensor, block_scale: torch.Tensor, weight_scale
     ``weight.to(weight_dtype) / (block_scale.float() · weight_scale_2)``, the product rounded to fp32 first and
     the division fp32 (``NVFP4QTensor.quantize``), packed by :func:`pack_fp4_columns`."""
     denominator = block_scale.float() * weight_scale_2.float()
-    return pack_fp4_columns(e2m1_codes(weight.to(weight_dtype) / _per_element(denominator, weight.shape[1])))
+    _check_blocks(denominator, weight.shape[1])
+    return _by_rows(weight, torch.uint8, lambda rows, w: pack_fp4_columns(e2m1_codes(
+        _over_blocks(w.to(weight_dtype), denominator[rows]))), columns=weight.shape[1] // 2)
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -300,3 +300,25 @@ def test_byte_comparison_fails_on_a_scale_one_ulp_off(megatron, modelopt_export)
     with pytest.raises(AssertionError, match="1 byte"):
         assert_same_bytes(off, scale)
     assert_same_bytes(q.fp8_quantize(weight, off), modelopt_export["model.layers.0.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_row_chunks_gives_the_same_bytes_and_leaves_the_weight_alone(monkeypatch, dtype):
+    """Large weights are quantized a few rows at a time (bounded temporaries): the bytes are those of one pass,
+    and the caller's weight is never written to (a float32 weight is not copied before its ``abs``)."""
+    weight = (torch.randn(37, 64, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    before = weight.clone()
+    scale_2 = q.scale_from_amax(weight.abs().amax(), q.DIVISOR["nvfp4"], ())
+
+    def every(weight):
+        blocks = q.nvfp4_block_scale(weight, scale_2)
+        rows = q.scale_from_amax(weight.abs().amax(dim=1).float(), 127.0)
+        int4 = q.scale_from_amax(weight.abs().float().reshape(37, 2, 32).amax(dim=-1), 7.0)
+        return [blocks, q.nvfp4_quantize(weight, blocks, scale_2), q.int8_quantize(weight, rows),
+                q.int4_quantize(weight, int4), q.fp8_quantize(weight, q.scale_from_amax(weight.abs().amax(), 448.0))]
+
+    whole = every(weight)
+    monkeypatch.setattr(q, "_CHUNK", 64 * 5)  # five rows at a time: 8 chunks, the last one short
+    chunked = every(weight)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(whole, chunked))
+    assert torch.equal(weight, before)
