@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_fixture import MIXTRAL, moe_state
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 from written_files import bits, differences, written
@@ -20,8 +21,6 @@ from quantmap.cli import app
 DATA = Path(__file__).parent / "data" / "dcp"
 QUANTIZED = re.compile(r"\.linear_(qkv|proj|fc1|fc2)\.weight(_w|_v)?$")  # the FP8 linears' weights
 MODELOPT = DATA / "fp8_kv_tp1" / "modelopt_export"
-MEGATRON = Path(__file__).parent / "data" / "megatron"
-MIXTRAL = DATA / "reference" / "hf_config_moe_mixtral.json"
 
 
 def config_without_quantization(tmp_path: Path) -> Path:
@@ -189,16 +188,6 @@ def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_
     recipe.write_text(json.dumps({"quant_cfg": quant_cfg(source / "iter_0000001")}))
     assert differences(written(export(tmp_path, source, "tp1")),
                      written(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []
-
-
-def moe_state() -> tuple[dict[str, torch.Tensor], list]:
-    """A SequentialMLP MoE (Mixtral-like: 2 layers, 4 experts) as one Megatron-Core rank holds it: the real FP8 +
-    KV quantizer state ModelOpt calibrated (tests/data/megatron), seeded random weights of the model's shapes,
-    and the recipe it was quantized with."""
-    record = json.loads((MEGATRON / "state_fp8_default_kv_moeseq_tp1.json").read_text())
-    generator = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=generator) / 8 for name, shape in record["parameters"].items()}
-    return state | load_file(MEGATRON / "state_fp8_default_kv_moeseq_tp1.safetensors"), record["quant_cfg"]["quant_cfg"]
 
 
 @pytest.mark.parametrize("tp,dp,ep", [(2, 1, 1), (1, 2, 2), (2, 2, 2)])
