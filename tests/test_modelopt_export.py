@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from moe_fixture import MIXTRAL, moe_state
+from reference_formulas import e2m1_unpacked
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 from written_files import bits, differences, written
@@ -282,14 +283,9 @@ def test_an_uncalibrated_quantizer_is_written_as_modelopt_does_reported_and_refu
         assert files[name].float().flatten().tolist() == [1.0], name
 
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-
-
 def nvfp4_by_hand(packed: torch.Tensor, blocks: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """An NVFP4 payload's values: the low nibble is the even column, each code an E2M1 value, times its block's
-    scale times the global one."""
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
-    return E2M1[codes] * (blocks.float() * global_scale).repeat_interleave(16, dim=1)
+    """An NVFP4 payload's values: each code an E2M1 value, times its block's scale times the global one."""
+    return e2m1_unpacked(packed) * (blocks.float() * global_scale).repeat_interleave(16, dim=1)
 
 
 @pytest.mark.parametrize("fixture,again", [("int8_sq_tp2", True), ("int8_tp2", True), ("nvfp4_kv_tp2", False)])
