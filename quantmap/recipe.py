@@ -56,7 +56,8 @@ class Stage:
     def from_cfg(cls, cfg: Mapping) -> Stage:
         block_sizes = cfg.get("block_sizes")
         if isinstance(block_sizes, Mapping):
-            block_sizes = {key: _bits(value) if key == "scale_bits" else value for key, value in block_sizes.items()}
+            block_sizes = {_axis(key): _bits(value) if key == "scale_bits" else value
+                           for key, value in block_sizes.items()}
         return cls(num_bits=_bits(cfg.get("num_bits", 8)), axis=cfg.get("axis"), block_sizes=block_sizes or None,
                    fake_quant=bool(cfg.get("fake_quant", True)), affine=cfg.get("bias") is not None)
 
@@ -77,6 +78,12 @@ class Stage:
 def _bits(value):
     """``num_bits``/``scale_bits`` as a tuple where it is a pair: a recipe read from JSON or YAML has lists."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _axis(key):
+    """A ``block_sizes`` axis key as the int ModelOpt writes (``-1``): a recipe read from JSON (``recipe.json``
+    beside shards, ``--recipe``) has it as the string ``"-1"``, which would otherwise read as no block at all."""
+    return int(key) if isinstance(key, str) and key.removeprefix("-").isdigit() else key
 
 
 @dataclass(frozen=True)

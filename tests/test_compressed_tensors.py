@@ -1,10 +1,10 @@
 """``quantmap export --format compressed-tensors``, proven by its real consumer on a CPU: transformers 5.25.0 with
 compressed-tensors 0.20.1 loads each export of the dense torch_dist fixtures (TP1 and TP2) with no key missing,
 dequantizes every Linear weight to the formula applied to the Megatron weight bit for bit (the formulas written
-out here, not quantmap's), and computes Megatron's weight-only fake-quant logits; its bytes are the ``modelopt``
+out in ``reference_formulas.py``, not quantmap's), and computes Megatron's weight-only fake-quant logits; its bytes are the ``modelopt``
 format's where the two formats share them; SmoothQuant / AWQ ``pre_quant_scale`` is folded exactly or refused.
 
-The MoE half of the issue (Qwen3-MoE experts) is not here: no MoE torch_dist fixture with weights exists."""
+The MoE half of the issue is ``test_compressed_tensors_moe.py``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
+from reference_formulas import FORMULAS, HEAD, HEADS, KV_HEADS, qkv_parts  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers_consumer import assert_all_keys_taken, load  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from quantmap.cli import app  # noqa: E402
@@ -27,63 +29,9 @@ from quantmap.cli import app  # noqa: E402
 DATA = Path(__file__).parent / "data" / "dcp"
 CONFIG = DATA / "reference" / "hf_config_dense.json"
 LOGITS = load_file(DATA / "reference" / "logits_fp8_kv_dense_L2.safetensors")
-HEADS, KV_HEADS, HEAD, LAYERS = 4, 2, 16, 2
-#: What transformers 5.25 does not keep of a compressed-tensors checkpoint: input scales (it dequantizes the
-#: weights only) and the KV-cache scales (compressed-tensors 0.20.1 does not recognize transformers 5.25's
-#: attention, whose forward takes ``cache``, not ``past_key_values``, so no KV scheme is applied).
-NOT_KEPT = ("input_scale", "input_global_scale", "k_scale", "v_scale", "k_global_scale", "v_global_scale")
+LAYERS = 2
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
-
-
-# -- the formulas, written out independently of quantmap.quantize ----------------------------------------
-
-def fp8(weight, amax):
-    scale = amax.float().reshape(()) / 448
-    return (weight / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
-
-
-def int8(weight, amax):
-    scale = amax.float().reshape(-1, 1) / 127
-    return (weight / scale).round().clamp(-128, 127) * scale
-
-
-def int4(weight, amax):
-    rows, columns = weight.shape
-    scale = amax.float().reshape(rows, -1) / 7
-    block = columns // scale.shape[1]
-    values = (weight / scale.repeat_interleave(block, dim=1)).round().clamp(-8, 7)
-    return (values.reshape(rows, -1, block) * scale[..., None]).reshape(rows, columns)
-
-
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
-def e2m1(values):
-    """Round to the FP4 grid, ties to the even code, saturating at 6."""
-    distance = (values.abs().clamp(max=6)[..., None] - E2M1).abs()
-    code = distance.argmin(-1)
-    upper = (code + 1).clamp(max=7)
-    tie = (distance.gather(-1, upper[..., None])[..., 0] == distance.gather(-1, code[..., None])[..., 0])
-    code = torch.where(tie & (code % 2 == 1) & (upper != code), upper, code)
-    return E2M1[code] * torch.where(values < 0, -1.0, 1.0)
-
-
-def nvfp4(weight, amax):
-    """ModelOpt's NVFP4 quantization, dequantized as compressed-tensors 0.20.1 does: ``value · (block_scale /
-    global_scale)`` with ``global_scale = 6·448 / amax``, the product rounded to bfloat16 (its FP4 unpacking
-    dtype) before the model's dtype."""
-    rows, columns = weight.shape
-    scale_2 = amax.float().reshape(()) / 2688
-    blocks = weight.abs().reshape(rows, -1, 16).amax(-1) / (6 * scale_2)
-    blocks = torch.where(blocks == 0, torch.ones_like(blocks), blocks).clamp(2 ** -9, 448).to(torch.float8_e4m3fn)
-    values = e2m1(weight / (blocks.float() * scale_2).repeat_interleave(16, dim=1))
-    global_scale = 2688 / amax.float().reshape(1)
-    return (values.reshape(rows, -1, 16) * (blocks.float() / global_scale)[..., None]).reshape(rows, columns) \
-        .to(torch.bfloat16).float()
-
-
-FORMULAS = {"fp8": fp8, "int8": int8, "int4": int4, "nvfp4": nvfp4}
 FIXTURES = {"fp8_kv_tp1": "fp8", "fp8_kv_tp2": "fp8", "int8_tp2": "int8", "nvfp4_kv_tp2": "nvfp4"}
 
 
@@ -141,13 +89,6 @@ def hf_linears(state: dict, quantizers: dict) -> dict[str, tuple]:
     return out
 
 
-def qkv_parts(rows: torch.Tensor) -> list[torch.Tensor]:
-    """q, k and v of Megatron's fused QKV rows: per query group, its query heads' rows, then k's, then v's."""
-    grouped = rows.reshape(KV_HEADS, -1, HEAD, rows.shape[1])
-    return [grouped[:, :-2].reshape(-1, rows.shape[1]), grouped[:, -2].reshape(-1, rows.shape[1]),
-            grouped[:, -1].reshape(-1, rows.shape[1])]
-
-
 def hf_model_state(state: dict) -> dict[str, torch.Tensor]:
     """The unquantized HF state of the dense Llama: what transformers would hold for the Megatron weights."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
@@ -197,20 +138,6 @@ def exported(tmp_path_factory):
             made[fixture] = out
         return made[fixture]
     return get
-
-
-def load(out: Path, dequantize: bool = True):
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        out, quantization_config=CompressedTensorsConfig(dequantize=dequantize), output_loading_info=True)
-    return model.eval(), info
-
-
-def assert_all_keys_taken(info) -> None:
-    """Zero missing and zero unexpected keys, apart from those transformers does not keep (:data:`NOT_KEPT`)."""
-    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["error_msgs"]
-    assert sorted(key for key in info["unexpected_keys"] if not key.endswith(NOT_KEPT)) == []
 
 
 def logits(model) -> torch.Tensor:

@@ -148,6 +148,15 @@ def test_module_format_follows_get_quantization_format_branch_by_branch(weight, 
     assert module_format_in("decoder.layers.0.mlp.linear_fc1", entries) == algo
 
 
+def test_a_recipe_read_from_json_keeps_its_block_sizes():
+    """JSON makes ModelOpt's ``block_sizes`` axis ``-1`` the string ``"-1"`` and pairs lists: the same format."""
+    for entries in (quant_cfg(ITERATION["nvfp4_kv_tp2"]), quant_cfg(ITERATION["int4_awq_bs32_tp2"])):
+        read_back = json.loads(json.dumps(entries))
+        for module in ("decoder.layers.0.mlp.linear_fc1", "decoder.layers.1.self_attention.linear_proj"):
+            assert module_format_in(module, read_back) == module_format_in(module, entries), module
+            assert module_format_in(module, read_back).group_size in (16, 32)
+
+
 def test_an_nvfp4_input_quantizer_with_a_pre_quant_scale_makes_nvfp4_awq():
     # quant_utils.py:565-566: the checkpoint's tensors, not the recipe, say whether _pre_quant_scale is there
     entries = quant_cfg(ITERATION["nvfp4_kv_tp2"])

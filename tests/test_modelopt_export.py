@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_fixture import MIXTRAL, moe_state
+from reference_formulas import e2m1_unpacked
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 from written_files import bits, differences, written
@@ -20,8 +22,6 @@ from quantmap.cli import app
 DATA = Path(__file__).parent / "data" / "dcp"
 QUANTIZED = re.compile(r"\.linear_(qkv|proj|fc1|fc2)\.weight(_w|_v)?$")  # the FP8 linears' weights
 MODELOPT = DATA / "fp8_kv_tp1" / "modelopt_export"
-MEGATRON = Path(__file__).parent / "data" / "megatron"
-MIXTRAL = DATA / "reference" / "hf_config_moe_mixtral.json"
 
 
 def config_without_quantization(tmp_path: Path) -> Path:
@@ -191,16 +191,6 @@ def test_a_shard_directory_without_a_recipe_takes_one_from_the_command_line(tmp_
                      written(export(tmp_path, shards, "from_shards", "--recipe", str(recipe)))) == []
 
 
-def moe_state() -> tuple[dict[str, torch.Tensor], list]:
-    """A SequentialMLP MoE (Mixtral-like: 2 layers, 4 experts) as one Megatron-Core rank holds it: the real FP8 +
-    KV quantizer state ModelOpt calibrated (tests/data/megatron), seeded random weights of the model's shapes,
-    and the recipe it was quantized with."""
-    record = json.loads((MEGATRON / "state_fp8_default_kv_moeseq_tp1.json").read_text())
-    generator = torch.Generator().manual_seed(0)
-    state = {name: torch.randn(shape, generator=generator) / 8 for name, shape in record["parameters"].items()}
-    return state | load_file(MEGATRON / "state_fp8_default_kv_moeseq_tp1.safetensors"), record["quant_cfg"]["quant_cfg"]
-
-
 @pytest.mark.parametrize("tp,dp,ep", [(2, 1, 1), (1, 2, 2), (2, 2, 2)])
 def test_moe_experts_are_written_one_by_one_and_every_expert_parallel_layout_agrees(tmp_path, tp, dp, ep):
     """Every expert of every EP rank, under its own global number and per-expert names (as vLLM's MoE loaders
@@ -293,14 +283,9 @@ def test_an_uncalibrated_quantizer_is_written_as_modelopt_does_reported_and_refu
         assert files[name].float().flatten().tolist() == [1.0], name
 
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-
-
 def nvfp4_by_hand(packed: torch.Tensor, blocks: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """An NVFP4 payload's values: the low nibble is the even column, each code an E2M1 value, times its block's
-    scale times the global one."""
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
-    return E2M1[codes] * (blocks.float() * global_scale).repeat_interleave(16, dim=1)
+    """An NVFP4 payload's values: each code an E2M1 value, times its block's scale times the global one."""
+    return e2m1_unpacked(packed) * (blocks.float() * global_scale).repeat_interleave(16, dim=1)
 
 
 @pytest.mark.parametrize("fixture,again", [("int8_sq_tp2", True), ("int8_tp2", True), ("nvfp4_kv_tp2", False)])
