@@ -322,3 +322,17 @@ def test_quantizing_in_row_chunks_gives_the_same_bytes_and_leaves_the_weight_alo
     chunked = every(weight)
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(whole, chunked))
     assert torch.equal(weight, before)
+
+
+def test_e2m1_codes_on_a_sweep_of_float32_bit_patterns():
+    """Every 7th float32 in [0.125, 8) (7 M values: every rounding boundary region, both signs) against the
+    nearest grid value found by distance in float64, ties to the even code, beyond 6 saturating."""
+    bits = torch.arange(0x3E000000, 0x41000000, 7, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    distance = (values.double().clamp(max=6.0)[:, None] - grid).abs()
+    nearest = distance.argmin(dim=1)
+    tie = (distance == distance.min(dim=1, keepdim=True).values).sum(dim=1) == 2
+    expected = torch.where(tie & (nearest % 2 == 1), nearest + 1, nearest).to(torch.uint8)
+    assert torch.equal(q.e2m1_codes(values), expected)
+    assert torch.equal(q.e2m1_codes(-values), expected | 0x8)
