@@ -49,7 +49,7 @@ TARGET = 3.0
 
 
 def write_recipe(save: Path, recipe: str) -> None:
-    """Record ``recipe``'s quant_cfg in ``save``'s ``modelopt_state/common.pt``, as Megatron-LM saves ModelOpt's state."""
+    """Record ``recipe``'s quant_cfg in ``save``'s ``modelopt_state/common.pt``, as Megatron-LM saves ModelOpt's."""
     path = save / ITERATION / STATE_FILE
     path.parent.mkdir(exist_ok=True)
     torch.save({"modelopt_state_dict": [("quantize", {"config": {"quant_cfg": quant_cfg(RECIPES[recipe][0])}})]},
