@@ -235,16 +235,18 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     to the even code, beyond 6 saturating) in bits 0-2, the sign in bit 3 — set for every negative value,
     also one that rounds to 0, never for -0.0 (ModelOpt's ``_cast_fp4``; NaN codes as 6).
 
-    On the float32 bits, a few integer passes (a search over the grid is 5x slower): from 1 up, the E2M1
-    code is the float's exponent and its mantissa rounded to one bit, half to even (``(bits >> 22) - 252``,
-    saturating at 7); below 1 it is 0, 1 or 2 by the ties at 0.25 (down, to 0) and 0.75 (up, to 1.0)."""
+    On the float32 bits, a few integer passes, in bytes as soon as the code fits one (a search over the grid
+    is 5x slower): from 1 up, the E2M1 code is the float's exponent and its mantissa rounded to one bit, half
+    to even (``(bits >> 22) - 252``, saturating at 7); below 1 it is 0, 1 or 2 by the ties at 0.25 (down, to
+    0) and 0.75 (up, to 1.0)."""
     floats = values.float()
     magnitude = floats.view(torch.int32) & 0x7FFFFFFF
-    rounded = ((magnitude >> 22) & 1).add_(magnitude).add_(_HALF_BELOW_ONE_BIT)
-    code = rounded.bitwise_right_shift_(22).sub_(_CODE_OF_ONE_BITS).clamp_(max=7)
-    below_one = (magnitude > _QUARTER_BITS).to(torch.int32).add_(magnitude >= _THREE_QUARTERS_BITS)
+    rounded = (magnitude >> 22).bitwise_and_(1).add_(magnitude).add_(_HALF_BELOW_ONE_BIT)
+    code = rounded.bitwise_right_shift_(22).sub_(_CODE_OF_ONE_BITS).clamp_(0, 7).to(torch.uint8)
+    below_one = (magnitude > _QUARTER_BITS).view(torch.uint8) + (magnitude >= _THREE_QUARTERS_BITS).view(
+        torch.uint8)
     code = torch.where(magnitude >= _ONE_BITS, code, below_one)
-    return code.add_((floats < 0).to(torch.int32) << 3).to(torch.uint8)
+    return code.bitwise_or_((floats < 0).view(torch.uint8) << 3)
 
 
 _ONE_BITS, _QUARTER_BITS, _THREE_QUARTERS_BITS = 0x3F800000, 0x3E800000, 0x3F400000  # 1.0, 0.25, 0.75 in float32
