@@ -60,8 +60,7 @@ class ModuleRecords:
             self.facts[module] = dict(output.facts)
             for derived in output.tensors:
                 inputs = tuple(self._input(module, buffers, buffer, derived) for buffer in derived.inputs)
-                anchor = next((source for source in inputs if not isinstance(source, float)),
-                              next(iter(buffers.values())))
+                anchor = next((source for source in inputs if isinstance(source, tuple)), next(iter(buffers.values())))
                 placed.append((anchor, len(placed), derived, inputs))
         if fmt.summarize is not None:
             try:
@@ -70,8 +69,11 @@ class ModuleRecords:
                 raise ExecutorError(f"format {fmt.name!r}: {error}") from None
         placed.sort(key=lambda entry: entry[:2])
         self._derived = [entry[2] for entry in placed]
-        self._inputs = [entry[3] for entry in placed]
+        index = {derived.name: i for i, derived in enumerate(self._derived)}
+        self._inputs = [tuple(index[source] if isinstance(source, str) else source for source in entry[3])
+                        for entry in placed]
         self._kept: dict[tuple[int, int], torch.Tensor] = {}  # small inputs (not the model's tensors) of this file
+        self._last: tuple[int, torch.Tensor] | None = None  # the last tensor computed: another one's input, next
         self._refuse_uncalibrated(options)
 
     def _view(self, module: str, buffers: dict[str, tuple[int, int]], roles: dict[str, str], options) -> ModuleView:
@@ -89,11 +91,14 @@ class ModuleRecords:
     def _all_holders(self, megatron: str) -> tuple[str, ...]:
         return self._holders.get(megatron, ())
 
-    def _input(self, module: str, buffers, buffer: str, derived: Derived) -> tuple[int, int] | float:
-        """Where input ``buffer`` of ``derived`` comes from: a buffer of the module, a full HF name of another
-        module's, or a constant (``=value``)."""
+    def _input(self, module: str, buffers, buffer: str, derived: Derived) -> tuple[int, int] | float | str:
+        """Where input ``buffer`` of ``derived`` comes from: a buffer of the module (its base record and name's
+        position), a full HF name of another module's, a constant (``=value``: the value), or a tensor the format
+        writes for the module (``@weight_scale``: its name, made the record's number once they are ordered)."""
         if buffer.startswith("="):
             return float(buffer[1:])
+        if buffer.startswith("@"):
+            return f"{module}.{buffer[1:]}"
         source = buffers.get(buffer) or self._names.get(buffer)
         if source is None:
             raise ExecutorError(f"{derived.name}: computed from {module}.{buffer}, which the checkpoint does not "
@@ -130,17 +135,22 @@ class ModuleRecords:
         return [self._derived[i].name]
 
     def tensor(self, i: int) -> torch.Tensor:
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
         derived = self._derived[i]
         tensor = derived.compute(*(self._tensor(source) for source in self._inputs[i]))
         if tensor.dtype != getattr(torch, derived.dtype) or tuple(tensor.shape) != derived.shape:
             raise ExecutorError(f"{derived.name}: computed as {tensor.dtype} {tuple(tensor.shape)}, planned as "
                                 f"{derived.dtype} {derived.shape}: a bug in format "
                                 f"{self.plan.options.format!r}, please report it")
+        self._last = i, tensor
         return tensor
 
-    def _tensor(self, source: tuple[int, int] | float) -> torch.Tensor:
+    def _tensor(self, source: tuple[int, int] | float | int) -> torch.Tensor:
         if isinstance(source, float):
             return torch.tensor(source)
+        if isinstance(source, int):  # another record's tensor: placed just before this one, so computed last
+            return self.tensor(source)
         record, position = source
         if source in self._kept:
             return self._kept[source]
@@ -154,8 +164,13 @@ class ModuleRecords:
 
     def sources(self, i: int):
         """The (rank, entry) pairs record ``i``'s inputs are built from: what its writer must receive."""
-        return tuple(dict.fromkeys(pair for source in self._inputs[i] if not isinstance(source, float)
-                                   for pair in self.base.sources(source[0])))
+        pairs = []
+        for source in self._inputs[i]:
+            if isinstance(source, tuple):
+                pairs += self.base.sources(source[0])
+            elif isinstance(source, int):
+                pairs += self.sources(source)
+        return tuple(dict.fromkeys(pairs))
 
     def destinations(self) -> list[tuple[str, range]]:
         return [("", range(len(self)))]
@@ -164,6 +179,7 @@ class ModuleRecords:
         """Drop the tensors kept for the file just written (see :meth:`_Records.release`)."""
         self.base.release()
         self._kept.clear()
+        self._last = None
 
 
 def _model_config(options) -> dict | None:

@@ -142,10 +142,10 @@ def _nvfp4(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str], rows) -
     amax = amax_input(view, WEIGHT_AMAX, "nvfp4", uncalibrated)
     input_amax = amax_input(view, INPUT_AMAX, "nvfp4", uncalibrated)
     name, (_, (out, columns)) = view.name, view.buffers["weight"]
-    return [Derived(f"{name}.weight_packed", ("weight", amax),
-                    partial(shared.nvfp4_payload, model_dtype(view), fmt.group_size), "uint8", (out, columns // 2)),
-            Derived(f"{name}.weight_scale", ("weight", amax), partial(shared.nvfp4_blocks, fmt.group_size),
+    return [Derived(f"{name}.weight_scale", ("weight", amax), partial(shared.nvfp4_blocks, fmt.group_size),
                     "float8_e4m3fn", (out, columns // fmt.group_size)),
+            Derived(f"{name}.weight_packed", ("weight", amax, "@weight_scale"),
+                    partial(shared.nvfp4_payload, model_dtype(view)), "uint8", (out, columns // 2)),
             Derived(f"{name}.weight_global_scale", (amax,), _global_scale, FP32, (1,)),
             Derived(f"{name}.input_global_scale", (input_amax,), _global_scale, FP32, (1,))]
 

@@ -77,7 +77,9 @@ class ModuleView:
     size, which decides which query heads share one value head).
 
     An input of a :class:`Derived` that starts with ``=`` is a constant (``=448.0``: a float32 scalar), for a
-    value the checkpoint lacks and the format knows (ModelOpt's maximum bound for an uncalibrated amax)."""
+    value the checkpoint lacks and the format knows (ModelOpt's maximum bound for an uncalibrated amax); one
+    that starts with ``@`` is another tensor the format writes for the module (``@weight_scale``, listed
+    before it), computed once for both (NVFP4's block scales, which its payload is divided by)."""
 
     name: str
     buffers: Mapping[str, tuple[str, tuple[int, ...]]]

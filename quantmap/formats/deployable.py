@@ -171,14 +171,13 @@ def nvfp4_blocks(block: int, weight, amax):
     return formulas().nvfp4_block_scale(weight, nvfp4_global(amax), block)
 
 
-def nvfp4_payload(dtype: str, block: int, weight, amax):
-    """The packed E2M1 payload of the weight in ``dtype``, ModelOpt's ``weight`` and compressed-tensors'
+def nvfp4_payload(dtype: str, weight, amax, blocks):
+    """The packed E2M1 payload of the weight in ``dtype`` over its block scales (:func:`nvfp4_blocks`, the
+    module's ``weight_scale``, computed once for both), ModelOpt's ``weight`` and compressed-tensors'
     ``weight_packed`` alike."""
     import torch
 
-    global_scale = nvfp4_global(amax)
-    blocks = formulas().nvfp4_block_scale(weight, global_scale, block)
-    return formulas().nvfp4_quantize(weight, blocks, global_scale, getattr(torch, dtype))
+    return formulas().nvfp4_quantize(weight, blocks, nvfp4_global(amax), getattr(torch, dtype))
 
 
 def kv(kind: str, clamp: bool, shape: tuple[int, ...], amax):

@@ -87,10 +87,11 @@ def _nvfp4(view: ModuleView, fmt: ModuleFormat, uncalibrated: list[str]) -> list
     amax = amax_input(view, WEIGHT_AMAX, "nvfp4", uncalibrated)
     name, (_, (rows, columns)) = view.name, view.buffers["weight"]
     blocks = (rows, columns // fmt.group_size)
-    return [Derived(f"{name}.weight", ("weight", amax),
-                    partial(shared.nvfp4_payload, model_dtype(view), fmt.group_size), "uint8", (rows, columns // 2)),
-            Derived(f"{name}.weight_scale", ("weight", amax), partial(shared.nvfp4_blocks, fmt.group_size),
+    return [Derived(f"{name}.weight_scale", ("weight", amax), partial(shared.nvfp4_blocks, fmt.group_size),
                     "float8_e4m3fn", blocks),
+            Derived(f"{name}.weight", ("weight", amax, "@weight_scale"), partial(shared.nvfp4_payload,
+                                                                                  model_dtype(view)),
+                    "uint8", (rows, columns // 2)),
             Derived(f"{name}.weight_scale_2", (amax,), shared.nvfp4_global, FP32, ()),
             *_input_scale(view, "nvfp4", (), uncalibrated)]
 
