@@ -238,18 +238,17 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     On the float32 bits, a few integer passes, in bytes as soon as the code fits one (a search over the grid
     is 5x slower): from 1 up, the E2M1 code is the float's exponent and its mantissa rounded to one bit, half
     to even (``(bits >> 22) - 252``, saturating at 7); below 1 it is 0, 1 or 2 by the ties at 0.25 (down, to
-    0) and 0.75 (up, to 1.0)."""
+    0) and 0.75 (up, to 1.0), and the larger of the two is the code everywhere."""
     floats = values.float()
     magnitude = floats.view(torch.int32) & 0x7FFFFFFF
     rounded = (magnitude >> 22).bitwise_and_(1).add_(magnitude).add_(_HALF_BELOW_ONE_BIT)
     code = rounded.bitwise_right_shift_(22).sub_(_CODE_OF_ONE_BITS).clamp_(0, 7).to(torch.uint8)
     below_one = (magnitude > _QUARTER_BITS).view(torch.uint8) + (magnitude >= _THREE_QUARTERS_BITS).view(
-        torch.uint8)
-    code = torch.where(magnitude >= _ONE_BITS, code, below_one)
-    return code.bitwise_or_((floats < 0).view(torch.uint8) << 3)
+        torch.uint8)  # 2 from 0.75 up, where the code above is at least 2 from 1 up and at most 2 below
+    return torch.maximum(code, below_one).bitwise_or_((floats < 0).view(torch.uint8) << 3)
 
 
-_ONE_BITS, _QUARTER_BITS, _THREE_QUARTERS_BITS = 0x3F800000, 0x3E800000, 0x3F400000  # 1.0, 0.25, 0.75 in float32
+_QUARTER_BITS, _THREE_QUARTERS_BITS = 0x3E800000, 0x3F400000  # 0.25 and 0.75 in float32
 _HALF_BELOW_ONE_BIT = (1 << 21) - 1  # added with the kept bit: rounds the 22 dropped mantissa bits half to even
 _CODE_OF_ONE_BITS = (127 << 1) - 2  # (1.0's bits >> 22) - this = 2, the code of 1.0
 
@@ -291,7 +290,7 @@ def nvfp4_block_scale(weight: torch.Tensor, weight_scale_2: torch.Tensor,
 
 def _block_scale(weight: torch.Tensor, block_size: int, divisor: torch.Tensor) -> torch.Tensor:
     rows, columns = weight.shape
-    scale = weight.abs().float().reshape(rows, columns // block_size, block_size).amax(dim=-1) / divisor
+    scale = weight.abs().reshape(rows, columns // block_size, block_size).amax(dim=-1).float() / divisor  # exact
     return scale.masked_fill_(scale == 0, 1.0).clamp_(NVFP4_MIN_BLOCK_SCALE, FP8_E4M3_MAX)
 
 
