@@ -28,16 +28,13 @@ Target (issue 17): export <= 3x the floor on this CPU. The peak columns keep iss
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from bench_weights import ITERATION, PP, TINY, TP, VARIANTS, build, print_table, run
+from bench_weights import ITERATION, arguments, build, finish, run, workspace
 from quantmap.io.torch_dist.modelopt import STATE_FILE, quant_cfg
 
 FIXTURES = Path(__file__).parents[1] / "tests" / "data" / "dcp"
@@ -57,21 +54,10 @@ def write_recipe(save: Path, recipe: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/quantmap-bench-deploy"),
-                        help="Keep (and reuse) the checkpoints here; outputs are written beside them and removed.")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["dense", "moe"])
+    parser = arguments(Path("/tmp/quantmap-bench-deploy"), 2**30, "--shard-size for the export (default 1 GiB).")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["fp8", "nvfp4"])
-    parser.add_argument("--nproc", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--shard-size", type=int, default=2**30, help="--shard-size for the export (default 1 GiB).")
-    parser.add_argument("--tiny", action="store_true", help="Tiny models (a few MB), to try the benchmark itself.")
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    models = TINY if args.tiny else VARIANTS
-    root = args.dir / "tiny" if args.tiny else args.dir
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"{root}: {shutil.disk_usage(root).free / 1e9:.0f} GB free; load average {os.getloadavg()[0]:.2f}; "
-          f"{os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
+    models, root = workspace(args)
     rows = []
     for variant in args.variants:
         save = build(root, models[variant])
@@ -84,13 +70,7 @@ def main(argv=None) -> None:
                     sys.exit(f"{variant} {recipe}: the export declares quant_algo {declared}, not {expected}")
                 print(f"done: {variant} {recipe} --nproc {nproc}: {rows[-1]['export_s']:.1f} s "
                       f"(load {os.getloadavg()[0]:.2f})", flush=True)
-    print_table(rows)
-    record = dict(benchmark="deploy", layout=f"TP{TP}xPP{PP}", ram_bytes=os.sysconf("SC_PAGE_SIZE") *
-                  os.sysconf("SC_PHYS_PAGES"), runs=rows)
-    print(json.dumps(record))
-    if args.json:
-        args.json.write_text(json.dumps(record) + "\n")
-    sys.exit(0 if all(r["time_pass"] for r in rows) else 1)
+    finish(rows, "deploy", args.json, all(r["time_pass"] for r in rows))
 
 
 if __name__ == "__main__":

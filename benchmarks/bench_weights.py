@@ -362,35 +362,50 @@ def print_table(rows: list[dict]) -> None:
               f"checkpoint {r['read_first_s']:.1f} s)")
 
 
-def main(argv=None) -> None:
+def arguments(default_dir: Path, shard_size: int | None, shard_help: str) -> argparse.ArgumentParser:
+    """The options this benchmark and those built on its checkpoints (``bench_deploy.py``) share."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/quantmap-bench-weights"),
+    parser.add_argument("--dir", type=Path, default=default_dir,
                         help="Keep (and reuse) the checkpoints here; outputs are written beside them and removed.")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["dense", "moe"])
     parser.add_argument("--nproc", nargs="+", type=int, default=[1, 4])
-    parser.add_argument("--shard-size", type=int, default=None, help="--shard-size for the export (its default: 5 GiB).")
+    parser.add_argument("--shard-size", type=int, default=shard_size, help=shard_help)
     parser.add_argument("--tiny", action="store_true", help="Tiny models (a few MB), to try the benchmark itself.")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    models = TINY if args.tiny else VARIANTS
+    return parser
+
+
+def workspace(args) -> tuple[dict, Path]:
+    """The models and the directory of a run, with a line on the machine it runs on."""
     root = args.dir / "tiny" if args.tiny else args.dir
     root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    print(f"{root}: {free / 1e9:.0f} GB free; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs; "
-          f"torch {torch.__version__}", flush=True)
+    print(f"{root}: {shutil.disk_usage(root).free / 1e9:.0f} GB free; load average {os.getloadavg()[0]:.2f}; "
+          f"{os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
+    return (TINY if args.tiny else VARIANTS), root
+
+
+def finish(rows: list[dict], benchmark: str, json_path: Path | None, passed: bool) -> None:
+    """The table and the JSON record of a run; the exit status says whether every target was met."""
+    print_table(rows)
+    record = dict(benchmark=benchmark, layout=f"TP{TP}xPP{PP}", ram_bytes=os.sysconf("SC_PAGE_SIZE") *
+                  os.sysconf("SC_PHYS_PAGES"), runs=rows)
+    print(json.dumps(record))
+    if json_path:
+        json_path.write_text(json.dumps(record) + "\n")
+    sys.exit(0 if passed else 1)
+
+
+def main(argv=None) -> None:
+    args = arguments(Path("/tmp/quantmap-bench-weights"), None,
+                     "--shard-size for the export (its default: 5 GiB).").parse_args(argv)
+    models, root = workspace(args)
     rows = []
     for variant in args.variants:
         save = build(root, models[variant])
         for nproc in args.nproc:
             rows.append(run(save, models[variant], nproc, args.shard_size, root / "scratch"))
             print(f"done: {variant} --nproc {nproc}: {rows[-1]['export_s']:.1f} s", flush=True)
-    print_table(rows)
-    record = dict(benchmark="weights", layout=f"TP{TP}xPP{PP}", ram_bytes=os.sysconf("SC_PAGE_SIZE") *
-                  os.sysconf("SC_PHYS_PAGES"), runs=rows)
-    print(json.dumps(record))
-    if args.json:
-        args.json.write_text(json.dumps(record) + "\n")
-    sys.exit(0 if all(r["time_pass"] and r["peak_pass"] for r in rows) else 1)
+    finish(rows, "weights", args.json, all(r["time_pass"] and r["peak_pass"] for r in rows))
 
 
 if __name__ == "__main__":
