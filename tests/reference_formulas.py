@@ -78,3 +78,20 @@ def qkv_parts(rows: torch.Tensor) -> list[torch.Tensor]:
     grouped = rows.reshape(KV_HEADS, -1, HEAD, rows.shape[1])
     return [grouped[:, :-2].reshape(-1, rows.shape[1]), grouped[:, -2].reshape(-1, rows.shape[1]),
             grouped[:, -1].reshape(-1, rows.shape[1])]
+
+
+def unquantized_hf(state: dict[str, torch.Tensor], layers: int, norms: tuple[str, str],
+                   router: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors no recipe quantizes, under transformers' Llama/Mixtral names: the embedding, final norm and
+    output layer, each layer's two norms (``norms``: their Megatron names under the layer, TE-fused
+    ``self_attention.linear_qkv.layer_norm_weight`` or the local spec's ``input_layernorm.weight``) and, for
+    an MoE, its router."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"], "lm_head.weight": state["output_layer.weight"]}
+    for layer in range(layers):
+        megatron, hf = f"decoder.layers.{layer}", f"model.layers.{layer}"
+        out[f"{hf}.input_layernorm.weight"] = state[f"{megatron}.{norms[0]}"]
+        out[f"{hf}.post_attention_layernorm.weight"] = state[f"{megatron}.{norms[1]}"]
+        if router:
+            out[f"{hf}.mlp.gate.weight"] = state[f"{megatron}.mlp.router.weight"]
+    return out

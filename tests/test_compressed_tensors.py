@@ -19,7 +19,7 @@ pytest.importorskip("compressed_tensors")
 transformers = pytest.importorskip("transformers")
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from reference_formulas import FORMULAS, HEAD, HEADS, KV_HEADS, qkv_parts  # noqa: E402
+from reference_formulas import FORMULAS, HEAD, HEADS, KV_HEADS, qkv_parts, unquantized_hf  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers_consumer import assert_all_keys_taken, load  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -30,6 +30,7 @@ DATA = Path(__file__).parent / "data" / "dcp"
 CONFIG = DATA / "reference" / "hf_config_dense.json"
 LOGITS = load_file(DATA / "reference" / "logits_fp8_kv_dense_L2.safetensors")
 LAYERS = 2
+TE_NORMS = ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight")  # the fixtures'
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")
 FIXTURES = {"fp8_kv_tp1": "fp8", "fp8_kv_tp2": "fp8", "int8_tp2": "int8", "nvfp4_kv_tp2": "nvfp4"}
@@ -89,23 +90,12 @@ def hf_linears(state: dict, quantizers: dict) -> dict[str, tuple]:
     return out
 
 
-def hf_model_state(state: dict) -> dict[str, torch.Tensor]:
-    """The unquantized HF state of the dense Llama: what transformers would hold for the Megatron weights."""
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"], "lm_head.weight": state["output_layer.weight"]}
-    for layer in range(LAYERS):
-        megatron, hf = f"decoder.layers.{layer}", f"model.layers.{layer}"
-        out[f"{hf}.input_layernorm.weight"] = state[f"{megatron}.self_attention.linear_qkv.layer_norm_weight"]
-        out[f"{hf}.post_attention_layernorm.weight"] = state[f"{megatron}.mlp.linear_fc1.layer_norm_weight"]
-    return out
-
-
 def reference_model(fixture: str, kind: str | None, state=None, quantizers=None):
     """The model Megatron's weight-only fake quantization computes, built here: each linear's weight through the
     formula (``kind``; ``None``: unquantized), its ``pre_quant_scale`` applied to its input."""
     state = megatron_state(DATA / fixture / "ckpt") if state is None else state
     quantizers = own_quantizers(state, fixture) if quantizers is None else quantizers
-    weights = hf_model_state(state)
+    weights = unquantized_hf(state, LAYERS, TE_NORMS)
     hooks = {}
     for name, (weight, amax, pqs) in hf_linears(state, quantizers).items():
         weights[f"{name}.weight"] = FORMULAS[kind](weight, amax) if kind else weight

@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_layout import write_shards  # noqa: E402
 from moe_fixture import EXPERTS, LAYERS, MIXTRAL, moe_state  # noqa: E402
-from reference_formulas import FORMULAS, e2m1_unpacked, nvfp4_parts, qkv_parts  # noqa: E402
+from reference_formulas import FORMULAS, e2m1_unpacked, nvfp4_parts, qkv_parts, unquantized_hf  # noqa: E402
 from transformers_consumer import assert_all_keys_taken, load  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 from written_files import bits, written  # noqa: E402
@@ -40,6 +40,7 @@ from quantmap.executor import ParallelLayout  # noqa: E402
 from quantmap.io.torch_dist.modelopt import quant_cfg  # noqa: E402
 
 DCP = Path(__file__).parent / "data" / "dcp"
+MOE_NORMS = ("input_layernorm.weight", "pre_mlp_layernorm.weight")  # the local spec's
 LAYOUTS = {"tp1": ParallelLayout(tp=1, pp=1, dp=1, num_layers=LAYERS, num_experts=EXPERTS),
            "ep2": ParallelLayout(tp=1, pp=1, dp=2, ep=2, num_layers=LAYERS, num_experts=EXPERTS)}
 LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj",
@@ -153,18 +154,6 @@ def differing(model, want: dict[str, torch.Tensor]) -> list[str]:
     return sorted(name for name, tensor in want.items() if not torch.equal(model.get_parameter(name).detach(), tensor))
 
 
-def unquantized_parameters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's tensors no recipe quantizes, under ``MixtralForCausalLM``'s names (local-spec norm names)."""
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"], "lm_head.weight": state["output_layer.weight"]}
-    for layer in range(LAYERS):
-        megatron, hf = f"decoder.layers.{layer}", f"model.layers.{layer}"
-        out[f"{hf}.input_layernorm.weight"] = state[f"{megatron}.input_layernorm.weight"]
-        out[f"{hf}.post_attention_layernorm.weight"] = state[f"{megatron}.pre_mlp_layernorm.weight"]
-        out[f"{hf}.mlp.gate.weight"] = state[f"{megatron}.mlp.router.weight"]
-    return out
-
-
 def quantization_config(out: Path) -> dict:
     return json.loads((out / "config.json").read_text())["quantization_config"]
 
@@ -180,7 +169,7 @@ def test_fp8_and_w4a16_experts_load_with_no_key_missing_and_dequantize_to_the_fo
     assert_all_keys_taken(info)
     want = expected(kind)
     assert len(want) == 6 * LAYERS and differing(model, want) == []
-    assert differing(model, unquantized_parameters(MOES[kind]()[0])) == []
+    assert differing(model, unquantized_hf(MOES[kind]()[0], LAYERS, MOE_NORMS, router=True)) == []
     config = quantization_config(out)
     assert config["format"] == {"fp8": "float-quantized", "int4": "pack-quantized"}[kind]
     assert config["ignore"] == ["lm_head", *ROUTERS]
@@ -193,7 +182,7 @@ def reference_model(kind: str | None):
     weights = expected(kind) if kind else as_loaded({name: weight for name, (weight, _) in
                                                      checkpoint_linears(state).items()})
     model = transformers.MixtralForCausalLM(transformers.MixtralConfig.from_pretrained(MIXTRAL)).eval()
-    model.load_state_dict(unquantized_parameters(state) | weights, strict=True)
+    model.load_state_dict(unquantized_hf(state, LAYERS, MOE_NORMS, router=True) | weights, strict=True)
     return model
 
 
