@@ -21,9 +21,11 @@ Each export runs as its own ``python -m quantmap export`` subprocess, with ``--n
 ``--nproc 4``. Measured per run:
 
 * wall time of the export command (start-up included);
-* peak resident memory (``VmHWM``) of every process of the command, the CLI and each spawned worker,
-  polled from ``/proc`` every 50 ms, and the exact maximum over all of them
-  (``getrusage(RUSAGE_CHILDREN)`` of a wrapper process that only waits for the command);
+* peak resident memory (``VmHWM``) of every process of the command, the CLI, the fork server and each
+  worker, polled from ``/proc`` every 50 ms (a process's high-water mark, so a poll misses only what a
+  process adds in its last 50 ms), and the largest of those and of ``getrusage(RUSAGE_CHILDREN)`` of a
+  wrapper process that only waits for the command (exact for the CLI; workers forked by the fork server
+  are not the command's children, so only the polls see them);
 * the floor, measured just before the export: ``cat`` of the checkpoint's ``.distcp`` files to
   ``/dev/null`` twice (the first shows the page-cache state the run found; the second, warm, is the
   floor's read: the export that follows reads the same warm cache), plus writing as many bytes
@@ -269,17 +271,28 @@ def _watch(root: int, peaks: dict, done: threading.Event) -> None:
                 with open(f"/proc/{pid}/status") as handle:
                     hwm = next((int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:")), 0)
                 if pid not in peaks:
-                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                        peaks[pid] = [_kind(handle.read().replace(b"\0", b" ").decode()), 0]
+                    peaks[pid] = [_kind(pid), 0]
                 peaks[pid][1] = max(peaks[pid][1], hwm)
             except OSError:
                 continue
         done.wait(0.05)
 
 
-def _kind(cmdline: str) -> str:
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode()
+
+
+def _kind(pid: int) -> str:
+    """What the process is: the CLI, multiprocessing's fork server or resource tracker, or a worker (forked
+    from the fork server, whose command line it keeps, or spawned)."""
+    cmdline = _cmdline(pid)
     if "resource_tracker" in cmdline:
         return "resource tracker"
+    if "forkserver" in cmdline:
+        with open(f"/proc/{pid}/stat") as handle:
+            parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        return "worker" if "forkserver" in _cmdline(parent) else "fork server"
     if "multiprocessing" in cmdline:
         return "worker"
     return "cli" if "quantmap" in cmdline else cmdline.split(" ")[0]
@@ -316,7 +329,8 @@ def export(save: Path, model: Model, out: Path, nproc: int, shard_size: int | No
                        key=lambda p: p[0] != "cli")
     result = dict(export_s=round(seconds, 2), shards=len(shards), largest_shard=max(f.stat().st_size for f in shards),
                   output_bytes=sum(f.stat().st_size for f in shards + quantizers),
-                  quantizer_files=len(quantizers), quant_algo=quant_algo, peak_max=int(text.strip().splitlines()[-1]),
+                  quantizer_files=len(quantizers), quant_algo=quant_algo,
+                  peak_max=max([int(text.strip().splitlines()[-1])] + [peak for _, peak in processes]),
                   processes=[dict(process=kind, peak=peak) for kind, peak in processes])
     shutil.rmtree(out)
     log.unlink()

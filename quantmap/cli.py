@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, List, Optional
 import typer
 
 from quantmap.diagnostics import SpecError
+from quantmap.processes import start_fork_server
 from quantmap.formats import DEFAULT, FORMATS
 from quantmap.limits import MAX_EXPERTS, MAX_LAYERS, MAX_TIMEOUT_S, over
 from quantmap.untrusted import MAX_DIGITS, decimal, parse_json
@@ -557,6 +558,7 @@ def export_command(
 ) -> None:
     """Export Megatron quantizer state to Hugging Face names (model-0000i-of-0000n.safetensors + index), or with
     --format hf the whole model: a directory that transformers' from_pretrained loads."""
+    start_fork_server(nproc)  # first: its imports overlap this command's own
     from quantmap.executor.launch import export_from
 
     model = FORMATS[format.value].model
@@ -655,6 +657,7 @@ def import_command(
     """Import Hugging Face quantizer state into a Megatron shard directory for a layout, or a Hugging Face model
     (its weights, and its quantizer_state/) into an existing torch_dist checkpoint (--into; every other tensor
     stays byte-identical)."""
+    start_fork_server(nproc if into is None else None)  # first: its imports overlap this command's own
     if (layout is None) == (into is None):
         raise typer.BadParameter("give --layout (a shard directory) or --into (a torch_dist checkpoint)",
                                  param_hint="--layout/--into")

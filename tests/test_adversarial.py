@@ -363,6 +363,30 @@ def assert_nothing_left(ws: Workspace, pids) -> None:
     assert not any(alive(pid) for pid in pids), "a worker outlived the command"
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked from a fork server on Linux")
+def test_workers_are_forked_from_one_fork_server_the_command_started_and_it_leaves_nothing(slow):
+    """Not started each from nothing (a new Python importing torch, ~2 s of CPU per worker): forked from
+    multiprocessing's fork server, which imported torch once; it and its socket go with the command."""
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    servers = {parent_of(pid) for pid in pids.values()}
+    assert len(servers) == 1 and command.pid not in servers, "each worker's parent is the one fork server"
+    server = servers.pop()
+    assert parent_of(server) == command.pid
+    assert "multiprocessing.forkserver" in Path(f"/proc/{server}/cmdline").read_bytes().decode()
+    _, stderr = command.communicate(timeout=120)
+    assert command.returncode == 0, stderr
+    wait_for(lambda: not alive(server), "the fork server to end with the command", 30)
+    assert (slow.out / INDEX).is_file() and staging_left(slow) == []
+    for root in (slow.root / "tmp", Path("/tmp")):  # the socket's scratch is in /tmp where TMPDIR's path is long
+        assert not list(root.glob(f"quantmap-spawn-{command.pid}-*")), "the fork server's scratch was left"
+
+
 @pytest.mark.parametrize("rank", [0, 1], ids=["writer stopped", "other rank stopped"])
 @pytest.mark.slow
 def test_a_stopped_worker_is_killed_and_named_within_the_timeout(slow, rank):
@@ -385,21 +409,21 @@ def assert_stopped_rank_killed_and_named(command: subprocess.Popen, pids: dict[i
     assert "Traceback" not in stderr
 
 
-# A sitecustomize for the spawned workers: rank {rank} stops itself as it starts its part of an import.
+# A sitecustomize that every process of the command runs (workers inherit it from the fork server): in a
+# worker (a process multiprocessing started), rank {rank} stops itself as it starts its part of an import.
 STOP_AT_IMPORT = """\
-import os, signal, sys
+import multiprocessing, os, signal
 
-if "--multiprocessing-fork" in sys.argv:
-    from quantmap.executor import importer
+from quantmap.executor import importer
 
-    import_rank = importer.import_rank
+import_rank = importer.import_rank
 
-    def stop_then_import(catalog, checkpoint, placement):
-        if placement.coords.rank == {rank}:
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return import_rank(catalog, checkpoint, placement)
+def stop_then_import(catalog, checkpoint, placement):
+    if multiprocessing.parent_process() is not None and placement.coords.rank == {rank}:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return import_rank(catalog, checkpoint, placement)
 
-    importer.import_rank = stop_then_import
+importer.import_rank = stop_then_import
 """
 
 
@@ -476,22 +500,23 @@ def test_a_worker_failing_at_start_up_gives_one_clear_error(slow):
     assert_nothing_left(slow, [])
 
 
-# A sitecustomize that every process of the command runs: in the spawned workers (alone), the writer
-# stops itself just after publishing the output, before it has told the command that it succeeded.
+# A sitecustomize that every process of the command runs (workers inherit it from the fork server): in a
+# worker (alone), the writer stops itself just after publishing the output, before it has told the command
+# that it succeeded.
 STOP_AFTER_PUBLISH = """\
-import os, signal, sys
+import multiprocessing, os, signal
 
-if "--multiprocessing-fork" in sys.argv:
-    from quantmap.io import staging
+from quantmap.io import staging
 
-    publish = staging.Staged.publish
+publish = staging.Staged.publish
 
-    def publish_then_stop(self):
-        published = publish(self)
+def publish_then_stop(self):
+    published = publish(self)
+    if multiprocessing.parent_process() is not None:
         os.kill(os.getpid(), signal.SIGSTOP)
-        return published
+    return published
 
-    staging.Staged.publish = publish_then_stop
+staging.Staged.publish = publish_then_stop
 """
 
 

@@ -13,12 +13,13 @@ import signal
 import socket
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 from quantmap.executor.options import RunOptions
+from quantmap.processes import mode, start_fork_server, start_method
 from quantmap.executor.report import ExecutorError, Report
 from quantmap.io import staging
 
@@ -35,21 +36,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def mode(nproc: int | None) -> str:
-    """``"torchrun"`` when launched by it, ``"spawn"`` with ``--nproc``, else ``"offline"``.
-
-    ``--nproc`` wins over stray ``WORLD_SIZE``/``RANK`` variables (left in a shell by an earlier job):
-    only torchrun's own ``TORCHELASTIC_RUN_ID`` means the ranks are already launched."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        if nproc:
-            raise ExecutorError("--nproc cannot be used under torchrun, whose processes are already the ranks; "
-                                "drop --nproc")
-        return "torchrun"
-    if nproc:
-        return "spawn"
-    return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
 
 
 def export_from(rules, megatron: str | Path, out: str | Path, options: RunOptions = RunOptions(), *,
@@ -220,10 +206,12 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
     an interrupt kills every worker. No worker outlives this call."""
     import torch.multiprocessing as mp
 
-    with staging.scratch_directory() as scratch, _open_files_for(nproc):
+    need = _open_files_needed(nproc)
+    start_fork_server(nproc)  # where the command has not started it already
+    with staging.scratch_directory() as scratch:
         context = mp.start_processes(_worker, args=(nproc, _free_port(), fn, args, str(scratch), timeout,
-                                                    staging.current_owner()),
-                                     nprocs=nproc, join=False, start_method="spawn")
+                                                    staging.current_owner(), need),
+                                     nprocs=nproc, join=False, start_method=start_method())
         try:
             failure = _supervise(context.processes, scratch, timeout.total_seconds())
         finally:
@@ -238,28 +226,29 @@ def spawn(nproc: int, fn, args=(), timeout: timedelta = timedelta(minutes=10)) -
                 for rank, process in enumerate(context.processes)]
 
 
-@contextmanager
-def _open_files_for(nproc: int):
-    """Workers that may open the files and sockets they need: the soft ``ulimit -n`` raised towards the hard
-    one while they start (they inherit it), or :class:`ExecutorError` before any starts when the hard
-    limit is too low. A worker short of descriptors does not fail: gloo's rendezvous retries its socket
-    until ``--timeout``, and prints hundreds of lines of C++ warnings meanwhile."""
+def _open_files_needed(nproc: int) -> int:
+    """The open files and sockets a worker of ``nproc`` needs (it raises its own soft ``ulimit -n`` to that,
+    :func:`_raise_open_files`); :class:`ExecutorError` before any worker starts when the hard limit is too
+    low. A worker short of descriptors does not fail: gloo's rendezvous retries its socket until
+    ``--timeout``, and prints hundreds of lines of C++ warnings meanwhile."""
     import resource
 
     need = _FILES_PER_WORKER + _FILES_PER_RANK * nproc
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        yield
-        return
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < need:
         raise ExecutorError(f"--nproc {nproc} needs about {need} open files per worker (its sockets to the other "
                             f"ranks, the checkpoint's files), but ulimit -n allows {hard}; raise it (ulimit -n 4096), "
                             f"or run without --nproc (one process plays every rank). Nothing was written")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return need
+
+
+def _raise_open_files(need: int) -> None:
+    """This worker's soft ``ulimit -n`` raised to ``need`` (within the hard limit, checked before it started)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
 
 
 def _supervise(processes, scratch: Path, timeout: float) -> str | None:
@@ -323,13 +312,15 @@ def _outcome(scratch: Path, rank: int) -> tuple | None:
         return None
 
 
-def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta, owner: dict) -> None:
+def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: timedelta, owner: dict,
+            open_files: int) -> None:
     import threading
 
     import torch.distributed as dist
     from tqdm import tqdm
 
     staging.set_owner(owner)  # what this worker stages belongs to the command, which cleans up after it
+    _raise_open_files(open_files)
     # tqdm's default lock is a multiprocessing semaphore, created with the first bar (even a disabled one);
     # one left by a worker that had to be killed makes the resource tracker warn after the command's error.
     # A worker's bars are its own: a thread lock does.

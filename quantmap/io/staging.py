@@ -19,6 +19,7 @@ published, so that "nothing was written" stays true; one that succeeds removes t
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
@@ -34,6 +35,7 @@ from quantmap.io.locks import output_lock
 MARKER = ".quantmap-owner"
 NAME_MAX = 255  # the longest file name POSIX file systems take (ext4, xfs, tmpfs, btrfs)
 SCRATCH_PREFIX = "quantmap-spawn-"
+SHORT_ROOT = Path("/tmp")  # where a process's scratch goes when the temporary directory's path is too long
 
 
 class OutputError(OSError):
@@ -137,8 +139,9 @@ def remove_stale(target: str | Path) -> list[Path]:
     directory that were left by commands that are no longer running (killed outright)."""
     target = Path(target)
     dead = lambda path, owner: owner is not None and not _alive(owner)  # noqa: E731
+    roots = dict.fromkeys([Path(tempfile.gettempdir()), SHORT_ROOT])  # process_scratch may use either
     return (_remove_where(target.parent, _staging_prefix(target), dead)
-            + _remove_where(Path(tempfile.gettempdir()), SCRATCH_PREFIX, dead))
+            + [path for root in roots for path in _remove_where(root, SCRATCH_PREFIX, dead)])
 
 
 def remove_owned(target: str | Path) -> list[Path]:
@@ -248,9 +251,36 @@ def _published_here(target: Path) -> bool:
 @contextmanager
 def scratch_directory():
     """A temporary directory owned by this command (removed on exit, or by a later run if killed)."""
-    path = Path(tempfile.gettempdir()) / f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    _make_owned(path)
+    path = _new_scratch()
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+_process_scratch: Path | None = None
+
+
+def process_scratch(longest: int) -> Path:
+    """A temporary directory owned by this process for as long as it runs: removed when it exits, or by a
+    later run if it was killed (as :func:`scratch_directory`'s are). Its path is at most ``longest``
+    characters (a socket's path must fit in 107 bytes): where the temporary directory's is too long (a test
+    runner's ``TMPDIR``), it lies in ``/tmp``, as Python 3.13's multiprocessing puts its own."""
+    global _process_scratch
+    if _process_scratch is None:
+        root = Path(tempfile.gettempdir())
+        if len(str(_scratch_path(root))) > longest and SHORT_ROOT.is_dir():
+            root = SHORT_ROOT
+        _process_scratch = _new_scratch(root)
+        atexit.register(shutil.rmtree, _process_scratch, True)
+    return _process_scratch
+
+
+def _scratch_path(root: Path) -> Path:
+    return root / f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _new_scratch(root: Path | None = None) -> Path:
+    path = _scratch_path(root or Path(tempfile.gettempdir()))
+    _make_owned(path)
+    return path
