@@ -72,16 +72,18 @@ class Packed:
         """Every entry in one byte buffer, at ``meta.offsets``."""
         return self.take(range(len(self.values)))
 
-    def take(self, entries) -> torch.Tensor:
+    def take(self, entries, later=None) -> torch.Tensor:
         """Entries ``entries`` (indices into ``meta``) in one new byte buffer, in that order, at the
-        offsets :func:`offsets` gives for them."""
+        offsets :func:`offsets` gives for them. ``later(entry, read)``, where given, takes the reads of
+        deferred entries instead of their being done here (:class:`~quantmap.executor.read_ahead.ReadAhead`):
+        their places in the buffer are filled when ``read()`` runs."""
         starts, size = offsets(self.meta, entries)
         buffer = torch.empty(size, dtype=torch.uint8)
         entries = list(entries)
         at = 0
         while at < len(entries):
             span = self._scalar_span(entries, at)
-            if span <= 1 and self._read_into(entries[at], buffer, starts[at]):
+            if span <= 1 and self._read_into(entries[at], buffer, starts[at], later):
                 at += 1
                 continue
             if span > 1:  # consecutive one-element entries of one dtype lie back to back: one copy
@@ -94,9 +96,9 @@ class Packed:
             at += max(span, 1)
         return buffer
 
-    def _read_into(self, entry: int, buffer: torch.Tensor, start: int) -> bool:
-        """Read a :class:`Deferred` entry straight into its place in ``buffer``, where its state can
-        (``read_into(name, out)``, as :class:`~quantmap.executor.torch_dist_checkpoint.CheckpointState`
+    def _read_into(self, entry: int, buffer: torch.Tensor, start: int, later=None) -> bool:
+        """Read a :class:`Deferred` entry straight into its place in ``buffer`` (now, or by ``later``), where
+        its state can (``read_into(name, out)``, as :class:`~quantmap.executor.torch_dist_checkpoint.CheckpointState`
         has): its bytes are then copied once, from the file into the buffer; ``False`` where it cannot."""
         value = self.values[entry]
         read_into = getattr(value.state, "read_into", None) if isinstance(value, Deferred) else None
@@ -106,8 +108,8 @@ class Packed:
         with reading(value.local):
             spec = value.state.tensor_spec(value.local)
         self._check_planned(entry, value.local, spec[0], tuple(spec[1]))
-        with reading(value.local):
-            read_into(value.local, buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+        _read_now_or_later(entry, value.local, read_into,
+                           buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape), later)
         return True
 
     def _scalar_span(self, entries: list[int], at: int) -> int:
@@ -348,15 +350,23 @@ def sent(meta: RankMeta, entries) -> list[int]:
     return [e for e in entries if e not in meta.shared] if meta.shared else list(entries)
 
 
-def read_shared(state, meta: RankMeta, entries, buffer: torch.Tensor) -> None:
+def read_shared(state, meta: RankMeta, entries, buffer: torch.Tensor, later=None) -> None:
     """Another rank's shared entries ``entries`` read by this process's own ``state`` of the same source (its
-    ``read_shared(name, out)``), each straight into its place in ``buffer`` (laid out by :func:`rebase`)."""
+    ``read_shared(name, out)``), each straight into its place in ``buffer`` (laid out by :func:`rebase`):
+    now, or by ``later`` (as :meth:`Packed.take`)."""
     if entries and getattr(state, "read_shared", None) is None:
         raise ExecutorError(f"{meta.names[entries[0]]!r} is to be read by its writer, whose state cannot read "
                             f"another rank's tensors; every rank must export the same source")
     for entry in entries:
-        with reading(meta.shared[entry]):
-            state.read_shared(meta.shared[entry], unpack(buffer, meta, entry))
+        _read_now_or_later(entry, meta.shared[entry], state.read_shared, unpack(buffer, meta, entry), later)
+
+
+def _read_now_or_later(entry: int, name: str, read_into, out: torch.Tensor, later) -> None:
+    def read():
+        with reading(name):
+            read_into(name, out)
+
+    read() if later is None else later(entry, read)
 
 
 def rebase(meta: RankMeta, entries) -> int:

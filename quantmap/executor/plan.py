@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ from quantmap.parallel import ParallelLayout
 from quantmap.executor.naming import (NamingError, expert_block, expert_count, expert_hf_names, expert_span,
                                       is_expert, to_local)
 from quantmap.executor.pack import unpack
+from quantmap.executor.read_ahead import ReadAhead
 from quantmap.executor.options import RunOptions
 from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import ExecutorError, Report
@@ -180,6 +182,7 @@ class Plan:
         # item name -> (HF target, source count, each copy's label)
         self._fan_in_targets: dict[str, tuple[str, int, tuple[str, ...]]] = {}
         self._members: dict[int, set[str]] = {}
+        self._ahead: ReadAhead | None = None  # the writer's reads in progress (reading_ahead)
         self._build()
         self.report.written = self.items.names_total()
 
@@ -209,9 +212,20 @@ class Plan:
             shape = item.run.shape
         return dtype, shape
 
+    @contextmanager
+    def reading_ahead(self, ahead: ReadAhead):
+        """For the ``with`` block, :meth:`tensors` first waits for its item's entries to be read by ``ahead``."""
+        self._ahead = ahead
+        try:
+            yield
+        finally:
+            self._ahead = None
+
     def tensors(self, item: Item, buffers: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         """The item's tensors: one shared by every HF name, or one per name when shaped; disagreeing
         copies combined by ``max`` go to the report."""
+        if self._ahead is not None:
+            self._ahead.wait(item.sources)
         parts = [unpack(buffers[rank], self.metas[rank], index) for rank, index in item.sources]
         fan_in = self._fan_in_targets.get(item.megatron)
         labels = list(fan_in[2]) if fan_in else [f"rank {rank}" for rank, _ in item.sources]

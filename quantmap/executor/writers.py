@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantmap.executor.read_ahead import ReadAhead
 from quantmap.executor.pack import Packed, read_shared, rebase, receiving, sent, transfer_order
 from quantmap.executor.rank_meta import RankMeta
 from quantmap.executor.report import Report, describe
@@ -134,14 +135,17 @@ def write_rounds(comm, packs: dict[int, Packed], plan: Schedule, directory: Path
         if status["error"] is None:
             before = len(report.disagreements)
             try:
+                ahead = ReadAhead()
                 for source, (moved, shared) in layouts.items():
+                    later = ahead.later(source)
                     if source in packs:
-                        buffers[source] = packs[source].take(moved)
+                        buffers[source] = packs[source].take(moved, later)
                     else:
-                        read_shared(state, metas[source], shared, buffers[source])
+                        read_shared(state, metas[source], shared, buffers[source], later)
                 path = directory / plan.path(mine)
                 path.parent.mkdir(exist_ok=True)
-                write_shard(path, records, plan.bounds[mine])
+                with ahead.running(records.sources(i) for i in plan.bounds[mine]), records.plan.reading_ahead(ahead):
+                    write_shard(path, records, plan.bounds[mine])
             except Exception as error:  # reported to every rank through the status
                 status["error"] = f"rank {comm.rank} writing {plan.path(mine)}: {describe(error)}"
             status["disagreements"][mine] = report.disagreements[before:]
