@@ -41,6 +41,14 @@ def mode(nproc: int | None) -> str:
     return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset narrows), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
 def start_method() -> str:
     """How workers are started: forked from the fork server on Linux; elsewhere (macOS, where forking a
     process that has loaded system frameworks is unsafe) each started from nothing."""

@@ -17,6 +17,7 @@ from executor_support import run_ranks
 from megatron_layout import llama_hf_by_hand
 from quantmap.executor import RunOptions
 from quantmap.executor.launch import export_from
+from quantmap.executor.sources import TorchDistCheckpoint
 from quantmap.executor.torch_dist_checkpoint import CheckpointState, read_checkpoint
 from quantmap.formats import FORMATS, unchanged
 from quantmap.io.hf import Checkpoint, model_files
@@ -324,7 +325,6 @@ def _export_counting_bytes(checkpoint: Path, out: Path, options: RunOptions, fai
 
     from quantmap.executor.export import export
     from quantmap.executor.placement import Placement
-    from quantmap.executor.sources import TorchDistCheckpoint
 
     rules = quantmap.compile("llama", **SIZES)
     layout, state = TorchDistCheckpoint(checkpoint).read(dist.get_world_size(), dist.get_rank(), rules,
@@ -359,6 +359,38 @@ def test_at_two_ranks_each_writer_reads_the_weights_itself_and_only_quantizer_st
     for moved in (outcome[1] for outcome in outcomes):
         # metadata and quantizer state (2.7 kB of 362 kB): before, every weight of the other stage came too
         assert moved < quantizer_state + 10_000 < weights / 20, (moved, quantizer_state, weights)
+
+
+def _export_recording_writes(checkpoint: Path, out: Path, options: RunOptions, cores: int | None) -> list[str]:
+    """A spawned worker's export (as ``--nproc`` runs it, ``cores`` as the launcher measures them), and the
+    files this rank wrote."""
+    from quantmap.executor import launch, writers
+
+    wrote, write_shard = [], writers.write_shard
+
+    def recording(path, records, indices):
+        wrote.append(Path(path).name)
+        return write_shard(path, records, indices)
+
+    writers.write_shard = recording
+    launch._export_rank(quantmap.compile("llama", **SIZES), TorchDistCheckpoint(checkpoint), str(out), options, cores)
+    return wrote
+
+
+def test_spawned_workers_write_with_no_more_writers_than_cores_and_the_same_files(tmp_path):
+    """Four workers on a machine that lends them two cores: two writers (the first rank of each half, as
+    ``writer_ranks`` spreads them) write every file, and the files are those of one writer per stage."""
+    checkpoint = DATA / "fp8_kv_tp2" / "ckpt"
+    config = model_files(config=DATA / "reference" / "hf_config_dense.json")
+    options = RunOptions(format="hf", shard_size=64 << 10, model_files=config)
+    per_stage = run_ranks(4, _export_recording_writes, checkpoint, tmp_path / "per-stage", options, None)
+    capped = run_ranks(4, _export_recording_writes, checkpoint, tmp_path / "capped", options, 2)
+    assert all(outcome[0] == "ok" for outcome in per_stage + capped), per_stage + capped
+    assert all(outcome[1] for outcome in per_stage), "precondition: every stage writes files"
+    files = sorted(name for outcome in per_stage for name in outcome[1])
+    assert [bool(outcome[1]) for outcome in capped] == [True, False, True, False]
+    assert sorted(name for outcome in capped for name in outcome[1]) == files and len(files) >= 4
+    assert _files(tmp_path / "capped") == _files(tmp_path / "per-stage")
 
 
 @pytest.mark.parametrize("failing", [0, 1])

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from quantmap.executor.options import RunOptions
-from quantmap.processes import mode, start_fork_server, start_method
+from quantmap.processes import mode, start_fork_server, start_method, usable_cores
 from quantmap.executor.report import ExecutorError, Report
 from quantmap.io import staging
 
@@ -68,7 +68,8 @@ def _recipe(source, given: list | None) -> list | None:
 def _export_from(source, world: int, how: str, rules, out, options: RunOptions) -> Report:
     with nullcontext() if how == "torchrun" else source.lock():
         if how != "offline":
-            return launch_ranks(how, _export_rank, (rules, source, str(out), options), options)
+            cores = usable_cores() if how == "spawn" else None  # spawned workers share this machine's cores
+            return launch_ranks(how, _export_rank, (rules, source, str(out), options, cores), options)
         from quantmap.executor.export import export_offline
 
         layout, states = None, []
@@ -141,15 +142,19 @@ def _guarded(out, how: str, run):
         return run()
 
 
-def _export_rank(rules, source, out, options: RunOptions):
-    """One worker's export: its rank's part of the source, under the layout the source is read as."""
+def _export_rank(rules, source, out, options: RunOptions, cores: int | None = None):
+    """One worker's export: its rank's part of the source, under the layout the source is read as. With
+    ``cores`` (workers spawned on one machine), no more writers than that: one per pipeline stage would
+    put more processes than cores to copying bytes at once, which only makes them wait on each other
+    (measured on 2 cores, a 4.1 GB export at --nproc 4: 7.5-7.7 s with 2 writers, 8.1-12.5 s with 4)."""
     import torch.distributed as dist
 
     from quantmap.executor.export import export
     from quantmap.executor.placement import Placement
 
     layout, state = source.read(dist.get_world_size(), dist.get_rank(), rules, options.output_format)
-    result = export(rules, state, Placement.from_world(layout), out=out, options=options)
+    writers = min(layout.pp, cores) if cores else None
+    result = export(rules, state, Placement.from_world(layout), out=out, writers=writers, options=options)
     if not result.is_writer:
         return None
     source.annotate(result.report)  # the whole source's, said by the writer
