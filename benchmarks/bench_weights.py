@@ -270,9 +270,10 @@ def _watch(root: int, peaks: dict, done: threading.Event) -> None:
             try:
                 with open(f"/proc/{pid}/status") as handle:
                     hwm = next((int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:")), 0)
-                if pid not in peaks:
-                    peaks[pid] = [_kind(pid), 0]
-                peaks[pid][1] = max(peaks[pid][1], hwm)
+                # told again at every poll: a child seen between its fork and its exec still has its parent's
+                # command line (the fork server's, the CLI's); an exiting one has none
+                kind, peak = peaks.get(pid, ("", 0))
+                peaks[pid] = [_kind(pid) or kind, max(peak, hwm)]
             except OSError:
                 continue
         done.wait(0.05)
