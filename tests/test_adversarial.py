@@ -462,6 +462,19 @@ def test_a_signal_to_the_command_aborts_without_publishing_and_leaves_nothing(sl
 
 
 @pytest.mark.slow
+def test_the_workers_of_a_command_killed_outright_end_on_their_own_and_publish_nothing(slow):
+    """SIGKILL to the command alone: nothing of it runs to clean up, and its workers' parent is the fork server,
+    not the command; each worker still sees the command end and stops before it can publish."""
+    command = start(slow)
+    pids = wait_for(lambda: staging_appeared(slow), "the staging directory")
+    os.kill(command.pid, signal.SIGKILL)
+    command.wait()
+    wait_for(lambda: not any(alive(pid) for pid in pids.values()), "the workers to end on their own", 30)
+    time.sleep(1)  # anything a worker had left to do would be done by now
+    assert not slow.out.exists(), "a worker published the output of a command that was gone"
+
+
+@pytest.mark.slow
 def test_a_later_run_removes_what_a_killed_command_left_and_only_that(slow):
     command = start(slow)
     pids = wait_for(lambda: staging_appeared(slow), "the staging directory")

@@ -326,6 +326,7 @@ def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: t
 
     staging.set_owner(owner)  # what this worker stages belongs to the command, which cleans up after it
     _raise_open_files(open_files)
+    _end_with_the_command()
     # tqdm's default lock is a multiprocessing semaphore, created with the first bar (even a disabled one);
     # one left by a worker that had to be killed makes the resource tracker warn after the command's error.
     # A worker's bars are its own: a thread lock does.
@@ -349,6 +350,27 @@ def _worker(rank: int, world: int, port: int, fn, args, scratch: str, timeout: t
     os.replace(partial, Path(scratch) / f"rank{rank}.pkl")  # the parent never reads half an outcome
     if joined:
         dist.destroy_process_group()
+
+
+def _end_with_the_command() -> None:
+    """SIGINT to this worker when the command that started it ends, however it ends (SIGKILL included), so
+    that a worker never goes on to publish for a command that is gone. torch sets the kernel's parent-death
+    signal (SIGINT, which its wrapper takes as a quiet exit) for the workers it starts, but a forked worker's
+    parent is the fork server, which outlives the command while any worker lives; multiprocessing's sentinel
+    of the process that started this one becomes ready when the command ends, and a thread waits on it."""
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="quantmap-command-watch", daemon=True).start()
 
 
 def _free_port() -> int:
