@@ -29,7 +29,7 @@ def mode(nproc: int | None) -> str:
 
     ``--nproc`` wins over stray ``WORLD_SIZE``/``RANK`` variables (left in a shell by an earlier job):
     only torchrun's own ``TORCHELASTIC_RUN_ID`` means the ranks are already launched."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if _under_torchrun():
         if nproc:
             from quantmap.executor.report import ExecutorError  # imports torch (the executor package does)
 
@@ -39,6 +39,10 @@ def mode(nproc: int | None) -> str:
     if nproc:
         return "spawn"
     return "torchrun" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "offline"
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def usable_cores() -> int:
@@ -64,7 +68,7 @@ def start_fork_server(nproc: int | None) -> None:
     leave a ``pymp-*`` directory behind that nothing removes; a scratch directory, the next run removes.
     The server keeps the environment it started with: a worker sees the variables of the moment the first
     workers were started, not later changes."""
-    if start_method() != "forkserver" or not nproc or "TORCHELASTIC_RUN_ID" in os.environ:
+    if start_method() != "forkserver" or not nproc or _under_torchrun():  # no workers to start here
         return
     import multiprocessing
     from multiprocessing import forkserver, process
